@@ -1,0 +1,131 @@
+"""Release policies: typed, loaded from YAML in include/policies/, stored resolved with each release."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class PolicyError(ValueError):
+    """A policy file that is missing or does not validate; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Inconclusive(StrEnum):
+    """What follows a verdict that the evidence cannot decide at the end of a window."""
+
+    extend = "extend"  # extend the window, up to max_extensions times, then roll back
+    approve = "approve"  # hold for a human approval
+    rollback = "rollback"
+
+
+class Offline(_Strict):
+    """Holdout comparison of the candidate with the champion before any traffic."""
+
+    metric: Literal["accuracy", "log_loss", "roc_auc", "mae", "rmse"] = "accuracy"
+    margin: float = Field(0.01, ge=0, description="Non-inferiority margin: candidate may be worse by at most this.")
+    min_rows: int = Field(200, ge=1)
+
+
+class Shadow(_Strict):
+    max_window_seconds: float = Field(600, gt=0)
+    min_samples: int = Field(300, ge=1, description="Labelled mirrored requests needed before a decision.")
+    min_agreement: float = Field(0.8, ge=0, le=1, description="Share of mirrored requests where both arms agree.")
+
+
+class Canary(_Strict):
+    steps: list[int] = Field(default_factory=lambda: [5, 25, 50])
+    max_window_seconds: float = Field(600, gt=0)
+    min_samples: int = Field(200, ge=1, description="Labelled requests per arm needed before a decision.")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_percentages(cls, steps: list[int]) -> list[int]:
+        if not steps or any(not 0 < s < 100 for s in steps) or steps != sorted(set(steps)):
+            raise ValueError("canary steps must be increasing percentages between 1 and 99")
+        return steps
+
+
+class Guardrails(_Strict):
+    error_rate_margin: float = Field(0.01, ge=0, description="Absolute: candidate error rate may exceed the champion's by this.")
+    latency_p99_margin: float = Field(0.5, ge=0, description="Relative: candidate p99 may exceed the champion's by this share.")
+
+
+class Primary(_Strict):
+    metric: Literal["accuracy", "log_loss", "absolute_error"] = "accuracy"
+    margin: float = Field(0.02, ge=0, description="Non-inferiority margin on the feedback-labelled metric.")
+
+
+class Approval(_Strict):
+    required: bool = False
+    timeout_seconds: float = Field(3600, gt=0)
+
+
+class Policy(_Strict):
+    """A release policy. Unknown fields are errors, so a typo never silently loosens a gate."""
+
+    name: str
+    description: str = ""
+    alpha: float = Field(0.05, gt=0, lt=1, description="Error level of the always-valid bounds.")
+    srm_p_value: float = Field(0.001, gt=0, lt=1, description="Sample-ratio-mismatch alarm level.")
+    poll_seconds: float = Field(5, gt=0)
+    offline: Offline = Offline()
+    shadow: Shadow = Shadow()
+    canary: Canary = Canary()
+    guardrails: Guardrails = Guardrails()
+    primary: Primary = Primary()
+    slices: list[str] = Field(default_factory=list, description="Categorical features analysed per value.")
+    inconclusive: Inconclusive = Inconclusive.extend
+    max_extensions: int = Field(2, ge=0)
+    approval: Approval = Approval()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def available(policies_dir: Path | None = None) -> list[str]:
+    """Names of the policies in the policies folder."""
+    return sorted(p.stem for p in _dir(policies_dir).glob("*.yaml"))
+
+
+def load(name_or_path: str | Path, policies_dir: Path | None = None) -> Policy:
+    """Load a policy by name (from include/policies) or by path; errors name the offending field."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = _dir(policies_dir) / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise PolicyError(f"policy {name_or_path!r} not found (known: {', '.join(available(policies_dir)) or 'none'})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"policy {path.name}: not valid YAML: {exc}") from exc
+    data.setdefault("name", path.stem)
+    return parse(data, source=path.name)
+
+
+def parse(data: dict, source: str = "policy") -> Policy:
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise PolicyError(f"{source}: {problems}") from exc
+
+
+def _dir(policies_dir: Path | None) -> Path:
+    if policies_dir is not None:
+        return policies_dir
+    from releasegate.settings import get_settings
+
+    return get_settings().policies_dir

@@ -1,0 +1,62 @@
+"""Where releasegate keeps its state, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent
+# include/ holds the policies and expectation suites beside the package.
+_INCLUDE = _PACKAGE_ROOT.parent
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+class Settings(BaseModel):
+    """Every path, URL and key location releasegate uses; `Settings.from_env()` reads them."""
+
+    home: Path = Field(description="Directory for the embedded databases, keys and caches.")
+    db_url: str = Field(description="SQLAlchemy URL of releasegate's own tables.")
+    mlflow_tracking_uri: str
+    mlflow_artifact_root: Path
+    gateway_url: str = "http://127.0.0.1:8765"
+    admin_api_key: str | None = None
+    signing_key: Path
+    trusted_keys: list[Path]
+    policies_dir: Path = _INCLUDE / "policies"
+    expectations_dir: Path = _INCLUDE / "expectations"
+    model_cache_dir: Path
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        home = Path(_env("RELEASEGATE_HOME", str(Path.cwd() / ".releasegate"))).resolve()
+        keys = home / "keys"
+        trusted = _env("RELEASEGATE_TRUSTED_KEYS")
+        return cls(
+            home=home,
+            db_url=_env("RELEASEGATE_DB_URL", f"sqlite:///{home}/releasegate.db"),
+            mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db"),
+            mlflow_artifact_root=Path(_env("RELEASEGATE_MLFLOW_ARTIFACTS", str(home / "mlartifacts"))),
+            gateway_url=_env("RELEASEGATE_GATEWAY_URL", "http://127.0.0.1:8765"),
+            admin_api_key=_env("RELEASEGATE_ADMIN_KEY"),
+            signing_key=Path(_env("RELEASEGATE_SIGNING_KEY", str(keys / "release.key"))),
+            trusted_keys=[Path(p) for p in trusted.split(os.pathsep)] if trusted else [keys / "release.pub"],
+            policies_dir=Path(_env("RELEASEGATE_POLICIES_DIR", str(_INCLUDE / "policies"))),
+            expectations_dir=Path(_env("RELEASEGATE_EXPECTATIONS_DIR", str(_INCLUDE / "expectations"))),
+            model_cache_dir=Path(_env("RELEASEGATE_MODEL_CACHE", str(home / "models"))),
+        )
+
+    @cached_property
+    def is_sqlite(self) -> bool:
+        return self.db_url.startswith("sqlite")
+
+
+def get_settings() -> Settings:
+    """Settings from the current environment (read anew each call, so tests can change it)."""
+    return Settings.from_env()
