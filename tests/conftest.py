@@ -1,0 +1,42 @@
+"""Shared fixtures: every test gets its own RELEASEGATE_HOME (SQLite databases, keys, MLflow store)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# plugins/ is on Airflow's path in a deployment; the tests put it there the same way.
+sys.path.insert(0, str(ROOT / "plugins"))
+
+
+def _point_env_at(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELEASEGATE_HOME", str(home))
+    monkeypatch.setenv("RELEASEGATE_DB_URL", f"sqlite:///{home}/releasegate.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+    monkeypatch.setenv("RELEASEGATE_MLFLOW_ARTIFACTS", str(home / "mlartifacts"))
+    monkeypatch.setenv("RELEASEGATE_ADMIN_KEY", "rg-test-admin-key-0123456789abcdef")
+    for name in ("RELEASEGATE_SIGNING_KEY", "RELEASEGATE_TRUSTED_KEYS", "RELEASEGATE_GATEWAY_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def rg_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty releasegate home for one test."""
+    from releasegate import storage
+
+    home = tmp_path / "rg"
+    home.mkdir()
+    _point_env_at(home, monkeypatch)
+    yield home
+    storage.dispose_all()
+
+
+@pytest.fixture
+def settings(rg_home):
+    from releasegate.settings import get_settings
+
+    return get_settings()
