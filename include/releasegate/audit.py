@@ -1,0 +1,151 @@
+"""Append-only, hash-chained audit log: every event commits to the one before it.
+
+Editing or deleting a row breaks the chain from that row on; `verify` finds the first
+break. The head is signed at the end of each release (see `sign_head`), so someone who
+can rewrite the whole table still cannot forge a head the release key did not sign.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from releasegate import storage
+
+GENESIS = "0" * 64
+_RETRIES = 50
+
+
+def canonical(obj: Any) -> str:
+    """The JSON form that is hashed: sorted keys, no spaces, so any writer gets the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _digest(prev_hash: str, row: dict) -> str:
+    fields = {k: row[k] for k in ("seq", "time", "actor", "action", "model", "version", "release_id", "details")}
+    return hashlib.sha256((prev_hash + canonical(fields)).encode()).hexdigest()
+
+
+def append_in(conn: sa.Connection, actor: str, action: str, *, model: str | None = None,
+              version: str | None = None, release_id: str | None = None, details: dict | None = None) -> dict:
+    """Append one event inside the caller's transaction (so a state change and its event commit together).
+
+    Appends are serialized by the primary key on `seq`: a concurrent writer that took the
+    same number fails its insert, and the caller's retry (see `append`) reads the new head.
+    """
+    head = conn.execute(sa.select(storage.audit.c.seq, storage.audit.c.hash)
+                        .order_by(storage.audit.c.seq.desc()).limit(1)).first()
+    seq, prev = (head.seq + 1, head.hash) if head else (1, GENESIS)
+    row = {
+        "seq": seq,
+        "time": round(time.time(), 6),
+        "actor": actor,
+        "action": action,
+        "model": model,
+        "version": None if version is None else str(version),
+        "release_id": release_id,
+        "details": canonical(details or {}),
+        "prev_hash": prev,
+    }
+    row["hash"] = _digest(prev, row)
+    conn.execute(storage.audit.insert().values(**row))
+    return row
+
+
+def retrying(work, engine: sa.Engine | None = None):
+    """Run `work(conn)` in a transaction, again if a concurrent append won the same sequence number."""
+    eng = engine or storage.engine()
+    for attempt in range(_RETRIES):
+        try:
+            with eng.begin() as conn:
+                return work(conn)
+        except (sa_exc.IntegrityError, sa_exc.OperationalError) as err:
+            if attempt == _RETRIES - 1 or not _is_contention(err):
+                raise
+            time.sleep(0.01 * (attempt + 1))
+
+
+def _is_contention(err: Exception) -> bool:
+    text = str(err).lower()
+    return isinstance(err, sa_exc.IntegrityError) or "locked" in text or "busy" in text or "serializ" in text
+
+
+def append(actor: str, action: str, *, model: str | None = None, version: str | None = None,
+           release_id: str | None = None, details: dict | None = None, engine: sa.Engine | None = None) -> dict:
+    """Append one event in its own transaction."""
+    return retrying(lambda conn: append_in(conn, actor, action, model=model, version=version,
+                                           release_id=release_id, details=details), engine)
+
+
+def events(*, release_id: str | None = None, model: str | None = None, engine: sa.Engine | None = None) -> list[dict]:
+    query = sa.select(storage.audit).order_by(storage.audit.c.seq)
+    if release_id:
+        query = query.where(storage.audit.c.release_id == release_id)
+    if model:
+        query = query.where(storage.audit.c.model == model)
+    with (engine or storage.engine()).connect() as conn:
+        return [dict(r._mapping) | {"details": json.loads(r.details)} for r in conn.execute(query)]
+
+
+@dataclass
+class ChainReport:
+    ok: bool
+    events: int
+    head: str
+    first_bad_seq: int | None = None
+    message: str = ""
+
+
+def verify(engine: sa.Engine | None = None) -> ChainReport:
+    """Recompute the chain; report the first event whose hash or link does not match."""
+    prev, count = GENESIS, 0
+    with (engine or storage.engine()).connect() as conn:
+        rows = conn.execute(sa.select(storage.audit).order_by(storage.audit.c.seq)).mappings()
+        for expected_seq, row in enumerate(rows, start=1):
+            count += 1
+            if row["seq"] != expected_seq:
+                return ChainReport(False, count, prev, expected_seq, f"event {expected_seq} is missing")
+            if row["prev_hash"] != prev:
+                return ChainReport(False, count, prev, row["seq"], f"event {row['seq']} does not link to event {row['seq'] - 1}")
+            if _digest(prev, dict(row)) != row["hash"]:
+                return ChainReport(False, count, prev, row["seq"], f"event {row['seq']} was changed after it was written")
+            prev = row["hash"]
+    return ChainReport(True, count, prev, None, f"{count} events, chain intact, head {prev[:16]}")
+
+
+def sign_head(private_key: Path, engine: sa.Engine | None = None) -> dict:
+    """The current head, signed with an EC private key (ECDSA P-256, SHA-256)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    report = verify(engine)
+    key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    payload = canonical({"seq": report.events, "head": report.head, "chain_ok": report.ok})
+    signature = key.sign(payload.encode(), ec.ECDSA(hashes.SHA256()))
+    return {"payload": payload, "signature": signature.hex()}
+
+
+def verify_signed_head(signed: dict, public_keys: list[Path], engine: sa.Engine | None = None) -> bool:
+    """True when a signed head was signed by a trusted key and the chain still contains it unchanged."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    payload = json.loads(signed["payload"])
+    for path in public_keys:
+        key = serialization.load_pem_public_key(path.read_bytes())
+        try:
+            key.verify(bytes.fromhex(signed["signature"]), signed["payload"].encode(), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            continue
+        with (engine or storage.engine()).connect() as conn:
+            stored = conn.execute(sa.select(storage.audit.c.hash).where(storage.audit.c.seq == payload["seq"])).scalar()
+        return stored == payload["head"] and verify(engine).ok
+    return False

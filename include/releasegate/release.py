@@ -1,0 +1,222 @@
+"""The release state machine (DESIGN.md, "Release states and outcomes"), written down once.
+
+`transition` is the only way a release changes state: it checks the move, updates the
+`releases` row and writes the audit event in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from enum import StrEnum
+from typing import Any, Callable
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+
+from releasegate import audit, storage
+
+
+class State(StrEnum):
+    pending = "pending"
+    validating = "validating"
+    signing = "signing"
+    shadow = "shadow"
+    canary = "canary"
+    awaiting_approval = "awaiting_approval"
+    promoting = "promoting"
+    promoted = "promoted"
+    rejected = "rejected"  # failed validation or signature; never routed traffic
+    rolled_back = "rolled_back"  # a verdict or a human said no
+    invalid = "invalid"  # sample ratio mismatch: the experiment itself is broken
+    aborted = "aborted"  # an operator stopped it
+    failed = "failed"  # the pipeline itself errored; traffic restored to the champion
+
+
+TERMINAL = frozenset({State.promoted, State.rejected, State.rolled_back, State.invalid, State.aborted, State.failed})
+_ENDINGS = {State.aborted, State.failed}
+MOVES: dict[State, frozenset[State]] = {
+    State.pending: frozenset({State.validating}) | _ENDINGS,
+    State.validating: frozenset({State.signing, State.rejected}) | _ENDINGS,
+    State.signing: frozenset({State.shadow, State.promoting, State.rejected}) | _ENDINGS,
+    State.shadow: frozenset({State.canary, State.awaiting_approval, State.promoting, State.rolled_back,
+                             State.invalid, State.rejected}) | _ENDINGS,
+    State.canary: frozenset({State.awaiting_approval, State.promoting, State.rolled_back, State.invalid}) | _ENDINGS,
+    State.awaiting_approval: frozenset({State.promoting, State.rolled_back}) | _ENDINGS,
+    State.promoting: frozenset({State.promoted, State.failed}),
+}
+# Outcome of a release for `releasegate trigger --wait` and CI.
+EXIT_CODES = {State.promoted: 0, State.rejected: 1, State.rolled_back: 1, State.invalid: 1, State.aborted: 1, State.failed: 2}
+
+
+class ReleaseError(RuntimeError):
+    """A move the state machine does not allow, or a release that does not exist."""
+
+
+class ReleaseInProgress(ReleaseError):
+    """Another release of the same model is still running."""
+
+
+class Release(BaseModel):
+    release_id: str
+    model: str
+    candidate_version: str
+    champion_version: str | None
+    policy: dict
+    state: State
+    verdicts: list[dict]
+    decision: str | None
+    reasons: list[str]
+    airflow_run_id: str | None
+    started_at: float
+    ended_at: float | None
+    updated_at: float
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Release":
+        data = dict(row._mapping)
+        for key in ("policy", "verdicts", "reasons"):
+            data[key] = json.loads(data[key])
+        return cls(**data)
+
+
+def get(release_id: str, engine: sa.Engine | None = None) -> Release:
+    with (engine or storage.engine()).connect() as conn:
+        row = conn.execute(sa.select(storage.releases).where(storage.releases.c.release_id == release_id)).first()
+    if row is None:
+        raise ReleaseError(f"release {release_id} does not exist")
+    return Release.from_row(row)
+
+
+def list_releases(model: str | None = None, engine: sa.Engine | None = None, limit: int = 100) -> list[Release]:
+    query = sa.select(storage.releases).order_by(storage.releases.c.started_at.desc()).limit(limit)
+    if model:
+        query = query.where(storage.releases.c.model == model)
+    with (engine or storage.engine()).connect() as conn:
+        return [Release.from_row(r) for r in conn.execute(query)]
+
+
+def active(model: str, engine: sa.Engine | None = None) -> Release | None:
+    """The model's release in a non-terminal state, if any: it holds the model's release lock."""
+    query = (sa.select(storage.releases)
+             .where(storage.releases.c.model == model, storage.releases.c.state.not_in([s.value for s in TERMINAL]))
+             .order_by(storage.releases.c.started_at.desc()))
+    with (engine or storage.engine()).connect() as conn:
+        row = conn.execute(query).first()
+    return Release.from_row(row) if row else None
+
+
+def open_release(model: str, candidate_version: str, champion_version: str | None, policy: dict, *,
+                 airflow_run_id: str | None, actor: str,
+                 is_run_alive: Callable[[str | None], bool] = lambda run_id: True,
+                 close_stale: Callable[[Release], None] | None = None,
+                 engine: sa.Engine | None = None) -> Release:
+    """Open a release, or return the one this Airflow run already opened (a retry).
+
+    A non-terminal release of the same model whose run is still alive refuses the new one;
+    one whose run is gone is closed as `failed` first (after `close_stale` restored its traffic).
+    """
+    eng = engine or storage.engine()
+    current = active(model, eng)
+    if current is not None and airflow_run_id and current.airflow_run_id == airflow_run_id:
+        return current
+    if current is not None:
+        if is_run_alive(current.airflow_run_id):
+            raise ReleaseInProgress(
+                f"{model} already has release {current.release_id} in state {current.state.value} "
+                f"(Airflow run {current.airflow_run_id}); one release per model at a time")
+        if close_stale is not None:
+            close_stale(current)
+        transition(current.release_id, State.failed, actor=actor, engine=eng,
+                   reason=f"its Airflow run {current.airflow_run_id} is gone or failed; closed by the next release",
+                   details={"closed_by_run": airflow_run_id})
+
+    release_id = f"rel-{uuid.uuid4().hex[:12]}"
+    now = time.time()
+
+    def work(conn: sa.Connection) -> None:
+        # Re-check inside the transaction: two runs racing to open both see no active release above.
+        clash = conn.execute(sa.select(storage.releases.c.release_id).where(
+            storage.releases.c.model == model,
+            storage.releases.c.state.not_in([s.value for s in TERMINAL]))).first()
+        if clash is not None:
+            raise ReleaseInProgress(f"{model} already has release {clash.release_id} in progress")
+        conn.execute(storage.releases.insert().values(
+            release_id=release_id, model=model, candidate_version=str(candidate_version),
+            champion_version=None if champion_version is None else str(champion_version),
+            policy=json.dumps(policy), state=State.pending.value, verdicts="[]", decision=None, reasons="[]",
+            airflow_run_id=airflow_run_id, started_at=now, ended_at=None, updated_at=now))
+        audit.append_in(conn, actor, "release.opened", model=model, version=str(candidate_version),
+                        release_id=release_id,
+                        details={"champion": champion_version, "policy": policy.get("name"),
+                                 "airflow_run_id": airflow_run_id})
+
+    audit.retrying(work, eng)
+    return get(release_id, eng)
+
+
+def transition(release_id: str, to: State | str, *, actor: str, reason: str | None = None,
+               details: dict | None = None, decision: str | None = None,
+               engine: sa.Engine | None = None) -> Release:
+    """Move a release to `to`, or do nothing if it is already there (idempotent retries).
+
+    Raises ReleaseError for a move the state machine does not allow, e.g. out of a terminal state.
+    """
+    to = State(to)
+    eng = engine or storage.engine()
+
+    def work(conn: sa.Connection) -> bool:
+        row = conn.execute(sa.select(storage.releases).where(storage.releases.c.release_id == release_id)).first()
+        if row is None:
+            raise ReleaseError(f"release {release_id} does not exist")
+        current = State(row.state)
+        if current == to:
+            return False
+        if to not in MOVES.get(current, frozenset()):
+            raise ReleaseError(f"release {release_id} cannot move from {current.value} to {to.value}")
+        now = time.time()
+        values: dict[str, Any] = {"state": to.value, "updated_at": now}
+        if reason:
+            values["reasons"] = json.dumps(json.loads(row.reasons) + [reason])
+        if decision:
+            values["decision"] = decision
+        if to in TERMINAL:
+            values["ended_at"] = now
+        updated = conn.execute(storage.releases.update()
+                               .where(storage.releases.c.release_id == release_id,
+                                      storage.releases.c.state == current.value)
+                               .values(**values))
+        if updated.rowcount != 1:  # someone moved it in between: let the retry re-read
+            raise sa.exc.OperationalError("state changed concurrently", None, Exception("busy"))
+        audit.append_in(conn, actor, f"release.{to.value}", model=row.model, version=row.candidate_version,
+                        release_id=release_id,
+                        details={"from": current.value, "to": to.value, "reason": reason, **(details or {})})
+        return True
+
+    audit.retrying(work, eng)
+    return get(release_id, eng)
+
+
+def record_verdict(release_id: str, verdict: dict, *, actor: str, engine: sa.Engine | None = None) -> Release:
+    """Append a verdict to the release and to the audit log; the same verdict twice is kept once."""
+    eng = engine or storage.engine()
+
+    def work(conn: sa.Connection) -> None:
+        row = conn.execute(sa.select(storage.releases).where(storage.releases.c.release_id == release_id)).first()
+        if row is None:
+            raise ReleaseError(f"release {release_id} does not exist")
+        verdicts = json.loads(row.verdicts)
+        if verdict in verdicts:
+            return
+        conn.execute(storage.releases.update().where(storage.releases.c.release_id == release_id)
+                     .values(verdicts=json.dumps(verdicts + [verdict]), updated_at=time.time()))
+        audit.append_in(conn, actor, "verdict", model=row.model, version=row.candidate_version,
+                        release_id=release_id, details=verdict)
+
+    audit.retrying(work, eng)
+    return get(release_id, eng)
