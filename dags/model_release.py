@@ -1,0 +1,184 @@
+"""
+# Model release
+
+Takes one registered MLflow model version from the registry to production, or back out:
+
+1. **open_release**: resolve the candidate (default: the `challenger` alias) and the
+   `champion`, store the resolved policy; one release per model at a time.
+2. **validate**: Great Expectations data contract on the candidate's holdout data, input
+   schema compatibility with the champion, offline comparison with non-inferiority margins.
+3. **sign**: OpenSSF model-signing of the candidate's artifacts (or verification of an
+   existing signature: a changed artifact is rejected).
+4. **shadow**: the candidate gets a mirror of live traffic; the wait polls the always-valid
+   analysis until it decides, without holding a worker slot.
+5. **canary_N**: the policy's steps (e.g. 5 → 25 → 50 %), each with the same wait.
+6. **decide**: branch to **promote** or **rollback**; **finish** stores the reports and
+   the signed audit head in MLflow, and marks a run that errored as `failed`.
+
+Every task is one call into `releasegate.pipeline`, so the CLI and the tests run the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import Param, chain, dag, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk import TriggerRule
+
+from releasegate_airflow.operators import AnalysisWaitOperator
+
+OPEN_RELEASE = "open_release"
+VALIDATE = "validate"
+SIGN = "sign"
+SHADOW = "shadow"
+DECIDE = "decide"
+PROMOTE = "promote"
+ROLLBACK = "rollback"
+FINISH = "finish"
+
+_POLICIES = Path(os.environ.get("RELEASEGATE_POLICIES_DIR", Path(__file__).resolve().parents[1] / "include" / "policies"))
+
+
+def _policies() -> list[str]:
+    return sorted(p.stem for p in _POLICIES.glob("*.yaml")) or ["default"]
+
+
+def _max_canary_steps() -> int:
+    """The DAG has one canary group per step of the longest policy; shorter policies skip the rest."""
+    import yaml  # cheap, and parsing a few small files keeps the DAG's shape honest
+
+    steps = [len((yaml.safe_load(p.read_text()) or {}).get("canary", {}).get("steps", [5, 25, 50]))
+             for p in _POLICIES.glob("*.yaml")]
+    return max(steps, default=3)
+
+
+def _actor() -> str:
+    user = getattr(get_current_context().get("dag_run"), "triggering_user_name", None)
+    return f"airflow:{user}" if user else "airflow"
+
+
+def _skip_if_done(result: dict) -> dict:
+    if "skipped" in result:
+        raise AirflowSkipException(result["skipped"])
+    return result
+
+
+def _run_alive(run_id: str | None) -> bool:
+    """Is the Airflow run that holds a release still going? (asked through the Task SDK)."""
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    if not run_id:
+        return False
+    try:
+        state = RuntimeTaskInstance.get_dagrun_state(dag_id="model_release", run_id=run_id)
+    except Exception:  # the run is gone (deleted, or from another Airflow): it holds nothing
+        return False
+    return str(state).lower().rsplit(".", 1)[-1] in {"queued", "running"}
+
+
+@dag(
+    dag_id="model_release",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=4,
+    tags=["releasegate", "release"],
+    params={
+        "model_name": Param("churn", type="string", minLength=1, title="Model",
+                            description="Registered model name in MLflow."),
+        "version": Param("", type="string", title="Version",
+                         description="Version number or alias to release; empty means the `challenger` alias."),
+        "policy": Param("default", type="string", enum=_policies(), title="Policy",
+                        description="Release policy from include/policies/."),
+    },
+    default_args={"retries": 0},
+)
+def model_release():
+    @task(task_id=OPEN_RELEASE)
+    def open_release() -> dict:
+        """Resolve candidate and champion, take the model's release lock, store the policy."""
+        from releasegate import pipeline
+
+        ctx = get_current_context()
+        params = ctx["params"]
+        return pipeline.start(params["model_name"], params["version"] or None, params["policy"],
+                              airflow_run_id=ctx["run_id"], actor=_actor(), is_run_alive=_run_alive)
+
+    @task(task_id=VALIDATE)
+    def validate(release: dict) -> dict:
+        """Data contract, schema compatibility and offline comparison with the champion."""
+        from releasegate import pipeline
+
+        return pipeline.validate(release["release_id"], actor=_actor())
+
+    @task(task_id=SIGN)
+    def sign(release: dict, validation: dict) -> dict:
+        """Sign the candidate, or verify the signature it already has."""
+        from releasegate import pipeline
+
+        return _skip_if_done(pipeline.sign(release["release_id"], actor=_actor()))
+
+    @task
+    def route(release: dict, stage: str) -> dict:
+        """Point the stage's share of traffic at the candidate."""
+        from releasegate import pipeline
+
+        return _skip_if_done(pipeline.route(release["release_id"], stage, actor=_actor()))
+
+    def stage_group(group_id: str, stage: str, release):
+        @task_group(group_id=group_id)
+        def stage_tasks():
+            routed = route.override(task_id="route")(release, stage)
+            AnalysisWaitOperator(task_id="wait", release=release, route=routed)
+
+        return stage_tasks()
+
+    @task.branch(task_id=DECIDE, trigger_rule=TriggerRule.NONE_FAILED)
+    def decide(release: dict) -> str:
+        """Promote, roll back, or (the release already ended) go straight to finish."""
+        from releasegate import pipeline
+
+        return pipeline.decide(release["release_id"])
+
+    @task(task_id=PROMOTE)
+    def promote(release: dict) -> dict:
+        """All traffic to the candidate; champion alias moves, previous kept for rollback."""
+        from releasegate import pipeline
+
+        return pipeline.promote(release["release_id"], actor=_actor())
+
+    @task(task_id=ROLLBACK)
+    def rollback(release: dict) -> dict:
+        """All traffic back to the champion; the candidate is tagged with the reasons."""
+        from releasegate import pipeline
+
+        return pipeline.rollback(release["release_id"], actor=_actor())
+
+    @task(task_id=FINISH, trigger_rule=TriggerRule.ALL_DONE)
+    def finish(release: dict) -> dict:
+        """Store the reports and the signed audit head; a release left open by a failure ends as failed."""
+        from releasegate import pipeline, release as releases
+
+        was_open = not releases.get(release["release_id"]).terminal
+        summary = pipeline.finish(release["release_id"], actor=_actor(), pipeline_failed=was_open)
+        if was_open:
+            raise AirflowFailException(f"release {release['release_id']} failed: {summary['reasons'][-1]}")
+        return summary
+
+    release = open_release()
+    validated = validate(release)
+    signed = sign(release, validated)
+    stages = [stage_group(SHADOW, "shadow", release)]
+    stages += [stage_group(f"canary_{n}", f"canary-{n}", release) for n in range(1, _max_canary_steps() + 1)]
+    decision = decide(release)
+    promoted, rolled_back, finished = promote(release), rollback(release), finish(release)
+
+    chain(signed, *stages, decision, [promoted, rolled_back], finished)
+    decision >> finished
+
+
+model_release()

@@ -1,0 +1,197 @@
+"""The `releasegate` command: gateway, keys, signing, audit, traffic and the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """releasegate: validate, sign, shadow, canary, promote or roll back MLflow models."""
+
+
+# --- serving -------------------------------------------------------------------------------
+
+@main.group()
+def gateway() -> None:
+    """The model gateway (the embedded serving plane)."""
+
+
+@gateway.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+def gateway_serve(host: str, port: int) -> None:
+    """Serve the models in the routes table, verifying each signature before it loads."""
+    from releasegate import serving
+
+    serving.run(host=host, port=port)
+
+
+@main.group()
+def apikeys() -> None:
+    """API keys for the gateway (roles: predict, feedback, admin)."""
+
+
+@apikeys.command("create")
+@click.option("--role", type=click.Choice(["predict", "feedback", "admin"]), required=True)
+def apikeys_create(role: str) -> None:
+    """Create a key; the secret is printed once and stored only as a digest."""
+    from releasegate.serving import auth
+
+    key_id, secret = auth.create_key(role)
+    click.echo(json.dumps({"key_id": key_id, "role": role, "key": secret}))
+
+
+@apikeys.command("revoke")
+@click.argument("key_id")
+def apikeys_revoke(key_id: str) -> None:
+    """Revoke a key; gateways stop accepting it within their poll interval."""
+    from releasegate.serving import auth
+
+    auth.revoke_key(key_id)
+    click.echo(f"revoked {key_id}")
+
+
+# --- signing -------------------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """Signing keys (elliptic curve P-256)."""
+
+
+@keys.command("generate")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Directory for the key pair (default: $RELEASEGATE_HOME/keys).")
+@click.option("--name", default="release", show_default=True)
+def keys_generate(out_dir: Path | None, name: str) -> None:
+    """Generate a signing key pair; the public key goes into RELEASEGATE_TRUSTED_KEYS."""
+    from releasegate import signing
+    from releasegate.settings import get_settings
+
+    private, public = signing.generate_keys(out_dir or get_settings().signing_key.parent, name=name)
+    click.echo(f"private key: {private}\npublic key:  {public}")
+
+
+def _model_ref(ref: str) -> tuple[str, str]:
+    body = ref.removeprefix("models:/")
+    if "/" not in body and "@" not in body:
+        raise click.BadParameter(f"{ref!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    name, _, version = body.partition("@") if "@" in body else body.rpartition("/")
+    return name, version
+
+
+@main.command()
+@click.argument("model_uri")
+def sign(model_uri: str) -> None:
+    """Sign a registered version (models:/NAME/VERSION); an already signed one is verified instead."""
+    from releasegate import registry, signing
+
+    name, version = _model_ref(model_uri)
+    version = registry.resolve_version(name, version)
+    click.echo(f"{name} v{version} signed: {signing.sign_version(name, version)}")
+
+
+@main.command()
+@click.argument("model_uri")
+def verify(model_uri: str) -> None:
+    """Verify a registered version's signature against the trusted keys (exit 1 if it fails)."""
+    from releasegate import registry, signing
+
+    name, version = _model_ref(model_uri)
+    try:
+        version = registry.resolve_version(name, version)
+        path = registry.fetch_verified(name, version)
+    except (signing.SignatureError, registry.RegistryError) as err:
+        click.echo(f"REFUSED: {err}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {name} v{version} verified ({path})")
+
+
+# --- releases and audit ----------------------------------------------------------------------
+
+@main.group()
+def audit() -> None:
+    """The hash-chained audit log."""
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Recompute the chain; exit 1 at the first edited, missing or re-linked event."""
+    from releasegate import audit as audit_log
+
+    report = audit_log.verify()
+    click.echo(("OK: " if report.ok else "BROKEN: ") + report.message)
+    sys.exit(0 if report.ok else 1)
+
+
+@audit.command("show")
+@click.option("--release", "release_id", default=None)
+@click.option("--model", default=None)
+def audit_show(release_id: str | None, model: str | None) -> None:
+    """Print the events (JSON lines)."""
+    from releasegate import audit as audit_log
+
+    for event in audit_log.events(release_id=release_id, model=model):
+        click.echo(json.dumps(event, default=str))
+
+
+@main.command("releases")
+@click.option("--model", default=None)
+def releases_list(model: str | None) -> None:
+    """List releases, newest first."""
+    from releasegate import release
+
+    for rel in release.list_releases(model):
+        click.echo(f"{rel.release_id}  {rel.model} v{rel.candidate_version} (champion v{rel.champion_version})  "
+                   f"{rel.state.value:12s}  {rel.reasons[-1] if rel.reasons else ''}")
+
+
+@main.command()
+@click.argument("release_id")
+@click.option("--reason", required=True, help="Why the release is stopped (recorded in the audit log).")
+@click.option("--actor", default="cli", show_default=True)
+def abort(release_id: str, reason: str, actor: str) -> None:
+    """Stop a release now: traffic back to the champion, state `aborted`."""
+    from releasegate import pipeline
+
+    click.echo(json.dumps(pipeline.abort(release_id, reason=reason, actor=actor)))
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--model", default="churn", show_default=True)
+@click.option("--gateway-url", default=None, help="Default: $RELEASEGATE_GATEWAY_URL.")
+@click.option("--api-key", envvar="RELEASEGATE_API_KEY", default=None, help="A predict+feedback (or admin) key.")
+@click.option("--rps", default=300.0, show_default=True)
+@click.option("--duration", default=60.0, show_default=True, help="Seconds; 0 runs until stopped.")
+@click.option("--feedback-delay", default=1.0, show_default=True, help="Seconds before each label is sent.")
+@click.option("--drift", default=0.0, show_default=True, help="Drift knob of the demo data, 0 to 1.")
+@click.option("--seed", default=7, show_default=True)
+def traffic(model, gateway_url, api_key, rps, duration, feedback_delay, drift, seed) -> None:
+    """Send demo traffic to the gateway, with delayed feedback labels; prints progress."""
+    from releasegate.demo import traffic as demo_traffic
+    from releasegate.settings import get_settings
+
+    settings = get_settings()
+    demo_traffic.run(model=model, gateway_url=gateway_url or settings.gateway_url,
+                     api_key=api_key or settings.admin_api_key, rps=rps, duration=duration,
+                     feedback_delay=feedback_delay, drift=drift, seed=seed)
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".releasegate/demo"), show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+def demo(workdir: Path, port: int) -> None:
+    """The whole story on this machine: register, serve, release a good and a bad candidate, summarise."""
+    from releasegate.demo import run as demo_run
+
+    sys.exit(demo_run.main(workdir=workdir, port=port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The release's steps, one function per task of dags/model_release.py.
+
+Each step reads the release row, does its one thing, and moves the state through
+`release.transition`, so the same code runs from Airflow, the CLI and the tests. Every
+step is idempotent: run again, it finds the work done and returns the same answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from releasegate import audit, release
+from releasegate import policy as policies
+from releasegate.release import State
+
+log = logging.getLogger(__name__)
+
+# A step that has nothing to do because the release already ended says so with this key;
+# the Airflow side turns it into a skipped task.
+SKIPPED = "skipped"
+_NEGATIVE = {"rollback", "invalid"}
+
+
+def _policy(rel: release.Release) -> policies.Policy:
+    return policies.parse(rel.policy, source=f"release {rel.release_id} policy")
+
+
+def _backend(settings=None):
+    from releasegate.backends.local import LocalBackend
+
+    return LocalBackend(settings=settings)
+
+
+def _tag(rel: release.Release, **tags: str) -> None:
+    from releasegate import registry
+
+    registry.set_version_tags(rel.model, rel.candidate_version, {f"releasegate.{k}": str(v) for k, v in tags.items()})
+
+
+def _skip(rel: release.Release, why: str) -> dict:
+    return {SKIPPED: f"release {rel.release_id} {why}", "state": rel.state.value}
+
+
+def start(model: str, version: str | None = None, policy_name: str = "default", *, airflow_run_id: str | None = None,
+          actor: str = "airflow", is_run_alive: Callable[[str | None], bool] = lambda run_id: True) -> dict:
+    """Resolve candidate and champion, store the resolved policy, open the release (one per model)."""
+    from releasegate import registry
+
+    pol = policies.load(policy_name)
+    candidate = registry.resolve_version(model, version or "challenger")
+    champion = registry.get_alias(model, "champion")
+    if champion == candidate:
+        raise release.ReleaseError(f"{model} v{candidate} is already the champion: nothing to release")
+
+    def close_stale(stale: release.Release) -> None:
+        if stale.champion_version:
+            _backend().set_route(model, stale.champion_version, release_id=None)
+
+    rel = release.open_release(model, candidate, champion, pol.model_dump(mode="json"),
+                               airflow_run_id=airflow_run_id, actor=actor,
+                               is_run_alive=is_run_alive, close_stale=close_stale)
+    _tag(rel, release_id=rel.release_id, state=rel.state.value)
+    return {"release_id": rel.release_id, "model": model, "candidate": candidate, "champion": champion,
+            "policy": pol.name, "policy_digest": pol.digest}
+
+
+def validate(release_id: str, actor: str = "airflow") -> dict:
+    """Data contract, schema compatibility and offline comparison; a failure rejects the release."""
+    from releasegate import validation
+
+    rel = release.get(release_id)
+    if rel.state not in (State.pending, State.validating):
+        return _skip(rel, f"is past validation ({rel.state.value})")
+    release.transition(release_id, State.validating, actor=actor)
+    report = validation.validate_candidate(rel.model, rel.candidate_version, rel.champion_version, _policy(rel))
+    summary = report.model_dump(mode="json")
+    _store_report(rel, "validation.json", summary)
+    audit.append(actor, "validation", model=rel.model, version=rel.candidate_version, release_id=release_id,
+                 details=summary)
+    if not report.passed:
+        reason = "validation failed: " + "; ".join(report.reasons)
+        release.transition(release_id, State.rejected, actor=actor, reason=reason, decision="reject")
+        _tag(rel, state=State.rejected.value, reasons=reason[:4000])
+    return {"passed": report.passed, "reasons": report.reasons}
+
+
+def sign(release_id: str, actor: str = "airflow") -> dict:
+    """Sign the candidate (or verify an existing signature); a bad signature rejects the release."""
+    from releasegate import signing
+
+    rel = release.get(release_id)
+    if rel.terminal:
+        return _skip(rel, f"ended as {rel.state.value}")
+    if rel.state is not State.validating and rel.state is not State.signing:
+        return {"state": rel.state.value}
+    release.transition(release_id, State.signing, actor=actor)
+    try:
+        digest = signing.sign_version(rel.model, rel.candidate_version)
+    except signing.SignatureError as err:
+        return _reject(rel, f"signature check failed: {err}", actor)
+    audit.append(actor, "signed", model=rel.model, version=rel.candidate_version, release_id=release_id,
+                 details={"digest": digest})
+    return {"digest": digest}
+
+
+def _reject(rel: release.Release, reason: str, actor: str) -> dict:
+    release.transition(rel.release_id, State.rejected, actor=actor, reason=reason, decision="reject")
+    _tag(rel, state=State.rejected.value, reasons=reason[:4000])
+    return {"rejected": reason}
+
+
+def route(release_id: str, stage: str, actor: str = "airflow") -> dict:
+    """Point traffic at the stage ("shadow" or "canary-<n>" for the n-th policy step, from 1).
+
+    Returns the window start and the candidate weight, or a skip when the release already
+    has a negative verdict, has ended, or the policy has fewer steps than the DAG.
+    """
+    from releasegate.backends import DeploymentError
+
+    rel = release.get(release_id)
+    pol = _policy(rel)
+    if rel.terminal:
+        return _skip(rel, f"ended as {rel.state.value}")
+    if rel.champion_version is None:
+        return _skip(rel, "has no champion to compare with")
+    if rel.verdicts and rel.verdicts[-1]["decision"] in _NEGATIVE | {"inconclusive"}:
+        return _skip(rel, f"already has a {rel.verdicts[-1]['decision']} verdict")
+    if stage == "shadow":
+        mode, weight, state = "shadow", 0, State.shadow
+    else:
+        step = int(stage.removeprefix("canary-"))
+        if step > len(pol.canary.steps):
+            return _skip(rel, f"policy {pol.name} has {len(pol.canary.steps)} canary steps")
+        mode, weight, state = "canary", pol.canary.steps[step - 1], State.canary
+    try:
+        applied = _backend().set_route(rel.model, rel.champion_version, rel.candidate_version, mode, weight,
+                                       release_id=release_id)
+    except DeploymentError as err:
+        if "signature" in str(err).lower() or "signed" in str(err).lower():
+            return _reject(rel, f"the gateway refused the candidate: {err}", actor)
+        raise
+    release.transition(release_id, state, actor=actor)
+    since = time.time()
+    audit.append(actor, "route", model=rel.model, version=rel.candidate_version, release_id=release_id,
+                 details={"mode": mode, "candidate_weight": weight, "stage": stage,
+                          "revision": applied.get("revision") if isinstance(applied, dict) else None})
+    _tag(rel, state=state.value, weight=weight)
+    window = pol.shadow.max_window_seconds if mode == "shadow" else pol.canary.max_window_seconds
+    return {"stage": stage if mode == "canary" else "shadow", "analysis_stage": f"canary-{weight}" if mode == "canary" else "shadow",
+            "candidate_weight": weight, "since": since, "window_seconds": window,
+            "max_extensions": pol.max_extensions if pol.inconclusive == policies.Inconclusive.extend else 0,
+            "poll_seconds": pol.poll_seconds}
+
+
+def poll(release_id: str, analysis_stage: str, since: float, candidate_weight: int, window_closed: bool) -> dict:
+    """One look at the evidence (the deferrable wait calls this every poll interval)."""
+    from releasegate import analysis
+
+    rel = release.get(release_id)
+    verdict = analysis.analyse(rel.model, release_id, analysis_stage, since, time.time(), _policy(rel),
+                               candidate_weight=candidate_weight, window_closed=window_closed)
+    return verdict.model_dump(mode="json")
+
+
+def record(release_id: str, verdict: dict, actor: str = "airflow") -> dict:
+    """Keep the verdict that ended a wait, with the release and in the audit log."""
+    release.record_verdict(release_id, verdict, actor=actor)
+    log.info("verdict %s: %s", verdict.get("decision"), verdict.get("reason"))
+    return {"decision": verdict["decision"], "reason": verdict["reason"]}
+
+
+def decide(release_id: str) -> str:
+    """promote | rollback | finish: what the evidence so far says the release does next."""
+    rel = release.get(release_id)
+    pol = _policy(rel)
+    if rel.terminal:
+        return "finish"
+    if rel.champion_version is None:
+        return "promote"
+    decisions = [v["decision"] for v in rel.verdicts]
+    stages_passed = decisions.count("promote")
+    if decisions and decisions[-1] == "promote" and stages_passed >= 1 + len(pol.canary.steps):
+        return "promote"
+    return "rollback"
+
+
+def promote(release_id: str, actor: str = "airflow") -> dict:
+    """All traffic to the candidate; aliases champion → candidate, previous → old champion."""
+    from releasegate import registry
+
+    rel = release.get(release_id)
+    if rel.state is State.promoted:
+        return {"state": rel.state.value}
+    release.transition(release_id, State.promoting, actor=actor)
+    _backend().set_route(rel.model, rel.candidate_version, None, "single", 0, release_id=release_id)
+    audit.append(actor, "route", model=rel.model, version=rel.candidate_version, release_id=release_id,
+                 details={"mode": "single", "candidate_weight": 0, "stage": "promoted",
+                          "champion_version": rel.candidate_version})
+    if rel.champion_version:
+        registry.set_alias(rel.model, "previous", rel.champion_version)
+    registry.set_alias(rel.model, "champion", rel.candidate_version)
+    if registry.get_alias(rel.model, "challenger") == rel.candidate_version:
+        registry.delete_alias(rel.model, "challenger")
+    reason = _last_reason(rel) or "first version of the model: no champion to compare with"
+    rel = release.transition(release_id, State.promoted, actor=actor, reason=reason, decision="promote")
+    _tag(rel, state=State.promoted.value, reasons=reason[:4000])
+    return {"state": rel.state.value, "reason": reason}
+
+
+def rollback(release_id: str, actor: str = "airflow") -> dict:
+    """All traffic back to the champion; the candidate is tagged with the reasons."""
+    rel = release.get(release_id)
+    if rel.terminal:
+        return {"state": rel.state.value}
+    _backend().set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
+    audit.append(actor, "route", model=rel.model, version=rel.champion_version, release_id=release_id,
+                 details={"mode": "single", "candidate_weight": 0, "stage": "rolled back",
+                          "champion_version": rel.champion_version})
+    last = rel.verdicts[-1]["decision"] if rel.verdicts else None
+    to = State.invalid if last == "invalid" else State.rolled_back
+    reason = _last_reason(rel) or "no verdict was reached"
+    if last in ("inconclusive", "continue", None):
+        reason = f"the evidence did not decide before the window ended ({reason})"
+    rel = release.transition(release_id, to, actor=actor, reason=reason, decision="rollback")
+    _tag(rel, state=to.value, reasons=reason[:4000])
+    return {"state": rel.state.value, "reason": reason}
+
+
+def _last_reason(rel: release.Release) -> str | None:
+    return rel.verdicts[-1]["reason"] if rel.verdicts else None
+
+
+def finish(release_id: str, actor: str = "airflow", *, pipeline_failed: bool = False) -> dict:
+    """Close the release: a run that errored is `failed` with the champion restored; reports and the signed audit head go to MLflow."""
+    from releasegate.settings import get_settings
+
+    rel = release.get(release_id)
+    if not rel.terminal:
+        if rel.champion_version:
+            try:
+                _backend().set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
+            except Exception as err:  # the failure we report is the pipeline's, not this one
+                log.error("could not restore the champion route for %s: %s", rel.model, err)
+        reason = "a pipeline task failed; traffic restored to the champion" if pipeline_failed else \
+                 "the run ended before a decision; traffic restored to the champion"
+        rel = release.transition(release_id, State.failed, actor=actor, reason=reason, decision="fail")
+        _tag(rel, state=State.failed.value, reasons=reason)
+    settings = get_settings()
+    summary = summarize(rel)
+    _store_report(rel, "release.json", summary)
+    if settings.signing_key.exists():
+        _store_report(rel, "audit-head.json", audit.sign_head(settings.signing_key))
+    summary["reports"] = report_uri(rel)
+    return summary
+
+
+def summarize(rel: release.Release) -> dict:
+    """The release as a person reads it: outcome, reasons, verdicts, durations."""
+    return {
+        "release_id": rel.release_id, "model": rel.model, "candidate": rel.candidate_version,
+        "champion": rel.champion_version, "state": rel.state.value, "decision": rel.decision,
+        "reasons": rel.reasons, "verdicts": rel.verdicts, "policy": rel.policy.get("name"),
+        "started_at": rel.started_at, "ended_at": rel.ended_at,
+        "duration_seconds": None if rel.ended_at is None else round(rel.ended_at - rel.started_at, 1),
+    }
+
+
+def report_uri(rel: release.Release) -> str:
+    from releasegate import registry
+
+    run_id = registry.client().get_model_version(rel.model, rel.candidate_version).run_id
+    return f"runs:/{run_id}/releasegate/releases/{rel.release_id}"
+
+
+def _store_report(rel: release.Release, name: str, content: dict) -> None:
+    from releasegate import registry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(content, indent=2, default=str))
+        registry.log_artifact(rel.model, rel.candidate_version, path,
+                              artifact_path=f"releasegate/releases/{rel.release_id}")
+
+
+def abort(release_id: str, *, reason: str, actor: str) -> dict:
+    """An operator stops the release now: champion route restored, state `aborted`."""
+    rel = release.get(release_id)
+    if rel.terminal:
+        return {"state": rel.state.value, "note": "release had already ended"}
+    if rel.champion_version:
+        _backend().set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
+    rel = release.transition(release_id, State.aborted, actor=actor, reason=f"aborted by {actor}: {reason}",
+                             decision="abort")
+    _tag(rel, state=State.aborted.value, reasons=reason[:4000])
+    return {"state": rel.state.value, "reason": reason}

@@ -1,0 +1,1 @@
+"""Airflow glue for releasegate: the deferrable analysis wait (and, later, the dashboard)."""
