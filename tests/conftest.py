@@ -40,3 +40,24 @@ def settings(rg_home):
     from releasegate.settings import get_settings
 
     return get_settings()
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory) -> dict:
+    """Environment for Airflow processes and dag.test(): a private AIRFLOW_HOME on SQLite, migrated once."""
+    import subprocess
+
+    home = tmp_path_factory.mktemp("airflow")
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "plugins"), os.environ.get("PYTHONPATH")])),
+    })
+    bin_dir = Path(sys.executable).parent
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
+    return env

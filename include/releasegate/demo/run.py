@@ -1,0 +1,243 @@
+"""`releasegate demo`: the whole release story on one machine, with progress and a summary.
+
+Starts MLflow's store (SQLite), the gateway and traffic on loopback, registers a champion, a
+better and a worse candidate, runs the real `model_release` DAG for both candidates under
+the default policy, prints a summary table, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[3]
+MODEL = "churn"
+
+
+class Demo:
+    def __init__(self, workdir: Path, port: int):
+        self.workdir = workdir.resolve()
+        self.port = port
+        self.t0 = time.time()
+        self.procs: list[subprocess.Popen] = []
+        self.env: dict[str, str] = {}
+
+    # --- output -------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        print(f"[{time.time() - self.t0:6.1f}s] {text}", flush=True)
+
+    def step(self, text: str) -> None:
+        print(f"\n[{time.time() - self.t0:6.1f}s] == {text}", flush=True)
+
+    # --- set-up -------------------------------------------------------------------------
+    def environment(self) -> None:
+        if self.workdir.exists():
+            shutil.rmtree(self.workdir)
+        self.workdir.mkdir(parents=True)
+        home = self.workdir
+        self.env = {
+            "RELEASEGATE_HOME": str(home),
+            "RELEASEGATE_DB_URL": f"sqlite:///{home}/releasegate.db",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+            "RELEASEGATE_MLFLOW_ARTIFACTS": str(home / "mlartifacts"),
+            "RELEASEGATE_ADMIN_KEY": "rg-demo-admin-" + secrets.token_urlsafe(24),
+            "RELEASEGATE_GATEWAY_URL": f"http://127.0.0.1:{self.port}",
+            "AIRFLOW_HOME": str(home / "airflow"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "plugins"), os.environ.get("PYTHONPATH")])),
+            "GIT_PYTHON_REFRESH": "quiet",
+        }
+        os.environ.update(self.env)
+        bin_dir = str(Path(sys.executable).parent)
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        self.env["PATH"] = os.environ["PATH"]
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def wait_healthy(self, url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {proc.returncode}; see {self.workdir / 'gateway.log'}")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"gateway did not become healthy in {timeout:.0f}s")
+
+    # --- the story ----------------------------------------------------------------------
+    def release(self, version: str, label: str) -> dict:
+        from releasegate import release as releases
+
+        self.step(f"release of the {label} candidate: {MODEL} v{version} (Airflow DAG model_release)")
+        conf = json.dumps({"model_name": MODEL, "version": version, "policy": "default"})
+        log_path = self.workdir / f"airflow-release-v{version}.log"
+        started = time.time()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "dags", "test", "model_release",
+                                     "-c", conf], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                    start_new_session=True)
+            self.procs.append(proc)
+            seen: set[int] = set()
+            last_status = 0.0
+            while proc.poll() is None:
+                self.print_new_events(seen)
+                if time.time() - last_status > 15:
+                    last_status = time.time()
+                    self.say(f"   … {self.traffic_status()}")
+                time.sleep(1)
+            self.print_new_events(seen)
+        rel = next((r for r in releases.list_releases(MODEL) if r.candidate_version == version), None)
+        if rel is None:
+            raise RuntimeError(f"the DAG run did not open a release; see {log_path}")
+        return {"label": label, "release": rel, "wall": time.time() - started, "log": log_path,
+                "returncode": proc.returncode}
+
+    def print_new_events(self, seen: set[int]) -> None:
+        from releasegate import audit
+
+        for event in audit.events(model=MODEL):
+            if event["seq"] in seen:
+                continue
+            seen.add(event["seq"])
+            details = event["details"]
+            if event["action"] == "verdict":
+                text = f"verdict {details['decision']}: {details['reason']}"
+            elif event["action"] == "route":
+                text = f"traffic: {details.get('mode')} (candidate weight {details.get('candidate_weight')} %)"
+            elif event["action"].startswith("release."):
+                text = f"state {details.get('from')} → {details.get('to')}" + (
+                    f": {details['reason']}" if details.get("reason") else "")
+            elif event["action"] == "validation":
+                text = "validation " + ("passed" if details.get("passed") else "failed: " + "; ".join(details.get("reasons", [])))
+            else:
+                text = event["action"]
+            self.say(f"   {text}")
+
+    def traffic_status(self) -> str:
+        path = self.workdir / "traffic.log"
+        lines = path.read_text().strip().splitlines() if path.exists() else []
+        return lines[-1] if lines else "traffic starting"
+
+
+def _numbers(verdict: dict) -> str:
+    parts = []
+    for metric in verdict.get("metrics", []):
+        if metric.get("estimate") is None:
+            continue
+        parts.append(f"{metric['name']} {metric['estimate']:+.3f} [{metric['lower']:+.3f}, {metric['upper']:+.3f}]")
+    return "; ".join(parts)
+
+
+def _summary(demo: Demo, results: list[dict], audit_report) -> str:
+    from releasegate import pipeline
+
+    lines = ["", "=" * 100, "SUMMARY", "=" * 100]
+    header = f"{'release':<18}{'candidate':<11}{'outcome':<13}{'duration':>9}  reasons"
+    lines += [header, "-" * 100]
+    for res in results:
+        rel = res["release"]
+        duration = f"{(rel.ended_at or time.time()) - rel.started_at:.0f}s"
+        lines.append(f"{rel.release_id:<18}{'v' + rel.candidate_version + ' (' + res['label'] + ')':<11}"
+                     f"{rel.state.value:<13}{duration:>9}  {rel.reasons[-1] if rel.reasons else ''}")
+        for verdict in rel.verdicts:
+            lines.append(f"{'':<18}  {verdict['window'].get('stage', ''):<10} {verdict['decision']:<9} "
+                         f"{sum(a.get('requests', 0) for a in verdict.get('samples', {}).values()):>6} requests  "
+                         f"{_numbers(verdict)}")
+        try:
+            lines.append(f"{'':<18}  reports: {pipeline.report_uri(rel)}")
+        except Exception as err:  # the summary must still print
+            lines.append(f"{'':<18}  reports: unavailable ({err})")
+    lines += ["-" * 100,
+              f"reports (MLflow artifacts): {demo.workdir / 'mlartifacts'}   MLflow store: {demo.workdir / 'mlflow.db'}",
+              f"audit log: {demo.workdir / 'releasegate.db'} (table audit): {audit_report.message}",
+              f"logs: {demo.workdir}/*.log   total wall time: {time.time() - demo.t0:.0f}s"]
+    return "\n".join(lines)
+
+
+def main(workdir: Path, port: int) -> int:
+    demo = Demo(workdir, port)
+    try:
+        return _story(demo)
+    finally:
+        demo.stop_all()
+        print("stopped the gateway and the traffic; nothing left running", flush=True)
+
+
+def _story(demo: Demo) -> int:
+    demo.step(f"set-up in {demo.workdir}")
+    demo.environment()
+    from releasegate import audit, policy, signing
+    from releasegate.settings import get_settings
+
+    settings = get_settings()
+    pol = policy.load("default")
+    demo.say(f"policy: {pol.name} (digest {pol.digest[:12]}), the one every release gets by default:")
+    print((settings.policies_dir / "default.yaml").read_text(), flush=True)
+    signing.ensure_keys(settings)
+    demo.say(f"signing keys: {settings.signing_key} (+ .pub, trusted)")
+    airflow = demo.start("airflow-db", [str(Path(sys.executable).parent / "airflow"), "db", "migrate"])
+
+    demo.step("registering the demo models in MLflow (champion, better candidate, worse candidate)")
+    from releasegate.demo import models
+
+    versions = models.register_demo_models(settings, model_name=MODEL)
+    demo.say(f"registered: {versions}")
+    signing.sign_version(MODEL, versions["champion"])
+    demo.say(f"champion v{versions['champion']} signed (it was released before the demo starts)")
+
+    demo.step(f"starting the gateway on 127.0.0.1:{demo.port}")
+    gateway = demo.start("gateway", [sys.executable, "-m", "releasegate.serving", "--port", str(demo.port)])
+    demo.wait_healthy(f"{settings.gateway_url}/healthz", gateway)
+    from releasegate.backends.local import LocalBackend
+
+    LocalBackend(settings=settings).set_route(MODEL, versions["champion"])
+    demo.say(f"serving {MODEL} v{versions['champion']} (signature verified at load)")
+
+    demo.step("sending traffic (300 requests/s, labels 1 s later)")
+    demo.start("traffic", [sys.executable, "-m", "releasegate.cli", "traffic", "--model", MODEL,
+                           "--rps", "300", "--duration", "0", "--feedback-delay", "1"])
+    if airflow.wait() != 0:
+        raise RuntimeError(f"airflow db migrate failed; see {demo.workdir / 'airflow-db.log'}")
+    time.sleep(3)
+    demo.say(demo.traffic_status())
+
+    results = [demo.release(versions["good"], "better"), demo.release(versions["bad"], "worse")]
+    report = audit.verify()
+    print(_summary(demo, results, report), flush=True)
+    good, bad = results[0]["release"].state.value, results[1]["release"].state.value
+    ok = good == "promoted" and bad == "rolled_back" and report.ok
+    print(("DEMO OK: the better candidate was promoted, the worse one rolled back" if ok else
+           f"DEMO FAILED: better candidate {good}, worse candidate {bad}"), flush=True)
+    return 0 if ok else 1

@@ -1,0 +1,130 @@
+"""Demo traffic: one-row requests at a steady rate, each labelled after a delay, with progress lines.
+
+A customer id is the routing key, so a customer stays on one arm (sticky assignment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+
+_CUSTOMERS = 20_000
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    labels: int = 0
+    label_errors: int = 0
+    arms: dict[str, int] = field(default_factory=dict)
+    last_error: str = ""
+
+
+async def _send(client: httpx.AsyncClient, model: str, row: dict, key: str, counters: Counters,
+                pending: deque, label, due: float) -> None:
+    try:
+        resp = await client.post(f"/models/{model}/invocations",
+                                 content=orjson.dumps({"dataframe_records": [row]}),
+                                 headers={"content-type": "application/json", "x-routing-key": key})
+    except httpx.HTTPError as err:
+        counters.errors += 1
+        counters.last_error = repr(err)
+        return
+    if resp.status_code != 200:
+        counters.errors += 1
+        counters.last_error = f"{resp.status_code} {resp.text[:200]}"
+        return
+    body = resp.json()
+    counters.ok += 1
+    counters.arms[body.get("arm", "?")] = counters.arms.get(body.get("arm", "?"), 0) + 1
+    pending.append((due, {"request_id": body["request_id"], "ground_truth": label}))
+
+
+async def _feedback_loop(client: httpx.AsyncClient, pending: deque, counters: Counters, stop: asyncio.Event) -> None:
+    """Send each label once its delay has passed (all of them once traffic stops)."""
+    while True:
+        now = time.time()
+        due = []
+        while pending and (stop.is_set() or pending[0][0] <= now):
+            due.append(pending.popleft()[1])
+        for start in range(0, len(due), 500):
+            chunk = due[start:start + 500]
+            try:
+                resp = await client.post("/feedback", content=orjson.dumps(chunk),
+                                         headers={"content-type": "application/json"})
+                if resp.status_code < 300:
+                    counters.labels += len(chunk)
+                else:
+                    counters.label_errors += len(chunk)
+                    counters.last_error = f"feedback {resp.status_code} {resp.text[:200]}"
+            except httpx.HTTPError as err:
+                counters.label_errors += len(chunk)
+                counters.last_error = repr(err)
+        if stop.is_set() and not pending:
+            return
+        await asyncio.sleep(0.25)
+
+
+async def _run(model: str, gateway_url: str, api_key: str | None, rps: float, duration: float,
+               feedback_delay: float, drift: float, seed: int, concurrency: int, progress_every: float) -> Counters:
+    from releasegate.demo import data
+
+    frame = data.generate(20_000, seed=seed, drift=drift)
+    labels = frame[data.LABEL].tolist()
+    rows = frame[data.FEATURES].to_dict(orient="records")
+    counters, pending = Counters(), deque()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=gateway_url, headers=headers, limits=limits, timeout=10) as client:
+        feedback = asyncio.create_task(_feedback_loop(client, pending, counters, stop))
+        in_flight: set[asyncio.Task] = set()
+        start = last_report = time.time()
+        i = 0
+        while not stop.is_set() and (duration <= 0 or time.time() - start < duration):
+            target = int((time.time() - start) * rps)
+            while i < target and len(in_flight) < concurrency:
+                n = i % len(rows)
+                task = asyncio.create_task(_send(client, model, rows[n], f"c{(seed * 7919 + i) % _CUSTOMERS}",
+                                                 counters, pending, int(labels[n]), time.time() + feedback_delay))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                i += 1
+                counters.sent += 1
+            if time.time() - last_report >= progress_every:
+                last_report = time.time()
+                elapsed = last_report - start
+                print(f"traffic: {counters.sent:,} requests ({counters.ok / elapsed:,.0f}/s ok), "
+                      f"{counters.errors} errors, {counters.labels:,} labels, arms {counters.arms}"
+                      + (f", last error: {counters.last_error}" if counters.last_error else ""), flush=True)
+            await asyncio.sleep(0.002)
+        if in_flight:
+            await asyncio.wait(in_flight)
+        stop.set()
+        await feedback
+    return counters
+
+
+def run(model: str, gateway_url: str, api_key: str | None, rps: float = 300, duration: float = 60,
+        feedback_delay: float = 1.0, drift: float = 0.0, seed: int = 7, concurrency: int = 32,
+        progress_every: float = 5.0) -> Counters:
+    """Send traffic until `duration` seconds pass (0: until SIGTERM), then flush the labels."""
+    counters = asyncio.run(_run(model, gateway_url, api_key, rps, duration, feedback_delay, drift, seed,
+                                concurrency, progress_every))
+    print(f"traffic done: {counters.sent:,} sent, {counters.ok:,} ok, {counters.errors} errors, "
+          f"{counters.labels:,} labels", flush=True)
+    if counters.errors and not counters.ok:
+        sys.exit(1)
+    return counters

@@ -1,0 +1,45 @@
+"""The DAG files parse without errors and without the heavy libraries (the DAG processor parses often)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_PARSE = """
+import json, sys, time
+start = time.time()
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+heavy = sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'evidently', 'great_expectations', 'sklearn'})
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
+                  "dags": {d: [t.task_id for t in dag.tasks] for d, dag in bag.dags.items()},
+                  "params": {d: list(dag.params.keys()) for d, dag in bag.dags.items()},
+                  "heavy": heavy, "seconds": time.time() - start}))
+"""
+
+
+def _parse(airflow_env) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PARSE, str(ROOT / "dags")], env=airflow_env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_dags_parse_without_errors_or_heavy_imports(airflow_env):
+    result = _parse(airflow_env)
+    assert result["errors"] == {}
+    assert "model_release" in result["dags"]
+    assert result["heavy"] == [], f"parsing dags/ imported {result['heavy']}"
+
+
+def test_model_release_has_the_release_steps_and_form_params(airflow_env):
+    result = _parse(airflow_env)
+    tasks = result["dags"]["model_release"]
+    for task_id in ("open_release", "validate", "sign", "shadow.route", "shadow.wait", "canary_1.route",
+                    "canary_1.wait", "decide", "promote", "rollback", "finish"):
+        assert task_id in tasks
+    assert set(result["params"]["model_release"]) == {"model_name", "version", "policy"}
