@@ -1,0 +1,224 @@
+"""The gateway's HTTP API (Starlette): inference in two protocols, feedback, admin routes, health, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+import orjson
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HttpRoute
+
+from releasegate.serving import payloads
+from releasegate.serving.auth import AuthError
+from releasegate.serving.config import GatewayConfig
+from releasegate.serving.gateway import Gateway, NotFound, Unavailable
+from releasegate.serving.metrics import Metrics
+from releasegate.serving.payloads import PayloadError
+from releasegate.serving.routing import RouteSpec
+from releasegate.serving.slots import LoadError, ModelCallError
+
+log = logging.getLogger(__name__)
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=_JSON_OPTS)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def _body(request: Request, limit: int):
+    """The parsed JSON body, refusing more than `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadError(f"payload of {int(declared):,} bytes exceeds the limit of {limit:,} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadError(f"payload exceeds the limit of {limit:,} bytes", 413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw:
+        raise PayloadError("empty body: a JSON document is expected")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        try:
+            # NaN/Infinity literals are not JSON, but clients send them; accept them here so the
+            # signature check can say which column may not be NaN.
+            return json.loads(raw)
+        except ValueError:
+            raise PayloadError(f"malformed JSON: {err}") from None
+
+
+def _endpoint(name: str, role: str | None):
+    """Wrap a handler with the key check and the translation of errors into {"error": ...} answers."""
+
+    def wrap(handler):
+        async def endpoint(request: Request) -> Response:
+            gateway = _gateway(request)
+            try:
+                if role is not None:
+                    gateway.keys.require(request.headers.get("authorization"), role)
+                response = await handler(request, gateway)
+            except AuthError as err:
+                response = _error(err.status, str(err))
+            except (PayloadError, LoadError) as err:
+                response = _error(err.status, str(err))
+            except NotFound as err:
+                response = _error(404, str(err))
+            except Unavailable as err:
+                response = _error(503, str(err))
+            except ModelCallError as err:
+                response = _error(500, str(err))
+            gateway.metrics.http.labels(name, str(response.status_code)).inc()
+            return response
+
+        return endpoint
+
+    return wrap
+
+
+def _request_id(request: Request, body) -> str:
+    rid = request.headers.get("x-request-id")
+    if rid is None and isinstance(body, dict) and isinstance(body.get("id"), str) and body["id"]:
+        rid = body["id"]  # the v2 protocol's own request id
+    if rid is None:
+        return uuid.uuid4().hex
+    if not 0 < len(rid) <= 64:
+        raise PayloadError("X-Request-Id must have 1-64 characters")
+    return rid
+
+
+async def _predict(request: Request, gateway: Gateway, parse):
+    model = request.path_params["model"]
+    active = gateway.active(model)
+    body = await _body(request, gateway.config.max_body_bytes)
+    schema = active.champion.schema
+    rows = parse(body, schema)
+    if rows.n > gateway.config.max_rows:
+        raise PayloadError(f"{rows.n} rows in one request; the limit is {gateway.config.max_rows}", 413)
+    rows = payloads.check(rows, schema, f"{model} v{active.champion.version}")
+    request_id = _request_id(request, body)
+    routing_key = request.headers.get("x-routing-key") or request_id
+    answer = await gateway.infer(active, rows, request_id, routing_key)
+    return model, request_id, answer
+
+
+@_endpoint("invocations", "predict")
+async def invocations(request: Request, gateway: Gateway) -> Response:
+    _, request_id, answer = await _predict(request, gateway, payloads.parse_invocations)
+    return JSONResponse({"predictions": answer.outputs, "request_id": request_id,
+                         "model_version": answer.version, "arm": answer.arm})
+
+
+@_endpoint("v2_infer", "predict")
+async def v2_infer(request: Request, gateway: Gateway) -> Response:
+    model, request_id, answer = await _predict(request, gateway, payloads.parse_v2)
+    values = answer.outputs
+    if values and isinstance(values[0], dict):
+        outputs = [{"name": str(k), "shape": [len(values)], "datatype": payloads.v2_datatype([v[k] for v in values]),
+                    "data": [v[k] for v in values]} for k in values[0]]
+    elif values and isinstance(values[0], list):
+        flat = [x for v in values for x in v]
+        outputs = [{"name": "predict", "shape": [len(values), len(values[0])],
+                    "datatype": payloads.v2_datatype(flat), "data": flat}]
+    else:
+        outputs = [{"name": "predict", "shape": [len(values)], "datatype": payloads.v2_datatype(values),
+                    "data": values}]
+    return JSONResponse({"model_name": model, "model_version": answer.version, "id": request_id,
+                         "request_id": request_id, "arm": answer.arm, "outputs": outputs})
+
+
+@_endpoint("feedback", "feedback")
+async def feedback(request: Request, gateway: Gateway) -> Response:
+    accepted = gateway.feedback(await _body(request, gateway.config.max_body_bytes))
+    return JSONResponse({"accepted": accepted})
+
+
+@_endpoint("admin_routes", "admin")
+async def list_routes(request: Request, gateway: Gateway) -> Response:
+    return JSONResponse({"routes": [a.route.model_dump() for _, a in sorted(gateway.routes.items())]})
+
+
+@_endpoint("admin_route", "admin")
+async def get_route(request: Request, gateway: Gateway) -> Response:
+    return JSONResponse(gateway.route(request.path_params["model"]).model_dump())
+
+
+@_endpoint("admin_route_put", "admin")
+async def put_route(request: Request, gateway: Gateway) -> Response:
+    model = request.path_params["model"]
+    if not 0 < len(model) <= 200:
+        raise PayloadError("the model name must have 1-200 characters")
+    body = await _body(request, gateway.config.max_body_bytes)
+    try:
+        spec = RouteSpec.model_validate(body)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
+        raise PayloadError(f"invalid route for {model}: {problems}", 422) from None
+    route = await gateway.put_route(model, spec)
+    return JSONResponse(route.model_dump())
+
+
+@_endpoint("healthz", None)
+async def healthz(request: Request, gateway: Gateway) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@_endpoint("readyz", None)
+async def readyz(request: Request, gateway: Gateway) -> Response:
+    ready, detail = gateway.readiness()
+    return JSONResponse(detail, status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    m = _gateway(request).metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+def create_app(settings=None, config: GatewayConfig | None = None) -> Starlette:
+    """The gateway as an ASGI app; its lifespan starts the poller and log writers and flushes them at the end."""
+    if settings is None:
+        from releasegate.settings import get_settings
+
+        settings = get_settings()
+    gateway = Gateway(settings, config or GatewayConfig.from_env(), Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = Starlette(lifespan=lifespan, routes=[
+        HttpRoute("/v2/models/{model:path}/infer", v2_infer, methods=["POST"]),
+        HttpRoute("/models/{model:path}/invocations", invocations, methods=["POST"]),
+        HttpRoute("/feedback", feedback, methods=["POST"]),
+        HttpRoute("/admin/routes", list_routes, methods=["GET"]),
+        HttpRoute("/admin/routes/{model:path}", get_route, methods=["GET"]),
+        HttpRoute("/admin/routes/{model:path}", put_route, methods=["PUT"]),
+        HttpRoute("/healthz", healthz, methods=["GET"]),
+        HttpRoute("/readyz", readyz, methods=["GET"]),
+        HttpRoute("/metrics", metrics, methods=["GET"]),
+    ])
+    app.state.gateway = gateway
+    return app

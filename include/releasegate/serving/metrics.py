@@ -1,0 +1,51 @@
+"""The gateway's Prometheus metrics, in a registry of its own (so tests and replicas don't collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """Every metric the gateway exports; `render()` is the /metrics body."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        arm = ("model", "version", "arm")
+        r = self.registry
+        self.requests = Counter("releasegate_gateway_model_calls", "Model calls per arm (one per request and arm).",
+                                arm, registry=r)
+        self.errors = Counter("releasegate_gateway_model_errors", "Failed model calls, by kind (error | timeout).",
+                              arm + ("kind",), registry=r)
+        self.latency = Histogram("releasegate_gateway_model_latency_seconds",
+                                 "Time from submitting rows to a model until its answer (batching included).",
+                                 arm, buckets=_LATENCY_BUCKETS, registry=r)
+        self.fallbacks = Counter("releasegate_gateway_fallbacks",
+                                 "Requests the champion answered because the candidate failed.", ("model",), registry=r)
+        self.batch_rows = Histogram("releasegate_gateway_batch_rows", "Rows per predict call (micro-batching).",
+                                    ("model", "version"), buckets=_BATCH_BUCKETS, registry=r)
+        self.shadow_dropped = Counter("releasegate_gateway_shadow_dropped",
+                                      "Mirrored requests dropped because the shadow queue was full.", ("model",),
+                                      registry=r)
+        self.shadow_queue = Gauge("releasegate_gateway_shadow_queue_depth", "Mirrored requests waiting.", registry=r)
+        self.http = Counter("releasegate_gateway_http_responses", "HTTP responses by endpoint and status.",
+                            ("endpoint", "status"), registry=r)
+        self.log_queue = Gauge("releasegate_gateway_log_queue_depth", "Log entries waiting to be written.",
+                               ("table",), registry=r)
+        self.log_dropped = Counter("releasegate_gateway_log_dropped_rows",
+                                   "Log rows not written (buffer full or database error).", ("table", "reason"),
+                                   registry=r)
+        self.log_written = Counter("releasegate_gateway_log_written_rows", "Log rows written.", ("table",), registry=r)
+        self.route_revision = Gauge("releasegate_gateway_route_revision", "Applied route revision.", ("model",),
+                                    registry=r)
+        self.route_load_failures = Counter("releasegate_gateway_route_load_failures",
+                                           "Route changes refused because a version failed to load or verify.",
+                                           ("model",), registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,252 @@
+"""Request bodies of both protocols → columns checked against the model's input signature.
+
+Parsing and checking are plain Python on the request path; pandas is left to the batcher,
+which builds one DataFrame for many requests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+_KINDS = {  # MLflow DataType name -> (what the error message calls it, numpy dtype for the batch frame)
+    "boolean": ("boolean", "bool"),
+    "integer": ("integer", "int32"),
+    "long": ("integer", "int64"),
+    "float": ("number", "float32"),
+    "double": ("number", "float64"),
+    "string": ("string", "object"),
+    "binary": ("binary", "object"),
+    "datetime": ("datetime string", "object"),
+}
+INVOCATION_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+class PayloadError(ValueError):
+    """A request body the gateway cannot use; the message says what is wrong."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str | None  # an MLflow DataType name; None: anything goes
+    required: bool = True
+
+    @property
+    def dtype(self) -> str | None:
+        return _KINDS[self.kind][1] if self.kind in _KINDS else None
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The column part of an MLflow input signature (None columns: the model has no signature)."""
+
+    columns: tuple[Column, ...] | None
+
+    @property
+    def names(self) -> list[str] | None:
+        return [c.name for c in self.columns] if self.columns is not None else None
+
+    @classmethod
+    def from_mlflow(cls, schema) -> "Schema":
+        if schema is None or not getattr(schema, "inputs", None) or not schema.has_input_names() \
+                or schema.is_tensor_spec():
+            return cls(None)
+        cols = []
+        for spec in schema.inputs:
+            kind = getattr(getattr(spec, "type", None), "name", None)
+            cols.append(Column(spec.name, kind if kind in _KINDS else None, bool(getattr(spec, "required", True))))
+        return cls(tuple(cols))
+
+
+@dataclass
+class Rows:
+    """Input rows held by column: {name: [value per row]}."""
+
+    columns: dict[str, list]
+    n: int
+
+    def record(self, i: int) -> dict:
+        return {name: values[i] for name, values in self.columns.items()}
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _type_ok(kind: str, value) -> bool:
+    if kind in ("long", "integer"):
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer())
+    if kind in ("double", "float"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind in ("string", "datetime"):
+        return isinstance(value, str)
+    return True
+
+
+def check(rows: Rows, schema: Schema, what: str) -> Rows:
+    """Raise PayloadError (422) unless `rows` has exactly the signature's columns with the right types."""
+    if schema.columns is None:
+        return rows
+    expected = schema.names
+    missing = [c for c in expected if c not in rows.columns]
+    extra = [c for c in rows.columns if c not in set(expected)]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing column(s) " + ", ".join(repr(c) for c in missing))
+        if extra:
+            parts.append("unexpected column(s) " + ", ".join(repr(c) for c in extra))
+        raise PayloadError(f"{what}: {'; '.join(parts)} (expected {', '.join(expected)})", 422)
+    for col in schema.columns:
+        for i, value in enumerate(rows.columns[col.name]):
+            if _is_missing(value):
+                if col.required:
+                    raise PayloadError(f"{what}: column {col.name!r} row {i} is null/NaN, but the model requires "
+                                       "a value", 422)
+                continue
+            if col.kind is not None and not _type_ok(col.kind, value):
+                raise PayloadError(f"{what}: column {col.name!r} row {i} expects {_KINDS[col.kind][0]} "
+                                   f"({col.kind}), got {type(value).__name__} {value!r:.60}", 422)
+    # Column order follows the signature, so the batch frame needs no reordering.
+    return Rows({name: rows.columns[name] for name in expected}, rows.n)
+
+
+def _from_records(records: list, where: str) -> Rows:
+    if not records:
+        raise PayloadError(f"{where} has no rows")
+    first = records[0]
+    if not isinstance(first, dict):
+        raise PayloadError(f"{where} must be a list of objects (column -> value)")
+    names = list(first)
+    keys = first.keys()
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise PayloadError(f"{where}[{i}] is not an object")
+        if rec.keys() != keys:
+            missing = sorted(set(keys) - set(rec))
+            extra = sorted(set(rec) - set(keys))
+            raise PayloadError(f"{where}[{i}] has different columns from row 0: missing {missing}, extra {extra}",
+                               422)
+    return Rows({name: [rec[name] for rec in records] for name in names}, len(records))
+
+
+def _from_lists(data: list, names: list[str] | None, where: str) -> Rows:
+    if names is None:
+        raise PayloadError(f"{where} gives rows without column names, and the model has no input signature")
+    for i, row in enumerate(data):
+        if not isinstance(row, list) or len(row) != len(names):
+            raise PayloadError(f"{where} row {i} must be a list of {len(names)} values ({', '.join(names)})", 422)
+    return Rows({name: [row[j] for row in data] for j, name in enumerate(names)}, len(data))
+
+
+def _from_columns(mapping: dict, where: str) -> Rows:
+    if not mapping:
+        raise PayloadError(f"{where} has no columns")
+    values = list(mapping.values())
+    if not all(isinstance(v, list) for v in values):
+        if any(isinstance(v, (list, dict)) for v in values):
+            raise PayloadError(f"{where} mixes lists and single values")
+        return Rows({k: [v] for k, v in mapping.items()}, 1)  # one row given as column -> value
+    n = len(values[0])
+    bad = [k for k, v in mapping.items() if len(v) != n]
+    if bad:
+        raise PayloadError(f"{where}: column(s) {bad} have a different length from {next(iter(mapping))!r} ({n})")
+    return Rows(dict(mapping), n)
+
+
+def parse_invocations(body, schema: Schema) -> Rows:
+    """An MLflow scoring payload: dataframe_split, dataframe_records, instances or inputs."""
+    if not isinstance(body, dict):
+        raise PayloadError("the body must be a JSON object with one of: " + ", ".join(INVOCATION_KEYS))
+    given = [k for k in INVOCATION_KEYS if k in body]
+    if len(given) != 1:
+        raise PayloadError(f"the body must have exactly one of {', '.join(INVOCATION_KEYS)}; got "
+                           f"{', '.join(given) or ', '.join(map(str, body)) or 'none'}")
+    key = given[0]
+    value = body[key]
+    if key == "dataframe_split":
+        if not isinstance(value, dict) or not isinstance(value.get("data"), list):
+            raise PayloadError("dataframe_split must be an object with 'columns' and 'data' (a list of rows)")
+        columns = value.get("columns", schema.names)
+        if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
+            raise PayloadError("dataframe_split.columns must be a list of column names")
+        if len(set(columns or [])) != len(columns or []):
+            raise PayloadError("dataframe_split.columns has duplicate names")
+        return _from_lists(value["data"], columns, "dataframe_split.data")
+    if key == "dataframe_records":
+        if not isinstance(value, list):
+            raise PayloadError("dataframe_records must be a list of objects (column -> value)")
+        return _from_records(value, "dataframe_records")
+    if isinstance(value, dict):
+        return _from_columns(value, key)
+    if isinstance(value, list) and value:
+        if isinstance(value[0], dict):
+            return _from_records(value, key)
+        if isinstance(value[0], list):
+            return _from_lists(value, schema.names, key)
+    raise PayloadError(f"{key} must be a non-empty list of rows or an object of columns")
+
+
+def _flatten(data: list, shape: list) -> list:
+    if data and isinstance(data[0], list):
+        return [v for row in data for v in (row if isinstance(row, list) else [row])]
+    return data
+
+
+def parse_v2(body, schema: Schema) -> Rows:
+    """An Open Inference Protocol v2 request: one input per column, or one [rows, columns] tensor."""
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
+        raise PayloadError("the body must be an object with a non-empty 'inputs' list (Open Inference Protocol v2)")
+    tensors = body["inputs"]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("data"), list):
+            raise PayloadError(f"inputs[{i}] must be an object with 'name', 'shape', 'datatype' and 'data' (a list)")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise PayloadError(f"inputs[{i}] ({t['name']}) needs a 'shape' of non-negative integers")
+    names = schema.names
+    if len(tensors) == 1 and len(tensors[0]["shape"]) == 2 and names and tensors[0]["name"] not in names:
+        t = tensors[0]
+        n, k = t["shape"]
+        flat = _flatten(t["data"], t["shape"])
+        if k != len(names) or len(flat) != n * k:
+            raise PayloadError(f"inputs[0] ({t['name']}) has shape {t['shape']} and {len(flat)} values; a "
+                               f"[rows, {len(names)}] tensor in column order {', '.join(names)} is expected", 422)
+        return Rows({name: flat[j::k] for j, name in enumerate(names)}, n)
+    columns: dict[str, list] = {}
+    n = None
+    for t in tensors:
+        flat = _flatten(t["data"], t["shape"])
+        rows = t["shape"][0]
+        if len(flat) != rows or any(d != 1 for d in t["shape"][1:]):
+            raise PayloadError(f"input {t['name']!r}: shape {t['shape']} with {len(flat)} values; one value per "
+                               "row ([rows] or [rows, 1]) is expected", 422)
+        if n is not None and rows != n:
+            raise PayloadError(f"input {t['name']!r} has {rows} rows, the others {n}")
+        if t["name"] in columns:
+            raise PayloadError(f"input {t['name']!r} is given twice")
+        n = rows
+        columns[t["name"]] = flat
+    if not n:
+        raise PayloadError("the request has no rows")
+    return Rows(columns, n)
+
+
+def v2_datatype(values: list) -> str:
+    """The v2 datatype name for a list of JSON-ready output values."""
+    first = next((v for v in values if v is not None), None)
+    if isinstance(first, bool):
+        return "BOOL"
+    if isinstance(first, int):
+        return "INT64"
+    if isinstance(first, float):
+        return "FP64"
+    return "BYTES"

@@ -1,0 +1,72 @@
+"""Routes and the sticky assignment of a request to the champion or the candidate arm."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+Mode = Literal["single", "shadow", "canary"]
+
+
+class RouteSpec(BaseModel, extra="forbid"):
+    """The body of PUT /admin/routes/{model}: which versions serve and how traffic splits."""
+
+    champion_version: str = Field(min_length=1, max_length=50)
+    candidate_version: str | None = Field(None, min_length=1, max_length=50)
+    mode: Mode = "single"
+    candidate_weight: int = Field(0, ge=0, le=100)
+    release_id: str | None = Field(None, max_length=64)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RouteSpec":
+        if self.mode == "single" and self.candidate_version is not None:
+            raise ValueError("mode 'single' takes no candidate_version (use 'shadow' or 'canary')")
+        if self.mode != "single" and self.candidate_version is None:
+            raise ValueError(f"mode '{self.mode}' needs a candidate_version")
+        if self.mode != "canary" and self.candidate_weight != 0:
+            raise ValueError(f"candidate_weight applies to mode 'canary' only, got {self.candidate_weight} "
+                             f"with mode '{self.mode}'")
+        if self.candidate_version is not None and self.candidate_version == self.champion_version:
+            raise ValueError(f"candidate_version equals champion_version ({self.champion_version})")
+        return self
+
+
+class Route(RouteSpec):
+    """A stored route: the spec plus its model, revision and write time."""
+
+    model: str
+    revision: int
+    updated_at: float
+
+    @property
+    def versions(self) -> list[str]:
+        return [v for v in (self.champion_version, self.candidate_version) if v is not None]
+
+
+def key_digest(model: str, routing_key: str) -> str:
+    """sha256 hex of "<model>:<routing key>": the one hash both the bucket and the logged key hash come from."""
+    return hashlib.sha256(f"{model}:{routing_key}".encode()).hexdigest()
+
+
+def bucket(model: str, routing_key: str) -> int:
+    """0-99, fixed for a (model, routing key): the same customer always lands on the same arm."""
+    return int(key_digest(model, routing_key), 16) % 100
+
+
+def routing_key_hash(model: str, routing_key: str) -> str:
+    """What the prediction log stores instead of the key itself (16 hex chars)."""
+    return key_digest(model, routing_key)[:16]
+
+
+def sample_bucket(request_id: str) -> int:
+    """0-999 from the request id, so analyses can read a uniform sample by range."""
+    return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) % 1000
+
+
+def choose_arm(route: RouteSpec, digest: str) -> str:
+    """'candidate' or 'champion' for a request whose key_digest is `digest` (shadow serves the champion)."""
+    if route.mode == "canary" and int(digest, 16) % 100 < route.candidate_weight:
+        return "candidate"
+    return "champion"

@@ -1,0 +1,383 @@
+"""The gateway as a real process on loopback, serving signed sklearn models from a real MLflow store."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from releasegate import storage
+from releasegate.serving import routing
+
+pytestmark = pytest.mark.integration
+MODEL = "gw"
+ADMIN = "rg-test-admin-key-0123456789abcdef"
+REGIONS = ["north", "south", "east", "west"]
+
+
+class Erratic:
+    """A candidate that fails on cue: age 77 raises, 78 is too slow, 79 answers with the wrong shape."""
+
+    def predict(self, context, model_input, params=None):
+        age = model_input["age"]
+        if (age == 77).any():
+            raise RuntimeError("erratic model refuses age 77")
+        if (age == 78).any():
+            time.sleep(2)
+        if (age == 79).any():
+            return [1] * (len(model_input) + 1)
+        return [1] * len(model_input)
+
+
+def _frame(n: int, seed: int):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "age": rng.integers(18, 70, n).astype("int64"),
+        "income": rng.normal(50_000, 15_000, n).round(2),
+        "region": rng.choice(REGIONS, n),
+    })
+    label = ((frame["income"] > 50_000) ^ (frame["region"] == "west")).astype("int64")
+    return frame, label
+
+
+def _register(settings) -> dict[str, str]:
+    """v1 champion, v2 candidate, v3 erratic candidate (all signed); v4 unsigned; v5 signed then tampered."""
+    import cloudpickle
+    import mlflow
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from releasegate import signing
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
+    experiment = mlflow.create_experiment("gateway-test", artifact_location=settings.mlflow_artifact_root.as_uri())
+    frame, label = _frame(500, seed=1)
+    example = frame.head(3)
+
+    def sklearn_version(estimator) -> str:
+        pre = ColumnTransformer([("num", StandardScaler(), ["age", "income"]),
+                                 ("cat", OneHotEncoder(handle_unknown="ignore"), ["region"])])
+        pipe = make_pipeline(pre, estimator).fit(frame, label)
+        with mlflow.start_run(experiment_id=experiment):
+            info = mlflow.sklearn.log_model(pipe, name="model", registered_model_name=MODEL, input_example=example,
+                                            pip_requirements=["scikit-learn"])
+        return str(info.registered_model_version)
+
+    versions = {"champion": sklearn_version(LogisticRegression()),
+                "candidate": sklearn_version(LogisticRegression(C=0.001))}
+    cloudpickle.register_pickle_by_value(sys.modules[Erratic.__module__])
+    python_model = type("ErraticModel", (mlflow.pyfunc.PythonModel,), {"predict": Erratic.predict})
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pyfunc.log_model(name="model", python_model=python_model(), registered_model_name=MODEL,
+                                       input_example=example, pip_requirements=["mlflow"])
+    versions["erratic"] = str(info.registered_model_version)
+    versions["unsigned"] = sklearn_version(LogisticRegression(C=0.5))
+    versions["tampered"] = sklearn_version(LogisticRegression(C=0.1))
+    for role in ("champion", "candidate", "erratic", "tampered"):
+        signing.sign_version(MODEL, versions[role], settings)
+    artifacts = mlflow.get_logged_model(
+        mlflow.MlflowClient().get_model_version(MODEL, versions["tampered"]).source.removeprefix("models:/"))
+    serialized = next(Path(artifacts.artifact_location.removeprefix("file://")).rglob("model.*"))  # .skops/.pkl
+    serialized.write_bytes(serialized.read_bytes() + b"\0")
+    return versions
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gateway:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path, versions: dict, settings):
+        self.url, self.proc, self.log_path, self.versions, self.settings = url, proc, log, versions, settings
+        self.client = httpx.Client(base_url=url, timeout=30, headers={"authorization": f"Bearer {ADMIN}"})
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def put_route(self, **body) -> httpx.Response:
+        body.setdefault("candidate_version", None)
+        return self.client.put(f"/admin/routes/{MODEL}", json=body)
+
+    def invoke(self, rows: list[dict], **headers) -> httpx.Response:
+        return self.client.post(f"/models/{MODEL}/invocations", json={"dataframe_records": rows}, headers=headers)
+
+    def predictions(self, request_ids, expected: int, timeout: float = 10) -> list:
+        """Logged rows of these requests, once at least `expected` of them are written."""
+        table = storage.predictions
+        query = sa.select(table).where(table.c.request_id.in_(list(request_ids))).order_by(table.c.id)
+        deadline = time.time() + timeout
+        while True:
+            with storage.engine(self.settings.db_url).connect() as conn:
+                rows = conn.execute(query).all()
+            if len(rows) >= expected or time.time() > deadline:
+                return rows
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    from tests.conftest import _point_env_at
+
+    home = tmp_path_factory.mktemp("gateway")
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        _point_env_at(home, mp)
+        mp.setenv("RELEASEGATE_GATEWAY_POLL_INTERVAL", "0.2")
+        mp.setenv("RELEASEGATE_GATEWAY_CANDIDATE_TIMEOUT", "0.5")
+        from releasegate import signing
+        from releasegate.settings import get_settings
+
+        settings = get_settings()
+        signing.ensure_keys(settings)
+        versions = _register(settings)
+        log = home / "gateway.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "releasegate.serving", "--port", str(port)],
+                                    stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                    start_new_session=True)
+        gw = Gateway(f"http://127.0.0.1:{port}", proc, log, versions, settings)
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, gw.log()
+            try:
+                if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "gateway did not start:\n" + gw.log()
+            time.sleep(0.2)
+        resp = gw.put_route(champion_version=versions["champion"], mode="single")
+        assert resp.status_code == 200, resp.text
+        try:
+            yield gw
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            gw.client.close()
+            storage.dispose_all()
+
+
+def rows(n: int, seed: int = 2) -> list[dict]:
+    return _frame(n, seed)[0].to_dict(orient="records")
+
+
+def test_single_mode_answers_both_protocols_and_logs_every_row(gateway):
+    sent = rows(3)
+    resp = gateway.client.post(f"/models/{MODEL}/invocations", headers={"x-request-id": "single-split"},
+                               json={"dataframe_split": {"columns": list(sent[0]), "data": [list(r.values())
+                                                                                            for r in sent]}})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["request_id"] == "single-split" and body["arm"] == "champion"
+    assert body["model_version"] == gateway.versions["champion"] and len(body["predictions"]) == 3
+
+    v2 = {"inputs": [{"name": name, "shape": [2], "datatype": dtype, "data": [r[name] for r in sent[:2]]}
+                     for name, dtype in (("age", "INT64"), ("income", "FP64"), ("region", "BYTES"))]}
+    resp = gateway.client.post(f"/v2/models/{MODEL}/infer", json=v2)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["model_name"] == MODEL and out["arm"] == "champion"
+    assert out["outputs"][0]["shape"] == [2] and out["outputs"][0]["data"] == body["predictions"][:2]
+
+    logged = gateway.predictions(["single-split", out["request_id"]], expected=5)
+    assert len(logged) == 5
+    first = [r for r in logged if r.request_id == "single-split"]
+    assert [orjson.loads(r.inputs) for r in first] == sent
+    assert [orjson.loads(r.outputs) for r in first] == body["predictions"]
+    assert all(r.served and not r.fallback and r.status == "ok" and r.mode == "single" for r in logged)
+    assert first[0].sample_bucket == routing.sample_bucket("single-split")
+    assert first[0].routing_key_hash == routing.routing_key_hash(MODEL, "single-split")
+
+
+def test_shadow_writes_two_rows_per_request_and_serves_only_the_champion(gateway):
+    v = gateway.versions
+    resp = gateway.put_route(champion_version=v["champion"], candidate_version=v["candidate"], mode="shadow",
+                             release_id="rel-shadow")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["mode"] == "shadow"
+    ids = []
+    for i, row in enumerate(rows(20, seed=3)):
+        resp = gateway.invoke([row], **{"x-request-id": f"shadow-{i}"})
+        assert resp.json()["arm"] == "champion" and resp.json()["model_version"] == v["champion"]
+        ids.append(f"shadow-{i}")
+    logged = gateway.predictions(ids, expected=40)
+    assert len(logged) == 40
+    for rid in ids:
+        pair = {r.arm: r for r in logged if r.request_id == rid}
+        assert pair["champion"].served and not pair["candidate"].served
+        assert pair["candidate"].version == v["candidate"] and pair["candidate"].status == "ok"
+        assert pair["candidate"].release_id == "rel-shadow" and pair["candidate"].mode == "shadow"
+
+
+def test_canary_split_follows_the_weight_and_is_sticky(gateway):
+    v = gateway.versions
+    resp = gateway.put_route(champion_version=v["champion"], candidate_version=v["candidate"], mode="canary",
+                             candidate_weight=30, release_id="rel-canary")
+    assert resp.status_code == 200, resp.text
+    sample = rows(1)
+    arms = {}
+    for i in range(300):
+        key = f"customer-{i}"
+        arm = gateway.invoke(sample, **{"x-routing-key": key}).json()["arm"]
+        assert arm == ("candidate" if routing.bucket(MODEL, key) < 30 else "champion")
+        arms[key] = arm
+    share = sum(a == "candidate" for a in arms.values()) / len(arms)
+    assert 0.2 < share < 0.4
+    again = [gateway.invoke(sample, **{"x-routing-key": f"customer-{i}"}).json()["arm"] for i in range(20)]
+    assert again == [arms[f"customer-{i}"] for i in range(20)]
+
+
+@pytest.mark.parametrize("age, status, error", [
+    (77, "error", "erratic model refuses age 77"),
+    (78, "timeout", "took longer than 0.5s"),
+    (79, "error", "returned 2 predictions for 1 rows"),
+])
+def test_failing_candidate_falls_back_to_the_champion(gateway, age, status, error):
+    v = gateway.versions
+    resp = gateway.put_route(champion_version=v["champion"], candidate_version=v["erratic"], mode="canary",
+                             candidate_weight=100)
+    assert resp.status_code == 200, resp.text
+    row = rows(1)[0] | {"age": age}
+    resp = gateway.invoke([row], **{"x-request-id": f"erratic-{age}"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["arm"] == "champion" and resp.json()["model_version"] == v["champion"]
+    logged = {r.arm: r for r in gateway.predictions([f"erratic-{age}"], expected=2)}
+    assert logged["candidate"].status == status and error in logged["candidate"].error
+    assert not logged["candidate"].served and logged["candidate"].outputs is None
+    assert logged["champion"].served and logged["champion"].fallback
+    if status == "timeout":
+        time.sleep(2)  # the slow call still holds the candidate's batcher; later requests would time out too
+    healthy = gateway.invoke([rows(1)[0] | {"age": 30}])
+    assert healthy.json()["arm"] == "candidate"
+    assert "releasegate_gateway_fallbacks_total" in gateway.client.get("/metrics").text
+
+
+def test_feedback_is_stored(gateway):
+    resp = gateway.client.post("/feedback", json=[{"request_id": "single-split", "ground_truth": 1},
+                                                  {"request_id": "shadow-1", "ground_truth": 0,
+                                                   "business_value": 12.5}])
+    assert resp.status_code == 200 and resp.json() == {"accepted": 2}
+    table = storage.feedback
+    deadline = time.time() + 10
+    while True:
+        with storage.engine(gateway.settings.db_url).connect() as conn:
+            stored = conn.execute(sa.select(table).order_by(table.c.id)).all()
+        if len(stored) >= 2 or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert [(r.request_id, orjson.loads(r.ground_truth), r.business_value) for r in stored] == [
+        ("single-split", 1, None), ("shadow-1", 0, 12.5)]
+    bad = gateway.client.post("/feedback", json={"request_id": "x"})
+    assert bad.status_code == 422 and "ground_truth is required" in bad.json()["error"]
+
+
+@pytest.mark.parametrize("role, status", [("unsigned", 422), ("tampered", 422), ("missing", 404)])
+def test_unverifiable_version_is_refused_and_the_old_route_keeps_serving(gateway, role, status):
+    from releasegate.backends import DeploymentError
+    from releasegate.backends.local import LocalBackend
+
+    v = gateway.versions
+    assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
+    before = gateway.client.get(f"/admin/routes/{MODEL}").json()
+    version = v.get(role, "99")
+    resp = gateway.put_route(champion_version=v["champion"], candidate_version=version, mode="shadow")
+    assert resp.status_code == status, resp.text
+    assert (f"{MODEL} v{version}" in resp.json()["error"])
+    if role != "missing":
+        assert "signature verification failed" in resp.json()["error"]
+        with pytest.raises(DeploymentError, match="signature"):
+            LocalBackend(gateway.url, ADMIN).set_route(MODEL, v["champion"], version, "shadow", 0)
+    assert LocalBackend(gateway.url, ADMIN).get_route(MODEL) == before
+    assert gateway.invoke(rows(1)).json()["model_version"] == v["champion"]
+
+
+def test_keys_and_roles_are_enforced(gateway):
+    from releasegate.serving import auth
+
+    _, predict_key = auth.create_key("predict", gateway.settings)
+    feedback_id, feedback_key = auth.create_key("feedback", gateway.settings)
+    time.sleep(0.6)  # the gateway's poller picks the new keys up
+    url = f"{gateway.url}/models/{MODEL}/invocations"
+    body = {"dataframe_records": rows(1)}
+
+    def post(target, key=None, **kw):
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(target, headers=headers, timeout=10, **kw)
+
+    assert post(url, json=body).status_code == 401
+    assert post(url, "rg_0000_wrong", json=body).status_code == 401
+    assert post(url, predict_key, json=body).status_code == 200
+    assert post(url, feedback_key, json=body).status_code == 403
+    assert post(f"{gateway.url}/feedback", feedback_key, json={"request_id": "a", "ground_truth": 1}).status_code == 200
+    denied = httpx.get(f"{gateway.url}/admin/routes", headers={"authorization": f"Bearer {predict_key}"})
+    assert denied.status_code == 403 and "needs 'admin'" in denied.json()["error"]
+    assert httpx.get(f"{gateway.url}/healthz").status_code == 200
+    assert httpx.get(f"{gateway.url}/metrics").status_code == 200
+
+    auth.revoke_key(feedback_id, gateway.settings)
+    time.sleep(0.6)
+    revoked = post(f"{gateway.url}/feedback", feedback_key, json={"request_id": "a", "ground_truth": 1})
+    assert revoked.status_code == 401 and "revoked" in revoked.json()["error"]
+
+
+def test_malformed_input_gets_a_4xx_saying_what_is_wrong(gateway):
+    good = rows(1)[0]
+    url = f"/models/{MODEL}/invocations"
+    cases = [
+        (gateway.client.post(url, content=b"{not json"), 400, "malformed JSON"),
+        (gateway.client.post("/models/nope/invocations", json={"dataframe_records": [good]}), 404, "'nope'"),
+        (gateway.client.post(url, json={"records": [good]}), 400, "dataframe_split"),
+        (gateway.invoke([{"age": 30, "income": 1.0}]), 422, "missing column(s) 'region'"),
+        (gateway.invoke([good | {"zip": "123"}]), 422, "unexpected column(s) 'zip'"),
+        (gateway.invoke([good | {"age": "old"}]), 422, "column 'age' row 0 expects integer"),
+        (gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": NaN, "region": "x"}]}'),
+         422, "column 'income' row 0 is null/NaN"),
+        (gateway.invoke([good] * 1001), 413, "1001 rows"),
+        (gateway.client.post(url, content=b" " * (1 << 20 + 1)), 413, "exceeds the limit"),
+        (gateway.client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [{"name": "age", "data": [1]}]}), 400,
+         "shape"),
+    ]
+    for resp, status, message in cases:
+        assert resp.status_code == status and message in resp.json()["error"], (status, message, resp.text)
+
+
+def test_route_written_by_another_replica_is_picked_up(gateway):
+    v = gateway.versions
+    assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
+    table = storage.routes
+    with storage.engine(gateway.settings.db_url).begin() as conn:
+        conn.execute(table.update().where(table.c.model == MODEL).values(
+            champion_version=v["candidate"], revision=table.c.revision + 1, updated_at=time.time()))
+    deadline = time.time() + 20
+    while gateway.invoke(rows(1)).json()["model_version"] != v["candidate"]:
+        assert time.time() < deadline, gateway.log()
+        time.sleep(0.1)
+    assert gateway.client.get(f"/admin/routes/{MODEL}").json()["champion_version"] == v["candidate"]
+
+
+def test_shutdown_flushes_the_prediction_log(gateway):
+    ids = [f"flush-{i}" for i in range(50)]
+    for rid in ids:
+        assert gateway.invoke(rows(1), **{"x-request-id": rid}).status_code == 200
+    os.killpg(gateway.proc.pid, signal.SIGTERM)
+    assert gateway.proc.wait(timeout=30) in (0, -signal.SIGTERM), gateway.log()  # uvicorn re-raises the signal
+    assert len(gateway.predictions(ids, expected=50, timeout=0)) == 50
