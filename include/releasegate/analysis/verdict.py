@@ -38,6 +38,11 @@ class MetricResult(BaseModel):
     margin: float
     passed: bool | None  # None: undecided
     detail: str = ""
+    limit: float | None = None  # the value the bounds are compared with (−margin, +margin, 0.01, min_agreement)
+    higher_is_better: bool = True  # direction of `estimate`: decides which bound must clear `limit`
+    alpha: float | None = None  # error level of these bounds after the split across metrics
+    n: int = 0  # units behind the bounds (paired requests, or requests of both arms)
+    p_value: float | None = None  # always-valid p-value of "worse than limit" (slices: Holm-adjusted)
 
 
 class SRM(BaseModel):

@@ -1,0 +1,561 @@
+"""The pure core of the analysis: logged predictions and feedback of one window in, a Verdict out.
+
+Checks, each with an always-valid confidence sequence (sequential.py) at level alpha / k, where k
+counts the checks of the stage (Bonferroni: error rate, latency, primary, + agreement in shadow,
++ the slice family when the policy names slices; inside that family Holm across slices):
+
+- error rate, candidate − champion (status != ok; the candidate's own failures, fallbacks included),
+  worse beyond `guardrails.error_rate_margin` (absolute);
+- latency: "candidate p99 ≤ (1 + latency_p99_margin) × champion p99" is exactly "at most 1% of
+  candidate requests are slower than that limit", so we bound the share of slower candidate requests
+  and compare it with 1%. The limit uses the champion's p99 in the same window (a plug-in; the
+  champion's p99 rests on many more rows than the 1% share does);
+- primary metric from feedback labels, candidate − champion, non-inferiority margin;
+- shadow only: agreement share of the two arms' outputs against `shadow.min_agreement`.
+
+Shadow pairs the arms on the same requests; canary compares disjoint requests with AIPW contrasts.
+Requests are the units: with sticky routing a customer's requests are correlated, which the bounds
+ignore (fine while customers send few requests per window).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from releasegate.analysis import labels as lab
+from releasegate.analysis import sequential, srm
+from releasegate.analysis.verdict import (ArmSamples, Decision, MetricResult, PolicyRef, SliceResult, Verdict,
+                                          Window)
+from releasegate.policy import Policy
+
+PREDICTION_COLUMNS = ("request_id", "time", "arm", "routing_key_hash", "fallback", "outputs", "latency_ms", "status")
+FEEDBACK_COLUMNS = ("request_id", "time", "ground_truth")
+ARMS = ("champion", "candidate")
+
+SLOW_SHARE = 0.01  # p99: the share of requests allowed above the latency limit
+MIN_P99_ROWS = 100  # a p99 from fewer rows is just the maximum
+
+
+@dataclass(frozen=True)
+class _Check:
+    name: str
+    kind: str
+    label: str  # how the reason sentence names it
+    margin: float
+    limit: float
+    higher_is_better: bool
+    support: tuple[float, float] | None = None  # the range the estimate cannot leave
+
+
+def analyse_frames(preds: pd.DataFrame, feedback: pd.DataFrame, stage: str, policy: Policy,
+                   candidate_weight: int = 0, window: Window | tuple[float, float] | None = None,
+                   window_closed: bool = False) -> Verdict:
+    """Decide one stage from its logged rows (columns as in storage.predictions / storage.feedback)."""
+    mode, weight = _stage(stage, candidate_weight)
+    _require(preds, PREDICTION_COLUMNS + (("inputs",) if policy.slices else ()), "predictions")
+    _require(feedback, FEEDBACK_COLUMNS, "feedback")
+    window = _window(window, preds, stage)
+    rows = _rows(preds, _labels(feedback), policy)
+    k = 3 + (mode == "shadow") + bool(policy.slices)
+    alpha = policy.alpha / k
+    if mode == "shadow":
+        analysis = _Shadow(rows, policy, alpha)
+    else:
+        analysis = _Canary(rows, policy, alpha, weight)
+    metrics = analysis.metrics()
+    slices = analysis.slices(alpha) if policy.slices else []
+    srm_result = analysis.srm()
+    decision, reason = _decide(analysis, metrics, slices, srm_result, stage, window_closed)
+    return Verdict(decision=decision, reason=reason, window=window, samples=analysis.samples(), metrics=metrics,
+                   srm=srm_result, slices=slices, policy=PolicyRef(name=policy.name, digest=policy.digest))
+
+
+# -- input ------------------------------------------------------------------------------------------------------
+
+
+def _stage(stage: str, candidate_weight: int) -> tuple[str, int]:
+    if stage == "shadow":
+        return "shadow", 0
+    if stage.startswith("canary-") and stage.removeprefix("canary-").isdigit():
+        staged = int(stage.removeprefix("canary-"))
+        if candidate_weight and candidate_weight != staged:
+            raise ValueError(f"stage {stage!r} disagrees with candidate_weight={candidate_weight}")
+        if not 0 < staged < 100:
+            raise ValueError(f"canary weight must be between 1 and 99, got stage {stage!r}")
+        return "canary", staged
+    raise ValueError(f"stage must be 'shadow' or 'canary-<weight>', got {stage!r}")
+
+
+def _require(frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} frame lacks column(s) {', '.join(missing)} (has: {', '.join(map(str, frame.columns))})")
+
+
+def _window(window, preds: pd.DataFrame, stage: str) -> Window:
+    if isinstance(window, Window):
+        return window if window.stage else window.model_copy(update={"stage": stage})
+    if window is None:
+        times = preds["time"] if len(preds) else pd.Series([0.0])
+        return Window(start=float(times.min()), end=float(times.max()), stage=stage)
+    start, end = window
+    return Window(start=float(start), end=float(end), stage=stage)
+
+
+def _labels(feedback: pd.DataFrame) -> dict[tuple[str, int], lab.Scalar]:
+    """(request_id, row of the request) → label, the latest feedback winning."""
+    out: dict[tuple[str, int], lab.Scalar] = {}
+    parsed: dict = {}  # few distinct label texts: parse each once
+    for request_id, truth in feedback.sort_values("time", kind="stable")[["request_id", "ground_truth"]].itertuples(
+            index=False):
+        if truth not in parsed:
+            parsed[truth] = lab.per_row(truth)
+        for rank, label in enumerate(parsed[truth]):
+            if label is not None:
+                out[(str(request_id), rank)] = label
+    return out
+
+
+def _rows(preds: pd.DataFrame, labels: dict, policy: Policy) -> pd.DataFrame:
+    """One row per (request, input row, arm) with parsed output, label, error flag and slice values."""
+    df = preds.sort_values(["time"] + (["id"] if "id" in preds.columns else []), kind="stable").copy()
+    unknown = set(df["arm"].unique()) - set(ARMS)
+    if unknown:
+        raise ValueError(f"predictions have unknown arm(s) {sorted(unknown)}; expected champion or candidate")
+    df["request_id"] = df["request_id"].astype(str)
+    # A request with several input rows logs one row per input row and arm, in order.
+    df["rank"] = df.groupby(["request_id", "arm"]).cumcount()
+    df["error"] = df["status"] != "ok"
+    df["fallback"] = df["fallback"].fillna(False).astype(bool)
+    parsed: dict = {}  # outputs repeat a handful of texts: parse each once
+    df["out"] = [(parsed[o] if o in parsed else parsed.setdefault(o, lab.scalar(o))) if ok else None
+                 for o, ok in zip(df["outputs"], ~df["error"])]
+    df["label"] = [labels.get(key) for key in zip(df["request_id"], df["rank"])]
+    df["latency_ms"] = pd.to_numeric(df["latency_ms"], errors="coerce")
+    df["value"] = _primary_values(df["out"], df["label"], policy.primary.metric)
+    if policy.slices:
+        # Slices only look at labelled rows: parse just their inputs.
+        records = {i: _record(df.at[i, "inputs"]) for i in df.index[df["label"].notna()]}
+        for feature in policy.slices:
+            df[f"slice:{feature}"] = pd.Series({i: _feature(r, feature) for i, r in records.items()}, dtype=object)
+    return df.drop(columns=[c for c in ("outputs", "inputs") if c in df.columns]).reset_index(drop=True)
+
+
+def _record(inputs) -> dict | None:
+    if not isinstance(inputs, (str, bytes)):
+        return inputs if isinstance(inputs, dict) else None
+    try:
+        record = orjson.loads(inputs)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(record, list) and len(record) == 1:
+        record = record[0]
+    return record if isinstance(record, dict) else None
+
+
+def _feature(record: dict | None, feature: str) -> str | None:
+    value = None if record is None else record.get(feature)
+    return None if value is None else str(value)
+
+
+def _primary_values(outs: pd.Series, truth: pd.Series, metric: str) -> list[float | None]:
+    """Per-row primary metric; None where the row has no label or no usable output."""
+    values: list[float | None] = []
+    for out, label in zip(outs, truth):
+        if label is None or out is None:
+            values.append(None if label is None else (0.0 if metric == "accuracy" else None))
+        elif metric == "accuracy":
+            values.append(float(out == label))
+        elif isinstance(out, str) or isinstance(label, str):
+            raise ValueError(f"primary metric {metric} needs numeric outputs and labels, got {out!r} and {label!r}")
+        elif metric == "absolute_error":
+            values.append(abs(out - label))
+        else:  # log_loss: binary labels, the output is the probability of class 1
+            if not 0 <= out <= 1 or label not in (0.0, 1.0):
+                raise ValueError(f"log_loss needs the probability of class 1 as output and a 0/1 label, "
+                                 f"got {out!r} and {label!r}")
+            p = min(max(out, 1e-15), 1 - 1e-15)
+            values.append(-math.log(p if label == 1.0 else 1 - p))
+    return values
+
+
+# -- the two designs --------------------------------------------------------------------------------------------
+
+
+class _Stage:
+    mode: str
+    rows: pd.DataFrame
+    policy: Policy
+    alpha: float
+
+    def checks(self) -> dict[str, _Check]:
+        g, p = self.policy.guardrails, self.policy.primary
+        checks = {
+            "error_rate": _Check("error_rate", "guardrail", "error rate", g.error_rate_margin, g.error_rate_margin,
+                                 higher_is_better=False, support=(-1.0, 1.0)),
+            "latency_p99": _Check("latency_p99", "guardrail",
+                                  f"share of candidate requests slower than {1 + g.latency_p99_margin:g} × the "
+                                  f"champion's p99", SLOW_SHARE, SLOW_SHARE, higher_is_better=False, support=(0.0, 1.0)),
+            p.metric: _Check(p.metric, "primary", p.metric.replace("_", " "), p.margin,
+                             -p.margin if p.metric == "accuracy" else p.margin,
+                             higher_is_better=p.metric == "accuracy",
+                             support=(-1.0, 1.0) if p.metric == "accuracy" else None),
+        }
+        return checks
+
+    def arm_rows(self, arm: str) -> pd.DataFrame:
+        return self.rows[self.rows["arm"] == arm]
+
+    def latency(self, check: _Check, t_opt: float) -> MetricResult:
+        champion = self.arm_rows("champion")["latency_ms"].dropna().to_numpy()
+        candidate = self.candidate_rows()["latency_ms"].dropna().to_numpy()
+        if len(champion) < MIN_P99_ROWS:
+            return _undecided(check, self.alpha, len(candidate),
+                              f"{len(champion)} champion latencies, {MIN_P99_ROWS} needed for its p99")
+        p99_champion = float(np.quantile(champion, 0.99))
+        limit_ms = (1 + self.policy.guardrails.latency_p99_margin) * p99_champion
+        p99_candidate = float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")
+        detail = (f"limit {limit_ms:.1f} ms = {1 + self.policy.guardrails.latency_p99_margin:g} × champion p99 "
+                  f"{p99_champion:.1f} ms; candidate p99 {p99_candidate:.1f} ms")
+        return _metric(check, (candidate > limit_ms).astype(float), self.alpha, t_opt, detail)
+
+    def candidate_rows(self) -> pd.DataFrame:
+        return self.arm_rows("candidate")
+
+
+class _Shadow(_Stage):
+    """Both arms answered the same requests: per-request differences."""
+
+    mode = "shadow"
+
+    def __init__(self, rows: pd.DataFrame, policy: Policy, alpha: float):
+        self.rows, self.policy, self.alpha = rows, policy, alpha
+        champion = rows[rows["arm"] == "champion"]
+        candidate = rows[rows["arm"] == "candidate"]
+        cols = ["request_id", "rank", "time", "routing_key_hash", "error", "out", "value", "label"]
+        slice_cols = [c for c in rows.columns if c.startswith("slice:")]
+        self.pairs = champion[cols + slice_cols].merge(candidate[["request_id", "rank", "error", "out", "value"]],
+                                                       on=["request_id", "rank"], suffixes=("_b", "_c"))
+        labelled = self.pairs["label"].notna() & self.pairs["value_c"].notna() & self.pairs["value_b"].notna()
+        self.labelled = self.pairs[labelled & ~self.pairs["error_c"] & ~self.pairs["error_b"]]
+        self.t_opt = policy.shadow.min_samples
+
+    def metrics(self) -> list[MetricResult]:
+        checks = self.checks()
+        pairs = self.pairs
+        err = pairs["error_c"].astype(float) - pairs["error_b"].astype(float)
+        both_ok = pairs[~pairs["error_c"] & ~pairs["error_b"]]
+        agree = np.array([c is not None and c == b for c, b in zip(both_ok["out_c"], both_ok["out_b"])], dtype=float)
+        metric = self.policy.primary.metric
+        primary = self.labelled["value_c"].astype(float) - self.labelled["value_b"].astype(float)
+        m = self.policy.shadow.min_agreement
+        return [
+            _metric(checks["error_rate"], err, self.alpha, self.t_opt,
+                    f"candidate {pairs['error_c'].mean() if len(pairs) else 0:.2%} vs champion "
+                    f"{pairs['error_b'].mean() if len(pairs) else 0:.2%} on {len(pairs):,} paired requests"),
+            self.latency(checks["latency_p99"], self.t_opt),
+            _metric(checks[metric], primary, self.alpha, self.t_opt,
+                    _arms_detail(metric, self.labelled["value_c"], self.labelled["value_b"], "labelled paired")),
+            _metric(_Check("agreement", "agreement", "agreement of the two arms", m, m, higher_is_better=True,
+                           support=(0.0, 1.0)), agree, self.alpha, self.t_opt,
+                    f"the arms agree on {agree.mean() if len(agree) else 0:.1%} of {len(agree):,} requests"),
+        ]
+
+    def primary_units(self) -> int:
+        return len(self.labelled)
+
+    def enough(self) -> bool:
+        return len(self.labelled) >= self.policy.shadow.min_samples
+
+    def progress(self) -> str:
+        return f"{len(self.labelled):,} of {self.policy.shadow.min_samples:,} labelled shadow requests"
+
+    def population(self) -> str:
+        return f"{len(self.labelled):,} labelled shadow requests"
+
+    def slices(self, alpha: float) -> list[SliceResult]:
+        min_n = _slice_min(self.policy.shadow.min_samples)
+        groups = []
+        for feature in self.policy.slices:
+            for value, part in self.labelled.groupby(f"slice:{feature}", sort=True):
+                diff = part["value_c"].astype(float) - part["value_b"].astype(float)
+                groups.append((feature, str(value), diff.to_numpy(), len(part) >= min_n,
+                               {arm: ArmSamples(requests=part["request_id"].nunique(),
+                                                routing_keys=part["routing_key_hash"].nunique(),
+                                                labelled=len(part), errors=0) for arm in ARMS},
+                               _arms_detail(self.policy.primary.metric, part["value_c"], part["value_b"],
+                                            "labelled paired"), min_n))
+        return _slice_results(groups, self.checks()[self.policy.primary.metric], alpha, min_n)
+
+    def srm(self):
+        return None
+
+    def samples(self) -> dict[str, ArmSamples]:
+        out = {}
+        for arm in ARMS:
+            part = self.arm_rows(arm)
+            out[arm] = ArmSamples(requests=part["request_id"].nunique(),
+                                  routing_keys=part["routing_key_hash"].nunique(),
+                                  labelled=part.loc[part["label"].notna(), "request_id"].nunique(),
+                                  errors=int(part["error"].sum()))
+        return out
+
+
+class _Canary(_Stage):
+    """Disjoint requests per arm, assigned with probability weight %: AIPW contrasts."""
+
+    mode = "canary"
+
+    def __init__(self, rows: pd.DataFrame, policy: Policy, alpha: float, weight: int):
+        self.policy, self.alpha, self.weight = policy, alpha, weight
+        self.propensity = weight / 100
+        candidate_ids = set(rows.loc[rows["arm"] == "candidate", "request_id"])
+        on_champion = rows["arm"] == "champion"
+        # The champion answering for a failed candidate is the candidate arm's request: keep it there,
+        # as an error, if the candidate's own row is missing.
+        orphan = on_champion & rows["fallback"] & ~rows["request_id"].isin(candidate_ids)
+        rows = rows.copy()
+        rows.loc[orphan, ["arm", "error", "out", "value", "latency_ms"]] = ["candidate", True, None, None, np.nan]
+        keep = ~(on_champion & rows["request_id"].isin(candidate_ids))
+        self.rows = rows[keep].sort_values(["time", "request_id", "rank"], kind="stable").reset_index(drop=True)
+        self.treated = (self.rows["arm"] == "candidate").to_numpy()
+        usable = self.rows["label"].notna() & ~self.rows["error"] & self.rows["value"].notna()
+        self.labelled = self.rows[usable]
+        self.t_opt = policy.canary.min_samples / min(self.propensity, 1 - self.propensity)
+
+    def _contrasts(self, frame: pd.DataFrame, column: str) -> tuple[np.ndarray, bool]:
+        treated = (frame["arm"] == "candidate").to_numpy()
+        ok = min(treated.sum(), (~treated).sum()) >= sequential.MIN_UNITS
+        values = sequential.aipw_contrasts(frame[column].astype(float).to_numpy(), treated, self.propensity)
+        return values, ok
+
+    def metrics(self) -> list[MetricResult]:
+        checks = self.checks()
+        metric = self.policy.primary.metric
+        err, err_ok = self._contrasts(self.rows, "error")
+        primary, primary_ok = self._contrasts(self.labelled, "value")
+        by_arm = self.rows.groupby("arm")["error"].mean()
+        lab_arm = self.labelled.groupby("arm")["value"]
+        return [
+            _metric(checks["error_rate"], err, self.alpha, self.t_opt,
+                    f"candidate {by_arm.get('candidate', 0):.2%} vs champion {by_arm.get('champion', 0):.2%}",
+                    arms_ok=err_ok),
+            self.latency(checks["latency_p99"], self.policy.canary.min_samples),
+            _metric(checks[metric], primary, self.alpha, self.t_opt,
+                    _arms_detail(metric, lab_arm.get_group("candidate") if "candidate" in lab_arm.groups else [],
+                                 lab_arm.get_group("champion") if "champion" in lab_arm.groups else [], "labelled"),
+                    arms_ok=primary_ok),
+        ]
+
+    def labelled_per_arm(self, frame: pd.DataFrame | None = None) -> dict[str, int]:
+        frame = self.labelled if frame is None else frame
+        counts = frame["arm"].value_counts()
+        return {arm: int(counts.get(arm, 0)) for arm in ARMS}
+
+    def primary_units(self) -> int:
+        return len(self.labelled)
+
+    def enough(self) -> bool:
+        return min(self.labelled_per_arm().values()) >= self.policy.canary.min_samples
+
+    def progress(self) -> str:
+        n = self.labelled_per_arm()
+        return (f"{n['candidate']:,} candidate and {n['champion']:,} champion labelled requests of "
+                f"{self.policy.canary.min_samples:,} per arm")
+
+    def population(self) -> str:
+        n = self.labelled_per_arm()
+        return (f"{len(self.labelled):,} labelled canary-{self.weight} requests ({n['candidate']:,} candidate, "
+                f"{n['champion']:,} champion)")
+
+    def slices(self, alpha: float) -> list[SliceResult]:
+        min_n = _slice_min(self.policy.canary.min_samples)
+        groups = []
+        for feature in self.policy.slices:
+            for value, part in self.labelled.groupby(f"slice:{feature}", sort=True):
+                values, _ = self._contrasts(part, "value")
+                n = self.labelled_per_arm(part)
+                samples = {arm: ArmSamples(requests=n[arm], labelled=n[arm],
+                                           routing_keys=part.loc[part["arm"] == arm, "routing_key_hash"].nunique())
+                           for arm in ARMS}
+                vals = part.groupby("arm")["value"]
+                detail = _arms_detail(self.policy.primary.metric,
+                                      vals.get_group("candidate") if "candidate" in vals.groups else [],
+                                      vals.get_group("champion") if "champion" in vals.groups else [], "labelled")
+                groups.append((feature, str(value), values, min(n.values()) >= min_n, samples, detail, min_n))
+        return _slice_results(groups, self.checks()[self.policy.primary.metric], alpha, min_n)
+
+    def srm(self):
+        keys = {arm: int(self.rows.loc[self.rows["arm"] == arm, "routing_key_hash"].nunique()) for arm in ARMS}
+        return srm.check(keys, self.weight, self.policy.srm_p_value)
+
+    def samples(self) -> dict[str, ArmSamples]:
+        n = self.labelled_per_arm()
+        out = {}
+        for arm in ARMS:
+            part = self.rows[self.rows["arm"] == arm]
+            out[arm] = ArmSamples(requests=part["request_id"].nunique(),
+                                  routing_keys=part["routing_key_hash"].nunique(),
+                                  labelled=n[arm], errors=int(part["error"].sum()))
+        return out
+
+
+# -- metrics, slices, decision ----------------------------------------------------------------------------------
+
+
+def _slice_min(stage_min: int) -> int:
+    """A slice is decided from a quarter of the stage's minimum sample (never below the CS burn-in)."""
+    return max(sequential.MIN_UNITS, stage_min // 4)
+
+
+def _arms_detail(metric: str, candidate, champion, what: str) -> str:
+    c = pd.Series(candidate, dtype=float)
+    b = pd.Series(champion, dtype=float)
+    if not len(c) or not len(b):
+        return f"{len(c):,} candidate and {len(b):,} champion {what} requests"
+    return f"{metric}: candidate {c.mean():.3f} vs champion {b.mean():.3f} on {len(c):,} / {len(b):,} {what} requests"
+
+
+def _undecided(check: _Check, alpha: float, n: int, detail: str, estimate: float | None = None) -> MetricResult:
+    return MetricResult(name=check.name, kind=check.kind, estimate=estimate, lower=None, upper=None,
+                        margin=check.margin, passed=None, detail=detail, limit=check.limit,
+                        higher_is_better=check.higher_is_better, alpha=alpha, n=n)
+
+
+def _metric(check: _Check, values, alpha: float, t_opt: float, detail: str, arms_ok: bool = True) -> MetricResult:
+    x = np.asarray(values, dtype=float)
+    bound = sequential.confidence_sequence(x, alpha, t_opt) if arms_ok else None
+    if bound is not None and check.support is not None:
+        # Intersecting with the known range keeps coverage and reads better than a −0.1% share.
+        lo, hi = check.support
+        bound = replace(bound, lower=max(bound.lower, lo), upper=min(bound.upper, hi))
+    if bound is None:
+        return _undecided(check, alpha, len(x), f"{detail}; fewer than {sequential.MIN_UNITS} units per arm to bound",
+                          float(x.mean()) if len(x) else None)
+    if check.higher_is_better:
+        passed = True if bound.lower > check.limit else False if bound.upper < check.limit else None
+    else:
+        passed = True if bound.upper < check.limit else False if bound.lower > check.limit else None
+    p = sequential.p_value(x, check.limit, "below" if check.higher_is_better else "above", alpha, t_opt)
+    return MetricResult(name=check.name, kind=check.kind, estimate=bound.estimate, lower=bound.lower,
+                        upper=bound.upper, margin=check.margin, passed=passed, detail=detail, limit=check.limit,
+                        higher_is_better=check.higher_is_better, alpha=alpha, n=bound.n, p_value=p)
+
+
+def _slice_results(groups: list, check: _Check, alpha: float, min_n: int) -> list[SliceResult]:
+    """The primary check per slice: bounds at alpha / m (Bonferroni), regressions by Holm at alpha across m slices."""
+    m = max(len(groups), 1)
+    decided = [g for g in groups if g[3]]
+    pvals = np.array([sequential.p_value(g[2], check.limit, "below" if check.higher_is_better else "above",
+                                         alpha / m, min_n) for g in decided])
+    holm = _holm(pvals, m)
+    results = []
+    j = 0
+    for feature, value, values, is_decided, samples, detail, _ in groups:
+        if not is_decided:
+            metric = _undecided(check, alpha / m, len(values), f"{detail}; too few for a decision ({min_n} per arm)",
+                                float(np.mean(values)) if len(values) else None)
+        else:
+            metric = _metric(check, values, alpha / m, min_n, detail)
+            regressed = holm[j] <= alpha
+            passed = False if regressed else (True if metric.passed else None)
+            metric = metric.model_copy(update={"passed": passed, "p_value": float(holm[j])})
+            j += 1
+        results.append(SliceResult(feature=feature, value=value, samples=samples, metrics=[metric]))
+    return results
+
+
+def _holm(p: np.ndarray, m: int) -> np.ndarray:
+    """Holm-adjusted p-values for the decided slices; undecided ones count in m with p = 1."""
+    if not len(p):
+        return p
+    order = np.argsort(p)
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(len(p)))))
+    out = np.empty_like(adjusted)
+    out[order] = adjusted
+    return out
+
+
+def _decide(analysis, metrics: list[MetricResult], slices: list[SliceResult], srm_result, stage: str,
+            window_closed: bool) -> tuple[Decision, str]:
+    if srm_result is not None and srm_result.alarm:
+        c = srm_result.counts
+        return Decision.invalid, (
+            f"invalid: sample ratio mismatch: {c['candidate']:,} candidate vs {c['champion']:,} champion routing keys "
+            f"where {srm_result.expected['candidate']:.0%} / {srm_result.expected['champion']:.0%} was expected "
+            f"(chi-square p = {srm_result.p_value:.2g} < {analysis.policy.srm_p_value:g}); the split itself is broken")
+    failed = [m for m in metrics if m.passed is False]
+    if failed:
+        first = failed[0]
+        also = f"; also {', '.join(_name(m) for m in failed[1:])}" if len(failed) > 1 else ""
+        return Decision.rollback, f"rollback: {_sentence(first, analysis, stage)}{also}"
+    regressed = [s for s in slices if s.metrics and s.metrics[0].passed is False]
+    if regressed:
+        s = regressed[0]
+        n = sum(a.labelled for a in s.samples.values()) if analysis.mode == "canary" else s.metrics[0].n
+        also = (f"; also {', '.join(f'{r.feature}={r.value}' for r in regressed[1:])}" if len(regressed) > 1 else "")
+        return Decision.rollback, (f"rollback: in slice {s.feature}={s.value}, "
+                                   f"{_sentence(s.metrics[0], analysis, stage, n=n)} "
+                                   f"(Holm-adjusted p = {s.metrics[0].p_value:.2g}){also}")
+    summary = "; ".join(_short(m) for m in metrics)
+    if analysis.enough() and all(m.passed for m in metrics):
+        return Decision.promote, f"promote: on {analysis.population()} every check clears its limit: {summary}"
+    pending = [m for m in metrics if not m.passed]
+    waiting = "" if analysis.enough() else f"{analysis.progress()}; "
+    undecided = f"undecided: {'; '.join(_short(m) for m in pending)}" if pending else "every check clears its limit"
+    if window_closed:
+        return Decision.inconclusive, f"inconclusive: the window closed with {waiting}{undecided}"
+    return Decision.continue_, f"continue: {waiting}{undecided}"
+
+
+def _name(m: MetricResult) -> str:
+    return "share over the latency limit" if m.name == "latency_p99" else m.name.replace("_", " ")
+
+
+def _num(x: float | None, share: bool = False, signed: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    x = round(x, 3) + 0.0  # + 0.0 turns −0.0 into 0.0
+    text = f"{x:.1%}" if share else (f"{x:+.3f}" if signed else f"{x:.3f}")
+    return text.replace("-", "−")
+
+
+def _is_share(m: MetricResult) -> bool:
+    return m.name in ("latency_p99", "agreement")
+
+
+def _limit(m: MetricResult) -> str:
+    if m.limit is None:
+        return "n/a"
+    return f"{m.limit * 100:g}%" if _is_share(m) else f"{m.limit:+g}".replace("-", "−")
+
+
+def _short(m: MetricResult) -> str:
+    share = _is_share(m)
+    side = ">" if m.higher_is_better else "<"
+    bounds = (f"{_num(m.lower, share, not share)} … {_num(m.upper, share, not share)}"
+              if m.lower is not None else "not bounded yet")
+    return f"{_name(m)} {_num(m.estimate, share, not share)} ({bounds}; needs {side} {_limit(m)})"
+
+
+def _sentence(m: MetricResult, analysis, stage: str, n: int | None = None) -> str:
+    level = f"{(1 - (m.alpha or 0)) * 100:.4g}%"
+    share = _is_share(m)
+    bounds = f"always-valid {level} bounds {_num(m.lower, share, not share)} … {_num(m.upper, share, not share)}"
+    if m.name == "latency_p99":
+        return (f"{_num(m.estimate, True)} of candidate requests are slower than the latency limit ({bounds}), "
+                f"above the {_limit(m)} allowed, on {m.n:,} candidate requests in {stage}: {m.detail}")
+    if m.kind == "agreement":
+        return (f"the arms agree on {_num(m.estimate, True)} of requests ({bounds}), below the required "
+                f"{_limit(m)}, on {m.n:,} shadow requests")
+    where = "below" if m.higher_is_better else "above"
+    population = analysis.population() if m.kind == "primary" else f"{m.n:,} {stage} requests"
+    if n is not None:
+        population = f"{n:,} labelled {stage} requests in that slice"
+    return (f"{_name(m)} of candidate − champion is {_num(m.estimate)} ({bounds}), {where} the {_limit(m)} "
+            f"margin, on {population}")
