@@ -1,0 +1,256 @@
+"""Pre-release validation: the data contract (Great Expectations), I/O schema compatibility, offline evaluation.
+
+`validate_candidate` is what the release's validate step calls; every failure becomes a readable reason.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from releasegate.evaluation import HOLDOUT_ARTIFACT, EvaluationResult
+from releasegate.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from releasegate.policy import Policy
+
+SUITE_TAG = "releasegate.expectation_suite"
+
+
+class ContractResult(BaseModel):
+    """Outcome of one expectation suite on one dataframe."""
+
+    suite: str
+    success: bool
+    failures: list[str]
+    evaluated: int
+    rows: int
+
+
+class SchemaResult(BaseModel):
+    """Whether the candidate accepts what the champion's callers send and answers in the same types."""
+
+    compatible: bool
+    problems: list[str]
+
+
+class ValidationReport(BaseModel):
+    """Everything the validate step decided on, with the reasons for a rejection."""
+
+    model: str
+    candidate_version: str
+    champion_version: str
+    passed: bool
+    reasons: list[str]
+    contract: ContractResult | None
+    # `schema` would shadow a BaseModel attribute: stored as schema_, read and written as "schema".
+    schema_: SchemaResult | None = Field(None, alias="schema")
+    evaluation: EvaluationResult | None
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+
+# --- data contract -----------------------------------------------------------------------------
+
+
+def load_suite(suite_name: str, settings: Settings | None = None) -> dict:
+    """The suite's JSON from the expectations folder; a clear error when it does not exist."""
+    settings = settings or get_settings()
+    path = Path(suite_name) if suite_name.endswith(".json") else settings.expectations_dir / f"{suite_name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in settings.expectations_dir.glob("*.json"))
+        raise ValueError(f"expectation suite {suite_name!r} not found in {settings.expectations_dir} "
+                         f"(known: {', '.join(known) or 'none'})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"expectation suite {path.name} is not valid JSON: {exc}") from exc
+
+
+def run_contract(df: "pd.DataFrame", suite_name: str, settings: Settings | None = None,
+                 features_only: bool = False) -> ContractResult:
+    """Run an expectation suite on a dataframe; `features_only` skips expectations marked `meta.label`
+    (logged traffic has no label)."""
+    suite_json = load_suite(suite_name, settings)
+    expectations = [e for e in suite_json.get("expectations", [])
+                    if not (features_only and (e.get("meta") or {}).get("label"))]
+    if not expectations:
+        raise ValueError(f"expectation suite {suite_name!r} has no expectations to run")
+
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    # In memory, no usage statistics, no progress bars: this runs inside Airflow tasks and tests.
+    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(), analytics_enabled=False,
+                               progress_bars=ProgressBarsConfig(globally=False))
+    context = gx.get_context(project_config=config, mode="ephemeral")
+    batch = (context.data_sources.add_pandas("releasegate")
+             .add_dataframe_asset("frame")
+             .add_batch_definition_whole_dataframe("whole")
+             .get_batch(batch_parameters={"dataframe": df}))
+    suite = gx.ExpectationSuite(name=suite_json.get("name") or suite_name, expectations=expectations)
+    result = batch.validate(suite, result_format="SUMMARY")
+
+    missing = {r.expectation_config.kwargs.get("column") for r in result.results
+               if r.expectation_config.type == "expect_column_to_exist" and not r.success}
+    failures = []
+    for r in result.results:
+        column = r.expectation_config.kwargs.get("column")
+        # One line for a missing column, not one per expectation that could not run on it.
+        if r.success or (column in missing and r.expectation_config.type != "expect_column_to_exist"):
+            continue
+        failures.append(_describe_failure(r))
+    return ContractResult(suite=suite.name, success=not failures, failures=failures,
+                          evaluated=len(result.results), rows=len(df))
+
+
+def _describe_failure(r: Any) -> str:
+    config = r.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column")}
+    column = config.kwargs.get("column", "(table)")
+    head = f"{column}: {config.type}"
+    if kwargs:
+        head += "(" + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
+    info = r.exception_info or {}
+    if info.get("raised_exception"):
+        message = (info.get("exception_message") or "error").strip().splitlines()[0]
+        return f"{head} could not be evaluated: {message}"
+    res = r.result or {}
+    if config.type == "expect_column_to_exist":
+        return f"{column}: column is missing"
+    if "observed_value" in res:
+        return f"{head}: observed {res['observed_value']}"
+    if "unexpected_count" in res:
+        examples = ", ".join(repr(v) for v in (res.get("partial_unexpected_list") or [])[:5])
+        return (f"{head}: {res['unexpected_count']} of {res.get('element_count', '?')} rows unexpected"
+                + (f" (e.g. {examples})" if examples else ""))
+    return f"{head}: failed"
+
+
+# --- schema compatibility ----------------------------------------------------------------------
+
+
+def check_schema_compatibility(model: str, candidate_version: str, champion_version: str,
+                               settings: Settings | None = None) -> SchemaResult:
+    """Compare the two versions' MLflow signatures: the candidate may not need more or retype anything."""
+    from mlflow.models import Model
+
+    from releasegate.evaluation import registry_api
+
+    registry = registry_api()
+    settings = settings or get_settings()
+    with tempfile.TemporaryDirectory(prefix="rg-schema-") as tmp:
+        signatures = {}
+        for role, version in (("candidate", candidate_version), ("champion", champion_version)):
+            model_dir = registry.download_model(model, version, Path(tmp) / role, settings=settings)
+            signatures[role] = Model.load(str(Path(model_dir) / "MLmodel")).signature
+    return compare_signatures(signatures["candidate"], signatures["champion"])
+
+
+def compare_signatures(candidate: Any, champion: Any) -> SchemaResult:
+    """The pure core of `check_schema_compatibility`, on two `mlflow.models.ModelSignature`s (or None)."""
+    problems: list[str] = []
+    if candidate is None or candidate.inputs is None:
+        problems.append("candidate has no input signature, so its inputs cannot be checked")
+    if champion is None or champion.inputs is None:
+        problems.append("champion has no input signature, so what its callers send is unknown")
+    if problems:
+        return SchemaResult(compatible=False, problems=problems)
+
+    cand_in, champ_in = candidate.inputs, champion.inputs
+    if not (cand_in.has_input_names() and champ_in.has_input_names()):
+        if cand_in.to_dict() != champ_in.to_dict():
+            problems.append(f"unnamed input signature changed: champion {champ_in}, candidate {cand_in}")
+    else:
+        sent = {spec.name: spec for spec in champ_in.inputs}
+        for spec in cand_in.inputs:
+            old = sent.get(spec.name)
+            required = getattr(spec, "required", True)
+            if old is None:
+                if required:
+                    problems.append(f"input {spec.name!r} is required by the candidate but not part of the "
+                                    f"champion's inputs, so callers do not send it")
+                continue
+            if _type(spec) != _type(old):
+                problems.append(f"input {spec.name!r} changes type from {_type(old)} to {_type(spec)}")
+            elif required and not getattr(old, "required", True):
+                problems.append(f"input {spec.name!r} is optional for the champion but required by the candidate")
+
+    cand_out, champ_out = candidate.outputs, champion.outputs
+    if cand_out is not None and champ_out is not None:
+        old_types = [_type(s) for s in champ_out.inputs]
+        new_types = [_type(s) for s in cand_out.inputs]
+        if old_types != new_types:
+            problems.append(f"output type changes from {', '.join(old_types)} to {', '.join(new_types)}")
+    return SchemaResult(compatible=not problems, problems=problems)
+
+
+def _type(spec: Any) -> str:
+    # DataType enums and numpy dtypes have a readable .name; a TensorSpec's shape is part of its type.
+    kind = getattr(spec.type, "name", None) or str(spec.type)
+    shape = getattr(spec, "shape", None)
+    return f"{kind}{list(shape)}" if shape is not None else kind
+
+
+# --- the validate step -------------------------------------------------------------------------
+
+
+def validate_candidate(model: str, candidate_version: str, champion_version: str, policy: "Policy | str",
+                       settings: Settings | None = None) -> ValidationReport:
+    """Data contract on the candidate's holdout, schema compatibility and offline comparison with the champion."""
+    import pandas as pd
+
+    from releasegate import evaluation
+    from releasegate import policy as policy_module
+
+    registry = evaluation.registry_api()
+
+    settings = settings or get_settings()
+    if isinstance(policy, str):
+        policy = policy_module.load(policy, settings.policies_dir)
+    candidate_version = str(registry.resolve_version(model, candidate_version, settings=settings))
+    champion_version = str(registry.resolve_version(model, champion_version, settings=settings))
+    reasons: list[str] = []
+
+    contract = None
+    suite = registry.get_model_tags(model, settings=settings).get(SUITE_TAG)
+    if not suite:
+        reasons.append(f"registered model {model!r} has no {SUITE_TAG} tag, so its data contract cannot run")
+    else:
+        try:
+            with tempfile.TemporaryDirectory(prefix="rg-holdout-") as tmp:
+                path = registry.download_artifact(model, candidate_version, HOLDOUT_ARTIFACT, dst=tmp,
+                                                  settings=settings)
+                holdout = pd.read_parquet(path)
+            contract = run_contract(holdout, suite, settings=settings)
+            if not contract.success:
+                reasons.append(f"data contract {suite!r} failed on the candidate's holdout: "
+                               + "; ".join(contract.failures))
+        except (ValueError, LookupError, OSError) as exc:
+            reasons.append(f"data contract {suite!r} could not run: {exc}")
+
+    schema = check_schema_compatibility(model, candidate_version, champion_version, settings=settings)
+    if not schema.compatible:
+        reasons.append("schema incompatible with the champion: " + "; ".join(schema.problems))
+
+    result = None
+    try:
+        result = evaluation.compare(model, candidate_version, champion_version, policy, settings=settings)
+        if not result.passed:
+            reasons.extend(f"offline evaluation: {r}" for r in result.reasons)
+    except Exception as exc:  # a candidate that cannot even score its holdout is a rejection, not a crash
+        reasons.append(f"offline evaluation failed: {type(exc).__name__}: {exc}")
+
+    return ValidationReport(model=model, candidate_version=candidate_version, champion_version=champion_version,
+                            passed=not reasons, reasons=reasons, contract=contract, schema_=schema,
+                            evaluation=result)
