@@ -30,7 +30,8 @@ def _hash(text: str) -> str:
 
 def _row(i, request_id, t, arm, mode, key, *, output, latency, status="ok", served=True, fallback=False,
          region="north"):
-    return {"id": i, "request_id": request_id, "time": t, "model": "churn", "version": "2" if arm == "candidate" else "1",
+    return {"id": i, "request_id": request_id, "time": t, "model": "churn",
+            "version": "2" if arm == "candidate" else "1",
             "arm": arm, "mode": mode, "release_id": "rel-1", "routing_key_hash": key,
             "sample_bucket": int(_hash(request_id), 16) % 1000, "served": served, "fallback": fallback,
             "inputs": json.dumps({"region": region, "tenure_months": 12}),
@@ -305,3 +306,11 @@ def test_analyse_reads_the_release_window_from_the_database(rg_home, policy):
     assert verdict.decision == expected.decision
     assert verdict.window == Window(start=1000.0, end=1020.0, stage="shadow")
     assert analyse("churn", "rel-1", "canary-25", 1000.0, 1020.0, policy, 25).samples["candidate"].requests == 0
+
+
+def test_a_window_without_rows_yet_continues(policy):
+    preds, fb = traffic(1)
+    verdict = analyse_frames(preds.iloc[:0], fb.iloc[:0], "canary-5", policy, 5, window=(0.0, 1.0))
+    assert verdict.decision is Decision.continue_
+    assert verdict.samples["candidate"].requests == 0 and verdict.srm.p_value is None
+    assert all(m.passed is None for m in verdict.metrics)

@@ -45,7 +45,6 @@ MIN_P99_ROWS = 100  # a p99 from fewer rows is just the maximum
 class _Check:
     name: str
     kind: str
-    label: str  # how the reason sentence names it
     margin: float
     limit: float
     higher_is_better: bool
@@ -94,7 +93,8 @@ def _stage(stage: str, candidate_weight: int) -> tuple[str, int]:
 def _require(frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"{what} frame lacks column(s) {', '.join(missing)} (has: {', '.join(map(str, frame.columns))})")
+        have = ", ".join(map(str, frame.columns))
+        raise ValueError(f"{what} frame lacks column(s) {', '.join(missing)} (has: {have})")
 
 
 def _window(window, preds: pd.DataFrame, stage: str) -> Window:
@@ -196,12 +196,12 @@ class _Stage:
     def checks(self) -> dict[str, _Check]:
         g, p = self.policy.guardrails, self.policy.primary
         checks = {
-            "error_rate": _Check("error_rate", "guardrail", "error rate", g.error_rate_margin, g.error_rate_margin,
+            "error_rate": _Check("error_rate", "guardrail", g.error_rate_margin, g.error_rate_margin,
                                  higher_is_better=False, support=(-1.0, 1.0)),
-            "latency_p99": _Check("latency_p99", "guardrail",
-                                  f"share of candidate requests slower than {1 + g.latency_p99_margin:g} × the "
-                                  f"champion's p99", SLOW_SHARE, SLOW_SHARE, higher_is_better=False, support=(0.0, 1.0)),
-            p.metric: _Check(p.metric, "primary", p.metric.replace("_", " "), p.margin,
+            # The share of candidate requests slower than (1 + margin) × the champion's p99, against 1%.
+            "latency_p99": _Check("latency_p99", "guardrail", SLOW_SHARE, SLOW_SHARE, higher_is_better=False,
+                                  support=(0.0, 1.0)),
+            p.metric: _Check(p.metric, "primary", p.margin,
                              -p.margin if p.metric == "accuracy" else p.margin,
                              higher_is_better=p.metric == "accuracy",
                              support=(-1.0, 1.0) if p.metric == "accuracy" else None),
@@ -261,13 +261,10 @@ class _Shadow(_Stage):
             self.latency(checks["latency_p99"], self.t_opt),
             _metric(checks[metric], primary, self.alpha, self.t_opt,
                     _arms_detail(metric, self.labelled["value_c"], self.labelled["value_b"], "labelled paired")),
-            _metric(_Check("agreement", "agreement", "agreement of the two arms", m, m, higher_is_better=True,
+            _metric(_Check("agreement", "agreement", m, m, higher_is_better=True,
                            support=(0.0, 1.0)), agree, self.alpha, self.t_opt,
                     f"the arms agree on {agree.mean() if len(agree) else 0:.1%} of {len(agree):,} requests"),
         ]
-
-    def primary_units(self) -> int:
-        return len(self.labelled)
 
     def enough(self) -> bool:
         return len(self.labelled) >= self.policy.shadow.min_samples
@@ -356,9 +353,6 @@ class _Canary(_Stage):
         frame = self.labelled if frame is None else frame
         counts = frame["arm"].value_counts()
         return {arm: int(counts.get(arm, 0)) for arm in ARMS}
-
-    def primary_units(self) -> int:
-        return len(self.labelled)
 
     def enough(self) -> bool:
         return min(self.labelled_per_arm().values()) >= self.policy.canary.min_samples
