@@ -78,7 +78,8 @@ def score(y_true: Sequence, y_pred: Sequence, metric: str) -> float:
     if metric == "accuracy":
         return float(metrics.accuracy_score(y_true, y_pred))
     if metric == "log_loss":
-        return float(metrics.log_loss(y_true, y_pred, labels=_labels(y_true, y_pred)))
+        # A 1-D column is P(class 1); naming both labels keeps a single-class slice scorable.
+        return float(metrics.log_loss(y_true, y_pred, labels=[0, 1] if y_pred.ndim == 1 else None))
     if metric == "roc_auc":
         if y_pred.ndim == 2 and y_pred.shape[1] == 2:
             y_pred = y_pred[:, 1]
@@ -87,11 +88,6 @@ def score(y_true: Sequence, y_pred: Sequence, metric: str) -> float:
     if metric == "mae":
         return float(metrics.mean_absolute_error(y_true, y_pred))
     return float(metrics.root_mean_squared_error(y_true, y_pred))
-
-
-def _labels(y_true: Any, y_pred: Any) -> list | None:
-    # log_loss needs the full label set when a 1-D probability column meets a single-class sample.
-    return [0, 1] if y_pred.ndim == 1 else None
 
 
 def compare_predictions(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, metric: str,
