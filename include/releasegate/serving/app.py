@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import orjson
 from pydantic import ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
@@ -87,6 +87,8 @@ def _endpoint(name: str, role: str | None):
                 response = _error(503, str(err))
             except ModelCallError as err:
                 response = _error(500, str(err))
+            except ClientDisconnect:
+                response = Response(status_code=499)  # nobody to answer; counted, not logged as a crash
             gateway.metrics.http.labels(name, str(response.status_code)).inc()
             return response
 
