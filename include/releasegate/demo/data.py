@@ -70,16 +70,16 @@ def _current_logit(df: pd.DataFrame) -> np.ndarray:
     tenure = df["tenure_months"].to_numpy()
     overage = df["monthly_charges"].to_numpy() - df["plan"].map(_PLAN_PRICE).to_numpy()
     z = (
-        -2.85
-        + 3.2 * np.exp(-tenure / 8.0)  # the first months decide
-        + 2.6 * (df["support_calls"].to_numpy() >= 4)  # repeated trouble, a threshold not a slope
-        + 3.0 * (basic & (df["data_usage_gb"].to_numpy() > 20))  # heavy users hitting the basic plan's cap
+        -1.5
+        + 2.4 * np.exp(-tenure / 8.0) - 0.02 * tenure  # the first months decide
+        + 2.0 * (df["support_calls"].to_numpy() >= 4)  # repeated trouble, a threshold not a slope
+        + 1.3 * (basic & (df["data_usage_gb"].to_numpy() > 20))  # heavy users hitting the basic plan's cap
         + 0.07 * np.maximum(overage, 0)  # bills above what the plan promised
-        + 1.6 * ((df["channel"] == "phone") & (df["region"] == "east")).to_numpy()
-        + 0.002 * (df["age"].to_numpy() - 45) ** 2 * 0.5
+        + 0.8 * ((df["channel"] == "phone") & (df["region"] == "east")).to_numpy()
+        - 0.02 * (df["age"].to_numpy() - 45)  # the young switch more readily
         - 1.8 * (premium & (tenure > 24))  # settled premium customers stay
     )
-    return 1.6 * z
+    return 2.4 * z
 
 
 def _stale_logit(df: pd.DataFrame) -> np.ndarray:
