@@ -6,11 +6,9 @@ enough rows. `difference` is always candidate − champion; for loss metrics low
 
 from __future__ import annotations
 
-import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pydantic import BaseModel
 
@@ -23,7 +21,6 @@ HOLDOUT_ARTIFACT = "releasegate/holdout.parquet"
 LABEL_TAG = "releasegate.label"
 DEFAULT_LABEL = "churned"
 HIGHER_IS_BETTER = {"accuracy": True, "roc_auc": True, "log_loss": False, "mae": False, "rmse": False}
-_ALLOW_DESERIALIZATION = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 # These score probabilities of the positive class (or a row of class probabilities), not labels.
 PROBABILISTIC = {"log_loss", "roc_auc"}
 
@@ -105,10 +102,10 @@ def compare_predictions(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, m
 def compare(model: str, candidate_version: str, champion_version: str, policy: "Policy",
             settings: Settings | None = None) -> EvaluationResult:
     """Score both versions on the candidate's holdout.parquet and test non-inferiority per policy.offline."""
-    import mlflow.pyfunc
     import pandas as pd
 
-    registry = registry_api()
+    from releasegate import registry
+
     settings = settings or get_settings()
     metric, margin, min_rows = policy.offline.metric, policy.offline.margin, policy.offline.min_rows
     label = registry.get_model_tags(model, settings=settings).get(LABEL_TAG, DEFAULT_LABEL)
@@ -122,8 +119,7 @@ def compare(model: str, candidate_version: str, champion_version: str, policy: "
         predictions = {}
         for role, version in (("candidate", candidate_version), ("champion", champion_version)):
             model_dir = registry.download_model(model, version, Path(tmp) / role, settings=settings)
-            with deserialization_allowed():
-                loaded = mlflow.pyfunc.load_model(str(model_dir))
+            loaded = registry.load_pyfunc(model_dir)
             predictions[role] = _predict(loaded, features, metric, f"{model} v{version}")
 
     y = holdout[label].to_numpy()
@@ -157,20 +153,6 @@ def compare(model: str, candidate_version: str, champion_version: str, policy: "
                             min_rows=min_rows, slices=slices, reasons=reasons)
 
 
-@contextmanager
-def deserialization_allowed() -> Iterator[None]:
-    """Let MLflow unpickle a model from our own registry (MLflow 3 refuses every format without this flag)."""
-    previous = os.environ.get(_ALLOW_DESERIALIZATION)
-    os.environ[_ALLOW_DESERIALIZATION] = "true"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(_ALLOW_DESERIALIZATION, None)
-        else:
-            os.environ[_ALLOW_DESERIALIZATION] = previous
-
-
 def _predict(pyfunc_model: Any, features: Any, metric: str, name: str) -> Any:
     import numpy as np
 
@@ -190,67 +172,3 @@ def _shortfall(c: Comparison, where: str) -> str:
             f"(difference {c.difference:+.4f}, {direction} is better, margin {c.margin}) on {c.rows} rows")
 
 
-def registry_api() -> Any:
-    """`releasegate.registry`, or the stand-in below while that module is not in the tree yet."""
-    import importlib
-
-    try:
-        return importlib.import_module("releasegate.registry")
-    except ModuleNotFoundError as exc:
-        if exc.name != "releasegate.registry":  # a broken registry must fail loudly, not fall back
-            raise
-        return _MlflowRegistry()
-
-
-class _MlflowRegistry:
-    """The few `releasegate.registry` calls validation and the demo need, straight on MlflowClient.
-
-    A stop-gap written while registry.py was being written in parallel; delete it once that module exists.
-    """
-
-    @staticmethod
-    def client(settings: Settings | None = None) -> Any:
-        import mlflow
-
-        settings = settings or get_settings()
-        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-        mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-        return mlflow.MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
-
-    def resolve_version(self, model: str, version_or_alias: str, settings: Settings | None = None) -> str:
-        ref = str(version_or_alias).lstrip("@")
-        if ref.isdigit():
-            return str(self.client(settings).get_model_version(model, ref).version)
-        version = self.get_alias(model, ref, settings)
-        if version is None:
-            raise LookupError(f"model {model!r} has no alias {ref!r}")
-        return version
-
-    def get_alias(self, model: str, alias: str, settings: Settings | None = None) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return str(self.client(settings).get_model_version_by_alias(model, alias).version)
-        except MlflowException:
-            return None
-
-    def set_alias(self, model: str, alias: str, version: str, settings: Settings | None = None) -> None:
-        self.client(settings).set_registered_model_alias(model, alias, str(version))
-
-    def get_model_tags(self, model: str, settings: Settings | None = None) -> dict:
-        return dict(self.client(settings).get_registered_model(model).tags or {})
-
-    def download_artifact(self, model: str, version: str, artifact_path: str, dst: Any = None,
-                          settings: Settings | None = None) -> Path:
-        client = self.client(settings)
-        run_id = client.get_model_version(model, str(version)).run_id
-        dst = Path(dst or tempfile.mkdtemp(prefix="rg-artifact-"))
-        dst.mkdir(parents=True, exist_ok=True)
-        return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
-
-    def download_model(self, model: str, version: str, dst: Any, settings: Settings | None = None) -> Path:
-        import mlflow.artifacts
-
-        self.client(settings)
-        Path(dst).mkdir(parents=True, exist_ok=True)
-        return Path(mlflow.artifacts.download_artifacts(f"models:/{model}/{version}", dst_path=str(dst)))

@@ -145,9 +145,7 @@ def check_schema_compatibility(model: str, candidate_version: str, champion_vers
     """Compare the two versions' MLflow signatures: the candidate may not need more or retype anything."""
     from mlflow.models import Model
 
-    from releasegate.evaluation import registry_api
-
-    registry = registry_api()
+    from releasegate import registry
     settings = settings or get_settings()
     with tempfile.TemporaryDirectory(prefix="rg-schema-") as tmp:
         signatures = {}
@@ -213,7 +211,7 @@ def validate_candidate(model: str, candidate_version: str, champion_version: str
     from releasegate import evaluation
     from releasegate import policy as policy_module
 
-    registry = evaluation.registry_api()
+    from releasegate import registry
 
     settings = settings or get_settings()
     if isinstance(policy, str):

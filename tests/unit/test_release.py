@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 import pytest
 
 from releasegate import audit, release, storage

@@ -128,23 +128,16 @@ def demo(tmp_path_factory):
 
 
 def _accuracy(settings, version, frame):
-    import mlflow.pyfunc
 
-    from releasegate.evaluation import registry_api
-
-    registry = registry_api()
-    from releasegate.evaluation import deserialization_allowed
+    from releasegate import registry
 
     model_dir = registry.download_model("churn", version, settings.home / "scored" / version, settings=settings)
-    with deserialization_allowed():
-        loaded = mlflow.pyfunc.load_model(str(model_dir))
+    loaded = registry.load_pyfunc(model_dir)
     return float((loaded.predict(frame[data.FEATURES]) == frame[data.LABEL]).mean())
 
 
 def test_demo_registers_three_versions_with_aliases_artifacts_and_suite_once(demo):
-    from releasegate.evaluation import registry_api
-
-    registry = registry_api()
+    from releasegate import registry
     from releasegate.demo import models
 
     settings, versions = demo

@@ -60,9 +60,7 @@ def register_demo_models(settings: Settings | None = None, model_name: str = "ch
     """Train and register champion, good and bad versions (once); returns {"champion": "1", "good": "2", "bad": "3"}."""
     import mlflow
 
-    from releasegate.evaluation import registry_api
-
-    registry = registry_api()
+    from releasegate import registry
     settings = settings or get_settings()
     client = registry.client(settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
