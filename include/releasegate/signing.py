@@ -1,16 +1,17 @@
-"""Model signing with OpenSSF model-signing and an elliptic-curve (P-256) key pair.
+"""Model signing with OpenSSF model-signing and an elliptic-curve (P-256) key pair; several trusted keys (rotation).
 
-The bundle is kept beside the model, not inside it: MLflow artifact `releasegate/model.sig`
-of the version's source run, and its digest in the version tag `releasegate.signature_digest`.
-Several public keys may be trusted at once (key rotation).
+The bundle is kept beside the model, not inside it: MLflow artifact `releasegate/model.sig` of the
+version's source run, its sha256 in the version tag `releasegate.signature_digest`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,21 +25,236 @@ log = logging.getLogger(__name__)
 
 
 class SignatureError(Exception):
-    """A model that is unsigned, changed after signing, or signed by a key we do not trust."""
+    """A model that may not be used: unsigned, changed after signing, or signed by a key we do not trust."""
 
 
-def generate_keys(out_dir: Path, name: str = "release") -> tuple[Path, Path]:
-    """Write `<name>.key` (private, mode 0600) and `<name>.pub`; refuses to overwrite."""
+class NotSignedError(SignatureError):
+    """There is no signature bundle."""
+
+
+class UntrustedKeyError(SignatureError):
+    """The bundle was made with a key that is not among the trusted public keys."""
+
+
+class SignatureMismatchError(SignatureError):
+    """A trusted key made the bundle, but the files (or the bundle) changed since."""
+
+
+def generate_keys(out_dir: str | Path, name: str = "release") -> tuple[Path, Path]:
+    """Write `<name>.key` (private PEM, mode 0600) and `<name>.pub` (public PEM); refuses to overwrite either."""
+    out_dir = Path(out_dir)
+    return _write_key_pair(out_dir / f"{name}.key", out_dir / f"{name}.pub")
+
+
+def ensure_keys(settings: Settings | None = None) -> tuple[Path, Path]:
+    """The settings' key pair (settings.signing_key and its `.pub`), created if absent."""
+    settings = settings or get_settings()
+    private, public = settings.signing_key, settings.signing_key.with_suffix(".pub")
+    if private.exists():
+        return private, public
+    if public.exists():
+        raise SignatureError(f"{public} exists but its private key {private} does not; "
+                             f"refusing to replace a public key others may trust")
+    try:
+        _write_key_pair(private, public)
+    except FileExistsError:  # another process made the pair first
+        pass
+    if public not in settings.trusted_keys:
+        log.warning("signing key %s: its public key %s is not among the trusted keys", private, public)
+    return private, public
+
+
+def sign_directory(model_dir: str | Path, signature_path: str | Path, private_key: str | Path) -> str:
+    """Sign every file of `model_dir` into the bundle at `signature_path`; returns the bundle's digest."""
+    from model_signing import signing
+
+    model_dir, signature_path, private_key = Path(model_dir), Path(signature_path), Path(private_key)
+    if not model_dir.is_dir():
+        raise SignatureError(f"cannot sign {model_dir}: not a directory")
+    if not private_key.is_file():
+        raise SignatureError(f"no signing key at {private_key} (create one with `releasegate keys generate`)")
+    signature_path.parent.mkdir(parents=True, exist_ok=True)
+    signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(_hashing()).sign(
+        model_dir, signature_path)
+    return bundle_digest(signature_path)
+
+
+def verify_directory(model_dir: str | Path, signature_path: str | Path, trusted_keys: list[Path]) -> None:
+    """Pass if any trusted public key verifies `model_dir` against the bundle; else a SignatureError saying why."""
+    from cryptography.exceptions import InvalidSignature
+    from model_signing import verifying
+
+    model_dir, signature_path = Path(model_dir), Path(signature_path)
+    if not signature_path.is_file():
+        raise NotSignedError(f"no signature bundle at {signature_path}")
+    if not model_dir.is_dir():
+        raise SignatureError(f"cannot verify {model_dir}: not a directory")
+    if not trusted_keys:
+        raise SignatureError("no trusted public keys are configured (RELEASEGATE_TRUSTED_KEYS)")
+    fingerprints = {Path(key): _fingerprint(Path(key)) for key in trusted_keys}
+    hint = _bundle_key_hint(signature_path)
+    # The bundle names its key by fingerprint; a bundle without one (older format) is tried with every key.
+    candidates = [key for key, print_ in fingerprints.items() if hint is None or print_ == hint]
+    if not candidates:
+        raise UntrustedKeyError(f"the signing key sha256:{hint[:16]}… is not among the {len(fingerprints)} "
+                                f"trusted key(s) ({', '.join(key.name for key in fingerprints)})")
+    failures = []
+    for key in candidates:
+        config = verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing())
+        try:
+            config.verify(model_dir, signature_path)
+            return
+        except InvalidSignature:
+            failures.append((key, None))
+        except Exception as err:  # the library reports a file mismatch as ValueError, a broken bundle otherwise
+            failures.append((key, _describe(err)))
+    content_errors = [message for _, message in failures if message]
+    if content_errors:
+        raise SignatureMismatchError(content_errors[0])
+    if hint is None:
+        raise UntrustedKeyError(f"none of the {len(fingerprints)} trusted key(s) made this signature")
+    # The key is ours but its signature over the payload does not hold: the bundle itself was edited.
+    raise SignatureMismatchError(f"the bundle's signature does not verify with {candidates[0].name} "
+                                 f"(the bundle was altered)")
+
+
+def bundle_digest(signature_path: str | Path) -> str:
+    return "sha256:" + hashlib.sha256(Path(signature_path).read_bytes()).hexdigest()
+
+
+def is_signed(model: str, version: str | int, settings: Settings | None = None) -> bool:
+    """Whether the version has a signature bundle (valid or not: fetch_verified says that)."""
+    from releasegate import registry
+
+    # The bundle, not the tag, is the evidence: a lost tag must never make a signed version signable again.
+    return registry.has_artifact(model, version, BUNDLE_ARTIFACT, settings=settings)
+
+
+def fetch_and_verify(model: str, version: str | int, dst: str | Path, settings: Settings | None = None) -> str:
+    """Download the version's model into `dst` and its bundle beside it, verify; returns the bundle's digest.
+
+    On any failure `dst` is removed, so nothing unverified is left to load. The errors name the version.
+    """
+    from releasegate import registry
+
+    settings = settings or get_settings()
+    dst = Path(dst)
+    label = f"{model} v{version}"
+    try:
+        if not is_signed(model, version, settings):
+            raise NotSignedError(f"{label} is not signed")
+        with tempfile.TemporaryDirectory(prefix="rg-bundle-") as tmp:
+            bundle = registry.download_artifact(model, version, BUNDLE_ARTIFACT, dst=tmp, settings=settings)
+            registry.download_model(model, version, dst, settings=settings)
+            try:
+                verify_directory(dst, bundle, settings.trusted_keys)
+            except NotSignedError as err:
+                raise NotSignedError(f"{label} is not signed") from err
+            except UntrustedKeyError as err:
+                raise UntrustedKeyError(f"{label} is signed by a key that is not trusted: {err}") from err
+            except SignatureMismatchError as err:
+                raise SignatureMismatchError(f"signature verification failed for {label} "
+                                             f"(artifact changed after signing?): {err}") from err
+            except SignatureError as err:
+                raise SignatureError(f"cannot verify {label}: {err}") from err
+            return bundle_digest(bundle)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+
+
+def sign_version(model: str, version: str | int, settings: Settings | None = None) -> str:
+    """Sign a registered version and store the bundle; returns its digest. A signed version is verified instead.
+
+    Never re-signs: signing again would launder an artifact changed after the first signature.
+    """
+    from releasegate import registry
+
+    settings = settings or get_settings()
+    version = registry.resolve_version(model, version, settings=settings)
+    label = f"{model} v{version}"
+    with tempfile.TemporaryDirectory(prefix="rg-sign-") as tmp:
+        model_dir = Path(tmp) / "model"
+        if is_signed(model, version, settings):
+            digest = fetch_and_verify(model, version, model_dir, settings)
+        else:
+            if not settings.signing_key.is_file():
+                raise SignatureError(f"cannot sign {label}: no signing key at {settings.signing_key} "
+                                     f"(create one with `releasegate keys generate`)")
+            registry.download_model(model, version, model_dir, settings=settings)
+            bundle = Path(tmp) / BUNDLE
+            digest = sign_directory(model_dir, bundle, settings.signing_key)
+            try:
+                verify_directory(model_dir, bundle, settings.trusted_keys)
+            except SignatureError as err:
+                # Caught now rather than at deployment: a bundle nobody trusts must not be stored as "signed".
+                raise SignatureError(f"signed {label} with {settings.signing_key}, but the trusted keys do not "
+                                     f"accept it: {err}") from err
+            registry.log_artifact(model, version, bundle, artifact_path="releasegate", settings=settings)
+            log.info("signed %s (bundle %s)", label, digest)
+    if registry.get_version_tags(model, version, settings=settings).get(DIGEST_TAG) != digest:
+        registry.set_version_tags(model, version, {DIGEST_TAG: digest}, settings=settings)
+    return digest
+
+
+def _hashing():
+    from model_signing import hashing
+
+    # model-signing does not skip a bundle inside the model folder by itself. Git files are not skipped
+    # either: every file MLflow could load must be covered.
+    return hashing.Config().use_file_serialization().set_ignored_paths(paths=[BUNDLE], ignore_git_paths=False)
+
+
+def _fingerprint(public_key: Path) -> str:
+    """sha256 of the key's SubjectPublicKeyInfo PEM: how model-signing names the key inside the bundle."""
+    from cryptography.hazmat.primitives import serialization
+
+    if not public_key.is_file():
+        raise SignatureError(f"trusted public key {public_key} does not exist")
+    try:
+        key = serialization.load_pem_public_key(public_key.read_bytes())
+    except ValueError as err:
+        raise SignatureError(f"trusted key {public_key} is not a PEM public key: {err}") from err
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(pem).hexdigest()
+
+
+def _bundle_key_hint(signature_path: Path) -> str | None:
+    try:
+        bundle = json.loads(signature_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SignatureMismatchError(f"the signature bundle {signature_path.name} is not readable: {err}") from err
+    material = bundle.get("verificationMaterial", {}) if isinstance(bundle, dict) else {}
+    return (material.get("publicKey") or {}).get("hint") or None
+
+
+def _describe(err: Exception) -> str:
+    """Which files differ, from model-signing's mismatch message (whose digests print as raw bytes)."""
+    text = str(err)
+    if not isinstance(err, ValueError):
+        return f"{type(err).__name__}: {text}"[:500]
+    parts = []
+    # The differences arrive inside a list's repr, so their quotes may be backslash-escaped.
+    for label, pattern in (("changed", r"Hash mismatch for \\?'([^'\\]+)"),
+                           ("added", r"Extra files found in model \\?'[^']*\\?': ([^\"'\\\]]+)"),
+                           ("missing", r"Missing files in model \\?'[^']*\\?': ([^\"'\\\]]+)")):
+        found = re.findall(pattern, text)
+        if found:
+            parts.append(f"{label}: {', '.join(found)}")
+    return "; ".join(parts) if parts else text[:500]
+
+
+def _write_key_pair(private: Path, public: Path) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    private, public = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     for path in (private, public):
         if path.exists():
-            raise FileExistsError(f"{path} exists; not overwriting a key")
+            raise FileExistsError(f"{path} exists; refusing to overwrite a key")
+    private.parent.mkdir(parents=True, exist_ok=True)
+    public.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
+    # O_EXCL: two processes creating the default pair at once must not interleave their writes.
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -46,106 +262,3 @@ def generate_keys(out_dir: Path, name: str = "release") -> tuple[Path, Path]:
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
     return private, public
-
-
-def ensure_keys(settings: Settings | None = None) -> tuple[Path, Path]:
-    """The default key pair of the settings, created if absent (the demo and first use)."""
-    settings = settings or get_settings()
-    private = settings.signing_key
-    public = private.with_suffix(".pub")
-    if not private.exists():
-        generate_keys(private.parent, private.stem)
-    return private, public
-
-
-def _hashing(model_dir: Path):
-    from model_signing import hashing
-
-    # The library does not skip a bundle inside the model folder by itself.
-    return hashing.Config().set_ignored_paths(paths=[BUNDLE], ignore_git_paths=True)
-
-
-def sign_directory(model_dir: Path, signature_path: Path, private_key: Path) -> None:
-    from model_signing import signing
-
-    (signing.Config().use_elliptic_key_signer(private_key=Path(private_key))
-     .set_hashing_config(_hashing(model_dir)).sign(Path(model_dir), Path(signature_path)))
-
-
-def verify_directory(model_dir: Path, signature_path: Path, trusted_keys: list[Path], what: str = "the model") -> None:
-    """Pass if any trusted key verifies the folder against the bundle; else SignatureError saying why."""
-    from model_signing import verifying
-
-    if not Path(signature_path).exists():
-        raise SignatureError(f"{what} is not signed")
-    keys = [Path(k) for k in trusted_keys if Path(k).exists()]
-    if not keys:
-        raise SignatureError(f"no trusted public key found (looked for {', '.join(map(str, trusted_keys))})")
-    key_errors, content_errors = [], []
-    for key in keys:
-        try:
-            (verifying.Config().use_elliptic_key_verifier(public_key=key)
-             .set_hashing_config(_hashing(model_dir)).verify(Path(model_dir), Path(signature_path)))
-            return
-        except Exception as err:  # the library raises ValueError and crypto errors alike
-            text = str(err)
-            if "key mismatch" in text.lower() or "public key" in text.lower():
-                key_errors.append(key.name)
-            else:
-                content_errors.append(_changed_files(text) or text[:300])
-    if content_errors:
-        raise SignatureError(f"signature verification failed for {what}: the artifact changed after signing "
-                             f"({content_errors[0]})")
-    raise SignatureError(f"{what} is signed by a key that is not trusted (tried {', '.join(key_errors)})")
-
-
-def _changed_files(text: str) -> str:
-    changed = re.findall(r"Hash mismatch for '([^']+)'", text)
-    extra = re.findall(r"[Ee]xtra files?.*?\[([^\]]*)\]", text)
-    missing = re.findall(r"[Mm]issing files?.*?\[([^\]]*)\]", text)
-    parts = ([f"changed: {', '.join(changed)}"] if changed else []) + \
-            ([f"added: {extra[0]}"] if extra else []) + ([f"missing: {missing[0]}"] if missing else [])
-    return "; ".join(parts)
-
-
-def download_bundle(model: str, version: str, dst: Path, settings: Settings | None = None) -> Path:
-    """The version's signature bundle, or SignatureError if it has none."""
-    from releasegate import registry
-
-    try:
-        return registry.download_artifact(model, version, BUNDLE_ARTIFACT, dst=dst, settings=settings)
-    except registry.RegistryError as err:
-        raise SignatureError(f"{model} v{version} is not signed (no {BUNDLE_ARTIFACT})") from err
-
-
-def is_signed(model: str, version: str, settings: Settings | None = None) -> bool:
-    from releasegate import registry
-
-    return DIGEST_TAG in registry.get_version_tags(model, version, settings)
-
-
-def sign_version(model: str, version: str, settings: Settings | None = None) -> str:
-    """Sign a registered version and store the bundle; a signed version is verified instead.
-
-    Never re-signs: signing again would launder an artifact changed after the first signature.
-    """
-    from releasegate import registry
-
-    settings = settings or get_settings()
-    version = registry.resolve_version(model, version, settings)
-    if is_signed(model, version, settings):
-        registry.fetch_verified(model, version, settings)
-        return registry.get_version_tags(model, version, settings)[DIGEST_TAG]
-    if not settings.signing_key.exists():
-        raise SignatureError(f"no signing key at {settings.signing_key} (run `releasegate keys generate`)")
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = registry.download_model(model, version, Path(tmp) / "model", settings)
-        bundle = Path(tmp) / BUNDLE
-        sign_directory(model_dir, bundle, settings.signing_key)
-        # Check against the trusted keys now, so a key that is not trusted fails here and not at deployment.
-        verify_directory(model_dir, bundle, settings.trusted_keys, what=f"{model} v{version}")
-        digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
-        registry.log_artifact(model, version, bundle, artifact_path="releasegate", settings=settings)
-    registry.set_version_tags(model, version, {DIGEST_TAG: digest}, settings)
-    log.info("signed %s v%s (bundle sha256 %s)", model, version, digest[:16])
-    return digest
