@@ -6,6 +6,16 @@ carries `sample_bucket` (0-999, a hash of its request id), so keeping the rows w
 without the database or Python touching the rest. `k` comes from a COUNT of the window
 first, so a window of any size yields at most `max_rows` rows.
 
+Drift is decided by tests, not distances: Kolmogorov-Smirnov on numerical columns and
+chi-square on categorical ones, each at `alpha / columns` (Bonferroni), so a report of 30
+undrifted columns raises a false alarm in at most `alpha` (1 %) of runs. The sample size keeps
+their power: with 20,000 rows on each side and 30 columns, K-S flags a mean shift of 0.1
+standard deviations (its statistic, about 0.04, is twice the critical 0.021) and chi-square a
+5-point change in a category's share (z about 10) almost surely, while reading and testing a
+sample costs seconds and bounded memory whatever the day's traffic. Evidently's defaults
+(Wasserstein and Jensen-Shannon distances with a 0.1 cut above 1,000 rows) miss shifts that
+small; larger samples would only make harmless shifts significant.
+
 Evidently (and pandas) are imported inside the functions: they take seconds to import, and
 the DAG processor imports this module.
 """
@@ -34,6 +44,11 @@ log = logging.getLogger(__name__)
 ARMS = ("champion", "candidate")
 BUCKETS = 1000  # sample_bucket takes the values 0..BUCKETS-1
 REFERENCE_ARTIFACT = "releasegate/reference.parquet"
+DRIFT_ALPHA = 0.01  # family-wise false-alarm level of one report, split evenly over its columns
+NUM_METHOD, CAT_METHOD = "ks", "chisquare"
+MAX_ROWS = 20_000  # per side; see the module docstring for the power this keeps
+# Outputs with at most this many distinct whole values are class labels, compared as categories.
+MAX_CLASSES = 20
 
 
 class ColumnDrift(BaseModel):
@@ -62,9 +77,21 @@ with warnings.catch_warnings():
         rows_reference: int
         rows_current: int
 
+    class QualitySummary(BaseModel):
+        """The numbers of one quality report (Evidently classification or regression preset) and its files."""
+
+        title: str
+        task: str  # classification | regression
+        metrics: dict[str, float]
+        reference_metrics: dict[str, float] | None
+        html: str
+        json: str
+        rows_reference: int
+        rows_current: int
+
 
 def read_logged_inputs(model: str, since: float, until: float, release_id: str | None = None,
-                       arm: str | None = None, max_rows: int = 20000, engine=None) -> pd.DataFrame:
+                       arm: str | None = None, max_rows: int = MAX_ROWS, engine=None) -> pd.DataFrame:
     """The logged inputs of `model` in [since, until), one row per request, a uniform sample of at most `max_rows`.
 
     Rows are the served ones, or those of `arm` when given; the frame is indexed by request id and
@@ -72,10 +99,7 @@ def read_logged_inputs(model: str, since: float, until: float, release_id: str |
     """
     from releasegate import storage
 
-    if until <= since:
-        raise ValueError(f"empty time window: until ({until}) must be after since ({since})")
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    _check_window(since, until, max_rows)
     if arm is not None and arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
     engine = engine if engine is not None else storage.engine()
@@ -87,7 +111,7 @@ def read_logged_inputs(model: str, since: float, until: float, release_id: str |
 
     with engine.connect() as conn:
         requests = conn.execute(sa.select(sa.func.count(sa.distinct(p.c.request_id))).where(*where)).scalar_one()
-        buckets = BUCKETS if requests <= max_rows else max(1, math.floor(BUCKETS * max_rows / requests))
+        buckets = _buckets(requests, max_rows)
         # A batch request logs one row per input row under one request id; keep its first, as
         # the feedback and the analysis count requests.
         first_rows = (sa.select(sa.func.min(p.c.id))
@@ -130,13 +154,18 @@ def _expand_inputs(rows) -> pd.DataFrame:
 
 
 def input_drift(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path,
-                title: str = "Input drift") -> DriftSummary:
-    """Evidently's DataDriftPreset over the columns both frames share; writes input_drift.html and .json in out_dir."""
+                title: str = "Input drift", alpha: float = DRIFT_ALPHA, name: str = "input_drift") -> DriftSummary:
+    """Evidently's DataDriftPreset (K-S / chi-square at alpha/columns) over the shared columns; writes
+    `<name>.html` and `<name>.json` in out_dir."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
     numerical, categorical = _column_kinds(reference, current)
     columns = numerical + categorical
     evidently = _import_evidently()
     definition = evidently.DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
-    report = evidently.Report([evidently.DataDriftPreset(columns=columns)], include_tests=True)
+    preset = evidently.DataDriftPreset(columns=columns, num_method=NUM_METHOD, cat_method=CAT_METHOD,
+                                       threshold=alpha / len(columns))
+    report = evidently.Report([preset], include_tests=True)
     snapshot = report.run(
         evidently.Dataset.from_pandas(current[columns].reset_index(drop=True), data_definition=definition),
         evidently.Dataset.from_pandas(reference[columns].reset_index(drop=True), data_definition=definition),
@@ -148,19 +177,225 @@ def input_drift(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path,
     if missing:
         raise RuntimeError(f"Evidently's report has no drift result for {sorted(missing)}")
 
-    out_dir = Path(out_dir)
+    html_path, json_path = _save(snapshot, result, Path(out_dir), name, title,
+                                 {"rows_reference": len(reference), "rows_current": len(current)})
+    drifted = [column for column in columns if drifts[column].drifted]
+    return DriftSummary(title=title, drifted_share=len(drifted) / len(columns), drifted_columns=drifted,
+                        columns={column: drifts[column] for column in columns}, html=str(html_path),
+                        json=str(json_path), rows_reference=len(reference), rows_current=len(current))
+
+
+def _save(snapshot, result: dict, out_dir: Path, name: str, title: str, extra: dict) -> tuple[Path, Path]:
+    """Write an Evidently snapshot as `<name>.html` (titled) and `<name>.json` (with `extra` on top)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    html_path, json_path = out_dir / "input_drift.html", out_dir / "input_drift.json"
+    html_path, json_path = out_dir / f"{name}.html", out_dir / f"{name}.json"
     # Evidently's page has no <title>; a browser tab of several reports needs one.
     page = snapshot.get_html_str(as_iframe=False).replace("<head>", f"<head><title>{html.escape(title)}</title>", 1)
     html_path.write_text(page, encoding="utf-8")
-    json_path.write_text(json.dumps({"title": title, "rows_reference": len(reference), "rows_current": len(current),
-                                     **result}), encoding="utf-8")
+    json_path.write_text(json.dumps({"title": title, **extra, **result}), encoding="utf-8")
+    return html_path, json_path
 
-    drifted = [name for name in columns if drifts[name].drifted]
-    return DriftSummary(title=title, drifted_share=len(drifted) / len(columns), drifted_columns=drifted,
-                        columns={name: drifts[name] for name in columns}, html=str(html_path), json=str(json_path),
-                        rows_reference=len(reference), rows_current=len(current))
+
+# --- prediction drift: champion and candidate on the same mirrored requests -------------------------
+
+
+def read_shadow_pairs(model: str, since: float, until: float, release_id: str | None = None,
+                      max_rows: int = MAX_ROWS, engine=None) -> pd.DataFrame:
+    """Both arms' outputs for the shadowed requests of `model` in [since, until) answered by both, sampled
+    like `read_logged_inputs`; columns champion, candidate (scalars) and their versions, indexed by request id."""
+    import pandas as pd
+
+    from releasegate import storage
+    from releasegate.analysis.labels import scalar
+
+    _check_window(since, until, max_rows)
+    engine = engine if engine is not None else storage.engine()
+    p = storage.predictions
+    where = [p.c.model == model, p.c.time >= since, p.c.time < until, p.c.mode == "shadow",
+             p.c.status == "ok", p.c.outputs.is_not(None)]
+    if release_id is not None:
+        where.append(p.c.release_id == release_id)
+    with engine.connect() as conn:
+        requests = conn.execute(sa.select(sa.func.count(sa.distinct(p.c.request_id)))
+                                .where(*where, p.c.arm == "candidate")).scalar_one()
+        buckets = _buckets(requests, max_rows)
+        rows = conn.execute(sa.select(p.c.request_id, p.c.arm, p.c.version, p.c.outputs)
+                            .where(*where, p.c.sample_bucket < buckets).order_by(p.c.id)).all()
+    columns = ["champion", "candidate", "champion_version", "candidate_version"]
+    if not rows:
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="request_id"))
+    frame = pd.DataFrame(rows, columns=["request_id", "arm", "version", "outputs"])
+    # A batch request has one row per input row under one id; its first row stands for it, as for inputs.
+    frame = frame.drop_duplicates(["request_id", "arm"])
+    frame["value"] = [scalar(o) for o in frame["outputs"]]
+    wide = frame.pivot(index="request_id", columns="arm", values=["value", "version"])
+    if "champion" not in wide["value"] or "candidate" not in wide["value"]:
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="request_id"))
+    pairs = pd.DataFrame({"champion": wide["value"]["champion"], "candidate": wide["value"]["candidate"],
+                          "champion_version": wide["version"]["champion"],
+                          "candidate_version": wide["version"]["candidate"]}).dropna()
+    pairs = pairs.sort_index().head(max_rows)
+    pairs.attrs.update({"requests_in_window": int(requests), "sampled_fraction": buckets / BUCKETS})
+    return pairs
+
+
+def prediction_drift(pairs: pd.DataFrame, out_dir: Path, title: str = "Prediction drift",
+                     alpha: float = DRIFT_ALPHA) -> DriftSummary:
+    """Drift of the candidate's outputs against the champion's on the same requests (`read_shadow_pairs`);
+    writes prediction_drift.html and .json."""
+    import pandas as pd
+
+    if pairs.empty:
+        raise ValueError("no shadowed request has answers from both arms")
+    champion, candidate = _as_labels(pairs["champion"]), _as_labels(pairs["candidate"])
+    return input_drift(pd.DataFrame({"prediction": champion}), pd.DataFrame({"prediction": candidate}),
+                       out_dir, title=title, alpha=alpha, name="prediction_drift")
+
+
+def _as_labels(values: pd.Series) -> pd.Series:
+    """Few whole numbers are class labels (a category to the drift test); anything else stays as it is."""
+    import pandas as pd
+
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.isna().any():
+        return values.astype(str)
+    if (numbers == numbers.round()).all() and numbers.nunique() <= MAX_CLASSES:
+        return numbers.astype("int64").astype(str)
+    return numbers.astype("float64")
+
+
+# --- quality where feedback labels exist ------------------------------------------------------------
+
+
+def read_labelled(model: str, since: float, until: float, version: str | None = None,
+                  max_rows: int = MAX_ROWS, engine=None) -> pd.DataFrame:
+    """Served answers of `model` (of `version` when given) in [since, until) that have feedback, sampled like
+    `read_logged_inputs`; columns target and prediction, indexed by request id."""
+    import pandas as pd
+
+    from releasegate import storage
+    from releasegate.analysis.labels import per_row, scalar
+
+    _check_window(since, until, max_rows)
+    engine = engine if engine is not None else storage.engine()
+    p, f = storage.predictions, storage.feedback
+    where = [p.c.model == model, p.c.time >= since, p.c.time < until, p.c.served.is_(True), p.c.status == "ok",
+             p.c.outputs.is_not(None)]
+    if version is not None:
+        where.append(p.c.version == str(version))
+    labelled = sa.select(f.c.request_id)
+    with engine.connect() as conn:
+        requests = conn.execute(sa.select(sa.func.count(sa.distinct(p.c.request_id)))
+                                .where(*where, p.c.request_id.in_(labelled))).scalar_one()
+        buckets = _buckets(requests, max_rows)
+        rows = conn.execute(sa.select(p.c.request_id, p.c.outputs, f.c.ground_truth)
+                            .join(f, f.c.request_id == p.c.request_id)
+                            .where(*where, p.c.sample_bucket < buckets)
+                            .order_by(p.c.id, f.c.id)).all()
+    records = {}
+    for request_id, outputs, truth in rows:
+        # First row of a request, latest feedback for it wins (a client may correct a label).
+        target = per_row(truth)[0]
+        if request_id in records:
+            records[request_id]["target"] = target if target is not None else records[request_id]["target"]
+            continue
+        records[request_id] = {"prediction": scalar(outputs), "target": target}
+    frame = pd.DataFrame.from_dict(records, orient="index", columns=["target", "prediction"]).dropna()
+    frame.index.name = "request_id"
+    frame = frame.sort_index().head(max_rows)
+    frame.attrs.update({"requests_in_window": int(requests), "sampled_fraction": buckets / BUCKETS})
+    return frame
+
+
+def quality(current: pd.DataFrame, out_dir: Path, title: str = "Quality",
+            reference: pd.DataFrame | None = None) -> QualitySummary:
+    """Evidently's ClassificationPreset (class labels) or RegressionPreset on target/prediction frames;
+    writes quality.html and .json."""
+    import pandas as pd
+
+    for name, frame in (("current", current), ("reference", reference)):
+        if frame is None:
+            continue
+        if frame.empty:
+            raise ValueError(f"the {name} data has no labelled rows")
+        missing = {"target", "prediction"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"the {name} data lacks column(s) {sorted(missing)}")
+    frames = [current] + ([reference] if reference is not None else [])
+    both = pd.concat([f["target"] for f in frames] + [f["prediction"] for f in frames])
+    classes = _as_labels(both)
+    is_classification = classes.dtype == object
+    evidently = _import_evidently()
+    if is_classification:
+        labels = sorted(set(classes))
+        kind = evidently.BinaryClassification if len(labels) <= 2 else evidently.MulticlassClassification
+        options = {"pos_label": labels[-1]} if len(labels) == 2 and kind is evidently.BinaryClassification else {}
+        definition = evidently.DataDefinition(classification=[kind(target="target", prediction_labels="prediction",
+                                                                   **options)],
+                                              categorical_columns=["target", "prediction"])
+        preset = evidently.ClassificationPreset()
+    else:
+        definition = evidently.DataDefinition(regression=[evidently.Regression(target="target",
+                                                                                prediction="prediction")],
+                                              numerical_columns=["target", "prediction"])
+        preset = evidently.RegressionPreset()
+
+    def dataset(frame: pd.DataFrame):
+        frame = frame[["target", "prediction"]].reset_index(drop=True)
+        if is_classification:
+            frame = frame.apply(_as_labels).astype(str)
+        return evidently.Dataset.from_pandas(frame, data_definition=definition)
+
+    snapshot = evidently.Report([preset], include_tests=False).run(
+        dataset(current), dataset(reference) if reference is not None else None, name=title)
+    result = json.loads(snapshot.json())
+    html_path, json_path = _save(snapshot, result, Path(out_dir), "quality", title,
+                                 {"rows_reference": 0 if reference is None else len(reference),
+                                  "rows_current": len(current)})
+    reference_metrics = None
+    if reference is not None:
+        # Evidently's JSON carries the current side's values only; the reference's few headline numbers are cheap.
+        reference_metrics = _headline(reference, is_classification)
+    return QualitySummary(title=title, task="classification" if is_classification else "regression",
+                          metrics=_scalar_metrics(result), reference_metrics=reference_metrics, html=str(html_path),
+                          json=str(json_path), rows_reference=0 if reference is None else len(reference),
+                          rows_current=len(current))
+
+
+def _headline(frame: pd.DataFrame, is_classification: bool) -> dict[str, float]:
+    import numpy as np
+
+    if is_classification:
+        return {"accuracy": float((_as_labels(frame["target"]) == _as_labels(frame["prediction"])).mean())}
+    error = frame["prediction"].astype(float) - frame["target"].astype(float)
+    return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt((error ** 2).mean()))}
+
+
+def _scalar_metrics(result: dict) -> dict[str, float]:
+    """Evidently's single-number metrics by snake-case name (Accuracy -> accuracy, MeanError -> mean_error)."""
+    import re
+
+    metrics = {}
+    for metric in result["metrics"]:
+        value = metric["value"]
+        if isinstance(value, dict) and "mean" in value:  # regression errors come as mean and std
+            value = value["mean"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            name = metric["config"]["type"].rsplit(":", 1)[-1]
+            metrics[re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", name).lower()] = float(value)
+    return metrics
+
+
+def _check_window(since: float, until: float, max_rows: int) -> None:
+    if until <= since:
+        raise ValueError(f"empty time window: until ({until}) must be after since ({since})")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+
+
+def _buckets(requests: int, max_rows: int) -> int:
+    """How many of the 1000 sample buckets keep about `max_rows` of `requests` requests."""
+    return BUCKETS if requests <= max_rows else max(1, math.floor(BUCKETS * max_rows / requests))
 
 
 def release_drift_report(model: str, release_id: str, candidate_version: str, since: float, until: float,
@@ -233,8 +468,17 @@ def _import_evidently() -> SimpleNamespace:
     # Only Evidently's UI service reports usage today; the switch costs nothing if that changes.
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("ITERATIVE_DO_NOT_TRACK", "1")
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
+    from evidently import (
+        BinaryClassification,
+        DataDefinition,
+        Dataset,
+        MulticlassClassification,
+        Regression,
+        Report,
+    )
+    from evidently.presets import ClassificationPreset, DataDriftPreset, RegressionPreset
 
     return SimpleNamespace(DataDefinition=DataDefinition, Dataset=Dataset, Report=Report,
-                           DataDriftPreset=DataDriftPreset)
+                           DataDriftPreset=DataDriftPreset, ClassificationPreset=ClassificationPreset,
+                           RegressionPreset=RegressionPreset, BinaryClassification=BinaryClassification,
+                           MulticlassClassification=MulticlassClassification, Regression=Regression)

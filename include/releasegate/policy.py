@@ -70,6 +70,26 @@ class Approval(_Strict):
     timeout_seconds: float = Field(3600, gt=0)
 
 
+class Monitoring(_Strict):
+    """The nightly evaluation of a champion's logged traffic: when it runs and what raises the alarm."""
+
+    schedule: str = Field("0 3 * * *", description="Cron expression (UTC) of the nightly evaluation.")
+    window_hours: float = Field(24, gt=0, description="How much recent traffic each evaluation reads.")
+    max_drifted_share: float = Field(0.2, ge=0, le=1, description="Alarm above this share of drifted input columns.")
+    max_accuracy_drop: float = Field(0.05, ge=0, description="Alarm when labelled live accuracy falls this far "
+                                                             "below the version's accuracy on its holdout.")
+    min_labelled: int = Field(200, ge=1, description="Labelled requests needed before quality is judged.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, schedule: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(schedule):
+            raise ValueError(f"not a cron expression: {schedule!r}")
+        return schedule
+
+
 class Policy(_Strict):
     """A release policy. Unknown fields are errors, so a typo never silently loosens a gate."""
 
@@ -87,6 +107,7 @@ class Policy(_Strict):
     inconclusive: Inconclusive = Inconclusive.extend
     max_extensions: int = Field(2, ge=0)
     approval: Approval = Approval()
+    monitoring: Monitoring = Monitoring()
 
     @property
     def digest(self) -> str:

@@ -130,7 +130,8 @@ def test_a_planted_shift_is_found_in_exactly_the_shifted_columns(tmp_path):
     assert summary.drifted_columns == ["monthly_charges", "region"]
     assert summary.drifted_share == pytest.approx(2 / 5)
     charges = summary.columns["monthly_charges"]
-    assert charges.drifted and charges.kind == "numerical" and charges.score > charges.threshold
+    assert charges.drifted and charges.kind == "numerical" and charges.method == "ks"
+    assert charges.score < charges.threshold  # a p-value below the Bonferroni-corrected level
     assert "session_id" not in summary.columns
     page = (tmp_path / "report" / "input_drift.html").read_text()
     assert summary.html == str(tmp_path / "report" / "input_drift.html")
@@ -182,3 +183,48 @@ def test_a_release_report_compares_candidate_traffic_with_the_versions_reference
     assert (summary.rows_reference, summary.rows_current) == (2000, 2000)
     assert f"churn v{version}, release r1" in summary.title
     assert (tmp_path / "out" / "input_drift.html").exists() and (tmp_path / "out" / "input_drift.json").exists()
+
+
+def test_shadowed_requests_pair_the_champions_and_candidates_answers(shadow_log):
+    pairs = drift.read_shadow_pairs("churn", T0, T0 + 50, release_id="r1")
+
+    assert sorted(pairs.index) == sorted(f"req-{i}" for i in range(10))  # served-only rows have no pair
+    assert set(pairs["champion_version"]) == {"1"} and set(pairs["candidate_version"]) == {"2"}
+    assert (pairs["champion"] == pairs["candidate"]).all()
+    assert drift.read_shadow_pairs("churn", T0 + 60, T0 + 70).empty
+
+
+def test_a_candidate_that_answers_differently_shows_prediction_drift(tmp_path):
+    rng = np.random.default_rng(3)
+    pairs = pd.DataFrame({"champion": rng.choice([0.0, 1.0], 3000, p=[0.7, 0.3]),
+                          "candidate": rng.choice([0.0, 1.0], 3000, p=[0.5, 0.5])})
+
+    summary = drift.prediction_drift(pairs, tmp_path, title="Prediction drift")
+
+    assert summary.drifted_columns == ["prediction"] and summary.columns["prediction"].kind == "categorical"
+    assert (tmp_path / "prediction_drift.html").exists() and (tmp_path / "prediction_drift.json").exists()
+    same = drift.prediction_drift(pairs.assign(candidate=pairs["champion"]), tmp_path / "same")
+    assert same.drifted_columns == []
+
+
+def test_feedback_labels_give_a_quality_report_against_the_reference(rg_home, tmp_path):
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 2, 1000)
+    predicted = np.where(rng.random(1000) < 0.8, truth, 1 - truth)  # right 80 % of the time
+    rows = [_row(f"q-{i}", T0 + i, {"age": 40}) | {"outputs": json.dumps([int(p)])} for i, p in enumerate(predicted)]
+    _log(rows)
+    with storage.engine().begin() as conn:
+        conn.execute(storage.feedback.insert(), [{"request_id": f"q-{i}", "time": T0 + i + 1,
+                                                  "ground_truth": json.dumps({"churned": int(t)})}
+                                                 for i, t in enumerate(truth[:600])])
+
+    labelled = drift.read_labelled("churn", T0, T0 + 2000, version="1")
+    assert len(labelled) == 600 and list(labelled.columns) == ["target", "prediction"]
+    reference = pd.DataFrame({"target": truth, "prediction": truth})
+    summary = drift.quality(labelled, tmp_path, title="Quality", reference=reference)
+
+    assert summary.task == "classification" and summary.rows_current == 600
+    assert summary.metrics["accuracy"] == pytest.approx((predicted[:600] == truth[:600]).mean())
+    assert summary.reference_metrics == {"accuracy": 1.0}
+    assert {"precision", "recall", "f1_score"} <= set(summary.metrics)
+    assert (tmp_path / "quality.html").exists() and (tmp_path / "quality.json").exists()
