@@ -31,7 +31,7 @@ def _parse(airflow_env) -> dict:
 def test_dags_parse_without_errors_or_heavy_imports(airflow_env):
     result = _parse(airflow_env)
     assert result["errors"] == {}
-    assert "model_release" in result["dags"]
+    assert {"model_release", "nightly_evaluation"} <= set(result["dags"])
     assert result["heavy"] == [], f"parsing dags/ imported {result['heavy']}"
 
 
@@ -42,3 +42,9 @@ def test_model_release_has_the_release_steps_and_form_params(airflow_env):
                     "canary_1.wait", "decide", "promote", "rollback", "finish"):
         assert task_id in tasks
     assert set(result["params"]["model_release"]) == {"model_name", "version", "policy"}
+
+
+def test_nightly_evaluation_maps_over_champions_and_flags_retraining(airflow_env):
+    result = _parse(airflow_env)
+    assert result["dags"]["nightly_evaluation"] == ["champions", "evaluate", "flag_retraining", "alert"]
+    assert set(result["params"]["nightly_evaluation"]) == {"policy"}

@@ -1,0 +1,126 @@
+"""
+# Nightly evaluation
+
+Every night (cron: the default policy's `monitoring.schedule`, or `RELEASEGATE_NIGHTLY_SCHEDULE`),
+for each registered model with a `champion` alias:
+
+1. **champions**: the models to evaluate, found in the MLflow registry at run time.
+2. **evaluate** (one mapped task per champion): the policy's window of logged traffic (24 h by
+   default) → input drift against the version's reference data, prediction drift of shadowed
+   candidates, the Great Expectations contract on the logged inputs, and quality where feedback
+   labels exist. Reports (Evidently HTML + JSON) become MLflow artifacts of the champion version
+   under `releasegate/reports/nightly/<time>/`; the numbers go to the audit log.
+3. **flag_retraining** (mapped): when a limit is crossed, an event on the asset
+   `releasegate://retraining-needed` with the model, version and reasons in its extra, so a
+   retraining DAG can be scheduled on it; skipped otherwise.
+4. **alert**: fails the run with the reasons (after calling the notifier hook) when any
+   champion crossed a limit; a window without traffic ends green, saying so.
+
+Each task is one call into `releasegate.nightly`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pendulum
+from airflow.sdk import Asset, Param, chain, dag, get_current_context, task
+from airflow.sdk import TriggerRule
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+CHAMPIONS = "champions"
+EVALUATE = "evaluate"
+FLAG_RETRAINING = "flag_retraining"
+ALERT = "alert"
+
+RETRAINING_NEEDED = Asset("releasegate://retraining-needed")
+DEFAULT_SCHEDULE = "0 3 * * *"
+
+log = logging.getLogger(__name__)
+
+
+def _schedule() -> str:
+    """The cron of the nightly run: the environment's, else the default policy's (read with yaml only)."""
+    if os.environ.get("RELEASEGATE_NIGHTLY_SCHEDULE"):
+        return os.environ["RELEASEGATE_NIGHTLY_SCHEDULE"]
+    from pathlib import Path
+
+    import yaml
+
+    policies = Path(os.environ.get("RELEASEGATE_POLICIES_DIR",
+                                   Path(__file__).resolve().parents[1] / "include" / "policies"))
+    try:
+        data = yaml.safe_load((policies / "default.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return DEFAULT_SCHEDULE
+    return (data.get("monitoring") or {}).get("schedule", DEFAULT_SCHEDULE)
+
+
+def _until() -> float:
+    """The end of the evaluated window: the run's logical date (its cron time), else now."""
+    ctx = get_current_context()
+    moment = ctx.get("logical_date") or ctx["dag_run"].run_after
+    return moment.timestamp()
+
+
+@dag(
+    dag_id="nightly_evaluation",
+    doc_md=__doc__,
+    schedule=_schedule(),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["releasegate", "monitoring"],
+    params={"policy": Param("default", type="string", title="Policy",
+                            description="Policy whose `monitoring` limits apply (include/policies/).")},
+    default_args={"retries": 0},
+)
+def nightly_evaluation():
+    @task(task_id=CHAMPIONS)
+    def champions() -> list[dict]:
+        """Every registered model with a champion alias."""
+        from releasegate import nightly
+
+        return nightly.champions()
+
+    @task(task_id=EVALUATE, map_index_template="{{ champion['model'] }}")
+    def evaluate(champion: dict) -> dict:
+        """Drift, contract and quality reports on the champion's recent traffic."""
+        from releasegate import nightly
+
+        params = get_current_context()["params"]
+        result = nightly.evaluate(champion["model"], champion["version"], until=_until(), policy=params["policy"],
+                                  actor="airflow:nightly_evaluation")
+        return result.model_dump(mode="json")
+
+    @task(task_id=FLAG_RETRAINING, outlets=[RETRAINING_NEEDED], map_index_template="{{ result['model'] }}")
+    def flag_retraining(result: dict) -> dict:
+        """An asset event with the model, version and reasons when a limit was crossed."""
+        if not result["reasons"]:
+            raise AirflowSkipException(f"{result['model']} v{result['version']}: within the policy's limits")
+        extra = {"model": result["model"], "version": result["version"], "reasons": result["reasons"],
+                 "reports": result["artifacts"]}
+        get_current_context()["outlet_events"][RETRAINING_NEEDED].extra = extra
+        return extra
+
+    @task(task_id=ALERT, trigger_rule=TriggerRule.NONE_FAILED)
+    def alert(results: list[dict]) -> str:
+        """Fail the run, after notifying, when any champion needs retraining."""
+        from releasegate import nightly
+
+        results = list(results or [])
+        message = nightly.notify(results, actor="airflow:nightly_evaluation")
+        if message:
+            raise AirflowFailException(message)
+        summary = nightly.no_traffic_message(results)
+        log.info(summary)
+        return summary
+
+    found = champions()
+    evaluated = evaluate.expand(champion=found)
+    flagged = flag_retraining.expand(result=evaluated)
+    chain(found, evaluated, flagged, alert(evaluated))
+
+
+nightly_evaluation()
