@@ -168,10 +168,48 @@ def poll(release_id: str, analysis_stage: str, since: float, candidate_weight: i
 
 
 def record(release_id: str, verdict: dict, actor: str = "airflow") -> dict:
-    """Keep the verdict that ended a wait, with the release and in the audit log."""
+    """Keep the verdict that ended a wait, with the release and in the audit log, and report the stage's drift."""
     release.record_verdict(release_id, verdict, actor=actor)
     log.info("verdict %s: %s", verdict.get("decision"), verdict.get("reason"))
-    return {"decision": verdict["decision"], "reason": verdict["reason"]}
+    drift = stage_drift(release_id, verdict["window"], actor=actor)
+    return {"decision": verdict["decision"], "reason": verdict["reason"], "drift": drift}
+
+
+def stage_drift(release_id: str, window: dict, actor: str = "airflow") -> dict | None:
+    """Evidently reports on the stage's logged traffic (input drift; prediction drift in shadow), kept in MLflow.
+
+    Reports are evidence beside the verdict, not a gate of their own: a report that cannot be
+    made is recorded in the audit log with its error, and the release goes on.
+    """
+    from releasegate import drift, registry
+
+    rel = release.get(release_id)
+    stage = window.get("stage") or "stage"
+    summary: dict = {"stage": stage}
+    try:
+        with tempfile.TemporaryDirectory(prefix="rg-drift-") as tmp:
+            out = Path(tmp)
+            inputs = drift.release_drift_report(rel.model, release_id, rel.candidate_version, window["start"],
+                                                window["end"] + 1, out)
+            if inputs is not None:
+                summary["input_drift"] = {"drifted_share": inputs.drifted_share,
+                                          "drifted_columns": inputs.drifted_columns,
+                                          "rows_current": inputs.rows_current}
+            if stage == "shadow":
+                pairs = drift.read_shadow_pairs(rel.model, window["start"], window["end"] + 1, release_id=release_id)
+                if not pairs.empty:
+                    predictions = drift.prediction_drift(pairs, out)
+                    summary["prediction_drift"] = {"drifted": predictions.drifted_columns,
+                                                   "rows": predictions.rows_current}
+            if any(out.iterdir()):
+                registry.log_artifact(rel.model, rel.candidate_version, out,
+                                      artifact_path=f"releasegate/releases/{release_id}/{stage}")
+    except Exception as err:  # evidence, not a gate: say so and go on
+        log.exception("drift report for %s failed", stage)
+        summary["error"] = f"{type(err).__name__}: {err}"
+    audit.append(actor, "drift", model=rel.model, version=rel.candidate_version, release_id=release_id,
+                 details=summary)
+    return summary
 
 
 def decide(release_id: str) -> str:

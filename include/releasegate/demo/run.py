@@ -138,6 +138,12 @@ class Demo:
             elif event["action"].startswith("release."):
                 text = f"state {details.get('from')} → {details.get('to')}" + (
                     f": {details['reason']}" if details.get("reason") else "")
+            elif event["action"] == "drift":
+                inputs = details.get("input_drift")
+                text = (f"Evidently reports for {details.get('stage')}: " + (
+                    f"{inputs['drifted_share']:.0%} of input columns drifted {inputs['drifted_columns']} "
+                    f"on {inputs['rows_current']:,} requests" if inputs else "no candidate traffic")
+                    + (f"; error: {details['error']}" if details.get("error") else ""))
             elif event["action"] == "validation":
                 text = "validation " + ("passed" if details.get("passed") else "failed: " + "; ".join(details.get("reasons", [])))
             else:
