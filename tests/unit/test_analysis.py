@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from scipy.special import gammaln
 
 from releasegate import policy as policies
 from releasegate.analysis import Decision, Verdict, analyse, analyse_frames, sequential, srm
@@ -159,14 +160,40 @@ def test_p_value_is_the_level_at_which_the_bound_reaches_the_limit():
 # -- sample ratio mismatch ----------------------------------------------------------------------------------------
 
 
-def test_srm_p_value_matches_scipy_chisquare():
-    result = srm.check({"champion": 1030, "candidate": 970}, candidate_weight=50, alarm_below=0.001)
-    assert result.p_value == pytest.approx(stats.chisquare([1030, 970], [1000, 1000]).pvalue)
-    assert not result.alarm
+def test_srm_bayes_factor_matches_hand_computation():
+    # Shares ½/½, prior Dirichlet(1, 1) (k = 2): BF = B(1 + x1, 1 + x2) / B(1, 1) / ½^n.
+    assert srm.log_bayes_factor([1, 0], [0.5, 0.5], concentration=2) == pytest.approx(0.0)  # (1/2) / 1 / ½
+    assert srm.log_bayes_factor([2, 0], [0.5, 0.5], concentration=2) == pytest.approx(math.log(4 / 3))
+    assert srm.log_bayes_factor([1, 1], [0.5, 0.5], concentration=2) == pytest.approx(math.log(2 / 3))
+
+
+def test_srm_bayes_factor_matches_scipy_dirichlet_multinomial():
+    counts, shares = [900, 100], [0.75, 0.25]
+    prior = [100 * s for s in shares]
+    reference = (stats.dirichlet_multinomial.logpmf(counts, prior, sum(counts))
+                 - stats.multinomial.logpmf(counts, sum(counts), shares))
+    assert srm.log_bayes_factor(counts, shares) == pytest.approx(reference, rel=1e-9)
+
+
+def test_srm_alarm_is_sequential_and_rare_under_the_configured_split():
+    ok = srm.check({"champion": 1030, "candidate": 970}, candidate_weight=50, alarm_below=0.001)
+    assert not ok.alarm and ok.p_value == pytest.approx(min(1.0, math.exp(-srm.log_bayes_factor([1030, 970], [.5, .5]))))
     skewed = srm.check({"champion": 900, "candidate": 100}, candidate_weight=25, alarm_below=0.001)
-    assert skewed.p_value == pytest.approx(stats.chisquare([900, 100], [750, 250]).pvalue)
-    assert skewed.alarm
-    assert srm.check({"champion": 40, "candidate": 1}, 5, 0.001).p_value is None  # too few keys to test
+    assert skewed.alarm and skewed.p_value < 1e-10 and skewed.bayes_factor > 1e10
+    # A look after every key, 10 000 keys, 400 releases: Ville's inequality caps the alarms at alpha.
+    rng = np.random.default_rng(3)
+    alpha, n = 0.05, 10_000
+    looks = np.arange(1, n + 1)
+    alarms = 0
+    for _ in range(400):
+        candidate = np.cumsum(rng.random(n) < 0.05)
+        x = np.stack([looks - candidate, candidate], axis=1).astype(float)
+        prior = 100 * np.array([0.95, 0.05])
+        log_bf = (gammaln(prior + x).sum(1) - gammaln(100 + looks) - gammaln(prior).sum() + gammaln(100)
+                  - x @ np.log([0.95, 0.05]))
+        alarms += bool(np.any(log_bf >= math.log(1 / alpha)))
+    assert alarms / 400 <= alpha
+    assert log_bf[-1] == pytest.approx(srm.log_bayes_factor(x[-1], [0.95, 0.05]))
 
 
 # -- verdicts ----------------------------------------------------------------------------------------------------
@@ -241,8 +268,8 @@ def test_unbalanced_split_is_invalid(policy):
     verdict = analyse_frames(preds, fb, "canary-50", policy, 50)
     assert verdict.decision is Decision.invalid
     assert verdict.srm.alarm and verdict.srm.p_value < 1e-10
-    assert verdict.srm.p_value == pytest.approx(stats.chisquare(
-        [verdict.srm.counts["champion"], verdict.srm.counts["candidate"]], [1000, 1000]).pvalue)
+    counts = [verdict.srm.counts["champion"], verdict.srm.counts["candidate"]]
+    assert verdict.srm.p_value == pytest.approx(math.exp(-srm.log_bayes_factor(counts, [0.5, 0.5])))
     assert "sample ratio mismatch" in verdict.reason
 
 
@@ -314,3 +341,21 @@ def test_a_window_without_rows_yet_continues(policy):
     assert verdict.decision is Decision.continue_
     assert verdict.samples["candidate"].requests == 0 and verdict.srm.p_value is None
     assert all(m.passed is None for m in verdict.metrics)
+
+
+def test_a_check_that_cannot_clear_its_limit_within_the_extensions_rolls_back_after_a_full_window():
+    pol = policies.parse({"name": "futility", "canary": {"max_window_seconds": 600}, "max_extensions": 2})
+    # Candidate latency × 1.5: its p99 sits exactly on the limit, so no amount of traffic can show it within.
+    preds, fb = traffic(4000, "canary", weight=50, seed=12, champion_acc=0.85, candidate_acc=0.85,
+                        candidate_slowdown=1.5)
+    early = analyse_frames(preds, fb, "canary-50", pol, 50, window=(0.0, 300.0))
+    assert early.decision is Decision.continue_ and not metric(early, "latency_p99").futile
+    late = analyse_frames(preds, fb, "canary-50", pol, 50, window=(0.0, 600.0))
+    assert metric(late, "latency_p99").futile and late.decision is Decision.rollback
+    assert late.reason.startswith("rollback: after a full window, at the current estimates not even the allowed "
+                                  "extensions would show share over the latency limit")
+    # Without extensions to skip, the policy's inconclusive rule decides at the window's end.
+    no_extensions = pol.model_copy(update={"max_extensions": 0})
+    closed = analyse_frames(preds, fb, "canary-50", no_extensions, 50, window=(0.0, 600.0), window_closed=True)
+    assert closed.decision is Decision.inconclusive and not metric(closed, "latency_p99").futile
+

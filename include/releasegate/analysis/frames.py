@@ -13,7 +13,16 @@ counts the checks of the stage (Bonferroni: error rate, latency, primary, + agre
 - primary metric from feedback labels, candidate − champion, non-inferiority margin;
 - shadow only: agreement share of the two arms' outputs against `shadow.min_agreement`.
 
+Sample ratio mismatch (canary): routing keys per arm against the weight, a sequential test (srm.py),
+so the DAG may run it at every poll; an alarm makes the verdict `invalid`.
+
+Futility: once a full window has passed, a check whose bound, projected with the current estimate and
+sd to the end of the allowed extensions, would still not clear its limit rolls back at once: extending
+cannot decide for the candidate (a planned look; never earlier, where estimates are too noisy).
+
 Shadow pairs the arms on the same requests; canary compares disjoint requests with AIPW contrasts.
+A canary verdict is computed from `CanaryStats` alone (counts, sums and sums of squares of the
+contrasts, the p99s), so the decision benchmark runs this very code on simulated running sums.
 Requests are the units: with sticky routing a customer's requests are correlated, which the bounds
 ignore (fine while customers send few requests per window).
 """
@@ -31,7 +40,7 @@ from releasegate.analysis import labels as lab
 from releasegate.analysis import sequential, srm
 from releasegate.analysis.verdict import (ArmSamples, Decision, MetricResult, PolicyRef, SliceResult, Verdict,
                                           Window)
-from releasegate.policy import Policy
+from releasegate.policy import Inconclusive, Policy
 
 PREDICTION_COLUMNS = ("request_id", "time", "arm", "routing_key_hash", "fallback", "outputs", "latency_ms", "status")
 FEEDBACK_COLUMNS = ("request_id", "time", "ground_truth")
@@ -60,14 +69,47 @@ def analyse_frames(preds: pd.DataFrame, feedback: pd.DataFrame, stage: str, poli
     _require(feedback, FEEDBACK_COLUMNS, "feedback")
     window = _window(window, preds, stage)
     rows = _rows(preds, _labels(feedback), policy)
-    k = 3 + (mode == "shadow") + bool(policy.slices)
-    alpha = policy.alpha / k
-    if mode == "shadow":
-        analysis = _Shadow(rows, policy, alpha)
-    else:
-        analysis = _Canary(rows, policy, alpha, weight)
+    if mode == "canary":
+        return verdict_from_stats(canary_stats(rows, policy, weight), stage, policy, window, window_closed)
+    alpha = _alpha(policy, mode)
+    return _verdict(_Shadow(rows, policy, alpha, _grow(policy, mode, window, window_closed)), stage, policy,
+                    window, window_closed)
+
+
+def verdict_from_stats(stats: CanaryStats, stage: str, policy: Policy, window: Window | tuple[float, float],
+                       window_closed: bool = False) -> Verdict:
+    """Decide a canary stage from its sufficient statistics: analyse_frames' canary path and the benchmark's."""
+    mode, weight = _stage(stage, stats.weight)
+    if mode != "canary":
+        raise ValueError(f"CanaryStats decide canary stages only, got stage {stage!r}")
+    window = _window(window, None, stage)
+    analysis = _Canary(stats, policy, _alpha(policy, mode), _grow(policy, mode, window, window_closed))
+    return _verdict(analysis, stage, policy, window, window_closed)
+
+
+def _alpha(policy: Policy, mode: str) -> float:
+    """alpha / k, k the checks of the stage (Bonferroni): error rate, latency, primary, + agreement, + slices."""
+    return policy.alpha / (3 + (mode == "shadow") + bool(policy.slices))
+
+
+def _grow(policy: Policy, mode: str, window: Window, window_closed: bool) -> float | None:
+    """How much the sample may still grow by the end of the allowed extensions; None before a full window.
+
+    Futility is judged only once a full window has passed (a planned look): earlier estimates are too
+    noisy to give up on. At the last look the policy's inconclusive rule decides, not futility.
+    """
+    seconds = policy.shadow.max_window_seconds if mode == "shadow" else policy.canary.max_window_seconds
+    extensions = policy.max_extensions if policy.inconclusive == Inconclusive.extend else 0
+    elapsed = window.end - window.start
+    if window_closed or elapsed < seconds or extensions == 0:
+        return None
+    grow = seconds * (1 + extensions) / elapsed
+    return grow if grow > 1 else None
+
+
+def _verdict(analysis, stage: str, policy: Policy, window: Window, window_closed: bool) -> Verdict:
     metrics = analysis.metrics()
-    slices = analysis.slices(alpha) if policy.slices else []
+    slices = analysis.slices(analysis.alpha) if policy.slices else []
     srm_result = analysis.srm()
     decision, reason = _decide(analysis, metrics, slices, srm_result, stage, window_closed)
     return Verdict(decision=decision, reason=reason, window=window, samples=analysis.samples(), metrics=metrics,
@@ -97,10 +139,10 @@ def _require(frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} frame lacks column(s) {', '.join(missing)} (has: {have})")
 
 
-def _window(window, preds: pd.DataFrame, stage: str) -> Window:
+def _window(window, preds: pd.DataFrame | None, stage: str) -> Window:
     if isinstance(window, Window):
         return window if window.stage else window.model_copy(update={"stage": stage})
-    if window is None:
+    if window is None and preds is not None:
         times = preds["time"] if len(preds) else pd.Series([0.0])
         return Window(start=float(times.min()), end=float(times.max()), stage=stage)
     start, end = window
@@ -222,7 +264,7 @@ class _Stage:
         p99_candidate = float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")
         detail = (f"limit {limit_ms:.1f} ms = {1 + self.policy.guardrails.latency_p99_margin:g} × champion p99 "
                   f"{p99_champion:.1f} ms; candidate p99 {p99_candidate:.1f} ms")
-        return _metric(check, (candidate > limit_ms).astype(float), self.alpha, t_opt, detail)
+        return _metric(check, (candidate > limit_ms).astype(float), self.alpha, t_opt, detail, grow=self.grow)
 
     def candidate_rows(self) -> pd.DataFrame:
         return self.arm_rows("candidate")
@@ -233,8 +275,8 @@ class _Shadow(_Stage):
 
     mode = "shadow"
 
-    def __init__(self, rows: pd.DataFrame, policy: Policy, alpha: float):
-        self.rows, self.policy, self.alpha = rows, policy, alpha
+    def __init__(self, rows: pd.DataFrame, policy: Policy, alpha: float, grow: float | None = None):
+        self.rows, self.policy, self.alpha, self.grow = rows, policy, alpha, grow
         champion = rows[rows["arm"] == "champion"]
         candidate = rows[rows["arm"] == "candidate"]
         cols = ["request_id", "rank", "time", "routing_key_hash", "error", "out", "value", "label"]
@@ -257,13 +299,16 @@ class _Shadow(_Stage):
         return [
             _metric(checks["error_rate"], err, self.alpha, self.t_opt,
                     f"candidate {pairs['error_c'].mean() if len(pairs) else 0:.2%} vs champion "
-                    f"{pairs['error_b'].mean() if len(pairs) else 0:.2%} on {len(pairs):,} paired requests"),
+                    f"{pairs['error_b'].mean() if len(pairs) else 0:.2%} on {len(pairs):,} paired requests",
+                    grow=self.grow),
             self.latency(checks["latency_p99"], self.t_opt),
             _metric(checks[metric], primary, self.alpha, self.t_opt,
-                    _arms_detail(metric, self.labelled["value_c"], self.labelled["value_b"], "labelled paired")),
+                    _series_detail(metric, self.labelled["value_c"], self.labelled["value_b"], "labelled paired"),
+                    grow=self.grow),
             _metric(_Check("agreement", "agreement", m, m, higher_is_better=True,
                            support=(0.0, 1.0)), agree, self.alpha, self.t_opt,
-                    f"the arms agree on {agree.mean() if len(agree) else 0:.1%} of {len(agree):,} requests"),
+                    f"the arms agree on {agree.mean() if len(agree) else 0:.1%} of {len(agree):,} requests",
+                    grow=self.grow),
         ]
 
     def enough(self) -> bool:
@@ -285,7 +330,7 @@ class _Shadow(_Stage):
                                {arm: ArmSamples(requests=part["request_id"].nunique(),
                                                 routing_keys=part["routing_key_hash"].nunique(),
                                                 labelled=len(part), errors=0) for arm in ARMS},
-                               _arms_detail(self.policy.primary.metric, part["value_c"], part["value_b"],
+                               _series_detail(self.policy.primary.metric, part["value_c"], part["value_b"],
                                             "labelled paired"), min_n))
         return _slice_results(groups, self.checks()[self.policy.primary.metric], alpha, min_n)
 
@@ -303,56 +348,130 @@ class _Shadow(_Stage):
         return out
 
 
+@dataclass(frozen=True)
+class SliceStats:
+    """One slice's sufficient statistics: the primary metric's contrasts and the labelled rows per arm."""
+
+    feature: str
+    value: str
+    contrasts: sequential.Summary
+    labelled: dict[str, int]
+    routing_keys: dict[str, int]
+    means: dict[str, float | None]  # the primary metric's mean per arm
+
+
+@dataclass(frozen=True)
+class CanaryStats:
+    """All a canary verdict is computed from; `canary_stats` builds it from logged rows, the benchmark by simulation."""
+
+    weight: int
+    arms: dict[str, ArmSamples]  # requests, routing keys, labelled and errored rows per arm
+    rows: dict[str, int]  # analysed rows per arm (the units of the error-rate contrasts)
+    error: sequential.Summary  # AIPW contrasts of the error flag, all rows in time order
+    primary: sequential.Summary  # AIPW contrasts of the primary metric, labelled usable rows in time order
+    primary_means: dict[str, float | None]
+    champion_latencies: int
+    p99: dict[str, float]  # per arm, nan without rows
+    slow: sequential.Summary | None  # candidate rows slower than the latency limit (None: champion p99 unknown)
+    candidate_latencies: int
+    slices: tuple[SliceStats, ...] = ()
+
+
+def canary_stats(rows: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats:
+    """Reduce a canary window's rows (one per request, input row and arm) to its sufficient statistics."""
+    propensity = weight / 100
+    candidate_ids = set(rows.loc[rows["arm"] == "candidate", "request_id"])
+    on_champion = rows["arm"] == "champion"
+    # The champion answering for a failed candidate is the candidate arm's request: keep it there,
+    # as an error, if the candidate's own row is missing.
+    orphan = on_champion & rows["fallback"] & ~rows["request_id"].isin(candidate_ids)
+    rows = rows.copy()
+    rows.loc[orphan, ["arm", "error", "out", "value", "latency_ms"]] = ["candidate", True, None, None, np.nan]
+    keep = ~(on_champion & rows["request_id"].isin(candidate_ids))
+    rows = rows[keep].sort_values(["time", "request_id", "rank"], kind="stable").reset_index(drop=True)
+    usable = rows["label"].notna() & ~rows["error"] & rows["value"].notna()
+    labelled = rows[usable]
+
+    def contrasts(frame: pd.DataFrame, column: str) -> sequential.Summary:
+        treated = (frame["arm"] == "candidate").to_numpy()
+        return sequential.Summary.of(
+            sequential.aipw_contrasts(frame[column].astype(float).to_numpy(), treated, propensity))
+
+    def per_arm(frame: pd.DataFrame) -> dict[str, int]:
+        counts = frame["arm"].value_counts()
+        return {arm: int(counts.get(arm, 0)) for arm in ARMS}
+
+    def means(frame: pd.DataFrame) -> dict[str, float | None]:
+        by_arm = frame.groupby("arm")["value"].mean()
+        return {arm: (float(by_arm[arm]) if arm in by_arm.index else None) for arm in ARMS}
+
+    n_labelled = per_arm(labelled)
+    arms = {arm: ArmSamples(requests=int(part["request_id"].nunique()),
+                            routing_keys=int(part["routing_key_hash"].nunique()),
+                            labelled=n_labelled[arm], errors=int(part["error"].sum()))
+            for arm in ARMS for part in [rows[rows["arm"] == arm]]}
+    champion = rows.loc[rows["arm"] == "champion", "latency_ms"].dropna().to_numpy()
+    candidate = rows.loc[rows["arm"] == "candidate", "latency_ms"].dropna().to_numpy()
+    p99 = {"champion": float(np.quantile(champion, 0.99)) if len(champion) else float("nan"),
+           "candidate": float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")}
+    slow = None
+    if len(champion) >= MIN_P99_ROWS:
+        limit_ms = (1 + policy.guardrails.latency_p99_margin) * p99["champion"]
+        slow = sequential.Summary.of((candidate > limit_ms).astype(float))
+    slices = []
+    for feature in policy.slices:
+        for value, part in labelled.groupby(f"slice:{feature}", sort=True):
+            slices.append(SliceStats(
+                feature=feature, value=str(value), contrasts=contrasts(part, "value"), labelled=per_arm(part),
+                routing_keys={arm: int(part.loc[part["arm"] == arm, "routing_key_hash"].nunique()) for arm in ARMS},
+                means=means(part)))
+    return CanaryStats(
+        weight=weight, arms=arms, rows=per_arm(rows), error=contrasts(rows, "error"),
+        primary=contrasts(labelled, "value"), primary_means=means(labelled),
+        champion_latencies=len(champion), p99=p99, slow=slow, candidate_latencies=len(candidate),
+        slices=tuple(slices))
+
+
 class _Canary(_Stage):
-    """Disjoint requests per arm, assigned with probability weight %: AIPW contrasts."""
+    """Disjoint requests per arm, assigned with probability weight %: AIPW contrasts, from CanaryStats only."""
 
     mode = "canary"
 
-    def __init__(self, rows: pd.DataFrame, policy: Policy, alpha: float, weight: int):
-        self.policy, self.alpha, self.weight = policy, alpha, weight
-        self.propensity = weight / 100
-        candidate_ids = set(rows.loc[rows["arm"] == "candidate", "request_id"])
-        on_champion = rows["arm"] == "champion"
-        # The champion answering for a failed candidate is the candidate arm's request: keep it there,
-        # as an error, if the candidate's own row is missing.
-        orphan = on_champion & rows["fallback"] & ~rows["request_id"].isin(candidate_ids)
-        rows = rows.copy()
-        rows.loc[orphan, ["arm", "error", "out", "value", "latency_ms"]] = ["candidate", True, None, None, np.nan]
-        keep = ~(on_champion & rows["request_id"].isin(candidate_ids))
-        self.rows = rows[keep].sort_values(["time", "request_id", "rank"], kind="stable").reset_index(drop=True)
-        self.treated = (self.rows["arm"] == "candidate").to_numpy()
-        usable = self.rows["label"].notna() & ~self.rows["error"] & self.rows["value"].notna()
-        self.labelled = self.rows[usable]
-        self.t_opt = policy.canary.min_samples / min(self.propensity, 1 - self.propensity)
-
-    def _contrasts(self, frame: pd.DataFrame, column: str) -> tuple[np.ndarray, bool]:
-        treated = (frame["arm"] == "candidate").to_numpy()
-        ok = min(treated.sum(), (~treated).sum()) >= sequential.MIN_UNITS
-        values = sequential.aipw_contrasts(frame[column].astype(float).to_numpy(), treated, self.propensity)
-        return values, ok
+    def __init__(self, stats: CanaryStats, policy: Policy, alpha: float, grow: float | None = None):
+        self.stats, self.policy, self.alpha, self.weight, self.grow = stats, policy, alpha, stats.weight, grow
+        propensity = stats.weight / 100
+        self.t_opt = policy.canary.min_samples / min(propensity, 1 - propensity)
 
     def metrics(self) -> list[MetricResult]:
+        s = self.stats
         checks = self.checks()
         metric = self.policy.primary.metric
-        err, err_ok = self._contrasts(self.rows, "error")
-        primary, primary_ok = self._contrasts(self.labelled, "value")
-        by_arm = self.rows.groupby("arm")["error"].mean()
-        lab_arm = self.labelled.groupby("arm")["value"]
+        g = self.policy.guardrails
+        rate = {arm: s.arms[arm].errors / s.rows[arm] if s.rows[arm] else 0.0 for arm in ARMS}
+        err_ok = min(s.rows.values()) >= sequential.MIN_UNITS
+        primary_ok = min(a.labelled for a in s.arms.values()) >= sequential.MIN_UNITS
+        if s.slow is None:
+            latency = _undecided(checks["latency_p99"], self.alpha, s.candidate_latencies,
+                                 f"{s.champion_latencies} champion latencies, {MIN_P99_ROWS} needed for its p99")
+        else:
+            limit_ms = (1 + g.latency_p99_margin) * s.p99["champion"]
+            latency = _metric(checks["latency_p99"], s.slow, self.alpha, self.policy.canary.min_samples,
+                              f"limit {limit_ms:.1f} ms = {1 + g.latency_p99_margin:g} × champion p99 "
+                              f"{s.p99['champion']:.1f} ms; candidate p99 {s.p99['candidate']:.1f} ms",
+                              grow=self.grow)
         return [
-            _metric(checks["error_rate"], err, self.alpha, self.t_opt,
-                    f"candidate {by_arm.get('candidate', 0):.2%} vs champion {by_arm.get('champion', 0):.2%}",
-                    arms_ok=err_ok),
-            self.latency(checks["latency_p99"], self.policy.canary.min_samples),
-            _metric(checks[metric], primary, self.alpha, self.t_opt,
-                    _arms_detail(metric, lab_arm.get_group("candidate") if "candidate" in lab_arm.groups else [],
-                                 lab_arm.get_group("champion") if "champion" in lab_arm.groups else [], "labelled"),
-                    arms_ok=primary_ok),
+            _metric(checks["error_rate"], s.error, self.alpha, self.t_opt,
+                    f"candidate {rate['candidate']:.2%} vs champion {rate['champion']:.2%}", arms_ok=err_ok,
+                    grow=self.grow),
+            latency,
+            _metric(checks[metric], s.primary, self.alpha, self.t_opt,
+                    _arms_detail(metric, s.primary_means["candidate"], s.arms["candidate"].labelled,
+                                 s.primary_means["champion"], s.arms["champion"].labelled, "labelled"),
+                    arms_ok=primary_ok, grow=self.grow),
         ]
 
-    def labelled_per_arm(self, frame: pd.DataFrame | None = None) -> dict[str, int]:
-        frame = self.labelled if frame is None else frame
-        counts = frame["arm"].value_counts()
-        return {arm: int(counts.get(arm, 0)) for arm in ARMS}
+    def labelled_per_arm(self) -> dict[str, int]:
+        return {arm: self.stats.arms[arm].labelled for arm in ARMS}
 
     def enough(self) -> bool:
         return min(self.labelled_per_arm().values()) >= self.policy.canary.min_samples
@@ -364,39 +483,27 @@ class _Canary(_Stage):
 
     def population(self) -> str:
         n = self.labelled_per_arm()
-        return (f"{len(self.labelled):,} labelled canary-{self.weight} requests ({n['candidate']:,} candidate, "
+        return (f"{sum(n.values()):,} labelled canary-{self.weight} requests ({n['candidate']:,} candidate, "
                 f"{n['champion']:,} champion)")
 
     def slices(self, alpha: float) -> list[SliceResult]:
         min_n = _slice_min(self.policy.canary.min_samples)
         groups = []
-        for feature in self.policy.slices:
-            for value, part in self.labelled.groupby(f"slice:{feature}", sort=True):
-                values, _ = self._contrasts(part, "value")
-                n = self.labelled_per_arm(part)
-                samples = {arm: ArmSamples(requests=n[arm], labelled=n[arm],
-                                           routing_keys=part.loc[part["arm"] == arm, "routing_key_hash"].nunique())
-                           for arm in ARMS}
-                vals = part.groupby("arm")["value"]
-                detail = _arms_detail(self.policy.primary.metric,
-                                      vals.get_group("candidate") if "candidate" in vals.groups else [],
-                                      vals.get_group("champion") if "champion" in vals.groups else [], "labelled")
-                groups.append((feature, str(value), values, min(n.values()) >= min_n, samples, detail, min_n))
+        for sl in self.stats.slices:
+            samples = {arm: ArmSamples(requests=sl.labelled[arm], labelled=sl.labelled[arm],
+                                       routing_keys=sl.routing_keys[arm]) for arm in ARMS}
+            detail = _arms_detail(self.policy.primary.metric, sl.means["candidate"], sl.labelled["candidate"],
+                                  sl.means["champion"], sl.labelled["champion"], "labelled")
+            groups.append((sl.feature, sl.value, sl.contrasts, min(sl.labelled.values()) >= min_n, samples,
+                           detail, min_n))
         return _slice_results(groups, self.checks()[self.policy.primary.metric], alpha, min_n)
 
     def srm(self):
-        keys = {arm: int(self.rows.loc[self.rows["arm"] == arm, "routing_key_hash"].nunique()) for arm in ARMS}
+        keys = {arm: self.stats.arms[arm].routing_keys for arm in ARMS}
         return srm.check(keys, self.weight, self.policy.srm_p_value)
 
     def samples(self) -> dict[str, ArmSamples]:
-        n = self.labelled_per_arm()
-        out = {}
-        for arm in ARMS:
-            part = self.rows[self.rows["arm"] == arm]
-            out[arm] = ArmSamples(requests=part["request_id"].nunique(),
-                                  routing_keys=part["routing_key_hash"].nunique(),
-                                  labelled=n[arm], errors=int(part["error"].sum()))
-        return out
+        return dict(self.stats.arms)
 
 
 # -- metrics, slices, decision ----------------------------------------------------------------------------------
@@ -407,12 +514,17 @@ def _slice_min(stage_min: int) -> int:
     return max(sequential.MIN_UNITS, stage_min // 4)
 
 
-def _arms_detail(metric: str, candidate, champion, what: str) -> str:
+def _arms_detail(metric: str, mean_c: float | None, n_c: int, mean_b: float | None, n_b: int, what: str) -> str:
+    if not n_c or not n_b or mean_c is None or mean_b is None:
+        return f"{n_c:,} candidate and {n_b:,} champion {what} requests"
+    return f"{metric}: candidate {mean_c:.3f} vs champion {mean_b:.3f} on {n_c:,} / {n_b:,} {what} requests"
+
+
+def _series_detail(metric: str, candidate, champion, what: str) -> str:
     c = pd.Series(candidate, dtype=float)
     b = pd.Series(champion, dtype=float)
-    if not len(c) or not len(b):
-        return f"{len(c):,} candidate and {len(b):,} champion {what} requests"
-    return f"{metric}: candidate {c.mean():.3f} vs champion {b.mean():.3f} on {len(c):,} / {len(b):,} {what} requests"
+    return _arms_detail(metric, float(c.mean()) if len(c) else None, len(c), float(b.mean()) if len(b) else None,
+                        len(b), what)
 
 
 def _undecided(check: _Check, alpha: float, n: int, detail: str, estimate: float | None = None) -> MetricResult:
@@ -421,24 +533,33 @@ def _undecided(check: _Check, alpha: float, n: int, detail: str, estimate: float
                         higher_is_better=check.higher_is_better, alpha=alpha, n=n)
 
 
-def _metric(check: _Check, values, alpha: float, t_opt: float, detail: str, arms_ok: bool = True) -> MetricResult:
-    x = np.asarray(values, dtype=float)
+def _metric(check: _Check, values, alpha: float, t_opt: float, detail: str, arms_ok: bool = True,
+            grow: float | None = None) -> MetricResult:
+    """The check's always-valid bounds and pass/fail; `grow` (see _grow) also judges futility."""
+    x = sequential.summary(values)
     bound = sequential.confidence_sequence(x, alpha, t_opt) if arms_ok else None
     if bound is not None and check.support is not None:
         # Intersecting with the known range keeps coverage and reads better than a −0.1% share.
         lo, hi = check.support
         bound = replace(bound, lower=max(bound.lower, lo), upper=min(bound.upper, hi))
     if bound is None:
-        return _undecided(check, alpha, len(x), f"{detail}; fewer than {sequential.MIN_UNITS} units per arm to bound",
-                          float(x.mean()) if len(x) else None)
+        return _undecided(check, alpha, x.n, f"{detail}; fewer than {sequential.MIN_UNITS} units per arm to bound",
+                          x.mean if x.n else None)
     if check.higher_is_better:
         passed = True if bound.lower > check.limit else False if bound.upper < check.limit else None
     else:
         passed = True if bound.upper < check.limit else False if bound.lower > check.limit else None
     p = sequential.p_value(x, check.limit, "below" if check.higher_is_better else "above", alpha, t_opt)
+    futile = False
+    if passed is None and grow is not None:
+        # Conditional futility: were the estimate and sd to stay put, the bound at the end of the allowed
+        # extensions would still not clear the limit, so extending cannot decide for the candidate.
+        half = bound.sd * sequential.radius(int(bound.n * grow), alpha, t_opt)
+        futile = (bound.estimate - half <= check.limit) if check.higher_is_better else \
+            (bound.estimate + half >= check.limit)
     return MetricResult(name=check.name, kind=check.kind, estimate=bound.estimate, lower=bound.lower,
                         upper=bound.upper, margin=check.margin, passed=passed, detail=detail, limit=check.limit,
-                        higher_is_better=check.higher_is_better, alpha=alpha, n=bound.n, p_value=p)
+                        higher_is_better=check.higher_is_better, alpha=alpha, n=bound.n, p_value=p, futile=futile)
 
 
 def _slice_results(groups: list, check: _Check, alpha: float, min_n: int) -> list[SliceResult]:
@@ -452,8 +573,9 @@ def _slice_results(groups: list, check: _Check, alpha: float, min_n: int) -> lis
     j = 0
     for feature, value, values, is_decided, samples, detail, _ in groups:
         if not is_decided:
-            metric = _undecided(check, alpha / m, len(values), f"{detail}; too few for a decision ({min_n} per arm)",
-                                float(np.mean(values)) if len(values) else None)
+            x = sequential.summary(values)
+            metric = _undecided(check, alpha / m, x.n, f"{detail}; too few for a decision ({min_n} per arm)",
+                                x.mean if x.n else None)
         else:
             metric = _metric(check, values, alpha / m, min_n, detail)
             regressed = holm[j] <= alpha
@@ -482,7 +604,8 @@ def _decide(analysis, metrics: list[MetricResult], slices: list[SliceResult], sr
         return Decision.invalid, (
             f"invalid: sample ratio mismatch: {c['candidate']:,} candidate vs {c['champion']:,} champion routing keys "
             f"where {srm_result.expected['candidate']:.0%} / {srm_result.expected['champion']:.0%} was expected "
-            f"(chi-square p = {srm_result.p_value:.2g} < {analysis.policy.srm_p_value:g}); the split itself is broken")
+            f"(sequential test, always-valid p = {srm_result.p_value:.2g} < {analysis.policy.srm_p_value:g}); "
+            f"the split itself is broken")
     failed = [m for m in metrics if m.passed is False]
     if failed:
         first = failed[0]
@@ -497,6 +620,11 @@ def _decide(analysis, metrics: list[MetricResult], slices: list[SliceResult], sr
                                    f"{_sentence(s.metrics[0], analysis, stage, n=n)} "
                                    f"(Holm-adjusted p = {s.metrics[0].p_value:.2g}){also}")
     summary = "; ".join(_short(m) for m in metrics)
+    futile = [m for m in metrics if m.futile]
+    if futile:
+        return Decision.rollback, (
+            f"rollback: after a full window, at the current estimates not even the allowed extensions would show "
+            f"{' and '.join(_name(m) for m in futile)} within the limit ({'; '.join(_short(m) for m in futile)})")
     if analysis.enough() and all(m.passed for m in metrics):
         return Decision.promote, f"promote: on {analysis.population()} every check clears its limit: {summary}"
     pending = [m for m in metrics if not m.passed]

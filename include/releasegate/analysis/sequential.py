@@ -31,6 +31,41 @@ _PRIOR_VARIANCE = 0.25
 
 
 @dataclass(frozen=True)
+class Summary:
+    """The sufficient statistics of the bounds: count, sum and sum of squares of the per-unit values.
+
+    The verdict is computed from these alone, so the release DAG (from logged rows) and the decision
+    benchmark (from simulated running sums) go through the same code.
+    """
+
+    n: int
+    total: float
+    total_sq: float
+
+    @classmethod
+    def of(cls, values) -> Summary:
+        x = np.asarray(values, dtype=float)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("sequential statistics got non-finite values")
+        return cls(n=len(x), total=float(x.sum()), total_sq=float(x @ x))
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else 0.0
+
+    @property
+    def sd(self) -> float:
+        """The sd regularised with one pseudo-observation of variance _PRIOR_VARIANCE."""
+        ss = max(self.total_sq - self.n * self.mean**2, 0.0) if self.n else 0.0
+        return math.sqrt((ss + _PRIOR_VARIANCE) / (self.n + 1))
+
+
+def summary(values) -> Summary:
+    """`values` as a Summary (a Summary passes through)."""
+    return values if isinstance(values, Summary) else Summary.of(values)
+
+
+@dataclass(frozen=True)
 class Bound:
     """A confidence-sequence interval for a mean at one look."""
 
@@ -60,25 +95,18 @@ def radius(t: int | np.ndarray, alpha: float, t_opt: float) -> float | np.ndarra
 
 
 def regularised_sd(values: np.ndarray) -> float:
-    n = len(values)
-    if n == 0:
-        return math.sqrt(_PRIOR_VARIANCE)
-    centred = values - values.mean()
-    return math.sqrt((float(centred @ centred) + _PRIOR_VARIANCE) / (n + 1))
+    return Summary.of(values).sd
 
 
 def confidence_sequence(values, alpha: float, t_opt: float) -> Bound | None:
-    """The always-valid (1 − alpha) interval for the mean of `values` at this look; None below MIN_UNITS."""
-    x = np.asarray(values, dtype=float)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("confidence_sequence got non-finite values")
-    n = len(x)
-    if n < MIN_UNITS:
+    """The always-valid (1 − alpha) interval for the mean of `values` (or their Summary); None below MIN_UNITS."""
+    s = summary(values)
+    if s.n < MIN_UNITS:
         return None
-    sd = regularised_sd(x)
-    half = sd * radius(n, alpha, t_opt)
-    mean = float(x.mean())
-    return Bound(estimate=mean, lower=mean - half, upper=mean + half, n=n, sd=sd, alpha=alpha)
+    sd = s.sd
+    half = sd * radius(s.n, alpha, t_opt)
+    mean = s.mean
+    return Bound(estimate=mean, lower=mean - half, upper=mean + half, n=s.n, sd=sd, alpha=alpha)
 
 
 def running_bounds(values, alpha: float, t_opt: float) -> tuple[np.ndarray, np.ndarray]:
@@ -101,12 +129,12 @@ def p_value(values, null: float, worse_if: str, alpha_opt: float, t_opt: float) 
     """
     if worse_if not in ("below", "above"):
         raise ValueError(f"worse_if must be 'below' or 'above', got {worse_if!r}")
-    x = np.asarray(values, dtype=float)
-    n = len(x)
+    s = summary(values)
+    n = s.n
     if n < MIN_UNITS:
         return 1.0
-    sd = regularised_sd(x)
-    gap = (null - x.mean()) if worse_if == "below" else (x.mean() - null)
+    sd = s.sd
+    gap = (null - s.mean) if worse_if == "below" else (s.mean - null)
     if gap <= 0:
         return 1.0
     r2 = rho2(t_opt, alpha_opt)

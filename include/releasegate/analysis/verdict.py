@@ -43,12 +43,14 @@ class MetricResult(BaseModel):
     alpha: float | None = None  # error level of these bounds after the split across metrics
     n: int = 0  # units behind the bounds (paired requests, or requests of both arms)
     p_value: float | None = None  # always-valid p-value of "worse than limit" (slices: Holm-adjusted)
+    futile: bool = False  # undecided, and at the current estimate still undecided when the allowed extensions end
 
 
 class SRM(BaseModel):
     counts: dict[str, int] = Field(default_factory=dict)  # routing keys per arm
     expected: dict[str, float] = Field(default_factory=dict)  # configured shares
-    p_value: float | None = None
+    p_value: float | None = None  # always-valid: 1 / the Bayes factor of the sequential test (srm.py)
+    bayes_factor: float | None = None
     alarm: bool = False
 
 
