@@ -163,8 +163,8 @@ def model_release():
         """Store the reports and the signed audit head; a release left open by a failure ends as failed."""
         from releasegate import pipeline, release as releases
 
-        if not release:
-            raise AirflowSkipException("no release was opened (see open_release): nothing to finish")
+        if not release:  # open_release failed (e.g. another release of the model is running): the run fails
+            raise AirflowFailException("no release was opened: see the open_release task for why")
         was_open = not releases.get(release["release_id"]).terminal
         summary = pipeline.finish(release["release_id"], actor=_actor(), pipeline_failed=was_open)
         if was_open:
