@@ -3,8 +3,8 @@
 Bounds are always-valid confidence sequences, so the DAG may re-run the analysis at every poll.
 """
 
-from releasegate.analysis.frames import analyse_frames
+from releasegate.analysis.frames import CanaryStats, analyse_frames, canary_stats, verdict_from_stats
 from releasegate.analysis.verdict import Decision, Verdict
 from releasegate.analysis.window import analyse
 
-__all__ = ["Decision", "Verdict", "analyse", "analyse_frames"]
+__all__ = ["CanaryStats", "Decision", "Verdict", "analyse", "analyse_frames", "canary_stats", "verdict_from_stats"]

@@ -1,0 +1,82 @@
+"""The decision benchmark judges releases with the same analysis code as the DAG, on the same numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from releasegate import policy as policies
+from releasegate.analysis import analyse_frames
+from releasegate.analysis.frames import verdict_from_stats
+from releasegate.analysis.verdict import Window
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("decisions", ROOT / "benchmarks" / "decisions.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["decisions"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _logged(step) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The simulated step as the gateway would log it: one prediction row per request, feedback for each."""
+    n = len(step.t)
+    truth = (np.arange(n) % 3 == 0).astype(int)
+    predicted = np.where(step.correct == 1.0, truth, 1 - truth)
+    preds = pd.DataFrame({
+        "id": np.arange(n), "request_id": [f"r{i}" for i in range(n)], "time": step.t,
+        "arm": np.where(step.cand, "candidate", "champion"), "routing_key_hash": [f"k{i}" for i in range(n)],
+        "fallback": False, "outputs": [json.dumps([int(y)]) for y in predicted], "latency_ms": step.latency,
+        "status": np.where(step.error, "error", "ok"),
+        "inputs": [json.dumps({"region": ("north", "south", "east", "west")[r]}) for r in step.region]})
+    preds.loc[step.error, "outputs"] = None
+    feedback = pd.DataFrame({"request_id": preds["request_id"], "time": step.t + 1,
+                             "ground_truth": [json.dumps(int(y)) for y in truth]})
+    return preds, feedback
+
+
+# A/A and a slice regression still undecided, an error regression rolled back, and a latency at the limit
+# after a full window (futility).
+@pytest.mark.parametrize(("scenario_index", "seconds", "rate"), [(0, 60, 100), (2, 60, 100), (4, 60, 100),
+                                                                 (3, 700, 10)])
+def test_benchmark_statistics_give_the_verdict_analyse_frames_gives(bench, scenario_index, seconds, rate):
+    policy = policies.load("default")
+    scenario = bench.SCENARIOS[scenario_index]
+    step = bench.Step(25)
+    step.grow(np.random.default_rng(scenario_index), scenario, seconds, rate)
+    preds, feedback = _logged(step)
+    window = Window(start=0.0, end=seconds, stage="canary-25")
+    from_rows = analyse_frames(preds, feedback, "canary-25", policy, 25, window)
+    from_sums = verdict_from_stats(bench.simulated_stats(step, policy, len(step.t)), "canary-25", policy, window)
+    assert from_sums.decision == from_rows.decision
+    assert from_sums.reason == from_rows.reason
+    assert from_sums.samples == from_rows.samples
+    assert from_sums.srm == from_rows.srm
+    for a, b in zip(from_sums.metrics + [m for s in from_sums.slices for m in s.metrics],
+                    from_rows.metrics + [m for s in from_rows.slices for m in s.metrics], strict=True):
+        assert (a.name, a.passed, a.n, a.futile) == (b.name, b.passed, b.n, b.futile)
+        for x, y in ((a.estimate, b.estimate), (a.lower, b.lower), (a.upper, b.upper), (a.p_value, b.p_value)):
+            assert x == pytest.approx(y, rel=1e-9, abs=1e-12)
+
+
+def test_benchmark_writes_the_figures_in_the_issue_shape(bench, tmp_path):
+    out = tmp_path / "decisions.json"
+    bench.main(["--releases", "2", "--rate", "60", "--workers", "1", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert set(figures["methods"]) == {"releasegate", "flagger_style", "fixed_horizon"}
+    for entry in figures["methods"].values():
+        assert 0 <= entry["aa_false_rollback"] <= 1
+        assert set(entry["scenarios"]) == {s.name for s in bench.SCENARIOS if s.regression}
+        for scenario in entry["scenarios"].values():
+            assert 0 <= scenario["miss_rate"] <= 1
+            assert "median_samples_to_rollback" in scenario
