@@ -169,12 +169,12 @@ def _summary(demo: Demo, results: list[dict], audit_report) -> str:
     from releasegate import pipeline
 
     lines = ["", "=" * 100, "SUMMARY", "=" * 100]
-    header = f"{'release':<18}{'candidate':<11}{'outcome':<13}{'duration':>9}  reasons"
+    header = f"{'release':<18}{'candidate':<14}{'outcome':<13}{'duration':>9}  reasons"
     lines += [header, "-" * 100]
     for res in results:
         rel = res["release"]
         duration = f"{(rel.ended_at or time.time()) - rel.started_at:.0f}s"
-        lines.append(f"{rel.release_id:<18}{'v' + rel.candidate_version + ' (' + res['label'] + ')':<11}"
+        lines.append(f"{rel.release_id:<18}{'v' + rel.candidate_version + ' (' + res['label'] + ')':<14}"
                      f"{rel.state.value:<13}{duration:>9}  {rel.reasons[-1] if rel.reasons else ''}")
         for verdict in rel.verdicts:
             lines.append(f"{'':<18}  {verdict['window'].get('stage', ''):<10} {verdict['decision']:<9} "
@@ -212,6 +212,9 @@ def _story(demo: Demo) -> int:
     print((settings.policies_dir / "default.yaml").read_text(), flush=True)
     signing.ensure_keys(settings)
     demo.say(f"signing keys: {settings.signing_key} (+ .pub, trusted)")
+    from releasegate import storage
+
+    storage.engine()  # create releasegate's tables now, before the gateway and Airflow both reach for them
     airflow = demo.start("airflow-db", [str(Path(sys.executable).parent / "airflow"), "db", "migrate"])
 
     demo.step("registering the demo models in MLflow (champion, better candidate, worse candidate)")

@@ -8,6 +8,7 @@ costs a fraction of httpx's CPU per request.
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import sys
 import time
@@ -18,6 +19,9 @@ import aiohttp
 import orjson
 
 _CUSTOMERS = 20_000
+# Rows and customers are drawn independently at random: tying a row to a customer would give each
+# canary arm a fixed subset of rows, repeated, which a drift test rightly flags as different.
+_POOL = 100_000
 
 
 @dataclass
@@ -82,10 +86,11 @@ async def _run(model: str, gateway_url: str, api_key: str | None, rps: float, du
                feedback_delay: float, drift: float, seed: int, concurrency: int, progress_every: float) -> Counters:
     from releasegate.demo import data
 
-    frame = data.generate(20_000, seed=seed, drift=drift)
+    frame = data.generate(_POOL, seed=seed, drift=drift)
     labels = frame[data.LABEL].tolist()
     rows = frame[data.FEATURES].to_dict(orient="records")
     counters, pending = Counters(), deque()
+    draw = random.Random(seed)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,8 +106,8 @@ async def _run(model: str, gateway_url: str, api_key: str | None, rps: float, du
         while not stop.is_set() and (duration <= 0 or time.time() - start < duration):
             target = int((time.time() - start) * rps)
             while i < target and len(in_flight) < concurrency:
-                n = i % len(rows)
-                task = asyncio.create_task(_send(client, model, rows[n], f"c{(seed * 7919 + i) % _CUSTOMERS}",
+                n = draw.randrange(len(rows))
+                task = asyncio.create_task(_send(client, model, rows[n], f"c{draw.randrange(_CUSTOMERS)}",
                                                  counters, pending, int(labels[n]), time.time() + feedback_delay))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
