@@ -16,9 +16,10 @@ counts the checks of the stage (Bonferroni: error rate, latency, primary, + agre
 Sample ratio mismatch (canary): routing keys per arm against the weight, a sequential test (srm.py),
 so the DAG may run it at every poll; an alarm makes the verdict `invalid`.
 
-Futility: once a full window has passed, a check whose bound, projected with the current estimate and
-sd to the end of the allowed extensions, would still not clear its limit rolls back at once: extending
-cannot decide for the candidate (a planned look; never earlier, where estimates are too noisy).
+Futility: once a full window has passed, a check whose bound, projected to the end of the allowed
+extensions with the current sd and an estimate one standard error better than now, would still not
+clear its limit rolls back at once: extending cannot decide for the candidate (a planned look; never
+earlier, where estimates are too noisy).
 
 Shadow pairs the arms on the same requests; canary compares disjoint requests with AIPW contrasts.
 A canary verdict is computed from `CanaryStats` alone (counts, sums and sums of squares of the
@@ -552,11 +553,13 @@ def _metric(check: _Check, values, alpha: float, t_opt: float, detail: str, arms
     p = sequential.p_value(x, check.limit, "below" if check.higher_is_better else "above", alpha, t_opt)
     futile = False
     if passed is None and grow is not None:
-        # Conditional futility: were the estimate and sd to stay put, the bound at the end of the allowed
-        # extensions would still not clear the limit, so extending cannot decide for the candidate.
+        # Conditional futility: even if the truth were one standard error better than the estimate, the
+        # bound at the end of the allowed extensions would not clear the limit, so extending cannot decide
+        # for the candidate. (The bare estimate would give up on half the candidates that need them.)
         half = bound.sd * sequential.radius(int(bound.n * grow), alpha, t_opt)
-        futile = (bound.estimate - half <= check.limit) if check.higher_is_better else \
-            (bound.estimate + half >= check.limit)
+        se = bound.sd / math.sqrt(bound.n)
+        futile = (bound.estimate + se - half <= check.limit) if check.higher_is_better else \
+            (bound.estimate - se + half >= check.limit)
     return MetricResult(name=check.name, kind=check.kind, estimate=bound.estimate, lower=bound.lower,
                         upper=bound.upper, margin=check.margin, passed=passed, detail=detail, limit=check.limit,
                         higher_is_better=check.higher_is_better, alpha=alpha, n=bound.n, p_value=p, futile=futile)
