@@ -135,6 +135,8 @@ class Demo:
                 text = f"verdict {details['decision']}: {details['reason']}"
             elif event["action"] == "route":
                 text = f"traffic: {details.get('mode')} (candidate weight {details.get('candidate_weight')} %)"
+            elif event["action"] == "release.opened":
+                text = f"release {event['release_id']} opened (champion v{details.get('champion')}, policy {details.get('policy')})"
             elif event["action"].startswith("release."):
                 text = f"state {details.get('from')} → {details.get('to')}" + (
                     f": {details['reason']}" if details.get("reason") else "")
