@@ -30,6 +30,7 @@ class Demo:
         self.t0 = time.time()
         self.procs: list[subprocess.Popen] = []
         self.env: dict[str, str] = {}
+        self.seen: set[int] = set()  # audit events already printed, across releases
 
     # --- output -------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -108,15 +109,14 @@ class Demo:
                                      "-c", conf], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
                                     start_new_session=True)
             self.procs.append(proc)
-            seen: set[int] = set()
             last_status = 0.0
             while proc.poll() is None:
-                self.print_new_events(seen)
+                self.print_new_events(self.seen)
                 if time.time() - last_status > 15:
                     last_status = time.time()
                     self.say(f"   … {self.traffic_status()}")
                 time.sleep(1)
-            self.print_new_events(seen)
+            self.print_new_events(self.seen)
         rel = next((r for r in releases.list_releases(MODEL) if r.candidate_version == version), None)
         if rel is None:
             raise RuntimeError(f"the DAG run did not open a release; see {log_path}")
