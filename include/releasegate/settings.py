@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -51,10 +50,6 @@ class Settings(BaseModel):
             expectations_dir=Path(_env("RELEASEGATE_EXPECTATIONS_DIR", str(_INCLUDE / "expectations"))),
             model_cache_dir=Path(_env("RELEASEGATE_MODEL_CACHE", str(home / "models"))),
         )
-
-    @cached_property
-    def is_sqlite(self) -> bool:
-        return self.db_url.startswith("sqlite")
 
 
 def get_settings() -> Settings:
