@@ -36,6 +36,11 @@ def _backend(settings=None):
     return LocalBackend(settings=settings)
 
 
+def _restore_champion(rel: release.Release) -> None:
+    """All traffic back to the release's champion, no candidate."""
+    _backend().set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
+
+
 def _tag(rel: release.Release, **tags: str) -> None:
     from releasegate import registry
 
@@ -59,7 +64,7 @@ def start(model: str, version: str | None = None, policy_name: str = "default", 
 
     def close_stale(stale: release.Release) -> None:
         if stale.champion_version:
-            _backend().set_route(model, stale.champion_version, release_id=None)
+            _restore_champion(stale)
 
     rel = release.open_release(model, candidate, champion, pol.model_dump(mode="json"),
                                airflow_run_id=airflow_run_id, actor=actor,
@@ -255,7 +260,7 @@ def rollback(release_id: str, actor: str = "airflow") -> dict:
     rel = release.get(release_id)
     if rel.terminal:
         return {"state": rel.state.value}
-    _backend().set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
+    _restore_champion(rel)
     audit.append(actor, "route", model=rel.model, version=rel.champion_version, release_id=release_id,
                  details={"mode": "single", "candidate_weight": 0, "stage": "rolled back",
                           "champion_version": rel.champion_version})
@@ -281,7 +286,7 @@ def finish(release_id: str, actor: str = "airflow", *, pipeline_failed: bool = F
     if not rel.terminal:
         if rel.champion_version:
             try:
-                _backend().set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
+                _restore_champion(rel)
             except Exception as err:  # the failure we report is the pipeline's, not this one
                 log.error("could not restore the champion route for %s: %s", rel.model, err)
         reason = "a pipeline task failed; traffic restored to the champion" if pipeline_failed else \
@@ -331,7 +336,7 @@ def abort(release_id: str, *, reason: str, actor: str) -> dict:
     if rel.terminal:
         return {"state": rel.state.value, "note": "release had already ended"}
     if rel.champion_version:
-        _backend().set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
+        _restore_champion(rel)
     rel = release.transition(release_id, State.aborted, actor=actor, reason=f"aborted by {actor}: {reason}",
                              decision="abort")
     _tag(rel, state=State.aborted.value, reasons=reason[:4000])
