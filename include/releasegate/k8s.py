@@ -1,0 +1,292 @@
+"""KServe / Istio manifests for the `kserve` backend: settings, rendering from include/k8s/, validation.
+
+Manifests are Jinja2 templates rendered from the release (never string concatenation) and parsed
+back into dicts; `validate` checks them against the CRDs' openAPIV3Schema (KServe InferenceService,
+Istio VirtualService / DestinationRule) and core kinds against the Kubernetes client's models.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field
+
+_INCLUDE = Path(__file__).resolve().parent.parent
+TEMPLATES = _INCLUDE / "k8s"
+# The pinned CRD copies live beside the repository (see their README for source and version).
+DEFAULT_SCHEMAS = _INCLUDE.parent.parent / "shared" / "k8s-schemas"
+CRD_FILES = {
+    ("serving.kserve.io/v1beta1", "InferenceService"): "kserve.serving.kserve.io_inferenceservices.yaml",
+    ("networking.istio.io/v1", "VirtualService"): "istio.crd-all.gen.yaml",
+    ("networking.istio.io/v1", "DestinationRule"): "istio.crd-all.gen.yaml",
+}
+# KServe derives Service and host names from the InferenceService's, so it must be a DNS-1035 label
+# short enough to take the "-shadow-predictor" suffix.
+_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_MAX_NAME = 63 - len("-shadow-predictor")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not validate, or a name or setting that cannot make one; the message says where."""
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+class K8sSettings(BaseModel):
+    """Where and how the kserve backend deploys; `K8sSettings.from_env()` reads RELEASEGATE_K8S_*."""
+
+    namespace: str = "models"
+    sink_url: str = Field("", description="The logger sink's URL; default: the releasegate-sink Service.")
+    host: str = Field("{model}.models.example.com", description="Entry host of a model; {model} is its k8s name.")
+    gateway: str = "knative-serving/knative-ingress-gateway"
+    local_gateway: str = "knative-local-gateway.istio-system.svc.cluster.local"
+    service_account: str | None = Field(None, description="Service account with read access to the artifact store.")
+    storage_rewrite: tuple[str, str] | None = Field(
+        None, description="(from, to): rewrite an MLflow artifact URI prefix into one the cluster can read.")
+    conn_id: str = "kubernetes_default"
+    ready_timeout: float = 600.0
+    poll_seconds: float = 5.0
+    min_replicas: int = 1
+    routing_key_header: str = "X-Routing-Key"
+    schemas_dir: Path = DEFAULT_SCHEMAS
+
+    @classmethod
+    def from_env(cls) -> "K8sSettings":
+        namespace = _env("RELEASEGATE_K8S_NAMESPACE", "models")
+        rewrite = os.environ.get("RELEASEGATE_K8S_STORAGE_REWRITE")
+        if rewrite and "=" not in rewrite:
+            raise ManifestError(f"RELEASEGATE_K8S_STORAGE_REWRITE must be FROM=TO, got {rewrite!r}")
+        return cls(
+            namespace=namespace,
+            sink_url=_env("RELEASEGATE_K8S_SINK_URL", f"http://releasegate-sink.{namespace}.svc.cluster.local/events"),
+            host=_env("RELEASEGATE_K8S_HOST", "{model}.models.example.com"),
+            gateway=_env("RELEASEGATE_K8S_GATEWAY", "knative-serving/knative-ingress-gateway"),
+            local_gateway=_env("RELEASEGATE_K8S_LOCAL_GATEWAY", "knative-local-gateway.istio-system.svc.cluster.local"),
+            service_account=os.environ.get("RELEASEGATE_K8S_SERVICE_ACCOUNT") or None,
+            storage_rewrite=tuple(rewrite.split("=", 1)) if rewrite else None,
+            conn_id=_env("RELEASEGATE_K8S_CONN_ID", "kubernetes_default"),
+            ready_timeout=float(_env("RELEASEGATE_K8S_READY_TIMEOUT", "600")),
+            poll_seconds=float(_env("RELEASEGATE_K8S_POLL_SECONDS", "5")),
+            schemas_dir=Path(_env("RELEASEGATE_K8S_SCHEMAS", str(DEFAULT_SCHEMAS))),
+        )
+
+
+def k8s_name(model: str) -> str:
+    """The Kubernetes name of a registered model: lower-cased, '_' and '.' as '-'; ManifestError if still invalid."""
+    name = model.lower().replace("_", "-").replace(".", "-")
+    if not _NAME.match(name) or len(name) > _MAX_NAME:
+        raise ManifestError(f"model name {model!r} gives {name!r}, not a valid InferenceService name (a DNS-1035 "
+                            f"label: lower-case letters, digits and '-', starting with a letter, at most {_MAX_NAME} "
+                            f"characters)")
+    return name
+
+
+def storage_uri(download_uri: str, settings: K8sSettings) -> str:
+    """The URI KServe's storage initializer fetches: MLflow's artifact URI, its prefix rewritten if configured."""
+    if settings.storage_rewrite:
+        old, new = settings.storage_rewrite
+        if download_uri.startswith(old):
+            return new + download_uri[len(old):]
+    return download_uri
+
+
+@dataclass(frozen=True)
+class Served:
+    """One version as an InferenceService serves it."""
+
+    version: str
+    storage_uri: str
+    digest: str
+
+
+@functools.lru_cache(maxsize=1)
+def _jinja():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                              autoescape=False, keep_trailing_newline=True)
+
+
+def render(template: str, **values) -> list[dict]:
+    """Render include/k8s/<template> with `values` and parse every YAML document in it."""
+    text = _jinja().get_template(template).render(**values)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def logger_url(settings: K8sSettings, version: str) -> str:
+    from urllib.parse import urlencode
+
+    sep = "&" if "?" in settings.sink_url else "?"
+    return f"{settings.sink_url}{sep}{urlencode({'version': version})}"
+
+
+def inference_service(model: str, served: Served, settings: K8sSettings, *, shadow: bool = False,
+                      canary_traffic_percent: int | None = None, release_id: str | None = None) -> dict:
+    """The InferenceService serving `served` (the model's own, or its `-shadow` one in RawDeployment mode)."""
+    if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
+        raise ManifestError(f"canaryTrafficPercent must be 0-100, got {canary_traffic_percent}")
+    name = k8s_name(model)
+    [doc] = render("inferenceservice.yaml.j2", name=f"{name}-shadow" if shadow else name, model=model,
+                   namespace=settings.namespace, role="shadow" if shadow else "serving", version=served.version,
+                   digest=served.digest, release_id=release_id, raw_deployment=shadow,
+                   min_replicas=settings.min_replicas, service_account=settings.service_account,
+                   canary_traffic_percent=canary_traffic_percent, logger_url=logger_url(settings, served.version),
+                   metadata_headers=[settings.routing_key_header], storage_uri=served.storage_uri)
+    return doc
+
+
+def virtual_service(model: str, settings: K8sSettings, *, mirror_percent: float = 0.0,
+                    release_id: str | None = None) -> dict:
+    """The entry VirtualService: all traffic to the model's InferenceService, mirrored to the shadow when asked."""
+    name = k8s_name(model)
+    [doc] = render("virtualservice.yaml.j2", name=name, namespace=settings.namespace,
+                   host=settings.host.format(model=name), gateway=settings.gateway,
+                   local_gateway=settings.local_gateway, mirror_percent=float(mirror_percent), release_id=release_id)
+    return doc
+
+
+def destination_rule(model: str, settings: K8sSettings, *, max_requests: int = 100) -> dict:
+    """Connection caps for the mirrored traffic to the shadow InferenceService."""
+    [doc] = render("destinationrule.yaml.j2", name=k8s_name(model), namespace=settings.namespace,
+                   shadow_max_connections=max_requests, shadow_max_pending=max_requests,
+                   shadow_max_requests=max_requests)
+    return doc
+
+
+def sink_manifests(namespace: str, image: str, db_secret: str = "releasegate-db", replicas: int = 2) -> list[dict]:
+    """Deployment and Service of the logger sink."""
+    return render("sink.yaml.j2", namespace=namespace, image=image, db_secret=db_secret, replicas=replicas)
+
+
+# -- validation ------------------------------------------------------------------------------------------------
+
+
+def schemas_available(schemas_dir: Path | None = None) -> bool:
+    directory = schemas_dir or K8sSettings.from_env().schemas_dir
+    return all((directory / f).is_file() for f in set(CRD_FILES.values()))
+
+
+@functools.lru_cache(maxsize=8)
+def _crd_schema(schemas_dir: Path, api_version: str, kind: str) -> dict:
+    group, version = api_version.split("/")
+    path = schemas_dir / CRD_FILES[(api_version, kind)]
+    if not path.is_file():
+        raise ManifestError(f"no CRD schema for {kind} at {path} (see ../shared/k8s-schemas/README.md)")
+    with path.open() as fh:
+        for doc in yaml.load_all(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if doc and doc.get("kind") == "CustomResourceDefinition" and doc["spec"]["group"] == group \
+                    and doc["spec"]["names"]["kind"] == kind:
+                for v in doc["spec"]["versions"]:
+                    if v["name"] == version:
+                        schema = _strict(v["schema"]["openAPIV3Schema"])
+                        # The API server accepts these at the root of every kind, listed in the CRD or not.
+                        root = {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                "metadata": {"type": "object"}}
+                        schema["properties"] = root | schema.get("properties", {})
+                        return schema
+    raise ManifestError(f"{path} has no CRD for {kind} {api_version}")
+
+
+def _strict(schema):
+    """The schema with unknown fields refused, as `kubectl apply --validate=strict` refuses them.
+
+    The API server would silently prune an unknown (e.g. misspelled) field; a manifest test must catch it.
+    """
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (_strict(v) if k in ("items", "additionalProperties", "allOf", "anyOf", "oneOf", "not") else v)
+           for k, v in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+def validate(doc: dict, schemas_dir: Path | None = None) -> None:
+    """Raise ManifestError naming every violation of the kind's schema (CRD openAPIV3Schema or core model)."""
+    import jsonschema
+
+    api_version, kind = doc.get("apiVersion"), doc.get("kind")
+    name = (doc.get("metadata") or {}).get("name")
+    if not name or not _NAME.match(name) and kind in ("InferenceService", "Service"):
+        raise ManifestError(f"{kind} has no valid metadata.name: {name!r}")
+    where = f"{kind} {name}"
+    if (api_version, kind) in CRD_FILES:
+        schema = _crd_schema(Path(schemas_dir or K8sSettings.from_env().schemas_dir), api_version, kind)
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+        if errors:
+            raise ManifestError(f"{where} does not match its CRD schema: " + "; ".join(
+                f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]))
+        return
+    _validate_core(doc, where)
+
+
+def _validate_core(doc: dict, where: str) -> None:
+    """Core kinds against the typed models of the `kubernetes` client (generated from the API's OpenAPI spec)."""
+    from kubernetes import client
+
+    group_version, kind = doc["apiVersion"], doc["kind"]
+    prefix = "V1" if group_version in ("v1", "apps/v1") else None
+    cls = getattr(client, f"{prefix}{kind}", None) if prefix else None
+    if cls is None:
+        raise ManifestError(f"{where}: no schema known for {group_version} {kind}")
+    problems: list[str] = []
+    _check_model(doc, cls.__name__, kind, problems)
+    if not problems:
+        try:  # the models' setters refuse a missing required field
+            client.ApiClient()._ApiClient__deserialize(doc, cls.__name__)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ManifestError(f"{where} does not match the Kubernetes API: " + "; ".join(problems[:10]))
+
+
+_SCALARS = {"str": str, "int": int, "bool": bool, "float": (int, float), "datetime": str, "date": str}
+
+
+def _check_model(value, type_name: str, path: str, problems: list[str]) -> None:
+    from kubernetes import client
+
+    if type_name.startswith("list["):
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list")
+            return
+        for i, item in enumerate(value):
+            _check_model(item, type_name[5:-1], f"{path}[{i}]", problems)
+        return
+    if type_name.startswith(("dict(", "dict[")):  # the client spells it both ways across versions
+        inner = type_name[5:-1].split(", ", 1)[1]
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected an object")
+            return
+        for k, v in value.items():
+            _check_model(v, inner, f"{path}.{k}", problems)
+        return
+    if type_name == "object":
+        return
+    if type_name in _SCALARS:
+        # int-or-string fields (ports, quantities) are typed `object` or `str` in the client.
+        if not isinstance(value, _SCALARS[type_name]) or (type_name == "int" and isinstance(value, bool)):
+            problems.append(f"{path}: expected {type_name}, got {type(value).__name__}")
+        return
+    cls = getattr(client, type_name)
+    if not isinstance(value, dict):
+        problems.append(f"{path}: expected an object ({type_name})")
+        return
+    by_json = {json_name: attr for attr, json_name in cls.attribute_map.items()}
+    for key, item in value.items():
+        if key not in by_json:
+            problems.append(f"{path}.{key}: unknown field of {type_name}")
+            continue
+        _check_model(item, cls.openapi_types[by_json[key]], f"{path}.{key}", problems)
