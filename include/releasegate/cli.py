@@ -161,6 +161,53 @@ def abort(release_id: str, reason: str, actor: str) -> None:
     click.echo(json.dumps(pipeline.abort(release_id, reason=reason, actor=actor)))
 
 
+@main.command()
+@click.option("--model", required=True, help="Registered model name in MLflow.")
+@click.option("--version", default="", help="Version number or alias; empty means the `challenger` alias.")
+@click.option("--policy", default=None, help="Release policy (include/policies/); default: the DAG's default.")
+@click.option("--wait/--no-wait", default=False, show_default=True,
+              help="Follow the run, print its steps, exit with the release's outcome.")
+@click.option("--conf-json", default=None, help="Extra run conf as a JSON object (merged under the params).")
+@click.option("--dag-id", default="model_release", show_default=True, envvar="RELEASEGATE_DAG_ID", show_envvar=True)
+@click.option("--airflow-url", envvar="RELEASEGATE_AIRFLOW_URL", show_envvar=True, default="http://127.0.0.1:8080", show_default=True)
+@click.option("--user", envvar="RELEASEGATE_AIRFLOW_USER", show_envvar=True, default=None)
+@click.option("--password", envvar="RELEASEGATE_AIRFLOW_PASSWORD", show_envvar=True, default=None)
+@click.option("--token", envvar="RELEASEGATE_AIRFLOW_TOKEN", show_envvar=True, default=None, help="A JWT instead of user and password.")
+@click.option("--unpause", is_flag=True, help="Unpause the DAG first if it is paused.")
+@click.option("--poll-seconds", default=5.0, show_default=True)
+@click.option("--timeout", default=None, type=float, help="Give up waiting after this many seconds (exit 2).")
+def trigger(model, version, policy, wait, conf_json, dag_id, airflow_url, user, password, token, unpause,
+            poll_seconds, timeout) -> None:
+    """Start a release through Airflow's REST API; with --wait exit 0 promoted, 1 not promoted, 2 failed or error."""
+    from releasegate import airflow_client as af
+
+    try:
+        extra = json.loads(conf_json) if conf_json else {}
+        if not isinstance(extra, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise click.BadParameter(f"{err}", param_hint="--conf-json") from err
+    try:
+        with af.AirflowClient(airflow_url, token=token, username=user, password=password) as client:
+            if client.dag(dag_id).get("is_paused"):
+                if not unpause:
+                    raise af.AirflowError(f"DAG {dag_id} is paused, so the run would never start: unpause it "
+                                          "in the UI or pass --unpause")
+                client.unpause(dag_id)
+            run = client.trigger(dag_id, af.release_conf(model, version, policy, extra),
+                                 note=f"releasegate trigger --model {model} --version {version or 'challenger'}")
+            click.echo(f"triggered {dag_id} run {run['dag_run_id']}: {client.ui_url(dag_id, run['dag_run_id'])}")
+            if not wait:
+                return
+            outcome = af.follow(client, dag_id, run["dag_run_id"], echo=click.echo, poll_seconds=poll_seconds,
+                                timeout=timeout)
+    except af.AirflowError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(af.EXIT_ERROR)
+    click.echo(f"outcome: {outcome.message} (exit {outcome.exit_code})")
+    sys.exit(outcome.exit_code)
+
+
 # --- demo ------------------------------------------------------------------------------------
 
 @main.command()

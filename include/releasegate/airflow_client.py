@@ -1,0 +1,257 @@
+"""Start a release through Airflow's REST API (v2) and follow it to its outcome: what `releasegate trigger` runs.
+
+The outcome is the release's own state, read from the `finish` task's XCom (the summary of
+`pipeline.finish`), and maps to an exit code as DESIGN.md says: 0 promoted; 1 rejected,
+rolled back, invalid or aborted; 2 failed or any error on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import quote
+
+import httpx
+
+from releasegate.release import EXIT_CODES, State
+
+RELEASE_DAG = "model_release"
+SUMMARY_TASK = "finish"
+EXIT_ERROR = 2
+_DONE = {"success", "failed", "skipped", "upstream_failed", "removed"}
+_RUN_DONE = {"success", "failed"}
+_WAITING_FOR_A_PERSON = {"awaiting_input", "deferred"}
+
+
+class AirflowError(RuntimeError):
+    """Airflow unreachable, credentials refused, or an answer that is not what the API promises."""
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        detail = resp.json().get("detail")
+    except ValueError:
+        return resp.text[:300] or resp.reason_phrase
+    return detail if isinstance(detail, str) else json.dumps(detail)[:500]
+
+
+class AirflowClient:
+    """Airflow's public REST API v2 with a JWT: a given token, or one from `POST /auth/token`."""
+
+    def __init__(self, base_url: str, *, token: str | None = None, username: str | None = None,
+                 password: str | None = None, timeout: float = 30.0, transport: httpx.BaseTransport | None = None):
+        if not token and not (username and password):
+            raise AirflowError("no Airflow credentials: give a token (RELEASEGATE_AIRFLOW_TOKEN) or a user and "
+                               "password (RELEASEGATE_AIRFLOW_USER, RELEASEGATE_AIRFLOW_PASSWORD)")
+        self.base_url = base_url.rstrip("/")
+        self.username, self.password = username, password
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        self._token = token
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "AirflowClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as err:
+            raise AirflowError(f"Airflow at {self.base_url} is unreachable: {type(err).__name__}: {err}") from err
+
+    def login(self) -> str:
+        """A fresh JWT for the user and password."""
+        resp = self._send("POST", "/auth/token", json={"username": self.username, "password": self.password})
+        if resp.status_code in (400, 401, 403):
+            raise AirflowError(f"Airflow at {self.base_url} refused the credentials of user {self.username!r} "
+                               f"({resp.status_code}: {_detail(resp)})")
+        if resp.status_code not in (200, 201) or "access_token" not in resp.text:
+            raise AirflowError(f"POST {self.base_url}/auth/token answered {resp.status_code}: {_detail(resp)} "
+                               "(is this Airflow 3's API server?)")
+        self._token = resp.json()["access_token"]
+        return self._token
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One call to /api/v2; a JWT that expired mid-wait is renewed once when a password is known."""
+        if self._token is None:
+            self.login()
+        for attempt in (1, 2):
+            resp = self._send(method, f"/api/v2{path}", headers={"Authorization": f"Bearer {self._token}"}, **kwargs)
+            if resp.status_code == 401 and attempt == 1 and self.password:
+                self.login()
+                continue
+            break
+        if resp.status_code == 401:
+            raise AirflowError(f"Airflow at {self.base_url} refused the token (401: {_detail(resp)})")
+        if resp.status_code == 403:
+            raise AirflowError(f"Airflow refused {method} {path}: the user may not do this (403: {_detail(resp)})")
+        return resp
+
+    def _json(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs) -> Any:
+        resp = self.request(method, path, **kwargs)
+        if resp.status_code not in ok:
+            raise AirflowError(f"{method} /api/v2{path} answered {resp.status_code}: {_detail(resp)}")
+        return resp.json()
+
+    def dag(self, dag_id: str) -> dict:
+        resp = self.request("GET", f"/dags/{quote(dag_id)}")
+        if resp.status_code == 404:
+            raise AirflowError(f"Airflow at {self.base_url} has no DAG {dag_id!r} (is dags/ in its DAGs folder, "
+                               "and has the DAG processor parsed it?)")
+        if resp.status_code != 200:
+            raise AirflowError(f"GET /api/v2/dags/{dag_id} answered {resp.status_code}: {_detail(resp)}")
+        return resp.json()
+
+    def unpause(self, dag_id: str) -> None:
+        self._json("PATCH", f"/dags/{quote(dag_id)}", json={"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict, note: str | None = None) -> dict:
+        """A new manual run; no logical date, so runs of the same DAG never collide on it."""
+        body = {"logical_date": None, "conf": conf}
+        if note:
+            body["note"] = note
+        resp = self.request("POST", f"/dags/{quote(dag_id)}/dagRuns", json=body)
+        if resp.status_code == 400:  # e.g. the conf does not fit the DAG's params
+            raise AirflowError(f"Airflow refused to start {dag_id}: {_detail(resp)}")
+        if resp.status_code not in (200, 201):
+            raise AirflowError(f"POST /api/v2/dags/{dag_id}/dagRuns answered {resp.status_code}: {_detail(resp)}")
+        return resp.json()
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict:
+        return self._json("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        body = self._json("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances",
+                          params={"limit": 1000})
+        return body["task_instances"]
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """A task's XCom value (JSON), None when the task pushed none."""
+        resp = self.request("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
+                                   f"{quote(task_id)}/xcomEntries/{quote(key)}")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise AirflowError(f"reading the XCom of {task_id} answered {resp.status_code}: {_detail(resp)}")
+        value = resp.json().get("value")
+        if isinstance(value, str):  # stored serialized by some XCom backends
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value
+        return value
+
+    def pending_approvals(self, dag_id: str, run_id: str) -> list[dict]:
+        """Human-in-the-loop requests of the run still waiting for an answer."""
+        body = self._json("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/hitlDetails",
+                          params={"response_received": "false"})
+        return list(body.get("hitl_details", []))
+
+    def ui_url(self, dag_id: str, run_id: str, task_id: str | None = None) -> str:
+        url = f"{self.base_url}/dags/{quote(dag_id)}/runs/{quote(run_id, safe=':+')}"  # as the UI writes it
+        return f"{url}/tasks/{quote(task_id)}/required_actions" if task_id else url
+
+
+@dataclass
+class Outcome:
+    """How a followed run ended: the exit code, one line that says why, and the release summary if there is one."""
+
+    exit_code: int
+    message: str
+    run_state: str | None = None
+    summary: dict | None = None
+    steps: list[dict] = field(default_factory=list)
+
+
+def release_conf(model: str, version: str | None, policy: str | None, extra: dict | None = None) -> dict:
+    """The `model_release` conf: its form's params, plus any extra keys the caller adds."""
+    if not model or not model.strip():
+        raise AirflowError("a model name is required")
+    conf = dict(extra or {})
+    conf.update({"model_name": model.strip(), "version": (version or "").strip()})
+    if policy:
+        conf["policy"] = policy
+    return conf
+
+
+def exit_code_for(summary: dict | None, run_state: str | None) -> tuple[int, str]:
+    """Exit code and a sentence for a finished run, from the release's state when the run produced one."""
+    if summary and summary.get("state"):
+        try:
+            state = State(summary["state"])
+        except ValueError:
+            return EXIT_ERROR, f"release ended in an unknown state {summary['state']!r}"
+        reason = (summary.get("reasons") or [""])[-1]
+        release = summary.get("release_id", "release")
+        code = EXIT_CODES.get(state, EXIT_ERROR)  # a non-terminal state here means the run lost track of it
+        return code, f"{release} {state.value}" + (f": {reason}" if reason else "")
+    if run_state == "success":
+        return 0, "run succeeded"
+    return EXIT_ERROR, f"run {run_state or 'ended'} without a release outcome"
+
+
+def _step_line(ti: dict, detail: str | None) -> str:
+    name = ti["task_id"] + (f"[{ti['map_index']}]" if ti.get("map_index", -1) not in (-1, None) else "")
+    duration = f"{ti['duration']:.1f}s" if isinstance(ti.get("duration"), (int, float)) else "-"
+    return f"  {name:<22} {ti['state']:<16} {duration:>8}" + (f"  {detail}" if detail else "")
+
+
+def _describe(value: Any) -> str | None:
+    """The part of a task's XCom a person wants in the stream: the decision and why, or the release opened."""
+    if not isinstance(value, dict):
+        return None
+    if "release_id" in value and "candidate" in value and "state" not in value:
+        return (f"release {value['release_id']}: {value.get('model')} v{value['candidate']} "
+                f"over v{value.get('champion')} (policy {value.get('policy')})")
+    parts = [str(value[k]) for k in ("state", "decision") if value.get(k)]
+    reason = value.get("reason") or (value.get("reasons") or [None])[-1] or value.get("skipped") or value.get("rejected")
+    if reason:
+        parts.append(str(reason))
+    return ": ".join(parts)[:400] or None
+
+
+def follow(client: AirflowClient, dag_id: str, run_id: str, *, echo: Callable[[str], None] = print,
+           poll_seconds: float = 5.0, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep,
+           summary_task: str = SUMMARY_TASK) -> Outcome:
+    """Poll the run until it ends, printing each task as it finishes and each approval it waits for."""
+    started = time.monotonic()
+    printed: set[tuple[str, int]] = set()
+    asked: set[str] = set()
+    steps: list[dict] = []
+    while True:
+        run = client.dag_run(dag_id, run_id)
+        tis = sorted(client.task_instances(dag_id, run_id), key=lambda t: (t.get("end_date") or "~", t["task_id"]))
+        for ti in tis:
+            key = (ti["task_id"], ti.get("map_index", -1))
+            if ti.get("state") in _DONE and key not in printed:
+                printed.add(key)
+                value = client.xcom(dag_id, run_id, ti["task_id"]) if ti["state"] == "success" else None
+                steps.append({"task_id": ti["task_id"], "state": ti["state"], "duration": ti.get("duration"),
+                              "value": value})
+                echo(_step_line(ti, _describe(value)))
+        if any(ti.get("state") in _WAITING_FOR_A_PERSON for ti in tis):
+            for request in client.pending_approvals(dag_id, run_id):
+                task_id = request["task_instance"]["task_id"]
+                if task_id not in asked:
+                    asked.add(task_id)
+                    echo(f"  {task_id:<22} waiting for approval: {request.get('subject')}\n"
+                         f"  {'':<22} answer in the Airflow UI: {client.ui_url(dag_id, run_id, task_id)}\n"
+                         f"  {'':<22} options: {', '.join(request.get('options') or [])}")
+        if run["state"] in _RUN_DONE:
+            break
+        if timeout is not None and time.monotonic() - started > timeout:
+            return Outcome(EXIT_ERROR, f"run {run_id} still {run['state']} after {timeout:.0f} s; "
+                                       f"follow it at {client.ui_url(dag_id, run_id)}", run["state"], None, steps)
+        sleep(poll_seconds)
+    summary = next((s["value"] for s in steps if s["task_id"] == summary_task and isinstance(s["value"], dict)), None)
+    code, message = exit_code_for(summary, run["state"])
+    if summary is None and run["state"] == "failed":
+        failed = [s["task_id"] for s in steps if s["state"] == "failed"]
+        message += f" (failed tasks: {', '.join(failed) or 'none recorded'}; logs at {client.ui_url(dag_id, run_id)})"
+    return Outcome(code, message, run["state"], summary, steps)

@@ -1,0 +1,158 @@
+"""releasegate trigger's REST client against a scripted Airflow API (httpx.MockTransport).
+
+The real API server is exercised in tests/integration/test_trigger_cli.py; here each release
+outcome is mapped to its exit code without running a release for each.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from releasegate import airflow_client as af
+from releasegate.release import TERMINAL, State
+
+RUN = "manual__2026-11-29T10:00:00+00:00"
+
+
+class FakeAirflow:
+    """Airflow's /auth/token and /api/v2 endpoints for one model_release run that ends as `final`."""
+
+    def __init__(self, final: str | None = "promoted", run_state: str = "success", approval: bool = False):
+        self.final, self.run_state, self.approval = final, run_state, approval
+        self.polls = 0
+        self.triggered: dict | None = None
+        self.tokens_issued = 0
+        self.valid_token = None
+
+    def tis(self) -> list[dict]:
+        done = self.polls >= 2
+        tis = [{"task_id": "open_release", "state": "success", "duration": 2.5, "map_index": -1,
+                "end_date": "2026-11-29T10:00:03Z"},
+               {"task_id": "decide", "state": "success" if done else ("deferred" if self.approval else "running"),
+                "duration": 1.0, "map_index": -1, "end_date": "2026-11-29T10:01:00Z" if done else None}]
+        if done:
+            tis.append({"task_id": "finish", "state": "success" if self.final else "failed", "duration": 3.0,
+                        "map_index": -1, "end_date": "2026-11-29T10:01:05Z"})
+        return tis
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/auth/token":
+            body = json.loads(request.content)
+            if body != {"username": "ci", "password": "secret"}:
+                return httpx.Response(401, json={"detail": "Invalid credentials"})
+            self.tokens_issued += 1
+            self.valid_token = f"jwt-{self.tokens_issued}"
+            return httpx.Response(201, json={"access_token": self.valid_token})
+        if request.headers.get("authorization") != f"Bearer {self.valid_token}":
+            return httpx.Response(401, json={"detail": "Invalid JWT token"})
+        base = f"/api/v2/dags/model_release/dagRuns/{RUN}"
+        if request.method == "POST" and path == "/api/v2/dags/model_release/dagRuns":
+            self.triggered = json.loads(request.content)
+            return httpx.Response(200, json={"dag_run_id": RUN, "state": "queued"})
+        if path == base:
+            self.polls += 1
+            return httpx.Response(200, json={"dag_run_id": RUN, "state": self.run_state if self.polls >= 2 else "running"})
+        if path == f"{base}/taskInstances":
+            return httpx.Response(200, json={"task_instances": self.tis(), "total_entries": 3})
+        if path == f"{base}/hitlDetails":
+            pending = self.approval and self.polls < 2
+            details = [{"task_instance": {"task_id": "decide"}, "subject": "Promote churn v2 (champion v1)?",
+                        "options": ["Promote", "Roll back"]}] if pending else []
+            return httpx.Response(200, json={"hitl_details": details, "total_entries": len(details)})
+        if path == f"{base}/taskInstances/finish/xcomEntries/return_value" and self.final:
+            return httpx.Response(200, json={"key": "return_value", "value": {
+                "release_id": "rel-1", "state": self.final, "reasons": [f"the release ended {self.final}"]}})
+        if path == f"{base}/taskInstances/open_release/xcomEntries/return_value":
+            return httpx.Response(200, json={"value": {"release_id": "rel-1", "model": "churn", "candidate": "2",
+                                                       "champion": "1", "policy": "default"}})
+        return httpx.Response(404, json={"detail": f"XCom entry with key: `return_value` not found ({path})"})
+
+
+def client_for(fake: FakeAirflow, **kwargs) -> af.AirflowClient:
+    kwargs.setdefault("username", "ci")
+    kwargs.setdefault("password", "secret")
+    return af.AirflowClient("http://airflow.test", transport=httpx.MockTransport(fake.handler), **kwargs)
+
+
+def run_release(fake: FakeAirflow) -> tuple[af.Outcome, list[str]]:
+    lines: list[str] = []
+    with client_for(fake) as client:
+        run = client.trigger("model_release", af.release_conf("churn", "2", "default"))
+        outcome = af.follow(client, "model_release", run["dag_run_id"], echo=lines.append, sleep=lambda s: None)
+    return outcome, lines
+
+
+@pytest.mark.parametrize("state", sorted(TERMINAL, key=str))
+def test_each_release_outcome_gives_the_designed_exit_code(state):
+    expected = {State.promoted: 0, State.failed: 2}.get(state, 1)
+    outcome, lines = run_release(FakeAirflow(final=state.value))
+    assert outcome.exit_code == expected
+    assert outcome.message == f"rel-1 {state.value}: the release ended {state.value}"
+
+
+def test_trigger_sends_the_release_params_with_no_logical_date():
+    fake = FakeAirflow()
+    run_release(fake)
+    assert fake.triggered == {"logical_date": None,
+                              "conf": {"model_name": "churn", "version": "2", "policy": "default"}}
+
+
+def test_steps_are_streamed_once_each_with_the_release_they_opened():
+    outcome, lines = run_release(FakeAirflow())
+    assert [line.split()[0] for line in lines] == ["open_release", "decide", "finish"]
+    assert "release rel-1: churn v2 over v1 (policy default)" in lines[0]
+    assert "2.5s" in lines[0]
+
+
+def test_a_run_that_failed_before_a_release_summary_exits_2_naming_the_failed_task():
+    outcome, _ = run_release(FakeAirflow(final=None, run_state="failed"))
+    assert outcome.exit_code == 2
+    assert "failed tasks: finish" in outcome.message
+
+
+def test_a_pending_approval_is_announced_with_where_to_answer():
+    _, lines = run_release(FakeAirflow(approval=True))
+    waiting = [line for line in lines if "waiting for approval" in line]
+    assert len(waiting) == 1
+    assert "Promote churn v2 (champion v1)?" in waiting[0]
+    assert f"http://airflow.test/dags/model_release/runs/{RUN}/tasks/decide/required_actions" in waiting[0]
+
+
+def test_bad_password_is_a_clear_error():
+    with client_for(FakeAirflow(), password="wrong") as client, pytest.raises(af.AirflowError) as err:
+        client.dag_run("model_release", RUN)
+    assert "refused the credentials of user 'ci'" in str(err.value)
+
+
+def test_an_expired_token_is_renewed_once_with_the_password():
+    fake = FakeAirflow()
+    with client_for(fake) as client:
+        client.login()
+        fake.valid_token = "rotated-by-the-server"
+        assert client.dag_run("model_release", RUN)["dag_run_id"] == RUN
+    assert fake.tokens_issued == 2
+
+
+def test_a_given_token_that_is_refused_is_not_retried():
+    with client_for(FakeAirflow(), token="stale", username=None, password=None) as client, \
+            pytest.raises(af.AirflowError, match="refused the token"):
+        client.dag_run("model_release", RUN)
+
+
+def test_missing_credentials_and_model_are_refused_before_any_call():
+    with pytest.raises(af.AirflowError, match="no Airflow credentials"):
+        af.AirflowClient("http://airflow.test")
+    with pytest.raises(af.AirflowError, match="model name is required"):
+        af.release_conf(" ", None, None)
+
+
+def test_waiting_gives_up_after_the_timeout_with_exit_2():
+    fake = FakeAirflow()
+    fake.polls = -100  # the run stays running
+    with client_for(fake) as client:
+        outcome = af.follow(client, "model_release", RUN, echo=lambda line: None, sleep=lambda s: None, timeout=0)
+    assert outcome.exit_code == 2 and "still running" in outcome.message
