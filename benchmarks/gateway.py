@@ -1,0 +1,319 @@
+"""Gateway throughput and latency beside its ceiling and beside `mlflow models serve`, in one run.
+
+Cases, each on the demo's churn models (champion v1, better candidate v2) with one-row payloads,
+`--connections` concurrent connections from a separate load process (wrk) for `--seconds` each:
+
+    bare          a bare Starlette echo app on uvicorn (httptools, uvloop): the ceiling
+    mlflow_serve  `mlflow models serve` of the champion
+    single        the gateway, champion only, prediction log on (SQLite)
+    shadow        the gateway mirroring every request to the candidate, both arms logged
+    canary        the gateway splitting 50 % to the candidate
+
+    apt-get install -y wrk
+    nice -n 10 .venv/bin/python benchmarks/gateway.py --json bench-gateway.json
+    .venv/bin/python benchmarks/gateway.py --seconds 3        # a smoke run
+
+`mirrored_fraction` is the candidate's successful mirrored calls ÷ requests served, read from the
+gateway's own /metrics before and after the case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "churn"
+CASES = ("bare", "mlflow_serve", "single", "shadow", "canary")
+
+# wrk's Lua hooks: POSTs cycling through BENCH_BODIES (one JSON body a line, so no answer can be
+# cached); done() prints the summary as one JSON line (latencies in µs).
+_WRK_SCRIPT = """
+local requests_ = {}
+local i = 0
+init = function(args)
+  local headers = {["Content-Type"] = "application/json"}
+  local key = os.getenv("BENCH_KEY")
+  if key and key ~= "" then headers["Authorization"] = "Bearer " .. key end
+  for body in io.lines(os.getenv("BENCH_BODIES")) do
+    requests_[#requests_ + 1] = wrk.format("POST", nil, headers, body)
+  end
+end
+request = function()
+  i = i % #requests_ + 1
+  return requests_[i]
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "connect": %d, "read": %d, ' ..
+    '"write": %d, "status": %d, "timeout": %d}\\n', summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def echo_app():
+    """The ceiling: parse the JSON body and answer it, nothing else."""
+    import orjson
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def echo(request):
+        body = orjson.loads(await request.body())
+        return Response(orjson.dumps({"predictions": [0], "echo": body}), media_type="application/json")
+
+    return Starlette(routes=[Route("/invocations", echo, methods=["POST"]),
+                             Route("/healthz", lambda r: Response(b"ok"), methods=["GET"])])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Bench:
+    def __init__(self, workdir: Path, seconds: float, connections: int, threads: int):
+        self.workdir, self.seconds, self.connections, self.threads = workdir, seconds, connections, threads
+        self.procs: list[subprocess.Popen] = []
+        self.script = workdir / "bench.lua"
+        self.script.write_text(_WRK_SCRIPT)
+
+    def say(self, text: str) -> None:
+        print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+    def start(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ),
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            self.stop(proc)
+
+    def wait_ready(self, url: str, proc: subprocess.Popen, name: str, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {self.workdir / (name + '.log')}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{name} not ready after {timeout:.0f}s; see {self.workdir / (name + '.log')}")
+
+    def load(self, url: str, bodies: Path, key: str | None, seconds: float) -> dict:
+        """One wrk run; rps, p50/p99 in ms, and every failed request (socket errors, non-2xx) as errors."""
+        env = dict(os.environ, BENCH_BODIES=str(bodies), BENCH_KEY=key or "")
+        out = subprocess.run(["wrk", f"-t{self.threads}", f"-c{self.connections}", f"-d{max(1, round(seconds))}s",
+                              "--timeout", "10s", "-s", str(self.script), url],
+                             env=env, capture_output=True, text=True, timeout=seconds + 60)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
+        s = json.loads(line[6:])
+        errors = s["connect"] + s["read"] + s["write"] + s["status"] + s["timeout"]
+        return {"rps": round(s["requests"] / (s["duration_us"] / 1e6), 1), "p50_ms": round(s["p50_us"] / 1000, 2),
+                "p99_ms": round(s["p99_us"] / 1000, 2), "errors": errors, "requests": s["requests"]}
+
+    def measure(self, url: str, body: Path, key: str | None = None) -> dict:
+        self.load(url, body, key, min(3.0, self.seconds))  # warm-up: connections, caches, JIT-free paths
+        return self.load(url, body, key, self.seconds)
+
+
+def _calls(metrics_text: str, arm: str, ok_only: bool = True) -> float:
+    """Model calls of one arm in a /metrics page (minus its failed calls with ok_only)."""
+    def total(name: str) -> float:
+        return sum(float(m.group(1)) for m in re.finditer(
+            rf'^{name}{{[^}}]*arm="{arm}"[^}}]*}} ([0-9.e+]+)$', metrics_text, re.M))
+    calls = total("releasegate_gateway_model_calls_total")
+    return calls - total("releasegate_gateway_model_errors_total") if ok_only else calls
+
+
+def environment(workdir: Path) -> dict:
+    home = workdir / "home"
+    home.mkdir(parents=True)
+    env = {
+        "RELEASEGATE_HOME": str(home),
+        "RELEASEGATE_DB_URL": f"sqlite:///{home}/releasegate.db",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+        "RELEASEGATE_MLFLOW_ARTIFACTS": str(home / "mlartifacts"),
+        "RELEASEGATE_ADMIN_KEY": "rg-bench-admin-" + secrets.token_urlsafe(24),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    for name in ("RELEASEGATE_SIGNING_KEY", "RELEASEGATE_TRUSTED_KEYS", "RELEASEGATE_GATEWAY_URL"):
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    return env
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15.0, help="Measured seconds per case (default 15).")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads.")
+    parser.add_argument("--cases", default=",".join(CASES), help="Comma-separated subset of " + ", ".join(CASES))
+    parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
+    parser.add_argument("--workdir", type=Path, default=None, help="Default: a fresh temporary directory.")
+    parser.add_argument("--serve-echo", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_echo is not None:
+        import uvicorn
+
+        uvicorn.run(echo_app(), host="127.0.0.1", port=args.serve_echo, access_log=False, log_level="warning")
+        return 0
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
+    results = benchmark(args, cases)
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps({"cases": results, "seconds": args.seconds,
+                                         "connections": args.connections}, indent=2) + "\n")
+    return 0
+
+
+def benchmark(args, cases: list[str]) -> dict:
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install -y wrk)")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rg-bench-gateway-")).resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        sys.exit(f"{workdir} is not empty")
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = environment(workdir)
+    bench = Bench(workdir, args.seconds, args.connections, args.threads)
+    results: dict[str, dict] = {}
+    try:
+        from releasegate import signing, storage
+        from releasegate.demo import data, models
+        from releasegate.serving import auth
+        from releasegate.settings import get_settings
+
+        settings = get_settings()
+        signing.ensure_keys(settings)
+        storage.engine()
+        bench.say("registering and signing the demo models (champion, good candidate)")
+        versions = models.register_demo_models(settings, model_name=MODEL)
+        for role in ("champion", "good"):
+            signing.sign_version(MODEL, versions[role], settings)
+        _, predict_key = auth.create_key("predict", settings)
+        import orjson
+
+        frame = data.generate(1000, seed=99).drop(columns=[data.LABEL])
+        body = workdir / "bodies.jsonl"  # 1,000 different one-row payloads, sent in turn
+        body.write_bytes(b"".join(orjson.dumps({"dataframe_split": {
+            "columns": list(frame.columns), "data": [row]}}) + b"\n" for row in frame.astype(object).values.tolist()))
+
+        if "bare" in cases:
+            port = free_port()
+            proc = bench.start("bare", [sys.executable, __file__, "--serve-echo", str(port)])
+            bench.wait_ready(f"http://127.0.0.1:{port}/healthz", proc, "bare")
+            bench.say("bare echo app")
+            results["bare"] = bench.measure(f"http://127.0.0.1:{port}/invocations", body)
+            bench.stop(proc)
+
+        if "mlflow_serve" in cases:
+            port = free_port()
+            proc = bench.start("mlflow_serve", [str(Path(sys.executable).parent / "mlflow"), "models", "serve",
+                                                "-m", f"models:/{MODEL}/{versions['champion']}", "-p", str(port),
+                                                "--env-manager", "local"])
+            bench.wait_ready(f"http://127.0.0.1:{port}/health", proc, "mlflow_serve")
+            bench.say("mlflow models serve")
+            results["mlflow_serve"] = bench.measure(f"http://127.0.0.1:{port}/invocations", body)
+            bench.stop(proc)
+
+        gateway_cases = [c for c in ("single", "shadow", "canary") if c in cases]
+        if gateway_cases:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = bench.start("gateway", [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
+                               env=dict(os.environ))
+            bench.wait_ready(f"{url}/readyz", proc, "gateway")
+            admin = httpx.Client(base_url=url, timeout=60, headers={"authorization": f"Bearer {env['RELEASEGATE_ADMIN_KEY']}"})
+            champion, candidate = versions["champion"], versions["good"]
+            specs = {"single": {"champion_version": champion, "mode": "single"},
+                     "shadow": {"champion_version": champion, "candidate_version": candidate, "mode": "shadow"},
+                     "canary": {"champion_version": champion, "candidate_version": candidate, "mode": "canary",
+                                "candidate_weight": 50}}
+            for case in gateway_cases:
+                resp = admin.put(f"/admin/routes/{MODEL}", json=specs[case])
+                if resp.status_code != 200:
+                    raise RuntimeError(f"route {specs[case]} refused: {resp.status_code} {resp.text}")
+                bench.say(f"gateway, {case}")
+                target = f"{url}/models/{MODEL}/invocations"
+                bench.load(target, body, predict_key, min(3.0, args.seconds))
+                time.sleep(1)  # let the warm-up's mirrored calls and log rows drain before counting
+                before = admin.get("/metrics").text
+                results[case] = bench.load(target, body, predict_key, args.seconds)
+                if case == "shadow":
+                    time.sleep(1)  # mirrored calls still queued at the end are answered, not dropped
+                    after = admin.get("/metrics").text
+                    mirrored = _calls(after, "candidate") - _calls(before, "candidate")
+                    served = _calls(after, "champion", ok_only=False) - _calls(before, "champion", ok_only=False)
+                    results[case]["mirrored_fraction"] = round(mirrored / served, 4) if served else 0.0
+            written = re.search(r'^releasegate_gateway_log_written_rows_total{table="predictions"} ([0-9.e+]+)$',
+                                admin.get("/metrics").text, re.M)
+            bench.say(f"prediction log rows written: {float(written.group(1)) if written else 0:,.0f}")
+            admin.close()
+            bench.stop(proc)
+    finally:
+        bench.stop_all()
+        from releasegate import storage
+
+        storage.dispose_all()
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"{'case':<14}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}  notes")
+    for case in CASES:
+        r = results.get(case)
+        if r is None:
+            continue
+        notes = f"mirrored {r['mirrored_fraction']:.1%}" if "mirrored_fraction" in r else ""
+        print(f"{case:<14}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}  {notes}")
+    single, bare, mlf, shadow = (results.get(c) for c in ("single", "bare", "mlflow_serve", "shadow"))
+    if single and mlf and mlf["rps"]:
+        print(f"single / mlflow_serve rps: {single['rps'] / mlf['rps']:.1f}x (target >= 25x)")
+    if single and bare and bare["rps"]:
+        print(f"single / bare rps:         {single['rps'] / bare['rps']:.2f}x (target >= 0.5x)")
+    if single and shadow and single["p99_ms"]:
+        print(f"shadow / single p99:       {shadow['p99_ms'] / single['p99_ms']:.2f}x (target <= 1.1x), "
+              f"mirrored {shadow['mirrored_fraction']:.1%} (target >= 90%)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
