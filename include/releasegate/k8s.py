@@ -121,24 +121,30 @@ def render(template: str, **values) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def logger_url(settings: K8sSettings, version: str) -> str:
+def logger_url(settings: K8sSettings, model: str, version: str) -> str:
+    """The sink URL a revision's logger posts to; the query names the registered model and the version."""
     from urllib.parse import urlencode
 
     sep = "&" if "?" in settings.sink_url else "?"
-    return f"{settings.sink_url}{sep}{urlencode({'version': version})}"
+    return f"{settings.sink_url}{sep}{urlencode({'model': model, 'version': version})}"
 
 
 def inference_service(model: str, served: Served, settings: K8sSettings, *, shadow: bool = False,
-                      canary_traffic_percent: int | None = None, release_id: str | None = None) -> dict:
-    """The InferenceService serving `served` (the model's own, or its `-shadow` one in RawDeployment mode)."""
+                      canary_traffic_percent: int | None = None, release_id: str | None = None,
+                      champion_version: str | None = None) -> dict:
+    """The InferenceService serving `served` (the model's own, or its `-shadow` one in RawDeployment mode).
+
+    `champion_version`: the version the rest of a canary's traffic stays on (default: `served`'s).
+    """
     if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
         raise ManifestError(f"canaryTrafficPercent must be 0-100, got {canary_traffic_percent}")
     name = k8s_name(model)
     [doc] = render("inferenceservice.yaml.j2", name=f"{name}-shadow" if shadow else name, model=model,
                    namespace=settings.namespace, role="shadow" if shadow else "serving", version=served.version,
+                   champion_version=champion_version or served.version,
                    digest=served.digest, release_id=release_id, raw_deployment=shadow,
                    min_replicas=settings.min_replicas, service_account=settings.service_account,
-                   canary_traffic_percent=canary_traffic_percent, logger_url=logger_url(settings, served.version),
+                   canary_traffic_percent=canary_traffic_percent, logger_url=logger_url(settings, model, served.version),
                    metadata_headers=[settings.routing_key_header], storage_uri=served.storage_uri)
     return doc
 

@@ -30,7 +30,34 @@ def _policy(rel: release.Release) -> policies.Policy:
     return policies.parse(rel.policy, source=f"release {rel.release_id} policy")
 
 
-def _backend(settings=None):
+def backend_kind(model: str | None, settings=None) -> str:
+    """local | kserve: the registered model's tag `releasegate.backend`, else RELEASEGATE_BACKEND (default local).
+
+    Where a model is served is a fact about the model, not about a release policy.
+    """
+    from releasegate.backends import DeploymentError
+    from releasegate.settings import get_settings
+
+    kind = None
+    if model:
+        from releasegate import registry
+
+        try:
+            kind = registry.get_model_tags(model).get("releasegate.backend")
+        except registry.RegistryError:
+            kind = None
+    kind = kind or (settings or get_settings()).backend
+    if kind not in ("local", "kserve"):
+        raise DeploymentError(f"unknown backend {kind!r} for model {model!r} (registered-model tag "
+                              f"releasegate.backend or RELEASEGATE_BACKEND): use local or kserve")
+    return kind
+
+
+def _backend(model: str | None = None, settings=None, *, wait_ready: bool = True):
+    if backend_kind(model, settings) == "kserve":
+        from releasegate.backends.kserve import KServeBackend
+
+        return KServeBackend(wait_ready=wait_ready)
     from releasegate.backends.local import LocalBackend
 
     return LocalBackend(settings=settings)
@@ -38,7 +65,7 @@ def _backend(settings=None):
 
 def _restore_champion(rel: release.Release) -> None:
     """All traffic back to the release's champion, no candidate."""
-    _backend().set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
+    _backend(rel.model).set_route(rel.model, rel.champion_version, None, "single", 0, release_id=None)
 
 
 def _tag(rel: release.Release, **tags: str) -> None:
@@ -119,8 +146,11 @@ def _reject(rel: release.Release, reason: str, actor: str) -> dict:
     return {"rejected": reason}
 
 
-def route(release_id: str, stage: str, actor: str = "airflow") -> dict:
+def route(release_id: str, stage: str, actor: str = "airflow", *, wait_ready: bool = True) -> dict:
     """Point traffic at the stage ("shadow" or "canary-<n>" for the n-th policy step, from 1).
+
+    wait_ready=False: a backend that deploys slowly (kserve) returns at once with a `readiness` to
+    wait on (the Airflow side defers on it); the window then starts when the wait ends.
 
     Returns the window start and the candidate weight, or a skip when the release already
     has a negative verdict, has ended, or the policy has fewer steps than the DAG.
@@ -143,7 +173,8 @@ def route(release_id: str, stage: str, actor: str = "airflow") -> dict:
             return _skip(rel, f"policy {pol.name} has {len(pol.canary.steps)} canary steps")
         mode, weight, state = "canary", pol.canary.steps[step - 1], State.canary
     try:
-        applied = _backend().set_route(rel.model, rel.champion_version, rel.candidate_version, mode, weight,
+        applied = _backend(rel.model, wait_ready=wait_ready).set_route(
+            rel.model, rel.champion_version, rel.candidate_version, mode, weight,
                                        release_id=release_id)
     except DeploymentError as err:
         if "signature" in str(err).lower() or "signed" in str(err).lower():
@@ -153,13 +184,15 @@ def route(release_id: str, stage: str, actor: str = "airflow") -> dict:
     since = time.time()
     audit.append(actor, "route", model=rel.model, version=rel.candidate_version, release_id=release_id,
                  details={"mode": mode, "candidate_weight": weight, "stage": stage,
-                          "revision": applied.get("revision") if isinstance(applied, dict) else None})
+                          "revision": applied.get("revision") if isinstance(applied, dict) else None,
+                          "status": applied.get("status") if isinstance(applied, dict) else None})
     _tag(rel, state=state.value, weight=weight)
     window = pol.shadow.max_window_seconds if mode == "shadow" else pol.canary.max_window_seconds
     return {"stage": stage if mode == "canary" else "shadow", "analysis_stage": f"canary-{weight}" if mode == "canary" else "shadow",
             "candidate_weight": weight, "since": since, "window_seconds": window,
             "max_extensions": pol.max_extensions if pol.inconclusive == policies.Inconclusive.extend else 0,
-            "poll_seconds": pol.poll_seconds}
+            "poll_seconds": pol.poll_seconds,
+            **({"readiness": applied["readiness"]} if isinstance(applied, dict) and applied.get("readiness") else {})}
 
 
 def poll(release_id: str, analysis_stage: str, since: float, candidate_weight: int, window_closed: bool) -> dict:
@@ -168,7 +201,9 @@ def poll(release_id: str, analysis_stage: str, since: float, candidate_weight: i
 
     rel = release.get(release_id)
     verdict = analysis.analyse(rel.model, release_id, analysis_stage, since, time.time(), _policy(rel),
-                               candidate_weight=candidate_weight, window_closed=window_closed)
+                               candidate_weight=candidate_weight, window_closed=window_closed,
+                               # Knative assigns each request, not each routing key: count SRM in requests.
+                               srm_unit="requests" if backend_kind(rel.model) == "kserve" else "routing_keys")
     return verdict.model_dump(mode="json")
 
 
@@ -240,7 +275,7 @@ def promote(release_id: str, actor: str = "airflow") -> dict:
     if rel.state is State.promoted:
         return {"state": rel.state.value}
     release.transition(release_id, State.promoting, actor=actor)
-    _backend().set_route(rel.model, rel.candidate_version, None, "single", 0, release_id=release_id)
+    _backend(rel.model).set_route(rel.model, rel.candidate_version, None, "single", 0, release_id=release_id)
     audit.append(actor, "route", model=rel.model, version=rel.candidate_version, release_id=release_id,
                  details={"mode": "single", "candidate_weight": 0, "stage": "promoted",
                           "champion_version": rel.candidate_version})

@@ -26,6 +26,7 @@ class Settings(BaseModel):
     mlflow_artifact_root: Path
     gateway_url: str = "http://127.0.0.1:8765"
     admin_api_key: str | None = None
+    backend: str = Field("local", description="Where models without a `releasegate.backend` tag are served: local | kserve.")
     signing_key: Path
     trusted_keys: list[Path]
     policies_dir: Path = _INCLUDE / "policies"
@@ -44,6 +45,7 @@ class Settings(BaseModel):
             mlflow_artifact_root=Path(_env("RELEASEGATE_MLFLOW_ARTIFACTS", str(home / "mlartifacts"))),
             gateway_url=_env("RELEASEGATE_GATEWAY_URL", "http://127.0.0.1:8765"),
             admin_api_key=_env("RELEASEGATE_ADMIN_KEY"),
+            backend=_env("RELEASEGATE_BACKEND", "local"),
             signing_key=Path(_env("RELEASEGATE_SIGNING_KEY", str(keys / "release.key"))),
             trusted_keys=[Path(p) for p in trusted.split(os.pathsep)] if trusted else [keys / "release.pub"],
             policies_dir=Path(_env("RELEASEGATE_POLICIES_DIR", str(_INCLUDE / "policies"))),

@@ -63,28 +63,33 @@ class _Check:
 
 def analyse_frames(preds: pd.DataFrame, feedback: pd.DataFrame, stage: str, policy: Policy,
                    candidate_weight: int = 0, window: Window | tuple[float, float] | None = None,
-                   window_closed: bool = False) -> Verdict:
-    """Decide one stage from its logged rows (columns as in storage.predictions / storage.feedback)."""
+                   window_closed: bool = False, srm_unit: str = "routing_keys") -> Verdict:
+    """Decide one stage from its logged rows (columns as in storage.predictions / storage.feedback).
+
+    srm_unit: what the backend assigns to an arm, "routing_keys" (the gateway's sticky keys) or "requests" (KServe).
+    """
     mode, weight = _stage(stage, candidate_weight)
     _require(preds, PREDICTION_COLUMNS + (("inputs",) if policy.slices else ()), "predictions")
     _require(feedback, FEEDBACK_COLUMNS, "feedback")
     window = _window(window, preds, stage)
     rows = _rows(preds, _labels(feedback), policy)
     if mode == "canary":
-        return verdict_from_stats(canary_stats(rows, policy, weight), stage, policy, window, window_closed)
+        return verdict_from_stats(canary_stats(rows, policy, weight), stage, policy, window, window_closed,
+                                  srm_unit=srm_unit)
     alpha = _alpha(policy, mode)
     return _verdict(_Shadow(rows, policy, alpha, _grow(policy, mode, window, window_closed)), stage, policy,
                     window, window_closed)
 
 
 def verdict_from_stats(stats: CanaryStats, stage: str, policy: Policy, window: Window | tuple[float, float],
-                       window_closed: bool = False) -> Verdict:
+                       window_closed: bool = False, srm_unit: str = "routing_keys") -> Verdict:
     """Decide a canary stage from its sufficient statistics: analyse_frames' canary path and the benchmark's."""
     mode, weight = _stage(stage, stats.weight)
     if mode != "canary":
         raise ValueError(f"CanaryStats decide canary stages only, got stage {stage!r}")
     window = _window(window, None, stage)
-    analysis = _Canary(stats, policy, _alpha(policy, mode), _grow(policy, mode, window, window_closed))
+    analysis = _Canary(stats, policy, _alpha(policy, mode), _grow(policy, mode, window, window_closed),
+                       srm_unit=srm_unit)
     return _verdict(analysis, stage, policy, window, window_closed)
 
 
@@ -438,8 +443,12 @@ class _Canary(_Stage):
 
     mode = "canary"
 
-    def __init__(self, stats: CanaryStats, policy: Policy, alpha: float, grow: float | None = None):
+    def __init__(self, stats: CanaryStats, policy: Policy, alpha: float, grow: float | None = None,
+                 srm_unit: str = "routing_keys"):
+        if srm_unit not in ("routing_keys", "requests"):
+            raise ValueError(f"srm_unit must be routing_keys or requests, got {srm_unit!r}")
         self.stats, self.policy, self.alpha, self.weight, self.grow = stats, policy, alpha, stats.weight, grow
+        self.srm_unit = srm_unit
         propensity = stats.weight / 100
         self.t_opt = policy.canary.min_samples / min(propensity, 1 - propensity)
 
@@ -500,7 +509,7 @@ class _Canary(_Stage):
         return _slice_results(groups, self.checks()[self.policy.primary.metric], alpha, min_n)
 
     def srm(self):
-        keys = {arm: self.stats.arms[arm].routing_keys for arm in ARMS}
+        keys = {arm: getattr(self.stats.arms[arm], self.srm_unit) for arm in ARMS}
         return srm.check(keys, self.weight, self.policy.srm_p_value)
 
     def samples(self) -> dict[str, ArmSamples]:

@@ -12,14 +12,16 @@ from releasegate.policy import Policy
 
 
 def analyse(model: str, release_id: str, stage: str, since: float, until: float, policy: Policy,
-            candidate_weight: int = 0, engine: sa.Engine | None = None, window_closed: bool = False) -> Verdict:
+            candidate_weight: int = 0, engine: sa.Engine | None = None, window_closed: bool = False,
+            srm_unit: str = "routing_keys") -> Verdict:
     """The verdict on `stage` ("shadow" or "canary-<weight>") of a release from its rows logged in [since, until]."""
     if until < since:
         raise ValueError(f"window ends before it starts: since={since}, until={until}")
     preds, feedback = read_window(model, release_id, "shadow" if stage == "shadow" else "canary", since, until,
                                   with_inputs=bool(policy.slices), engine=engine)
     return analyse_frames(preds, feedback, stage, policy, candidate_weight,
-                          Window(start=since, end=until, stage=stage), window_closed=window_closed)
+                          Window(start=since, end=until, stage=stage), window_closed=window_closed,
+                          srm_unit=srm_unit)
 
 
 def read_window(model: str, release_id: str, mode: str, since: float, until: float, with_inputs: bool = False,

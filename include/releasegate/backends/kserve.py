@@ -1,0 +1,343 @@
+"""The `kserve` backend: a KServe InferenceService per model, an Istio VirtualService mirror for shadows.
+
+It drives the cluster through a `kubernetes` ApiClient (Airflow's comes from the cncf-kubernetes
+provider's KubernetesHook, see plugins/releasegate_airflow/kubernetes.py) with server-side apply
+(field manager `releasegate`, never forced: a field another manager owns is a 409 and an error).
+
+| route | objects |
+|---|---|
+| single (champion) | InferenceService `<m>` at the champion, VirtualService `<m>-entry`; no shadow objects |
+| shadow | + InferenceService `<m>-shadow` (candidate, RawDeployment), DestinationRule `<m>-shadow`, VS mirror 100 % |
+| canary w | InferenceService `<m>` at the candidate with canaryTrafficPercent w (KServe keeps the rest on the previous revision) |
+| promote | InferenceService `<m>` at the candidate without canaryTrafficPercent: the new revision takes the default |
+| rollback | canaryTrafficPercent 0 (traffic back on the previous revision at once), then the champion's spec at 0 % until
+its revision is ready, then without canaryTrafficPercent |
+
+A version is verified (signature, trusted key) before its storage URI is published in a manifest.
+Knative splits traffic per request, so `assignment` is "request": the analysis counts SRM in requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+
+from releasegate import k8s
+from releasegate.backends import DeploymentError
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "releasegate"
+ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
+VS = ("networking.istio.io", "v1", "virtualservices")
+DR = ("networking.istio.io", "v1", "destinationrules")
+_FAILED_TRANSITIONS = {"BlockedByFailedLoad", "InvalidSpec"}
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What the cluster says about the InferenceServices a route change is waiting for."""
+
+    state: str  # ready | pending | failed
+    message: str
+    status: dict  # name -> summary (revisions, traffic, url)
+
+
+class KServeBackend:
+    """Sets a model's split by applying KServe and Istio objects; reads the split back from their status."""
+
+    assignment = "request"  # Knative picks a revision per request: there is no sticky routing key
+
+    def __init__(self, api_client=None, settings: k8s.K8sSettings | None = None, *, wait_ready: bool = True,
+                 validate: bool | None = None):
+        from kubernetes import client
+
+        self.settings = settings or k8s.K8sSettings.from_env()
+        self.api_client = api_client or default_api_client()
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.wait_ready = wait_ready
+        # Validate before every apply where the pinned schemas are at hand (tests, CI); a cluster checks anyway.
+        self.validate = k8s.schemas_available(self.settings.schemas_dir) if validate is None else validate
+
+    # -- the Backend interface -------------------------------------------------------------------------------
+
+    def set_route(self, model: str, champion_version: str, candidate_version: str | None = None,
+                  mode: str = "single", candidate_weight: int = 0, release_id: str | None = None) -> dict:
+        """Apply the split; with wait_ready, return once the InferenceServices are ready, else a `readiness` to wait on."""
+        if mode not in ("single", "shadow", "canary"):
+            raise DeploymentError(f"unknown route mode {mode!r} (single, shadow or canary)")
+        if mode != "single" and candidate_version is None:
+            raise DeploymentError(f"a {mode} route needs a candidate version")
+        if mode == "canary" and not 0 < int(candidate_weight) < 100:
+            raise DeploymentError(f"a canary weight must be 1-99, got {candidate_weight}")
+        champion_version, candidate_version = str(champion_version), \
+            None if candidate_version is None else str(candidate_version)
+        name = k8s.k8s_name(model)
+        s = self.settings
+        current = self._get(ISVC, name)
+        waits: list[dict] = []
+        if mode == "single":
+            champion = self._served(model, champion_version, current)
+            on, percent = _serving(current)
+            if current is not None and percent is not None and on != champion_version:
+                # Rollback: traffic back on the previous rolled-out revision now, then restore the champion's
+                # spec at 0 % and move the default only once its revision is ready (the default is the latest
+                # *ready* revision, which until then would be the candidate's).
+                self._apply(ISVC, k8s.inference_service(model, self._served(model, on, current), s,
+                                                        canary_traffic_percent=0, release_id=release_id,
+                                                        champion_version=champion_version))
+                gen = self._apply(ISVC, k8s.inference_service(model, champion, s, canary_traffic_percent=0,
+                                                              release_id=release_id))
+                self._wait([{"name": name, "generation": gen, "canary": 0}])
+            gen = self._apply(ISVC, k8s.inference_service(model, champion, s, release_id=release_id))
+            waits.append({"name": name, "generation": gen, "canary": None})
+            self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
+            self._remove_shadow(name)
+        elif mode == "shadow":
+            champion = self._served(model, champion_version, current)
+            candidate = self._served(model, candidate_version, self._get(ISVC, f"{name}-shadow"))
+            gen = self._apply(ISVC, k8s.inference_service(model, champion, s, release_id=release_id))
+            waits.append({"name": name, "generation": gen, "canary": None})
+            gen = self._apply(ISVC, k8s.inference_service(model, candidate, s, shadow=True, release_id=release_id))
+            waits.append({"name": f"{name}-shadow", "generation": gen, "canary": None})
+            self._apply(DR, k8s.destination_rule(model, s))
+            self._apply(VS, k8s.virtual_service(model, s, mirror_percent=100, release_id=release_id))
+        else:
+            candidate = self._served(model, candidate_version, current)
+            gen = self._apply(ISVC, k8s.inference_service(model, candidate, s, canary_traffic_percent=int(candidate_weight),
+                                                          release_id=release_id, champion_version=champion_version))
+            waits.append({"name": name, "generation": gen, "canary": int(candidate_weight)})
+            self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
+            self._remove_shadow(name)
+        route = {"model": model, "champion_version": champion_version,
+                 "candidate_version": candidate_version if mode != "single" else None, "mode": mode,
+                 "candidate_weight": int(candidate_weight) if mode == "canary" else 0, "release_id": release_id}
+        _record_route(route)
+        if not self.wait_ready:
+            return route | {"ready": False, "readiness": {"backend": "kserve", "namespace": s.namespace,
+                                                          "targets": waits}}
+        ready = self._wait(waits)
+        return route | {"ready": True, "revision": ready.status[name].get("latestReadyRevision"),
+                        "status": ready.status}
+
+    def get_route(self, model: str) -> dict | None:
+        """The split the InferenceService's status reports, with the versions from its annotations."""
+        name = k8s.k8s_name(model)
+        current = self._get(ISVC, name)
+        if current is None:
+            return None
+        on, percent = _serving(current)
+        shadow = self._get(ISVC, f"{name}-shadow")
+        previous = (current.get("metadata", {}).get("annotations") or {}).get("releasegate.io/champion-version")
+        summary = _summary(current)
+        if shadow is not None:
+            return {"model": model, "champion_version": on, "mode": "shadow", "candidate_weight": 0,
+                    "candidate_version": _serving(shadow)[0], "status": summary}
+        if percent is None:
+            return {"model": model, "champion_version": on, "candidate_version": None, "mode": "single",
+                    "candidate_weight": 0, "status": summary}
+        return {"model": model, "champion_version": previous, "candidate_version": on, "mode": "canary",
+                "candidate_weight": percent, "status": summary}
+
+    # -- readiness --------------------------------------------------------------------------------------------
+
+    def readiness(self, targets: list[dict]) -> Readiness:
+        """ready when every target's status is for the applied generation and Ready; failed on a failed revision."""
+        status, pending = {}, []
+        for target in targets:
+            obj = self._get(ISVC, target["name"])
+            if obj is None:
+                return Readiness("failed", f"InferenceService {target['name']} disappeared", status)
+            summary = status[target["name"]] = _summary(obj)
+            failure = _failure(obj)
+            if failure:
+                return Readiness("failed", f"InferenceService {target['name']}: {failure}", status)
+            st = obj.get("status") or {}
+            if st.get("observedGeneration", 0) < target["generation"]:
+                pending.append(f"{target['name']}: status is for generation {st.get('observedGeneration', 0)}, "
+                               f"not yet {target['generation']}")
+            elif _condition(obj, "Ready") != "True":
+                pending.append(f"{target['name']}: not Ready")
+            elif target.get("canary") and summary.get("latestReadyRevision") != summary.get("latestCreatedRevision"):
+                pending.append(f"{target['name']}: revision {summary.get('latestCreatedRevision')} not ready")
+        if pending:
+            return Readiness("pending", "; ".join(pending), status)
+        return Readiness("ready", "ready", status)
+
+    def _wait(self, targets: list[dict]) -> Readiness:
+        deadline = time.monotonic() + self.settings.ready_timeout
+        while True:
+            ready = self.readiness(targets)
+            if ready.state == "ready":
+                return ready
+            if ready.state == "failed":
+                raise DeploymentError(ready.message)
+            if time.monotonic() >= deadline:
+                raise DeploymentError(f"not ready after {self.settings.ready_timeout:g}s: {ready.message}")
+            time.sleep(self.settings.poll_seconds)
+
+    # -- the API ----------------------------------------------------------------------------------------------
+
+    def _get(self, kind: tuple, name: str) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        group, version, plural = kind
+        try:
+            return self.custom.get_namespaced_custom_object(group, version, self.settings.namespace, plural, name)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"reading {plural}/{name}", err) from err
+
+    def _apply(self, kind: tuple, doc: dict) -> int:
+        """Server-side apply; returns the object's generation after it."""
+        from kubernetes.client.exceptions import ApiException
+
+        if self.validate:
+            try:
+                k8s.validate(doc, self.settings.schemas_dir)
+            except k8s.ManifestError as err:
+                raise DeploymentError(f"refusing to apply an invalid manifest: {err}") from err
+        group, version, plural = kind
+        name = doc["metadata"]["name"]
+        try:
+            out = self.custom.patch_namespaced_custom_object(
+                group, version, self.settings.namespace, plural, name, doc, field_manager=FIELD_MANAGER,
+                force=False, _content_type="application/apply-patch+yaml")
+        except ApiException as err:
+            raise _error(f"applying {plural}/{name}", err) from err
+        return int((out.get("metadata") or {}).get("generation") or 0)
+
+    def _delete(self, kind: tuple, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        group, version, plural = kind
+        try:
+            self.custom.delete_namespaced_custom_object(group, version, self.settings.namespace, plural, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise _error(f"deleting {plural}/{name}", err) from err
+
+    def _remove_shadow(self, name: str) -> None:
+        if self._get(ISVC, f"{name}-shadow") is not None:
+            self._delete(ISVC, f"{name}-shadow")
+        if self._get(DR, f"{name}-shadow") is not None:
+            self._delete(DR, f"{name}-shadow")
+
+    def _served(self, model: str, version: str, current: dict | None) -> k8s.Served:
+        """The version as a manifest names it; verified first unless `current` already serves it (verified then)."""
+        on = (current or {}).get("spec", {}).get("predictor", {}).get("model", {})
+        annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
+        if current is not None and annotations.get("releasegate.io/version") == version and on.get("storageUri"):
+            return k8s.Served(version, on["storageUri"], annotations.get("releasegate.io/signature-digest", ""))
+        return verified_version(model, version, self.settings)
+
+
+def verified_version(model: str, version: str, settings: k8s.K8sSettings) -> k8s.Served:
+    """Verify the version's signature (as `releasegate verify` does), then name its stored artifacts for KServe.
+
+    DeploymentError (its message says "signature" or "signed") for an unsigned, tampered or untrusted version.
+    """
+    from releasegate import registry, signing
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="rg-k8s-verify-") as tmp:
+            digest = signing.fetch_and_verify(model, version, f"{tmp}/model")
+    except signing.SignatureError as err:
+        raise DeploymentError(f"refusing to publish {model} v{version}: {err}") from err
+    uri = registry.client().get_model_version_download_uri(model, version)
+    return k8s.Served(version, k8s.storage_uri(uri, settings), digest)
+
+
+_api_client_factory = None
+
+
+def use_api_client(factory) -> None:
+    """Make `factory()` the source of ApiClients (the Airflow plugin installs KubernetesHook's); None resets."""
+    global _api_client_factory
+    _api_client_factory = factory
+
+
+def default_api_client():
+    """The installed factory's ApiClient, else in-cluster service account, else the local kubeconfig."""
+    from kubernetes import client, config
+
+    if _api_client_factory is not None:
+        return _api_client_factory()
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def _error(what: str, err) -> DeploymentError:
+    try:
+        message = json.loads(err.body).get("message") or err.reason
+    except (TypeError, ValueError, AttributeError):
+        message = err.reason
+    if err.status == 409:
+        message = (f"conflict: another field manager owns what releasegate applies ({message}); releasegate never "
+                   f"forces an apply - settle who manages this object, then retry")
+    return DeploymentError(f"{what} failed ({err.status}): {message}", err.status)
+
+
+def _serving(obj: dict | None) -> tuple[str | None, int | None]:
+    """(version in the spec, canaryTrafficPercent or None) of an InferenceService."""
+    if obj is None:
+        return None, None
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return annotations.get("releasegate.io/version"), obj.get("spec", {}).get("predictor", {}).get("canaryTrafficPercent")
+
+
+def _condition(obj: dict, kind: str) -> str | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond.get("status")
+    return None
+
+
+def _failure(obj: dict) -> str | None:
+    st = obj.get("status") or {}
+    model = st.get("modelStatus") or {}
+    if model.get("transitionStatus") in _FAILED_TRANSITIONS:
+        info = model.get("lastFailureInfo") or {}
+        return (f"{model['transitionStatus']}: {info.get('reason', 'unknown reason')}"
+                + (f" - {info['message']}" if info.get("message") else ""))
+    for cond in st.get("conditions") or []:
+        if cond.get("status") == "False" and cond.get("reason") in ("RevisionFailed", "RevisionMissing"):
+            return f"{cond['type']} {cond['reason']}: {cond.get('message', '')}".rstrip(": ")
+    return None
+
+
+def _summary(obj: dict) -> dict:
+    st = obj.get("status") or {}
+    predictor = (st.get("components") or {}).get("predictor") or {}
+    return {"url": st.get("url"), "observedGeneration": st.get("observedGeneration"),
+            "ready": _condition(obj, "Ready"),
+            "latestCreatedRevision": predictor.get("latestCreatedRevision"),
+            "latestReadyRevision": predictor.get("latestReadyRevision"),
+            "previousRolledoutRevision": predictor.get("previousRolledoutRevision"),
+            "traffic": [{"revision": t.get("revisionName"), "percent": t.get("percent")}
+                        for t in predictor.get("traffic") or []]}
+
+
+def _record_route(route: dict) -> None:
+    """Keep the split in `routes`, as the gateway does: the logger sink labels rows (arm, mode, release) from it."""
+    import sqlalchemy as sa
+
+    from releasegate import storage
+
+    table = storage.routes
+    values = {k: route[k] for k in ("champion_version", "candidate_version", "mode", "candidate_weight", "release_id")}
+    with storage.engine().begin() as conn:
+        current = conn.execute(sa.select(table.c.revision).where(table.c.model == route["model"])
+                               .with_for_update()).scalar()
+        values |= {"updated_at": time.time(), "revision": (current or 0) + 1}
+        if current is None:
+            conn.execute(table.insert().values(model=route["model"], **values))
+        else:
+            conn.execute(table.update().where(table.c.model == route["model"]).values(**values))
