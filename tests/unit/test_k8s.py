@@ -1,0 +1,214 @@
+"""KServe / Istio manifests (rendered, validated against the pinned CRD schemas), the logger sink, SRM per request."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+
+import pandas as pd
+import pytest
+
+from releasegate import k8s
+
+SETTINGS = k8s.K8sSettings(namespace="models", sink_url="http://releasegate-sink.models.svc.cluster.local/events")
+CANDIDATE = k8s.Served("3", "s3://mlflow/1/abc/artifacts/model", "sha256:" + "a" * 64)
+
+
+@pytest.fixture
+def schemas():
+    """The pinned CRD copies: a skip with the reason where they are absent, a failure when CI is set."""
+    directory = SETTINGS.schemas_dir
+    if not k8s.schemas_available(directory):
+        message = f"CRD schemas not found in {directory} (see ../shared/k8s-schemas/README.md)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must validate manifests")
+        pytest.skip(message)
+    return directory
+
+
+def every_manifest() -> list[dict]:
+    return [
+        k8s.inference_service("churn", CANDIDATE, SETTINGS),
+        k8s.inference_service("churn", CANDIDATE, SETTINGS, canary_traffic_percent=25, release_id="rel-1",
+                              champion_version="2"),
+        k8s.inference_service("churn", CANDIDATE, SETTINGS, canary_traffic_percent=0, release_id="rel-1"),
+        k8s.inference_service("churn", CANDIDATE, SETTINGS, shadow=True, release_id="rel-1"),
+        k8s.virtual_service("churn", SETTINGS),
+        k8s.virtual_service("churn", SETTINGS, mirror_percent=100, release_id="rel-1"),
+        k8s.destination_rule("churn", SETTINGS),
+        *k8s.sink_manifests("models", "registry.example.com/releasegate:1.0"),
+    ]
+
+
+def test_every_rendered_manifest_validates_against_the_pinned_schemas(schemas):
+    docs = every_manifest()
+    assert [d["kind"] for d in docs] == ["InferenceService"] * 4 + ["VirtualService"] * 2 + \
+        ["DestinationRule", "Deployment", "Service"]
+    for doc in docs:
+        k8s.validate(doc, schemas)
+
+
+def test_manifests_carry_the_release(schemas):
+    canary = k8s.inference_service("churn", CANDIDATE, SETTINGS, canary_traffic_percent=25, release_id="rel-1",
+                                   champion_version="2")
+    predictor = canary["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 25
+    assert predictor["model"] == {"modelFormat": {"name": "mlflow"}, "protocolVersion": "v2",
+                                  "storageUri": CANDIDATE.storage_uri}
+    # The logger URL names model and version, so each revision's events say which version answered.
+    assert predictor["logger"]["url"].endswith("/events?model=churn&version=3") and predictor["logger"]["mode"] == "all"
+    assert canary["metadata"]["annotations"]["releasegate.io/signature-digest"] == CANDIDATE.digest
+    assert "canaryTrafficPercent" not in k8s.inference_service("churn", CANDIDATE, SETTINGS)["spec"]["predictor"]
+    shadow = k8s.inference_service("churn", CANDIDATE, SETTINGS, shadow=True)
+    assert shadow["metadata"]["name"] == "churn-shadow"
+    assert shadow["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    mirrored = k8s.virtual_service("churn", SETTINGS, mirror_percent=100)["spec"]["http"][0]
+    assert mirrored["mirror"]["host"] == "churn-shadow-predictor.models.svc.cluster.local"
+    assert mirrored["mirrorPercentage"] == {"value": 100.0}
+    assert "mirror" not in k8s.virtual_service("churn", SETTINGS)["spec"]["http"][0]
+
+
+def test_a_misspelled_or_mistyped_field_is_refused(schemas):
+    doc = k8s.inference_service("churn", CANDIDATE, SETTINGS, canary_traffic_percent=5)
+    doc["spec"]["predictor"]["canaryTrafficPercnt"] = doc["spec"]["predictor"].pop("canaryTrafficPercent")
+    with pytest.raises(k8s.ManifestError, match="canaryTrafficPercnt"):
+        k8s.validate(doc, schemas)
+    vs = k8s.virtual_service("churn", SETTINGS, mirror_percent=100)
+    vs["spec"]["http"][0]["mirrorPercentage"] = {"value": "all"}
+    with pytest.raises(k8s.ManifestError, match="mirrorPercentage"):
+        k8s.validate(vs, schemas)
+    deployment = k8s.sink_manifests("models", "img:1")[0]
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(k8s.ManifestError, match="imagePullPolcy: unknown field of V1Container"):
+        k8s.validate(deployment)
+    service = k8s.sink_manifests("models", "img:1")[1]
+    del service["spec"]["ports"][0]["port"]
+    with pytest.raises(k8s.ManifestError, match="port"):
+        k8s.validate(service)
+
+
+def test_model_names_map_to_kubernetes_names_or_say_why_not():
+    assert k8s.k8s_name("Churn_Model.v2") == "churn-model-v2"
+    with pytest.raises(k8s.ManifestError, match="not a valid InferenceService name"):
+        k8s.k8s_name("2churn")
+    with pytest.raises(k8s.ManifestError, match="at most"):
+        k8s.k8s_name("c" * 60)
+
+
+def test_storage_uri_rewrite():
+    settings = SETTINGS.model_copy(update={"storage_rewrite": ("file:///srv/mlartifacts", "s3://mlflow")})
+    assert k8s.storage_uri("file:///srv/mlartifacts/1/x/artifacts/model", settings) == "s3://mlflow/1/x/artifacts/model"
+    assert k8s.storage_uri("gs://other/model", settings) == "gs://other/model"
+
+
+# -- SRM in the unit the backend assigns ----------------------------------------------------------------------
+
+
+def _per_request_canary(weight: int, keys: int = 300, per_key: int = 12, seed: int = 7) -> pd.DataFrame:
+    """A Knative-style canary: every request of every customer draws its arm anew."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    t = 1_000.0
+    for k in range(keys):
+        for _ in range(per_key):
+            t += 0.01
+            arm = "candidate" if rng.random() < weight / 100 else "champion"
+            rows.append({"id": len(rows), "request_id": f"r{len(rows)}", "time": t, "arm": arm,
+                         "routing_key_hash": f"k{k}", "fallback": False, "outputs": "1", "latency_ms": 5.0,
+                         "status": "ok", "inputs": json.dumps({"region": "north"})})
+    return pd.DataFrame(rows)
+
+
+def test_srm_counts_requests_when_the_backend_assigns_per_request():
+    from releasegate import policy as policies
+    from releasegate.analysis import analyse_frames
+
+    pol = policies.load("default")
+    preds = _per_request_canary(25)
+    feedback = pd.DataFrame(columns=["request_id", "time", "ground_truth"])
+    # Counted in routing keys, almost every customer shows up in both arms: a false sample-ratio alarm.
+    by_key = analyse_frames(preds, feedback, "canary-25", pol, 25)
+    assert by_key.srm.alarm and by_key.decision == "invalid"
+    by_request = analyse_frames(preds, feedback, "canary-25", pol, 25, srm_unit="requests")
+    assert not by_request.srm.alarm and by_request.decision != "invalid"
+    assert sum(by_request.srm.counts.values()) == len(preds)
+    with pytest.raises(ValueError, match="srm_unit"):
+        analyse_frames(preds, feedback, "canary-25", pol, 25, srm_unit="customers")
+
+
+# -- the logger sink ------------------------------------------------------------------------------------------
+
+
+def _event(kind: str, request_id: str, when: float, metadata: dict | None = None) -> dict:
+    return {"ce-specversion": "1.0", "ce-id": request_id, "ce-source": "http://localhost:9081/",
+            "ce-type": f"org.kubeflow.serving.inference.{kind}", "ce-inferenceservicename": "churn",
+            "ce-namespace": "models", "ce-component": "predictor", "ce-endpoint": "",
+            "ce-time": datetime.fromtimestamp(when, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "ce-metadata": json.dumps(metadata or {}), "content-type": "application/json"}
+
+
+V2_REQUEST = {"inputs": [{"name": "tenure", "shape": [2], "datatype": "FP64", "data": [3.0, 40.0]},
+                         {"name": "region", "shape": [2], "datatype": "BYTES", "data": ["north", "south"]}]}
+V2_RESPONSE = {"model_name": "churn", "outputs": [{"name": "predict", "shape": [2, 1], "datatype": "INT64",
+                                                   "data": [1, 0]}]}
+
+
+def _rows(engine) -> list[dict]:
+    import sqlalchemy as sa
+
+    from releasegate import storage
+
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.select(storage.predictions).order_by(storage.predictions.c.id))]
+
+
+def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
+    from starlette.testclient import TestClient
+
+    from releasegate import storage
+    from releasegate.backends.kserve import _record_route
+    from releasegate.serving import routing
+    from releasegate.serving.kserve_sink import create_app
+
+    _record_route({"model": "churn", "champion_version": "2", "candidate_version": "3", "mode": "shadow",
+                   "candidate_weight": 0, "release_id": "rel-1"})
+    app = create_app(settings, pending_seconds=0.5, sweep_seconds=0.1)
+    t0 = time.time()
+    with TestClient(app) as client:
+        for version, delay in (("2", 0.004), ("3", 0.009)):
+            # The response may arrive first: the agent's workers send in any order.
+            answered = client.post(f"/events?model=churn&version={version}", headers=_event("response", "req-1", t0 + delay),
+                                   content=json.dumps(V2_RESPONSE))
+            assert answered.status_code == 202
+            request = client.post(f"/events?model=churn&version={version}",
+                                  headers=_event("request", "req-1", t0, {"X-Routing-Key": ["customer-7"]}),
+                                  content=json.dumps(V2_REQUEST))
+            assert request.json() == {"accepted": "written"}
+        # A request whose response never comes (KServe logs none for a non-200 answer) becomes an error row.
+        client.post("/events?model=churn&version=2", headers=_event("request", "req-2", t0), content=json.dumps(V2_REQUEST))
+        assert client.post("/feedback", json=[{"request_id": "req-1", "ground_truth": [1, 0]}]).json() == {"accepted": 1}
+        bad = client.post("/events?model=churn", headers=_event("request", "req-3", t0), content=json.dumps(V2_REQUEST))
+        assert bad.status_code == 400 and "version" in bad.json()["error"]
+        bad = client.post("/events?model=churn&version=2", headers=_event("request", "req-3", t0),
+                          content=json.dumps({"rows": []}))
+        assert bad.status_code == 400 and "no usable rows" in bad.json()["error"]
+        bad = client.post("/feedback", json=[{"request_id": "req-1"}])
+        assert bad.status_code == 422 and "ground_truth" in bad.json()["error"]
+        time.sleep(0.8)
+    rows = _rows(storage.engine(settings.db_url))
+    ok = [r for r in rows if r["request_id"] == "req-1"]
+    assert [(r["version"], r["arm"], r["served"], r["mode"], r["release_id"]) for r in ok] == \
+        [("2", "champion", True, "shadow", "rel-1")] * 2 + [("3", "candidate", False, "shadow", "rel-1")] * 2
+    assert [json.loads(r["inputs"]) for r in ok[:2]] == [{"tenure": 3.0, "region": "north"},
+                                                         {"tenure": 40.0, "region": "south"}]
+    assert [json.loads(r["outputs"]) for r in ok[:2]] == [1, 0]
+    assert ok[0]["latency_ms"] == pytest.approx(4.0, abs=0.01) and ok[2]["latency_ms"] == pytest.approx(9.0, abs=0.01)
+    assert ok[0]["time"] == pytest.approx(t0, abs=1e-3)
+    assert ok[0]["routing_key_hash"] == routing.routing_key_hash("churn", "customer-7")
+    assert ok[0]["sample_bucket"] == routing.sample_bucket("req-1")
+    errors = [r for r in rows if r["request_id"] == "req-2"]
+    assert len(errors) == 2 and all(r["status"] == "error" and "no response" in r["error"] for r in errors)
