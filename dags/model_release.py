@@ -28,6 +28,7 @@ from airflow.sdk import Param, chain, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.sdk import TriggerRule
 
+from releasegate_airflow.kubernetes import ReadinessWaitOperator
 from releasegate_airflow.operators import AnalysisWaitOperator
 
 OPEN_RELEASE = "open_release"
@@ -127,13 +128,16 @@ def model_release():
         """Point the stage's share of traffic at the candidate."""
         from releasegate import pipeline
 
-        return _skip_if_done(pipeline.route(release["release_id"], stage, actor=_actor()))
+        # No waiting here for a slow backend (kserve): the `ready` task defers on what it returns.
+        return _skip_if_done(pipeline.route(release["release_id"], stage, actor=_actor(), wait_ready=False))
 
     def stage_group(group_id: str, stage: str, release):
         @task_group(group_id=group_id)
         def stage_tasks():
             routed = route.override(task_id="route")(release, stage)
-            AnalysisWaitOperator(task_id="wait", release=release, route=routed)
+            ready = ReadinessWaitOperator(task_id="ready", route=routed,
+                                          doc_md="Wait, deferred, until the serving platform serves the new split.")
+            AnalysisWaitOperator(task_id="wait", release=release, route=ready.output)
 
         return stage_tasks()
 
