@@ -376,3 +376,54 @@ def abort(release_id: str, *, reason: str, actor: str) -> dict:
                              decision="abort")
     _tag(rel, state=State.aborted.value, reasons=reason[:4000])
     return {"state": rel.state.value, "reason": reason}
+
+
+EMERGENCY_REASON_MIN = 10  # a reason someone can act on later, not "x"
+
+
+def emergency_rollback(model: str, reason: str, actor: str, release_id: str | None = None,
+                       category: str | None = None) -> dict:
+    """Back to the `previous` champion at once: route first, then an open release aborted, then the aliases; audited.
+
+    `previous` is left where it is, so running this twice is a no-op rather than a jump back to
+    the version just rolled away from.
+    """
+    from releasegate import registry
+
+    reason = (reason or "").strip()
+    if len(reason) < EMERGENCY_REASON_MIN:
+        raise ValueError(f"an emergency rollback needs a reason of at least {EMERGENCY_REASON_MIN} characters "
+                         f"(got {reason!r}): it is what the audit log keeps")
+    previous = registry.get_alias(model, "previous")
+    champion = registry.get_alias(model, "champion")
+    if previous is None:
+        raise release.ReleaseError(f"{model} has no `previous` alias, so there is no earlier champion to go back to")
+    open_rel = release.active(model)
+    if release_id and (open_rel is None or open_rel.release_id != release_id):
+        named = release.get(release_id)
+        if named.model != model:
+            raise release.ReleaseError(f"release {release_id} is a release of {named.model}, not of {model}")
+    # Traffic first: that is the emergency. Nothing else has changed if the gateway refuses.
+    _backend().set_route(model, previous, None, "single", 0, release_id=None)
+    audit.append(actor, "route", model=model, version=previous,
+                 details={"mode": "single", "candidate_weight": 0, "stage": "emergency rollback",
+                          "champion_version": previous})
+    aborted = None
+    if open_rel is not None:
+        why = f"emergency rollback of {model} to v{previous} by {actor}: {reason}"
+        # A release already moving the aliases cannot be aborted; it ends failed, so the rollback still wins.
+        to = State.failed if State.aborted not in release.MOVES.get(open_rel.state, ()) else State.aborted
+        closed = release.transition(open_rel.release_id, to, actor=actor, reason=why,
+                                    decision="abort" if to is State.aborted else "fail")
+        _tag(closed, state=to.value, reasons=why[:4000])
+        aborted = {"release_id": closed.release_id, "state": to.value, "candidate": closed.candidate_version}
+    if champion != previous:
+        registry.set_alias(model, "champion", previous)
+        if champion is not None:
+            registry.set_version_tags(model, champion, {"releasegate.emergency_rollback": reason[:4000]})
+    event = audit.append(actor, "emergency_rollback", model=model, version=previous,
+                         release_id=aborted["release_id"] if aborted else None,
+                         details={"from_version": champion, "to_version": previous, "reason": reason,
+                                  "category": category, "aborted_release": aborted})
+    return {"model": model, "champion": previous, "rolled_back_from": champion, "reason": reason, "actor": actor,
+            "aborted_release": aborted, "audit_seq": event.get("seq")}

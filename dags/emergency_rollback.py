@@ -1,0 +1,65 @@
+"""
+# Emergency rollback
+
+Puts a model back on its **`previous` champion at once**, from the trigger form, without
+waiting for a release's evidence:
+
+1. **roll_back**: all traffic to the previous champion (the gateway loads and verifies it
+   first); an open release of the model is closed as `aborted`; the `champion` alias moves
+   back to the previous version; who triggered it and why go to the audit log.
+
+Use it when the live champion is hurting users. To stop a release that is still in shadow
+or canary, this also works: the champion has not changed yet, so only the release ends.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+ROLL_BACK = "roll_back"
+CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "security incident", "other"]
+
+
+def _actor() -> str:
+    user = getattr(get_current_context().get("dag_run"), "triggering_user_name", None)
+    return f"airflow:{user}" if user else "airflow"
+
+
+@dag(
+    dag_id="emergency_rollback",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["releasegate", "rollback"],
+    params={
+        "model_name": Param("churn", type="string", minLength=1, title="Model",
+                            description="Registered model name in MLflow; it goes back to its `previous` alias."),
+        "reason": Param(type="string", minLength=10, title="Reason",
+                        description="What is wrong with the current champion (at least 10 characters); "
+                                    "kept in the audit log with your user name."),
+        "category": Param("other", type="string", enum=CATEGORIES, title="What went wrong",
+                          description="The kind of problem, for the audit log and the dashboard."),
+        "release_id": Param(None, type=["null", "string"], pattern="^rel-[0-9a-f]{12}$", title="Release (optional)",
+                            description="The release this is about (rel-…); an open release of the model is "
+                                        "aborted either way."),
+    },
+    default_args={"retries": 0},
+)
+def emergency_rollback():
+    @task(task_id=ROLL_BACK)
+    def roll_back() -> dict:
+        """Route, open release and champion alias back to the previous champion; who and why audited."""
+        from releasegate import pipeline
+
+        params = get_current_context()["params"]
+        return pipeline.emergency_rollback(params["model_name"], params["reason"], _actor(),
+                                           release_id=params.get("release_id") or None,
+                                           category=params.get("category"))
+
+    roll_back()
+
+
+emergency_rollback()
