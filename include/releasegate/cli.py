@@ -24,11 +24,23 @@ def gateway() -> None:
 @gateway.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=int)
-def gateway_serve(host: str, port: int) -> None:
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Server certificate (PEM): serve HTTPS. Default: $RELEASEGATE_GATEWAY_TLS_CERT.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The certificate's private key (PEM). Default: $RELEASEGATE_GATEWAY_TLS_KEY.")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Mutual TLS: refuse clients without a certificate signed by this CA. "
+                   "Default: $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.")
+def gateway_serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None) -> None:
     """Serve the models in the routes table, verifying each signature before it loads."""
+    from pydantic import ValidationError
+
     from releasegate import serving
 
-    serving.run(host=host, port=port)
+    try:
+        serving.run(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
+    except ValidationError as err:
+        raise click.UsageError(str(err)) from None
 
 
 @main.group()

@@ -10,15 +10,33 @@ import logging
 import os
 
 
-def run(host: str = "127.0.0.1", port: int = 8765, settings=None) -> None:
-    """Serve the gateway with uvicorn (one worker) until SIGTERM/SIGINT; the prediction log is flushed on the way out."""
+def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: str | None = None,
+        tls_key: str | None = None, tls_client_ca: str | None = None) -> None:
+    """Serve the gateway with uvicorn (one worker) until SIGTERM/SIGINT; the prediction log is flushed on the way out.
+
+    The TLS arguments override RELEASEGATE_GATEWAY_TLS_*; a client CA turns on mutual TLS.
+    """
+    import ssl
+
     import uvicorn
 
     from releasegate.serving.app import create_app
+    from releasegate.serving.config import GatewayConfig
 
+    overrides = {k: v for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca))
+                 if v}
+    config = GatewayConfig.from_env()
+    config = GatewayConfig(**config.model_dump() | overrides)
     # Progress bars from artifact downloads would drown the gateway's own log lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(create_app(settings), host=host, port=port, workers=1, lifespan="on",
-                            access_log=False, timeout_graceful_shutdown=10, log_config=None)
-    uvicorn.Server(config).run()
+    tls = {}
+    if config.tls_cert:
+        tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
+        if config.tls_client_ca:
+            tls |= {"ssl_ca_certs": config.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # httptools + uvloop are uvicorn's fast paths (both installed); no access log on the request path.
+    server = uvicorn.Config(create_app(settings, config), host=host, port=port, workers=1, lifespan="on",
+                            loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10,
+                            log_config=None, **tls)
+    uvicorn.Server(server).run()

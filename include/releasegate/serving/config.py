@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class GatewayConfig(BaseModel):
@@ -15,13 +15,18 @@ class GatewayConfig(BaseModel):
     batch_max_rows: int = Field(64, ge=1)
     batch_max_wait_ms: float = Field(2.0, ge=0)
     shadow_queue: int = Field(1000, ge=1, description="Mirrored requests waiting for the candidate; more are dropped.")
-    shadow_workers: int = Field(4, ge=1)
+    shadow_workers: int = Field(64, ge=1, description="Concurrent mirrored calls; they share the candidate's "
+                                                     "micro-batches, so fewer workers mean smaller batches.")
     log_flush_interval: float = Field(0.2, gt=0)
     log_batch_rows: int = Field(500, ge=1)
     log_buffer: int = Field(20_000, ge=1, description="Log entries held in memory; more are dropped and counted.")
     max_body_bytes: int = Field(1 << 20, ge=1)
     max_rows: int = Field(1000, ge=1)
     retry_failed_load_seconds: float = Field(30.0, ge=0)
+    tls_cert: str | None = Field(None, description="Server certificate (PEM); with tls_key, the gateway speaks HTTPS.")
+    tls_key: str | None = Field(None, description="Private key of tls_cert (PEM).")
+    tls_client_ca: str | None = Field(None, description="CA bundle (PEM) for mutual TLS: clients must present a "
+                                                        "certificate it signed.")
 
     @classmethod
     def from_env(cls) -> "GatewayConfig":
@@ -31,3 +36,11 @@ class GatewayConfig(BaseModel):
             if raw not in (None, ""):
                 values[name] = raw
         return cls(**values)
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> "GatewayConfig":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together (RELEASEGATE_GATEWAY_TLS_CERT / _TLS_KEY)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self

@@ -1,7 +1,10 @@
 """Off-the-request-path writers for the `predictions` and `feedback` tables.
 
-The request path only appends to a bounded in-memory queue; a thread writes in batches.
-What cannot be queued or written is counted in metrics, never silently lost.
+The request path only appends to a bounded in-memory queue; a thread writes in batches. While
+the database is down, locked or read-only the thread holds its batch and retries, and the queue
+absorbs new entries up to its bound; past that, entries are dropped. Every row that is not
+written is counted (`releasegate_gateway_log_dropped_rows_total{table, reason}`) and reported in
+a log line, never lost silently.
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ import threading
 import time
 from typing import Callable, Iterable
 
+import sqlalchemy as sa
+
 log = logging.getLogger(__name__)
 
-_STOP = object()
+# Errors that mean "the database cannot take writes right now" (down, locked, read-only, connection
+# lost): the batch is kept and retried. Any other error means the rows themselves were refused.
+_TRANSIENT = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+_MAX_BACKOFF = 2.0
+_REPORT_EVERY = 5.0  # seconds between two log lines about dropped rows
 
 
 class LogWriter:
@@ -25,75 +34,156 @@ class LogWriter:
     """
 
     def __init__(self, engine, table, metrics, *, expand: Callable[[object], Iterable[dict]] = lambda e: (e,),
-                 flush_interval: float = 0.2, batch_rows: int = 500, max_buffer: int = 20_000, retries: int = 3):
+                 flush_interval: float = 0.2, batch_rows: int = 500, max_buffer: int = 20_000):
         self._engine = engine
         self._table = table
         self._expand = expand
         self._flush_interval = flush_interval
         self._batch_rows = batch_rows
-        self._retries = retries
         self._queue: queue.Queue = queue.Queue(maxsize=max_buffer)
-        self._dropped = metrics.log_dropped
+        self._dropped_metric = metrics.log_dropped
+        self._dropped_children: dict = {}
         self._written = metrics.log_written.labels(table.name)
+        self._pending_since: float | None = None  # monotonic time of the oldest unwritten entry
         metrics.log_queue.labels(table.name).set_function(self._queue.qsize)
+        metrics.log_lag.labels(table.name).set_function(self.lag)
         self._thread = threading.Thread(target=self._run, name=f"logwriter-{table.name}", daemon=True)
+        self._stopping = threading.Event()
+        self._give_up_at = float("inf")
         self._closed = False
+        self._drops_lock = threading.Lock()
+        self._drops_unreported: dict[str, int] = {}
+        self._last_report = 0.0
 
     def start(self) -> "LogWriter":
         self._thread.start()
         return self
 
+    def lag(self) -> float:
+        """Seconds the oldest unwritten entry has waited (0 when everything is written)."""
+        since = self._pending_since
+        return time.monotonic() - since if since is not None else 0.0
+
     def put(self, entry, rows: int = 1) -> bool:
         """Queue an entry of `rows` rows without blocking; False (and counted) if the buffer is full."""
         if self._closed:
-            self._dropped.labels(self._table.name, "closed").inc(rows)
+            self._drop(rows, "closed")
             return False
         try:
             self._queue.put_nowait(entry)
-            return True
         except queue.Full:
-            self._dropped.labels(self._table.name, "buffer_full").inc(rows)
+            self._drop(rows, "buffer_full")
             return False
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        return True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write everything queued, then stop the thread."""
+        """Write everything queued (giving up after `timeout` s if the database stays down), then stop."""
         if self._closed:
             return
         self._closed = True
-        # The stop marker may have to wait for room; the thread keeps draining meanwhile.
-        self._queue.put(_STOP, timeout=timeout)
-        self._thread.join(timeout)
+        self._give_up_at = time.monotonic() + timeout
+        self._stopping.set()
+        self._thread.join(timeout + 5)
+        self._report(force=True)
+
+    # --- the writer thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            rows: list[dict] = []
-            deadline = time.monotonic() + self._flush_interval
-            while len(rows) < self._batch_rows:
-                try:
-                    entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if entry is _STOP:
-                    stopping = True
-                    break
-                try:
-                    rows.extend(self._expand(entry))
-                except Exception:  # a bad entry must not stop the writer
-                    log.exception("could not encode a %s log entry", self._table.name)
-                    self._dropped.labels(self._table.name, "encode_error").inc()
+        while True:
+            rows = self._collect()
             if rows:
                 self._write(rows)
+            elif self._stopping.is_set() and self._queue.empty():
+                return
+            self._report()
+
+    def _collect(self) -> list[dict]:
+        rows: list[dict] = []
+        deadline = time.monotonic() + self._flush_interval
+        while len(rows) < self._batch_rows:
+            try:
+                if self._stopping.is_set():
+                    entry = self._queue.get_nowait()
+                else:
+                    entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            try:
+                rows.extend(self._expand(entry))
+            except Exception:  # a bad entry must not stop the writer
+                log.exception("could not encode a %s log entry", self._table.name)
+                self._drop(1, "encode_error")
+        return rows
 
     def _write(self, rows: list[dict]) -> None:
-        for attempt in range(self._retries):
+        delay, outage_since = 0.2, None
+        while True:
             try:
                 with self._engine.begin() as conn:
                     conn.execute(self._table.insert(), rows)
-                self._written.inc(len(rows))
+            except _TRANSIENT as err:
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.warning("%s log: the database refuses writes (%s); holding %d rows and up to %d queued "
+                                "entries, retrying", self._table.name, _first_line(err), len(rows),
+                                self._queue.maxsize)
+                if self._stopping.is_set() and time.monotonic() > self._give_up_at:
+                    lost = len(rows) + self._drain()
+                    self._drop(lost, "db_unavailable")
+                    log.error("%s log: shutting down with the database still refusing writes; %d rows not written",
+                              self._table.name, lost)
+                    return
+                self._report()
+                time.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                continue
+            except Exception as err:  # the rows themselves were refused: retrying would not help
+                log.error("%s log: %d rows refused by the database: %s", self._table.name, len(rows),
+                          _first_line(err))
+                self._drop(len(rows), "db_error")
                 return
-            except Exception as err:  # the database may be briefly locked or down
-                log.warning("writing %d %s rows failed (attempt %d): %s", len(rows), self._table.name,
-                            attempt + 1, err)
-                time.sleep(0.2 * (attempt + 1))
-        self._dropped.labels(self._table.name, "db_error").inc(len(rows))
+            self._written.inc(len(rows))
+            self._pending_since = None if self._queue.empty() else time.monotonic()
+            if outage_since is not None:
+                log.warning("%s log: the database takes writes again after %.1f s", self._table.name,
+                            time.monotonic() - outage_since)
+            return
+
+    def _drain(self) -> int:
+        """Empty the queue, returning how many rows its entries held (for the drop count)."""
+        lost = 0
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                return lost
+            try:
+                lost += len(list(self._expand(entry)))
+            except Exception:
+                lost += 1
+
+    # --- drops: counted at once, reported in a log line at most every few seconds ----------------
+
+    def _drop(self, rows: int, reason: str) -> None:
+        child = self._dropped_children.get(reason)
+        if child is None:
+            child = self._dropped_children[reason] = self._dropped_metric.labels(self._table.name, reason)
+        child.inc(rows)
+        with self._drops_lock:
+            self._drops_unreported[reason] = self._drops_unreported.get(reason, 0) + rows
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._drops_unreported or (not force and now - self._last_report < _REPORT_EVERY):
+            return
+        with self._drops_lock:
+            drops, self._drops_unreported = self._drops_unreported, {}
+        self._last_report = now
+        log.error("%s log: rows not written since the last report: %s", self._table.name,
+                  ", ".join(f"{n} ({reason})" for reason, n in sorted(drops.items())))
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0][:200]

@@ -47,5 +47,27 @@ class Metrics:
                                            "Route changes refused because a version failed to load or verify.",
                                            ("model",), registry=r)
 
+        self.log_lag = Gauge("releasegate_gateway_log_lag_seconds",
+                             "Age of the oldest log entry not yet written (0 when the writer is caught up).",
+                             ("table",), registry=r)
+        self._children: dict = {}
+
+    def http_response(self, endpoint: str, status: int) -> None:
+        """Count one response; label children are cached (labels() takes a lock and builds a key per call)."""
+        key = ("http", endpoint, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.http.labels(endpoint, str(status))
+        child.inc()
+
+    def model_call(self, model: str, version: str, arm: str, seconds: float) -> None:
+        key = ("call", model, version, arm)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(model, version, arm),
+                                              self.latency.labels(model, version, arm))
+        children[0].inc()
+        children[1].observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
