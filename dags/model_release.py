@@ -135,7 +135,7 @@ def model_release():
         @task_group(group_id=group_id)
         def stage_tasks():
             routed = route.override(task_id="route")(release, stage)
-            ready = ReadinessWaitOperator(task_id="ready", route=routed,
+            ready = ReadinessWaitOperator(task_id="ready", release=release, route=routed,
                                           doc_md="Wait, deferred, until the serving platform serves the new split.")
             AnalysisWaitOperator(task_id="wait", release=release, route=ready.output)
 

@@ -89,11 +89,12 @@ class ReadinessWaitOperator(BaseOperator):
     A backend that was ready at once (the local gateway) hands over no `readiness`: nothing to wait for.
     """
 
-    template_fields = ("route",)
+    template_fields = ("release", "route")
     ui_color = "#d6eaf8"
 
-    def __init__(self, *, route: Any, **kwargs):
+    def __init__(self, *, release: Any, route: Any, **kwargs):
         super().__init__(**kwargs)
+        self.release = release
         self.route = route
 
     def execute(self, context) -> dict:
@@ -111,6 +112,12 @@ class ReadinessWaitOperator(BaseOperator):
             timeout=settings.ready_timeout, poll_seconds=settings.poll_seconds), method_name="execute_complete")
 
     def execute_complete(self, context, event: dict) -> dict:
+        from releasegate import audit
+
+        # The cluster's own account of the split (revisions, traffic, url) goes into the release's audit trail.
+        audit.append("airflow", "serving.ready" if event["state"] == "ready" else "serving.not_ready",
+                     model=self.release["model"], version=self.release["candidate"],
+                     release_id=self.release["release_id"], details={k: v for k, v in event.items() if k != "at"})
         if event["state"] != "ready":
             # The run's finish task then restores the champion and closes the release as failed.
             raise AirflowFailException(f"the candidate's InferenceService did not become ready: {event['message']}")

@@ -1,0 +1,396 @@
+"""The kserve backend end to end: real MLflow store, real sink process, real Airflow runs; a FAKE Kubernetes API.
+
+No cluster runs on this machine, so the Kubernetes API server is the fake in kserve_fake_api.py (a
+Starlette app on a loopback port that records every request; the only fake in this project). The
+traffic that KServe's data plane would carry is played from that fake's state: each request goes to
+a revision drawn from the InferenceService's reported traffic split (and to the shadow when the
+VirtualService mirrors), the revision's version of the real model answers, and the request and
+response CloudEvents KServe's logger would send are posted to the real sink, with labels as feedback.
+
+Tests run in file order on one module stack: refusal of an unsigned version, then the two Airflow
+runs (promote; rollback in shadow), then the pipeline-level cases (rollback from a canary, not
+ready for too long, a failed revision, 409 on apply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import ROOT, Stack, free_port
+from tests.integration.kserve_fake_api import FakeKubernetes
+
+MODEL = "churn"
+pytestmark = pytest.mark.integration
+
+IS, SHADOW, VS, DR = ("InferenceService", "churn"), ("InferenceService", "churn-shadow"), \
+    ("VirtualService", "churn-entry"), ("DestinationRule", "churn-shadow")
+
+
+def apply_is(version: str, canary: int | None = None, name: str = "churn") -> tuple:
+    return ("apply", "InferenceService", name, version, canary)
+
+
+def apply_vs(mirror: bool = False) -> tuple:
+    return ("apply", "VirtualService", "churn-entry", "mirror 100%" if mirror else "no mirror")
+
+
+def shadow_sequence(champion: str, candidate: str) -> list[tuple]:
+    return [apply_is(champion), apply_is(candidate, name="churn-shadow"), ("apply", "DestinationRule", "churn-shadow"),
+            apply_vs(mirror=True)]
+
+
+REMOVE_SHADOW = [("delete", "InferenceService", "churn-shadow"), ("delete", "DestinationRule", "churn-shadow")]
+
+
+def _policy(tmp: Path) -> Path:
+    """default.yaml plus `kserve-test`: one 50 % canary step and wider margins, so a run needs less traffic."""
+    policies = tmp / "policies"
+    policies.mkdir()
+    default = ROOT / "include" / "policies" / "default.yaml"
+    (policies / "default.yaml").write_text(default.read_text())
+    pol = yaml.safe_load(default.read_text())
+    pol.update({"name": "kserve-test", "description": "short kserve test release", "poll_seconds": 2,
+                "max_extensions": 0, "slices": []})
+    pol["shadow"].update({"max_window_seconds": 400, "min_samples": 150, "min_agreement": 0.7})
+    pol["canary"].update({"steps": [50], "max_window_seconds": 400, "min_samples": 150})
+    pol["primary"]["margin"] = 0.06
+    (policies / "kserve-test.yaml").write_text(yaml.safe_dump(pol))
+    return policies
+
+
+class DataPlane:
+    """KServe's data plane played from the fake cluster: revision per request, mirror, logger events, labels."""
+
+    def __init__(self, fake: FakeKubernetes, sink_url: str, rps: float = 120):
+        self.fake, self.sink_url, self.rps = fake, sink_url, rps
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.models: dict[str, object] = {}
+        self.sent = self.errors = 0
+
+    def _split(self) -> tuple[list[tuple[str, int]], str | None]:
+        """[(version, percent)] of the champion InferenceService, and the shadow's version if mirrored."""
+        with self.fake.lock:
+            state = self.fake.isvc.get(("models", "churn"))
+            obj = self.fake.objects.get(("inferenceservices", "models", "churn"))
+            if state is None or obj is None:
+                return [], None
+            status = self.fake._with_status(("inferenceservices", "models", "churn"), obj, read=False)
+            versions = {r[0]: r[3] for r in state.revisions}
+            split = [(versions[t["revisionName"]], t["percent"]) for t in
+                     status["status"]["components"]["predictor"]["traffic"] if t["percent"]]
+            vs = self.fake.objects.get(("virtualservices", "models", "churn-entry"))
+            mirrored = vs is not None and "mirror" in vs["spec"]["http"][0]
+            shadow = self.fake.objects.get(("inferenceservices", "models", "churn-shadow"))
+            shadow_version = shadow["metadata"]["annotations"]["releasegate.io/version"] if mirrored and shadow else None
+        return split, shadow_version
+
+    def _model(self, version: str):
+        if version not in self.models:
+            from releasegate import registry
+
+            self.models[version] = registry.load_pyfunc(registry.fetch_verified(MODEL, version))
+        return self.models[version]
+
+    async def _run(self) -> None:
+        import aiohttp
+        import pandas as pd
+
+        from releasegate.demo import data
+
+        frame = data.generate(20_000, seed=5)
+        rows, labels = frame[data.FEATURES].to_dict(orient="records"), frame[data.LABEL].tolist()
+        draw = random.Random(3)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+            start, n = time.time(), 0
+            while not self.stop.is_set():
+                split, shadow = self._split()
+                pending = []
+                for _ in range(max(0, int((time.time() - start) * self.rps) - n)):
+                    n += 1
+                    if not split:
+                        continue
+                    i, request_id = draw.randrange(len(rows)), f"k-{n}-{draw.getrandbits(32):08x}"
+                    versions = [draw.choices([v for v, _ in split], weights=[p for _, p in split])[0]]
+                    versions += [shadow] if shadow else []
+                    for version in versions:
+                        pending.append(self._call(client, version, request_id, rows[i], pd))
+                    pending.append(client.post(f"{self.sink_url}/feedback",
+                                               json=[{"request_id": request_id, "ground_truth": int(labels[i])}]))
+                for result in await asyncio.gather(*[_send(p) for p in pending]):
+                    self.sent += 1
+                    self.errors += result >= 300
+                await asyncio.sleep(0.05)
+
+    def _call(self, client, version: str, request_id: str, row: dict, pd):
+        t0 = time.time()
+        output = self._model(version).predict(pd.DataFrame([row]))
+        t1 = time.time()
+        value = output.tolist() if hasattr(output, "tolist") else list(output)
+        request = {"inputs": [{"name": k, "shape": [1], "datatype": "BYTES" if isinstance(v, str) else "FP64",
+                               "data": [v]} for k, v in row.items()]}
+        response = {"model_name": "churn", "outputs": [{"name": "predict", "shape": [1], "datatype": "INT64",
+                                                        "data": [int(value[0])]}]}
+        url = f"{self.sink_url}/events?model={MODEL}&version={version}"
+
+        async def both():
+            first = await client.post(url, data=json.dumps(request), headers=_ce("request", request_id, t0))
+            await first.read()
+            return await client.post(url, data=json.dumps(response), headers=_ce("response", request_id, t1))
+        return both()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(30)
+
+
+async def _send(coro) -> int:
+    try:
+        resp = await coro
+        await resp.read()
+        return resp.status
+    except Exception:  # counted, the analysis sees the gap
+        return 599
+
+
+def _ce(kind: str, request_id: str, when: float) -> dict:
+    return {"ce-specversion": "1.0", "ce-id": request_id, "ce-source": "http://localhost:9081/",
+            "ce-type": f"org.kubeflow.serving.inference.{kind}", "ce-inferenceservicename": "churn",
+            "ce-namespace": "models", "ce-component": "predictor",
+            "ce-time": datetime.fromtimestamp(when, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def kstack(tmp_path_factory, airflow_env):
+    """Demo models (champion signed, backend tag kserve), the fake API with the champion deployed, the sink."""
+    from tests.conftest import _point_env_at
+
+    home = tmp_path_factory.mktemp("kserve")
+    fake = FakeKubernetes(ready_after=2).start()
+    sink_port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in airflow_env.items():
+            if key.startswith("AIRFLOW") or key in ("PYTHONPATH", "PATH"):
+                mp.setenv(key, value)
+        _point_env_at(home, mp)
+        mp.setenv("RELEASEGATE_POLICIES_DIR", str(_policy(home)))
+        mp.setenv("RELEASEGATE_K8S_NAMESPACE", "models")
+        mp.setenv("RELEASEGATE_K8S_READY_TIMEOUT", "60")
+        mp.setenv("RELEASEGATE_K8S_POLL_SECONDS", "0.3")
+        mp.setenv("RELEASEGATE_K8S_STORAGE_REWRITE", f"file://{home}/mlartifacts=s3://mlflow")
+        mp.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps(
+            {"conn_type": "kubernetes", "extra": {"kube_config": fake.kubeconfig()}}))
+        from releasegate import registry, signing, storage
+        from releasegate.backends import kserve
+        from releasegate.demo import models
+        from releasegate.settings import get_settings
+
+        settings = get_settings()
+        signing.ensure_keys(settings)
+        stack = Stack(home, dict(os.environ))
+        stack.versions = models.register_demo_models(settings, model_name=MODEL)
+        signing.sign_version(MODEL, stack.versions["champion"])
+        registry.client().set_registered_model_tag(MODEL, "releasegate.backend", "kserve")
+        kserve.use_api_client(fake.api_client)
+        stack.fake = fake
+        stack.sink_url = f"http://127.0.0.1:{sink_port}"
+        sink = stack.start("sink", [sys.executable, "-m", "releasegate.serving.kserve_sink", "--port", str(sink_port)])
+        deadline = time.time() + 60
+        while True:
+            assert sink.poll() is None, stack.log("sink")
+            try:
+                if httpx.get(f"{stack.sink_url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "sink did not start:\n" + stack.log("sink")
+            time.sleep(0.3)
+        route = kserve.KServeBackend().set_route(MODEL, stack.versions["champion"])
+        assert route["ready"] and fake.calls == [apply_is(stack.versions["champion"]), apply_vs()]
+        try:
+            yield stack
+        finally:
+            kserve.use_api_client(None)
+            stack.stop("sink")
+            fake.stop()
+            storage.dispose_all()
+
+
+def run_release(version: str, policy: str = "kserve-test") -> str:
+    conf = json.dumps({"model_name": MODEL, "version": version, "policy": policy})
+    out = subprocess.run(["airflow", "dags", "test", "model_release", "-c", conf], env=dict(os.environ),
+                         capture_output=True, text=True, timeout=900)
+    finished = [line for line in out.stdout.splitlines() + out.stderr.splitlines() if "DagRun Finished" in line]
+    assert finished, out.stdout[-3000:] + out.stderr[-3000:]
+    return finished[-1]
+
+
+def newest_release(version: str):
+    from releasegate import release
+
+    return next(r for r in release.list_releases(MODEL) if r.candidate_version == version)
+
+
+def test_an_unsigned_version_is_never_published(kstack):
+    from releasegate.backends import DeploymentError
+    from releasegate.backends.kserve import KServeBackend
+
+    kstack.fake.calls.clear()
+    unsigned = kstack.versions["bad"]
+    with pytest.raises(DeploymentError, match=f"refusing to publish churn v{unsigned}: .*not signed"):
+        KServeBackend().set_route(MODEL, kstack.versions["champion"], unsigned, "shadow")
+    assert kstack.fake.calls == []  # nothing reached the cluster
+
+
+def test_release_dag_promotes_on_kserve_with_the_exact_applies(kstack):
+    from releasegate import audit, registry
+    from releasegate.backends.kserve import KServeBackend
+
+    good, champion = kstack.versions["good"], kstack.versions["champion"]
+    kstack.fake.calls.clear()
+    with DataPlane(kstack.fake, kstack.sink_url) as plane:
+        run_release(good)
+    rel = newest_release(good)
+    assert rel.state.value == "promoted", (rel.reasons, plane.sent, plane.errors, kstack.log("sink"))
+    assert [v["window"]["stage"] for v in rel.verdicts] == ["shadow", "canary-50"]
+    assert kstack.fake.calls == [
+        *shadow_sequence(champion, good),                           # shadow: mirror to the candidate
+        apply_is(good, 50), apply_vs(), *REMOVE_SHADOW,             # canary 50 %
+        apply_is(good), apply_vs(),                                 # promote: the default moves to the new revision
+    ]
+    assert registry.get_alias(MODEL, "champion") == good
+    route = KServeBackend().get_route(MODEL)
+    assert route["champion_version"] == good and route["mode"] == "single"
+    assert route["status"]["traffic"] == [{"revision": route["status"]["latestReadyRevision"], "percent": 100}]
+    # KServe splits per request: the canary's SRM was counted in requests (every request its own unit here).
+    canary = rel.verdicts[-1]
+    assert sum(canary["srm"]["counts"].values()) == canary["samples"]["champion"]["requests"] + \
+        canary["samples"]["candidate"]["requests"]
+    # The status read back from the cluster is in the release's audit trail, per stage.
+    ready = [e["details"] for e in audit.events(release_id=rel.release_id) if e["action"] == "serving.ready"]
+    assert len(ready) == 2 and ready[0]["status"]["churn-shadow"]["ready"] == "True"
+    assert ready[1]["status"]["churn"]["traffic"][0]["percent"] == 50
+
+
+def test_release_dag_rolls_back_on_kserve_with_the_exact_applies(kstack):
+    bad, good = kstack.versions["bad"], kstack.versions["good"]
+    kstack.fake.calls.clear()
+    with DataPlane(kstack.fake, kstack.sink_url):
+        run_release(bad)
+    rel = newest_release(bad)
+    assert rel.state.value == "rolled_back", rel.reasons
+    assert kstack.fake.calls == [*shadow_sequence(good, bad), apply_is(good), apply_vs(), *REMOVE_SHADOW]
+
+
+def _open_to(version: str, state: str) -> str:
+    """A release of `version` moved straight to `state` (its validation is not what these tests are about)."""
+    from releasegate import pipeline, release, signing
+
+    signing.sign_version(MODEL, version)
+    rid = pipeline.start(MODEL, version, "kserve-test", actor="test")["release_id"]
+    for to in ("validating", "signing"):
+        release.transition(rid, to, actor="test")
+    return rid
+
+
+def _verdict(stage: str, decision: str) -> dict:
+    return {"decision": decision, "reason": f"test: {decision}", "window": {"start": 0.0, "end": 1.0, "stage": stage}}
+
+
+def test_rollback_from_a_canary_sets_it_to_zero_then_restores_the_champion(kstack):
+    from releasegate import pipeline, registry, release
+
+    champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
+    rid = _open_to(candidate, "signing")
+    kstack.fake.calls.clear()
+    pipeline.route(rid, "shadow", actor="test")
+    release.record_verdict(rid, _verdict("shadow", "promote"), actor="test")
+    pipeline.route(rid, "canary-1", actor="test")
+    release.record_verdict(rid, _verdict("canary-50", "rollback"), actor="test")
+    assert pipeline.rollback(rid, actor="test")["state"] == "rolled_back"
+    assert kstack.fake.calls == [
+        *shadow_sequence(champion, candidate),
+        apply_is(candidate, 50), apply_vs(), *REMOVE_SHADOW,
+        apply_is(candidate, 0),   # all traffic back on the previous revision at once
+        apply_is(champion, 0),    # the champion's spec, at 0 % until its revision is ready
+        apply_is(champion), apply_vs(),
+    ]
+    status = kstack.fake._with_status(("inferenceservices", "models", "churn"),
+                                      kstack.fake.objects[("inferenceservices", "models", "churn")], read=False)
+    predictor = status["status"]["components"]["predictor"]
+    versions = {r[0]: r[3] for r in kstack.fake.isvc[("models", "churn")].revisions}
+    assert [(versions[t["revisionName"]], t["percent"]) for t in predictor["traffic"]] == [(champion, 100)]
+
+
+def test_not_ready_for_too_long_fails_the_release_and_restores_the_champion(kstack, monkeypatch):
+    from releasegate import pipeline, registry
+    from releasegate.backends import DeploymentError
+
+    monkeypatch.setenv("RELEASEGATE_K8S_READY_TIMEOUT", "1.5")
+    champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
+    rid = _open_to(candidate, "signing")
+    kstack.fake.never_ready.add("churn-shadow")
+    kstack.fake.calls.clear()
+    try:
+        with pytest.raises(DeploymentError, match=r"not ready after 1.5s: churn-shadow: not Ready"):
+            pipeline.route(rid, "shadow", actor="test")
+        summary = pipeline.finish(rid, actor="test", pipeline_failed=True)
+    finally:
+        kstack.fake.never_ready.clear()
+    assert summary["state"] == "failed"
+    assert kstack.fake.calls == [*shadow_sequence(champion, candidate), apply_is(champion), apply_vs(), *REMOVE_SHADOW]
+
+
+def test_a_failed_revision_is_reported_and_the_champion_restored(kstack):
+    from releasegate import pipeline, registry, release
+    from releasegate.backends import DeploymentError
+
+    champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
+    rid = _open_to(candidate, "signing")
+    release.transition(rid, "shadow", actor="test")
+    release.record_verdict(rid, _verdict("shadow", "promote"), actor="test")
+    kstack.fake.failing_versions.add(candidate)
+    kstack.fake.calls.clear()
+    try:
+        with pytest.raises(DeploymentError, match="BlockedByFailedLoad: ModelLoadFailed - revision churn-predictor-"):
+            pipeline.route(rid, "canary-1", actor="test")
+        assert pipeline.finish(rid, actor="test", pipeline_failed=True)["state"] == "failed"
+    finally:
+        kstack.fake.failing_versions.clear()
+    assert kstack.fake.calls == [apply_is(candidate, 50), apply_vs(),
+                                 apply_is(candidate, 0), apply_is(champion, 0), apply_is(champion), apply_vs()]
+
+
+def test_a_409_on_apply_is_an_error_and_nothing_is_forced(kstack):
+    from releasegate import registry
+    from releasegate.backends import DeploymentError
+    from releasegate.backends.kserve import KServeBackend
+
+    champion = registry.get_alias(MODEL, "champion")
+    kstack.fake.conflicts.add("churn-entry")
+    kstack.fake.calls.clear()
+    try:
+        with pytest.raises(DeploymentError, match=r"applying virtualservices/churn-entry failed \(409\): conflict") as err:
+            KServeBackend().set_route(MODEL, champion)
+    finally:
+        kstack.fake.conflicts.clear()
+    assert err.value.status == 409
+    assert kstack.fake.calls == [apply_is(champion), apply_vs()]
