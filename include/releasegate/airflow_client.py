@@ -153,6 +153,18 @@ class AirflowClient:
                           params={"response_received": "false"})
         return list(body.get("hitl_details", []))
 
+    def respond(self, dag_id: str, run_id: str, task_id: str, chosen_options: list[str],
+                params_input: dict | None = None, map_index: int = -1) -> dict:
+        """Answer a Human-in-the-loop request as the authenticated user (Airflow records who answered)."""
+        resp = self.request("PATCH", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
+                                     f"{quote(task_id)}/{map_index}/hitlDetails",
+                            json={"chosen_options": chosen_options, "params_input": params_input or {}})
+        if resp.status_code == 409:
+            raise AirflowError(f"{task_id} of run {run_id} was already answered ({_detail(resp)})")
+        if resp.status_code != 200:
+            raise AirflowError(f"answering {task_id} of run {run_id} failed ({resp.status_code}: {_detail(resp)})")
+        return resp.json()
+
     def ui_url(self, dag_id: str, run_id: str, task_id: str | None = None) -> str:
         url = f"{self.base_url}/dags/{quote(dag_id)}/runs/{quote(run_id, safe=':+')}"  # as the UI writes it
         return f"{url}/tasks/{quote(task_id)}/required_actions" if task_id else url
