@@ -2,7 +2,8 @@
 
 Every method sees the same simulated canary traffic. releasegate is judged exactly as the release DAG
 judges it: the default policy's canary steps (5 → 25 → 50 %), a look every poll interval (5 s) over the
-step's window so far, the window (600 s) extended up to `max_extensions` times, and at each look the
+canary so far (each finished step's statistics carried into the next, `frames.carry`), an earlier step
+ending at its window (600 s), the last one extended up to `max_extensions` times, and at each look the
 same `releasegate.analysis` code that `analyse()` runs (`canary_stats` reduced to its sufficient
 statistics, then `verdict_from_stats`; see `simulated_stats`, tested against `analyse_frames`).
 
@@ -29,7 +30,7 @@ from scipy import stats
 
 from releasegate import policy as policies
 from releasegate.analysis import sequential
-from releasegate.analysis.frames import CanaryStats, SliceStats, verdict_from_stats
+from releasegate.analysis.frames import CanaryStats, SliceStats, carry, verdict_from_stats
 from releasegate.analysis.verdict import ArmSamples, Decision, Window
 
 RATE = 200.0  # requests per second to the model, all steps
@@ -198,12 +199,19 @@ class Outcome:
 
 
 def releasegate(steps: list[Step], grow, policy: policies.Policy) -> Outcome:
-    """The DAG's wait: a look every poll interval, window + extensions, the real verdict at each look."""
+    """The DAG's wait: a look every poll interval, the real verdict at each look, evidence carried across steps.
+
+    As in the DAG: an earlier step ends at its first `promote` or when its window closes without a
+    failed check (`continue`, no extension), handing its statistics on (`carry`); the last step gets
+    the window plus `max_extensions`, and anything but `promote` at its last look rolls back.
+    """
     window = policy.canary.max_window_seconds
     extensions = policy.max_extensions if policy.inconclusive == policies.Inconclusive.extend else 0
-    budget = window * (1 + extensions)
     done = done_c = 0
+    carried = None
     for index, step in enumerate(steps):
+        last_step = index == len(steps) - 1
+        budget = window * (1 + extensions) if last_step else window
         looks = Looks(step, policy)
         t = policy.poll_seconds
         while True:
@@ -212,15 +220,17 @@ def releasegate(steps: list[Step], grow, policy: policies.Policy) -> Outcome:
                 looks = Looks(step, policy)
             m = int(np.searchsorted(step.t, t, side="right"))
             final = t >= budget
-            verdict = verdict_from_stats(looks.stats(m), f"canary-{step.weight}", policy,
-                                         Window(start=0.0, end=t), window_closed=final)
+            stats = looks.stats(m) if carried is None else carry(carried, looks.stats(m))
+            verdict = verdict_from_stats(stats, f"canary-{step.weight}", policy, Window(start=0.0, end=t),
+                                         window_closed=final)
+            n_c = int(looks.n_cand[m - 1]) if m else 0
             if verdict.decision in (Decision.rollback, Decision.invalid) or (
-                    final and verdict.decision is not Decision.promote):
-                n_c = int(looks.n_cand[m - 1]) if m else 0
+                    final and last_step and verdict.decision is not Decision.promote):
                 return Outcome(True, done + m, done_c + n_c, invalid=verdict.decision is Decision.invalid)
-            if verdict.decision is Decision.promote:
+            if verdict.decision is Decision.promote or final:
                 done += m
-                done_c += int(looks.n_cand[m - 1]) if m else 0
+                done_c += n_c
+                carried = stats
                 break
             t += policy.poll_seconds
     return Outcome(False, done, done_c)

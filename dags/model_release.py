@@ -12,8 +12,11 @@ Takes one registered MLflow model version from the registry to production, or ba
 4. **shadow**: the candidate gets a mirror of live traffic; the wait polls the always-valid
    analysis until it decides, without holding a worker slot.
 5. **canary_N**: the policy's steps (e.g. 5 → 25 → 50 %), each with the same wait.
-6. **decide**: branch to **promote** or **rollback**; **finish** stores the reports and
-   the signed audit head in MLflow, and marks a run that errored as `failed`.
+6. **decide**: branch to **promote** or **rollback**; where the policy requires it (or the
+   evidence stays inconclusive under `inconclusive: approve`), first ask a person through
+   Airflow's Human-in-the-loop (Required Actions), showing the verdicts: a rejection or no
+   answer before the policy's timeout rolls back. **finish** stores the reports and the
+   signed audit head in MLflow, and marks a run that errored as `failed`.
 
 Every task is one call into `releasegate.pipeline`, so the CLI and the tests run the same code.
 """
@@ -29,7 +32,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.sdk import TriggerRule
 
 from releasegate_airflow.kubernetes import ReadinessWaitOperator
-from releasegate_airflow.operators import AnalysisWaitOperator
+from releasegate_airflow.operators import AnalysisWaitOperator, ReleaseDecisionOperator
 
 OPEN_RELEASE = "open_release"
 VALIDATE = "validate"
@@ -141,13 +144,6 @@ def model_release():
 
         return stage_tasks()
 
-    @task.branch(task_id=DECIDE, trigger_rule=TriggerRule.NONE_FAILED)
-    def decide(release: dict) -> str:
-        """Promote, roll back, or (the release already ended) go straight to finish."""
-        from releasegate import pipeline
-
-        return pipeline.decide(release["release_id"])
-
     @task(task_id=PROMOTE)
     def promote(release: dict) -> dict:
         """All traffic to the candidate; champion alias moves, previous kept for rollback."""
@@ -180,7 +176,11 @@ def model_release():
     signed = sign(release, validated)
     stages = [stage_group(SHADOW, "shadow", release)]
     stages += [stage_group(f"canary_{n}", f"canary-{n}", release) for n in range(1, _max_canary_steps() + 1)]
-    decision = decide(release)
+    decision = ReleaseDecisionOperator(task_id=DECIDE, release=release, promote_task_id=PROMOTE,
+                                       rollback_task_id=ROLLBACK, finish_task_id=FINISH,
+                                       trigger_rule=TriggerRule.NONE_FAILED,
+                                       doc_md="Promote, roll back, or (where the policy asks) wait for a person's "
+                                              "approval: a rejection or no answer in time rolls back.")
     promoted, rolled_back, finished = promote(release), rollback(release), finish(release)
 
     chain(signed, *stages, decision, [promoted, rolled_back], finished)

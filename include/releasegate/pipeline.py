@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # the Airflow side turns it into a skipped task.
 SKIPPED = "skipped"
 _NEGATIVE = {"rollback", "invalid"}
+APPROVE = "approve"  # the DAG's human-approval task
 
 
 def _policy(rel: release.Release) -> policies.Policy:
@@ -190,7 +191,9 @@ def route(release_id: str, stage: str, actor: str = "airflow", *, wait_ready: bo
     window = pol.shadow.max_window_seconds if mode == "shadow" else pol.canary.max_window_seconds
     return {"stage": stage if mode == "canary" else "shadow", "analysis_stage": f"canary-{weight}" if mode == "canary" else "shadow",
             "candidate_weight": weight, "since": since, "window_seconds": window,
-            "max_extensions": pol.max_extensions if pol.inconclusive == policies.Inconclusive.extend else 0,
+            # Only the last step extends: an earlier step whose window ends undecided hands its evidence on.
+            "max_extensions": (pol.max_extensions if pol.inconclusive == policies.Inconclusive.extend
+                               and (mode == "shadow" or weight == pol.canary.steps[-1]) else 0),
             "poll_seconds": pol.poll_seconds,
             **({"readiness": applied["readiness"]} if isinstance(applied, dict) and applied.get("readiness") else {})}
 
@@ -203,8 +206,21 @@ def poll(release_id: str, analysis_stage: str, since: float, candidate_weight: i
     verdict = analysis.analyse(rel.model, release_id, analysis_stage, since, time.time(), _policy(rel),
                                candidate_weight=candidate_weight, window_closed=window_closed,
                                # Knative assigns each request, not each routing key: count SRM in requests.
-                               srm_unit="requests" if backend_kind(rel.model) == "kserve" else "routing_keys")
+                               srm_unit="requests" if backend_kind(rel.model) == "kserve" else "routing_keys",
+                               earlier=_finished_canary_steps(rel, analysis_stage))
     return verdict.model_dump(mode="json")
+
+
+def _finished_canary_steps(rel: release.Release, analysis_stage: str) -> list[tuple[float, float, int]]:
+    """(start, end, weight) of the canary steps this release passed before `analysis_stage`: their evidence carries."""
+    if analysis_stage == "shadow":
+        return []
+    steps = []
+    for verdict in rel.verdicts:
+        stage = (verdict.get("window") or {}).get("stage") or ""
+        if stage.startswith("canary-") and stage != analysis_stage and verdict["decision"] in ("promote", "continue"):
+            steps.append((verdict["window"]["start"], verdict["window"]["end"], int(stage.removeprefix("canary-"))))
+    return steps
 
 
 def record(release_id: str, verdict: dict, actor: str = "airflow") -> dict:
@@ -253,18 +269,74 @@ def stage_drift(release_id: str, window: dict, actor: str = "airflow") -> dict |
 
 
 def decide(release_id: str) -> str:
-    """promote | rollback | finish: what the evidence so far says the release does next."""
+    """promote | rollback | approve | finish: what the evidence so far says the release does next.
+
+    Promotion needs the last canary step's `promote` (earlier steps pass with `promote` or `continue`)
+    and no negative verdict; a policy with `approval.required` asks a human first, and one with
+    `inconclusive: approve` asks a human instead of rolling back an undecided release.
+    """
     rel = release.get(release_id)
     pol = _policy(rel)
     if rel.terminal:
         return "finish"
     if rel.champion_version is None:
-        return "promote"
+        return APPROVE if pol.approval.required else "promote"
     decisions = [v["decision"] for v in rel.verdicts]
-    stages_passed = decisions.count("promote")
-    if decisions and decisions[-1] == "promote" and stages_passed >= 1 + len(pol.canary.steps):
-        return "promote"
+    last = rel.verdicts[-1] if rel.verdicts else None
+    final_stage = f"canary-{pol.canary.steps[-1]}"
+    if (last and last["decision"] == "promote" and (last.get("window") or {}).get("stage") == final_stage
+            and not set(decisions) & (_NEGATIVE | {"inconclusive"})):
+        return APPROVE if pol.approval.required else "promote"
+    if last and last["decision"] == "inconclusive" and pol.inconclusive == policies.Inconclusive.approve:
+        return APPROVE
     return "rollback"
+
+
+def request_approval(release_id: str, actor: str = "airflow") -> dict:
+    """Hold the release for a human: state `awaiting_approval`, and the request's text with the evidence."""
+    rel = release.get(release_id)
+    pol = _policy(rel)
+    last = rel.verdicts[-1] if rel.verdicts else None
+    why = ("the evidence did not decide and the policy asks a person (inconclusive: approve)"
+           if last and last["decision"] == "inconclusive" else f"policy {pol.name} requires an approval to promote")
+    if rel.state is not State.awaiting_approval:
+        rel = release.transition(release_id, State.awaiting_approval, actor=actor, reason=f"awaiting approval: {why}")
+    timeout = pol.approval.timeout_seconds
+    lines = [f"**Release** `{rel.release_id}`: model **{rel.model}**, candidate v{rel.candidate_version} "
+             f"over champion v{rel.champion_version}, policy `{pol.name}`.",
+             f"**Why you are asked**: {why}.",
+             f"**No answer within {timeout:,.0f} s rolls the release back.**", "",
+             "| stage | decision | evidence (candidate − champion, always-valid bounds) |", "|---|---|---|"]
+    for verdict in rel.verdicts:
+        metrics = "; ".join(
+            f"{m['name']} {m['estimate']:+.3f} [{m['lower']:+.3f}, {m['upper']:+.3f}] (margin {m['margin']:g})"
+            if m.get("estimate") is not None and m.get("lower") is not None else f"{m['name']} n/a"
+            for m in verdict.get("metrics", []))
+        lines.append(f"| {(verdict.get('window') or {}).get('stage', '?')} | {verdict['decision']} | {metrics} |")
+    if last:
+        lines += ["", f"**Last verdict**: {last['reason']}"]
+    try:
+        lines += ["", f"Reports: `{report_uri(rel)}`"]
+    except Exception as err:  # the request goes out without the link rather than not at all
+        lines += ["", f"Reports: not found in MLflow ({type(err).__name__}: {err})"]
+    return {"subject": f"Promote {rel.model} v{rel.candidate_version} (champion v{rel.champion_version})?",
+            "body": "\n".join(lines), "timeout_seconds": timeout, "approvers": list(pol.approval.approvers)}
+
+
+def record_approval(release_id: str, *, approved: bool, approver: str | None, timed_out: bool = False,
+                    comment: str | None = None) -> str:
+    """Write the answer, or the timeout, to the audit log; returns the branch it leads to."""
+    rel = release.get(release_id)
+    who = approver or ("nobody (timeout)" if timed_out else "unknown")
+    audit.append(f"airflow:{approver}" if approver else "airflow", "approval", model=rel.model,
+                 version=rel.candidate_version, release_id=release_id,
+                 details={"approved": approved, "approver": who, "timed_out": timed_out, "comment": comment})
+    return "promote" if approved else "rollback"
+
+
+def _approval(rel: release.Release) -> dict | None:
+    answers = [e for e in audit.events(release_id=rel.release_id) if e["action"] == "approval"]
+    return answers[-1]["details"] if answers else None
 
 
 def promote(release_id: str, actor: str = "airflow") -> dict:
@@ -285,6 +357,10 @@ def promote(release_id: str, actor: str = "airflow") -> dict:
     if registry.get_alias(rel.model, "challenger") == rel.candidate_version:
         registry.delete_alias(rel.model, "challenger")
     reason = _last_reason(rel) or "first version of the model: no champion to compare with"
+    answer = _approval(rel) if rel.state is State.awaiting_approval else None
+    if answer is not None:
+        note = f": {answer['comment']}" if answer.get("comment") else ""
+        reason = f"approved by {answer['approver']}{note} ({reason})"
     rel = release.transition(release_id, State.promoted, actor=actor, reason=reason, decision="promote")
     _tag(rel, state=State.promoted.value, reasons=reason[:4000])
     return {"state": rel.state.value, "reason": reason}
@@ -302,7 +378,13 @@ def rollback(release_id: str, actor: str = "airflow") -> dict:
     last = rel.verdicts[-1]["decision"] if rel.verdicts else None
     to = State.invalid if last == "invalid" else State.rolled_back
     reason = _last_reason(rel) or "no verdict was reached"
-    if last in ("inconclusive", "continue", None):
+    answer = _approval(rel) if rel.state is State.awaiting_approval else None
+    if answer is not None and answer["timed_out"]:
+        reason = f"no approval arrived within the policy's timeout, so the release rolls back (last verdict: {reason})"
+    elif answer is not None:
+        note = f": {answer['comment']}" if answer.get("comment") else ""
+        reason = f"rejected by {answer['approver']}{note} (last verdict: {reason})"
+    elif last in ("inconclusive", "continue", None):
         reason = f"the evidence did not decide before the window ended ({reason})"
     rel = release.transition(release_id, to, actor=actor, reason=reason, decision="rollback")
     _tag(rel, state=to.value, reasons=reason[:4000])

@@ -67,7 +67,9 @@ class Primary(_Strict):
 
 class Approval(_Strict):
     required: bool = False
-    timeout_seconds: float = Field(3600, gt=0)
+    timeout_seconds: float = Field(3600, gt=0, description="No answer by then rolls the release back.")
+    approvers: list[str] = Field(default_factory=list,
+                                 description="Airflow user ids who may answer; empty: any user allowed to act on the DAG.")
 
 
 class Monitoring(_Strict):

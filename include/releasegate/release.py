@@ -39,7 +39,7 @@ _ENDINGS = {State.aborted, State.failed}
 MOVES: dict[State, frozenset[State]] = {
     State.pending: frozenset({State.validating}) | _ENDINGS,
     State.validating: frozenset({State.signing, State.rejected}) | _ENDINGS,
-    State.signing: frozenset({State.shadow, State.promoting, State.rejected}) | _ENDINGS,
+    State.signing: frozenset({State.shadow, State.awaiting_approval, State.promoting, State.rejected}) | _ENDINGS,
     State.shadow: frozenset({State.canary, State.awaiting_approval, State.promoting, State.rolled_back,
                              State.invalid, State.rejected}) | _ENDINGS,
     State.canary: frozenset({State.awaiting_approval, State.promoting, State.rolled_back, State.invalid}) | _ENDINGS,

@@ -1,10 +1,12 @@
-"""The analysis wait as an operator: defers to AnalysisTrigger, records the verdict it returns."""
+"""The release's own operators: the analysis wait (defers to AnalysisTrigger) and the human approval."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.standard.operators.hitl import HITLBranchOperator
+from airflow.sdk import BaseOperator, Param
 from airflow.sdk.exceptions import AirflowSkipException
 
 from releasegate_airflow.triggers import AnalysisTrigger
@@ -42,3 +44,51 @@ class AnalysisWaitOperator(BaseOperator):
 def _actor(context) -> str:
     user = getattr(context.get("dag_run"), "triggering_user_name", None)
     return f"airflow:{user}" if user else "airflow"
+
+
+class ReleaseDecisionOperator(HITLBranchOperator):
+    """Branch to promote, roll back or finish; where the policy asks for a person, ask first and follow the answer.
+
+    A branch task cannot hand a branch to a later branch task (its skips would already have landed),
+    so the decision and the human approval are one task: it asks only when `pipeline.decide` says
+    so. The request's text and timeout come from the release's policy when the task runs; no answer
+    in time takes the default, roll back. Who answered, or that nobody did, goes to the audit log.
+    """
+
+    PROMOTE, ROLL_BACK = "Promote", "Roll back"
+    template_fields = (*HITLBranchOperator.template_fields, "release")
+
+    def __init__(self, *, release: Any, promote_task_id: str, rollback_task_id: str, finish_task_id: str, **kwargs):
+        kwargs.pop("params", None)  # the DAG's own params (Airflow passes them in) are no question for the approver
+        super().__init__(subject="Release approval", options=[self.PROMOTE, self.ROLL_BACK],
+                         defaults=[self.ROLL_BACK],
+                         options_mapping={self.PROMOTE: promote_task_id, self.ROLL_BACK: rollback_task_id},
+                         params={"comment": Param("", type=["string", "null"], title="Comment",
+                                                  description="Why: kept in the release's audit log.")},
+                         **kwargs)
+        self.release = release
+        self.branches = {"promote": promote_task_id, "rollback": rollback_task_id, "finish": finish_task_id}
+
+    def execute(self, context):
+        from releasegate import pipeline
+
+        branch = pipeline.decide(self.release["release_id"])
+        if branch != pipeline.APPROVE:
+            return self.do_branch(context, self.branches[branch])
+        request = pipeline.request_approval(self.release["release_id"], actor=_actor(context))
+        self.subject, self.body = request["subject"], request["body"]
+        self.response_timeout = timedelta(seconds=request["timeout_seconds"])
+        if request["approvers"]:
+            self.assigned_users = [{"id": user, "name": user} for user in request["approvers"]]
+        return super().execute(context)
+
+    def execute_complete(self, context, event: dict[str, Any]):
+        from releasegate import pipeline
+
+        chosen = event.get("chosen_options") or []
+        user = event.get("responded_by_user") or {}
+        params = event.get("params_input") or {}
+        pipeline.record_approval(self.release["release_id"], approved=chosen == [self.PROMOTE],
+                                 approver=user.get("name") or user.get("id"), timed_out=bool(event.get("timedout")),
+                                 comment=params.get("comment") or None)
+        return super().execute_complete(context, event)

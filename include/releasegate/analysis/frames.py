@@ -81,6 +81,13 @@ def analyse_frames(preds: pd.DataFrame, feedback: pd.DataFrame, stage: str, poli
                     window, window_closed)
 
 
+def frame_stats(preds: pd.DataFrame, feedback: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats:
+    """A canary step's sufficient statistics from its logged rows (what analyse_frames decides a canary on)."""
+    _require(preds, PREDICTION_COLUMNS + (("inputs",) if policy.slices else ()), "predictions")
+    _require(feedback, FEEDBACK_COLUMNS, "feedback")
+    return canary_stats(_rows(preds, _labels(feedback), policy), policy, weight)
+
+
 def verdict_from_stats(stats: CanaryStats, stage: str, policy: Policy, window: Window | tuple[float, float],
                        window_closed: bool = False, srm_unit: str = "routing_keys") -> Verdict:
     """Decide a canary stage from its sufficient statistics: analyse_frames' canary path and the benchmark's."""
@@ -381,6 +388,63 @@ class CanaryStats:
     slow: sequential.Summary | None  # candidate rows slower than the latency limit (None: champion p99 unknown)
     candidate_latencies: int
     slices: tuple[SliceStats, ...] = ()
+    # Set when earlier canary steps' evidence is carried in (see `carry`): this step's own counts (its
+    # SRM and its minimum sample are judged on them) and the weights of the earlier steps.
+    step_arms: dict[str, ArmSamples] | None = None
+    carried: tuple[int, ...] = ()
+
+    @property
+    def own_arms(self) -> dict[str, ArmSamples]:
+        return self.step_arms if self.step_arms is not None else self.arms
+
+
+def carry(earlier: CanaryStats, current: CanaryStats) -> CanaryStats:
+    """The current step's statistics with the earlier steps' evidence added in.
+
+    The AIPW contrasts of each step use that step's own (known, fixed in advance) assignment
+    probability, so they stay unbiased for candidate − champion across a change of weight, and the
+    sums of contrasts from consecutive steps form one sequence: the asymptotic confidence sequence
+    allows a predictable, time-varying propensity (Waudby-Smith et al. 2024, §3). Pooling lets a
+    low-traffic 5 % step hand its evidence on instead of having to decide alone. The latency check
+    adds up each step's share of requests over that step's own limit; SRM and the minimum sample stay
+    per step.
+    """
+
+    def add_arms(a: dict[str, ArmSamples], b: dict[str, ArmSamples]) -> dict[str, ArmSamples]:
+        return {arm: ArmSamples(**{f: getattr(a[arm], f) + getattr(b[arm], f) for f in ArmSamples.model_fields})
+                for arm in ARMS}
+
+    def pooled_means(a: dict, na: dict, b: dict, nb: dict) -> dict[str, float | None]:
+        out = {}
+        for arm in ARMS:
+            n = na[arm] + nb[arm]
+            out[arm] = ((a[arm] or 0.0) * na[arm] + (b[arm] or 0.0) * nb[arm]) / n if n else None
+        return out
+
+    slices = {(s.feature, s.value): s for s in earlier.slices}
+    merged = []
+    for s in current.slices:
+        e = slices.pop((s.feature, s.value), None)
+        if e is not None:
+            s = SliceStats(feature=s.feature, value=s.value, contrasts=e.contrasts + s.contrasts,
+                           labelled={a: e.labelled[a] + s.labelled[a] for a in ARMS},
+                           routing_keys={a: e.routing_keys[a] + s.routing_keys[a] for a in ARMS},
+                           means=pooled_means(e.means, e.labelled, s.means, s.labelled))
+        merged.append(s)
+    merged.extend(slices.values())
+    merged.sort(key=lambda s: (s.feature, s.value))
+    labelled = {"earlier": {a: earlier.arms[a].labelled for a in ARMS},
+                "current": {a: current.arms[a].labelled for a in ARMS}}
+    slow = current.slow if earlier.slow is None else earlier.slow if current.slow is None else earlier.slow + current.slow
+    return CanaryStats(
+        weight=current.weight, arms=add_arms(earlier.arms, current.arms),
+        rows={a: earlier.rows[a] + current.rows[a] for a in ARMS},
+        error=earlier.error + current.error, primary=earlier.primary + current.primary,
+        primary_means=pooled_means(earlier.primary_means, labelled["earlier"], current.primary_means,
+                                   labelled["current"]),
+        champion_latencies=earlier.champion_latencies + current.champion_latencies, p99=current.p99, slow=slow,
+        candidate_latencies=earlier.candidate_latencies + current.candidate_latencies, slices=tuple(merged),
+        step_arms=current.own_arms, carried=earlier.carried + (earlier.weight,))
 
 
 def canary_stats(rows: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats:
@@ -484,16 +548,24 @@ class _Canary(_Stage):
         return {arm: self.stats.arms[arm].labelled for arm in ARMS}
 
     def enough(self) -> bool:
-        return min(self.labelled_per_arm().values()) >= self.policy.canary.min_samples
+        # Each step needs its own minimum sample: carried evidence decides the bounds, not the step's exposure.
+        return min(a.labelled for a in self.stats.own_arms.values()) >= self.policy.canary.min_samples
+
+    @property
+    def last_step(self) -> bool:
+        """Is this the policy's last canary step (the one that promotes)? Unknown weights count as last."""
+        steps = self.policy.canary.steps
+        return self.weight not in steps[:-1]
 
     def progress(self) -> str:
-        n = self.labelled_per_arm()
-        return (f"{n['candidate']:,} candidate and {n['champion']:,} champion labelled requests of "
-                f"{self.policy.canary.min_samples:,} per arm")
+        n = {arm: a.labelled for arm, a in self.stats.own_arms.items()}
+        return (f"{n['candidate']:,} candidate and {n['champion']:,} champion labelled canary-{self.weight} "
+                f"requests of {self.policy.canary.min_samples:,} per arm")
 
     def population(self) -> str:
         n = self.labelled_per_arm()
-        return (f"{sum(n.values()):,} labelled canary-{self.weight} requests ({n['candidate']:,} candidate, "
+        steps = " → ".join(str(w) for w in (*self.stats.carried, self.weight))
+        return (f"{sum(n.values()):,} labelled canary requests at {steps} % ({n['candidate']:,} candidate, "
                 f"{n['champion']:,} champion)")
 
     def slices(self, alpha: float) -> list[SliceResult]:
@@ -509,7 +581,7 @@ class _Canary(_Stage):
         return _slice_results(groups, self.checks()[self.policy.primary.metric], alpha, min_n)
 
     def srm(self):
-        keys = {arm: getattr(self.stats.arms[arm], self.srm_unit) for arm in ARMS}
+        keys = {arm: getattr(self.stats.own_arms[arm], self.srm_unit) for arm in ARMS}
         return srm.check(keys, self.weight, self.policy.srm_p_value)
 
     def samples(self) -> dict[str, ArmSamples]:
@@ -642,6 +714,9 @@ def _decide(analysis, metrics: list[MetricResult], slices: list[SliceResult], sr
     pending = [m for m in metrics if not m.passed]
     waiting = "" if analysis.enough() else f"{analysis.progress()}; "
     undecided = f"undecided: {'; '.join(_short(m) for m in pending)}" if pending else "every check clears its limit"
+    if window_closed and analysis.mode == "canary" and not analysis.last_step:
+        return Decision.continue_, (f"continue: the canary-{analysis.weight} window closed with no check failed "
+                                    f"({waiting}{undecided}); its evidence carries into the next step")
     if window_closed:
         return Decision.inconclusive, f"inconclusive: the window closed with {waiting}{undecided}"
     return Decision.continue_, f"continue: {waiting}{undecided}"

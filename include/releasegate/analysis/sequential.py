@@ -49,6 +49,10 @@ class Summary:
             raise ValueError("sequential statistics got non-finite values")
         return cls(n=len(x), total=float(x.sum()), total_sq=float(x @ x))
 
+    def __add__(self, other: Summary) -> Summary:
+        """The statistics of both samples together (counts and sums add)."""
+        return Summary(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
+
     @property
     def mean(self) -> float:
         return self.total / self.n if self.n else 0.0
