@@ -48,7 +48,7 @@ class AirflowClient:
         self.base_url = base_url.rstrip("/")
         self.username, self.password = username, password
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
-        self._token = token
+        self._token = token or None  # an unset CI secret arrives as ""
 
     def close(self) -> None:
         self._http.close()
