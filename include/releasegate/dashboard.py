@@ -1,0 +1,215 @@
+"""The release dashboard's read model: releases, their timelines, traffic, verdicts and reports as plain dicts.
+
+The Airflow plugin (plugins/releasegate_airflow/dashboard) only renders what these return;
+every query lives here, beside the tables it reads.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+
+import sqlalchemy as sa
+
+from releasegate import audit, release, storage
+
+DAG_ID = "model_release"
+# Reports a stage may have (drift.input_drift / drift.prediction_drift file names), and their titles.
+REPORTS = {"input_drift": "Input drift", "prediction_drift": "Prediction drift"}
+_STAGE = re.compile(r"^(shadow|canary-\d{1,3})$")
+
+
+class NotFound(LookupError):
+    """A release, or a report of it, that does not exist."""
+
+
+def releases(limit: int = 200, engine: sa.Engine | None = None) -> list[dict]:
+    """The newest releases first: who, what, where it stands and why."""
+    return [_summary(rel) for rel in release.list_releases(engine=engine or storage.engine(), limit=limit)]
+
+
+def _summary(rel: release.Release) -> dict:
+    end = rel.ended_at if rel.ended_at is not None else time.time()
+    return {
+        "release_id": rel.release_id, "model": rel.model, "candidate": rel.candidate_version,
+        "champion": rel.champion_version, "state": rel.state.value, "terminal": rel.terminal,
+        "decision": rel.decision, "reason": rel.reasons[-1] if rel.reasons else None, "reasons": rel.reasons,
+        "policy": rel.policy.get("name"), "airflow_run_id": rel.airflow_run_id,
+        "started_at": rel.started_at, "ended_at": rel.ended_at, "duration_seconds": round(end - rel.started_at, 1),
+        "stages": [(v.get("window") or {}).get("stage") for v in rel.verdicts],
+    }
+
+
+def release_page(release_id: str, engine: sa.Engine | None = None) -> dict:
+    """Everything the release's page shows: summary, timeline, traffic split, verdicts, reports, approvals."""
+    eng = engine or storage.engine()
+    try:
+        rel = release.get(release_id, eng)
+    except release.ReleaseError as err:
+        raise NotFound(str(err)) from err
+    events = audit.events(release_id=release_id, engine=eng)
+    return {
+        **_summary(rel),
+        "policy_digest": (rel.verdicts[-1].get("policy") or {}).get("digest") if rel.verdicts else None,
+        "timeline": [_timeline_entry(e, rel.started_at) for e in events],
+        "traffic": traffic(events, rel),
+        "verdicts": [_verdict(v) for v in rel.verdicts],
+        "reports": reports(events),
+        "approvals": [e["details"] | {"time": e["time"], "actor": e["actor"]}
+                      for e in events if e["action"] == "approval"],
+    }
+
+
+def _timeline_entry(event: dict, started_at: float) -> dict:
+    action, d = event["action"], event["details"]
+    outcome = None  # True: good news, False: bad news, None: neither
+    if action.startswith("release."):
+        state = action.removeprefix("release.")
+        title = "opened" if state == "opened" else f"→ {state}"
+        if state == "opened":
+            text = f"champion v{d.get('champion')}, policy {d.get('policy')}"
+        else:
+            text = d.get("reason") or ""
+        outcome = {"promoted": True, "rolled_back": False, "rejected": False, "invalid": False,
+                   "failed": False, "aborted": False}.get(state)
+        kind = "state"
+    elif action == "route":
+        title, kind = "traffic", "route"
+        text = _route_text(d)
+    elif action == "verdict":
+        stage = (d.get("window") or {}).get("stage", "")
+        title, kind = f"verdict {stage}: {d.get('decision')}", "verdict"
+        text = d.get("reason", "")
+        outcome = {"promote": True, "rollback": False, "invalid": False}.get(d.get("decision"))
+    elif action == "drift":
+        title, kind = f"drift reports {d.get('stage', '')}", "drift"
+        text = _drift_text(d)
+    elif action == "validation":
+        title, kind = "validation", "validation"
+        outcome = d.get("passed")
+        evaluation = d.get("evaluation") or {}
+        text = ("passed" if outcome else "failed: " + "; ".join(d.get("reasons") or []))
+        if evaluation.get("metric"):
+            text += (f" (offline {evaluation['metric']}: candidate {evaluation.get('candidate', 0):.3f} vs "
+                     f"champion {evaluation.get('champion', 0):.3f} on {evaluation.get('rows', 0):,} rows)")
+    elif action == "signed":
+        title, kind, text = "signed", "signed", d.get("digest", "")
+    elif action == "approval":
+        title, kind = "approval", "approval"
+        outcome = bool(d.get("approved"))
+        text = (f"{'approved' if d.get('approved') else 'rejected'} by {d.get('approver')}"
+                + (f": {d['comment']}" if d.get("comment") else ""))
+    else:
+        title, kind, text = action, "other", ""
+    return {"seq": event["seq"], "time": event["time"], "offset_seconds": round(event["time"] - started_at, 1),
+            "actor": event["actor"], "action": action, "kind": kind, "title": title, "text": text,
+            "outcome": outcome}
+
+
+def _route_text(d: dict) -> str:
+    if d.get("mode") == "shadow":
+        return "shadow: the candidate answers a mirror of every request; the champion serves them all"
+    if d.get("mode") == "canary":
+        return f"canary {d.get('stage')}: {d.get('candidate_weight')}% of requests served by the candidate"
+    return f"{d.get('stage')}: all traffic to v{d.get('champion_version')}"
+
+
+def _drift_text(d: dict) -> str:
+    if d.get("error"):
+        return f"no report: {d['error']}"
+    parts = []
+    if (inputs := d.get("input_drift")) is not None:
+        cols = ", ".join(inputs.get("drifted_columns") or []) or "none"
+        parts.append(f"input drift on {inputs.get('rows_current', 0):,} rows: "
+                     f"{inputs.get('drifted_share', 0):.0%} of columns drifted ({cols})")
+    if (preds := d.get("prediction_drift")) is not None:
+        parts.append(f"prediction drift between the arms on {preds.get('rows', 0):,} rows: "
+                     f"{'drifted' if preds.get('drifted') else 'none'}")
+    return "; ".join(parts) or "no traffic in the window"
+
+
+def traffic(events: list[dict], rel: release.Release) -> list[dict]:
+    """The split over time from the audit's route events: candidate's served share and whether it is mirrored."""
+    points = []
+    for e in events:
+        if e["action"] != "route":
+            continue
+        d = e["details"]
+        mode = d.get("mode")
+        if mode == "single":  # promoted: the candidate is now the champion and serves everything
+            served = 100 if d.get("champion_version") == rel.candidate_version else 0
+        else:
+            served = int(d.get("candidate_weight") or 0)
+        points.append({"time": e["time"], "offset_seconds": round(e["time"] - rel.started_at, 1),
+                       "mode": mode, "stage": d.get("stage"), "candidate_served_percent": served,
+                       "mirrored": mode == "shadow"})
+    return points
+
+
+def _verdict(v: dict) -> dict:
+    window = v.get("window") or {}
+    return {
+        "stage": window.get("stage") or "?", "decision": v.get("decision"), "reason": v.get("reason", ""),
+        "window": window, "duration_seconds": round(window.get("end", 0) - window.get("start", 0), 1),
+        "samples": v.get("samples") or {}, "metrics": v.get("metrics") or [], "srm": v.get("srm"),
+        "slices": v.get("slices") or [], "extensions": v.get("extensions", 0),
+    }
+
+
+def reports(events: list[dict]) -> list[dict]:
+    """The Evidently reports each stage stored in MLflow (from the audit's drift events)."""
+    found = []
+    for e in events:
+        if e["action"] != "drift":
+            continue
+        d, stage = e["details"], e["details"].get("stage")
+        for name, title in REPORTS.items():
+            if d.get(name) is not None:
+                found.append({"stage": stage, "name": name, "title": f"{title}, {stage}",
+                              "artifact_path": f"releasegate/releases/{e['release_id']}/{stage}/{name}.html"})
+    return found
+
+
+def report_html(release_id: str, stage: str, name: str, engine: sa.Engine | None = None) -> str:
+    """One stored Evidently report of the release, fetched from MLflow: the HTML page."""
+    from releasegate import registry
+
+    if name not in REPORTS or not _STAGE.match(stage):
+        raise NotFound(f"no report {name!r} for stage {stage!r}")
+    page = release_page(release_id, engine)
+    wanted = next((r for r in page["reports"] if r["stage"] == stage and r["name"] == name), None)
+    if wanted is None:
+        raise NotFound(f"release {release_id} stored no {name} report for {stage}")
+    with tempfile.TemporaryDirectory(prefix="rg-report-") as tmp:
+        try:
+            path = registry.download_artifact(page["model"], page["candidate"], wanted["artifact_path"], dst=tmp)
+        except registry.RegistryError as err:
+            raise NotFound(str(err)) from err
+        return path.read_text(encoding="utf-8")
+
+
+def report_location(release_id: str, engine: sa.Engine | None = None) -> dict:
+    """Where the release's artifacts are in MLflow: the runs:/ URI, and a link into MLflow's UI when it has one."""
+    from releasegate import registry
+    from releasegate.settings import get_settings
+
+    try:
+        rel = release.get(release_id, engine or storage.engine())
+    except release.ReleaseError as err:
+        raise NotFound(str(err)) from err
+    uri = get_settings().mlflow_tracking_uri
+    version = registry.client().get_model_version(rel.model, rel.candidate_version)
+    location = {"uri": f"runs:/{version.run_id}/releasegate/releases/{rel.release_id}", "ui": None}
+    if uri.startswith(("http://", "https://")):
+        experiment = registry.client().get_run(version.run_id).info.experiment_id
+        location["ui"] = (f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{version.run_id}"
+                          f"/artifacts/releasegate/releases/{rel.release_id}")
+    return location
+
+
+def chain_status(engine: sa.Engine | None = None) -> dict:
+    """The audit chain recomputed now: intact, or where it breaks."""
+    report = audit.verify(engine or storage.engine())
+    return {"ok": report.ok, "status": "intact" if report.ok else "broken", "events": report.events,
+            "first_bad_seq": report.first_bad_seq, "message": report.message, "head": report.head}

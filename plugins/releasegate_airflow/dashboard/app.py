@@ -1,0 +1,123 @@
+"""Pages of the release dashboard; data from `releasegate.dashboard`, identity from Airflow's own token.
+
+Airflow mounts plugin apps without authentication, so every page resolves the caller the
+way Airflow's REST API does: an `Authorization: Bearer` JWT, else the `_token` cookie the
+Airflow UI sets, validated by the auth manager; then it asks the auth manager whether that
+user may read the `model_release` DAG.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.templating import Jinja2Templates
+
+MOUNT_PREFIX = "/releasegate"
+_templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+_templates.env.filters["timestamp"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+_templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def airflow_user(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)):
+    """The Airflow user behind the request's token; 401 without one, 403 for a bad one or no access to the DAG."""
+    # Imported here: the plugin module is loaded while Airflow builds its API app.
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+    from airflow.api_fastapi.core_api.security import get_user
+    from releasegate.dashboard import DAG_ID
+
+    user = await get_user(request, None, credentials)
+    if not get_auth_manager().is_authorized_dag(method="GET", details=DagDetails(id=DAG_ID), user=user):
+        raise HTTPException(status_code=403, detail=f"{user.get_name()} may not read the {DAG_ID} DAG")
+    return user
+
+
+def _airflow_base(request: Request) -> str:
+    """Airflow's own root as the browser sees it: the app's mount path without our prefix."""
+    return request.scope.get("root_path", "").removesuffix(MOUNT_PREFIX)
+
+
+def _page(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+    return _templates.TemplateResponse(request, template, {"airflow": _airflow_base(request), **context},
+                                       status_code=status_code)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="releasegate dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def refused(request: Request, exc: HTTPException):
+        # A person in a browser gets a page that says what to do; API clients get Airflow's JSON shape.
+        if "text/html" in request.headers.get("accept", ""):
+            return _page(request, "refused.html", status_code=exc.status_code, detail=exc.detail,
+                         status=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/", response_class=HTMLResponse)
+    def releases_list(request: Request, user=Depends(airflow_user)):
+        from releasegate import dashboard
+
+        return _page(request, "releases.html", user=user.get_name(), releases=dashboard.releases(),
+                     chain=dashboard.chain_status(), dag_id=dashboard.DAG_ID, quote=quote)
+
+    @app.get("/releases/{release_id}", response_class=HTMLResponse)
+    def release_detail(request: Request, release_id: str, user=Depends(airflow_user)):
+        from releasegate import dashboard
+
+        from releasegate_airflow.dashboard import charts
+
+        try:
+            page = dashboard.release_page(release_id)
+        except dashboard.NotFound as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+        return _page(
+            request, "release.html", user=user.get_name(), r=page, chain=dashboard.chain_status(),
+            dag_id=dashboard.DAG_ID, quote=quote,
+            traffic_svg=charts.traffic_svg(page["traffic"], page["started_at"], page["ended_at"], time.time()),
+            metrics_svg=charts.metrics_svg(page["verdicts"]))
+
+    @app.get("/releases/{release_id}/reports/{stage}/{name}.html")
+    def report(release_id: str, stage: str, name: str, user=Depends(airflow_user)):
+        from releasegate import dashboard
+
+        try:
+            return HTMLResponse(dashboard.report_html(release_id, stage, name))
+        except dashboard.NotFound as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+
+    @app.get("/releases/{release_id}/mlflow", response_class=HTMLResponse)
+    def artifacts(request: Request, release_id: str, user=Depends(airflow_user)):
+        """Where the release's artifacts are in MLflow: its UI when it has one, else the runs:/ URI to fetch them."""
+        from releasegate import dashboard
+
+        try:
+            location = dashboard.report_location(release_id)
+        except dashboard.NotFound as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+        if location["ui"]:
+            return RedirectResponse(location["ui"], status_code=307)
+        return _page(request, "artifacts.html", user=user.get_name(), release_id=release_id, location=location)
+
+    @app.get("/api/releases")
+    def releases_json(user=Depends(airflow_user)):
+        from releasegate import dashboard
+
+        return {"releases": dashboard.releases(), "audit_chain": dashboard.chain_status()}
+
+    @app.get("/api/releases/{release_id}")
+    def release_json(release_id: str, user=Depends(airflow_user)):
+        from releasegate import dashboard
+
+        try:
+            return dashboard.release_page(release_id)
+        except dashboard.NotFound as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+
+    return app

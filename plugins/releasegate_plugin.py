@@ -1,0 +1,23 @@
+"""Registers releasegate with Airflow: the release dashboard (a FastAPI app in the API server) and its nav entry.
+
+The package `releasegate_airflow` is imported from here (plugins/ is on Airflow's sys.path);
+`.airflowignore` keeps Airflow's plugin scan from importing its files a second time as loose modules.
+"""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+
+from releasegate_airflow.dashboard import MOUNT_PREFIX, create_app
+
+
+class ReleasegatePlugin(AirflowPlugin):
+    name = "releasegate"
+    fastapi_apps = [{"app": create_app(), "url_prefix": MOUNT_PREFIX, "name": "releasegate release dashboard"}]
+    external_views = [{
+        "name": "Releases",
+        "href": f"{MOUNT_PREFIX}/",  # served by the app above, shown in an iframe inside Airflow's UI
+        "url_route": "releasegate",
+        "destination": "nav",
+        "category": "browse",
+    }]

@@ -1,0 +1,219 @@
+"""The release dashboard plugin app: a real releasegate database filled by the library, real Airflow tokens.
+
+Tokens are minted by Airflow's own auth manager (SimpleAuthManager, the default) with the
+JWT secret the app validates with; Airflow's metadata database (for revoked tokens) is the
+session's migrated one.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from releasegate import audit, release, storage
+from releasegate.analysis.verdict import SRM, ArmSamples, MetricResult, PolicyRef, Verdict, Window
+
+JWT_SECRET = "releasegate-dashboard-test-secret-" + "0123456789abcdef" * 2
+RUN_ID = "manual__2026-11-29T09:18:55.988289+00:00"
+
+
+@pytest.fixture(scope="module")
+def airflow_auth(airflow_env):
+    """Airflow's auth manager in this process, on the session's migrated metadata DB, with a known JWT secret."""
+    from airflow import settings as airflow_settings
+    from airflow.api_fastapi.app import create_auth_manager
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{airflow_env['AIRFLOW_HOME']}/airflow.db")
+        mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", JWT_SECRET)
+        airflow_settings.configure_vars()
+        airflow_settings.reconfigure_orm()
+        manager = create_auth_manager()
+        type(manager)._get_token_validator.__func__.cache_clear()  # built with this secret, not an earlier one
+        yield manager
+        type(manager)._get_token_validator.__func__.cache_clear()
+    airflow_settings.configure_vars()
+    airflow_settings.reconfigure_orm()
+
+
+def token_for(manager, username: str = "alice", role: str | None = "viewer") -> str:
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    return manager.generate_jwt(SimpleAuthManagerUser(username=username, role=role))
+
+
+@pytest.fixture
+def client(rg_home, airflow_auth):
+    from fastapi.testclient import TestClient
+
+    from releasegate_airflow.dashboard import create_app
+
+    return TestClient(create_app())
+
+
+def _metric(name, kind, estimate, lower, upper, limit, margin, passed, higher=True, detail="", n=2048):
+    return MetricResult(name=name, kind=kind, estimate=estimate, lower=lower, upper=upper, limit=limit,
+                        margin=margin, passed=passed, higher_is_better=higher, detail=detail, n=n, alpha=0.01)
+
+
+def _verdict(stage, decision, reason, metrics, start, weight=None) -> dict:
+    expected = None if weight is None else {"champion": 1 - weight / 100, "candidate": weight / 100}
+    return Verdict(
+        decision=decision, reason=reason, window=Window(start=start, end=start + 30, stage=stage),
+        samples={"champion": ArmSamples(requests=4585, routing_keys=4063, labelled=4302),
+                 "candidate": ArmSamples(requests=234, routing_keys=213, labelled=220)},
+        metrics=metrics, srm=SRM(counts={"champion": 4063, "candidate": 213}, expected=expected, p_value=0.81)
+        if expected else None,
+        policy=PolicyRef(name="default", digest="ccdf2ee60df1333ab2008faa0dc5a4b9"),
+    ).model_dump(mode="json")
+
+
+def promoted_release() -> release.Release:
+    """A release through shadow and two canary steps to promotion, written as the pipeline writes it."""
+    rel = release.open_release("churn", "2", "1", {"name": "default"}, airflow_run_id=RUN_ID, actor="airflow")
+    rid, t0 = rel.release_id, time.time()
+    release.transition(rid, "validating", actor="airflow")
+    audit.append("airflow", "validation", model="churn", version="2", release_id=rid,
+                 details={"passed": True, "reasons": [], "evaluation": {"metric": "accuracy", "candidate": 0.878,
+                                                                        "champion": 0.845, "rows": 3000}})
+    release.transition(rid, "signing", actor="airflow")
+    audit.append("airflow", "signed", model="churn", version="2", release_id=rid, details={"digest": "sha256:bad9"})
+    release.transition(rid, "shadow", actor="airflow")
+    audit.append("airflow", "route", model="churn", version="2", release_id=rid,
+                 details={"mode": "shadow", "candidate_weight": 0, "stage": "shadow", "revision": 2})
+    release.record_verdict(rid, _verdict("shadow", "promote", "promote: on 2,048 labelled shadow requests every "
+                                         "check clears its limit; agreement 89.7% (87.2% … 92.2%; needs > 80%)", [
+        _metric("error_rate", "guardrail", 0.0, -0.0009, 0.0009, 0.01, 0.01, True, higher=False),
+        _metric("accuracy", "primary", 0.030, 0.004, 0.056, -0.02, 0.02, True),
+        _metric("agreement", "agreement", 0.897, 0.872, 0.922, 0.8, 0.2, True)], t0), actor="airflow")
+    audit.append("airflow", "drift", model="churn", version="2", release_id=rid,
+                 details={"stage": "shadow", "input_drift": {"drifted_columns": [], "drifted_share": 0.0,
+                                                             "rows_current": 2156},
+                          "prediction_drift": {"drifted": [], "rows": 2228}})
+    release.transition(rid, "canary", actor="airflow")
+    for step, weight in ((1, 5), (2, 50)):
+        audit.append("airflow", "route", model="churn", version="2", release_id=rid,
+                     details={"mode": "canary", "candidate_weight": weight, "stage": f"canary-{step}"})
+        release.record_verdict(rid, _verdict(f"canary-{weight}", "promote", f"promote: canary-{weight} clears", [
+            _metric("error_rate", "guardrail", 0.0024, -0.0049, 0.0097, 0.01, 0.01, True, higher=False),
+            _metric("latency_p99", "guardrail", 0.0, 0.0, 0.0075, 0.01, 0.01, True, higher=False,
+                    detail="limit 138.5 ms = 1.5 × champion p99 92.4 ms; candidate p99 128.8 ms"),
+            _metric("accuracy", "primary", 0.0584, -0.0139, 0.1307, -0.02, 0.02, True)], t0 + 40 * step, weight),
+            actor="airflow")
+    release.transition(rid, "promoting", actor="airflow")
+    audit.append("airflow", "route", model="churn", version="2", release_id=rid,
+                 details={"mode": "single", "candidate_weight": 0, "stage": "promoted", "champion_version": "2"})
+    return release.transition(rid, "promoted", actor="airflow", decision="promote",
+                              reason="promote: canary-50 clears")
+
+
+def rolled_back_release() -> release.Release:
+    """A worse candidate whose shadow agreement fails: rolled back."""
+    rel = release.open_release("churn", "3", "2", {"name": "default"}, airflow_run_id="manual__worse", actor="airflow")
+    rid = rel.release_id
+    for state in ("validating", "signing", "shadow"):
+        release.transition(rid, state, actor="airflow")
+    audit.append("airflow", "route", model="churn", version="3", release_id=rid,
+                 details={"mode": "shadow", "candidate_weight": 0, "stage": "shadow"})
+    reason = ("rollback: the arms agree on 55.6% of requests (always-valid 99% bounds 38.0% … 73.1%), "
+              "below the required 80%, on 108 shadow requests")
+    release.record_verdict(rid, _verdict("shadow", "rollback", reason, [
+        _metric("agreement", "agreement", 0.556, 0.380, 0.731, 0.8, 0.2, False, n=108)], time.time()),
+        actor="airflow")
+    audit.append("airflow", "route", model="churn", version="2", release_id=rid,
+                 details={"mode": "single", "candidate_weight": 0, "stage": "rolled back", "champion_version": "2"})
+    return release.transition(rid, "rolled_back", actor="airflow", decision="rollback", reason=reason)
+
+
+def test_releases_list_shows_each_release_with_state_decision_and_airflow_run(client, airflow_auth):
+    good, bad = promoted_release(), rolled_back_release()
+    page = client.get("/", cookies={"_token": token_for(airflow_auth)})
+    assert page.status_code == 200, page.text
+    rows = re.findall(r'<tr class="release" data-release-id="([^"]+)" data-state="([^"]+)"', page.text)
+    assert rows == [(bad.release_id, "rolled_back"), (good.release_id, "promoted")]  # newest first
+    assert "/dags/model_release/runs/manual__2026-11-29T09%3A18%3A55.988289%2B00%3A00" in page.text
+    assert "signed in to Airflow as <b>alice</b>" in page.text
+    assert "the arms agree on 55.6% of requests" in page.text
+
+
+def test_release_page_shows_timeline_traffic_metric_charts_and_evidence(client, airflow_auth):
+    rel = promoted_release()
+    page = client.get(f"/releases/{rel.release_id}", headers={"Authorization": f"Bearer {token_for(airflow_auth)}"})
+    assert page.status_code == 200, page.text
+    html = page.text
+    # One timeline row per audit event of the release, in order.
+    actions = re.findall(r'<tr class="event" data-action="([^"]+)"', html)
+    assert actions == [e["action"] for e in audit.events(release_id=rel.release_id)]
+    assert actions[0] == "release.opened" and actions[-1] == "release.promoted"
+    # Charts are inline SVG with their text as text: the stages and metric names are readable.
+    traffic = html.split('id="traffic-chart"')[1].split("</div>")[0]
+    assert "<svg" in traffic and "shadow" in traffic and "50%" in traffic and "promoted" in traffic
+    metrics = html.split('id="metrics-chart"')[1].split("</div>")[0]
+    for name in ("error_rate [guardrail]", "latency_p99 [guardrail]", "accuracy [primary]", "agreement [agreement]"):
+        assert name in metrics
+    # Evidence: each verdict's sentence and numbers, with the bounds and limits.
+    assert re.findall(r'class="card verdict" data-stage="([^"]+)"', html) == ["shadow", "canary-5", "canary-50"]
+    assert "agreement 89.7% (87.2% … 92.2%; needs &gt; 80%)" in html
+    assert "+0.0584" in html and "-0.0139" in html and "+0.1307" in html
+    assert "limit 138.5 ms = 1.5 × champion p99 92.4 ms" in html
+    # Links: the shadow's two Evidently reports, MLflow, and the Airflow run.
+    assert f'href="{rel.release_id}/reports/shadow/input_drift.html"' in html
+    assert f'href="{rel.release_id}/reports/shadow/prediction_drift.html"' in html
+    assert f'href="{rel.release_id}/mlflow"' in html
+    assert 'href="/dags/model_release/runs/manual__2026-11-29T09%3A18%3A55.988289%2B00%3A00"' in html
+
+
+def test_rolled_back_release_page_shows_the_failed_check(client, airflow_auth):
+    rel = rolled_back_release()
+    html = client.get(f"/releases/{rel.release_id}", cookies={"_token": token_for(airflow_auth)}).text
+    verdict = html.split('class="card verdict"')[1]
+    assert 'data-decision="rollback"' in verdict and "below the required 80%" in verdict
+    assert re.search(r'data-name="agreement">.*?<span class="pill bad">failed</span>', verdict, re.S)
+    assert "No report stored yet." in html
+
+
+def test_audit_chain_status_turns_broken_when_a_row_is_edited(client, airflow_auth):
+    promoted_release()
+    cookies = {"_token": token_for(airflow_auth)}
+    assert 'data-status="intact"' in client.get("/", cookies=cookies).text
+    with storage.engine().begin() as conn:
+        conn.execute(sa.update(storage.audit).where(storage.audit.c.seq == 3)
+                     .values(details=audit.canonical({"passed": True, "note": "edited later"})))
+    html = client.get("/", cookies=cookies).text
+    assert 'data-status="broken"' in html and "event 3 was changed after it was written" in html
+    assert client.get("/api/releases", cookies=cookies).json()["audit_chain"]["first_bad_seq"] == 3
+
+
+def test_anonymous_request_is_refused(client):
+    assert client.get("/").status_code == 401
+    assert client.get("/api/releases").json() == {"detail": "Not authenticated"}
+    page = client.get("/", headers={"Accept": "text/html"})
+    assert page.status_code == 401 and "Sign in to Airflow first" in page.text
+
+
+def test_forged_expired_and_unprivileged_tokens_are_refused(client, airflow_auth):
+    from airflow.api_fastapi.auth.tokens import JWTGenerator
+
+    claims = {"sub": "mallory", "role": "admin"}
+    audience = type(airflow_auth)._get_jwt_audience()
+    forged = JWTGenerator(secret_key="not-airflows-secret-" + "fedcba9876543210" * 3, valid_for=3600,
+                          audience=audience).generate(claims)
+    assert client.get("/", headers={"Authorization": f"Bearer {forged}"}).status_code == 403
+    assert client.get("/", cookies={"_token": forged}).status_code == 403
+    expired = JWTGenerator(secret_key=JWT_SECRET, valid_for=-120, audience=audience).generate(claims)
+    assert client.get("/", cookies={"_token": expired}).status_code == 401
+    # A valid token whose user has no role may not read the model_release DAG.
+    refused = client.get("/", cookies={"_token": token_for(airflow_auth, "nobody", role=None)})
+    assert refused.status_code == 403 and "may not read the model_release DAG" in refused.text
+
+
+def test_unknown_release_or_report_is_404(client, airflow_auth):
+    rel = rolled_back_release()
+    cookies = {"_token": token_for(airflow_auth)}
+    assert client.get("/releases/rel-doesnotexist", cookies=cookies).status_code == 404
+    assert client.get(f"/releases/{rel.release_id}/reports/shadow/input_drift.html", cookies=cookies).status_code == 404
+    assert client.get(f"/releases/{rel.release_id}/reports/..%2F..%2Fkeys/input_drift.html",
+                      cookies=cookies).status_code == 404
