@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    # No access log: two events per model call would drown everything else.
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", access_log=False)
 
 
 if __name__ == "__main__":
