@@ -244,10 +244,15 @@ def benchmark(args, cases: list[str]) -> dict:
             bench.stop(proc)
 
         if "mlflow_serve" in cases:
+            from releasegate import registry
+
+            # A copy of the verified directory: `mlflow models serve -m models:/...` writes a
+            # registered_model_meta file into a local artifact store, which breaks the signature.
+            model_dir = workdir / "mlflow-serve-model"
+            shutil.copytree(registry.fetch_verified(MODEL, versions["champion"], settings), model_dir)
             port = free_port()
             proc = bench.start("mlflow_serve", [str(Path(sys.executable).parent / "mlflow"), "models", "serve",
-                                                "-m", f"models:/{MODEL}/{versions['champion']}", "-p", str(port),
-                                                "--env-manager", "local"])
+                                                "-m", str(model_dir), "-p", str(port), "--env-manager", "local"])
             bench.wait_ready(f"http://127.0.0.1:{port}/health", proc, "mlflow_serve")
             bench.say("mlflow models serve")
             results["mlflow_serve"] = bench.measure(f"http://127.0.0.1:{port}/invocations", body)
