@@ -147,8 +147,8 @@ class AirflowClient:
                 return value
         return value
 
-    def pending_approvals(self, dag_id: str, run_id: str) -> list[dict]:
-        """Human-in-the-loop requests of the run still waiting for an answer."""
+    def pending_approvals(self, dag_id: str, run_id: str = "~") -> list[dict]:
+        """Human-in-the-loop requests of the run (`~`: of every run of the DAG) still waiting for an answer."""
         body = self._json("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/hitlDetails",
                           params={"response_received": "false"})
         return list(body.get("hitl_details", []))
@@ -267,3 +267,35 @@ def follow(client: AirflowClient, dag_id: str, run_id: str, *, echo: Callable[[s
         failed = [s["task_id"] for s in steps if s["state"] == "failed"]
         message += f" (failed tasks: {', '.join(failed) or 'none recorded'}; logs at {client.ui_url(dag_id, run_id)})"
     return Outcome(code, message, run["state"], summary, steps)
+
+
+# The answers a release's approval offers (pipeline's decide task), then Airflow's ApprovalOperator's.
+_YES, _NO = ("Promote", "Approve"), ("Roll back", "Reject")
+
+
+def find_approval(client: AirflowClient, dag_id: str, ref: str, model: str | None = None) -> dict:
+    """The one pending approval `ref` names: a run id, or a release id that its request's text mentions."""
+    pending = client.pending_approvals(dag_id)
+    found = [r for r in pending
+             if ref in (r["task_instance"].get("dag_run_id"), r["task_instance"].get("run_id"))
+             or ref in (r.get("body") or "") or ref in (r.get("subject") or "")]
+    if model:
+        found = [r for r in found if model in (r.get("subject") or "") + (r.get("body") or "")]
+    if not found:
+        waiting = ", ".join(sorted({r["task_instance"].get("dag_run_id", "?") for r in pending})) or "none"
+        raise AirflowError(f"no approval of {dag_id} waits for {ref!r}"
+                           + (f" (model {model})" if model else "") + f"; runs waiting for one: {waiting}")
+    if len(found) > 1:
+        raise AirflowError(f"{len(found)} approvals match {ref!r}: give the run id")
+    return found[0]
+
+
+def answer(client: AirflowClient, dag_id: str, request: dict, *, approve: bool, comment: str | None = None) -> dict:
+    """Approve or reject one pending request, with the comment where the request takes one."""
+    options = request.get("options") or []
+    chosen = next((o for o in (_YES if approve else _NO) if o in options), None)
+    if chosen is None:
+        raise AirflowError(f"the request offers {options}, none of which means {'approve' if approve else 'reject'}")
+    params = {"comment": comment} if comment and "comment" in (request.get("params") or {}) else {}
+    ti = request["task_instance"]
+    return client.respond(dag_id, ti["dag_run_id"], ti["task_id"], [chosen], params, ti.get("map_index", -1))

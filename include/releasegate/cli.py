@@ -173,6 +173,22 @@ def abort(release_id: str, reason: str, actor: str) -> None:
     click.echo(json.dumps(pipeline.abort(release_id, reason=reason, actor=actor)))
 
 
+def _airflow_options(command):
+    """Where Airflow's API server is and who calls it: options, or the RELEASEGATE_AIRFLOW_* variables in CI."""
+    for option in reversed([
+        click.option("--dag-id", default="model_release", show_default=True, envvar="RELEASEGATE_DAG_ID",
+                     show_envvar=True),
+        click.option("--airflow-url", envvar="RELEASEGATE_AIRFLOW_URL", show_envvar=True,
+                     default="http://127.0.0.1:8080", show_default=True),
+        click.option("--user", envvar="RELEASEGATE_AIRFLOW_USER", show_envvar=True, default=None),
+        click.option("--password", envvar="RELEASEGATE_AIRFLOW_PASSWORD", show_envvar=True, default=None),
+        click.option("--token", envvar="RELEASEGATE_AIRFLOW_TOKEN", show_envvar=True, default=None,
+                     help="A JWT instead of user and password."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--model", required=True, help="Registered model name in MLflow.")
 @click.option("--version", default="", help="Version number or alias; empty means the `challenger` alias.")
@@ -180,11 +196,7 @@ def abort(release_id: str, reason: str, actor: str) -> None:
 @click.option("--wait/--no-wait", default=False, show_default=True,
               help="Follow the run, print its steps, exit with the release's outcome.")
 @click.option("--conf-json", default=None, help="Extra run conf as a JSON object (merged under the params).")
-@click.option("--dag-id", default="model_release", show_default=True, envvar="RELEASEGATE_DAG_ID", show_envvar=True)
-@click.option("--airflow-url", envvar="RELEASEGATE_AIRFLOW_URL", show_envvar=True, default="http://127.0.0.1:8080", show_default=True)
-@click.option("--user", envvar="RELEASEGATE_AIRFLOW_USER", show_envvar=True, default=None)
-@click.option("--password", envvar="RELEASEGATE_AIRFLOW_PASSWORD", show_envvar=True, default=None)
-@click.option("--token", envvar="RELEASEGATE_AIRFLOW_TOKEN", show_envvar=True, default=None, help="A JWT instead of user and password.")
+@_airflow_options
 @click.option("--unpause", is_flag=True, help="Unpause the DAG first if it is paused.")
 @click.option("--poll-seconds", default=5.0, show_default=True)
 @click.option("--timeout", default=None, type=float, help="Give up waiting after this many seconds (exit 2).")
@@ -218,6 +230,27 @@ def trigger(model, version, policy, wait, conf_json, dag_id, airflow_url, user, 
         sys.exit(af.EXIT_ERROR)
     click.echo(f"outcome: {outcome.message} (exit {outcome.exit_code})")
     sys.exit(outcome.exit_code)
+
+
+@main.command()
+@click.argument("release_or_run")
+@click.option("--model", default=None, help="Only a request about this model (a guard against a wrong id).")
+@click.option("--reject", is_flag=True, help="Roll the release back instead of promoting it.")
+@click.option("--comment", default=None, help="Why: kept in the release's audit log.")
+@_airflow_options
+def approve(release_or_run, model, reject, comment, dag_id, airflow_url, user, password, token) -> None:
+    """Answer a release's pending approval (a release id or an Airflow run id) as the Airflow user."""
+    from releasegate import airflow_client as af
+
+    try:
+        with af.AirflowClient(airflow_url, token=token, username=user, password=password) as client:
+            request = af.find_approval(client, dag_id, release_or_run, model)
+            answered = af.answer(client, dag_id, request, approve=not reject, comment=comment)
+    except af.AirflowError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(af.EXIT_ERROR)
+    click.echo(f"{request['task_instance']['dag_run_id']}: {answered['chosen_options'][0]} "
+               f"(answered by {answered['responded_by']['name']})")
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from releasegate import airflow_client as af
@@ -68,7 +67,8 @@ def approval_like():
         return {"release_id": release["release_id"], "state": state, "reasons": [f"a person chose {state}"]}
 
     release = open_release()
-    decide = ApprovalOperator(task_id="decide", subject="Promote churn v2 (champion v1)?", body="evidence")
+    decide = ApprovalOperator(task_id="decide", subject="Promote churn v2 (champion v1)?",
+                              body="Release `rel-0123456789ab`: the evidence")
     release >> decide >> finish(release)
 
 
@@ -173,14 +173,17 @@ class MiniAirflow:
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
 
-    def trigger(self, *args: str, password: str | None = None) -> subprocess.Popen:
-        """`releasegate trigger` as CI runs it: credentials from the environment."""
+    def cli(self, *args: str, password: str | None = None) -> subprocess.Popen:
+        """A `releasegate` command as CI runs it: credentials from the environment."""
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
                "RELEASEGATE_AIRFLOW_URL": self.url, "RELEASEGATE_AIRFLOW_USER": "ci",
                "RELEASEGATE_AIRFLOW_PASSWORD": password or self.password}
-        return subprocess.Popen([sys.executable, "-m", "releasegate.cli", "trigger", "--model", "churn",
-                                 "--version", "2", "--poll-seconds", "1", "--timeout", "240", *args],
+        return subprocess.Popen([sys.executable, "-m", "releasegate.cli", *args],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def trigger(self, *args: str, password: str | None = None) -> subprocess.Popen:
+        return self.cli("trigger", "--model", "churn", "--version", "2", "--poll-seconds", "1", "--timeout", "240",
+                        *args, password=password)
 
 
 @pytest.fixture(scope="module")
@@ -210,11 +213,8 @@ def test_bad_password_exits_2_with_a_clear_message(airflow_api):
 
 
 def test_paused_dag_is_refused_unless_asked_to_unpause(airflow_api):
-    code, _, err = finished(airflow_api.trigger("--dag-id", RELEASE_DAG))
+    code, _, err = finished(airflow_api.trigger("--dag-id", APPROVAL_DAG))
     assert code == 2 and "is paused" in err
-    code, out, err = finished(airflow_api.trigger("--dag-id", RELEASE_DAG, "--unpause", "--conf-json",
-                                                  '{"outcome": "promoted"}'))
-    assert code == 0 and f"triggered {RELEASE_DAG} run" in out, err
 
 
 def test_wait_streams_the_steps_and_exits_with_the_release_outcome(airflow_api):
@@ -249,9 +249,11 @@ def test_a_run_waiting_for_approval_says_where_to_answer_and_follows_the_answer(
     assert "decide" in text and "waiting for approval: Promote churn v2 (champion v1)?" in text, text
     run_id = re.search(rf"triggered {APPROVAL_DAG} run (\S+): http", text).group(1)
     assert f"/dags/{APPROVAL_DAG}/runs/{run_id}/tasks/decide/required_actions" in text
-    with af.AirflowClient(airflow_api.url, username="ci", password=airflow_api.password) as client:
-        answer = client.respond(APPROVAL_DAG, run_id, "decide", ["Approve"])
-    assert answer["responded_by"]["name"] == "ci"
+    code, _, err = finished(airflow_api.cli("approve", "rel-999999999999", "--dag-id", APPROVAL_DAG))
+    assert code == 2 and "no approval of trigger_cli_approval waits for 'rel-999999999999'" in err
+    code, out, err = finished(airflow_api.cli("approve", "rel-0123456789ab", "--model", "churn",
+                                              "--dag-id", APPROVAL_DAG))
+    assert code == 0 and out.strip() == f"{run_id}: Approve (answered by ci)", out + err
     code, out, err = finished(proc)
     assert code == 0, text + out + err
     assert "rel-0123456789ab promoted: a person chose promoted" in out

@@ -156,3 +156,27 @@ def test_waiting_gives_up_after_the_timeout_with_exit_2():
     with client_for(fake) as client:
         outcome = af.follow(client, "model_release", RUN, echo=lambda line: None, sleep=lambda s: None, timeout=0)
     assert outcome.exit_code == 2 and "still running" in outcome.message
+
+
+def test_approve_finds_the_release_by_id_and_answers_with_the_release_options_and_comment():
+    sent = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v2/dags/model_release/dagRuns/~/hitlDetails":
+            return httpx.Response(200, json={"hitl_details": [
+                {"task_instance": {"task_id": "decide", "dag_run_id": RUN, "map_index": -1},
+                 "subject": "Promote churn v2 (champion v1)?", "body": "**Release** `rel-1`: ...",
+                 "options": ["Promote", "Roll back"], "params": {"comment": {"value": ""}}}]})
+        sent["path"], sent["body"] = request.url.path, json.loads(request.content)
+        return httpx.Response(200, json={"chosen_options": sent["body"]["chosen_options"],
+                                         "responded_by": {"id": "ci", "name": "ci"}})
+
+    with af.AirflowClient("http://airflow.test", token="jwt", transport=httpx.MockTransport(handler)) as client:
+        request = af.find_approval(client, "model_release", "rel-1", model="churn")
+        af.answer(client, "model_release", request, approve=False, comment="latency too close to the limit")
+        assert sent["path"] == f"/api/v2/dags/model_release/dagRuns/{RUN}/taskInstances/decide/-1/hitlDetails"
+        assert sent["body"] == {"chosen_options": ["Roll back"], "params_input": {"comment": "latency too close to the limit"}}
+        with pytest.raises(af.AirflowError, match="no approval of model_release waits for 'rel-2'"):
+            af.find_approval(client, "model_release", "rel-2")
+        with pytest.raises(af.AirflowError, match="no approval"):
+            af.find_approval(client, "model_release", "rel-1", model="fraud")
