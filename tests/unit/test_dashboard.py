@@ -39,6 +39,32 @@ def airflow_auth(airflow_env):
     airflow_settings.reconfigure_orm()
 
 
+class Clock:
+    """The release's wall clock, moved on by the story below so its steps take as long as a real release's."""
+
+    def __init__(self, start: float):
+        self.now = start
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    """Only the clock of release and audit is replaced; every row is still written by the library itself."""
+    fake = Clock(time.time() - 3600)
+    monkeypatch.setattr(release, "time", fake)
+    monkeypatch.setattr(audit, "time", fake)
+    return fake
+
+
 def token_for(manager, username: str = "alice", role: str | None = "viewer") -> str:
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
@@ -46,7 +72,7 @@ def token_for(manager, username: str = "alice", role: str | None = "viewer") -> 
 
 
 @pytest.fixture
-def client(rg_home, airflow_auth):
+def client(rg_home, airflow_auth, clock):
     from fastapi.testclient import TestClient
 
     from releasegate_airflow.dashboard import create_app
@@ -59,10 +85,10 @@ def _metric(name, kind, estimate, lower, upper, limit, margin, passed, higher=Tr
                         margin=margin, passed=passed, higher_is_better=higher, detail=detail, n=n, alpha=0.01)
 
 
-def _verdict(stage, decision, reason, metrics, start, weight=None) -> dict:
+def _verdict(stage, decision, reason, metrics, end, weight=None) -> dict:
     expected = None if weight is None else {"champion": 1 - weight / 100, "candidate": weight / 100}
     return Verdict(
-        decision=decision, reason=reason, window=Window(start=start, end=start + 30, stage=stage),
+        decision=decision, reason=reason, window=Window(start=end - 30, end=end, stage=stage),
         samples={"champion": ArmSamples(requests=4585, routing_keys=4063, labelled=4302),
                  "candidate": ArmSamples(requests=234, routing_keys=213, labelled=220)},
         metrics=metrics, srm=SRM(counts={"champion": 4063, "candidate": 213}, expected=expected, p_value=0.81)
@@ -71,19 +97,23 @@ def _verdict(stage, decision, reason, metrics, start, weight=None) -> dict:
     ).model_dump(mode="json")
 
 
-def promoted_release() -> release.Release:
+def promoted_release(clock: Clock) -> release.Release:
     """A release through shadow and two canary steps to promotion, written as the pipeline writes it."""
     rel = release.open_release("churn", "2", "1", {"name": "default"}, airflow_run_id=RUN_ID, actor="airflow")
-    rid, t0 = rel.release_id, time.time()
+    rid = rel.release_id
+    clock.advance(2)
     release.transition(rid, "validating", actor="airflow")
+    clock.advance(25)
     audit.append("airflow", "validation", model="churn", version="2", release_id=rid,
                  details={"passed": True, "reasons": [], "evaluation": {"metric": "accuracy", "candidate": 0.878,
                                                                         "champion": 0.845, "rows": 3000}})
     release.transition(rid, "signing", actor="airflow")
     audit.append("airflow", "signed", model="churn", version="2", release_id=rid, details={"digest": "sha256:bad9"})
+    clock.advance(3)
     release.transition(rid, "shadow", actor="airflow")
     audit.append("airflow", "route", model="churn", version="2", release_id=rid,
                  details={"mode": "shadow", "candidate_weight": 0, "stage": "shadow", "revision": 2})
+    t0 = clock.advance(38)
     release.record_verdict(rid, _verdict("shadow", "promote", "promote: on 2,048 labelled shadow requests every "
                                          "check clears its limit; agreement 89.7% (87.2% … 92.2%; needs > 80%)", [
         _metric("error_rate", "guardrail", 0.0, -0.0009, 0.0009, 0.01, 0.01, True, higher=False),
@@ -95,41 +125,47 @@ def promoted_release() -> release.Release:
                           "prediction_drift": {"drifted": [], "rows": 2228}})
     release.transition(rid, "canary", actor="airflow")
     for step, weight in ((1, 5), (2, 50)):
+        clock.advance(1)
         audit.append("airflow", "route", model="churn", version="2", release_id=rid,
                      details={"mode": "canary", "candidate_weight": weight, "stage": f"canary-{step}"})
-        release.record_verdict(rid, _verdict(f"canary-{weight}", "promote", f"promote: canary-{weight} clears", [
+        clock.advance(60 * step)
+        release.record_verdict(rid, _verdict(f"canary-{weight}", "promote", f"promote: on the labelled canary-{weight} requests every check clears its limit", [
             _metric("error_rate", "guardrail", 0.0024, -0.0049, 0.0097, 0.01, 0.01, True, higher=False),
             _metric("latency_p99", "guardrail", 0.0, 0.0, 0.0075, 0.01, 0.01, True, higher=False,
                     detail="limit 138.5 ms = 1.5 × champion p99 92.4 ms; candidate p99 128.8 ms"),
-            _metric("accuracy", "primary", 0.0584, -0.0139, 0.1307, -0.02, 0.02, True)], t0 + 40 * step, weight),
+            _metric("accuracy", "primary", 0.041, 0.018, 0.063, -0.02, 0.02, True)], clock.now, weight),
             actor="airflow")
+    clock.advance(1)
     release.transition(rid, "promoting", actor="airflow")
     audit.append("airflow", "route", model="churn", version="2", release_id=rid,
                  details={"mode": "single", "candidate_weight": 0, "stage": "promoted", "champion_version": "2"})
-    return release.transition(rid, "promoted", actor="airflow", decision="promote",
-                              reason="promote: canary-50 clears")
+    return release.transition(rid, "promoted", actor="airflow", decision="promote", reason=(
+        "promote: on 15,365 labelled canary-50 requests (7,750 candidate, 7,615 champion) every check clears its "
+        "limit: error rate +0.000 (−0.001 … +0.000; needs < +0.01); accuracy +0.041 (+0.018 … +0.063; needs > −0.02)"))
 
 
-def rolled_back_release() -> release.Release:
+def rolled_back_release(clock: Clock) -> release.Release:
     """A worse candidate whose shadow agreement fails: rolled back."""
+    clock.advance(600)
     rel = release.open_release("churn", "3", "2", {"name": "default"}, airflow_run_id="manual__worse", actor="airflow")
     rid = rel.release_id
     for state in ("validating", "signing", "shadow"):
+        clock.advance(10)
         release.transition(rid, state, actor="airflow")
     audit.append("airflow", "route", model="churn", version="3", release_id=rid,
                  details={"mode": "shadow", "candidate_weight": 0, "stage": "shadow"})
     reason = ("rollback: the arms agree on 55.6% of requests (always-valid 99% bounds 38.0% … 73.1%), "
               "below the required 80%, on 108 shadow requests")
     release.record_verdict(rid, _verdict("shadow", "rollback", reason, [
-        _metric("agreement", "agreement", 0.556, 0.380, 0.731, 0.8, 0.2, False, n=108)], time.time()),
+        _metric("agreement", "agreement", 0.556, 0.380, 0.731, 0.8, 0.2, False, n=108)], clock.advance(21)),
         actor="airflow")
     audit.append("airflow", "route", model="churn", version="2", release_id=rid,
                  details={"mode": "single", "candidate_weight": 0, "stage": "rolled back", "champion_version": "2"})
     return release.transition(rid, "rolled_back", actor="airflow", decision="rollback", reason=reason)
 
 
-def test_releases_list_shows_each_release_with_state_decision_and_airflow_run(client, airflow_auth):
-    good, bad = promoted_release(), rolled_back_release()
+def test_releases_list_shows_each_release_with_state_decision_and_airflow_run(client, airflow_auth, clock):
+    good, bad = promoted_release(clock), rolled_back_release(clock)
     page = client.get("/", cookies={"_token": token_for(airflow_auth)})
     assert page.status_code == 200, page.text
     rows = re.findall(r'<tr class="release" data-release-id="([^"]+)" data-state="([^"]+)"', page.text)
@@ -139,8 +175,8 @@ def test_releases_list_shows_each_release_with_state_decision_and_airflow_run(cl
     assert "the arms agree on 55.6% of requests" in page.text
 
 
-def test_release_page_shows_timeline_traffic_metric_charts_and_evidence(client, airflow_auth):
-    rel = promoted_release()
+def test_release_page_shows_timeline_traffic_metric_charts_and_evidence(client, airflow_auth, clock):
+    rel = promoted_release(clock)
     page = client.get(f"/releases/{rel.release_id}", headers={"Authorization": f"Bearer {token_for(airflow_auth)}"})
     assert page.status_code == 200, page.text
     html = page.text
@@ -157,7 +193,7 @@ def test_release_page_shows_timeline_traffic_metric_charts_and_evidence(client, 
     # Evidence: each verdict's sentence and numbers, with the bounds and limits.
     assert re.findall(r'class="card verdict" data-stage="([^"]+)"', html) == ["shadow", "canary-5", "canary-50"]
     assert "agreement 89.7% (87.2% … 92.2%; needs &gt; 80%)" in html
-    assert "+0.0584" in html and "-0.0139" in html and "+0.1307" in html
+    assert "+0.0410" in html and "+0.0180" in html and "+0.0630" in html
     assert "limit 138.5 ms = 1.5 × champion p99 92.4 ms" in html
     # Links: the shadow's two Evidently reports, MLflow, and the Airflow run.
     assert f'href="{rel.release_id}/reports/shadow/input_drift.html"' in html
@@ -166,8 +202,8 @@ def test_release_page_shows_timeline_traffic_metric_charts_and_evidence(client, 
     assert 'href="/dags/model_release/runs/manual__2026-11-29T09%3A18%3A55.988289%2B00%3A00"' in html
 
 
-def test_rolled_back_release_page_shows_the_failed_check(client, airflow_auth):
-    rel = rolled_back_release()
+def test_rolled_back_release_page_shows_the_failed_check(client, airflow_auth, clock):
+    rel = rolled_back_release(clock)
     html = client.get(f"/releases/{rel.release_id}", cookies={"_token": token_for(airflow_auth)}).text
     verdict = html.split('class="card verdict"')[1]
     assert 'data-decision="rollback"' in verdict and "below the required 80%" in verdict
@@ -175,8 +211,8 @@ def test_rolled_back_release_page_shows_the_failed_check(client, airflow_auth):
     assert "No report stored yet." in html
 
 
-def test_audit_chain_status_turns_broken_when_a_row_is_edited(client, airflow_auth):
-    promoted_release()
+def test_audit_chain_status_turns_broken_when_a_row_is_edited(client, airflow_auth, clock):
+    promoted_release(clock)
     cookies = {"_token": token_for(airflow_auth)}
     assert 'data-status="intact"' in client.get("/", cookies=cookies).text
     with storage.engine().begin() as conn:
@@ -194,7 +230,7 @@ def test_anonymous_request_is_refused(client):
     assert page.status_code == 401 and "Sign in to Airflow first" in page.text
 
 
-def test_forged_expired_and_unprivileged_tokens_are_refused(client, airflow_auth):
+def test_forged_expired_and_unprivileged_tokens_are_refused(client, airflow_auth, clock):
     from airflow.api_fastapi.auth.tokens import JWTGenerator
 
     claims = {"sub": "mallory", "role": "admin"}
@@ -210,8 +246,8 @@ def test_forged_expired_and_unprivileged_tokens_are_refused(client, airflow_auth
     assert refused.status_code == 403 and "may not read the model_release DAG" in refused.text
 
 
-def test_unknown_release_or_report_is_404(client, airflow_auth):
-    rel = rolled_back_release()
+def test_unknown_release_or_report_is_404(client, airflow_auth, clock):
+    rel = rolled_back_release(clock)
     cookies = {"_token": token_for(airflow_auth)}
     assert client.get("/releases/rel-doesnotexist", cookies=cookies).status_code == 404
     assert client.get(f"/releases/{rel.release_id}/reports/shadow/input_drift.html", cookies=cookies).status_code == 404

@@ -52,7 +52,7 @@ def traffic_svg(points: list[dict], started_at: float, ended_at: float | None, n
             ax.annotate(label, (start, p["candidate_served_percent"]), xytext=(3, 4),
                         textcoords="offset points", color="#2d3748")
     ax.set_ylim(-3, 105)
-    ax.set_xlim(0, max(end, 1))
+    ax.set_xlim(0, max(end, xs[-2] + 1e-3))
     ax.set_ylabel("candidate serves (%)")
     ax.set_xlabel("seconds since the release opened")
     ax.grid(True, color=GRID)

@@ -1,0 +1,67 @@
+"""The dashboard in headless Chromium: served by uvicorn on a loopback port, mounted under /releasegate as Airflow mounts it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import browser  # noqa: E402  (tests/ is not a package)
+
+from test_dashboard import airflow_auth, clock, promoted_release, rolled_back_release, token_for  # noqa: E402,F401  (fixtures shared with the TestClient tests)
+
+
+@pytest.fixture
+def served_dashboard(rg_home, airflow_auth, clock):
+    """The plugin app under /releasegate of a root app (like Airflow's API server), on a free loopback port."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from releasegate_airflow.dashboard import MOUNT_PREFIX, create_app
+
+    root = FastAPI()
+    root.mount(MOUNT_PREFIX, create_app())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(root, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}{MOUNT_PREFIX}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_dashboard_renders_the_releases_and_a_release_page_in_chromium(served_dashboard, airflow_auth, clock):
+    if (missing := browser.available()) is not None:
+        # On a laptop without Chromium this skips; CI installs it (.ci/run), so there a missing browser fails.
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{missing}; .ci/run installs it")
+    good, bad = promoted_release(clock), rolled_back_release(clock)
+    token = token_for(airflow_auth)
+
+    listing = browser.render(f"{served_dashboard}/", token=token, screenshot=ROOT / "docs" / "dashboard.png",
+                             wait_for_css="#releases", width=1300, height=520)
+    assert listing.title == "Releases · releasegate"
+    for rel in (good, bad):
+        assert f'data-release-id="{rel.release_id}"' in listing.html
+    assert 'data-status="intact"' in listing.html
+
+    page = browser.render(f"{served_dashboard}/releases/{good.release_id}", token=token,
+                          screenshot=ROOT / "docs" / "dashboard-release.png", wait_for_css="#timeline", width=1300)
+    assert page.html.count("<svg") >= 2 and 'data-stage="canary-50"' in page.html
+    assert page.screenshot.stat().st_size > 20_000  # a real picture, not a blank page
+
+    refused = browser.render(f"{served_dashboard}/", cookies={"_token": "not-a-token"})
+    assert "Not allowed" in refused.html and "data-release-id" not in refused.html
