@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -163,7 +164,9 @@ def gateway(tmp_path_factory):
                 pass
             assert time.time() < deadline, "gateway did not start:\n" + gw.log()
             time.sleep(0.2)
-        resp = gw.put_route(champion_version=versions["champion"], mode="single")
+        # The first load imports MLflow and sklearn in the gateway: slow on a busy machine.
+        resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]},
+                             timeout=180)
         assert resp.status_code == 200, resp.text
         try:
             yield gw
@@ -347,7 +350,7 @@ def test_malformed_input_gets_a_4xx_saying_what_is_wrong(gateway):
         (gateway.client.post(url, json={"records": [good]}), 400, "dataframe_split"),
         (gateway.invoke([{"age": 30, "income": 1.0}]), 422, "missing column(s) 'region'"),
         (gateway.invoke([good | {"zip": "123"}]), 422, "unexpected column(s) 'zip'"),
-        (gateway.invoke([good | {"age": "old"}]), 422, "column 'age' row 0 expects integer"),
+        (gateway.invoke([good | {"age": "old"}]), 422, "column 'age' row 0 expects an integer"),
         (gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": NaN, "region": "x"}]}'),
          422, "column 'income' row 0 is null/NaN"),
         (gateway.invoke([good] * 1001), 413, "1001 rows"),
@@ -373,10 +376,350 @@ def test_route_written_by_another_replica_is_picked_up(gateway):
     assert gateway.client.get(f"/admin/routes/{MODEL}").json()["champion_version"] == v["candidate"]
 
 
-def test_shutdown_flushes_the_prediction_log(gateway):
+@pytest.fixture(scope="module")
+def keys(gateway):
+    """One live key per role, plus a revoked one, seen by the gateway."""
+    from releasegate.serving import auth
+
+    made = {role: auth.create_key(role, gateway.settings)[1] for role in auth.ROLES}
+    revoked_id, made["revoked"] = auth.create_key("admin", gateway.settings)
+    auth.revoke_key(revoked_id, gateway.settings)
+    made |= {"missing": None, "wrong": "rg_0123456789abcdef_not-a-key-we-issued", "malformed": "Basic abc"}
+    time.sleep(0.6)  # the poller (0.2 s here) picks the keys up
+    return made
+
+
+def _v2_body(sent: list[dict]) -> dict:
+    return {"inputs": [{"name": name, "shape": [len(sent)], "datatype": dtype, "data": [r[name] for r in sent]}
+                       for name, dtype in (("age", "INT64"), ("income", "FP64"), ("region", "BYTES"))]}
+
+
+PROTECTED = [  # method, path, body, the role it needs (admin may do everything)
+    ("POST", f"/models/{MODEL}/invocations", {"dataframe_records": rows(1)}, "predict"),
+    ("POST", f"/v2/models/{MODEL}/infer", _v2_body(rows(1)), "predict"),
+    ("GET", f"/v2/models/{MODEL}", None, "predict"),
+    ("GET", f"/v2/models/{MODEL}/ready", None, "predict"),
+    ("POST", "/feedback", {"request_id": "matrix", "ground_truth": 1}, "feedback"),
+    ("GET", "/admin/routes", None, "admin"),
+    ("GET", f"/admin/routes/{MODEL}", None, "admin"),
+    ("PUT", f"/admin/routes/{MODEL}", "champion-single", "admin"),
+]
+PUBLIC = ["/healthz", "/readyz", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", "/openapi.json"]
+KEY_KINDS = ["missing", "wrong", "malformed", "revoked", "predict", "feedback", "admin"]
+
+
+@pytest.mark.parametrize("key_kind", KEY_KINDS)
+@pytest.mark.parametrize("method, path, body, role", PROTECTED, ids=[f"{m} {p}" for m, p, _, _ in PROTECTED])
+def test_role_matrix(gateway, keys, method, path, body, role, key_kind):
+    if body == "champion-single":
+        body = {"champion_version": gateway.versions["champion"], "mode": "single"}
+    key = keys[key_kind]
+    headers = {"authorization": key if key_kind == "malformed" else f"Bearer {key}"} if key else {}
+    resp = httpx.request(method, gateway.url + path, json=body, headers=headers, timeout=30)
+    if key_kind in ("missing", "wrong", "malformed", "revoked"):
+        assert resp.status_code == 401, resp.text
+        assert resp.json()["error"].startswith(("missing API key", "unknown or revoked", "malformed Authorization"))
+    elif key_kind in (role, "admin"):
+        assert resp.status_code == 200, resp.text
+    else:
+        assert resp.status_code == 403, resp.text
+        assert f"needs '{role}' or 'admin'" in resp.json()["error"]
+
+
+@pytest.mark.parametrize("path", PUBLIC)
+def test_health_metrics_and_openapi_need_no_key(gateway, path):
+    assert httpx.get(gateway.url + path, timeout=10).status_code == 200
+
+
+def test_every_mlflow_payload_and_v2_answer_alike_with_version_and_arm(gateway, keys):
+    v = gateway.versions
+    assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
+    sent = rows(3, seed=11)
+    names = list(sent[0])
+    payloads = {
+        "dataframe_records": {"dataframe_records": sent},
+        "dataframe_split": {"dataframe_split": {"columns": names, "data": [[r[n] for n in names] for r in sent]}},
+        "instances": {"instances": sent},
+        "inputs": {"inputs": {n: [r[n] for r in sent] for n in names}},
+    }
+    answers = {}
+    for kind, body in payloads.items():
+        resp = gateway.client.post(f"/models/{MODEL}/invocations", json=body)
+        assert resp.status_code == 200, (kind, resp.text)
+        out = resp.json()
+        assert (out["model_version"], out["arm"]) == (v["champion"], "champion"), kind
+        answers[kind] = out["predictions"]
+    v2 = gateway.client.post(f"/v2/models/{MODEL}/infer", json=_v2_body(sent) | {"id": "v2-req"}).json()
+    assert v2["id"] == "v2-req" and v2["model_version"] == v["champion"] and v2["arm"] == "champion"
+    answers["v2"] = v2["outputs"][0]["data"]
+    assert len({orjson.dumps(a) for a in answers.values()}) == 1, answers
+
+    meta = gateway.client.get(f"/v2/models/{MODEL}").json()
+    assert meta["name"] == MODEL and meta["versions"] == [v["champion"]] and meta["platform"] == "mlflow_pyfunc"
+    assert meta["inputs"] == [{"name": "age", "datatype": "INT64", "shape": [-1]},
+                              {"name": "income", "datatype": "FP64", "shape": [-1]},
+                              {"name": "region", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"][0]["datatype"] == "INT64"
+    assert gateway.client.get(f"/v2/models/{MODEL}/versions/{v['champion']}").json()["name"] == MODEL
+    wrong = gateway.client.get(f"/v2/models/{MODEL}/versions/{v['candidate']}")
+    assert wrong.status_code == 404 and "is not served" in wrong.json()["error"]
+    assert gateway.client.get(f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True,
+                                                                       "version": v["champion"]}
+    assert gateway.client.get("/v2/models/nope/ready").status_code == 404
+    assert gateway.client.get("/v2/health/ready").json() == {"ready": True}
+    assert gateway.client.get("/v2").json()["name"] == "releasegate"
+
+
+def test_out_of_range_and_non_finite_values_get_a_422(gateway):
+    good = rows(1)[0]
+    url = f"/models/{MODEL}/invocations"
+    cases = [
+        (gateway.invoke([good | {"age": 2 ** 70}]), "column 'age' row 0 expects an integer (long"),
+        (gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": 1e999, "region": "x"}]}'),
+         "column 'income' row 0 expects a finite number"),
+        (gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": Infinity, "region": "x"}]}'),
+         "column 'income' row 0 expects a finite number"),
+        (gateway.invoke([good | {"region": 5}]), "column 'region' row 0 expects string"),
+    ]
+    for resp, message in cases:
+        assert resp.status_code == 422 and message in resp.json()["error"], (message, resp.text)
+
+
+def test_metrics_cover_calls_latency_batches_shadow_and_the_log(gateway):
+    v = gateway.versions["champion"]
+    assert gateway.put_route(champion_version=v, mode="single").status_code == 200
+    assert gateway.invoke(rows(1)).status_code == 200
+    text = gateway.client.get("/metrics").text
+    for needle in (f'releasegate_gateway_model_calls_total{{arm="champion",model="{MODEL}",version="{v}"}}',
+                   f'releasegate_gateway_model_latency_seconds_bucket{{arm="champion",le="0.005",model="{MODEL}"',
+                   f'releasegate_gateway_batch_rows_bucket{{le="1.0",model="{MODEL}",version="{v}"}}',
+                   "# TYPE releasegate_gateway_model_errors_total counter",
+                   "releasegate_gateway_shadow_dropped_total", "releasegate_gateway_shadow_queue_depth",
+                   'releasegate_gateway_log_lag_seconds{table="predictions"}',
+                   'releasegate_gateway_log_written_rows_total{table="predictions"}',
+                   "releasegate_gateway_log_dropped_rows_total",
+                   'releasegate_gateway_http_responses_total{endpoint="invocations",status="200"}'):
+        assert needle in text, needle
+
+
+class Load:
+    """Background clients that keep invoking the gateway and record every outcome."""
+
+    def __init__(self, url: str, clients: int = 2):
+        import threading
+
+        self.url, self.stop, self.outcomes = url, threading.Event(), []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=30, headers={"authorization": f"Bearer {ADMIN}"}) as client:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                try:
+                    resp = client.post(f"/models/{MODEL}/invocations", json={"dataframe_records": rows(1, seed=n)},
+                                       headers={"x-routing-key": f"load-{i}-{n}"})
+                    body = resp.json()
+                    self.outcomes.append((resp.status_code, body.get("model_version"), body.get("arm"),
+                                          body.get("error")))
+                except Exception as err:  # a refused or dropped connection is a lost request
+                    self.outcomes.append((None, None, None, repr(err)))
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def test_twenty_route_changes_under_load_lose_no_request(gateway):
+    v = gateway.versions
+    champion, candidate = v["champion"], v["candidate"]
+    cycle = [dict(champion_version=champion, mode="single"),
+             dict(champion_version=champion, candidate_version=candidate, mode="shadow"),
+             dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=5),
+             dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=25),
+             dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=50),
+             dict(champion_version=candidate, mode="single"),  # promote
+             dict(champion_version=champion, mode="single")]  # roll back (the old champion reloads)
+    changes = (cycle * 3)[:20]
+    with Load(gateway.url) as load:
+        time.sleep(0.5)
+        for spec in changes:
+            resp = gateway.put_route(**spec)
+            assert resp.status_code == 200, resp.text
+            time.sleep(0.2)
+    failed = [o for o in load.outcomes if o[0] != 200]
+    assert not failed, failed[:5]
+    assert len(load.outcomes) > 100
+    assert {o[1] for o in load.outcomes} == {champion, candidate}
+    assert {o[2] for o in load.outcomes} == {"champion", "candidate"}
+
+
+def test_a_second_replica_follows_the_database_and_serves_the_old_split_until_ready(gateway, tmp_path):
+    v = gateway.versions
+    assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
+    port = _free_port()
+    log = tmp_path / "replica.log"
+    with open(log, "w") as out:
+        replica = subprocess.Popen([sys.executable, "-m", "releasegate.serving", "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180  # its first load imports MLflow and sklearn: slow on a busy machine
+        while True:
+            assert replica.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        with Load(url, clients=1) as load:
+            time.sleep(0.3)
+            changed = time.time()
+            route = gateway.put_route(champion_version=v["champion"], candidate_version=v["candidate"],
+                                      mode="canary", candidate_weight=100).json()
+            while httpx.get(f"{url}/admin/routes/{MODEL}", headers={"authorization": f"Bearer {ADMIN}"}
+                            ).json()["revision"] != route["revision"]:
+                assert time.time() - changed < 15, log.read_text()[-3000:]
+                time.sleep(0.05)
+            picked_up = time.time() - changed
+            time.sleep(0.3)
+        served = [o for o in load.outcomes]
+        assert all(o[0] == 200 for o in served), [o for o in served if o[0] != 200][:5]
+        # Answers switch from the old split to the new one once, never back and forth.
+        arms = [o[2] for o in served]
+        first_candidate = arms.index("candidate")
+        assert set(arms[:first_candidate]) == {"champion"} and set(arms[first_candidate:]) == {"candidate"}
+        # Poll interval 0.2 s here, plus loading, verifying and warming the candidate.
+        assert picked_up < 10
+        assert "loaded gw v%s (signature verified, warmed)" % v["candidate"] in log.read_text()
+    finally:
+        os.killpg(replica.pid, signal.SIGTERM)
+        replica.wait(timeout=30)
+
+
+def test_predictions_are_not_blocked_while_the_log_database_is_locked(gateway):
+    import sqlite3
+
+    assert gateway.put_route(champion_version=gateway.versions["champion"], mode="single").status_code == 200
+    db = sqlite3.connect(gateway.settings.db_url.removeprefix("sqlite:///"), timeout=10, isolation_level=None)
+    ids = [f"locked-{i}" for i in range(40)]
+    try:
+        db.execute("BEGIN EXCLUSIVE")  # another process holds the write lock: no log row can be written
+        started = time.perf_counter()
+        for rid in ids:
+            resp = gateway.invoke(rows(1), **{"x-request-id": rid})
+            assert resp.status_code == 200, resp.text
+        assert time.perf_counter() - started < 10
+        time.sleep(1)
+        metrics = gateway.client.get("/metrics").text
+        lag = float(re.search(r'^releasegate_gateway_log_lag_seconds{table="predictions"} (\S+)$', metrics,
+                              re.M).group(1))
+        assert lag > 0.5  # the writer is waiting on the lock, and says so
+        assert len(gateway.predictions(ids, expected=0, timeout=0)) == 0
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert len(gateway.predictions(ids, expected=40, timeout=20)) == 40
+
+
+def test_fuzzing_the_openapi_document_finds_no_server_error(gateway, keys):
+    """schemathesis generates valid and invalid requests for every documented operation, with each role's key."""
+    from collections import Counter
+
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.generation import GenerationMode
+
+    v = gateway.versions
+    assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
+    schema = schemathesis.openapi.from_url(f"{gateway.url}/openapi.json")
+    counts, inference, problems = Counter(), Counter(), []
+    session = requests.Session()  # schemathesis serializes each case (valid or not) for requests
+
+    def run(key: str, mode: GenerationMode, examples: int) -> None:
+        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=schema.as_strategy(generation_mode=mode))
+        def fuzz(case):
+            resp = case.call(base_url=gateway.url, session=session, headers={"authorization": f"Bearer {key}"},
+                             timeout=30)
+            klass = f"{resp.status_code // 100}xx"
+            counts[klass] += 1
+            if resp.status_code >= 500:
+                problems.append((case.method, case.formatted_path, case.body, resp.text[:300]))
+            if mode is GenerationMode.POSITIVE and case.formatted_path.endswith("/invocations"):
+                inference[klass] += 1
+                if resp.status_code != 200 and key in (keys["predict"], keys["admin"]):
+                    problems.append(("valid inference refused", case.body, resp.text[:300]))
+
+        fuzz()
+
+    for role in ("predict", "feedback", "admin"):
+        run(keys[role], GenerationMode.POSITIVE, 250)
+        run(keys[role], GenerationMode.NEGATIVE, 150)
+    session.close()
+    print(f"\nschemathesis: {sum(counts.values())} requests, {dict(sorted(counts.items()))}; "
+          f"valid /invocations requests: {dict(inference)}")
+    assert not problems, problems[:5]
+    assert sum(counts.values()) >= 1000 and counts["5xx"] == 0
+    assert inference["2xx"] >= 50  # valid inference requests were generated and answered, not only refused
+    assert gateway.proc.poll() is None and gateway.client.get("/healthz").status_code == 200
+
+
+def test_sigterm_answers_in_flight_requests_and_flushes_the_log(gateway):
+    from concurrent.futures import ThreadPoolExecutor
+
+    v = gateway.versions
+    assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
     ids = [f"flush-{i}" for i in range(50)]
     for rid in ids:
         assert gateway.invoke(rows(1), **{"x-request-id": rid}).status_code == 200
-    os.killpg(gateway.proc.pid, signal.SIGTERM)
+    # In flight at SIGTERM: requests the erratic candidate holds past its 0.5 s timeout (age 78 sleeps).
+    assert gateway.put_route(champion_version=v["champion"], candidate_version=v["erratic"], mode="canary",
+                             candidate_weight=100).status_code == 200
+    slow = [f"in-flight-{i}" for i in range(8)]
+
+    def call(rid):
+        with httpx.Client(base_url=gateway.url, timeout=30, headers={"authorization": f"Bearer {ADMIN}"}) as c:
+            return c.post(f"/models/{MODEL}/invocations", json={"dataframe_records": [rows(1)[0] | {"age": 78}]},
+                          headers={"x-request-id": rid})
+
+    with ThreadPoolExecutor(len(slow)) as pool:
+        futures = [pool.submit(call, rid) for rid in slow]
+        deadline = time.time() + 30
+        while True:  # SIGTERM while the gateway holds at least half of them
+            found = re.search(r'^releasegate_gateway_requests_in_flight{endpoint="invocations"} (\S+)$',
+                              gateway.client.get("/metrics").text, re.M)
+            held = int(float(found.group(1))) if found else 0
+            if held >= len(slow) // 2:
+                break
+            assert time.time() < deadline, "requests not held in flight"
+            time.sleep(0.02)
+        os.killpg(gateway.proc.pid, signal.SIGTERM)
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result())
+            except httpx.ConnectError:  # sent after SIGTERM: not accepted, which is right
+                outcomes.append(None)
+    answered = [o for o in outcomes if o is not None]
+    assert [a.status_code for a in answered] == [200] * len(answered), [a.text for a in answered]
+    assert len(answered) >= held and {a.json()["arm"] for a in answered} == {"champion"}
     assert gateway.proc.wait(timeout=30) in (0, -signal.SIGTERM), gateway.log()  # uvicorn re-raises the signal
+    with pytest.raises(httpx.ConnectError):  # stopped accepting
+        httpx.get(f"{gateway.url}/healthz", timeout=2)
     assert len(gateway.predictions(ids, expected=50, timeout=0)) == 50
+    ids_answered = [a.json()["request_id"] for a in answered]
+    logged = gateway.predictions(ids_answered, expected=0, timeout=0)  # each: the candidate's timeout + the champion
+    assert sorted((r.arm, r.status) for r in logged) == (
+        [("candidate", "timeout")] * len(answered) + [("champion", "ok")] * len(answered))

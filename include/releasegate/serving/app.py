@@ -17,7 +17,7 @@ from starlette.routing import Route as HttpRoute
 from releasegate.serving import payloads
 from releasegate.serving.auth import AuthError
 from releasegate.serving.config import GatewayConfig
-from releasegate.serving.gateway import Gateway, NotFound, Unavailable
+from releasegate.serving.gateway import Active, Gateway, NotFound, Unavailable
 from releasegate.serving.metrics import Metrics
 from releasegate.serving.payloads import PayloadError
 from releasegate.serving.routing import RouteSpec
@@ -73,6 +73,8 @@ def _endpoint(name: str, role: str | None):
     def wrap(handler):
         async def endpoint(request: Request) -> Response:
             gateway = _gateway(request)
+            in_flight = gateway.metrics.in_flight_of(name)
+            in_flight.inc()
             try:
                 if role is not None:
                     gateway.keys.require(request.headers.get("authorization"), role)
@@ -89,7 +91,9 @@ def _endpoint(name: str, role: str | None):
                 response = _error(500, str(err))
             except ClientDisconnect:
                 response = Response(status_code=499)  # nobody to answer; counted, not logged as a crash
-            gateway.metrics.http.labels(name, str(response.status_code)).inc()
+            finally:
+                in_flight.dec()
+            gateway.metrics.http_response(name, response.status_code)
             return response
 
         return endpoint
@@ -179,6 +183,73 @@ async def put_route(request: Request, gateway: Gateway) -> Response:
     return JSONResponse(route.model_dump())
 
 
+def _v2_tensors(slot) -> list[dict]:
+    if slot.schema.columns is None:
+        return [{"name": "input", "datatype": "BYTES", "shape": [-1]}]
+    return [{"name": c.name, "datatype": payloads.V2_DATATYPES.get(c.kind, "BYTES"), "shape": [-1]}
+            for c in slot.schema.columns]
+
+
+def _v2_metadata(model: str, active: Active, slot) -> dict:
+    return {"name": model, "versions": [s.version for s in (active.champion, active.candidate) if s],
+            "platform": "mlflow_pyfunc", "inputs": _v2_tensors(slot), "outputs": slot.outputs,
+            "parameters": {"version": slot.version, "mode": active.route.mode,
+                           "revision": active.route.revision}}
+
+
+@_endpoint("v2_model_metadata", "predict")
+async def v2_model_metadata(request: Request, gateway: Gateway) -> Response:
+    model = request.path_params["model"]
+    active = gateway.active(model)
+    return JSONResponse(_v2_metadata(model, active, active.champion))
+
+
+@_endpoint("v2_model_version_metadata", "predict")
+async def v2_model_version_metadata(request: Request, gateway: Gateway) -> Response:
+    model, version = request.path_params["model"], request.path_params["version"]
+    active = gateway.active(model)
+    slot = next((s for s in (active.champion, active.candidate) if s and s.version == version), None)
+    if slot is None:
+        raise NotFound(f"{model} v{version} is not served (served: "
+                       f"{', '.join(s.version for s in (active.champion, active.candidate) if s)})")
+    return JSONResponse(_v2_metadata(model, active, slot))
+
+
+@_endpoint("v2_model_ready", "predict")
+async def v2_model_ready(request: Request, gateway: Gateway) -> Response:
+    model = request.path_params["model"]
+    try:
+        active = gateway.active(model)
+    except Unavailable as err:
+        return JSONResponse({"name": model, "ready": False, "error": str(err)}, status_code=503)
+    return JSONResponse({"name": model, "ready": True, "version": active.champion.version})
+
+
+@_endpoint("v2_server", None)
+async def v2_server(request: Request, gateway: Gateway) -> Response:
+    from releasegate import __version__
+
+    return JSONResponse({"name": "releasegate", "version": __version__, "extensions": []})
+
+
+@_endpoint("v2_live", None)
+async def v2_live(request: Request, gateway: Gateway) -> Response:
+    return JSONResponse({"live": True})
+
+
+@_endpoint("v2_ready", None)
+async def v2_ready(request: Request, gateway: Gateway) -> Response:
+    ready, _ = gateway.readiness()
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@_endpoint("openapi", None)
+async def openapi(request: Request, gateway: Gateway) -> Response:
+    from releasegate.serving.openapi import document
+
+    return JSONResponse(document(gateway))
+
+
 @_endpoint("healthz", None)
 async def healthz(request: Request, gateway: Gateway) -> Response:
     return JSONResponse({"status": "ok"})
@@ -213,6 +284,13 @@ def create_app(settings=None, config: GatewayConfig | None = None) -> Starlette:
 
     app = Starlette(lifespan=lifespan, routes=[
         HttpRoute("/v2/models/{model:path}/infer", v2_infer, methods=["POST"]),
+        HttpRoute("/v2/models/{model:path}/versions/{version}", v2_model_version_metadata, methods=["GET"]),
+        HttpRoute("/v2/models/{model:path}/ready", v2_model_ready, methods=["GET"]),
+        HttpRoute("/v2/models/{model:path}", v2_model_metadata, methods=["GET"]),
+        HttpRoute("/v2/health/live", v2_live, methods=["GET"]),
+        HttpRoute("/v2/health/ready", v2_ready, methods=["GET"]),
+        HttpRoute("/v2", v2_server, methods=["GET"]),
+        HttpRoute("/openapi.json", openapi, methods=["GET"]),
         HttpRoute("/models/{model:path}/invocations", invocations, methods=["POST"]),
         HttpRoute("/feedback", feedback, methods=["POST"]),
         HttpRoute("/admin/routes", list_routes, methods=["GET"]),

@@ -316,11 +316,9 @@ class Gateway:
     def _log_call(self, base: dict, rows: Rows, outputs: list | None, slot: Slot, arm: str, start: float, *,
                   served: bool, fallback: bool, status: str = "ok", error: str | None = None) -> None:
         elapsed = time.perf_counter() - start
-        m = self.metrics
-        m.requests.labels(slot.model, slot.version, arm).inc()
-        m.latency.labels(slot.model, slot.version, arm).observe(elapsed)
+        self.metrics.model_call(slot.model, slot.version, arm, elapsed)
         if status != "ok":
-            m.errors.labels(slot.model, slot.version, arm, status).inc()
+            self.metrics.errors.labels(slot.model, slot.version, arm, status).inc()
         row = dict(base, time=time.time(), version=slot.version, arm=arm, served=served, fallback=fallback,
                    latency_ms=elapsed * 1000, status=status, error=error)
         self.predictions.put((row, rows, outputs), rows=rows.n)

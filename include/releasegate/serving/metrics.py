@@ -50,7 +50,16 @@ class Metrics:
         self.log_lag = Gauge("releasegate_gateway_log_lag_seconds",
                              "Age of the oldest log entry not yet written (0 when the writer is caught up).",
                              ("table",), registry=r)
+        self.in_flight = Gauge("releasegate_gateway_requests_in_flight", "Requests received and not yet answered.",
+                               ("endpoint",), registry=r)
         self._children: dict = {}
+
+    def in_flight_of(self, endpoint: str):
+        key = ("in_flight", endpoint)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.in_flight.labels(endpoint)
+        return child
 
     def http_response(self, endpoint: str, status: int) -> None:
         """Count one response; label children are cached (labels() takes a lock and builds a key per call)."""

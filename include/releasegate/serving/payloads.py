@@ -78,12 +78,23 @@ def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+INT_RANGE = {"long": (-(1 << 63), (1 << 63) - 1), "integer": (-(1 << 31), (1 << 31) - 1)}
+FLOAT32_MAX = 3.4028234663852886e38
+# The v2 protocol's name for each MLflow column type (strings and datetimes travel as BYTES).
+V2_DATATYPES = {"boolean": "BOOL", "integer": "INT32", "long": "INT64", "float": "FP32", "double": "FP64",
+                "string": "BYTES", "binary": "BYTES", "datetime": "BYTES"}
+
+
 def _type_ok(kind: str, value) -> bool:
     if kind in ("long", "integer"):
-        return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and value.is_integer())
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        low, high = INT_RANGE[kind]
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     if kind in ("double", "float"):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        # Infinity is a float the model cannot use (and JSON cannot carry); the batch dtype must hold it too.
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+            kind == "double" or abs(value) <= FLOAT32_MAX)
     if kind == "boolean":
         return isinstance(value, bool)
     if kind in ("string", "datetime"):
@@ -113,10 +124,19 @@ def check(rows: Rows, schema: Schema, what: str) -> Rows:
                                        "a value", 422)
                 continue
             if col.kind is not None and not _type_ok(col.kind, value):
-                raise PayloadError(f"{what}: column {col.name!r} row {i} expects {_KINDS[col.kind][0]} "
-                                   f"({col.kind}), got {type(value).__name__} {value!r:.60}", 422)
+                raise PayloadError(f"{what}: column {col.name!r} row {i} expects {_describe(col.kind)}, "
+                                   f"got {type(value).__name__} {value!r:.60}", 422)
     # Column order follows the signature, so the batch frame needs no reordering.
     return Rows({name: rows.columns[name] for name in expected}, rows.n)
+
+
+def _describe(kind: str) -> str:
+    if kind in INT_RANGE:
+        low, high = INT_RANGE[kind]
+        return f"an integer ({kind}, {low} to {high})"
+    if kind in ("double", "float"):
+        return f"a finite number ({kind})"
+    return f"{_KINDS[kind][0]} ({kind})"
 
 
 def _from_records(records: list, where: str) -> Rows:

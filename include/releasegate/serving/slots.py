@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import chain
 
-from releasegate.serving.payloads import Rows, Schema
+from releasegate.serving.payloads import V2_DATATYPES, Rows, Schema
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,27 @@ class _Job:
     future: asyncio.Future
 
 
+def _object_array(values: list):
+    import numpy as np
+
+    out = np.empty(len(values), dtype=object)  # np.asarray would turn lists in cells into a 2-d array
+    out[:] = values
+    return out
+
+
+def _frame(pd, arrays: list, names: list[str]):
+    """A DataFrame of typed column arrays, built without pandas' per-column inference.
+
+    The columns were checked against the signature already, yet pd.DataFrame(dict) spent most of
+    its time inferring their types (16 rows x 9 columns: 4.5 ms against 0.6 ms, on a loaded machine).
+    """
+    index = pd.RangeIndex(len(arrays[0]) if arrays else 0)
+    try:
+        return pd.DataFrame._from_arrays(arrays, columns=pd.Index(names), index=index, verify_integrity=False)
+    except (AttributeError, TypeError):  # a pandas without this constructor: the public, slower path
+        return pd.DataFrame(dict(zip(names, arrays)), columns=names, index=index)
+
+
 def _outputs(result, n: int, label: str) -> list:
     """One JSON-ready prediction per input row, or ModelCallError."""
     import numpy as np
@@ -62,8 +83,9 @@ class Slot:
     """A served version: its pyfunc, input schema and batcher."""
 
     def __init__(self, model: str, version: str, pyfunc, schema: Schema, metrics, executor: Executor,
-                 max_rows: int = 64, max_wait: float = 0.002):
+                 max_rows: int = 64, max_wait: float = 0.002, outputs: list[dict] | None = None):
         self.model = model
+        self.outputs = outputs or [{"name": "predict", "datatype": "BYTES", "shape": [-1]}]  # v2 metadata
         self.version = version
         self.label = f"{model} v{version}"
         self.schema = schema
@@ -86,16 +108,19 @@ class Slot:
         import pandas as pd
 
         names = self.schema.names or list(jobs[0].columns)
-        dtypes = {c.name: c.dtype for c in self.schema.columns} if self.schema.columns else {}
-        data = {}
-        for name in names:
-            values = jobs[0].columns[name] if len(jobs) == 1 else list(
-                chain.from_iterable(j.columns[name] for j in jobs))
-            dtype = dtypes.get(name)
-            if dtype and dtype != "object" and None not in values:
-                values = np.asarray(values, dtype=dtype)
-            data[name] = values
-        frame = pd.DataFrame(data, columns=names)
+        columns = {name: jobs[0].columns[name] if len(jobs) == 1 else list(
+            chain.from_iterable(j.columns[name] for j in jobs)) for name in names}
+        if not self.schema.columns:  # no signature: let pandas infer each column's type
+            frame = pd.DataFrame(columns, columns=names)
+        else:
+            arrays = []
+            for col in self.schema.columns:
+                values, dtype = columns[col.name], col.dtype or "object"
+                if dtype != "object" and None in values:  # optional columns: None is NaN, as pandas reads it
+                    dtype = "float64" if dtype.startswith(("int", "float")) else "object"
+                    values = [np.nan if v is None else v for v in values] if dtype == "float64" else values
+                arrays.append(_object_array(values) if dtype == "object" else np.asarray(values, dtype=dtype))
+            frame = _frame(pd, arrays, names)
         n = len(frame)
         try:
             result = self._pyfunc.predict(frame)
@@ -214,9 +239,29 @@ def load_slot(model: str, version: str, settings, metrics, executor: Executor, *
     except Exception as err:
         raise LoadError(f"could not load {label} from {model_dir}: {type(err).__name__}: {err}") from err
     schema = Schema.from_mlflow(pyfunc.metadata.get_input_schema())
-    slot = Slot(model, version, pyfunc, schema, metrics, executor, max_rows=max_rows, max_wait=max_wait)
+    slot = Slot(model, version, pyfunc, schema, metrics, executor, max_rows=max_rows, max_wait=max_wait,
+                outputs=_v2_outputs(pyfunc.metadata.get_output_schema()))
     slot.warm(_example_rows(pyfunc, model_dir))
     return slot
+
+
+_NUMPY_V2 = {"bool": "BOOL", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8",
+             "float32": "FP32", "float64": "FP64", "object": "BYTES", "str": "BYTES"}
+
+
+def _v2_outputs(schema) -> list[dict] | None:
+    """The v2 `outputs` metadata from an MLflow output signature, where it says enough."""
+    if schema is None or not getattr(schema, "inputs", None):
+        return None
+    outputs = []
+    for i, spec in enumerate(schema.inputs):
+        name = getattr(spec, "name", None) or ("predict" if len(schema.inputs) == 1 else f"output_{i}")
+        if schema.is_tensor_spec():
+            dtype, shape = _NUMPY_V2.get(str(spec.type), "BYTES"), list(spec.shape)
+        else:
+            dtype, shape = V2_DATATYPES.get(getattr(getattr(spec, "type", None), "name", ""), "BYTES"), [-1]
+        outputs.append({"name": name, "datatype": dtype, "shape": shape})
+    return outputs
 
 
 def _example_rows(pyfunc, model_dir) -> Rows | None:
