@@ -253,3 +253,29 @@ def test_unknown_release_or_report_is_404(client, airflow_auth, clock):
     assert client.get(f"/releases/{rel.release_id}/reports/shadow/input_drift.html", cookies=cookies).status_code == 404
     assert client.get(f"/releases/{rel.release_id}/reports/..%2F..%2Fkeys/input_drift.html",
                       cookies=cookies).status_code == 404
+
+
+def test_report_links_serve_the_evidently_report_stored_in_mlflow(client, airflow_auth, clock, settings, tmp_path):
+    """A real MLflow store on SQLite: the version's source run holds the stage's report, as stage_drift stores it."""
+    from releasegate import registry
+
+    mlflow_client = registry.client(settings)
+    experiment = mlflow_client.create_experiment("dash", artifact_location=settings.mlflow_artifact_root.as_uri())
+    run = mlflow_client.create_run(experiment)
+    mlflow_client.create_registered_model("churn")
+    mlflow_client.create_model_version("churn", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    mlflow_client.create_model_version("churn", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    rel = promoted_release(clock)
+    reports = tmp_path / "shadow"
+    reports.mkdir()
+    (reports / "input_drift.html").write_text("<html><title>Input drift: churn v2</title>evidently</html>")
+    registry.log_artifact("churn", "2", reports, artifact_path=f"releasegate/releases/{rel.release_id}/shadow")
+    cookies = {"_token": token_for(airflow_auth)}
+
+    report = client.get(f"/releases/{rel.release_id}/reports/shadow/input_drift.html", cookies=cookies)
+    assert report.status_code == 200 and "<title>Input drift: churn v2</title>" in report.text
+    # Listed by the audit but never stored (MLflow has no such file): a 404 that says so.
+    missing = client.get(f"/releases/{rel.release_id}/reports/shadow/prediction_drift.html", cookies=cookies)
+    assert missing.status_code == 404 and "has no artifact" in missing.json()["detail"]
+    artifacts = client.get(f"/releases/{rel.release_id}/mlflow", cookies=cookies)
+    assert f"runs:/{run.info.run_id}/releasegate/releases/{rel.release_id}" in artifacts.text
