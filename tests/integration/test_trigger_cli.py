@@ -162,7 +162,7 @@ class MiniAirflow:
                 pass
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
             try:  # the group outlives its leader (the scheduler's and api-server's children)
