@@ -106,9 +106,26 @@ def render(template: str, values: dict[str, str]) -> str:
 
 def matches(template: str, value: str) -> bool:
     """Whether `value` fits `template`: literal parts equal, each `{name}` or `{}` any non-empty text."""
-    parts = re.split(r"\{\w*\}", template)
-    pattern = ".+".join(re.escape(p) for p in parts)
-    return re.fullmatch(pattern, str(value), flags=re.DOTALL) is not None
+    return extract(template, value) is not None
+
+
+def extract(template: str, value: str) -> dict[str, str] | None:
+    """The values of a template's `{name}` fields in `value` (None if it does not fit; repeats must agree)."""
+    pattern, names = "", []
+    for literal, field_ in re.findall(r"([^{]*)(\{\w*\})?", template):
+        pattern += re.escape(literal)
+        name = field_[1:-1]
+        if not field_:
+            continue
+        if not name:
+            pattern += ".+?"
+        elif name in names:
+            pattern += f"(?P={name})"
+        else:
+            names.append(name)
+            pattern += f"(?P<{name}>.+?)"
+    found = re.fullmatch(pattern, str(value), flags=re.DOTALL)
+    return found.groupdict() if found else None
 
 
 def free_port() -> int:

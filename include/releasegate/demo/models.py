@@ -115,6 +115,9 @@ def _experiment_id(client: Any, settings: Settings) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
+    if settings.mlflow_tracking_uri.startswith(("http://", "https://")):
+        # A tracking server stores (or proxies) artifacts itself; a path here exists on this machine only.
+        return client.create_experiment(EXPERIMENT)
     settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(EXPERIMENT, artifact_location=settings.mlflow_artifact_root.resolve().as_uri())
 
