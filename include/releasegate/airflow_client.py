@@ -221,6 +221,12 @@ def _describe(value: Any) -> str | None:
     if "release_id" in value and "candidate" in value and "state" not in value:
         return (f"release {value['release_id']}: {value.get('model')} v{value['candidate']} "
                 f"over v{value.get('champion')} (policy {value.get('policy')})")
+    if "candidate_weight" in value and "stage" in value:
+        return f"{value['stage']}: {value['candidate_weight']}% of traffic to the candidate"
+    if "passed" in value:
+        return "passed" if value["passed"] else "failed: " + "; ".join(map(str, value.get("reasons") or []))[:400]
+    if "digest" in value:
+        return f"signature {str(value['digest'])[:23]}"
     parts = [str(value[k]) for k in ("state", "decision") if value.get(k)]
     reason = value.get("reason") or (value.get("reasons") or [None])[-1] or value.get("skipped") or value.get("rejected")
     if reason:

@@ -180,3 +180,13 @@ def test_approve_finds_the_release_by_id_and_answers_with_the_release_options_an
             af.find_approval(client, "model_release", "rel-2")
         with pytest.raises(af.AirflowError, match="no approval"):
             af.find_approval(client, "model_release", "rel-1", model="fraud")
+
+
+@pytest.mark.parametrize("value, shown", [
+    ({"stage": "canary-1", "analysis_stage": "canary-25", "candidate_weight": 25}, "canary-1: 25% of traffic"),
+    ({"passed": False, "reasons": ["accuracy 0.81 below the champion's 0.84 - 0.01"]}, "failed: accuracy 0.81"),
+    ({"decision": "rollback", "reason": "error rate +2.1 pt", "drift": {}}, "rollback: error rate +2.1 pt"),
+    ({"skipped": "release rel-1 ended as rejected", "state": "rejected"}, "rejected: release rel-1 ended"),
+])
+def test_each_step_shows_what_it_decided(value, shown):
+    assert af._describe(value).startswith(shown)
