@@ -8,8 +8,8 @@ waiting for a release's evidence:
    first); an open release of the model is closed as `aborted`; the `champion` alias moves
    back to the previous version; who triggered it and why go to the audit log.
 
-Use it when the live champion is hurting users. To stop a release that is still in shadow
-or canary, this also works: the champion has not changed yet, so only the release ends.
+Use it when the live champion is hurting users. It always goes one champion back; to stop
+only a release still in shadow or canary, keeping the champion, use `releasegate abort`.
 """
 
 from __future__ import annotations
