@@ -11,7 +11,10 @@ from tests.system.stack import PG_ADMIN_URL_DEFAULT, PG_ADMIN_URL_ENV, Stack, po
 
 @pytest.fixture(scope="session")
 def system_stack(tmp_path_factory) -> Stack:
-    """PostgreSQL databases, Airflow (api-server, scheduler, dag-processor, triggerer), MLflow, gateway, traffic."""
+    """PostgreSQL databases, Airflow (api-server, scheduler, dag-processor, triggerer), MLflow, gateway, traffic.
+
+    One per session: it takes about 3 minutes to start on 2 busy cores, so the system test modules share it.
+    """
     admin_url = os.environ.get(PG_ADMIN_URL_ENV, PG_ADMIN_URL_DEFAULT)
     problem = postgres_problem(admin_url)
     if problem:

@@ -273,8 +273,8 @@ class Stack:
         for name in list(env):  # the outer test run's own Airflow and releasegate settings must not leak in
             if name.startswith(("AIRFLOW", "RELEASEGATE_", "MLFLOW_")):
                 del env[name]
-        for name in {**AIRFLOW_ENV, **RELEASEGATE_ENV}:
-            env[name] = self.env_value(name, {**AIRFLOW_ENV, **RELEASEGATE_ENV}[name])
+        for name, template in {**AIRFLOW_ENV, **RELEASEGATE_ENV}.items():
+            env[name] = self.env_value(name, template)
         bin_dir = str(Path(sys.executable).parent)
         env.update({
             "AIRFLOW_HOME": str(self.workdir / "airflow"),

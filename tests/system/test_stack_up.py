@@ -29,7 +29,8 @@ def test_every_service_answers_and_the_release_dag_can_be_unpaused(system_stack)
                            timeout=10)
     assert registered.status_code == 200, registered.text
     aliases = {a["alias"]: a["version"] for a in registered.json()["registered_model"].get("aliases", [])}
-    assert aliases.get("champion") == stack.versions["champion"]
+    # The demo's v1 until a release (in another module of this session) promotes one.
+    assert aliases.get("champion") in stack.versions.values()
 
     ready = httpx.get(f"{stack.gateway_url}/readyz", timeout=10)
     assert ready.status_code == 200, ready.text
