@@ -182,13 +182,14 @@ def test_grafana_provisions_the_prometheus_datasource_the_dashboard_uses():
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
-def test_alert_rules_pass_promtool_and_fire_on_the_arm_that_crosses_its_limit():
-    """`promtool check rules` and the rule unit tests in deploy/prometheus/alerts_test.yml."""
+def test_prometheus_files_pass_promtool_and_alerts_fire_on_the_arm_that_crosses_its_limit():
+    """`promtool check config` (syntax: its rule path is the container's), `check rules`, and the rule unit tests."""
     promtool = shutil.which("promtool")
     if promtool is None:
         message = "promtool is not installed (Debian: apt-get install prometheus); .ci/run installs it"
         (pytest.fail if os.environ.get("CI") else pytest.skip)(message)
-    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
+    for args in (["check", "config", "--syntax-only", "prometheus.yml"], ["check", "rules", "alerts.yml"],
+                 ["test", "rules", "alerts_test.yml"]):
         done = subprocess.run([promtool, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"
