@@ -8,6 +8,8 @@ user may read the `model_release` DAG.
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +51,24 @@ def _page(request: Request, template: str, status_code: int = 200, **context) ->
                                        status_code=status_code)
 
 
+def _charts(page: dict) -> dict:
+    """The release page's SVGs; an ended release's are drawn once (matplotlib takes about a second)."""
+    end = page["ended_at"] if page["ended_at"] is not None else time.time()
+    key = json.dumps([page["traffic"], page["verdicts"], page["started_at"], end], sort_keys=True)
+    return _drawn(key) if page["ended_at"] is not None else _draw(key)
+
+
+def _draw(key: str) -> dict:
+    from releasegate_airflow.dashboard import charts
+
+    traffic, verdicts, started_at, end = json.loads(key)
+    return {"traffic_svg": charts.traffic_svg(traffic, started_at, end, end), "metrics_svg": charts.metrics_svg(verdicts)}
+
+
+# Keyed by the charts' own inputs, so an edited row is drawn anew rather than served stale.
+_drawn = functools.lru_cache(maxsize=64)(_draw)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(title="releasegate dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -71,8 +91,6 @@ def create_app() -> FastAPI:
     def release_detail(request: Request, release_id: str, user=Depends(airflow_user)):
         from releasegate import dashboard
 
-        from releasegate_airflow.dashboard import charts
-
         try:
             page = dashboard.release_page(release_id)
         except dashboard.NotFound as err:
@@ -80,8 +98,7 @@ def create_app() -> FastAPI:
         return _page(
             request, "release.html", user=user.get_name(), r=page, chain=dashboard.chain_status(),
             dag_id=dashboard.DAG_ID, quote=quote,
-            traffic_svg=charts.traffic_svg(page["traffic"], page["started_at"], page["ended_at"], time.time()),
-            metrics_svg=charts.metrics_svg(page["verdicts"]))
+            **_charts(page))
 
     @app.get("/releases/{release_id}/reports/{stage}/{name}.html")
     def report(release_id: str, stage: str, name: str, user=Depends(airflow_user)):
