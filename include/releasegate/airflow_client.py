@@ -29,6 +29,10 @@ class AirflowError(RuntimeError):
     """Airflow unreachable, credentials refused, or an answer that is not what the API promises."""
 
 
+class AirflowUnavailable(AirflowError):
+    """No answer, or a 5xx: the API server may be restarting, and a long wait should ride it out."""
+
+
 def _detail(resp: httpx.Response) -> str:
     try:
         detail = resp.json().get("detail")
@@ -63,7 +67,7 @@ class AirflowClient:
         try:
             return self._http.request(method, path, **kwargs)
         except httpx.HTTPError as err:
-            raise AirflowError(f"Airflow at {self.base_url} is unreachable: {type(err).__name__}: {err}") from err
+            raise AirflowUnavailable(f"Airflow at {self.base_url} is unreachable: {type(err).__name__}: {err}") from err
 
     def login(self) -> str:
         """A fresh JWT for the user and password."""
@@ -95,6 +99,8 @@ class AirflowClient:
 
     def _json(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs) -> Any:
         resp = self.request(method, path, **kwargs)
+        if resp.status_code >= 500:
+            raise AirflowUnavailable(f"{method} /api/v2{path} answered {resp.status_code}: {_detail(resp)}")
         if resp.status_code not in ok:
             raise AirflowError(f"{method} /api/v2{path} answered {resp.status_code}: {_detail(resp)}")
         return resp.json()
@@ -236,15 +242,30 @@ def _describe(value: Any) -> str | None:
 
 def follow(client: AirflowClient, dag_id: str, run_id: str, *, echo: Callable[[str], None] = print,
            poll_seconds: float = 5.0, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep,
-           summary_task: str = SUMMARY_TASK) -> Outcome:
-    """Poll the run until it ends, printing each task as it finishes and each approval it waits for."""
+           summary_task: str = SUMMARY_TASK, outage_grace: float = 300.0) -> Outcome:
+    """Poll the run until it ends, printing each task as it finishes and each approval it waits for.
+
+    The release goes on without us, so an API server that stops answering for less than
+    `outage_grace` seconds (a restart, a deploy) is waited out rather than failing the job.
+    """
     started = time.monotonic()
+    unavailable_since: float | None = None
     printed: set[tuple[str, int]] = set()
     asked: set[str] = set()
     steps: list[dict] = []
     while True:
-        run = client.dag_run(dag_id, run_id)
-        tis = sorted(client.task_instances(dag_id, run_id), key=lambda t: (t.get("end_date") or "~", t["task_id"]))
+        try:
+            run = client.dag_run(dag_id, run_id)
+            tis = client.task_instances(dag_id, run_id)
+        except AirflowUnavailable as err:
+            unavailable_since = unavailable_since or time.monotonic()
+            if time.monotonic() - unavailable_since > outage_grace:
+                raise
+            echo(f"  (Airflow did not answer, retrying: {err})")
+            sleep(poll_seconds)
+            continue
+        unavailable_since = None
+        tis = sorted(tis, key=lambda t: (t.get("end_date") or "~", t["task_id"]))
         for ti in tis:
             key = (ti["task_id"], ti.get("map_index", -1))
             if ti.get("state") in _DONE and key not in printed:

@@ -26,6 +26,7 @@ class FakeAirflow:
         self.triggered: dict | None = None
         self.tokens_issued = 0
         self.valid_token = None
+        self.outages = 0  # polls of the run answered 503 before it answers again
 
     def tis(self) -> list[dict]:
         done = self.polls >= 2
@@ -53,6 +54,9 @@ class FakeAirflow:
         if request.method == "POST" and path == "/api/v2/dags/model_release/dagRuns":
             self.triggered = json.loads(request.content)
             return httpx.Response(200, json={"dag_run_id": RUN, "state": "queued"})
+        if path == base and self.outages > 0:
+            self.outages -= 1
+            return httpx.Response(503, json={"detail": "api-server restarting"})
         if path == base:
             self.polls += 1
             return httpx.Response(200, json={"dag_run_id": RUN, "state": self.run_state if self.polls >= 2 else "running"})
@@ -190,3 +194,17 @@ def test_approve_finds_the_release_by_id_and_answers_with_the_release_options_an
 ])
 def test_each_step_shows_what_it_decided(value, shown):
     assert af._describe(value).startswith(shown)
+
+
+def test_a_short_api_outage_during_the_wait_is_ridden_out_and_a_long_one_is_an_error():
+    fake = FakeAirflow()
+    fake.outages = 2
+    lines: list[str] = []
+    with client_for(fake) as client:
+        outcome = af.follow(client, "model_release", RUN, echo=lines.append, sleep=lambda s: None)
+    assert outcome.exit_code == 0 and sum("did not answer" in line for line in lines) == 2
+
+    fake = FakeAirflow()
+    fake.outages = 10**6
+    with client_for(fake) as client, pytest.raises(af.AirflowUnavailable, match="503"):
+        af.follow(client, "model_release", RUN, echo=lambda line: None, sleep=lambda s: None, outage_grace=-1)
