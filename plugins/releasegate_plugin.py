@@ -1,4 +1,4 @@
-"""Registers releasegate with Airflow: the release dashboard (a FastAPI app in the API server) and its nav entry.
+"""Registers releasegate with Airflow: the release dashboard (a FastAPI app in the API server), its nav entry and run tab.
 
 The package `releasegate_airflow` is imported from here (plugins/ is on Airflow's sys.path);
 `.airflowignore` keeps Airflow's plugin scan from importing its files a second time as loose modules.
@@ -20,4 +20,10 @@ class ReleasegatePlugin(AirflowPlugin):
         "url_route": "releasegate",
         "destination": "nav",
         "category": "browse",
+    }, {
+        "name": "Release",
+        # A tab on every DAG run; Airflow fills in the placeholders. Runs of other DAGs get "no release".
+        "href": f"{MOUNT_PREFIX}/runs/{{DAG_ID}}/{{RUN_ID}}",
+        "url_route": "releasegate-run",
+        "destination": "dag_run",
     }]

@@ -41,6 +41,14 @@ def _summary(rel: release.Release) -> dict:
     }
 
 
+def release_of_run(airflow_run_id: str, engine: sa.Engine | None = None) -> str | None:
+    """The id of the release a `model_release` run opened, if it opened one."""
+    query = (sa.select(storage.releases.c.release_id).where(storage.releases.c.airflow_run_id == airflow_run_id)
+             .order_by(storage.releases.c.started_at.desc()).limit(1))
+    with (engine or storage.engine()).connect() as conn:
+        return conn.execute(query).scalar()
+
+
 def release_page(release_id: str, engine: sa.Engine | None = None) -> dict:
     """Everything the release's page shows: summary, timeline, traffic split, verdicts, reports, approvals."""
     eng = engine or storage.engine()

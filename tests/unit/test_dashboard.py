@@ -279,3 +279,13 @@ def test_report_links_serve_the_evidently_report_stored_in_mlflow(client, airflo
     assert missing.status_code == 404 and "has no artifact" in missing.json()["detail"]
     artifacts = client.get(f"/releases/{rel.release_id}/mlflow", cookies=cookies)
     assert f"runs:/{run.info.run_id}/releasegate/releases/{rel.release_id}" in artifacts.text
+
+
+def test_a_model_release_runs_tab_leads_to_its_release(client, airflow_auth, clock):
+    rel = promoted_release(clock)
+    cookies = {"_token": token_for(airflow_auth)}
+    tab = client.get(f"/runs/model_release/{RUN_ID}", cookies=cookies, follow_redirects=False)
+    assert tab.status_code == 307 and tab.headers["location"] == f"../../releases/{rel.release_id}"
+    assert client.get(f"/runs/model_release/{RUN_ID}", cookies=cookies).url.path == f"/releases/{rel.release_id}"
+    assert client.get(f"/runs/nightly_evaluation/{RUN_ID}", cookies=cookies).status_code == 404
+    assert client.get("/runs/model_release/manual__never", cookies=cookies).status_code == 404

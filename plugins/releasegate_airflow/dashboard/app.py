@@ -122,6 +122,16 @@ def create_app() -> FastAPI:
             return RedirectResponse(location["ui"], status_code=307)
         return _page(request, "artifacts.html", user=user.get_name(), release_id=release_id, location=location)
 
+    @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
+    def run_release(request: Request, dag_id: str, run_id: str, user=Depends(airflow_user)):
+        """The "Release" tab of a DAG run in Airflow's UI: that run's release page, if it opened one."""
+        from releasegate import dashboard
+
+        release_id = dashboard.release_of_run(run_id) if dag_id == dashboard.DAG_ID else None
+        if release_id is None:
+            raise HTTPException(status_code=404, detail=f"run {run_id} of {dag_id} opened no release")
+        return RedirectResponse(f"../../releases/{release_id}", status_code=307)
+
     @app.get("/api/releases")
     def releases_json(user=Depends(airflow_user)):
         from releasegate import dashboard
