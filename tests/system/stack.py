@@ -304,7 +304,7 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def stop_processes(self, *names: str, grace: float = 20) -> None:
+    def stop_processes(self, *names: str, grace: float = 10) -> None:
         """SIGTERM each process group, give them `grace` seconds together, then SIGKILL what is left."""
         procs = [self.procs.pop(name) for name in names if name in self.procs]
         for proc in procs:
