@@ -212,3 +212,19 @@ def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
     assert ok[0]["sample_bucket"] == routing.sample_bucket("req-1")
     errors = [r for r in rows if r["request_id"] == "req-2"]
     assert len(errors) == 2 and all(r["status"] == "error" and "no response" in r["error"] for r in errors)
+
+
+def test_the_backend_is_a_setting_of_the_model(settings, monkeypatch):
+    from releasegate import pipeline, registry
+    from releasegate.backends import DeploymentError
+
+    client = registry.client(settings)
+    client.create_registered_model("plain")
+    client.create_registered_model("onk8s", tags={"releasegate.backend": "kserve"})
+    client.create_registered_model("typo", tags={"releasegate.backend": "k8s"})
+    assert pipeline.backend_kind("plain") == "local"
+    assert pipeline.backend_kind("onk8s") == "kserve"
+    with pytest.raises(DeploymentError, match="unknown backend 'k8s' for model 'typo'"):
+        pipeline.backend_kind("typo")
+    monkeypatch.setenv("RELEASEGATE_BACKEND", "kserve")
+    assert pipeline.backend_kind("plain") == "kserve"
