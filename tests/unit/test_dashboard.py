@@ -209,6 +209,21 @@ def test_rolled_back_release_page_shows_the_failed_check(client, airflow_auth, c
     assert 'data-decision="rollback"' in verdict and "below the required 80%" in verdict
     assert re.search(r'data-name="agreement">.*?<span class="pill bad">failed</span>', verdict, re.S)
     assert "No report stored yet." in html
+    assert 'http-equiv="refresh"' not in html  # ended: nothing to watch
+
+
+def test_a_running_release_page_reloads_itself_and_shows_its_split_so_far(client, airflow_auth, clock):
+    rel = release.open_release("churn", "4", "2", {"name": "default"}, airflow_run_id="manual__live", actor="airflow")
+    for state in ("validating", "signing", "shadow", "canary"):
+        clock.advance(5)
+        release.transition(rel.release_id, state, actor="airflow")
+    audit.append("airflow", "route", model="churn", version="4", release_id=rel.release_id,
+                 details={"mode": "canary", "candidate_weight": 25, "stage": "canary-2"})
+    cookies = {"_token": token_for(airflow_auth)}
+    html = client.get(f"/releases/{rel.release_id}", cookies=cookies).text
+    assert '<meta http-equiv="refresh" content="15">' in html and "still running" in html
+    assert "25%" in html.split('id="traffic-chart"')[1].split("</div>")[0]
+    assert '<meta http-equiv="refresh"' in client.get("/", cookies=cookies).text
 
 
 def test_audit_chain_status_turns_broken_when_a_row_is_edited(client, airflow_auth, clock):

@@ -51,6 +51,11 @@ def _page(request: Request, template: str, status_code: int = 200, **context) ->
                                        status_code=status_code)
 
 
+def _refresh(running: bool) -> int | None:
+    """While a release runs, its page reloads itself: watching a canary needs no clicking."""
+    return 15 if running else None
+
+
 def _charts(page: dict) -> dict:
     """The release page's SVGs; an ended release's are drawn once (matplotlib takes about a second)."""
     end = page["ended_at"] if page["ended_at"] is not None else time.time()
@@ -84,8 +89,10 @@ def create_app() -> FastAPI:
     def releases_list(request: Request, user=Depends(airflow_user)):
         from releasegate import dashboard
 
-        return _page(request, "releases.html", user=user.get_name(), releases=dashboard.releases(),
-                     chain=dashboard.chain_status(), dag_id=dashboard.DAG_ID, quote=quote)
+        releases = dashboard.releases()
+        return _page(request, "releases.html", user=user.get_name(), releases=releases,
+                     chain=dashboard.chain_status(), dag_id=dashboard.DAG_ID, quote=quote,
+                     refresh_seconds=_refresh(any(not r["terminal"] for r in releases)))
 
     @app.get("/releases/{release_id}", response_class=HTMLResponse)
     def release_detail(request: Request, release_id: str, user=Depends(airflow_user)):
@@ -97,6 +104,7 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=404, detail=str(err)) from err
         return _page(
             request, "release.html", user=user.get_name(), r=page, chain=dashboard.chain_status(),
+            refresh_seconds=_refresh(not page["terminal"]),
             dag_id=dashboard.DAG_ID, quote=quote,
             **_charts(page))
 
