@@ -67,7 +67,7 @@ def _draw(key: str) -> dict:
     from releasegate_airflow.dashboard import charts
 
     traffic, verdicts, started_at, end = json.loads(key)
-    return {"traffic_svg": charts.traffic_svg(traffic, started_at, end, end), "metrics_svg": charts.metrics_svg(verdicts)}
+    return {"traffic_svg": charts.traffic_svg(traffic, started_at, end), "metrics_svg": charts.metrics_svg(verdicts)}
 
 
 # Keyed by the charts' own inputs, so an edited row is drawn anew rather than served stale.

@@ -33,11 +33,11 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]  # drop the XML prolog and doctype: the SVG is inlined in HTML
 
 
-def traffic_svg(points: list[dict], started_at: float, ended_at: float | None, now: float) -> str | None:
-    """The candidate's share of served traffic over the release, as steps; shadow shaded (a mirror, 0 % served)."""
+def traffic_svg(points: list[dict], started_at: float, until: float) -> str | None:
+    """The candidate's share of served traffic from the release's start to `until`, as steps; shadow shaded."""
     if not points:
         return None
-    end = (ended_at if ended_at is not None else now) - started_at
+    end = until - started_at
     fig = _figure(10, 2.4)
     ax = fig.add_subplot()
     xs = [p["time"] - started_at for p in points] + [end]
