@@ -57,12 +57,15 @@ def release_page(release_id: str, engine: sa.Engine | None = None) -> dict:
     except release.ReleaseError as err:
         raise NotFound(str(err)) from err
     events = audit.events(release_id=release_id, engine=eng)
+    # The evidence shown is the audit's copy: the hash chain covers it, the releases row it mirrors is not.
+    verdicts = [e["details"] for e in events if e["action"] == "verdict"]
     return {
         **_summary(rel),
-        "policy_digest": (rel.verdicts[-1].get("policy") or {}).get("digest") if rel.verdicts else None,
+        "policy_digest": (verdicts[-1].get("policy") or {}).get("digest") if verdicts else None,
         "timeline": [_timeline_entry(e, rel.started_at) for e in events],
         "traffic": traffic(events, rel),
-        "verdicts": [_verdict(v) for v in rel.verdicts],
+        "verdicts": [_verdict(v) for v in verdicts],
+        "verdicts_match_audit": verdicts == rel.verdicts,
         "reports": reports(events),
         "approvals": [e["details"] | {"time": e["time"], "actor": e["actor"]}
                       for e in events if e["action"] == "approval"],

@@ -7,6 +7,7 @@ session's migrated one.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -236,6 +237,19 @@ def test_audit_chain_status_turns_broken_when_a_row_is_edited(client, airflow_au
     html = client.get("/", cookies=cookies).text
     assert 'data-status="broken"' in html and "event 3 was changed after it was written" in html
     assert client.get("/api/releases", cookies=cookies).json()["audit_chain"]["first_bad_seq"] == 3
+
+
+def test_verdicts_shown_are_the_audited_ones_and_an_edited_release_row_is_flagged(client, airflow_auth, clock):
+    rel = rolled_back_release(clock)
+    cookies = {"_token": token_for(airflow_auth)}
+    assert 'id="verdicts-mismatch"' not in client.get(f"/releases/{rel.release_id}", cookies=cookies).text
+    forged = [v | {"decision": "promote", "reason": "promote: all good"} for v in rel.verdicts]
+    with storage.engine().begin() as conn:  # the releases row is not hash-chained; the audit's copy is
+        conn.execute(sa.update(storage.releases).where(storage.releases.c.release_id == rel.release_id)
+                     .values(verdicts=json.dumps(forged)))
+    html = client.get(f"/releases/{rel.release_id}", cookies=cookies).text
+    assert 'id="verdicts-mismatch"' in html and 'data-status="intact"' in html
+    assert 'data-decision="rollback"' in html and "promote: all good" not in html
 
 
 def test_anonymous_request_is_refused(client):
