@@ -154,21 +154,21 @@ def gateway(tmp_path_factory):
                                     stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
                                     start_new_session=True)
         gw = Gateway(f"http://127.0.0.1:{port}", proc, log, versions, settings)
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, gw.log()
-            try:
-                if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "gateway did not start:\n" + gw.log()
-            time.sleep(0.2)
-        # The first load imports MLflow and sklearn in the gateway: slow on a busy machine.
-        resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]},
-                             timeout=180)
-        assert resp.status_code == 200, resp.text
-        try:
+        try:  # the process is stopped however the start-up ends
+            deadline = time.time() + 60
+            while True:
+                assert proc.poll() is None, gw.log()
+                try:
+                    if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.time() < deadline, "gateway did not start:\n" + gw.log()
+                time.sleep(0.2)
+            # The first load imports MLflow and sklearn in the gateway: slow on a busy machine.
+            resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]},
+                                 timeout=180)
+            assert resp.status_code == 200, resp.text
             yield gw
         finally:
             if proc.poll() is None:
@@ -483,6 +483,15 @@ def test_out_of_range_and_non_finite_values_get_a_422(gateway):
     ]
     for resp, message in cases:
         assert resp.status_code == 422 and message in resp.json()["error"], (message, resp.text)
+
+
+def test_route_with_an_unusable_model_name_or_version_is_refused(gateway):
+    cases = [  # both found by the schemathesis run below, as 500s, before the gateway checked them
+        (gateway.client.put("/admin/routes/%1C", json={"champion_version": "1"}), "control characters"),
+        (gateway.put_route(champion_version="\U0010388a"), "champion_version: String should match pattern"),
+    ]
+    for resp, message in cases:
+        assert resp.status_code == 422 and message in resp.json()["error"], resp.text
 
 
 def test_metrics_cover_calls_latency_batches_shadow_and_the_log(gateway):

@@ -4,12 +4,19 @@ import argparse
 
 from releasegate.serving import run
 
-parser = argparse.ArgumentParser(prog="python -m releasegate.serving", description=__doc__)
-parser.add_argument("--host", default="127.0.0.1")
-parser.add_argument("--port", type=int, default=8765)
-parser.add_argument("--tls-cert", help="Server certificate (PEM); default $RELEASEGATE_GATEWAY_TLS_CERT.")
-parser.add_argument("--tls-key", help="Its private key (PEM); default $RELEASEGATE_GATEWAY_TLS_KEY.")
-parser.add_argument("--tls-client-ca", help="Require client certificates signed by this CA (mutual TLS); "
-                                            "default $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.")
-args = parser.parse_args()
-run(host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m releasegate.serving", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--tls-cert", help="Server certificate (PEM); default $RELEASEGATE_GATEWAY_TLS_CERT.")
+    parser.add_argument("--tls-key", help="Its private key (PEM); default $RELEASEGATE_GATEWAY_TLS_KEY.")
+    parser.add_argument("--tls-client-ca", help="Require client certificates signed by this CA (mutual TLS); "
+                                                "default $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.")
+    args = parser.parse_args()
+    run(host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca)
+
+
+if __name__ == "__main__":  # importing the module (e.g. a multiprocessing child) must not serve
+    main()

@@ -173,6 +173,8 @@ async def put_route(request: Request, gateway: Gateway) -> Response:
     model = request.path_params["model"]
     if not 0 < len(model) <= 200:
         raise PayloadError("the model name must have 1-200 characters")
+    if not model.isprintable() or model != model.strip():
+        raise PayloadError(f"the model name {model!r} has control characters or leading/trailing spaces", 422)
     body = await _body(request, gateway.config.max_body_bytes)
     try:
         spec = RouteSpec.model_validate(body)

@@ -8,13 +8,15 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 Mode = Literal["single", "shadow", "canary"]
+_VERSION = r"^@?[A-Za-z0-9_.-]+$"
 
 
 class RouteSpec(BaseModel, extra="forbid"):
     """The body of PUT /admin/routes/{model}: which versions serve and how traffic splits."""
 
-    champion_version: str = Field(min_length=1, max_length=50)
-    candidate_version: str | None = Field(None, min_length=1, max_length=50)
+    # A version number or an alias ("@champion"): MLflow allows nothing else in either.
+    champion_version: str = Field(min_length=1, max_length=50, pattern=_VERSION)
+    candidate_version: str | None = Field(None, min_length=1, max_length=50, pattern=_VERSION)
     mode: Mode = "single"
     candidate_weight: int = Field(0, ge=0, le=100)
     release_id: str | None = Field(None, max_length=64)

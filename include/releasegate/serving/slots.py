@@ -234,6 +234,12 @@ def load_slot(model: str, version: str, settings, metrics, executor: Executor, *
         raise LoadError(f"signature verification failed for {label}: {err}") from err
     except registry.RegistryError as err:
         raise LoadError(f"{label} is not in the model registry: {err}", 404) from err
+    except Exception as err:
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(err, MlflowException) and err.error_code == "INVALID_PARAMETER_VALUE":
+            raise LoadError(f"the model registry refuses {label!r}: {err.message}", 422) from err
+        raise
     try:
         pyfunc = registry.load_pyfunc(model_dir)
     except Exception as err:
