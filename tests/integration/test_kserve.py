@@ -7,10 +7,10 @@ a revision drawn from the InferenceService's reported traffic split (and to the 
 VirtualService mirrors), the revision's version of the real model answers, and the request and
 response CloudEvents KServe's logger would send are posted to the real sink, with labels as feedback.
 
-Tests run in file order on one module stack: refusal of an unsigned version, then one Airflow run
-(a promotion: readiness waits in the triggerer, verdicts on the sink's rows), then the
-pipeline-level cases that the DAG's tasks call (rollback from a shadow and from a canary, not ready
-for too long, a failed revision, 409 on apply). One Airflow run keeps the file within its CI budget.
+Tests run in file order on one module stack: refusal of an unsigned version, then two Airflow runs
+(a promotion, and a rollback of the worse candidate in shadow: readiness waits in the triggerer,
+verdicts on the sink's rows), then the pipeline-level cases that the DAG's tasks call (rollback from
+a shadow and from a canary, not ready for too long, a failed revision, 409 on apply).
 """
 
 from __future__ import annotations
@@ -294,6 +294,17 @@ def test_release_dag_promotes_on_kserve_with_the_exact_applies(kstack):
     ready = [e["details"] for e in audit.events(release_id=rel.release_id) if e["action"] == "serving.ready"]
     assert len(ready) == 2 and ready[0]["status"]["churn-shadow"]["ready"] == "True"
     assert ready[1]["status"]["churn"]["traffic"][0]["percent"] == 50
+
+
+def test_release_dag_rolls_back_on_kserve_with_the_exact_applies(kstack):
+    bad, champion = kstack.versions["bad"], kstack.versions["good"]
+    kstack.fake.calls.clear()
+    with DataPlane(kstack.fake, kstack.sink_url):
+        run_release(bad)
+    rel = newest_release(bad)
+    assert rel.state.value == "rolled_back", rel.reasons
+    assert "accuracy" in rel.reasons[-1] or "agree" in rel.reasons[-1]  # caught on the sink's rows, in shadow
+    assert kstack.fake.calls == [*shadow_sequence(champion, bad), apply_is(champion), apply_vs(), *REMOVE_SHADOW]
 
 
 def _open_to_signing(version: str) -> str:
