@@ -102,3 +102,16 @@ def test_each_step_needs_its_own_minimum_sample_before_it_promotes(policy):
     verdict = verdict_from_stats(carry(earlier, current), "canary-50", policy, Window(start=900, end=910))
     assert verdict.decision is Decision.continue_, verdict.reason
     assert "labelled canary-50 requests of 200 per arm" in verdict.reason
+
+
+def test_an_earlier_step_ends_the_release_when_the_rest_of_the_canary_could_not_clear_a_check(policy):
+    """At a 25 % step's planned end, futility counts what the 50 % step and its extensions could still add."""
+    slow = frame_stats(*traffic(4000, "canary", weight=25, seed=22, champion_acc=0.85, candidate_acc=0.85,
+                                candidate_slowdown=1.5), policy, 25)
+    closed = verdict_from_stats(slow, "canary-25", policy, Window(start=0, end=600), window_closed=True)
+    assert closed.decision is Decision.rollback, closed.reason
+    assert "not even the canary time still allowed would show share over the latency limit" in closed.reason
+    fine = frame_stats(*traffic(20000, "canary", weight=25, seed=22, champion_acc=0.85, candidate_acc=0.85),
+                       policy, 25)
+    passed_on = verdict_from_stats(fine, "canary-25", policy, Window(start=0, end=600), window_closed=True)
+    assert passed_on.decision in (Decision.continue_, Decision.promote), passed_on.reason

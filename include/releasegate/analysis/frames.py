@@ -95,7 +95,7 @@ def verdict_from_stats(stats: CanaryStats, stage: str, policy: Policy, window: W
     if mode != "canary":
         raise ValueError(f"CanaryStats decide canary stages only, got stage {stage!r}")
     window = _window(window, None, stage)
-    analysis = _Canary(stats, policy, _alpha(policy, mode), _grow(policy, mode, window, window_closed),
+    analysis = _Canary(stats, policy, _alpha(policy, mode), _grow(policy, mode, window, window_closed, stats),
                        srm_unit=srm_unit)
     return _verdict(analysis, stage, policy, window, window_closed)
 
@@ -105,14 +105,25 @@ def _alpha(policy: Policy, mode: str) -> float:
     return policy.alpha / (3 + (mode == "shadow") + bool(policy.slices))
 
 
-def _grow(policy: Policy, mode: str, window: Window, window_closed: bool) -> float | None:
-    """How much the sample may still grow by the end of the allowed extensions; None before a full window.
+def _grow(policy: Policy, mode: str, window: Window, window_closed: bool, stats: CanaryStats | None = None
+          ) -> float | None:
+    """How much the sample may still grow by the end of the canary; None where futility is not judged.
 
-    Futility is judged only once a full window has passed (a planned look): earlier estimates are too
-    noisy to give up on. At the last look the policy's inconclusive rule decides, not futility.
+    Futility is judged only at planned looks: once the last step (or the shadow) has run a full
+    window with extensions left, and when an earlier canary step's window closes, where what the
+    remaining steps and extensions could still add is counted in windows of time (a pessimistic
+    count: later steps route more traffic to the candidate). Earlier estimates are too noisy to
+    give up on; at the last look of the last step the policy's inconclusive rule decides.
     """
     seconds = policy.shadow.max_window_seconds if mode == "shadow" else policy.canary.max_window_seconds
     extensions = policy.max_extensions if policy.inconclusive == Inconclusive.extend else 0
+    steps = policy.canary.steps
+    if mode == "canary" and stats is not None and stats.weight in steps[:-1]:
+        if not window_closed:
+            return None
+        done = len(stats.carried) + 1  # windows behind this look: the earlier steps and this one
+        remaining = len(steps) - 1 - steps.index(stats.weight) + extensions
+        return (done + remaining) / done
     elapsed = window.end - window.start
     if window_closed or elapsed < seconds or extensions == 0:
         return None
@@ -707,7 +718,7 @@ def _decide(analysis, metrics: list[MetricResult], slices: list[SliceResult], sr
     futile = [m for m in metrics if m.futile]
     if futile:
         return Decision.rollback, (
-            f"rollback: after a full window, at the current estimates not even the allowed extensions would show "
+            f"rollback: after a full window, at the current estimates not even the canary time still allowed would show "
             f"{' and '.join(_name(m) for m in futile)} within the limit ({'; '.join(_short(m) for m in futile)})")
     if analysis.enough() and all(m.passed for m in metrics):
         return Decision.promote, f"promote: on {analysis.population()} every check clears its limit: {summary}"
