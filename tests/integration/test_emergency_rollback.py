@@ -32,6 +32,8 @@ def _register(settings) -> dict[str, str]:
     from sklearn.linear_model import LogisticRegression
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # registered_model_name= registers there
     settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
     experiment = mlflow.create_experiment("emergency", artifact_location=settings.mlflow_artifact_root.as_uri())
     rng = np.random.default_rng(0)

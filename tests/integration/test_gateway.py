@@ -65,6 +65,8 @@ def _register(settings) -> dict[str, str]:
     from releasegate import signing
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # registered_model_name= registers there
     settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
     experiment = mlflow.create_experiment("gateway-test", artifact_location=settings.mlflow_artifact_root.as_uri())
     frame, label = _frame(500, seed=1)

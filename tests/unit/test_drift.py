@@ -164,6 +164,8 @@ def test_a_release_report_compares_candidate_traffic_with_the_versions_reference
     import mlflow
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # registered_model_name= registers there
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("drift", artifact_location=settings.mlflow_artifact_root.as_uri())
