@@ -14,13 +14,12 @@ import sqlalchemy as sa
 from releasegate import storage
 from releasegate.serving import auth, routing
 from releasegate.serving.config import GatewayConfig
-from releasegate.serving.logwriter import LogWriter
+from releasegate.serving.logwriter import LogWriter, expand_predictions
 from releasegate.serving.payloads import PayloadError, Rows, check
 from releasegate.serving.routing import Route, RouteSpec
 from releasegate.serving.slots import LoadError, ModelCallError, Slot, load_slot
 
 log = logging.getLogger(__name__)
-_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 class NotFound(LookupError):
@@ -47,17 +46,6 @@ class Answer:
     arm: str
 
 
-def _expand_predictions(entry) -> list[dict]:
-    base, rows, outputs = entry
-    out = []
-    for i in range(rows.n):
-        row = dict(base)
-        row["inputs"] = orjson.dumps(rows.record(i), option=_JSON_OPTS).decode()
-        row["outputs"] = orjson.dumps(outputs[i], option=_JSON_OPTS).decode() if outputs is not None else None
-        out.append(row)
-    return out
-
-
 class Gateway:
     """Everything one gateway process serves; the HTTP layer (app.py) is a thin shell around it."""
 
@@ -74,7 +62,7 @@ class Gateway:
         self._loading: dict[tuple[str, str], asyncio.Task] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="predict")
-        self.predictions = LogWriter(self.engine, storage.predictions, metrics, expand=_expand_predictions,
+        self.predictions = LogWriter(self.engine, storage.predictions, metrics, expand=expand_predictions,
                                      flush_interval=config.log_flush_interval, batch_rows=config.log_batch_rows,
                                      max_buffer=config.log_buffer)
         self.feedback_log = LogWriter(self.engine, storage.feedback, metrics, expand=lambda rows: rows,

@@ -34,14 +34,13 @@ from starlette.routing import Route
 
 from releasegate import storage
 from releasegate.serving import routing
-from releasegate.serving.logwriter import LogWriter
+from releasegate.serving.logwriter import LogWriter, expand_predictions
 from releasegate.serving.metrics import Metrics
 from releasegate.serving.payloads import PayloadError, Rows, Schema, parse_invocations, parse_v2
 
 log = logging.getLogger(__name__)
 REQUEST = "org.kubeflow.serving.inference.request"
 RESPONSE = "org.kubeflow.serving.inference.response"
-_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 _ANY = Schema(None)
 
 
@@ -54,17 +53,6 @@ class Feedback(BaseModel):
     request_id: str = Field(min_length=1, max_length=64)
     ground_truth: object
     business_value: float | None = None
-
-
-def _expand(entry) -> list[dict]:
-    base, rows, outputs = entry
-    out = []
-    for i in range(rows.n):
-        row = dict(base)
-        row["inputs"] = orjson.dumps(rows.record(i), option=_JSON_OPTS).decode()
-        row["outputs"] = orjson.dumps(outputs[i], option=_JSON_OPTS).decode() if outputs is not None else None
-        out.append(row)
-    return out
 
 
 def _event_time(value: str | None, received: float) -> float:
@@ -107,7 +95,7 @@ class Sink:
         self.metrics = Metrics()
         self.pending_seconds = pending_seconds
         self.route_ttl = route_ttl
-        self.predictions = LogWriter(engine, storage.predictions, self.metrics, expand=_expand)
+        self.predictions = LogWriter(engine, storage.predictions, self.metrics, expand=expand_predictions)
         self.feedback_log = LogWriter(engine, storage.feedback, self.metrics, expand=lambda rows: rows)
         self._pending: dict[tuple[str, str], dict] = {}  # (request id, version) -> the half seen first
         self._routes: dict[str, tuple[float, dict | None]] = {}

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
+import orjson
 import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,21 @@ log = logging.getLogger(__name__)
 _TRANSIENT = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 _MAX_BACKOFF = 2.0
 _REPORT_EVERY = 5.0  # seconds between two log lines about dropped rows
+
+
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def expand_predictions(entry) -> list[dict]:
+    """A (row values, Rows, outputs) log entry as one `predictions` row per input row, JSON encoded off the request path."""
+    base, rows, outputs = entry
+    out = []
+    for i in range(rows.n):
+        row = dict(base)
+        row["inputs"] = orjson.dumps(rows.record(i), option=_JSON_OPTS).decode()
+        row["outputs"] = orjson.dumps(outputs[i], option=_JSON_OPTS).decode() if outputs is not None else None
+        out.append(row)
+    return out
 
 
 class LogWriter:
