@@ -17,13 +17,10 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from releasegate_airflow.operators import actor
+
 ROLL_BACK = "roll_back"
 CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "security incident", "other"]
-
-
-def _actor() -> str:
-    user = getattr(get_current_context().get("dag_run"), "triggering_user_name", None)
-    return f"airflow:{user}" if user else "airflow"
 
 
 @dag(
@@ -55,7 +52,7 @@ def emergency_rollback():
         from releasegate import pipeline
 
         params = get_current_context()["params"]
-        return pipeline.emergency_rollback(params["model_name"], params["reason"], _actor(),
+        return pipeline.emergency_rollback(params["model_name"], params["reason"], actor(),
                                            release_id=params.get("release_id") or None,
                                            category=params.get("category"))
 

@@ -32,7 +32,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.sdk import TriggerRule
 
 from releasegate_airflow.kubernetes import ReadinessWaitOperator
-from releasegate_airflow.operators import AnalysisWaitOperator, ReleaseDecisionOperator
+from releasegate_airflow.operators import AnalysisWaitOperator, ReleaseDecisionOperator, actor
 
 OPEN_RELEASE = "open_release"
 VALIDATE = "validate"
@@ -57,11 +57,6 @@ def _max_canary_steps() -> int:
     steps = [len((yaml.safe_load(p.read_text()) or {}).get("canary", {}).get("steps", [5, 25, 50]))
              for p in _POLICIES.glob("*.yaml")]
     return max(steps, default=3)
-
-
-def _actor() -> str:
-    user = getattr(get_current_context().get("dag_run"), "triggering_user_name", None)
-    return f"airflow:{user}" if user else "airflow"
 
 
 def _skip_if_done(result: dict) -> dict:
@@ -110,21 +105,21 @@ def model_release():
         ctx = get_current_context()
         params = ctx["params"]
         return pipeline.start(params["model_name"], params["version"] or None, params["policy"],
-                              airflow_run_id=ctx["run_id"], actor=_actor(), is_run_alive=_run_alive)
+                              airflow_run_id=ctx["run_id"], actor=actor(), is_run_alive=_run_alive)
 
     @task(task_id=VALIDATE)
     def validate(release: dict) -> dict:
         """Data contract, schema compatibility and offline comparison with the champion."""
         from releasegate import pipeline
 
-        return pipeline.validate(release["release_id"], actor=_actor())
+        return pipeline.validate(release["release_id"], actor=actor())
 
     @task(task_id=SIGN)
     def sign(release: dict, validation: dict) -> dict:
         """Sign the candidate, or verify the signature it already has."""
         from releasegate import pipeline
 
-        return _skip_if_done(pipeline.sign(release["release_id"], actor=_actor()))
+        return _skip_if_done(pipeline.sign(release["release_id"], actor=actor()))
 
     @task
     def route(release: dict, stage: str) -> dict:
@@ -132,7 +127,7 @@ def model_release():
         from releasegate import pipeline
 
         # No waiting here for a slow backend (kserve): the `ready` task defers on what it returns.
-        return _skip_if_done(pipeline.route(release["release_id"], stage, actor=_actor(), wait_ready=False))
+        return _skip_if_done(pipeline.route(release["release_id"], stage, actor=actor(), wait_ready=False))
 
     def stage_group(group_id: str, stage: str, release):
         @task_group(group_id=group_id)
@@ -149,14 +144,14 @@ def model_release():
         """All traffic to the candidate; champion alias moves, previous kept for rollback."""
         from releasegate import pipeline
 
-        return pipeline.promote(release["release_id"], actor=_actor())
+        return pipeline.promote(release["release_id"], actor=actor())
 
     @task(task_id=ROLLBACK)
     def rollback(release: dict) -> dict:
         """All traffic back to the champion; the candidate is tagged with the reasons."""
         from releasegate import pipeline
 
-        return pipeline.rollback(release["release_id"], actor=_actor())
+        return pipeline.rollback(release["release_id"], actor=actor())
 
     @task(task_id=FINISH, trigger_rule=TriggerRule.ALL_DONE)
     def finish(release: dict) -> dict:
@@ -166,7 +161,7 @@ def model_release():
         if not release:  # open_release failed (e.g. another release of the model is running): the run fails
             raise AirflowFailException("no release was opened: see the open_release task for why")
         was_open = not releases.get(release["release_id"]).terminal
-        summary = pipeline.finish(release["release_id"], actor=_actor(), pipeline_failed=was_open)
+        summary = pipeline.finish(release["release_id"], actor=actor(), pipeline_failed=was_open)
         if was_open:
             raise AirflowFailException(f"release {release['release_id']} failed: {summary['reasons'][-1]}")
         return summary

@@ -38,10 +38,15 @@ class AnalysisWaitOperator(BaseOperator):
     def execute_complete(self, context, event: dict) -> dict:
         from releasegate import pipeline
 
-        return pipeline.record(self.release["release_id"], event, actor=_actor(context))
+        return pipeline.record(self.release["release_id"], event, actor=actor(context))
 
 
-def _actor(context) -> str:
+def actor(context=None) -> str:
+    """Who acts in the audit log: `airflow:<the user who triggered the run>`, or `airflow` for a scheduled run."""
+    if context is None:
+        from airflow.sdk import get_current_context
+
+        context = get_current_context()
     user = getattr(context.get("dag_run"), "triggering_user_name", None)
     return f"airflow:{user}" if user else "airflow"
 
@@ -75,7 +80,7 @@ class ReleaseDecisionOperator(HITLBranchOperator):
         branch = pipeline.decide(self.release["release_id"])
         if branch != pipeline.APPROVE:
             return self.do_branch(context, self.branches[branch])
-        request = pipeline.request_approval(self.release["release_id"], actor=_actor(context))
+        request = pipeline.request_approval(self.release["release_id"], actor=actor(context))
         self.subject, self.body = request["subject"], request["body"]
         self.response_timeout = timedelta(seconds=request["timeout_seconds"])
         if request["approvers"]:
