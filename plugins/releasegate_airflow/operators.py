@@ -9,7 +9,7 @@ from airflow.providers.standard.operators.hitl import HITLBranchOperator
 from airflow.sdk import BaseOperator, Param
 from airflow.sdk.exceptions import AirflowSkipException
 
-from releasegate_airflow.triggers import AnalysisTrigger
+from releasegate_airflow.triggers import DECISIVE, AnalysisTrigger
 
 
 class AnalysisWaitOperator(BaseOperator):
@@ -23,10 +23,19 @@ class AnalysisWaitOperator(BaseOperator):
         self.release = release
         self.route = route
 
-    def execute(self, context) -> None:
+    def execute(self, context) -> dict | None:
         route = self.route
         if not route or "skipped" in route:
             raise AirflowSkipException((route or {}).get("skipped", "no traffic was routed"))
+        from releasegate import pipeline
+
+        # One look before deferring: a verdict that is already decisive (a broken candidate in its first
+        # seconds) is recorded here, since a trigger that fires before the scheduler has seen the deferral
+        # makes Airflow 3.3 fail the resumed task ("finished with state success, but ... running").
+        verdict = pipeline.poll(self.release["release_id"], route["analysis_stage"], route["since"],
+                                route["candidate_weight"], False)
+        if verdict["decision"] in DECISIVE:
+            return pipeline.record(self.release["release_id"], {**verdict, "extensions": 0}, actor=actor(context))
         self.defer(
             trigger=AnalysisTrigger(
                 release_id=self.release["release_id"], analysis_stage=route["analysis_stage"],

@@ -9,6 +9,9 @@ from typing import Any, AsyncIterator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 DECISIVE = {"promote", "rollback", "invalid"}
+# The operator has just looked; the trigger's first look waits until the scheduler has surely processed
+# the deferral (a trigger firing before that makes Airflow 3.3 fail the resumed task).
+FIRST_LOOK_AFTER_SECONDS = 10.0
 
 
 class AnalysisTrigger(BaseTrigger):
@@ -39,6 +42,7 @@ class AnalysisTrigger(BaseTrigger):
 
         deadline = self.since + self.window_seconds
         extensions = 0
+        await asyncio.sleep(max(self.poll_seconds, FIRST_LOOK_AFTER_SECONDS))
         while True:
             closed = time.time() >= deadline
             final = closed and extensions >= self.max_extensions
