@@ -29,7 +29,7 @@ def train_and_register(model: str, rows: int, seed: int, alias: str | None) -> s
     train = data.generate(rows, seed=seed)
     holdout = data.generate(max(rows // 5, 500), seed=seed + 1)
     x, y = train[data.FEATURES], train[data.LABEL]
-    pipeline = build_pipeline("spline_logistic").fit(x, y)
+    pipeline = build_pipeline("binned_logistic").fit(x, y)
     accuracy = float((pipeline.predict(holdout[data.FEATURES]) == holdout[data.LABEL]).mean())
     example = x.head(5)
 

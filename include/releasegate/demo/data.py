@@ -12,6 +12,7 @@ import pandas as pd
 
 NUMERIC = ["age", "tenure_months", "monthly_charges", "total_charges", "support_calls", "data_usage_gb"]
 CATEGORICAL = ["region", "plan", "channel"]
+COUNTS = ["support_calls"]  # numeric, but with a handful of values
 FEATURES = NUMERIC + CATEGORICAL
 LABEL = "churned"
 

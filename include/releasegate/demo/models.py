@@ -1,9 +1,11 @@
 """The demo's three registered versions: a logistic-regression champion, a better and a worse candidate.
 
-v1 champion: logistic regression on current data. v2 "good": logistic regression on spline features,
-on current data (it learns the curves and thresholds the plain linear model cannot, at almost the same
-cost per call, so it also passes the latency guardrail). v3 "bad": the same spline model trained and
-held out on a stale snapshot, so it passes offline validation and fails on live traffic.
+v1 champion: logistic regression on current data. v2 "good": logistic regression on binned numeric
+features, on current data (it learns the curves and thresholds the plain linear model cannot, at almost
+the same cost per call, so it also passes the latency guardrail). v3 "bad": the same binned model
+trained and held out on a stale snapshot, so it passes offline validation and fails on live traffic.
+All three convert to ONNX, so the gateway serves them on its compiled path (serving/compiled.py);
+`spline_logistic` (spline features, which skl2onnx cannot convert) stays for the sklearn path.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ TRAIN_ROWS, REFERENCE_ROWS, HOLDOUT_ROWS = 20_000, 5_000, 3_000
 _SPECS = {
     "champion": {"kind": "logistic_regression", "concept": "current", "train_seed": 1001, "holdout_seed": 2001,
                  "description": "Logistic regression on current data: the model in production."},
-    "good": {"kind": "spline_logistic", "concept": "current", "train_seed": 1002, "holdout_seed": 2002,
-             "description": "Logistic regression on spline features, current data: learns curves and thresholds."},
-    "bad": {"kind": "spline_logistic", "concept": "stale", "train_seed": 1003, "holdout_seed": 2003,
-            "description": "The spline model on a stale snapshot: fine on its own holdout, wrong on live traffic."},
+    "good": {"kind": "binned_logistic", "concept": "current", "train_seed": 1002, "holdout_seed": 2002,
+             "description": "Logistic regression on binned numeric features, current data: learns curves and "
+                            "thresholds."},
+    "bad": {"kind": "binned_logistic", "concept": "stale", "train_seed": 1003, "holdout_seed": 2003,
+            "description": "The binned model on a stale snapshot: fine on its own holdout, wrong on live traffic."},
 }
 
 
@@ -45,15 +48,25 @@ def build_pipeline(kind: str) -> Any:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder, SplineTransformer, StandardScaler
+    from sklearn.preprocessing import KBinsDiscretizer, OneHotEncoder, SplineTransformer, StandardScaler
 
     estimators = {
         "logistic_regression": lambda: LogisticRegression(max_iter=1000),
         "spline_logistic": lambda: LogisticRegression(max_iter=2000, C=0.5),
+        "binned_logistic": lambda: LogisticRegression(max_iter=2000, C=0.5),
         "gradient_boosting": lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0),
     }
     if kind not in estimators:
         raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(estimators)})")
+    if kind == "binned_logistic":
+        continuous = [c for c in data.NUMERIC if c not in data.COUNTS]  # a count has too few values to bin
+        features = ColumnTransformer([
+            ("bins", KBinsDiscretizer(n_bins=8, encode="onehot-dense", strategy="quantile",
+                                      quantile_method="averaged_inverted_cdf"), continuous),
+            ("counts", StandardScaler(), data.COUNTS),
+            ("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.CATEGORICAL),
+        ])
+        return Pipeline([("features", features), ("model", estimators[kind]())])
     if kind == "spline_logistic":
         features = ColumnTransformer([
             ("splines", SplineTransformer(n_knots=6, degree=3), data.NUMERIC),

@@ -1,0 +1,90 @@
+"""The gateway's compiled fast path: ONNX only where it gives sklearn's own answers, sklearn otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+
+import pytest
+
+from releasegate.demo import data, models
+from releasegate.serving import compiled
+from releasegate.serving.metrics import Metrics
+from releasegate.serving.payloads import Column, Rows, Schema
+from releasegate.serving.slots import Slot
+
+SCHEMA = Schema(tuple(Column(c, "string" if c in data.CATEGORICAL else "double" if c in
+                             ("monthly_charges", "total_charges", "data_usage_gb") else "long")
+                      for c in data.FEATURES))
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return data.generate(5000, seed=3), data.generate(3000, seed=4, drift=0.5)
+
+
+def _fit(kind, train):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return models.build_pipeline(kind).fit(train[data.FEATURES], train[data.LABEL])
+
+
+@pytest.mark.parametrize("kind", ["logistic_regression", "binned_logistic"])
+def test_a_convertible_pipeline_answers_exactly_as_sklearn(frames, kind):
+    train, live = frames
+    pipe = _fit(kind, train)
+    result = compiled.compile_sklearn(pipe, SCHEMA, lambda predict: None)
+    assert result.predict is not None, result.reason
+    got = result.predict(live[data.FEATURES].to_dict(orient="list"))
+    assert got == pipe.predict(live[data.FEATURES]).tolist()  # 3,000 drifted rows, label for label
+
+
+def test_an_unconvertible_pipeline_keeps_sklearn_and_says_why(frames):
+    pipe = _fit("spline_logistic", frames[0])
+    result = compiled.compile_sklearn(pipe, SCHEMA, lambda predict: None)
+    assert result.predict is None and "SplineTransformer" in result.reason
+
+
+def test_a_graph_that_disagrees_with_sklearn_is_not_used(frames):
+    pipe = _fit("logistic_regression", frames[0])
+    result = compiled.compile_sklearn(pipe, SCHEMA, lambda predict: "labels [1] against sklearn's [0]")
+    assert result.predict is None and "disagrees" in result.reason
+
+
+def test_no_column_signature_means_no_graph(frames):
+    pipe = _fit("logistic_regression", frames[0])
+    assert compiled.compile_sklearn(pipe, Schema(None), lambda p: None).predict is None
+    assert compiled.compile_sklearn(None, SCHEMA, lambda p: None).reason == "not a plain sklearn predict"
+
+
+def test_a_slot_serves_the_graph_and_falls_back_to_sklearn_for_missing_values(frames, tmp_path):
+    """A real MLflow model directory, loaded as the gateway loads it; batches through the slot's batcher."""
+    import mlflow.pyfunc
+    import mlflow.sklearn
+
+    train, live = frames
+    pipe = _fit("logistic_regression", train)
+    example = train[data.FEATURES].head(5)
+    mlflow.sklearn.save_model(pipe, tmp_path / "model", input_example=example,
+                              signature=mlflow.models.infer_signature(example, pipe.predict(example)))
+    pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    schema = Schema.from_mlflow(pyfunc.metadata.get_input_schema())
+    from concurrent.futures import ThreadPoolExecutor
+
+    slot = Slot("m", "1", pyfunc, schema, Metrics(), ThreadPoolExecutor(2))
+    slot.warm(Rows(example.to_dict(orient="list"), len(example)))
+    assert slot.engine == "onnxruntime (skl2onnx)"
+
+    rows = live[data.FEATURES].head(40).to_dict(orient="records")
+    missing = dict(rows[0], total_charges=None)  # sklearn's pipeline decides what a missing value means
+
+    async def serve():
+        slot.start()
+        answers = await asyncio.gather(*(slot.predict(Rows({k: [v] for k, v in row.items()}, 1)) for row in rows))
+        with pytest.raises(Exception, match="NaN"):  # the sklearn path ran, not the graph
+            await slot.predict(Rows({k: [v] for k, v in missing.items()}, 1))
+        slot.close()
+        return answers
+
+    answers = asyncio.run(serve())
+    assert [a[0] for a in answers] == pipe.predict(live[data.FEATURES].head(40)).tolist()
