@@ -611,7 +611,7 @@ def test_a_second_replica_follows_the_database_and_serves_the_old_split_until_re
         assert set(arms[:first_candidate]) == {"champion"} and set(arms[first_candidate:]) == {"candidate"}
         # Poll interval 0.2 s here, plus loading, verifying and warming the candidate.
         assert picked_up < 10
-        assert "loaded gw v%s (signature verified, warmed)" % v["candidate"] in log.read_text()
+        assert "loaded gw v%s (signature verified, warmed;" % v["candidate"] in log.read_text()
     finally:
         os.killpg(replica.pid, signal.SIGTERM)
         replica.wait(timeout=30)

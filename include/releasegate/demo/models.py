@@ -22,9 +22,10 @@ ROLES = ("champion", "good", "bad")
 ROLE_TAG = "releasegate.demo_role"
 EXPERIMENT = "releasegate-demo"
 # skops (MLflow's safe format) refuses types it does not know unless told they are ours: the
-# boosted trees' node arrays and the spline features' B-splines.
+# boosted trees' node arrays, the spline features' B-splines and the bins' output dtype.
 SKOPS_TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-                       "scipy.interpolate._bsplines.BSpline", "scipy._lib.array_api_compat.numpy._aliases.asarray"]
+                       "scipy.interpolate._bsplines.BSpline", "scipy._lib.array_api_compat.numpy._aliases.asarray",
+                       "numpy.dtype"]
 TRAIN_ROWS, REFERENCE_ROWS, HOLDOUT_ROWS = 20_000, 5_000, 3_000
 # Seeds away from the traffic generator's default (7), so live traffic is never the training data.
 _SPECS = {

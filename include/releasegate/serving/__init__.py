@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: str | None = None,
@@ -35,6 +36,9 @@ def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: s
         tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
         if config.tls_client_ca:
             tls |= {"ssl_ca_certs": config.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # The log writer's thread shares the GIL with the event loop: hand it back every 0.5 ms, not 5 ms,
+    # so a log flush cannot hold a request that long.
+    sys.setswitchinterval(0.0005)
     # httptools + uvloop are uvicorn's fast paths (both installed); no access log on the request path.
     server = uvicorn.Config(create_app(settings, config), host=host, port=port, workers=1, lifespan="on",
                             loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10,

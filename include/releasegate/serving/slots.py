@@ -216,8 +216,11 @@ class Slot:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._pending_rows < self._max_rows and self._max_wait > 0:
-                await asyncio.sleep(self._max_wait)  # let requests already on their way join this batch
+            if self._pending_rows < self._max_rows and self._max_wait > 0 and self._fast is None:
+                # Let requests already on their way join this batch. Not for the compiled graph: its call
+                # costs microseconds, so waiting would only add latency; the rows that arrived while the
+                # event loop was busy still share one call.
+                await asyncio.sleep(self._max_wait)
             jobs: list[_Job] = []
             rows = 0
             while self._pending and (not jobs or rows + self._pending[0].rows.n <= self._max_rows):
