@@ -6,6 +6,7 @@ stays cheap for the CLI.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -39,6 +40,10 @@ def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: s
     # The log writer's thread shares the GIL with the event loop: hand it back every 0.5 ms, not 5 ms,
     # so a log flush cannot hold a request that long.
     sys.setswitchinterval(0.0005)
+    # Requests allocate many short-lived containers; at the default threshold (700) the collector ran
+    # every few requests and its older generations stalled them (p99 87 ms against a p50 of 3 ms on
+    # this machine; 13 ms at these thresholds, 7 ms with no collector at all). Cycles are still collected.
+    gc.set_threshold(50_000, 50, 1000)
     # httptools + uvloop are uvicorn's fast paths (both installed); no access log on the request path.
     server = uvicorn.Config(create_app(settings, config), host=host, port=port, workers=1, lifespan="on",
                             loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10,
