@@ -60,11 +60,12 @@ def build_pipeline(kind: str) -> Any:
     if kind not in estimators:
         raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(estimators)})")
     if kind == "binned_logistic":
-        continuous = [c for c in data.NUMERIC if c not in data.COUNTS]  # a count has too few values to bin
+        continuous = [c for c in data.NUMERIC if c not in data.COUNTS]
         features = ColumnTransformer([
             ("bins", KBinsDiscretizer(n_bins=8, encode="onehot-dense", strategy="quantile",
                                       quantile_method="averaged_inverted_cdf"), continuous),
-            ("counts", StandardScaler(), data.COUNTS),
+            # A count has too few values for quantile bins: one column per value (its effect is a threshold).
+            ("counts", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.COUNTS),
             ("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.CATEGORICAL),
         ])
         return Pipeline([("features", features), ("model", estimators[kind]())])
