@@ -139,7 +139,7 @@ class Looks:
                "candidate": float(np.quantile(cand, 0.99)) if n_c else float("nan")}
         slow = None
         if n_b >= 100:  # frames.MIN_P99_ROWS
-            limit = (1 + self.policy.guardrails.latency_p99_margin) * p99["champion"]
+            limit = self.policy.guardrails.latency_limit_ms(p99["champion"])
             k = int(np.count_nonzero(cand > limit))
             slow = sequential.Summary(n_c, float(k), float(k))
         slices = []
@@ -240,7 +240,7 @@ def flagger_style(steps: list[Step], policy: policies.Policy) -> Outcome:
     """Absolute thresholds at the policy's limits, checked on each interval's candidate data; 5 failures roll back."""
     g, p = policy.guardrails, policy.primary
     max_error = BASE_ERROR + g.error_rate_margin
-    max_p99 = LATENCY_P99_MS * (1 + g.latency_p99_margin)
+    max_p99 = g.latency_limit_ms(LATENCY_P99_MS)
     min_accuracy = BASE_ACCURACY - p.margin
     failed = done = done_c = 0
     window = policy.canary.max_window_seconds
@@ -285,7 +285,7 @@ def fixed_horizon(steps: list[Step], policy: policies.Policy) -> Outcome:
 
     d, se = diff(error.astype(float), cand)
     error_ok = d + z * se < policy.guardrails.error_rate_margin
-    limit = (1 + policy.guardrails.latency_p99_margin) * np.quantile(latency[~cand], 0.99)
+    limit = policy.guardrails.latency_limit_ms(np.quantile(latency[~cand], 0.99))
     share = float(np.mean(latency[cand] > limit))
     latency_ok = share + z * math.sqrt(share * (1 - share) / n_c) < 0.01
     ok = ~error

@@ -58,6 +58,17 @@ class Canary(_Strict):
 class Guardrails(_Strict):
     error_rate_margin: float = Field(0.01, ge=0, description="Absolute: candidate error rate may exceed the champion's by this.")
     latency_p99_margin: float = Field(0.5, ge=0, description="Relative: candidate p99 may exceed the champion's by this share.")
+    latency_p99_slack_ms: float = Field(5.0, ge=0, description="Absolute: a candidate p99 within this many ms of the "
+                                        "champion's is never too slow (at sub-millisecond p99s a relative margin "
+                                        "measures scheduling noise, not the model).")
+
+    def latency_limit_ms(self, champion_p99_ms: float) -> float:
+        """The latency a candidate request may take: the larger of the relative and the absolute allowance."""
+        return max((1 + self.latency_p99_margin) * champion_p99_ms, champion_p99_ms + self.latency_p99_slack_ms)
+
+    def latency_limit_text(self, champion_p99_ms: float) -> str:
+        return (f"limit {self.latency_limit_ms(champion_p99_ms):.1f} ms = the larger of {1 + self.latency_p99_margin:g} "
+                f"× and +{self.latency_p99_slack_ms:g} ms over champion p99 {champion_p99_ms:.1f} ms")
 
 
 class Primary(_Strict):

@@ -42,7 +42,7 @@ def _row(i, request_id, t, arm, mode, key, *, output, latency, status="ok", serv
 
 def traffic(n: int, mode: str = "shadow", *, weight: int = 50, seed: int = 0, champion_acc: float = 0.80,
             candidate_acc: float | dict = 0.88, champion_err: float = 0.005, candidate_err: float = 0.005,
-            candidate_slowdown: float = 1.0, candidate_share: float | None = None, labelled: float = 1.0,
+            candidate_slowdown: float = 1.0, median_latency_ms: float = 20.0, candidate_share: float | None = None, labelled: float = 1.0,
             output_shape=lambda y: [y]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Logged rows as the gateway writes them: shadow pairs, or canary splits by routing-key hash.
 
@@ -66,8 +66,8 @@ def traffic(n: int, mode: str = "shadow", *, weight: int = 50, seed: int = 0, ch
         else:
             c_ok = b_ok and rng.random() < target / champion_acc
         b_out, c_out = (y if b_ok else 1 - y), (y if c_ok else 1 - y)
-        lat_b = float(rng.lognormal(math.log(20), 0.4))
-        lat_c = float(rng.lognormal(math.log(20), 0.4)) * candidate_slowdown
+        lat_b = float(rng.lognormal(math.log(median_latency_ms), 0.4))
+        lat_c = float(rng.lognormal(math.log(median_latency_ms), 0.4)) * candidate_slowdown
         b_status = "error" if rng.random() < champion_err else "ok"
         c_status = "error" if rng.random() < candidate_err else "ok"
         if mode == "shadow":
@@ -251,6 +251,17 @@ def test_slow_candidate_rolls_back(policy):
     lat = metric(verdict, "latency_p99")
     assert lat.passed is False and lat.lower > 0.01
     assert "slower than the latency limit" in verdict.reason and "champion p99" in verdict.reason
+
+
+def test_a_sub_millisecond_slowdown_is_within_the_absolute_slack(policy):
+    """2.5 x slower at a 0.4 ms median: 1.5 x the champion's p99 is ~1.5 ms, noise at that scale; the
+    policy's `latency_p99_slack_ms` (5 ms) allows it. With no slack the same traffic rolls back."""
+    preds, fb = traffic(2000, seed=4, candidate_slowdown=2.5, median_latency_ms=0.4)
+    lat = metric(analyse_frames(preds, fb, "shadow", policy), "latency_p99")
+    assert lat.passed is True and "+5 ms over champion p99" in lat.detail
+    strict = policy.model_copy(update={"guardrails": policy.guardrails.model_copy(update={"latency_p99_slack_ms": 0})})
+    verdict = analyse_frames(preds, fb, "shadow", strict)
+    assert verdict.decision is Decision.rollback and metric(verdict, "latency_p99").passed is False
 
 
 def test_too_few_samples_continue_and_then_are_inconclusive_when_the_window_closes(policy):

@@ -6,8 +6,9 @@ counts the checks of the stage (Bonferroni: error rate, latency, primary, + agre
 
 - error rate, candidate − champion (status != ok; the candidate's own failures, fallbacks included),
   worse beyond `guardrails.error_rate_margin` (absolute);
-- latency: "candidate p99 ≤ (1 + latency_p99_margin) × champion p99" is exactly "at most 1% of
-  candidate requests are slower than that limit", so we bound the share of slower candidate requests
+- latency: "candidate p99 ≤ limit", the limit being the larger of (1 + latency_p99_margin) × and
+  + latency_p99_slack_ms over the champion's p99, is exactly "at most 1% of candidate requests are
+  slower than that limit", so we bound the share of slower candidate requests
   and compare it with 1%. The limit uses the champion's p99 in the same window (a plug-in; the
   champion's p99 rests on many more rows than the 1% share does);
 - primary metric from feedback labels, candidate − champion, non-inferiority margin;
@@ -284,10 +285,9 @@ class _Stage:
             return _undecided(check, self.alpha, len(candidate),
                               f"{len(champion)} champion latencies, {MIN_P99_ROWS} needed for its p99")
         p99_champion = float(np.quantile(champion, 0.99))
-        limit_ms = (1 + self.policy.guardrails.latency_p99_margin) * p99_champion
+        limit_ms = self.policy.guardrails.latency_limit_ms(p99_champion)
         p99_candidate = float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")
-        detail = (f"limit {limit_ms:.1f} ms = {1 + self.policy.guardrails.latency_p99_margin:g} × champion p99 "
-                  f"{p99_champion:.1f} ms; candidate p99 {p99_candidate:.1f} ms")
+        detail = f"{self.policy.guardrails.latency_limit_text(p99_champion)}; candidate p99 {p99_candidate:.1f} ms"
         return _metric(check, (candidate > limit_ms).astype(float), self.alpha, t_opt, detail, grow=self.grow)
 
     def candidate_rows(self) -> pd.DataFrame:
@@ -497,7 +497,7 @@ def canary_stats(rows: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats
            "candidate": float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")}
     slow = None
     if len(champion) >= MIN_P99_ROWS:
-        limit_ms = (1 + policy.guardrails.latency_p99_margin) * p99["champion"]
+        limit_ms = policy.guardrails.latency_limit_ms(p99["champion"])
         slow = sequential.Summary.of((candidate > limit_ms).astype(float))
     slices = []
     for feature in policy.slices:
@@ -539,10 +539,8 @@ class _Canary(_Stage):
             latency = _undecided(checks["latency_p99"], self.alpha, s.candidate_latencies,
                                  f"{s.champion_latencies} champion latencies, {MIN_P99_ROWS} needed for its p99")
         else:
-            limit_ms = (1 + g.latency_p99_margin) * s.p99["champion"]
             latency = _metric(checks["latency_p99"], s.slow, self.alpha, self.policy.canary.min_samples,
-                              f"limit {limit_ms:.1f} ms = {1 + g.latency_p99_margin:g} × champion p99 "
-                              f"{s.p99['champion']:.1f} ms; candidate p99 {s.p99['candidate']:.1f} ms",
+                              f"{g.latency_limit_text(s.p99['champion'])}; candidate p99 {s.p99['candidate']:.1f} ms",
                               grow=self.grow)
         return [
             _metric(checks["error_rate"], s.error, self.alpha, self.t_opt,

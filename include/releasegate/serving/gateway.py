@@ -284,8 +284,10 @@ class Gateway:
         try:
             if slot.schema != active.champion.schema:
                 rows = check(rows, slot.schema, slot.label)
-            outputs = await asyncio.wait_for(slot.predict(rows), self.config.candidate_timeout)
-        except asyncio.TimeoutError:
+            # A timeout scope, not wait_for: no extra task per call on the champion's event loop.
+            async with asyncio.timeout(self.config.candidate_timeout):
+                outputs = await slot.predict(rows)
+        except TimeoutError:
             status, error = "timeout", f"{slot.label} took longer than {self.config.candidate_timeout:g}s"
         except (ModelCallError, PayloadError) as err:
             status, error = "error", str(err)
