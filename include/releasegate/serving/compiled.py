@@ -19,13 +19,10 @@ a row that sits that close to the decision boundary.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from releasegate.serving.payloads import Schema
-
-log = logging.getLogger(__name__)
 
 _NUMERIC = {"boolean", "integer", "long", "float", "double"}
 

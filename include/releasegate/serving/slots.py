@@ -163,16 +163,15 @@ class Slot:
                 raise LoadError(f"{self.label} has neither an input example nor a column signature to warm up with")
             example = Rows({c.name: [_PLACEHOLDER.get(c.kind, None)] for c in self.schema.columns}, 1)
         try:
-            self.call([example])
+            want = self.call([example])
         except Exception as err:
             raise LoadError(f"warm-up predict failed for {self.label}: {err}") from err
-        self._compile(example)
+        self._compile(example, want)
 
-    def _compile(self, example: Rows) -> None:
-        """Use the ONNX graph of the model if skl2onnx converts it and it agrees with sklearn on `example`."""
+    def _compile(self, example: Rows, want: list) -> None:
+        """Use the ONNX graph of the model if skl2onnx converts it and it agrees with sklearn's `want` on `example`."""
 
         def parity(predict) -> str | None:
-            want = self.call([example])
             got = _outputs(predict(self._columns([example])), example.n, self.label)
             return None if got == want else f"labels {got} against sklearn's {want} on the input example"
 
