@@ -45,7 +45,8 @@ def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: s
     # this machine; 13 ms at these thresholds, 7 ms with no collector at all). Cycles are still collected.
     gc.set_threshold(50_000, 50, 1000)
     # httptools + uvloop are uvicorn's fast paths (both installed); no access log on the request path.
+    # No proxy-header rewriting (nothing here reads the client's address) and no `server` header.
     server = uvicorn.Config(create_app(settings, config), host=host, port=port, workers=1, lifespan="on",
                             loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10,
-                            log_config=None, **tls)
+                            log_config=None, proxy_headers=False, server_header=False, **tls)
     uvicorn.Server(server).run()
