@@ -8,6 +8,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 import sqlalchemy as sa
@@ -15,7 +16,8 @@ import sqlalchemy as sa
 from releasegate import storage
 from releasegate.serving import auth, routing
 from releasegate.serving.config import GatewayConfig
-from releasegate.serving.logwriter import LogWriter, expand_predictions
+from releasegate.serving.logprocess import ProcessLogWriter
+from releasegate.serving.logwriter import LogWriter
 from releasegate.serving.payloads import PayloadError, Rows, check
 from releasegate.serving.routing import Route, RouteSpec
 from releasegate.serving.slots import LoadError, ModelCallError, Slot, load_slot
@@ -40,8 +42,7 @@ class Active:
     candidate: Slot | None
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):  # a tuple: built once a request, a frozen dataclass's __init__ cost more
     outputs: list
     version: str
     arm: str
@@ -63,9 +64,10 @@ class Gateway:
         self._loading: dict[tuple[str, str], asyncio.Task] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="predict")
-        self.predictions = LogWriter(self.engine, storage.predictions, metrics, expand=expand_predictions,
-                                     flush_interval=config.log_flush_interval, batch_rows=config.log_batch_rows,
-                                     max_buffer=config.log_buffer)
+        # Written by a child process: a thread here would share the event loop's GIL (see logprocess).
+        self.predictions = ProcessLogWriter(settings.db_url, "predictions", metrics,
+                                            flush_interval=config.log_flush_interval,
+                                            batch_rows=config.log_batch_rows, max_buffer=config.log_buffer)
         self.feedback_log = LogWriter(self.engine, storage.feedback, metrics, expand=lambda rows: rows,
                                       flush_interval=config.log_flush_interval, batch_rows=config.log_batch_rows,
                                       max_buffer=config.log_buffer)
