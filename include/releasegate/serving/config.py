@@ -15,8 +15,9 @@ class GatewayConfig(BaseModel):
     batch_max_rows: int = Field(64, ge=1)
     batch_max_wait_ms: float = Field(2.0, ge=0)
     shadow_queue: int = Field(1000, ge=1, description="Mirrored requests waiting for the candidate; more are dropped.")
-    shadow_workers: int = Field(64, ge=1, description="Concurrent mirrored calls; they share the candidate's "
-                                                     "micro-batches, so fewer workers mean smaller batches.")
+    shadow_workers: int = Field(64, ge=1, description="Batches of mirrored calls in flight at once for a candidate "
+                                                     "that predicts through its batcher (a compiled one answers "
+                                                     "each batch inline).")
     log_flush_interval: float = Field(0.2, gt=0)
     log_batch_rows: int = Field(500, ge=1)
     log_buffer: int = Field(20_000, ge=1, description="Log entries held in memory; more are dropped and counted.")

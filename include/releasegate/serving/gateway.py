@@ -7,7 +7,7 @@ import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import orjson
@@ -40,6 +40,11 @@ class Active:
     route: Route
     champion: Slot
     candidate: Slot | None
+    same_schema: bool = field(init=False)  # the candidate takes the champion's checked rows as they are
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "same_schema", self.candidate is not None and
+                           self.candidate.schema == self.champion.schema)
 
 
 class Answer(NamedTuple):  # a tuple: built once a request, a frozen dataclass's __init__ cost more
@@ -72,6 +77,8 @@ class Gateway:
                                       flush_interval=config.log_flush_interval, batch_rows=config.log_batch_rows,
                                       max_buffer=config.log_buffer)
         self._shadow: asyncio.Queue | None = None
+        self._mirror_slots: asyncio.Semaphore | None = None
+        self._mirroring: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -82,8 +89,8 @@ class Gateway:
         self.feedback_log.start()
         self._shadow = asyncio.Queue(maxsize=self.config.shadow_queue)
         self.metrics.shadow_queue.set_function(self._shadow.qsize)
-        self._tasks = [asyncio.create_task(self._shadow_worker(), name=f"shadow-{i}")
-                       for i in range(self.config.shadow_workers)]
+        self._mirror_slots = asyncio.Semaphore(self.config.shadow_workers)
+        self._tasks = [asyncio.create_task(self._shadow_worker(), name="shadow")]
         self._tasks.append(asyncio.create_task(self._poll(), name="poller"))
 
     async def stop(self) -> None:
@@ -94,7 +101,7 @@ class Gateway:
             await asyncio.wait_for(self._shadow.join(), timeout=5)
         except asyncio.TimeoutError:
             log.warning("shutting down with %d mirrored requests unanswered", self._shadow.qsize())
-        for task in self._tasks:
+        for task in [*self._tasks, *self._mirroring]:
             task.cancel()
         for slot in self._slots.values():
             slot.close()
@@ -284,7 +291,7 @@ class Gateway:
         start = time.perf_counter()
         status, error = "ok", None
         try:
-            if slot.schema != active.champion.schema:
+            if not active.same_schema:
                 rows = check(rows, slot.schema, slot.label)
             # A timeout scope, not wait_for: no extra task per call on the champion's event loop.
             async with asyncio.timeout(self.config.candidate_timeout):
@@ -301,20 +308,32 @@ class Gateway:
         return outputs
 
     async def _shadow_worker(self) -> None:
+        """Take every mirrored request waiting: one compiled call for all of them inline, else a batch task.
+
+        One taker, so the mirrored requests of a loop turn share one candidate call (with a taker per
+        request they were called one by one: 36 µs each for the demo's candidate). Batches that need
+        the slot's batcher run as tasks, at most `shadow_workers` at a time.
+        """
         while True:
             batch = [await self._shadow.get()]
             while len(batch) < self.config.batch_max_rows and not self._shadow.empty():
                 batch.append(self._shadow.get_nowait())
             try:
-                await self._mirror(batch)
+                done = self._mirror_inline(batch)
             except Exception:
                 log.exception("mirrored calls to %s", batch[0][0].candidate.label)
-            finally:
+                done = True
+            if done:
                 for _ in batch:
                     self._shadow.task_done()
+                continue
+            await self._mirror_slots.acquire()
+            task = asyncio.create_task(self._mirror_each(batch))
+            self._mirroring.add(task)
+            task.add_done_callback(self._mirroring.discard)
 
-    async def _mirror(self, batch: list[tuple[Active, Rows, dict]]) -> None:
-        """The mirrored requests waiting now: one call of a compiled candidate for all, else one call each.
+    def _mirror_inline(self, batch: list[tuple[Active, Rows, dict]]) -> bool:
+        """One call of a compiled candidate for the whole batch; False where that does not apply.
 
         A compiled call takes microseconds and cannot hang, so it runs inline, without the per-request
         future and timeout that cost the champion's event loop more than the prediction. Each mirrored
@@ -322,20 +341,32 @@ class Gateway:
         the candidate would have cost the request.
         """
         slot = batch[0][0].candidate
-        if all(a.candidate is slot and a.champion.schema == slot.schema for a, _, _ in batch):
-            start = time.perf_counter()
-            try:
-                values = slot.call_fast([rows for _, rows, _ in batch])
-            except ModelCallError:
-                values = None  # one call each below attributes the error to its request
-            if values is not None:
-                at = 0
-                for _, rows, base in batch:
-                    self._log_call(base, rows, values[at:at + rows.n], slot, "candidate", start, served=False,
-                                   fallback=False)
-                    at += rows.n
-                return
-        await asyncio.gather(*(self._call_candidate(active, rows, base, served=False) for active, rows, base in batch))
+        if not all(a.candidate is slot and a.same_schema for a, _, _ in batch):
+            return False
+        start = time.perf_counter()
+        try:
+            values = slot.call_fast([rows for _, rows, _ in batch])
+        except ModelCallError:
+            return False  # one call each attributes the error to its request
+        if values is None:
+            return False
+        at = 0
+        for _, rows, base in batch:
+            self._log_call(base, rows, values[at:at + rows.n], slot, "candidate", start, served=False,
+                           fallback=False)
+            at += rows.n
+        return True
+
+    async def _mirror_each(self, batch: list[tuple[Active, Rows, dict]]) -> None:
+        try:
+            await asyncio.gather(*(self._call_candidate(active, rows, base, served=False)
+                                   for active, rows, base in batch))
+        except Exception:
+            log.exception("mirrored calls to %s", batch[0][0].candidate.label)
+        finally:
+            for _ in batch:
+                self._shadow.task_done()
+            self._mirror_slots.release()
 
     def _log_call(self, base: dict, rows: Rows, outputs: list | None, slot: Slot, arm: str, start: float, *,
                   served: bool, fallback: bool, status: str = "ok", error: str | None = None) -> None:

@@ -199,7 +199,11 @@ def _from_lists(data: list, names: list[str] | None, where: str) -> Rows:
     for i, row in enumerate(data):
         if not isinstance(row, list) or len(row) != len(names):
             raise PayloadError(f"{where} row {i} must be a list of {len(names)} values ({', '.join(names)})", 422)
-    return Rows({name: [row[j] for row in data] for j, name in enumerate(names)}, len(data))
+    if len(data) == 1:  # the common one-row request
+        return Rows({name: [value] for name, value in zip(names, data[0])}, 1)
+    if not data:
+        return Rows({name: [] for name in names}, 0)
+    return Rows({name: list(column) for name, column in zip(names, zip(*data))}, len(data))
 
 
 def _from_columns(mapping: dict, where: str) -> Rows:
