@@ -158,6 +158,17 @@ def _calls(metrics_text: str, arm: str, ok_only: bool = True) -> float:
     return calls - total("releasegate_gateway_model_errors_total") if ok_only else calls
 
 
+def _log_rows(calls: float) -> dict:
+    """Prediction-log rows in the database after the gateway stopped, and how many of its model calls have none."""
+    import sqlalchemy as sa
+
+    from releasegate import storage
+
+    with storage.engine().connect() as conn:
+        written = conn.execute(sa.select(sa.func.count()).select_from(storage.predictions)).scalar_one()
+    return {"written": written, "missing": int(calls) - written}
+
+
 def environment(workdir: Path) -> dict:
     home = workdir / "home"
     home.mkdir(parents=True)
@@ -197,9 +208,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
     results = benchmark(args, cases)
+    log_rows = results.pop("log", None)  # not a case: the gateway's prediction log over all its cases
     print_table(results)
+    if log_rows:
+        print(f"prediction log: {log_rows['written']:,} rows written, {log_rows['missing']:,} model calls without one")
     if args.json:
-        args.json.write_text(json.dumps({"cases": results, "seconds": args.seconds,
+        args.json.write_text(json.dumps({"cases": results, "log": log_rows, "seconds": args.seconds,
                                          "connections": args.connections}, indent=2) + "\n")
     return 0
 
@@ -287,11 +301,13 @@ def benchmark(args, cases: list[str]) -> dict:
                     mirrored = _calls(after, "candidate") - _calls(before, "candidate")
                     served = _calls(after, "champion", ok_only=False) - _calls(before, "champion", ok_only=False)
                     results[case]["mirrored_fraction"] = round(mirrored / served, 4) if served else 0.0
-            written = re.search(r'^releasegate_gateway_log_written_rows_total{table="predictions"} ([0-9.e+]+)$',
-                                admin.get("/metrics").text, re.M)
-            bench.say(f"prediction log rows written: {float(written.group(1)) if written else 0:,.0f}")
+            # Every model call (one-row payloads: one row each) should have its row once the gateway has
+            # flushed its log on SIGTERM.
+            calls = sum(_calls(admin.get("/metrics").text, arm, ok_only=False) for arm in ("champion", "candidate"))
             admin.close()
             bench.stop(proc)
+            results["log"] = _log_rows(calls)
+            bench.say(f"prediction log: {results['log']['written']:,} rows written for {calls:,.0f} model calls")
     finally:
         bench.stop_all()
         from releasegate import storage
