@@ -228,6 +228,7 @@ def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s (log writer): %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the gateway has migrated the database already
     metrics = Metrics()
     table = getattr(storage, table_name)
 
