@@ -63,16 +63,26 @@ def _declared_size(declared: str | None, limit: int) -> None:
         raise PayloadError(f"payload of {int(declared):,} bytes exceeds the limit of {limit:,} bytes", 413)
 
 
-async def _body(request: Request, limit: int):
-    """The parsed JSON body, refusing more than `limit` bytes before reading them all."""
-    _declared_size(request.headers.get("content-length"), limit)
+async def _read_body(receive, declared: str | None, limit: int) -> bytes:
+    """The raw body from the ASGI `receive`, refusing more than `limit` bytes before reading them all."""
+    _declared_size(declared, limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadError(f"payload exceeds the limit of {limit:,} bytes", 413)
         chunks.append(chunk)
-    return _parse_json(b"".join(chunks))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _body(request: Request, limit: int):
+    """The parsed JSON body of a Starlette request."""
+    return _parse_json(await _read_body(request.receive, request.headers.get("content-length"), limit))
 
 
 def _failure(err: Exception) -> tuple[int, str] | None:
@@ -100,10 +110,13 @@ def _endpoint(name: str, role: str | None):
                 if role is not None:
                     gateway.keys.require(request.headers.get("authorization"), role)
                 response = await handler(request, gateway)
-            except (AuthError, PayloadError, LoadError, NotFound, Unavailable, ModelCallError) as err:
-                response = _error(*_failure(err))
             except ClientDisconnect:
                 response = Response(status_code=499)  # nobody to answer; counted, not logged as a crash
+            except Exception as err:
+                failure = _failure(err)
+                if failure is None:
+                    raise
+                response = _error(*failure)
             finally:
                 in_flight.dec()
             gateway.metrics.http_response(name, response.status_code)
@@ -116,15 +129,12 @@ def _endpoint(name: str, role: str | None):
 
 # Generated request ids: 80 random bits per process, then a counter (32 hex characters, like a uuid4's
 # hex, and as unique), without a random read per request.
-_ID_PREFIX = os.urandom(10).hex()
-_ID_COUNTER = itertools.count()
-
-
 def _new_id_prefix() -> None:
     global _ID_PREFIX, _ID_COUNTER
     _ID_PREFIX, _ID_COUNTER = os.urandom(10).hex(), itertools.count()
 
 
+_new_id_prefix()
 os.register_at_fork(after_in_child=_new_id_prefix)  # forked workers must not repeat each other's ids
 
 
@@ -185,26 +195,6 @@ class _Headers:
                 self.routing_key = value.decode("latin-1")
 
 
-class _Disconnected(Exception):
-    """The client went away before its body arrived."""
-
-
-async def _read_body(receive, declared: str | None, limit: int) -> bytes:
-    _declared_size(declared, limit)
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadError(f"payload exceeds the limit of {limit:,} bytes", 413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -259,7 +249,7 @@ class InferenceApp:
             request_id = _request_id(headers.request_id, body)
             answer = await gateway.infer(active, rows, request_id, headers.routing_key or request_id)
             status, content = 200, build(model, request_id, answer)
-        except _Disconnected:
+        except ClientDisconnect:
             status, content = 499, None  # nobody to answer; counted, not logged as a crash
         except Exception as err:
             failure = _failure(err)

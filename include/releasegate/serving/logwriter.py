@@ -64,9 +64,10 @@ class LogWriter:
         metrics.log_queue.labels(table.name).set_function(self._queue.qsize)
         metrics.log_lag.labels(table.name).set_function(self.lag)
         # Every column but an autoincrement key: rows that give them all can skip SQLAlchemy (see _insert).
-        self._names = {c.name for c in table.columns if not (c.primary_key and c.autoincrement)}
-        self._sql: str | None = None
-        self._order: list[str] = []
+        self._order = [c.name for c in table.columns if not (c.primary_key and c.autoincrement)]
+        self._names = set(self._order)
+        self._sql = (f"INSERT INTO {table.name} ({', '.join(self._order)}) "
+                     f"VALUES ({', '.join('?' * len(self._order))})")
         self._thread = threading.Thread(target=self._run, name=f"logwriter-{table.name}", daemon=True)
         self._stopping = threading.Event()
         self._give_up_at = float("inf")
@@ -185,11 +186,6 @@ class LogWriter:
         is what makes executemany fast there).
         """
         if conn.dialect.name == "sqlite" and self._names.issubset(rows[0]):
-            if self._sql is None:
-                columns = [c.name for c in self._table.columns if c.name in self._names]
-                self._sql = (f"INSERT INTO {self._table.name} ({', '.join(columns)}) "
-                             f"VALUES ({', '.join('?' * len(columns))})")
-                self._order = columns
             order = self._order
             conn.exec_driver_sql(self._sql, [tuple(map(row.get, order)) for row in rows])
         else:
