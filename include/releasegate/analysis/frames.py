@@ -103,7 +103,7 @@ def verdict_from_stats(stats: CanaryStats, stage: str, policy: Policy, window: W
 
 def _alpha(policy: Policy, mode: str) -> float:
     """alpha / k, k the checks of the stage (Bonferroni): error rate, latency, primary, + agreement, + slices."""
-    return policy.alpha / (3 + (mode == "shadow") + bool(policy.slices))
+    return policy.alpha / (3 + (mode == "shadow" and policy.agreement_checked) + bool(policy.slices))
 
 
 def _grow(policy: Policy, mode: str, window: Window, window_closed: bool, stats: CanaryStats | None = None
@@ -242,6 +242,8 @@ def _primary_values(outs: pd.Series, truth: pd.Series, metric: str) -> list[floa
             raise ValueError(f"primary metric {metric} needs numeric outputs and labels, got {out!r} and {label!r}")
         elif metric == "absolute_error":
             values.append(abs(out - label))
+        elif metric == "squared_error":
+            values.append((out - label) ** 2)
         else:  # log_loss: binary labels, the output is the probability of class 1
             if not 0 <= out <= 1 or label not in (0.0, 1.0):
                 raise ValueError(f"log_loss needs the probability of class 1 as output and a 0/1 label, "
@@ -288,7 +290,8 @@ class _Stage:
         limit_ms = self.policy.guardrails.latency_limit_ms(p99_champion)
         p99_candidate = float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")
         detail = f"{self.policy.guardrails.latency_limit_text(p99_champion)}; candidate p99 {p99_candidate:.1f} ms"
-        return _metric(check, (candidate > limit_ms).astype(float), self.alpha, t_opt, detail, grow=self.grow)
+        return _metric(check, (candidate > limit_ms).astype(float), self.alpha, t_opt, detail, grow=self.grow,
+                       min_n=self.policy.shadow.min_samples)
 
     def candidate_rows(self) -> pd.DataFrame:
         return self.arm_rows("candidate")
@@ -315,12 +318,9 @@ class _Shadow(_Stage):
         checks = self.checks()
         pairs = self.pairs
         err = pairs["error_c"].astype(float) - pairs["error_b"].astype(float)
-        both_ok = pairs[~pairs["error_c"] & ~pairs["error_b"]]
-        agree = np.array([c is not None and c == b for c, b in zip(both_ok["out_c"], both_ok["out_b"])], dtype=float)
         metric = self.policy.primary.metric
         primary = self.labelled["value_c"].astype(float) - self.labelled["value_b"].astype(float)
-        m = self.policy.shadow.min_agreement
-        return [
+        checked = [
             _metric(checks["error_rate"], err, self.alpha, self.t_opt,
                     f"candidate {pairs['error_c'].mean() if len(pairs) else 0:.2%} vs champion "
                     f"{pairs['error_b'].mean() if len(pairs) else 0:.2%} on {len(pairs):,} paired requests",
@@ -329,11 +329,26 @@ class _Shadow(_Stage):
             _metric(checks[metric], primary, self.alpha, self.t_opt,
                     _series_detail(metric, self.labelled["value_c"], self.labelled["value_b"], "labelled paired"),
                     grow=self.grow),
-            _metric(_Check("agreement", "agreement", m, m, higher_is_better=True,
-                           support=(0.0, 1.0)), agree, self.alpha, self.t_opt,
-                    f"the arms agree on {agree.mean() if len(agree) else 0:.1%} of {len(agree):,} requests",
-                    grow=self.grow),
         ]
+        return checked + ([self.agreement()] if self.policy.agreement_checked else [])
+
+    def agreement(self) -> MetricResult:
+        """The share of requests both arms answer alike: the same label, or a regressor's values within the tolerance."""
+        both_ok = self.pairs[~self.pairs["error_c"] & ~self.pairs["error_b"]]
+        tolerance = self.policy.shadow.agreement_tolerance if self.policy.regression else None
+        if tolerance is None:
+            agree = np.array([c is not None and c == b for c, b in zip(both_ok["out_c"], both_ok["out_b"])],
+                             dtype=float)
+            alike = ""
+        else:
+            agree = np.array([isinstance(c, float) and isinstance(b, float) and abs(c - b) <= tolerance
+                              for c, b in zip(both_ok["out_c"], both_ok["out_b"])], dtype=float)
+            alike = f" within {tolerance:g}"
+        m = self.policy.shadow.min_agreement
+        return _metric(_Check("agreement", "agreement", m, m, higher_is_better=True, support=(0.0, 1.0)), agree,
+                       self.alpha, self.t_opt,
+                       f"the arms agree{alike} on {agree.mean() if len(agree) else 0:.1%} of {len(agree):,} requests",
+                       grow=self.grow)
 
     def enough(self) -> bool:
         return len(self.labelled) >= self.policy.shadow.min_samples
@@ -541,7 +556,7 @@ class _Canary(_Stage):
         else:
             latency = _metric(checks["latency_p99"], s.slow, self.alpha, self.policy.canary.min_samples,
                               f"{g.latency_limit_text(s.p99['champion'])}; candidate p99 {s.p99['candidate']:.1f} ms",
-                              grow=self.grow)
+                              grow=self.grow, min_n=self.policy.canary.min_samples)
         return [
             _metric(checks["error_rate"], s.error, self.alpha, self.t_opt,
                     f"candidate {rate['candidate']:.2%} vs champion {rate['champion']:.2%}", arms_ok=err_ok,
@@ -625,9 +640,16 @@ def _undecided(check: _Check, alpha: float, n: int, detail: str, estimate: float
 
 
 def _metric(check: _Check, values, alpha: float, t_opt: float, detail: str, arms_ok: bool = True,
-            grow: float | None = None) -> MetricResult:
-    """The check's always-valid bounds and pass/fail; `grow` (see _grow) also judges futility."""
+            grow: float | None = None, min_n: int = 0) -> MetricResult:
+    """The check's always-valid bounds and pass/fail; `grow` (see _grow) also judges futility.
+
+    `min_n`: the check decides nothing on fewer units (a latency share from the first few hundred requests
+    of a busy machine measures the machine, not the model).
+    """
     x = sequential.summary(values)
+    if x.n < min_n:
+        return _undecided(check, alpha, x.n, f"{detail}; {x.n:,} of the {min_n:,} requests it needs to decide",
+                          x.mean if x.n else None)
     bound = sequential.confidence_sequence(x, alpha, t_opt) if arms_ok else None
     if bound is not None and check.support is not None:
         # Intersecting with the known range keeps coverage and reads better than a −0.1% share.
