@@ -23,9 +23,6 @@ Every task is one call into `releasegate.pipeline`, so the CLI and the tests run
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pendulum
 from airflow.sdk import Param, chain, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
@@ -43,19 +40,24 @@ PROMOTE = "promote"
 ROLLBACK = "rollback"
 FINISH = "finish"
 
-_POLICIES = Path(os.environ.get("RELEASEGATE_POLICIES_DIR", Path(__file__).resolve().parents[1] / "include" / "policies"))
-
 
 def _policies() -> list[str]:
-    return sorted(p.stem for p in _POLICIES.glob("*.yaml")) or ["default"]
+    """Policies on the search path (RELEASEGATE_POLICIES_DIR's folders, then include/policies)."""
+    from releasegate import policy
+
+    return policy.available() or ["default"]
 
 
 def _max_canary_steps() -> int:
     """The DAG has one canary group per step of the longest policy; shorter policies skip the rest."""
-    import yaml  # cheap, and parsing a few small files keeps the DAG's shape honest
+    from releasegate import policy
 
-    steps = [len((yaml.safe_load(p.read_text()) or {}).get("canary", {}).get("steps", [5, 25, 50]))
-             for p in _POLICIES.glob("*.yaml")]
+    steps = []
+    for name in policy.available():
+        try:
+            steps.append(len(policy.load(name).canary.steps))
+        except policy.PolicyError:  # a broken policy fails its own release, not the whole DAG
+            continue
     return max(steps, default=3)
 
 
@@ -92,7 +94,7 @@ def _run_alive(run_id: str | None) -> bool:
         "version": Param("", type="string", title="Version",
                          description="Version number or alias to release; empty means the `challenger` alias."),
         "policy": Param("default", type="string", enum=_policies(), title="Policy",
-                        description="Release policy from include/policies/."),
+                        description="Release policy: a file of RELEASEGATE_POLICIES_DIR or include/policies/."),
     },
     default_args={"retries": 0},
 )

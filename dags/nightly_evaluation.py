@@ -44,17 +44,12 @@ def _schedule() -> str:
     """The cron of the nightly run: the environment's, else the default policy's (read with yaml only)."""
     if os.environ.get("RELEASEGATE_NIGHTLY_SCHEDULE"):
         return os.environ["RELEASEGATE_NIGHTLY_SCHEDULE"]
-    from pathlib import Path
+    from releasegate import policy
 
-    import yaml
-
-    policies = Path(os.environ.get("RELEASEGATE_POLICIES_DIR",
-                                   Path(__file__).resolve().parents[1] / "include" / "policies"))
     try:
-        data = yaml.safe_load((policies / "default.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        return policy.load("default").monitoring.schedule
+    except policy.PolicyError:
         return DEFAULT_SCHEDULE
-    return (data.get("monitoring") or {}).get("schedule", DEFAULT_SCHEDULE)
 
 
 def _until() -> float:

@@ -73,7 +73,7 @@ def evaluate(model: str, version: str, until: float, policy="default", actor: st
 
     settings = settings or get_settings()
     if isinstance(policy, str):
-        policy = policy_module.load(policy, settings.policies_dir)
+        policy = policy_module.load(policy, settings.policy_dirs)
     limits = policy.monitoring
     since = until - limits.window_hours * 3600
     engine = storage.engine(settings.db_url)

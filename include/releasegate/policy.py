@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class PolicyError(ValueError):
@@ -39,7 +39,12 @@ class Offline(_Strict):
 class Shadow(_Strict):
     max_window_seconds: float = Field(600, gt=0)
     min_samples: int = Field(300, ge=1, description="Labelled mirrored requests needed before a decision.")
-    min_agreement: float = Field(0.8, ge=0, le=1, description="Share of mirrored requests where both arms agree.")
+    min_agreement: float = Field(0.8, ge=0, lt=1, description="Share of mirrored requests where both arms agree; "
+                                                            "0 turns the agreement check off.")
+    agreement_tolerance: float | None = Field(
+        None, ge=0, description="Regression: two answers agree when they differ by at most this, in target units. "
+                                "Unset, a regressor's release has no agreement check (exact equality of two "
+                                "regressors' outputs means nothing).")
 
 
 class Canary(_Strict):
@@ -71,9 +76,13 @@ class Guardrails(_Strict):
                 f"× and +{self.latency_p99_slack_ms:g} ms over champion p99 {champion_p99_ms:.1f} ms")
 
 
+REGRESSION_METRICS = frozenset({"absolute_error", "squared_error", "mae", "rmse"})
+
+
 class Primary(_Strict):
-    metric: Literal["accuracy", "log_loss", "absolute_error"] = "accuracy"
-    margin: float = Field(0.02, ge=0, description="Non-inferiority margin on the feedback-labelled metric.")
+    metric: Literal["accuracy", "log_loss", "absolute_error", "squared_error"] = "accuracy"
+    margin: float = Field(0.02, ge=0, description="Non-inferiority margin on the feedback-labelled metric "
+                                                  "(accuracy: a share; absolute_error, squared_error: target units).")
 
 
 class Approval(_Strict):
@@ -122,23 +131,53 @@ class Policy(_Strict):
     approval: Approval = Approval()
     monitoring: Monitoring = Monitoring()
 
+    @model_validator(mode="after")
+    def _one_task(self) -> "Policy":
+        offline, online = self.offline.metric in REGRESSION_METRICS, self.primary.metric in REGRESSION_METRICS
+        if offline != online:
+            raise ValueError(f"offline.metric {self.offline.metric} and primary.metric {self.primary.metric} "
+                             f"judge different kinds of model (classification: accuracy, log_loss, roc_auc; "
+                             f"regression: mae, rmse offline, absolute_error, squared_error online)")
+        return self
+
+    @property
+    def regression(self) -> bool:
+        """Whether the policy judges a regressor (its primary metric is an error in target units)."""
+        return self.primary.metric in REGRESSION_METRICS
+
+    @property
+    def agreement_checked(self) -> bool:
+        """Shadow compares the arms' answers: labels for equality, a regressor's values within the tolerance."""
+        if self.regression:
+            return self.shadow.agreement_tolerance is not None and self.shadow.min_agreement > 0
+        return self.shadow.min_agreement > 0
+
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def available(policies_dir: Path | None = None) -> list[str]:
-    """Names of the policies in the policies folder."""
-    return sorted(p.stem for p in _dir(policies_dir).glob("*.yaml"))
+def available(policy_dirs: Path | list[Path] | None = None) -> list[str]:
+    """Names of the policies on the search path (the user's folders, then the shipped one)."""
+    return sorted({p.stem for folder in _dirs(policy_dirs) for p in folder.glob("*.yaml")})
 
 
-def load(name_or_path: str | Path, policies_dir: Path | None = None) -> Policy:
-    """Load a policy by name (from include/policies) or by path; errors name the offending field."""
-    path = Path(name_or_path)
+def find(name: str, policy_dirs: Path | list[Path] | None = None) -> Path | None:
+    """The first `<name>.yaml` on the search path."""
+    return next((folder / f"{name}.yaml" for folder in _dirs(policy_dirs) if (folder / f"{name}.yaml").is_file()),
+                None)
+
+
+def load(name_or_path: str | Path, policy_dirs: Path | list[Path] | None = None) -> Policy:
+    """Load a policy by name (from the search path) or by path; errors name the offending field."""
+    path: Path | None = Path(name_or_path)
     if not path.suffix:
-        path = _dir(policies_dir) / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise PolicyError(f"policy {name_or_path!r} not found (known: {', '.join(available(policies_dir)) or 'none'})")
+        path = find(str(name_or_path), policy_dirs)
+    if path is None or not path.is_file():
+        folders = ", ".join(str(d) for d in _dirs(policy_dirs))
+        raise PolicyError(f"policy {str(name_or_path)!r} not found in {folders} "
+                          f"(known: {', '.join(available(policy_dirs)) or 'none'}; RELEASEGATE_POLICIES_DIR adds "
+                          f"folders of your own)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -157,9 +196,9 @@ def parse(data: dict, source: str = "policy") -> Policy:
         raise PolicyError(f"{source}: {problems}") from exc
 
 
-def _dir(policies_dir: Path | None) -> Path:
-    if policies_dir is not None:
-        return policies_dir
+def _dirs(policy_dirs: Path | list[Path] | None) -> list[Path]:
+    if policy_dirs is not None:
+        return [policy_dirs] if isinstance(policy_dirs, Path) else list(policy_dirs)
     from releasegate.settings import get_settings
 
-    return get_settings().policies_dir
+    return get_settings().policy_dirs

@@ -17,6 +17,13 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def _search_path(variable: str, shipped: Path) -> list[Path]:
+    """The user's folders (`variable`, os.pathsep-separated) first, then the shipped one: a user's file of the
+    same name wins, and the shipped ones stay available."""
+    own = [Path(p).expanduser() for p in (_env(variable) or "").split(os.pathsep) if p]
+    return own + ([shipped] if shipped not in own else [])
+
+
 class Settings(BaseModel):
     """Every path, URL and key location releasegate uses; `Settings.from_env()` reads them."""
 
@@ -29,8 +36,10 @@ class Settings(BaseModel):
     backend: str = Field("local", description="Where models without a `releasegate.backend` tag are served: local | kserve.")
     signing_key: Path
     trusted_keys: list[Path]
-    policies_dir: Path = _INCLUDE / "policies"
-    expectations_dir: Path = _INCLUDE / "expectations"
+    policy_dirs: list[Path] = Field(default_factory=lambda: [_INCLUDE / "policies"],
+                                    description="Where policies are looked up, first match wins.")
+    expectation_dirs: list[Path] = Field(default_factory=lambda: [_INCLUDE / "expectations"],
+                                         description="Where expectation suites are looked up, first match wins.")
     model_cache_dir: Path
 
     @classmethod
@@ -48,8 +57,8 @@ class Settings(BaseModel):
             backend=_env("RELEASEGATE_BACKEND", "local"),
             signing_key=Path(_env("RELEASEGATE_SIGNING_KEY", str(keys / "release.key"))),
             trusted_keys=[Path(p) for p in trusted.split(os.pathsep)] if trusted else [keys / "release.pub"],
-            policies_dir=Path(_env("RELEASEGATE_POLICIES_DIR", str(_INCLUDE / "policies"))),
-            expectations_dir=Path(_env("RELEASEGATE_EXPECTATIONS_DIR", str(_INCLUDE / "expectations"))),
+            policy_dirs=_search_path("RELEASEGATE_POLICIES_DIR", _INCLUDE / "policies"),
+            expectation_dirs=_search_path("RELEASEGATE_EXPECTATIONS_DIR", _INCLUDE / "expectations"),
             model_cache_dir=Path(_env("RELEASEGATE_MODEL_CACHE", str(home / "models"))),
         )
 

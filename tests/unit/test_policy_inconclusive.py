@@ -31,4 +31,4 @@ def test_a_wrong_inconclusive_setting_is_named_in_the_error(data, field, why):
 def test_a_policy_file_with_a_typo_in_the_rule_is_refused_naming_the_field(tmp_path):
     (tmp_path / "typo.yaml").write_text("name: typo\ninconclusiv: rollback\n")
     with pytest.raises(policies.PolicyError, match=r"typo\.yaml: inconclusiv: Extra inputs are not permitted"):
-        policies.load("typo", policies_dir=tmp_path)
+        policies.load("typo", tmp_path)

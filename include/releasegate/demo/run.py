@@ -211,7 +211,7 @@ def _story(demo: Demo) -> int:
     settings = get_settings()
     pol = policy.load("default")
     demo.say(f"policy: {pol.name} (digest {pol.digest[:12]}), the one every release gets by default:")
-    print((settings.policies_dir / "default.yaml").read_text(), flush=True)
+    print(policy.find("default", settings.policy_dirs).read_text(), flush=True)
     signing.ensure_keys(settings)
     demo.say(f"signing keys: {settings.signing_key} (+ .pub, trusted)")
     from releasegate import storage
