@@ -2,7 +2,7 @@
 
 Every method sees the same simulated canary traffic. releasegate is judged exactly as the release DAG
 judges it: the default policy's canary steps (5 → 25 → 50 %), a look every poll interval (5 s) over the
-canary so far (each finished step's statistics carried into the next, `frames.carry`), an earlier step
+canary so far (each finished step's statistics carried into the next, `canary.carry`), an earlier step
 ending at its window (600 s), the last one extended up to `max_extensions` times, and at each look the
 same `releasegate.analysis` code that `analyse()` runs (`canary_stats` reduced to its sufficient
 statistics, then `verdict_from_stats`; see `simulated_stats`, tested against `analyse_frames`).
@@ -30,8 +30,10 @@ from scipy import stats
 
 from releasegate import policy as policies
 from releasegate.analysis import sequential
-from releasegate.analysis.frames import CanaryStats, SliceStats, carry, verdict_from_stats
-from releasegate.analysis.verdict import ArmSamples, Decision, Window
+from releasegate.analysis import verdict_from_stats
+from releasegate.analysis.canary import CanaryStats, SliceStats, carry
+from releasegate.contract import Arm, Stage
+from releasegate.verdict import ArmSamples, Decision
 
 RATE = 200.0  # requests per second to the model, all steps
 BASE_ERROR = 0.01
@@ -130,16 +132,16 @@ class Looks:
         ok = int(self.ok_index[i])
         ok_c = int(self.ok_cand[i])
         ok_b = ok - ok_c
-        errs = {"candidate": int(self.err_cand[i]), "champion": int(self.err_champ[i])}
-        arms = {"candidate": ArmSamples(requests=n_c, routing_keys=n_c, labelled=ok_c, errors=errs["candidate"]),
-                "champion": ArmSamples(requests=n_b, routing_keys=n_b, labelled=ok_b, errors=errs["champion"])}
+        errs = {Arm.candidate: int(self.err_cand[i]), Arm.champion: int(self.err_champ[i])}
+        arms = {Arm.candidate: ArmSamples(requests=n_c, routing_keys=n_c, labelled=ok_c, errors=errs[Arm.candidate]),
+                Arm.champion: ArmSamples(requests=n_b, routing_keys=n_b, labelled=ok_b, errors=errs[Arm.champion])}
         champ = self.champ_lat[:n_b]
         cand = self.cand_lat[:n_c]
-        p99 = {"champion": float(np.quantile(champ, 0.99)) if n_b else float("nan"),
-               "candidate": float(np.quantile(cand, 0.99)) if n_c else float("nan")}
+        p99 = {Arm.champion: float(np.quantile(champ, 0.99)) if n_b else float("nan"),
+               Arm.candidate: float(np.quantile(cand, 0.99)) if n_c else float("nan")}
         slow = None
-        if n_b >= 100:  # frames.MIN_P99_ROWS
-            limit = self.policy.guardrails.latency_limit_ms(p99["champion"])
+        if n_b >= 100:  # checks.MIN_P99_ROWS
+            limit = self.policy.guardrails.latency_limit_ms(p99[Arm.champion])
             k = int(np.count_nonzero(cand > limit))
             slow = sequential.Summary(n_c, float(k), float(k))
         slices = []
@@ -151,15 +153,15 @@ class Looks:
             lb = j - lc
             slices.append(SliceStats(
                 feature="region", value=REGIONS[r], contrasts=_at(prefix, j),
-                labelled={"candidate": lc, "champion": lb}, routing_keys={"candidate": lc, "champion": lb},
-                means={"candidate": float(c_right[j - 1]) / lc if lc else None,
-                       "champion": float(b_right[j - 1]) / lb if lb else None}))
+                labelled={Arm.candidate: lc, Arm.champion: lb}, routing_keys={Arm.candidate: lc, Arm.champion: lb},
+                means={Arm.candidate: float(c_right[j - 1]) / lc if lc else None,
+                       Arm.champion: float(b_right[j - 1]) / lb if lb else None}))
         slices.sort(key=lambda s: s.value)  # canary_stats groups sorted by value
         return CanaryStats(
-            weight=self.step.weight, arms=arms, rows={"candidate": n_c, "champion": n_b},
+            weight=self.step.weight, arms=arms, rows={Arm.candidate: n_c, Arm.champion: n_b},
             error=_at(self.err, m), primary=_at(self.prim, ok),
-            primary_means={"candidate": float(self.right_cand[i]) / ok_c if ok_c else None,
-                           "champion": float(self.right_champ[i]) / ok_b if ok_b else None},
+            primary_means={Arm.candidate: float(self.right_cand[i]) / ok_c if ok_c else None,
+                           Arm.champion: float(self.right_champ[i]) / ok_b if ok_b else None},
             champion_latencies=n_b, p99=p99, slow=slow, candidate_latencies=n_c, slices=tuple(slices))
 
 
@@ -175,10 +177,10 @@ def _at(prefix: tuple[np.ndarray, np.ndarray], n: int) -> sequential.Summary:
 
 def _empty(weight: int) -> CanaryStats:
     zero = sequential.Summary(0, 0.0, 0.0)
-    none = {"candidate": None, "champion": None}
-    return CanaryStats(weight=weight, arms={a: ArmSamples() for a in ("champion", "candidate")},
-                       rows={"candidate": 0, "champion": 0}, error=zero, primary=zero, primary_means=none,
-                       champion_latencies=0, p99={"candidate": float("nan"), "champion": float("nan")}, slow=None,
+    none = {Arm.candidate: None, Arm.champion: None}
+    return CanaryStats(weight=weight, arms={a: ArmSamples() for a in (Arm.champion, Arm.candidate)},
+                       rows={Arm.candidate: 0, Arm.champion: 0}, error=zero, primary=zero, primary_means=none,
+                       champion_latencies=0, p99={Arm.candidate: float("nan"), Arm.champion: float("nan")}, slow=None,
                        candidate_latencies=0)
 
 
@@ -221,8 +223,8 @@ def releasegate(steps: list[Step], grow, policy: policies.Policy) -> Outcome:
             m = int(np.searchsorted(step.t, t, side="right"))
             final = t >= budget
             stats = looks.stats(m) if carried is None else carry(carried, looks.stats(m))
-            verdict = verdict_from_stats(stats, f"canary-{step.weight}", policy, Window(start=0.0, end=t),
-                                         window_closed=final)
+            verdict = verdict_from_stats(stats, Stage.canary(step=index + 1, weight=step.weight), policy,
+                                         (0.0, t), window_closed=final)
             n_c = int(looks.n_cand[m - 1]) if m else 0
             if verdict.decision in (Decision.rollback, Decision.invalid) or (
                     final and last_step and verdict.decision is not Decision.promote):

@@ -13,9 +13,19 @@ from scipy import stats
 from scipy.special import gammaln
 
 from releasegate import policy as policies
-from releasegate.analysis import Decision, Verdict, analyse, analyse_frames, sequential, srm
+from releasegate.analysis import (Decision, Verdict, analyse, analyse_frames, frame_stats, sequential, srm,
+                                  verdict_from_stats)
 from releasegate.analysis.labels import scalar
-from releasegate.analysis.verdict import Window
+from releasegate.verdict import Window
+
+from releasegate.contract import Stage, StageKind
+
+SHADOW = Stage.shadow()
+
+
+def canary(weight: int) -> Stage:
+    return Stage(kind=StageKind.canary, weight=weight)
+
 
 REGIONS = ("north", "south", "east", "west")
 
@@ -201,7 +211,7 @@ def test_srm_alarm_is_sequential_and_rare_under_the_configured_split():
 
 def test_clearly_better_candidate_in_shadow_is_promoted(policy):
     preds, fb = traffic(3000)
-    verdict = analyse_frames(preds, fb, "shadow", policy, window=(1000, 1100))
+    verdict = analyse_frames(preds, fb, SHADOW, policy, window=(1000, 1100))
     assert verdict.decision is Decision.promote, verdict.reason
     acc = metric(verdict, "accuracy")
     assert acc.lower > -0.02 and acc.estimate == pytest.approx(0.08, abs=0.03)
@@ -209,14 +219,14 @@ def test_clearly_better_candidate_in_shadow_is_promoted(policy):
     assert {m.name for m in verdict.metrics} == {"error_rate", "latency_p99", "accuracy", "agreement"}
     assert verdict.samples["candidate"].requests == 3000 and verdict.samples["candidate"].labelled == 3000
     assert verdict.policy.digest == policy.digest
-    assert verdict.window == Window(start=1000, end=1100, stage="shadow")
+    assert verdict.window == Window(start=1000, end=1100, stage=SHADOW)
     assert verdict.reason.startswith("promote: on 2,9") and "labelled shadow requests" in verdict.reason
     assert all(s.metrics[0].passed is not False for s in verdict.slices)
 
 
 def test_clearly_better_candidate_in_canary_is_promoted(policy):
     preds, fb = traffic(6000, "canary", weight=50, seed=1)
-    verdict = analyse_frames(preds, fb, "canary-50", policy, 50)
+    verdict = analyse_frames(preds, fb, canary(50), policy)
     assert verdict.decision is Decision.promote, verdict.reason
     assert verdict.srm is not None and not verdict.srm.alarm and verdict.srm.p_value > 0.001
     assert verdict.samples["candidate"].routing_keys + verdict.samples["champion"].routing_keys == 6000
@@ -224,7 +234,7 @@ def test_clearly_better_candidate_in_canary_is_promoted(policy):
 
 def test_clearly_worse_accuracy_rolls_back_with_the_numbers_in_the_reason(policy):
     preds, fb = traffic(1500, candidate_acc=0.70, seed=2)
-    verdict = analyse_frames(preds, fb, "shadow", policy)
+    verdict = analyse_frames(preds, fb, SHADOW, policy)
     assert verdict.decision is Decision.rollback
     acc = metric(verdict, "accuracy")
     assert acc.passed is False and acc.upper < -0.02
@@ -235,7 +245,7 @@ def test_clearly_worse_accuracy_rolls_back_with_the_numbers_in_the_reason(policy
 
 def test_higher_error_rate_rolls_back_in_canary(policy):
     preds, fb = traffic(4000, "canary", weight=25, seed=3, candidate_acc=0.80, candidate_err=0.08)
-    verdict = analyse_frames(preds, fb, "canary-25", policy, 25)
+    verdict = analyse_frames(preds, fb, canary(25), policy)
     assert verdict.decision is Decision.rollback, verdict.reason
     err = metric(verdict, "error_rate")
     assert err.passed is False and err.lower > 0.01
@@ -246,7 +256,7 @@ def test_higher_error_rate_rolls_back_in_canary(policy):
 
 def test_slow_candidate_rolls_back(policy):
     preds, fb = traffic(2000, seed=4, candidate_slowdown=2.5)
-    verdict = analyse_frames(preds, fb, "shadow", policy)
+    verdict = analyse_frames(preds, fb, SHADOW, policy)
     assert verdict.decision is Decision.rollback, verdict.reason
     lat = metric(verdict, "latency_p99")
     assert lat.passed is False and lat.lower > 0.01
@@ -257,26 +267,26 @@ def test_a_sub_millisecond_slowdown_is_within_the_absolute_slack(policy):
     """2.5 x slower at a 0.4 ms median: 1.5 x the champion's p99 is ~1.5 ms, noise at that scale; the
     policy's `latency_p99_slack_ms` (5 ms) allows it. With no slack the same traffic rolls back."""
     preds, fb = traffic(2000, seed=4, candidate_slowdown=2.5, median_latency_ms=0.4)
-    lat = metric(analyse_frames(preds, fb, "shadow", policy), "latency_p99")
+    lat = metric(analyse_frames(preds, fb, SHADOW, policy), "latency_p99")
     assert lat.passed is True and "+5 ms over champion p99" in lat.detail
     strict = policy.model_copy(update={"guardrails": policy.guardrails.model_copy(update={"latency_p99_slack_ms": 0})})
-    verdict = analyse_frames(preds, fb, "shadow", strict)
+    verdict = analyse_frames(preds, fb, SHADOW, strict)
     assert verdict.decision is Decision.rollback and metric(verdict, "latency_p99").passed is False
 
 
 def test_too_few_samples_continue_and_then_are_inconclusive_when_the_window_closes(policy):
     preds, fb = traffic(200, seed=5, candidate_acc=0.81)
-    open_ = analyse_frames(preds, fb, "shadow", policy)
+    open_ = analyse_frames(preds, fb, SHADOW, policy)
     assert open_.decision is Decision.continue_
     assert "of 300 labelled shadow requests" in open_.reason
-    closed = analyse_frames(preds, fb, "shadow", policy, window_closed=True)
+    closed = analyse_frames(preds, fb, SHADOW, policy, window_closed=True)
     assert closed.decision is Decision.inconclusive
     assert closed.reason.startswith("inconclusive: the window closed with ")
 
 
 def test_unbalanced_split_is_invalid(policy):
     preds, fb = traffic(2000, "canary", weight=50, seed=6, candidate_share=0.30)
-    verdict = analyse_frames(preds, fb, "canary-50", policy, 50)
+    verdict = analyse_frames(preds, fb, canary(50), policy)
     assert verdict.decision is Decision.invalid
     assert verdict.srm.alarm and verdict.srm.p_value < 1e-10
     counts = [verdict.srm.counts["champion"], verdict.srm.counts["candidate"]]
@@ -287,7 +297,7 @@ def test_unbalanced_split_is_invalid(policy):
 def test_regression_in_one_region_rolls_back_naming_the_slice(policy):
     acc = {"north": 0.87, "south": 0.87, "east": 0.87, "west": 0.55}
     preds, fb = traffic(4000, seed=8, candidate_acc=acc)
-    verdict = analyse_frames(preds, fb, "shadow", policy)
+    verdict = analyse_frames(preds, fb, SHADOW, policy)
     assert metric(verdict, "accuracy").passed is not False  # overall the candidate is not worse
     assert verdict.decision is Decision.rollback, verdict.reason
     assert "region=west" in verdict.reason and "Holm-adjusted p" in verdict.reason
@@ -298,14 +308,14 @@ def test_regression_in_one_region_rolls_back_naming_the_slice(policy):
 
 def test_small_slices_are_reported_but_not_decided(policy):
     preds, fb = traffic(240, seed=9, candidate_acc={"north": 0.9, "south": 0.9, "east": 0.9, "west": 0.3})
-    verdict = analyse_frames(preds, fb, "shadow", policy)
+    verdict = analyse_frames(preds, fb, SHADOW, policy)
     assert len(verdict.slices) == 4
     assert all(s.metrics[0].passed is None and "too few" in s.metrics[0].detail for s in verdict.slices)
 
 
 def test_outputs_in_any_single_value_shape_are_compared_alike(policy):
     shapes = [lambda y: y, lambda y: [y], lambda y: {"prediction": y}, lambda y: [float(y)], lambda y: str(y)]
-    verdicts = [analyse_frames(*traffic(600, seed=10, output_shape=shape), "shadow", policy) for shape in shapes]
+    verdicts = [analyse_frames(*traffic(600, seed=10, output_shape=shape), SHADOW, policy) for shape in shapes]
     estimates = {round(metric(v, "accuracy").estimate, 12) for v in verdicts}
     assert len(estimates) == 1
     assert scalar('{"churned": [1]}') == scalar("1") == scalar(True) == 1.0
@@ -315,11 +325,22 @@ def test_outputs_in_any_single_value_shape_are_compared_alike(policy):
 def test_bad_input_names_what_is_wrong(policy):
     preds, fb = traffic(50)
     with pytest.raises(ValueError, match="lacks column.*latency_ms"):
-        analyse_frames(preds.drop(columns=["latency_ms"]), fb, "shadow", policy)
-    with pytest.raises(ValueError, match="stage must be"):
-        analyse_frames(preds, fb, "canary", policy)
-    with pytest.raises(ValueError, match="disagrees with candidate_weight"):
-        analyse_frames(preds, fb, "canary-25", policy, 50)
+        analyse_frames(preds.drop(columns=["latency_ms"]), fb, SHADOW, policy)
+    with pytest.raises(ValueError, match="not a stage: 'canary'"):
+        Stage.model_validate("canary")
+    with pytest.raises(ValueError, match="a canary weight is a percentage between 1 and 99, got 100"):
+        Stage.canary(step=1, weight=100)
+    stats = frame_stats(*traffic(200, "canary", weight=25), policy, 25)
+    with pytest.raises(ValueError, match="CanaryStats at 25 % decide that canary step only"):
+        verdict_from_stats(stats, canary(50), policy, (0, 10))
+
+
+def test_a_stage_keeps_its_step_and_its_weight_apart_and_reads_stored_legacy_names():
+    step = Stage.canary(step=2, weight=25)
+    assert (step.step, step.weight, str(step)) == (2, 25, "canary 2 (25 %)")
+    assert Stage.model_validate(step.model_dump(mode="json")) == step
+    assert Stage.model_validate("canary-25") == Stage(kind=StageKind.canary, weight=25)  # verdicts stored before
+    assert Stage.model_validate("shadow") == SHADOW
 
 
 def test_analyse_reads_the_release_window_from_the_database(rg_home, policy):
@@ -333,22 +354,22 @@ def test_analyse_reads_the_release_window_from_the_database(rg_home, policy):
         conn.execute(storage.predictions.insert(), preds.drop(columns=["id"]).to_dict("records"))
         conn.execute(storage.predictions.insert(), other.drop(columns=["id"]).to_dict("records"))
         conn.execute(storage.feedback.insert(), fb.drop(columns=["id"]).to_dict("records"))
-    verdict = analyse("churn", "rel-1", "shadow", 1000.0, 1020.0, policy, window_closed=True)
+    verdict = analyse("churn", "rel-1", SHADOW, 1000.0, 1020.0, policy, window_closed=True)
     in_window = preds[preds["time"] <= 1020.0]
     known = fb[fb["time"] <= 1020.0]  # a label given after the look is not evidence at that look
-    expected = analyse_frames(in_window, known, "shadow", policy, window=(1000.0, 1020.0), window_closed=True)
+    expected = analyse_frames(in_window, known, SHADOW, policy, window=(1000.0, 1020.0), window_closed=True)
     assert verdict.samples == expected.samples
     assert verdict.samples["champion"].requests == in_window["request_id"].nunique()
     assert verdict.samples["champion"].labelled == known["request_id"].isin(in_window["request_id"]).sum()
     assert [m.estimate for m in verdict.metrics] == pytest.approx([m.estimate for m in expected.metrics])
     assert verdict.decision == expected.decision
-    assert verdict.window == Window(start=1000.0, end=1020.0, stage="shadow")
-    assert analyse("churn", "rel-1", "canary-25", 1000.0, 1020.0, policy, 25).samples["candidate"].requests == 0
+    assert verdict.window == Window(start=1000.0, end=1020.0, stage=SHADOW)
+    assert analyse("churn", "rel-1", canary(25), 1000.0, 1020.0, policy).samples["candidate"].requests == 0
 
 
 def test_a_window_without_rows_yet_continues(policy):
     preds, fb = traffic(1)
-    verdict = analyse_frames(preds.iloc[:0], fb.iloc[:0], "canary-5", policy, 5, window=(0.0, 1.0))
+    verdict = analyse_frames(preds.iloc[:0], fb.iloc[:0], canary(5), policy, window=(0.0, 1.0))
     assert verdict.decision is Decision.continue_
     assert verdict.samples["candidate"].requests == 0 and verdict.srm.p_value is None
     assert all(m.passed is None for m in verdict.metrics)
@@ -359,14 +380,14 @@ def test_a_check_that_cannot_clear_its_limit_within_the_extensions_rolls_back_af
     # Candidate latency × 1.5: its p99 sits exactly on the limit, so no amount of traffic can show it within.
     preds, fb = traffic(4000, "canary", weight=50, seed=12, champion_acc=0.85, candidate_acc=0.85,
                         candidate_slowdown=1.5)
-    early = analyse_frames(preds, fb, "canary-50", pol, 50, window=(0.0, 300.0))
+    early = analyse_frames(preds, fb, canary(50), pol, window=(0.0, 300.0))
     assert early.decision is Decision.continue_ and not metric(early, "latency_p99").futile
-    late = analyse_frames(preds, fb, "canary-50", pol, 50, window=(0.0, 600.0))
+    late = analyse_frames(preds, fb, canary(50), pol, window=(0.0, 600.0))
     assert metric(late, "latency_p99").futile and late.decision is Decision.rollback
     assert late.reason.startswith("rollback: after a full window, at the current estimates not even the canary "
                                   "time still allowed would show share over the latency limit")
     # Without extensions to skip, the policy's inconclusive rule decides at the window's end.
     no_extensions = pol.model_copy(update={"max_extensions": 0})
-    closed = analyse_frames(preds, fb, "canary-50", no_extensions, 50, window=(0.0, 600.0), window_closed=True)
+    closed = analyse_frames(preds, fb, canary(50), no_extensions, window=(0.0, 600.0), window_closed=True)
     assert closed.decision is Decision.inconclusive and not metric(closed, "latency_p99").futile
 

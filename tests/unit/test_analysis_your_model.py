@@ -13,6 +13,15 @@ import pytest
 from releasegate import policy as policies
 from releasegate.analysis import Decision, analyse_frames, sequential
 
+from releasegate.contract import Stage, StageKind
+
+SHADOW = Stage.shadow()
+
+
+def canary(weight: int) -> Stage:
+    return Stage(kind=StageKind.canary, weight=weight)
+
+
 
 def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -43,7 +52,7 @@ REGRESSION = {"name": "regression", "offline": {"metric": "mae", "margin": 0.5},
 
 def test_a_better_regressor_is_promoted_in_shadow_although_no_two_answers_are_equal():
     preds, fb = regression_shadow(3000, candidate_noise=1.0)
-    verdict = analyse_frames(preds, fb, "shadow", policies.parse(REGRESSION), window=(1000, 1030))
+    verdict = analyse_frames(preds, fb, SHADOW, policies.parse(REGRESSION), window=(1000, 1030))
     assert verdict.decision is Decision.promote, verdict.reason
     assert [m.name for m in verdict.metrics] == ["error_rate", "latency_p99", "absolute_error"]
     error = next(m for m in verdict.metrics if m.name == "absolute_error")
@@ -52,7 +61,7 @@ def test_a_better_regressor_is_promoted_in_shadow_although_no_two_answers_are_eq
 
 def test_a_worse_regressor_is_rolled_back_on_its_error_in_target_units():
     preds, fb = regression_shadow(3000, candidate_noise=6.0)
-    verdict = analyse_frames(preds, fb, "shadow", policies.parse(REGRESSION), window=(1000, 1030))
+    verdict = analyse_frames(preds, fb, SHADOW, policies.parse(REGRESSION), window=(1000, 1030))
     assert verdict.decision is Decision.rollback
     assert verdict.reason.startswith("rollback: absolute error of candidate − champion is +"), verdict.reason
 
@@ -62,10 +71,10 @@ def test_a_regressors_agreement_counts_answers_within_the_tolerance():
     strict = policies.parse({**REGRESSION, "shadow": {"agreement_tolerance": 0.5, "min_agreement": 0.8}})
     loose = policies.parse({**REGRESSION, "shadow": {"agreement_tolerance": 20.0, "min_agreement": 0.8}})
     # Answers differ by N(0, sqrt(3² + 1²)): within 0.5 about 12 % of the time, within 20 always.
-    tight = analyse_frames(preds, fb, "shadow", strict, window=(1000, 1030))
+    tight = analyse_frames(preds, fb, SHADOW, strict, window=(1000, 1030))
     assert tight.decision is Decision.rollback and "agree" in tight.reason
     assert next(m for m in tight.metrics if m.name == "agreement").estimate == pytest.approx(0.12, abs=0.03)
-    wide = analyse_frames(preds, fb, "shadow", loose, window=(1000, 1030))
+    wide = analyse_frames(preds, fb, SHADOW, loose, window=(1000, 1030))
     assert wide.decision is Decision.promote and next(m for m in wide.metrics if m.name == "agreement").passed
 
 
@@ -75,7 +84,7 @@ def test_min_agreement_zero_switches_the_agreement_check_off_and_widens_nothing_
     assert on.agreement_checked and not off.agreement_checked
     preds, fb = regression_shadow(400, candidate_noise=1.0)
     fb["ground_truth"] = [json.dumps(int(float(v) > 50)) for v in fb["ground_truth"]]
-    verdict = analyse_frames(preds, fb, "shadow", off, window=(1000, 1004))
+    verdict = analyse_frames(preds, fb, SHADOW, off, window=(1000, 1004))
     assert "agreement" not in [m.name for m in verdict.metrics]
     # Three checks share alpha (error rate, latency, primary) instead of four.
     assert verdict.metrics[0].alpha == pytest.approx(off.alpha / 3)
@@ -105,10 +114,10 @@ def test_zero_errors_in_both_arms_estimate_an_error_difference_of_exactly_zero()
 def test_the_latency_check_waits_for_its_minimum_sample_before_it_decides():
     policy = policies.parse({**REGRESSION, "shadow": {"min_samples": 300}})
     slow = regression_shadow(200, candidate_noise=1.0, candidate_latency_ms=200.0)
-    early = analyse_frames(*slow, "shadow", policy, window=(1000, 1002))
+    early = analyse_frames(*slow, SHADOW, policy, window=(1000, 1002))
     latency = next(m for m in early.metrics if m.name == "latency_p99")
     assert latency.passed is None and "200 of the 300 requests it needs" in latency.detail
     assert early.decision is Decision.continue_
-    late = analyse_frames(*regression_shadow(400, candidate_noise=1.0, candidate_latency_ms=200.0), "shadow", policy,
+    late = analyse_frames(*regression_shadow(400, candidate_noise=1.0, candidate_latency_ms=200.0), SHADOW, policy,
                           window=(1000, 1004))
     assert late.decision is Decision.rollback and "slower than the latency limit" in late.reason

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from releasegate import audit, release, storage
-from releasegate.analysis.verdict import SRM, ArmSamples, MetricResult, PolicyRef, Verdict, Window
+from releasegate.verdict import SRM, ArmSamples, MetricResult, PolicyRef, Verdict, Window
 
 JWT_SECRET = "releasegate-dashboard-test-secret-" + "0123456789abcdef" * 2
 RUN_ID = "manual__2026-11-29T09:18:55.988289+00:00"

@@ -13,8 +13,17 @@ import pytest
 
 from releasegate import policy as policies
 from releasegate.analysis import analyse_frames
-from releasegate.analysis.frames import verdict_from_stats
-from releasegate.analysis.verdict import Window
+from releasegate.analysis import verdict_from_stats
+from releasegate.verdict import Window
+
+from releasegate.contract import Stage, StageKind
+
+SHADOW = Stage.shadow()
+
+
+def canary(weight: int) -> Stage:
+    return Stage(kind=StageKind.canary, weight=weight)
+
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,9 +64,9 @@ def test_benchmark_statistics_give_the_verdict_analyse_frames_gives(bench, scena
     step = bench.Step(25)
     step.grow(np.random.default_rng(scenario_index), scenario, seconds, rate)
     preds, feedback = _logged(step)
-    window = Window(start=0.0, end=seconds, stage="canary-25")
-    from_rows = analyse_frames(preds, feedback, "canary-25", policy, 25, window)
-    from_sums = verdict_from_stats(bench.simulated_stats(step, policy, len(step.t)), "canary-25", policy, window)
+    window = Window(start=0.0, end=seconds, stage=canary(25))
+    from_rows = analyse_frames(preds, feedback, canary(25), policy, window)
+    from_sums = verdict_from_stats(bench.simulated_stats(step, policy, len(step.t)), canary(25), policy, window)
     assert from_sums.decision == from_rows.decision
     assert from_sums.reason == from_rows.reason
     assert from_sums.samples == from_rows.samples

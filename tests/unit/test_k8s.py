@@ -12,6 +12,16 @@ import pytest
 
 from releasegate import k8s
 
+from releasegate.contract import Stage, StageKind
+from releasegate.verdict import Decision
+
+SHADOW = Stage.shadow()
+
+
+def canary(weight: int) -> Stage:
+    return Stage(kind=StageKind.canary, weight=weight)
+
+
 SETTINGS = k8s.K8sSettings(namespace="models", sink_url="http://releasegate-sink.models.svc.cluster.local/events")
 CANDIDATE = k8s.Served("3", "s3://mlflow/1/abc/artifacts/model", "sha256:" + "a" * 64)
 
@@ -125,19 +135,17 @@ def _per_request_canary(weight: int, keys: int = 300, per_key: int = 12, seed: i
 
 def test_srm_counts_requests_when_the_backend_assigns_per_request():
     from releasegate import policy as policies
-    from releasegate.analysis import analyse_frames
+    from releasegate.analysis import analyse_frames, srm
 
     pol = policies.load("default")
     preds = _per_request_canary(25)
     feedback = pd.DataFrame(columns=["request_id", "time", "ground_truth"])
     # Counted in routing keys, almost every customer shows up in both arms: a false sample-ratio alarm.
-    by_key = analyse_frames(preds, feedback, "canary-25", pol, 25)
-    assert by_key.srm.alarm and by_key.decision == "invalid"
-    by_request = analyse_frames(preds, feedback, "canary-25", pol, 25, srm_unit="requests")
-    assert not by_request.srm.alarm and by_request.decision != "invalid"
+    by_key = analyse_frames(preds, feedback, canary(25), pol)
+    assert by_key.srm.alarm and by_key.decision is Decision.invalid
+    by_request = analyse_frames(preds, feedback, canary(25), pol, srm_unit=srm.Unit.requests)
+    assert not by_request.srm.alarm and by_request.decision is not Decision.invalid
     assert sum(by_request.srm.counts.values()) == len(preds)
-    with pytest.raises(ValueError, match="srm_unit"):
-        analyse_frames(preds, feedback, "canary-25", pol, 25, srm_unit="customers")
 
 
 # -- the logger sink ------------------------------------------------------------------------------------------

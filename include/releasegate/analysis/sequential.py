@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 # The asymptotic CS is a large-sample statement: no bound is reported on fewer units than this.
 MIN_UNITS = 30
@@ -64,7 +66,11 @@ class Summary:
         return math.sqrt((ss + _PRIOR_VARIANCE) / (self.n + 1))
 
 
-def summary(values) -> Summary:
+# What the bounds take: per-unit values, or their Summary.
+Values: TypeAlias = "Summary | npt.ArrayLike"
+
+
+def summary(values: Values) -> Summary:
     """`values` as a Summary (a Summary passes through)."""
     return values if isinstance(values, Summary) else Summary.of(values)
 

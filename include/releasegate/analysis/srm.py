@@ -15,17 +15,27 @@ so the window's totals are all it needs. savvi (PyPI) implements the same test b
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 
 import numpy as np
+import numpy.typing as npt
 from scipy.special import gammaln
 
-from releasegate.analysis.verdict import SRM
+from releasegate.contract import Arm
+from releasegate.verdict import SRM
+
+
+class Unit(StrEnum):
+    """What a backend assigns to an arm, and so what the test counts."""
+
+    routing_keys = "routing_keys"  # the gateway: a customer's key sticks to one arm
+    requests = "requests"  # KServe: Knative picks a revision per request
 
 # The Dirichlet prior's concentration k (savvi's default, the paper's experiments): prior shares k·θ0.
 CONCENTRATION = 100.0
 
 
-def log_bayes_factor(counts, shares, concentration: float = CONCENTRATION) -> float:
+def log_bayes_factor(counts: npt.ArrayLike, shares: npt.ArrayLike, concentration: float = CONCENTRATION) -> float:
     """log BF of "the shares differ from `shares`" against "they are `shares`" for multinomial `counts`."""
     x = np.asarray(counts, dtype=float)
     theta = np.asarray(shares, dtype=float)
@@ -40,13 +50,13 @@ def log_bayes_factor(counts, shares, concentration: float = CONCENTRATION) -> fl
     return log_beta(prior + x) - log_beta(prior) - float(x @ np.log(theta))
 
 
-def check(counts: dict[str, int], candidate_weight: int, alarm_below: float) -> SRM:
-    """Sequential test of routing keys per arm against candidate_weight % / the rest; alarm when p < alarm_below."""
+def check(counts: dict[Arm, int], candidate_weight: int, alarm_below: float) -> SRM:
+    """Sequential test of the units per arm against candidate_weight % / the rest; alarm when p < alarm_below."""
     if not 0 < candidate_weight < 100:
         raise ValueError(f"candidate_weight must be between 1 and 99 for a canary, got {candidate_weight}")
-    expected = {"champion": (100 - candidate_weight) / 100, "candidate": candidate_weight / 100}
-    observed = [int(counts.get("champion", 0)), int(counts.get("candidate", 0))]
-    result = SRM(counts=dict(zip(expected, observed)), expected=expected)
+    expected = {Arm.champion: (100 - candidate_weight) / 100, Arm.candidate: candidate_weight / 100}
+    observed = [int(counts.get(Arm.champion, 0)), int(counts.get(Arm.candidate, 0))]
+    result = SRM(counts=dict(zip(expected, observed, strict=True)), expected=expected)
     if sum(observed) == 0:
         return result
     log_bf = log_bayes_factor(observed, list(expected.values()))

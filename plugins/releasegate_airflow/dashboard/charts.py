@@ -6,7 +6,7 @@ import io
 
 GOOD, BAD, UNDECIDED, GRID = "#2f855a", "#c53030", "#718096", "#e2e8f0"
 _PERCENT_METRICS = {"error_rate", "latency_p99", "agreement", "accuracy"}
-# What each analysis metric's estimate is (analysis/frames.py), as the chart's title says it.
+# What each analysis metric's estimate is (releasegate.analysis), as the chart's title says it.
 _MEANING = {
     "error_rate": "candidate − champion, points of %",
     "accuracy": "candidate − champion, points of %",

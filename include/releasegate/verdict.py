@@ -1,4 +1,7 @@
-"""The Verdict: a decision with every number behind it (DESIGN.md, "The verdict")."""
+"""The Verdict: a decision with every number behind it (docs/architecture.md, "The verdict").
+
+It is what the DAG branches on, what the audit log stores and what the dashboard shows.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from releasegate.contract import Arm, Stage
 
 
 class Decision(StrEnum):
@@ -15,11 +20,21 @@ class Decision(StrEnum):
     inconclusive = "inconclusive"  # window over without enough evidence: the policy says what follows
     invalid = "invalid"  # sample ratio mismatch: the experiment itself is broken
 
+    @property
+    def decisive(self) -> bool:
+        """Ends the stage's wait at once."""
+        return self in (Decision.promote, Decision.rollback, Decision.invalid)
+
+    @property
+    def negative(self) -> bool:
+        """Stops the release: nothing after it may route traffic to the candidate."""
+        return self in (Decision.rollback, Decision.invalid, Decision.inconclusive)
+
 
 class Window(BaseModel):
     start: float  # epoch seconds
     end: float
-    stage: str = ""  # "shadow" or "canary-25" ...
+    stage: Stage
 
 
 class ArmSamples(BaseModel):
@@ -47,8 +62,8 @@ class MetricResult(BaseModel):
 
 
 class SRM(BaseModel):
-    counts: dict[str, int] = Field(default_factory=dict)  # routing keys per arm
-    expected: dict[str, float] = Field(default_factory=dict)  # configured shares
+    counts: dict[Arm, int] = Field(default_factory=dict)  # routing keys (or requests) per arm
+    expected: dict[Arm, float] = Field(default_factory=dict)  # configured shares
     p_value: float | None = None  # always-valid: 1 / the Bayes factor of the sequential test (srm.py)
     bayes_factor: float | None = None
     alarm: bool = False
@@ -57,7 +72,7 @@ class SRM(BaseModel):
 class SliceResult(BaseModel):
     feature: str
     value: str
-    samples: dict[str, ArmSamples] = Field(default_factory=dict)
+    samples: dict[Arm, ArmSamples] = Field(default_factory=dict)
     metrics: list[MetricResult] = Field(default_factory=list)
 
 
@@ -70,8 +85,9 @@ class Verdict(BaseModel):
     decision: Decision
     reason: str
     window: Window
-    samples: dict[str, ArmSamples] = Field(default_factory=dict)  # champion / candidate
+    samples: dict[Arm, ArmSamples] = Field(default_factory=dict)
     metrics: list[MetricResult] = Field(default_factory=list)
     srm: SRM | None = None
     slices: list[SliceResult] = Field(default_factory=list)
     policy: PolicyRef
+    extensions: int = 0  # windows added to the stage's before this verdict

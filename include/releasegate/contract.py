@@ -1,0 +1,141 @@
+"""The release's vocabulary as types: stages, arms, modes, call statuses, branches and audit actions.
+
+Inside the library these are enums and small values; only the Airflow plugins turn them into XCom
+JSON, and only the CLI and the dashboard turn them into text (docs/architecture.md, "The contract").
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class StageKind(StrEnum):
+    shadow = "shadow"  # the candidate answers a mirror of every request; callers get the champion's answer
+    canary = "canary"  # the candidate answers a share of the requests itself
+
+
+class Stage(BaseModel):
+    """Where a release's traffic is: the shadow, or canary step `step` (from 1) at `weight` % to the candidate.
+
+    A canary step's number and its weight are two facts: the policy's steps [5, 25, 50] make step 2
+    the 25 % one. Both travel together so neither is ever read as the other.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: StageKind
+    step: int = 0
+    weight: int = 0
+
+    @classmethod
+    def shadow(cls) -> Self:
+        return cls(kind=StageKind.shadow)
+
+    @classmethod
+    def canary(cls, step: int, weight: int) -> Self:
+        return cls(kind=StageKind.canary, step=step, weight=weight)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        # Verdicts written before stages were typed name a canary by its weight ("canary-25"): the audit log
+        # keeps them, so they still read.
+        if isinstance(data, str):
+            if data == StageKind.shadow:
+                return {"kind": StageKind.shadow}
+            match = re.fullmatch(r"canary-(\d+)", data)
+            if match:
+                return {"kind": StageKind.canary, "weight": int(match.group(1))}
+            raise ValueError(f"not a stage: {data!r}")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.kind is StageKind.shadow and (self.step or self.weight):
+            raise ValueError("the shadow stage has no step and no weight")
+        if self.kind is StageKind.canary and not 0 < self.weight < 100:
+            raise ValueError(f"a canary weight is a percentage between 1 and 99, got {self.weight}")
+        return self
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.kind is StageKind.shadow
+
+    def __str__(self) -> str:
+        if self.is_shadow:
+            return "shadow"
+        return f"canary {self.step} ({self.weight} %)" if self.step else f"canary {self.weight} %"
+
+
+class Arm(StrEnum):
+    champion = "champion"
+    candidate = "candidate"
+
+
+ARMS = (Arm.champion, Arm.candidate)
+
+
+class Mode(StrEnum):
+    """How a model's route splits its traffic."""
+
+    single = "single"  # the champion alone
+    shadow = "shadow"
+    canary = "canary"
+
+
+class CallStatus(StrEnum):
+    """How one model call went, as the prediction log records it; every status but `ok` is the model's failure."""
+
+    ok = "ok"
+    error = "error"
+    timeout = "timeout"
+    retried = "retried"  # its micro-batch call failed; the request's own retry answered
+
+
+class Branch(StrEnum):
+    """Where the release goes after its last stage."""
+
+    promote = "promote"
+    rollback = "rollback"
+    approve = "approve"  # ask a person first (the DAG's human-in-the-loop task)
+    finish = "finish"  # the release already ended: only the closing task runs
+
+
+class AuditAction(StrEnum):
+    """Every kind of event the audit log holds."""
+
+    release_opened = "release.opened"
+    # A release's move into each state (release.State), written by release.transition.
+    release_validating = "release.validating"
+    release_signing = "release.signing"
+    release_shadow = "release.shadow"
+    release_canary = "release.canary"
+    release_awaiting_approval = "release.awaiting_approval"
+    release_promoting = "release.promoting"
+    release_promoted = "release.promoted"
+    release_rejected = "release.rejected"
+    release_rolled_back = "release.rolled_back"
+    release_invalid = "release.invalid"
+    release_aborted = "release.aborted"
+    release_failed = "release.failed"
+    validation = "validation"
+    signed = "signed"
+    route = "route"
+    serving_ready = "serving.ready"
+    serving_not_ready = "serving.not_ready"
+    verdict = "verdict"
+    drift = "drift"
+    approval = "approval"
+    emergency_rollback = "emergency_rollback"
+    nightly_evaluated = "nightly.evaluated"
+    nightly_no_traffic = "nightly.no_traffic"
+    nightly_alert = "nightly.alert"
+
+    @classmethod
+    def moved_to(cls, state: StrEnum) -> AuditAction:
+        """The event of a release's move into `state`."""
+        return cls(f"release.{state.value}")
