@@ -24,6 +24,7 @@ def train_and_register(model: str, rows: int, seed: int, alias: str | None) -> s
 
     from releasegate.demo import data
     from releasegate.demo.models import SKOPS_TRUSTED_TYPES, build_pipeline
+    from releasegate.evaluation import LABEL_TAG
     from releasegate.validation import SUITE_TAG
 
     train = data.generate(rows, seed=seed)
@@ -52,6 +53,8 @@ def train_and_register(model: str, rows: int, seed: int, alias: str | None) -> s
     client = mlflow.MlflowClient()
     # The data contract the release checks the holdout and the live inputs against (include/expectations/).
     client.set_registered_model_tag(model, SUITE_TAG, "churn")
+    # The holdout's label column (without the tag, a column named `label`).
+    client.set_registered_model_tag(model, LABEL_TAG, data.LABEL)
     if alias:
         client.set_registered_model_alias(model, alias, version)
     print(f"registered {model} v{version} (holdout accuracy {accuracy:.3f})" + (f", alias {alias}" if alias else ""))

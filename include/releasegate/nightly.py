@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from releasegate import audit, drift
-from releasegate.evaluation import DEFAULT_LABEL, HOLDOUT_ARTIFACT, LABEL_TAG
+from releasegate.evaluation import HOLDOUT_ARTIFACT, label_column
 from releasegate.settings import Settings, get_settings
 from releasegate.validation import SUITE_TAG
 
@@ -192,9 +192,10 @@ def _scored_holdout(model: str, version: str, holdout, settings: Settings):
 
     from releasegate import registry
 
-    label = registry.get_model_tags(model, settings=settings).get(LABEL_TAG, DEFAULT_LABEL)
-    if label not in holdout.columns:
-        log.warning("holdout of %s v%s has no label column %r: quality has no reference", model, version, label)
+    try:
+        label = label_column(model, holdout.columns, settings)
+    except ValueError as err:
+        log.warning("holdout of %s v%s: %s; quality has no reference", model, version, err)
         return None
     with tempfile.TemporaryDirectory(prefix="rg-nightly-model-") as tmp:
         loaded = registry.load_pyfunc(registry.download_model(model, version, Path(tmp) / "model", settings=settings))

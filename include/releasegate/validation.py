@@ -60,13 +60,16 @@ class ValidationReport(BaseModel):
 
 
 def load_suite(suite_name: str, settings: Settings | None = None) -> dict:
-    """The suite's JSON from the expectations folder; a clear error when it does not exist."""
+    """The suite's JSON from the expectation folders (the user's first); a clear error when it does not exist."""
     settings = settings or get_settings()
-    path = Path(suite_name) if suite_name.endswith(".json") else settings.expectations_dir / f"{suite_name}.json"
+    folders = settings.expectation_dirs
+    path = Path(suite_name) if suite_name.endswith(".json") else next(
+        (d / f"{suite_name}.json" for d in folders if (d / f"{suite_name}.json").is_file()), folders[-1] / "-")
     if not path.is_file():
-        known = sorted(p.stem for p in settings.expectations_dir.glob("*.json"))
-        raise ValueError(f"expectation suite {suite_name!r} not found in {settings.expectations_dir} "
-                         f"(known: {', '.join(known) or 'none'})")
+        known = sorted({p.stem for d in folders for p in d.glob("*.json")})
+        raise ValueError(f"expectation suite {suite_name!r} not found in {', '.join(map(str, folders))} "
+                         f"(known: {', '.join(known) or 'none'}; RELEASEGATE_EXPECTATIONS_DIR adds folders of your "
+                         f"own)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -215,7 +218,7 @@ def validate_candidate(model: str, candidate_version: str, champion_version: str
 
     settings = settings or get_settings()
     if isinstance(policy, str):
-        policy = policy_module.load(policy, settings.policies_dir)
+        policy = policy_module.load(policy, settings.policy_dirs)
     candidate_version = str(registry.resolve_version(model, candidate_version, settings=settings))
     champion_version = str(registry.resolve_version(model, champion_version, settings=settings))
     reasons: list[str] = []
@@ -235,7 +238,7 @@ def validate_candidate(model: str, candidate_version: str, champion_version: str
                 reasons.append(f"data contract {suite!r} failed on the candidate's holdout: "
                                + "; ".join(contract.failures))
         except (ValueError, LookupError, OSError) as exc:
-            reasons.append(f"data contract {suite!r} could not run: {exc}")
+            reasons.append(f"data contract {suite!r} could not run: {describe_error(exc)}")
 
     schema = check_schema_compatibility(model, candidate_version, champion_version, settings=settings)
     if not schema.compatible:
@@ -247,8 +250,38 @@ def validate_candidate(model: str, candidate_version: str, champion_version: str
         if not result.passed:
             reasons.extend(f"offline evaluation: {r}" for r in result.reasons)
     except Exception as exc:  # a candidate that cannot even score its holdout is a rejection, not a crash
-        reasons.append(f"offline evaluation failed: {type(exc).__name__}: {exc}")
+        reasons.append(f"offline evaluation failed: {describe_error(exc)}")
 
     return ValidationReport(model=model, candidate_version=candidate_version, champion_version=champion_version,
                             passed=not reasons, reasons=reasons, contract=contract, schema_=schema,
                             evaluation=result)
+
+
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most `limit` characters: its type and first line, and its root cause's."""
+    text = _named(exc)
+    root = exc
+    for _ in range(20):  # a hand-made cycle of causes must not hang the validate step
+        inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if inner is None:
+            break
+        root = inner
+    if root is not exc and _first_line(root) not in _first_line(exc):
+        # Wrappers such as MLflow's schema error print the whole input before the cause: the cause is the point.
+        cause = f" (cause: {_clip(_named(root), limit // 2)})"
+        text = _clip(text, limit - len(cause)) + cause
+    return _clip(text, limit)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else ""
+
+
+def _named(exc: BaseException) -> str:
+    message = _first_line(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"

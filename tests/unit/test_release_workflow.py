@@ -1,4 +1,4 @@
-"""The example CI workflow runs what the README says: register a version, then `releasegate trigger --wait`."""
+"""The example CI workflow runs what the docs say: register a version, then `releasegate trigger --wait`."""
 
 from __future__ import annotations
 
@@ -27,4 +27,4 @@ def test_release_workflow_registers_then_triggers_and_waits_with_options_the_cli
     env = workflow["jobs"]["release"]["env"]
     for name in ("RELEASEGATE_AIRFLOW_URL", "RELEASEGATE_AIRFLOW_USER", "RELEASEGATE_AIRFLOW_PASSWORD",
                  "MLFLOW_TRACKING_URI"):
-        assert name in env and name in help_text + (ROOT / "README.md").read_text()
+        assert name in env and name in help_text + (ROOT / "docs/operations.md").read_text()

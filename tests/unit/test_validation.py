@@ -144,7 +144,8 @@ def test_demo_registers_three_versions_with_aliases_artifacts_and_suite_once(dem
     assert versions == {"champion": "1", "good": "2", "bad": "3"}
     assert registry.get_alias("churn", "champion", settings=settings) == "1"
     assert registry.get_alias("churn", "challenger", settings=settings) == "2"
-    assert registry.get_model_tags("churn", settings=settings)["releasegate.expectation_suite"] == "churn"
+    tags = registry.get_model_tags("churn", settings=settings)
+    assert tags["releasegate.expectation_suite"] == "churn" and tags["releasegate.label"] == data.LABEL
     for version in versions.values():
         reference = pd.read_parquet(registry.download_artifact(
             "churn", version, "releasegate/reference.parquet", dst=settings.home / "ref" / version, settings=settings))
@@ -189,6 +190,46 @@ def test_a_candidate_worse_than_the_champion_on_its_holdout_is_rejected_with_the
     assert not report.passed and report.contract.success and report.schema_.compatible
     assert any(r.startswith("offline evaluation: overall: candidate accuracy") for r in report.reasons), report.reasons
     assert any("slice region=" in r for r in report.reasons)
+
+
+def test_a_model_without_a_label_tag_is_rejected_with_one_sentence_naming_the_tag(demo):
+    from releasegate import policy, registry
+
+    settings, versions = demo
+    client = registry.client(settings)
+    client.delete_registered_model_tag("churn", "releasegate.label")
+    try:
+        report = validation.validate_candidate("churn", versions["good"], "champion", policy.load("default"),
+                                               settings=settings)
+    finally:
+        client.set_registered_model_tag("churn", "releasegate.label", data.LABEL)
+    [reason] = report.reasons
+    assert not report.passed and report.evaluation is None
+    assert reason.startswith("offline evaluation failed: ValueError: registered model 'churn' has no "
+                             "releasegate.label tag and its holdout no 'label' column: set the tag"), reason
+
+
+def test_an_mlflow_schema_error_becomes_one_short_line_with_its_cause(clean, tmp_path):
+    import mlflow
+    from mlflow.models import infer_signature
+    from sklearn.linear_model import LogisticRegression
+
+    x = clean[["age", "tenure_months", "support_calls"]]
+    mlflow.sklearn.save_model(LogisticRegression().fit(x, clean[data.LABEL]), tmp_path / "model",
+                              signature=infer_signature(x, clean[data.LABEL]))
+    with pytest.raises(Exception) as caught:
+        mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(x.assign(age=x["age"] + 0.5))
+    assert len(str(caught.value)) > 500 and "\n" in str(caught.value)  # MLflow prints the whole DataFrame
+    line = validation.describe_error(caught.value)
+    assert len(line) <= 300 and "\n" not in line and line.startswith("MlflowException: Failed to enforce schema")
+    assert line.endswith("(cause: MlflowException: Incompatible input types for column age. Can not safely "
+                         "convert float64 to int64.)")
+
+
+def test_a_long_error_is_cut_to_its_first_line_with_an_ellipsis():
+    line = validation.describe_error(ValueError("holdout   is\tbroken " + "x" * 1000 + "\nsecond line"))
+    assert len(line) == 300 and line.startswith("ValueError: holdout is broken xxx") and line.endswith("x…")
+    assert validation.describe_error(KeyError()) == "KeyError"
 
 
 def test_registered_versions_have_compatible_signatures(demo):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from releasegate.demo import data
+from releasegate.evaluation import LABEL_TAG
 from releasegate.settings import Settings, get_settings
 from releasegate.validation import SUITE_TAG
 
@@ -102,6 +103,8 @@ def register_demo_models(settings: Settings | None = None, model_name: str = "ch
 
     if not registry.get_model_tags(model_name, settings=settings).get(SUITE_TAG):
         client.set_registered_model_tag(model_name, SUITE_TAG, "churn")
+    if not registry.get_model_tags(model_name, settings=settings).get(LABEL_TAG):
+        client.set_registered_model_tag(model_name, LABEL_TAG, data.LABEL)
     # Only a fresh registry gets the starting aliases: a rerun after a promotion must not undo it.
     if registry.get_alias(model_name, "champion", settings=settings) is None:
         registry.set_alias(model_name, "champion", versions["champion"], settings=settings)

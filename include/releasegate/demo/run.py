@@ -163,7 +163,9 @@ def _numbers(verdict: dict) -> str:
     for metric in verdict.get("metrics", []):
         if metric.get("estimate") is None:
             continue
-        parts.append(f"{metric['name']} {metric['estimate']:+.3f} [{metric['lower']:+.3f}, {metric['upper']:+.3f}]")
+        bounds = (f"[{metric['lower']:+.3f}, {metric['upper']:+.3f}]" if metric.get("lower") is not None
+                  else "(not bounded yet)")
+        parts.append(f"{metric['name']} {metric['estimate']:+.3f} {bounds}")
     return "; ".join(parts)
 
 
