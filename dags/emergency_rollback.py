@@ -14,9 +14,12 @@ only a release still in shadow or canary, keeping the champion, use `releasegate
 
 from __future__ import annotations
 
+from typing import Any
+
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from releasegate_airflow import xcom
 from releasegate_airflow.operators import actor
 
 ROLL_BACK = "roll_back"
@@ -47,14 +50,14 @@ CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "securi
 )
 def emergency_rollback():
     @task(task_id=ROLL_BACK)
-    def roll_back() -> dict:
+    def roll_back() -> dict[str, Any]:
         """Route, open release and champion alias back to the previous champion; who and why audited."""
         from releasegate import pipeline
 
         params = get_current_context()["params"]
-        return pipeline.emergency_rollback(params["model_name"], params["reason"], actor(),
-                                           release_id=params.get("release_id") or None,
-                                           category=params.get("category"))
+        return xcom.push(pipeline.emergency_rollback(params["model_name"], params["reason"], actor(),
+                                                     release_id=params.get("release_id") or None,
+                                                     category=params.get("category")))
 
     roll_back()
 

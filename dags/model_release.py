@@ -23,11 +23,14 @@ Every task is one call into `releasegate.pipeline`, so the CLI and the tests run
 
 from __future__ import annotations
 
+from typing import Any
+
 import pendulum
 from airflow.sdk import Param, chain, dag, get_current_context, task, task_group
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk import TriggerRule
 
+from releasegate_airflow import xcom
 from releasegate_airflow.kubernetes import ReadinessWaitOperator
 from releasegate_airflow.operators import AnalysisWaitOperator, ReleaseDecisionOperator, actor
 
@@ -61,22 +64,30 @@ def _max_canary_steps() -> int:
     return max(steps, default=3)
 
 
-def _skip_if_done(result: dict) -> dict:
-    if "skipped" in result:
-        raise AirflowSkipException(result["skipped"])
-    return result
+def _release_id(release: dict[str, Any]) -> str:
+    from releasegate.results import Opened
+
+    return xcom.pull(Opened, release).release_id
 
 
 def _run_alive(run_id: str | None) -> bool:
-    """Is the Airflow run that holds a release still going? (asked through the Task SDK)."""
+    """Is the Airflow run that holds a release still going? (asked through the Task SDK).
+
+    Only an answer that the run does not exist means it is gone; any other error fails the task
+    rather than closing a release whose run may be alive.
+    """
+    from airflow.sdk.exceptions import AirflowRuntimeError
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     if not run_id:
         return False
     try:
         state = RuntimeTaskInstance.get_dagrun_state(dag_id="model_release", run_id=run_id)
-    except Exception:  # the run is gone (deleted, or from another Airflow): it holds nothing
-        return False
+    except AirflowRuntimeError as err:
+        detail = err.error.detail if isinstance(err.error.detail, dict) else {}
+        if detail.get("status_code") == 404:
+            return False
+        raise
     return str(state).lower().rsplit(".", 1)[-1] in {"queued", "running"}
 
 
@@ -100,83 +111,83 @@ def _run_alive(run_id: str | None) -> bool:
 )
 def model_release():
     @task(task_id=OPEN_RELEASE)
-    def open_release() -> dict:
+    def open_release() -> dict[str, Any]:
         """Resolve candidate and champion, take the model's release lock, store the policy."""
         from releasegate import pipeline
 
         ctx = get_current_context()
         params = ctx["params"]
-        return pipeline.start(params["model_name"], params["version"] or None, params["policy"],
-                              airflow_run_id=ctx["run_id"], actor=actor(), is_run_alive=_run_alive)
+        return xcom.push(pipeline.start(params["model_name"], params["version"] or None, params["policy"],
+                                        airflow_run_id=ctx["run_id"], actor=actor(), is_run_alive=_run_alive))
 
     @task(task_id=VALIDATE)
-    def validate(release: dict) -> dict:
+    def validate(release: dict[str, Any]) -> dict[str, Any]:
         """Data contract, schema compatibility and offline comparison with the champion."""
         from releasegate import pipeline
 
-        return pipeline.validate(release["release_id"], actor=actor())
+        return xcom.push(pipeline.validate(_release_id(release), actor=actor()))
 
     @task(task_id=SIGN)
-    def sign(release: dict, validation: dict) -> dict:
+    def sign(release: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
         """Sign the candidate, or verify the signature it already has."""
         from releasegate import pipeline
 
-        return _skip_if_done(pipeline.sign(release["release_id"], actor=actor()))
+        return xcom.push(pipeline.sign(_release_id(release), actor=actor()))
 
     @task
-    def route(release: dict, stage: str) -> dict:
-        """Point the stage's share of traffic at the candidate."""
+    def route(release: dict[str, Any], step: int) -> dict[str, Any]:
+        """Point the stage's share of traffic at the candidate (step 0: the shadow)."""
         from releasegate import pipeline
 
         # No waiting here for a slow backend (kserve): the `ready` task defers on what it returns.
-        return _skip_if_done(pipeline.route(release["release_id"], stage, actor=actor(), wait_ready=False))
+        return xcom.push(pipeline.route(_release_id(release), step, actor=actor(), wait_ready=False))
 
-    def stage_group(group_id: str, stage: str, release):
+    def stage_group(group_id: str, step: int, release: Any) -> Any:
         @task_group(group_id=group_id)
-        def stage_tasks():
-            routed = route.override(task_id="route")(release, stage)
+        def stage_tasks() -> None:
+            routed = route.override(task_id="route")(release, step)
             ready = ReadinessWaitOperator(task_id="ready", release=release, route=routed,
                                           doc_md="Wait, deferred, until the serving platform serves the new split.")
-            # A retry re-defers the same wait (the verdict is recorded once): Airflow 3.3 fails a deferred
-            # task whose trigger fires before the scheduler has processed the executor's report of the
-            # deferral (seen here when the evidence decided within seconds).
+            # A retry re-defers the same wait, and the verdict is recorded once (docs/architecture.md, "Deferral").
             AnalysisWaitOperator(task_id="wait", release=release, route=ready.output, retries=2,
                                  retry_delay=pendulum.duration(seconds=5))
 
         return stage_tasks()
 
     @task(task_id=PROMOTE)
-    def promote(release: dict) -> dict:
+    def promote(release: dict[str, Any]) -> dict[str, Any]:
         """All traffic to the candidate; champion alias moves, previous kept for rollback."""
         from releasegate import pipeline
 
-        return pipeline.promote(release["release_id"], actor=actor())
+        return xcom.push(pipeline.promote(_release_id(release), actor=actor()))
 
     @task(task_id=ROLLBACK)
-    def rollback(release: dict) -> dict:
+    def rollback(release: dict[str, Any]) -> dict[str, Any]:
         """All traffic back to the champion; the candidate is tagged with the reasons."""
         from releasegate import pipeline
 
-        return pipeline.rollback(release["release_id"], actor=actor())
+        return xcom.push(pipeline.rollback(_release_id(release), actor=actor()))
 
     @task(task_id=FINISH, trigger_rule=TriggerRule.ALL_DONE)
-    def finish(release: dict) -> dict:
+    def finish(release: dict[str, Any] | None) -> dict[str, Any]:
         """Store the reports and the signed audit head; a release left open by a failure ends as failed."""
-        from releasegate import pipeline, release as releases
+        from releasegate import pipeline
+        from releasegate import release as releases
 
         if not release:  # open_release failed (e.g. another release of the model is running): the run fails
             raise AirflowFailException("no release was opened: see the open_release task for why")
-        was_open = not releases.get(release["release_id"]).terminal
-        summary = pipeline.finish(release["release_id"], actor=actor(), pipeline_failed=was_open)
+        release_id = _release_id(release)
+        was_open = not releases.get(release_id).terminal
+        summary = pipeline.finish(release_id, actor=actor(), pipeline_failed=was_open)
         if was_open:
-            raise AirflowFailException(f"release {release['release_id']} failed: {summary['reasons'][-1]}")
-        return summary
+            raise AirflowFailException(f"release {release_id} failed: {summary.reasons[-1]}")
+        return xcom.push(summary)
 
     release = open_release()
     validated = validate(release)
     signed = sign(release, validated)
-    stages = [stage_group(SHADOW, "shadow", release)]
-    stages += [stage_group(f"canary_{n}", f"canary-{n}", release) for n in range(1, _max_canary_steps() + 1)]
+    stages = [stage_group(SHADOW, 0, release)]
+    stages += [stage_group(f"canary_{n}", n, release) for n in range(1, _max_canary_steps() + 1)]
     decision = ReleaseDecisionOperator(task_id=DECIDE, release=release, promote_task_id=PROMOTE,
                                        rollback_task_id=ROLLBACK, finish_task_id=FINISH,
                                        trigger_rule=TriggerRule.NONE_FAILED,

@@ -29,12 +29,15 @@ from airflow.sdk import Asset, Param, chain, dag, get_current_context, task
 from airflow.sdk import TriggerRule
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from releasegate.contract import RETRAINING_ASSET
+from releasegate_airflow import xcom
+
 CHAMPIONS = "champions"
 EVALUATE = "evaluate"
 FLAG_RETRAINING = "flag_retraining"
 ALERT = "alert"
 
-RETRAINING_NEEDED = Asset("releasegate://retraining-needed")
+RETRAINING_NEEDED = Asset(RETRAINING_ASSET)
 DEFAULT_SCHEDULE = "0 3 * * *"
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,7 @@ def nightly_evaluation():
         params = get_current_context()["params"]
         result = nightly.evaluate(champion["model"], champion["version"], until=_until(), policy=params["policy"],
                                   actor="airflow:nightly_evaluation")
-        return result.model_dump(mode="json")
+        return xcom.push(result)
 
     @task(task_id=FLAG_RETRAINING, outlets=[RETRAINING_NEEDED], map_index_template="{{ result['model'] }}")
     def flag_retraining(result: dict) -> dict:

@@ -1,8 +1,8 @@
 """Start a release through Airflow's REST API (v2) and follow it to its outcome: what `releasegate trigger` runs.
 
-The outcome is the release's own state, read from the `finish` task's XCom (the summary of
-`pipeline.finish`), and maps to an exit code as DESIGN.md says: 0 promoted; 1 rejected,
-rolled back, invalid or aborted; 2 failed or any error on the way.
+The outcome is the release's own state, read from the `finish` task's XCom (the `Summary` of
+`pipeline.finish`), and maps to an exit code: 0 promoted; 1 rejected, rolled back, invalid or
+aborted; 2 failed or any error on the way (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from urllib.parse import quote
 
 import httpx
 
-from releasegate.release import EXIT_CODES, State
+from releasegate import results
+from releasegate.release import EXIT_CODES
 
-RELEASE_DAG = "model_release"
 SUMMARY_TASK = "finish"
 EXIT_ERROR = 2
 _DONE = {"success", "failed", "skipped", "upstream_failed", "removed"}
@@ -183,8 +183,8 @@ class Outcome:
     exit_code: int
     message: str
     run_state: str | None = None
-    summary: dict | None = None
-    steps: list[dict] = field(default_factory=list)
+    summary: results.Summary | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
 
 def release_conf(model: str, version: str | None, policy: str | None, extra: dict | None = None) -> dict:
@@ -198,46 +198,27 @@ def release_conf(model: str, version: str | None, policy: str | None, extra: dic
     return conf
 
 
-def exit_code_for(summary: dict | None, run_state: str | None) -> tuple[int, str]:
+def exit_code_for(summary: results.Summary | None, run_state: str | None) -> tuple[int, str]:
     """Exit code and a sentence for a finished run, from the release's state when the run produced one."""
-    if summary and summary.get("state"):
-        try:
-            state = State(summary["state"])
-        except ValueError:
-            return EXIT_ERROR, f"release ended in an unknown state {summary['state']!r}"
-        reason = (summary.get("reasons") or [""])[-1]
-        release = summary.get("release_id", "release")
-        code = EXIT_CODES.get(state, EXIT_ERROR)  # a non-terminal state here means the run lost track of it
-        return code, f"{release} {state.value}" + (f": {reason}" if reason else "")
+    if summary is not None:
+        reason = summary.reasons[-1] if summary.reasons else ""
+        code = EXIT_CODES.get(summary.state, EXIT_ERROR)  # a non-terminal state here means the run lost track of it
+        return code, f"{summary.release_id} {summary.state.value}" + (f": {reason}" if reason else "")
     if run_state == "success":
         return 0, "run succeeded"
     return EXIT_ERROR, f"run {run_state or 'ended'} without a release outcome"
 
 
-def _step_line(ti: dict, detail: str | None) -> str:
+def _step_line(ti: dict[str, Any], detail: str | None) -> str:
     name = ti["task_id"] + (f"[{ti['map_index']}]" if ti.get("map_index", -1) not in (-1, None) else "")
     duration = f"{ti['duration']:.1f}s" if isinstance(ti.get("duration"), (int, float)) else "-"
     return f"  {name:<22} {ti['state']:<16} {duration:>8}" + (f"  {detail}" if detail else "")
 
 
 def _describe(value: Any) -> str | None:
-    """The part of a task's XCom a person wants in the stream: the decision and why, or the release opened."""
-    if not isinstance(value, dict):
-        return None
-    if "release_id" in value and "candidate" in value and "state" not in value:
-        return (f"release {value['release_id']}: {value.get('model')} v{value['candidate']} "
-                f"over v{value.get('champion')} (policy {value.get('policy')})")
-    if "candidate_weight" in value and "stage" in value:
-        return f"{value['stage']}: {value['candidate_weight']}% of traffic to the candidate"
-    if "passed" in value:
-        return "passed" if value["passed"] else "failed: " + "; ".join(map(str, value.get("reasons") or []))[:400]
-    if "digest" in value:
-        return f"signature {str(value['digest'])[:23]}"
-    parts = [str(value[k]) for k in ("state", "decision") if value.get(k)]
-    reason = value.get("reason") or (value.get("reasons") or [None])[-1] or value.get("skipped") or value.get("rejected")
-    if reason:
-        parts.append(str(reason))
-    return ": ".join(parts)[:400] or None
+    """The part of a task's XCom a person wants in the stream: what the step decided and why."""
+    result = results.parse(value)
+    return result.describe() if result is not None else None
 
 
 def follow(client: AirflowClient, dag_id: str, run_id: str, *, echo: Callable[[str], None] = print,
@@ -288,7 +269,8 @@ def follow(client: AirflowClient, dag_id: str, run_id: str, *, echo: Callable[[s
             return Outcome(EXIT_ERROR, f"run {run_id} still {run['state']} after {timeout:.0f} s; "
                                        f"follow it at {client.ui_url(dag_id, run_id)}", run["state"], None, steps)
         sleep(poll_seconds)
-    summary = next((s["value"] for s in steps if s["task_id"] == summary_task and isinstance(s["value"], dict)), None)
+    summary = next((r for s in steps if s["task_id"] == summary_task
+                    for r in [results.parse(s["value"])] if isinstance(r, results.Summary)), None)
     code, message = exit_code_for(summary, run["state"])
     if summary is None and run["state"] == "failed":
         failed = [s["task_id"] for s in steps if s["state"] == "failed"]

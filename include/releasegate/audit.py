@@ -10,14 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from releasegate import storage
+from releasegate.contract import AuditAction
+from releasegate.errors import TransientStorageError
+
+T = TypeVar("T")
 
 GENESIS = "0" * 64
 _RETRIES = 50
@@ -33,8 +38,9 @@ def _digest(prev_hash: str, row: dict) -> str:
     return hashlib.sha256((prev_hash + canonical(fields)).encode()).hexdigest()
 
 
-def append_in(conn: sa.Connection, actor: str, action: str, *, model: str | None = None,
-              version: str | None = None, release_id: str | None = None, details: dict | None = None) -> dict:
+def append_in(conn: sa.Connection, actor: str, action: AuditAction, *, model: str | None = None,
+              version: str | None = None, release_id: str | None = None,
+              details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Append one event inside the caller's transaction (so a state change and its event commit together).
 
     Appends are serialized by the primary key on `seq`: a concurrent writer that took the
@@ -47,7 +53,7 @@ def append_in(conn: sa.Connection, actor: str, action: str, *, model: str | None
         "seq": seq,
         "time": round(time.time(), 6),
         "actor": actor,
-        "action": action,
+        "action": action.value,
         "model": model,
         "version": None if version is None else str(version),
         "release_id": release_id,
@@ -59,26 +65,41 @@ def append_in(conn: sa.Connection, actor: str, action: str, *, model: str | None
     return row
 
 
-def retrying(work, engine: sa.Engine | None = None):
-    """Run `work(conn)` in a transaction, again if a concurrent append won the same sequence number."""
+def retrying(work: Callable[[sa.Connection], T], engine: sa.Engine | None = None) -> T:
+    """Run `work(conn)` in a transaction, again while it fails on contention (see `_contention`)."""
     eng = engine or storage.engine()
     for attempt in range(_RETRIES):
         try:
             with eng.begin() as conn:
                 return work(conn)
-        except (sa_exc.IntegrityError, sa_exc.OperationalError) as err:
-            if attempt == _RETRIES - 1 or not _is_contention(err):
+        except (sa_exc.IntegrityError, sa_exc.OperationalError, TransientStorageError) as err:
+            if attempt == _RETRIES - 1 or not _contention(err):
                 raise
             time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
-def _is_contention(err: Exception) -> bool:
-    text = str(err).lower()
-    return isinstance(err, sa_exc.IntegrityError) or "locked" in text or "busy" in text or "serializ" in text
+# SQLite's primary result codes for a database another connection holds (extended codes keep them in the
+# low byte); PostgreSQL's SQLSTATEs for a serialization failure, a deadlock and a lock not available.
+_SQLITE_BUSY = {5, 6}
+_PG_CONTENTION = {"40001", "40P01", "55P03"}
 
 
-def append(actor: str, action: str, *, model: str | None = None, version: str | None = None,
-           release_id: str | None = None, details: dict | None = None, engine: sa.Engine | None = None) -> dict:
+def _contention(err: Exception) -> bool:
+    """Contention that the same work, retried, gets past: by error type and database code, never message text."""
+    if isinstance(err, (TransientStorageError, sa_exc.IntegrityError)):
+        # IntegrityError: a concurrent append took the same audit sequence number.
+        return True
+    orig = getattr(err, "orig", None)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _SQLITE_BUSY
+    return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in _PG_CONTENTION
+
+
+def append(actor: str, action: AuditAction, *, model: str | None = None, version: str | None = None,
+           release_id: str | None = None, details: dict[str, Any] | None = None,
+           engine: sa.Engine | None = None) -> dict[str, Any]:
     """Append one event in its own transaction."""
     return retrying(lambda conn: append_in(conn, actor, action, model=model, version=version,
                                            release_id=release_id, details=details), engine)

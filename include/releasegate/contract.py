@@ -13,6 +13,10 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, model_validator
 
 
+# The asset the nightly evaluation emits an event on when a champion needs retraining.
+RETRAINING_ASSET = "releasegate://retraining-needed"
+
+
 class StageKind(StrEnum):
     shadow = "shadow"  # the candidate answers a mirror of every request; callers get the champion's answer
     canary = "canary"  # the candidate answers a share of the requests itself
@@ -65,6 +69,11 @@ class Stage(BaseModel):
     def is_shadow(self) -> bool:
         return self.kind is StageKind.shadow
 
+    @property
+    def slug(self) -> str:
+        """A name for files and folders: `shadow`, `canary-2-25pct` (step 2 at 25 %)."""
+        return "shadow" if self.is_shadow else f"canary-{self.step}-{self.weight}pct"
+
     def __str__(self) -> str:
         if self.is_shadow:
             return "shadow"
@@ -94,6 +103,31 @@ class CallStatus(StrEnum):
     error = "error"
     timeout = "timeout"
     retried = "retried"  # its micro-batch call failed; the request's own retry answered
+
+
+class RouteChange(StrEnum):
+    """Why a model's traffic split changed (the `route` audit event's `change`)."""
+
+    stage = "stage"  # a release's shadow or canary step; the event's `stage` says which
+    promotion = "promotion"
+    rollback = "rollback"
+    emergency_rollback = "emergency_rollback"
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable reasons in the gateway's error answers (`{"error": ..., "code": ...}`)."""
+
+    signature_refused = "signature_refused"  # the version's signature does not verify with a trusted key
+
+
+class Outcome(StrEnum):
+    """What ended a release (its row's `decision`)."""
+
+    promote = "promote"
+    reject = "reject"  # validation or the signature said no before any traffic
+    rollback = "rollback"  # a verdict or a person said no
+    abort = "abort"  # an operator stopped it
+    fail = "fail"  # the pipeline itself errored
 
 
 class Branch(StrEnum):

@@ -12,24 +12,42 @@ import time
 
 import sqlalchemy as sa
 
+from typing import Any
+
+from pydantic import ValidationError
+
 from releasegate import audit, release, storage
+from releasegate.contract import AuditAction, Mode, RouteChange, Stage
+from releasegate.release import State
+from releasegate.verdict import Decision, Verdict
 
 DAG_ID = "model_release"
 # Reports a stage may have (drift.input_drift / drift.prediction_drift file names), and their titles.
 REPORTS = {"input_drift": "Input drift", "prediction_drift": "Prediction drift"}
-_STAGE = re.compile(r"^(shadow|canary-\d{1,3})$")
+# Report folders: a stage's slug, or a canary's weight in the events written before stages were typed.
+_STAGE_FOLDER = re.compile(r"^(shadow|canary-\d{1,2}-\d{1,2}pct|canary-\d{1,3})$")
+_GOOD = {State.promoted: True, State.rolled_back: False, State.rejected: False, State.invalid: False,
+         State.failed: False, State.aborted: False}
 
 
 class NotFound(LookupError):
     """A release, or a report of it, that does not exist."""
 
 
-def releases(limit: int = 200, engine: sa.Engine | None = None) -> list[dict]:
+def releases(limit: int = 200, engine: sa.Engine | None = None) -> list[dict[str, Any]]:
     """The newest releases first: who, what, where it stands and why."""
     return [_summary(rel) for rel in release.list_releases(engine=engine or storage.engine(), limit=limit)]
 
 
-def _summary(rel: release.Release) -> dict:
+def _stage(value: Any) -> Stage | None:
+    """A stage as an event stored it (a Stage's JSON, or a legacy name), None for anything else."""
+    try:
+        return Stage.model_validate(value)
+    except (ValidationError, ValueError):
+        return None
+
+
+def _summary(rel: release.Release) -> dict[str, Any]:
     end = rel.ended_at if rel.ended_at is not None else time.time()
     return {
         "release_id": rel.release_id, "model": rel.model, "candidate": rel.candidate_version,
@@ -37,7 +55,7 @@ def _summary(rel: release.Release) -> dict:
         "decision": rel.decision, "reason": rel.reasons[-1] if rel.reasons else None, "reasons": rel.reasons,
         "policy": rel.policy.get("name"), "airflow_run_id": rel.airflow_run_id,
         "started_at": rel.started_at, "ended_at": rel.ended_at, "duration_seconds": round(end - rel.started_at, 1),
-        "stages": [(v.get("window") or {}).get("stage") for v in rel.verdicts],
+        "stages": [str(v.window.stage) for v in rel.verdicts],
     }
 
 
@@ -49,7 +67,7 @@ def release_of_run(airflow_run_id: str, engine: sa.Engine | None = None) -> str 
         return conn.execute(query).scalar()
 
 
-def release_page(release_id: str, engine: sa.Engine | None = None) -> dict:
+def release_page(release_id: str, engine: sa.Engine | None = None) -> dict[str, Any]:
     """Everything the release's page shows: summary, timeline, traffic split, verdicts, reports, approvals."""
     eng = engine or storage.engine()
     try:
@@ -58,45 +76,41 @@ def release_page(release_id: str, engine: sa.Engine | None = None) -> dict:
         raise NotFound(str(err)) from err
     events = audit.events(release_id=release_id, engine=eng)
     # The evidence shown is the audit's copy: the hash chain covers it, the releases row it mirrors is not.
-    verdicts = [e["details"] for e in events if e["action"] == "verdict"]
+    verdicts = [Verdict.model_validate(e["details"]) for e in events if e["action"] == AuditAction.verdict]
     return {
         **_summary(rel),
-        "policy_digest": (verdicts[-1].get("policy") or {}).get("digest") if verdicts else None,
+        "policy_digest": verdicts[-1].policy.digest if verdicts else None,
         "timeline": [_timeline_entry(e, rel.started_at) for e in events],
         "traffic": traffic(events, rel),
         "verdicts": [_verdict(v) for v in verdicts],
         "verdicts_match_audit": verdicts == rel.verdicts,
         "reports": reports(events),
         "approvals": [e["details"] | {"time": e["time"], "actor": e["actor"]}
-                      for e in events if e["action"] == "approval"],
+                      for e in events if e["action"] == AuditAction.approval],
     }
 
 
-def _timeline_entry(event: dict, started_at: float) -> dict:
+def _timeline_entry(event: dict[str, Any], started_at: float) -> dict[str, Any]:
     action, d = event["action"], event["details"]
     outcome = None  # True: good news, False: bad news, None: neither
-    if action.startswith("release."):
-        state = action.removeprefix("release.")
-        title = "opened" if state == "opened" else f"→ {state}"
-        if state == "opened":
-            text = f"champion v{d.get('champion')}, policy {d.get('policy')}"
-        else:
-            text = d.get("reason") or ""
-        outcome = {"promoted": True, "rolled_back": False, "rejected": False, "invalid": False,
-                   "failed": False, "aborted": False}.get(state)
-        kind = "state"
-    elif action == "route":
+    if action == AuditAction.release_opened:
+        title, kind, text = "opened", "state", f"champion v{d.get('champion')}, policy {d.get('policy')}"
+    elif action.startswith("release."):
+        state = State(d.get("to") or action.removeprefix("release."))
+        title, kind, text = f"→ {state.value}", "state", d.get("reason") or ""
+        outcome = _GOOD.get(state)
+    elif action == AuditAction.route:
         title, kind = "traffic", "route"
         text = _route_text(d)
-    elif action == "verdict":
-        stage = (d.get("window") or {}).get("stage", "")
-        title, kind = f"verdict {stage}: {d.get('decision')}", "verdict"
-        text = d.get("reason", "")
-        outcome = {"promote": True, "rollback": False, "invalid": False}.get(d.get("decision"))
-    elif action == "drift":
-        title, kind = f"drift reports {d.get('stage', '')}", "drift"
+    elif action == AuditAction.verdict:
+        verdict = Verdict.model_validate(d)
+        title, kind = f"verdict {verdict.window.stage}: {verdict.decision.value}", "verdict"
+        text = verdict.reason
+        outcome = {Decision.promote: True, Decision.rollback: False, Decision.invalid: False}.get(verdict.decision)
+    elif action == AuditAction.drift:
+        title, kind = f"drift reports {_stage(d.get('stage')) or ''}", "drift"
         text = _drift_text(d)
-    elif action == "validation":
+    elif action == AuditAction.validation:
         title, kind = "validation", "validation"
         outcome = d.get("passed")
         evaluation = d.get("evaluation") or {}
@@ -104,9 +118,9 @@ def _timeline_entry(event: dict, started_at: float) -> dict:
         if evaluation.get("metric"):
             text += (f" (offline {evaluation['metric']}: candidate {evaluation.get('candidate', 0):.3f} vs "
                      f"champion {evaluation.get('champion', 0):.3f} on {evaluation.get('rows', 0):,} rows)")
-    elif action == "signed":
+    elif action == AuditAction.signed:
         title, kind, text = "signed", "signed", d.get("digest", "")
-    elif action == "approval":
+    elif action == AuditAction.approval:
         title, kind = "approval", "approval"
         outcome = bool(d.get("approved"))
         text = (f"{'approved' if d.get('approved') else 'rejected'} by {d.get('approver')}"
@@ -118,15 +132,29 @@ def _timeline_entry(event: dict, started_at: float) -> dict:
             "outcome": outcome}
 
 
-def _route_text(d: dict) -> str:
-    if d.get("mode") == "shadow":
+def _route_text(d: dict[str, Any]) -> str:
+    stage = _stage(d.get("stage"))
+    if d.get("mode") == Mode.shadow:
         return "shadow: the candidate answers a mirror of every request; the champion serves them all"
-    if d.get("mode") == "canary":
-        return f"canary {d.get('stage')}: {d.get('candidate_weight')}% of requests served by the candidate"
-    return f"{d.get('stage')}: all traffic to v{d.get('champion_version')}"
+    if d.get("mode") == Mode.canary:
+        return f"{stage or 'canary'}: {d.get('candidate_weight')}% of requests served by the candidate"
+    return f"{_change(d)}: all traffic to v{d.get('champion_version')}"
 
 
-def _drift_text(d: dict) -> str:
+_CHANGES = {RouteChange.promotion: "promoted", RouteChange.rollback: "rolled back",
+            RouteChange.emergency_rollback: "emergency rollback"}
+
+
+def _change(d: dict[str, Any]) -> str:
+    """What a route event to one version did, in words."""
+    change = d.get("change")
+    if change in _CHANGES:
+        return _CHANGES[RouteChange(change)]
+    # Events written before route changes were typed said it in `stage` ("promoted", "rolled back").
+    return str(d.get("stage") or "single")
+
+
+def _drift_text(d: dict[str, Any]) -> str:
     if d.get("error"):
         return f"no report: {d['error']}"
     parts = []
@@ -140,45 +168,54 @@ def _drift_text(d: dict) -> str:
     return "; ".join(parts) or "no traffic in the window"
 
 
-def traffic(events: list[dict], rel: release.Release) -> list[dict]:
+def traffic(events: list[dict[str, Any]], rel: release.Release) -> list[dict[str, Any]]:
     """The split over time from the audit's route events: candidate's served share and whether it is mirrored."""
     points = []
     for e in events:
-        if e["action"] != "route":
+        if e["action"] != AuditAction.route:
             continue
         d = e["details"]
-        mode = d.get("mode")
-        if mode == "single":  # promoted: the candidate is now the champion and serves everything
+        mode = Mode(d["mode"])
+        if mode is Mode.single:  # promoted: the candidate is now the champion and serves everything
             served = 100 if d.get("champion_version") == rel.candidate_version else 0
         else:
             served = int(d.get("candidate_weight") or 0)
+        stage = _stage(d.get("stage"))
         points.append({"time": e["time"], "offset_seconds": round(e["time"] - rel.started_at, 1),
-                       "mode": mode, "stage": d.get("stage"), "candidate_served_percent": served,
-                       "mirrored": mode == "shadow"})
+                       "mode": mode.value, "stage": str(stage) if stage else _change(d),
+                       "candidate_served_percent": served, "mirrored": mode is Mode.shadow})
     return points
 
 
-def _verdict(v: dict) -> dict:
-    window = v.get("window") or {}
+def _verdict(v: Verdict) -> dict[str, Any]:
+    window = v.window
     return {
-        "stage": window.get("stage") or "?", "decision": v.get("decision"), "reason": v.get("reason", ""),
-        "window": window, "duration_seconds": round(window.get("end", 0) - window.get("start", 0), 1),
-        "samples": v.get("samples") or {}, "metrics": v.get("metrics") or [], "srm": v.get("srm"),
-        "slices": v.get("slices") or [], "extensions": v.get("extensions", 0),
+        "stage": str(window.stage), "slug": window.stage.slug, "decision": v.decision.value, "reason": v.reason,
+        "window": window.model_dump(mode="json"), "duration_seconds": round(window.end - window.start, 1),
+        "samples": {arm.value: s.model_dump() for arm, s in v.samples.items()},
+        "metrics": [m.model_dump(mode="json") for m in v.metrics],
+        "srm": v.srm.model_dump(mode="json") if v.srm else None,
+        "slices": [s.model_dump(mode="json") for s in v.slices], "extensions": v.extensions,
     }
 
 
-def reports(events: list[dict]) -> list[dict]:
+def reports(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The Evidently reports each stage stored in MLflow (from the audit's drift events)."""
     found = []
     for e in events:
-        if e["action"] != "drift":
+        if e["action"] != AuditAction.drift:
             continue
-        d, stage = e["details"], e["details"].get("stage")
+        d = e["details"]
+        stage = _stage(d.get("stage"))
+        if stage is None:
+            continue
+        # Events written before stages were typed kept their reports under the canary's weight ("canary-25").
+        folder = d.get("reports") or f"releasegate/releases/{e['release_id']}/" + (
+            d["stage"] if isinstance(d.get("stage"), str) else stage.slug)
         for name, title in REPORTS.items():
             if d.get(name) is not None:
-                found.append({"stage": stage, "name": name, "title": f"{title}, {stage}",
-                              "artifact_path": f"releasegate/releases/{e['release_id']}/{stage}/{name}.html"})
+                found.append({"stage": folder.rsplit("/", 1)[-1], "name": name, "title": f"{title}, {stage}",
+                              "artifact_path": f"{folder}/{name}.html"})
     return found
 
 
@@ -186,7 +223,7 @@ def report_html(release_id: str, stage: str, name: str, engine: sa.Engine | None
     """One stored Evidently report of the release, fetched from MLflow: the HTML page."""
     from releasegate import registry
 
-    if name not in REPORTS or not _STAGE.match(stage):
+    if name not in REPORTS or not _STAGE_FOLDER.match(stage):
         raise NotFound(f"no report {name!r} for stage {stage!r}")
     page = release_page(release_id, engine)
     wanted = next((r for r in page["reports"] if r["stage"] == stage and r["name"] == name), None)
@@ -200,7 +237,7 @@ def report_html(release_id: str, stage: str, name: str, engine: sa.Engine | None
         return path.read_text(encoding="utf-8")
 
 
-def report_location(release_id: str, engine: sa.Engine | None = None) -> dict:
+def report_location(release_id: str, engine: sa.Engine | None = None) -> dict[str, Any]:
     """Where the release's artifacts are in MLflow: the runs:/ URI, and a link into MLflow's UI when it has one."""
     from releasegate import registry
     from releasegate.settings import get_settings
@@ -219,7 +256,7 @@ def report_location(release_id: str, engine: sa.Engine | None = None) -> dict:
     return location
 
 
-def chain_status(engine: sa.Engine | None = None) -> dict:
+def chain_status(engine: sa.Engine | None = None) -> dict[str, Any]:
     """The audit chain recomputed now: intact, or where it breaks."""
     report = audit.verify(engine or storage.engine())
     return {"ok": report.ok, "status": "intact" if report.ok else "broken", "events": report.events,

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from releasegate import audit, drift
+from releasegate.contract import AuditAction
 from releasegate.evaluation import HOLDOUT_ARTIFACT, label_column
 from releasegate.settings import Settings, get_settings
 from releasegate.validation import SUITE_TAG
@@ -25,7 +26,6 @@ from releasegate.validation import SUITE_TAG
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-ASSET_URI = "releasegate://retraining-needed"
 REPORTS = "releasegate/reports/nightly"
 # A webhook that gets the alert as JSON; without it the alert is the audit event and the failed task.
 WEBHOOK_ENV = "RELEASEGATE_ALERT_WEBHOOK"
@@ -84,7 +84,7 @@ def evaluate(model: str, version: str, until: float, policy="default", actor: st
     if current.empty:
         result.note = (f"no traffic for {model} between {_iso(since)} and {_iso(until)}: nothing to evaluate")
         log.info(result.note)
-        audit.append(actor, "nightly.no_traffic", model=model, version=version,
+        audit.append(actor, AuditAction.nightly_no_traffic, model=model, version=version,
                      details={"since": since, "until": until}, engine=engine)
         return result
 
@@ -125,7 +125,7 @@ def evaluate(model: str, version: str, until: float, policy="default", actor: st
         (out / "evaluation.json").write_text(result.model_dump_json(indent=2))
         registry.log_artifact(model, version, out, artifact_path=result.artifacts, settings=settings)
 
-    audit.append(actor, "nightly.evaluated", model=model, version=version,
+    audit.append(actor, AuditAction.nightly_evaluated, model=model, version=version,
                  details=result.model_dump(mode="json"), engine=engine)
     return result
 
@@ -150,7 +150,7 @@ def notify(evaluations: list[dict], actor: str = "nightly", settings: Settings |
     engine = storage.engine(settings.db_url)
     alarms = [e for e in evaluations if e.get("reasons")]
     for e in alarms:
-        audit.append(actor, "nightly.alert", model=e["model"], version=e["version"],
+        audit.append(actor, AuditAction.nightly_alert, model=e["model"], version=e["version"],
                      details={"reasons": e["reasons"], "artifacts": e.get("artifacts")}, engine=engine)
     url = os.environ.get(WEBHOOK_ENV)
     if url:

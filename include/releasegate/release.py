@@ -1,4 +1,4 @@
-"""The release state machine (DESIGN.md, "Release states and outcomes"), written down once.
+"""The release state machine (docs/architecture.md, "The release state machine"), written down once.
 
 `transition` is the only way a release changes state: it checks the move, updates the
 `releases` row and writes the audit event in one transaction.
@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel
 
 from releasegate import audit, storage
+from releasegate.contract import AuditAction, Outcome
+from releasegate.errors import ReleasegateError, TransientStorageError
+from releasegate.verdict import Verdict
 
 
 class State(StrEnum):
@@ -50,8 +54,12 @@ MOVES: dict[State, frozenset[State]] = {
 EXIT_CODES = {State.promoted: 0, State.rejected: 1, State.rolled_back: 1, State.invalid: 1, State.aborted: 1, State.failed: 2}
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(ReleasegateError):
     """A move the state machine does not allow, or a release that does not exist."""
+
+
+class ConcurrentChange(TransientStorageError):
+    """Another writer moved the release between our read and our write: read again and retry."""
 
 
 class ReleaseInProgress(ReleaseError):
@@ -63,10 +71,10 @@ class Release(BaseModel):
     model: str
     candidate_version: str
     champion_version: str | None
-    policy: dict
+    policy: dict[str, Any]
     state: State
-    verdicts: list[dict]
-    decision: str | None
+    verdicts: list[Verdict]
+    decision: Outcome | None
     reasons: list[str]
     airflow_run_id: str | None
     started_at: float
@@ -77,8 +85,12 @@ class Release(BaseModel):
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def last_verdict(self) -> Verdict | None:
+        return self.verdicts[-1] if self.verdicts else None
+
     @classmethod
-    def from_row(cls, row: Any) -> "Release":
+    def from_row(cls, row: Any) -> Release:
         data = dict(row._mapping)
         for key in ("policy", "verdicts", "reasons"):
             data[key] = json.loads(data[key])
@@ -111,7 +123,7 @@ def active(model: str, engine: sa.Engine | None = None) -> Release | None:
     return Release.from_row(row) if row else None
 
 
-def open_release(model: str, candidate_version: str, champion_version: str | None, policy: dict, *,
+def open_release(model: str, candidate_version: str, champion_version: str | None, policy: dict[str, Any], *,
                  airflow_run_id: str | None, actor: str,
                  is_run_alive: Callable[[str | None], bool] = lambda run_id: True,
                  close_stale: Callable[[Release], None] | None = None,
@@ -151,7 +163,7 @@ def open_release(model: str, candidate_version: str, champion_version: str | Non
             champion_version=None if champion_version is None else str(champion_version),
             policy=json.dumps(policy), state=State.pending.value, verdicts="[]", decision=None, reasons="[]",
             airflow_run_id=airflow_run_id, started_at=now, ended_at=None, updated_at=now))
-        audit.append_in(conn, actor, "release.opened", model=model, version=str(candidate_version),
+        audit.append_in(conn, actor, AuditAction.release_opened, model=model, version=str(candidate_version),
                         release_id=release_id,
                         details={"champion": champion_version, "policy": policy.get("name"),
                                  "airflow_run_id": airflow_run_id})
@@ -160,14 +172,13 @@ def open_release(model: str, candidate_version: str, champion_version: str | Non
     return get(release_id, eng)
 
 
-def transition(release_id: str, to: State | str, *, actor: str, reason: str | None = None,
-               details: dict | None = None, decision: str | None = None,
+def transition(release_id: str, to: State, *, actor: str, reason: str | None = None,
+               details: dict[str, Any] | None = None, decision: Outcome | None = None,
                engine: sa.Engine | None = None) -> Release:
     """Move a release to `to`, or do nothing if it is already there (idempotent retries).
 
     Raises ReleaseError for a move the state machine does not allow, e.g. out of a terminal state.
     """
-    to = State(to)
     eng = engine or storage.engine()
 
     def work(conn: sa.Connection) -> bool:
@@ -191,9 +202,9 @@ def transition(release_id: str, to: State | str, *, actor: str, reason: str | No
                                .where(storage.releases.c.release_id == release_id,
                                       storage.releases.c.state == current.value)
                                .values(**values))
-        if updated.rowcount != 1:  # someone moved it in between: let the retry re-read
-            raise sa.exc.OperationalError("state changed concurrently", None, Exception("busy"))
-        audit.append_in(conn, actor, f"release.{to.value}", model=row.model, version=row.candidate_version,
+        if updated.rowcount != 1:
+            raise ConcurrentChange(f"release {release_id} moved while it was being moved to {to.value}")
+        audit.append_in(conn, actor, AuditAction.moved_to(to), model=row.model, version=row.candidate_version,
                         release_id=release_id,
                         details={"from": current.value, "to": to.value, "reason": reason, **(details or {})})
         return True
@@ -202,21 +213,22 @@ def transition(release_id: str, to: State | str, *, actor: str, reason: str | No
     return get(release_id, eng)
 
 
-def record_verdict(release_id: str, verdict: dict, *, actor: str, engine: sa.Engine | None = None) -> Release:
+def record_verdict(release_id: str, verdict: Verdict, *, actor: str, engine: sa.Engine | None = None) -> Release:
     """Append a verdict to the release and to the audit log; the same verdict twice is kept once."""
     eng = engine or storage.engine()
+    stored = verdict.model_dump(mode="json")
 
     def work(conn: sa.Connection) -> None:
         row = conn.execute(sa.select(storage.releases).where(storage.releases.c.release_id == release_id)).first()
         if row is None:
             raise ReleaseError(f"release {release_id} does not exist")
         verdicts = json.loads(row.verdicts)
-        if verdict in verdicts:
+        if stored in verdicts:
             return
         conn.execute(storage.releases.update().where(storage.releases.c.release_id == release_id)
-                     .values(verdicts=json.dumps(verdicts + [verdict]), updated_at=time.time()))
-        audit.append_in(conn, actor, "verdict", model=row.model, version=row.candidate_version,
-                        release_id=release_id, details=verdict)
+                     .values(verdicts=json.dumps(verdicts + [stored]), updated_at=time.time()))
+        audit.append_in(conn, actor, AuditAction.verdict, model=row.model, version=row.candidate_version,
+                        release_id=release_id, details=stored)
 
     audit.retrying(work, eng)
     return get(release_id, eng)

@@ -1,1 +1,1 @@
-"""Airflow glue for releasegate: the deferrable analysis wait (and, later, the dashboard)."""
+"""Airflow glue for releasegate: the deferrable waits, the release decision, and the dashboard app."""

@@ -12,9 +12,12 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
-from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from releasegate.backends.kserve import ReadinessState
+from releasegate_airflow import xcom
 
 
 def api_client(conn_id: str | None = None):
@@ -69,14 +72,14 @@ class InferenceServiceReadyTrigger(BaseTrigger):
             try:
                 ready = await asyncio.to_thread(backend.readiness, self.targets)
             except Exception as err:  # the API itself failing is an answer too: say which
-                yield TriggerEvent({"state": "failed", "message": f"{type(err).__name__}: {err}"})
+                yield TriggerEvent({"state": ReadinessState.failed, "message": f"{type(err).__name__}: {err}"})
                 return
-            if ready.state in ("ready", "failed"):
+            if ready.state in (ReadinessState.ready, ReadinessState.failed):
                 yield TriggerEvent({"state": ready.state, "message": ready.message, "status": ready.status,
                                     "at": time.time()})
                 return
             if time.time() - self.started >= self.timeout:
-                yield TriggerEvent({"state": "timeout", "status": ready.status,
+                yield TriggerEvent({"state": ReadinessState.timeout, "status": ready.status,
                                     "message": f"not ready after {self.timeout:g}s: {ready.message}"})
                 return
             self.log.info("waiting for %s: %s", ", ".join(t["name"] for t in self.targets), ready.message)
@@ -97,29 +100,32 @@ class ReadinessWaitOperator(BaseOperator):
         self.release = release
         self.route = route
 
-    def execute(self, context) -> dict:
-        route = self.route
-        if not route or "skipped" in route:
-            raise AirflowSkipException((route or {}).get("skipped", "no traffic was routed"))
-        readiness = route.get("readiness")
-        if not readiness:
-            return route
+    def execute(self, context: Context) -> dict[str, Any] | None:
         from releasegate.k8s import K8sSettings
+        from releasegate.results import Routed
 
+        route = xcom.pull(Routed, self.route)
+        if route.readiness is None:
+            return xcom.push(route)
         settings = K8sSettings.from_env()
         self.defer(trigger=InferenceServiceReadyTrigger(
-            namespace=readiness["namespace"], targets=readiness["targets"], conn_id=settings.conn_id,
+            namespace=route.readiness.namespace, targets=route.readiness.targets, conn_id=settings.conn_id,
             timeout=settings.ready_timeout, poll_seconds=settings.poll_seconds), method_name="execute_complete")
+        return None
 
-    def execute_complete(self, context, event: dict) -> dict:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         from releasegate import audit
+        from releasegate.contract import AuditAction
+        from releasegate.results import Opened, Routed
 
+        release, route = xcom.pull(Opened, self.release), xcom.pull(Routed, self.route)
+        ready = event["state"] == ReadinessState.ready
         # The cluster's own account of the split (revisions, traffic, url) goes into the release's audit trail.
-        audit.append("airflow", "serving.ready" if event["state"] == "ready" else "serving.not_ready",
-                     model=self.release["model"], version=self.release["candidate"],
-                     release_id=self.release["release_id"], details={k: v for k, v in event.items() if k != "at"})
-        if event["state"] != "ready":
+        audit.append("airflow", AuditAction.serving_ready if ready else AuditAction.serving_not_ready,
+                     model=release.model, version=release.candidate, release_id=release.release_id,
+                     details={k: v for k, v in event.items() if k != "at"})
+        if not ready:
             # The run's finish task then restores the champion and closes the release as failed.
             raise AirflowFailException(f"the candidate's InferenceService did not become ready: {event['message']}")
-        return {k: v for k, v in self.route.items() if k != "readiness"} | {"since": event["at"], "ready": True,
-                                                                            "status": event["status"]}
+        return xcom.push(route.model_copy(update={"readiness": None, "since": event["at"],
+                                                  "serving_status": event["status"]}))

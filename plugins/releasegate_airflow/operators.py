@@ -6,10 +6,10 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
-from airflow.sdk import BaseOperator, Param
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk import BaseOperator, Context, Param
 
-from releasegate_airflow.triggers import DECISIVE, AnalysisTrigger
+from releasegate_airflow import xcom
+from releasegate_airflow.triggers import AnalysisTrigger
 
 
 class AnalysisWaitOperator(BaseOperator):
@@ -18,39 +18,36 @@ class AnalysisWaitOperator(BaseOperator):
     template_fields = ("release", "route")
     ui_color = "#fde9c8"
 
-    def __init__(self, *, release: Any, route: Any, **kwargs):
+    def __init__(self, *, release: Any, route: Any, **kwargs: Any):
         super().__init__(**kwargs)
         self.release = release
         self.route = route
 
-    def execute(self, context) -> dict | None:
-        route = self.route
-        if not route or "skipped" in route:
-            raise AirflowSkipException((route or {}).get("skipped", "no traffic was routed"))
+    def execute(self, context: Context) -> dict[str, Any] | None:
         from releasegate import pipeline
+        from releasegate.results import Opened, Routed
 
+        release, route = xcom.pull(Opened, self.release), xcom.pull(Routed, self.route)
         # One look before deferring: a verdict that is already decisive (a broken candidate in its first
-        # seconds) is recorded here, since a trigger that fires before the scheduler has seen the deferral
-        # makes Airflow 3.3 fail the resumed task ("finished with state success, but ... running").
-        verdict = pipeline.poll(self.release["release_id"], route["analysis_stage"], route["since"],
-                                route["candidate_weight"], False)
-        if verdict["decision"] in DECISIVE:
-            return pipeline.record(self.release["release_id"], {**verdict, "extensions": 0}, actor=actor(context))
+        # seconds) is recorded here (the Airflow race is explained in docs/architecture.md, "Deferral").
+        verdict = pipeline.poll(release.release_id, route.stage, route.since, window_closed=False)
+        if verdict.decision.decisive:
+            return xcom.push(pipeline.record(release.release_id, verdict, actor=actor(context)))
         self.defer(
-            trigger=AnalysisTrigger(
-                release_id=self.release["release_id"], analysis_stage=route["analysis_stage"],
-                since=route["since"], candidate_weight=route["candidate_weight"],
-                window_seconds=route["window_seconds"], max_extensions=route["max_extensions"],
-                poll_seconds=route["poll_seconds"]),
+            trigger=AnalysisTrigger(release_id=release.release_id, route=route.model_dump(mode="json")),
             method_name="execute_complete")
+        return None
 
-    def execute_complete(self, context, event: dict) -> dict:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         from releasegate import pipeline
+        from releasegate.results import Opened
+        from releasegate.verdict import Verdict
 
-        return pipeline.record(self.release["release_id"], event, actor=actor(context))
+        release = xcom.pull(Opened, self.release)
+        return xcom.push(pipeline.record(release.release_id, Verdict.model_validate(event), actor=actor(context)))
 
 
-def actor(context=None) -> str:
+def actor(context: Context | None = None) -> str:
     """Who acts in the audit log: `airflow:<the user who triggered the run>`, or `airflow` for a scheduled run."""
     if context is None:
         from airflow.sdk import get_current_context
@@ -72,7 +69,8 @@ class ReleaseDecisionOperator(HITLBranchOperator):
     PROMOTE, ROLL_BACK = "Promote", "Roll back"
     template_fields = (*HITLBranchOperator.template_fields, "release")
 
-    def __init__(self, *, release: Any, promote_task_id: str, rollback_task_id: str, finish_task_id: str, **kwargs):
+    def __init__(self, *, release: Any, promote_task_id: str, rollback_task_id: str, finish_task_id: str,
+                 **kwargs: Any):
         kwargs.pop("params", None)  # the DAG's own params (Airflow passes them in) are no question for the approver
         super().__init__(subject="Release approval", options=[self.PROMOTE, self.ROLL_BACK],
                          defaults=[self.ROLL_BACK],
@@ -81,28 +79,35 @@ class ReleaseDecisionOperator(HITLBranchOperator):
                                                   description="Why: kept in the release's audit log.")},
                          **kwargs)
         self.release = release
-        self.branches = {"promote": promote_task_id, "rollback": rollback_task_id, "finish": finish_task_id}
+        self.promote_task_id, self.rollback_task_id, self.finish_task_id = \
+            promote_task_id, rollback_task_id, finish_task_id
 
-    def execute(self, context):
+    def execute(self, context: Context) -> Any:
         from releasegate import pipeline
+        from releasegate.contract import Branch
+        from releasegate.results import Opened
 
-        branch = pipeline.decide(self.release["release_id"])
-        if branch != pipeline.APPROVE:
-            return self.do_branch(context, self.branches[branch])
-        request = pipeline.request_approval(self.release["release_id"], actor=actor(context))
-        self.subject, self.body = request["subject"], request["body"]
-        self.response_timeout = timedelta(seconds=request["timeout_seconds"])
-        if request["approvers"]:
-            self.assigned_users = [{"id": user, "name": user} for user in request["approvers"]]
+        release = xcom.pull(Opened, self.release)
+        branch = pipeline.decide(release.release_id)
+        tasks = {Branch.promote: self.promote_task_id, Branch.rollback: self.rollback_task_id,
+                 Branch.finish: self.finish_task_id}
+        if branch is not Branch.approve:
+            return self.do_branch(context, tasks[branch])
+        request = pipeline.request_approval(release.release_id, actor=actor(context))
+        self.subject, self.body = request.subject, request.body
+        self.response_timeout = timedelta(seconds=request.timeout_seconds)
+        if request.approvers:
+            self.assigned_users = [{"id": user, "name": user} for user in request.approvers]
         return super().execute(context)
 
-    def execute_complete(self, context, event: dict[str, Any]):
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         from releasegate import pipeline
+        from releasegate.results import Opened
 
         chosen = event.get("chosen_options") or []
         user = event.get("responded_by_user") or {}
         params = event.get("params_input") or {}
-        pipeline.record_approval(self.release["release_id"], approved=chosen == [self.PROMOTE],
+        pipeline.record_approval(xcom.pull(Opened, self.release).release_id, approved=chosen == [self.PROMOTE],
                                  approver=user.get("name") or user.get("id"), timed_out=bool(event.get("timedout")),
                                  comment=params.get("comment") or None)
         return super().execute_complete(context, event)

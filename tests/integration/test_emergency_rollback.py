@@ -17,6 +17,7 @@ import pytest
 
 from releasegate import audit, pipeline, registry, release, signing, storage
 from releasegate.backends.local import LocalBackend
+from releasegate.contract import AuditAction, Mode
 from tests.integration.conftest import Stack, free_port
 
 MODEL = "fraud"
@@ -85,9 +86,9 @@ def promoted_with_canary(tmp_path_factory, airflow_env):
             registry.set_alias(MODEL, "previous", versions["v1"])
             registry.set_alias(MODEL, "champion", versions["v2"])
             opened = pipeline.start(MODEL, versions["v3"], actor="test")
-            LocalBackend().set_route(MODEL, versions["v2"], versions["v3"], "canary", 25,
-                                     release_id=opened["release_id"])
-            yield {**versions, "release_id": opened["release_id"], "gateway_url": settings.gateway_url,
+            LocalBackend().set_route(MODEL, versions["v2"], versions["v3"], Mode.canary, 25,
+                                     release_id=opened.release_id)
+            yield {**versions, "release_id": opened.release_id, "gateway_url": settings.gateway_url,
                    "admin_key": settings.admin_api_key}
         finally:
             stack.stop("gateway")
@@ -113,13 +114,13 @@ def test_dag_puts_the_previous_champion_back_and_aborts_the_open_release(promote
     assert "state=success" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
 
     route = LocalBackend().get_route(MODEL)
-    assert (route["champion_version"], route["candidate_version"], route["mode"]) == (v1, None, "single")
+    assert (route.champion_version, route.candidate_version, route.mode) == (v1, None, Mode.single)
     assert registry.get_alias(MODEL, "champion") == v1
     assert registry.get_alias(MODEL, "previous") == v1  # a second rollback cannot jump back to v2
     assert registry.get_version_tags(MODEL, v2)["releasegate.emergency_rollback"] == REASON
     rel = release.get(rel_id)
     assert rel.state is release.State.aborted and REASON in rel.reasons[-1]
-    event = [e for e in audit.events(model=MODEL) if e["action"] == "emergency_rollback"][-1]
+    event = [e for e in audit.events(model=MODEL) if e["action"] == AuditAction.emergency_rollback][-1]
     assert event["actor"].startswith("airflow")
     assert event["details"]["reason"] == REASON and event["details"]["category"] == "wrong predictions"
     assert (event["details"]["from_version"], event["details"]["to_version"]) == (v2, v1)
@@ -131,7 +132,7 @@ def test_dag_puts_the_previous_champion_back_and_aborts_the_open_release(promote
 def test_a_repeat_changes_nothing_and_bad_requests_say_why(promoted_with_canary):
     v1 = promoted_with_canary["v1"]
     again = pipeline.emergency_rollback(MODEL, REASON, actor="cli:test")
-    assert again["champion"] == v1 and again["rolled_back_from"] == v1 and again["aborted_release"] is None
+    assert again.champion == v1 and again.rolled_back_from == v1 and again.aborted_release is None
     assert registry.get_alias(MODEL, "champion") == v1
 
     with pytest.raises(ValueError, match="at least 10 characters"):

@@ -30,6 +30,11 @@ import httpx
 import pytest
 import yaml
 
+from releasegate.backends.kserve import ReadinessState
+from releasegate.contract import AuditAction, Mode, RouteChange, Stage
+from releasegate.release import State
+from releasegate.verdict import Decision
+from tests.factories import SHADOW, canary, verdict
 from tests.integration.conftest import ROOT, Stack, free_port
 from tests.integration.kserve_fake_api import FakeKubernetes
 
@@ -230,7 +235,7 @@ def kstack(tmp_path_factory, airflow_env):
             assert time.time() < deadline, "sink did not start:\n" + stack.log("sink")
             time.sleep(0.3)
         route = kserve.KServeBackend().set_route(MODEL, stack.versions["champion"])
-        assert route["ready"] and fake.calls == [apply_is(stack.versions["champion"]), apply_vs()]
+        assert route.readiness is None and fake.calls == [apply_is(stack.versions["champion"]), apply_vs()]
         try:
             yield stack
         finally:
@@ -256,13 +261,13 @@ def newest_release(version: str):
 
 
 def test_an_unsigned_version_is_never_published(kstack):
-    from releasegate.backends import DeploymentError
+    from releasegate.backends import SignatureRefused
     from releasegate.backends.kserve import KServeBackend
 
     kstack.fake.calls.clear()
     unsigned = kstack.versions["bad"]
-    with pytest.raises(DeploymentError, match=f"refusing to publish churn v{unsigned}: .*not signed"):
-        KServeBackend().set_route(MODEL, kstack.versions["champion"], unsigned, "shadow")
+    with pytest.raises(SignatureRefused, match=f"refusing to publish churn v{unsigned}: .*not signed"):
+        KServeBackend().set_route(MODEL, kstack.versions["champion"], unsigned, Mode.shadow)
     assert kstack.fake.calls == []  # nothing reached the cluster
 
 
@@ -276,7 +281,7 @@ def test_release_dag_promotes_on_kserve_with_the_exact_applies(kstack):
         run_release(good)
     rel = newest_release(good)
     assert rel.state.value == "promoted", (rel.reasons, plane.sent, plane.errors, kstack.log("sink"))
-    assert [v["window"]["stage"] for v in rel.verdicts] == ["shadow", "canary-50"]
+    assert [v.window.stage for v in rel.verdicts] == [Stage.shadow(), Stage.canary(1, 50)]
     assert kstack.fake.calls == [
         *shadow_sequence(champion, good),                           # shadow: mirror to the candidate
         apply_is(good, 50), apply_vs(), *REMOVE_SHADOW,             # canary 50 %
@@ -284,14 +289,13 @@ def test_release_dag_promotes_on_kserve_with_the_exact_applies(kstack):
     ]
     assert registry.get_alias(MODEL, "champion") == good
     route = KServeBackend().get_route(MODEL)
-    assert route["champion_version"] == good and route["mode"] == "single"
-    assert route["status"]["traffic"] == [{"revision": route["status"]["latestReadyRevision"], "percent": 100}]
+    assert route.champion_version == good and route.mode is Mode.single
+    assert route.status["traffic"] == [{"revision": route.status["latestReadyRevision"], "percent": 100}]
     # KServe splits per request: the canary's SRM was counted in requests (every request its own unit here).
     canary = rel.verdicts[-1]
-    assert sum(canary["srm"]["counts"].values()) == canary["samples"]["champion"]["requests"] + \
-        canary["samples"]["candidate"]["requests"]
+    assert sum(canary.srm.counts.values()) == sum(arm.requests for arm in canary.samples.values())
     # The status read back from the cluster is in the release's audit trail, per stage.
-    ready = [e["details"] for e in audit.events(release_id=rel.release_id) if e["action"] == "serving.ready"]
+    ready = [e["details"] for e in audit.events(release_id=rel.release_id) if e["action"] == AuditAction.serving_ready]
     assert len(ready) == 2 and ready[0]["status"]["churn-shadow"]["ready"] == "True"
     assert ready[1]["status"]["churn"]["traffic"][0]["percent"] == 50
 
@@ -312,14 +316,10 @@ def _open_to_signing(version: str) -> str:
     from releasegate import pipeline, release, signing
 
     signing.sign_version(MODEL, version)
-    rid = pipeline.start(MODEL, version, "kserve-test", actor="test")["release_id"]
-    for to in ("validating", "signing"):
+    rid = pipeline.start(MODEL, version, "kserve-test", actor="test").release_id
+    for to in (State.validating, State.signing):
         release.transition(rid, to, actor="test")
     return rid
-
-
-def _verdict(stage: str, decision: str) -> dict:
-    return {"decision": decision, "reason": f"test: {decision}", "window": {"start": 0.0, "end": 1.0, "stage": stage}}
 
 
 def test_rollback_from_a_shadow_removes_the_mirror_and_the_shadow(kstack):
@@ -328,9 +328,9 @@ def test_rollback_from_a_shadow_removes_the_mirror_and_the_shadow(kstack):
     champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
     rid = _open_to_signing(candidate)
     kstack.fake.calls.clear()
-    pipeline.route(rid, "shadow", actor="test")
-    release.record_verdict(rid, _verdict("shadow", "rollback"), actor="test")
-    assert pipeline.rollback(rid, actor="test")["state"] == "rolled_back"
+    pipeline.route(rid, 0, actor="test")
+    release.record_verdict(rid, verdict(SHADOW, Decision.rollback), actor="test")
+    assert pipeline.rollback(rid, actor="test").state is State.rolled_back
     assert kstack.fake.calls == [*shadow_sequence(champion, candidate), apply_is(champion), apply_vs(), *REMOVE_SHADOW]
 
 
@@ -340,11 +340,11 @@ def test_rollback_from_a_canary_sets_it_to_zero_then_restores_the_champion(kstac
     champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
     rid = _open_to_signing(candidate)
     kstack.fake.calls.clear()
-    pipeline.route(rid, "shadow", actor="test")
-    release.record_verdict(rid, _verdict("shadow", "promote"), actor="test")
-    pipeline.route(rid, "canary-1", actor="test")
-    release.record_verdict(rid, _verdict("canary-50", "rollback"), actor="test")
-    assert pipeline.rollback(rid, actor="test")["state"] == "rolled_back"
+    pipeline.route(rid, 0, actor="test")
+    release.record_verdict(rid, verdict(SHADOW, Decision.promote), actor="test")
+    pipeline.route(rid, 1, actor="test")
+    release.record_verdict(rid, verdict(canary(50, 1), Decision.rollback), actor="test")
+    assert pipeline.rollback(rid, actor="test").state is State.rolled_back
     assert kstack.fake.calls == [
         *shadow_sequence(champion, candidate),
         apply_is(candidate, 50), apply_vs(), *REMOVE_SHADOW,
@@ -370,11 +370,11 @@ def test_not_ready_for_too_long_fails_the_release_and_restores_the_champion(ksta
     kstack.fake.calls.clear()
     try:
         with pytest.raises(DeploymentError, match=r"not ready after 1.5s: churn-shadow: not Ready"):
-            pipeline.route(rid, "shadow", actor="test")
+            pipeline.route(rid, 0, actor="test")
         summary = pipeline.finish(rid, actor="test", pipeline_failed=True)
     finally:
         kstack.fake.never_ready.clear()
-    assert summary["state"] == "failed"
+    assert summary.state is State.failed
     assert kstack.fake.calls == [*shadow_sequence(champion, candidate), apply_is(champion), apply_vs(), *REMOVE_SHADOW]
 
 
@@ -384,14 +384,14 @@ def test_a_failed_revision_is_reported_and_the_champion_restored(kstack):
 
     champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
     rid = _open_to_signing(candidate)
-    release.transition(rid, "shadow", actor="test")
-    release.record_verdict(rid, _verdict("shadow", "promote"), actor="test")
+    release.transition(rid, State.shadow, actor="test")
+    release.record_verdict(rid, verdict(SHADOW, Decision.promote), actor="test")
     kstack.fake.failing_versions.add(candidate)
     kstack.fake.calls.clear()
     try:
         with pytest.raises(DeploymentError, match="BlockedByFailedLoad: ModelLoadFailed - revision churn-predictor-"):
-            pipeline.route(rid, "canary-1", actor="test")
-        assert pipeline.finish(rid, actor="test", pipeline_failed=True)["state"] == "failed"
+            pipeline.route(rid, 1, actor="test")
+        assert pipeline.finish(rid, actor="test", pipeline_failed=True).state is State.failed
     finally:
         kstack.fake.failing_versions.clear()
     assert kstack.fake.calls == [apply_is(candidate, 50), apply_vs(),
@@ -413,6 +413,20 @@ def test_a_409_on_apply_is_an_error_and_nothing_is_forced(kstack):
         kstack.fake.conflicts.clear()
     assert err.value.status == 409
     assert kstack.fake.calls == [apply_is(champion), apply_vs()]
+
+
+def test_an_emergency_rollback_of_a_kserve_model_goes_to_kserve_not_the_local_gateway(kstack):
+    """The model's backend tag decides where traffic goes back: no gateway runs here, so a call to it would fail."""
+    from releasegate import audit, pipeline, registry
+
+    champion = registry.get_alias(MODEL, "champion")
+    registry.set_alias(MODEL, "previous", kstack.versions["champion"])
+    kstack.fake.calls.clear()
+    result = pipeline.emergency_rollback(MODEL, "the new champion mislabels a whole region", actor="test")
+    assert result.champion == kstack.versions["champion"] and result.rolled_back_from == champion
+    assert kstack.fake.calls == [apply_is(kstack.versions["champion"]), apply_vs(), *REMOVE_SHADOW]
+    event = [e for e in audit.events(model=MODEL) if e["action"] == AuditAction.route][-1]
+    assert event["details"]["change"] == RouteChange.emergency_rollback
 
 
 def test_the_readiness_trigger_answers_ready_failed_or_timeout(monkeypatch):
@@ -438,12 +452,12 @@ def test_the_readiness_trigger_answers_ready_failed_or_timeout(monkeypatch):
     try:
         fake.never_ready.add("churn")
         event = first_event(timeout=0.5)
-        assert event["state"] == "timeout" and event["message"] == "not ready after 0.5s: churn: not Ready"
+        assert event["state"] == ReadinessState.timeout and event["message"] == "not ready after 0.5s: churn: not Ready"
         fake.never_ready.clear()
         event = first_event(timeout=10)
-        assert event["state"] == "ready" and event["status"]["churn"]["traffic"][0]["percent"] == 100
+        assert event["state"] == ReadinessState.ready and event["status"]["churn"]["traffic"][0]["percent"] == 100
         fake.failing_versions.add("2")
         event = first_event(timeout=10)
-        assert event["state"] == "failed" and "BlockedByFailedLoad: ModelLoadFailed" in event["message"]
+        assert event["state"] == ReadinessState.failed and "BlockedByFailedLoad: ModelLoadFailed" in event["message"]
     finally:
         fake.stop()

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from releasegate import audit, pipeline, registry, release, signing
-from releasegate.backends import DeploymentError
+from releasegate.backends import SignatureRefused
 from releasegate.backends.local import LocalBackend
+from releasegate.contract import AuditAction, Mode, Stage
+from releasegate.verdict import Decision
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "churn"
@@ -45,21 +47,22 @@ def test_better_candidate_is_promoted(stack):
     run_release(good)
     rel = newest_release(good)
     assert rel.state is release.State.promoted, (rel.reasons, stack.log("gateway"))
-    stages = [v["window"]["stage"] for v in rel.verdicts]
-    decisions = [v["decision"] for v in rel.verdicts]
-    assert stages[0] == "shadow" and len(stages) == 4, stages
+    stages = [v.window.stage for v in rel.verdicts]
+    decisions = [v.decision for v in rel.verdicts]
+    assert stages[0].is_shadow and [s.weight for s in stages[1:]] == [5, 25, 50], stages
     # An earlier canary step whose window closes with nothing failed hands its evidence on (`continue`);
     # the shadow and the last step must each pass on their own evidence.
-    assert decisions[0] == decisions[-1] == "promote" and set(decisions[1:-1]) <= {"promote", "continue"}, decisions
+    assert decisions[0] is decisions[-1] is Decision.promote, decisions
+    assert set(decisions[1:-1]) <= {Decision.promote, Decision.continue_}, decisions
     assert registry.get_alias(MODEL, "champion") == good
     assert registry.get_alias(MODEL, "previous") == champion
     route = LocalBackend().get_route(MODEL)
-    assert route["champion_version"] == good and route["mode"] == "single"
+    assert route.champion_version == good and route.mode is Mode.single
     assert registry.get_version_tags(MODEL, good)["releasegate.state"] == "promoted"
     assert audit.verify().ok
     # Each stage left Evidently reports in MLflow, next to the release summary and the signed audit head.
-    drift = [e["details"] for e in audit.events(release_id=rel.release_id) if e["action"] == "drift"]
-    assert [d["stage"] for d in drift] == stages and all("error" not in d for d in drift)
+    drift = [e["details"] for e in audit.events(release_id=rel.release_id) if e["action"] == AuditAction.drift]
+    assert [Stage.model_validate(d["stage"]) for d in drift] == stages and all("error" not in d for d in drift)
     assert "prediction_drift" in drift[0]
     for artifact in ("shadow/input_drift.html", "shadow/prediction_drift.json", "release.json", "audit-head.json"):
         assert registry.download_artifact(MODEL, good, f"releasegate/releases/{rel.release_id}/{artifact}").exists()
@@ -71,12 +74,12 @@ def test_worse_candidate_is_rolled_back(stack):
     rel = newest_release(bad)
     assert rel.state is release.State.rolled_back, rel.reasons
     last = rel.verdicts[-1]
-    failed = [m["name"] for m in last["metrics"] if m["passed"] is False]
-    assert last["decision"] == "rollback" and set(failed) & {"accuracy", "agreement"}, last["reason"]
-    assert rel.reasons[-1] == last["reason"]
+    failed = [m.name for m in last.metrics if m.passed is False]
+    assert last.decision is Decision.rollback and set(failed) & {"accuracy", "agreement"}, last.reason
+    assert rel.reasons[-1] == last.reason
     assert registry.get_alias(MODEL, "champion") == good
     route = LocalBackend().get_route(MODEL)
-    assert route["champion_version"] == good and route["candidate_version"] is None
+    assert route.champion_version == good and route.candidate_version is None
     tags = registry.get_version_tags(MODEL, bad)
     assert tags["releasegate.state"] == "rolled_back" and tags["releasegate.reasons"] == rel.reasons[-1][:4000]
 
@@ -113,15 +116,15 @@ def test_tampered_model_is_refused_by_gateway_and_release_is_rejected(stack, tmp
     version = _new_signed_version(tmp_path)
     _tamper(version)
     champion = registry.resolve_version(MODEL, "champion")
-    with pytest.raises(DeploymentError, match="signature"):
-        LocalBackend().set_route(MODEL, champion, version, "shadow", 0)
-    assert LocalBackend().get_route(MODEL)["candidate_version"] is None
+    with pytest.raises(SignatureRefused, match="signature"):
+        LocalBackend().set_route(MODEL, champion, version, Mode.shadow, 0)
+    assert LocalBackend().get_route(MODEL).candidate_version is None
 
     run_release(version)
     rel = newest_release(version)
     assert rel.state is release.State.rejected
     assert "signature" in rel.reasons[-1]
-    assert LocalBackend().get_route(MODEL)["champion_version"] == champion
+    assert LocalBackend().get_route(MODEL).champion_version == champion
 
 
 def test_second_release_is_refused_while_one_runs_and_a_dead_run_does_not_block(stack, airflow_env):
@@ -131,17 +134,17 @@ def test_second_release_is_refused_while_one_runs_and_a_dead_run_does_not_block(
     subprocess.run(["airflow", "dags", "trigger", "model_release", "--run-id", "holder-run",
                     "--conf", '{"model_name": "churn", "version": "%s"}' % candidate],
                    env=airflow_env, check=True, capture_output=True, timeout=300)
-    holder = pipeline.start(MODEL, candidate, airflow_run_id="holder-run", actor="test")
+    holder = pipeline.start(MODEL, candidate, airflow_run_id="holder-run", actor="test").release_id
     releases_before = len(release.list_releases(MODEL))
 
     assert "state=failed" in run_release(candidate)
-    assert release.active(MODEL).release_id == holder["release_id"]
+    assert release.active(MODEL).release_id == holder
     assert len(release.list_releases(MODEL)) == releases_before  # the refused run opened nothing
 
     # The holder's run dies: the next release closes it as failed and goes ahead.
     subprocess.run(["airflow", "dags", "delete", "model_release", "--yes"], env=airflow_env, check=True,
                    capture_output=True, timeout=300)
     run_release(candidate)
-    assert release.get(holder["release_id"]).state is release.State.failed
-    assert "gone or failed" in release.get(holder["release_id"]).reasons[-1]
-    assert newest_release(candidate).release_id != holder["release_id"]
+    assert release.get(holder).state is release.State.failed
+    assert "gone or failed" in release.get(holder).reasons[-1]
+    assert newest_release(candidate).release_id != holder

@@ -11,6 +11,7 @@ import orjson
 import pendulum
 import pytest
 
+from releasegate.contract import RETRAINING_ASSET
 from releasegate import audit, nightly, registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +108,7 @@ def retraining_events() -> list[dict]:
 
     with create_session() as session:
         rows = session.execute(sa.select(AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-                               .where(AssetModel.name == nightly.ASSET_URI).order_by(AssetEvent.id)).all()
+                               .where(AssetModel.name == RETRAINING_ASSET).order_by(AssetEvent.id)).all()
     return [r.extra for r in rows]
 
 

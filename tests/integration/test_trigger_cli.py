@@ -42,8 +42,16 @@ FORM = {"model_name": Param("churn", type="string"), "version": Param("", type="
 @task
 def open_release() -> dict:
     p = get_current_context()["params"]
-    return {"release_id": "rel-0123456789ab", "model": p["model_name"], "candidate": p["version"],
-            "champion": "1", "policy": p["policy"]}
+    return {"result": "opened", "release_id": "rel-0123456789ab", "model": p["model_name"],
+            "candidate": p["version"], "champion": "1", "policy": p["policy"], "policy_digest": "0" * 64}
+
+
+def summary(release: dict, state: str, reason: str) -> dict:
+    # What pipeline.finish returns (releasegate.results.Summary), as its XCom.
+    return {"result": "summary", "release_id": release["release_id"], "model": release["model"],
+            "candidate": release["candidate"], "champion": release["champion"], "state": state, "decision": None,
+            "reasons": [reason], "verdicts": [], "policy": release["policy"], "started_at": 0.0, "ended_at": 1.0,
+            "duration_seconds": 1.0}
 
 
 @dag(dag_id="%(release)s", schedule=None, start_date=pendulum.datetime(2026, 1, 1), params=FORM, catchup=False)
@@ -53,7 +61,7 @@ def release_like():
         outcome = get_current_context()["params"]["outcome"]
         if outcome == "crash":
             raise RuntimeError("the pipeline broke")
-        return {"release_id": release["release_id"], "state": outcome, "reasons": [f"the verdict said {outcome}"]}
+        return summary(release, outcome, f"the verdict said {outcome}")
 
     finish(open_release())
 
@@ -64,7 +72,7 @@ def approval_like():
     def finish(release: dict) -> dict:
         answer = get_current_context()["ti"].xcom_pull(task_ids="decide") or {}
         state = "promoted" if answer.get("chosen_options") == ["Approve"] else "rolled_back"
-        return {"release_id": release["release_id"], "state": state, "reasons": [f"a person chose {state}"]}
+        return summary(release, state, f"a person chose {state}")
 
     release = open_release()
     decide = ApprovalOperator(task_id="decide", subject="Promote churn v2 (champion v1)?",

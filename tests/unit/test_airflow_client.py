@@ -12,6 +12,9 @@ import httpx
 import pytest
 
 from releasegate import airflow_client as af
+from releasegate import results
+from releasegate.contract import Stage
+from releasegate.verdict import Decision
 from releasegate.release import TERMINAL, State
 
 RUN = "manual__2026-11-29T10:00:00+00:00"
@@ -68,11 +71,15 @@ class FakeAirflow:
                         "options": ["Promote", "Roll back"]}] if pending else []
             return httpx.Response(200, json={"hitl_details": details, "total_entries": len(details)})
         if path == f"{base}/taskInstances/finish/xcomEntries/return_value" and self.final:
-            return httpx.Response(200, json={"key": "return_value", "value": {
-                "release_id": "rel-1", "state": self.final, "reasons": [f"the release ended {self.final}"]}})
+            summary = results.Summary(release_id="rel-1", model="churn", candidate="2", champion="1",
+                                      state=State(self.final), decision=None,
+                                      reasons=[f"the release ended {self.final}"], verdicts=[], policy="default",
+                                      started_at=0.0, ended_at=1.0, duration_seconds=1.0)
+            return httpx.Response(200, json={"key": "return_value", "value": summary.model_dump(mode="json")})
         if path == f"{base}/taskInstances/open_release/xcomEntries/return_value":
-            return httpx.Response(200, json={"value": {"release_id": "rel-1", "model": "churn", "candidate": "2",
-                                                       "champion": "1", "policy": "default"}})
+            opened = results.Opened(release_id="rel-1", model="churn", candidate="2", champion="1", policy="default",
+                                    policy_digest="0" * 64)
+            return httpx.Response(200, json={"value": opened.model_dump(mode="json")})
         return httpx.Response(404, json={"detail": f"XCom entry with key: `return_value` not found ({path})"})
 
 
@@ -186,14 +193,18 @@ def test_approve_finds_the_release_by_id_and_answers_with_the_release_options_an
             af.find_approval(client, "model_release", "rel-1", model="fraud")
 
 
-@pytest.mark.parametrize("value, shown", [
-    ({"stage": "canary-1", "analysis_stage": "canary-25", "candidate_weight": 25}, "canary-1: 25% of traffic"),
-    ({"passed": False, "reasons": ["accuracy 0.81 below the champion's 0.84 - 0.01"]}, "failed: accuracy 0.81"),
-    ({"decision": "rollback", "reason": "error rate +2.1 pt", "drift": {}}, "rollback: error rate +2.1 pt"),
-    ({"skipped": "release rel-1 ended as rejected", "state": "rejected"}, "rejected: release rel-1 ended"),
+@pytest.mark.parametrize("result, shown", [
+    (results.Routed(stage=Stage.canary(1, 25), since=0.0, window_seconds=600, max_extensions=0, poll_seconds=5),
+     "canary 1 (25 %): 25% of traffic"),
+    (results.Validated(passed=False, reasons=["accuracy 0.81 below the champion's 0.84 - 0.01"]),
+     "failed: accuracy 0.81"),
+    (results.Recorded(stage=Stage.shadow(), decision=Decision.rollback, reason="error rate +2.1 pt", drift={}),
+     "rollback: error rate +2.1 pt"),
+    (results.Skipped(reason="release rel-1 ended as rejected", state=State.rejected), "release rel-1 ended"),
 ])
-def test_each_step_shows_what_it_decided(value, shown):
-    assert af._describe(value).startswith(shown)
+def test_each_step_shows_what_it_decided(result, shown):
+    assert af._describe(result.model_dump(mode="json")).startswith(shown)
+    assert af._describe({"release_id": "rel-1", "state": "promoted"}) is None  # not a step's result: not guessed
 
 
 def test_a_short_api_outage_during_the_wait_is_ridden_out_and_a_long_one_is_an_error():

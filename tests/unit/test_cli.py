@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from releasegate import audit, storage
 from releasegate.cli import main
+from releasegate.contract import AuditAction
 
 
 def test_keys_generate_writes_a_pair_and_refuses_to_overwrite(settings, tmp_path):
@@ -19,8 +20,8 @@ def test_keys_generate_writes_a_pair_and_refuses_to_overwrite(settings, tmp_path
 
 
 def test_audit_verify_exits_1_on_an_edited_chain(settings):
-    audit.append("cli-test", "one")
-    audit.append("cli-test", "two")
+    audit.append("cli-test", AuditAction.validation)
+    audit.append("cli-test", AuditAction.signed)
     runner = CliRunner()
     ok = runner.invoke(main, ["audit", "verify"])
     assert ok.exit_code == 0 and ok.output.startswith("OK")

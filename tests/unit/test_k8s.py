@@ -178,12 +178,14 @@ def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
     from starlette.testclient import TestClient
 
     from releasegate import storage
+    from releasegate.backends import Applied
     from releasegate.backends.kserve import _record_route
+    from releasegate.contract import Mode
     from releasegate.serving import routing
     from releasegate.serving.kserve_sink import create_app
 
-    _record_route({"model": "churn", "champion_version": "2", "candidate_version": "3", "mode": "shadow",
-                   "candidate_weight": 0, "release_id": "rel-1"})
+    _record_route(Applied(model="churn", champion_version="2", candidate_version="3", mode=Mode.shadow,
+                          candidate_weight=0, release_id="rel-1"))
     app = create_app(settings, pending_seconds=0.5, sweep_seconds=0.1)
     t0 = time.time()
     with TestClient(app) as client:

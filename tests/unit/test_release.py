@@ -6,6 +6,9 @@ import pytest
 
 from releasegate import audit, release, storage
 from releasegate.release import State
+from releasegate.contract import AuditAction
+from releasegate.verdict import Decision
+from tests.factories import SHADOW, verdict
 
 POLICY = {"name": "default"}
 
@@ -63,10 +66,10 @@ def test_release_whose_run_died_is_closed_as_failed_by_the_next(rg_home):
 
 def test_verdicts_are_recorded_once(rg_home):
     rel = _open()
-    verdict = {"decision": "promote", "reason": "fine"}
-    release.record_verdict(rel.release_id, verdict, actor="test")
-    release.record_verdict(rel.release_id, verdict, actor="test")
-    assert release.get(rel.release_id).verdicts == [verdict]
+    once = verdict(SHADOW, Decision.promote, "fine")
+    release.record_verdict(rel.release_id, once, actor="test")
+    release.record_verdict(rel.release_id, once, actor="test")
+    assert release.get(rel.release_id).verdicts == [once]
 
 
 def test_audit_chain_detects_an_edited_event(rg_home):
@@ -93,7 +96,7 @@ def test_concurrent_appends_keep_one_unbroken_chain(rg_home):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: audit.append("t", "tick", details={"i": i}), range(80)))
+        list(pool.map(lambda i: audit.append("t", AuditAction.route, details={"i": i}), range(80)))
     report = audit.verify()
     assert report.ok and report.events == 80
 
@@ -108,14 +111,14 @@ def test_signed_head_detects_a_rewritten_chain(rg_home, tmp_path):
                                        serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
-    audit.append("t", "a")
-    audit.append("t", "b")
+    audit.append("t", AuditAction.validation)
+    audit.append("t", AuditAction.signed)
     signed = audit.sign_head(priv)
     assert audit.verify_signed_head(signed, [pub])
     # Rewrite the whole chain consistently (what a database admin could do): the signed head no longer matches.
     with storage.engine().begin() as conn:
         conn.execute(storage.audit.delete())
-    audit.append("mallory", "a")
-    audit.append("mallory", "b")
+    audit.append("mallory", AuditAction.validation)
+    audit.append("mallory", AuditAction.signed)
     assert audit.verify().ok
     assert not audit.verify_signed_head(signed, [pub])

@@ -1,16 +1,38 @@
-"""Deployment targets: one small interface, implemented by the local gateway (and KServe)."""
+"""Deployment targets: one small interface, implemented by the local gateway and by KServe."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from releasegate.contract import Mode
+from releasegate.errors import DeploymentError, SignatureRefused
+from releasegate.results import ReadinessWait
+
+__all__ = ["Applied", "Backend", "BackendKind", "DeploymentError", "SignatureRefused", "backend_kind"]
+
+BACKEND_TAG = "releasegate.backend"
 
 
-class DeploymentError(RuntimeError):
-    """The target refused or failed a change; the message is the target's own explanation."""
+class BackendKind(StrEnum):
+    local = "local"  # releasegate's own gateway
+    kserve = "kserve"  # KServe InferenceServices behind Istio
 
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
+
+class Applied(BaseModel):
+    """A traffic split a backend applied: serving now, or (a slow backend) with a readiness to wait on."""
+
+    model: str
+    champion_version: str
+    candidate_version: str | None
+    mode: Mode
+    candidate_weight: int
+    release_id: str | None
+    revision: int | str | None = None
+    readiness: ReadinessWait | None = None
+    status: dict[str, Any] | None = None
 
 
 @runtime_checkable
@@ -18,10 +40,33 @@ class Backend(Protocol):
     """Where a model's traffic split is set and read."""
 
     def set_route(self, model: str, champion_version: str, candidate_version: str | None = None,
-                  mode: str = "single", candidate_weight: int = 0, release_id: str | None = None) -> dict:
-        """Apply the split; returns the route once traffic follows it, or raises DeploymentError."""
+                  mode: Mode = Mode.single, candidate_weight: int = 0, release_id: str | None = None) -> Applied:
+        """Apply the split; returns once traffic follows it (or with a readiness), else DeploymentError.
+
+        A candidate refused for its signature raises SignatureRefused.
+        """
         ...
 
-    def get_route(self, model: str) -> dict | None:
+    def get_route(self, model: str) -> Applied | None:
         """The split traffic follows now, or None when the model has no route."""
         ...
+
+
+def backend_kind(model: str) -> BackendKind:
+    """The registered model's tag `releasegate.backend`, else RELEASEGATE_BACKEND (default local).
+
+    Where a model is served is a fact about the model, not about a release policy.
+    """
+    from releasegate import registry
+    from releasegate.settings import get_settings
+
+    try:
+        kind = registry.get_model_tags(model).get(BACKEND_TAG)
+    except registry.RegistryError:
+        kind = None
+    kind = kind or get_settings().backend
+    try:
+        return BackendKind(kind)
+    except ValueError:
+        raise DeploymentError(f"unknown backend {kind!r} for model {model!r} (registered-model tag {BACKEND_TAG} "
+                              f"or RELEASEGATE_BACKEND): use local or kserve") from None

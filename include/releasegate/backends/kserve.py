@@ -24,9 +24,13 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 from releasegate import k8s
-from releasegate.backends import DeploymentError
+from releasegate.backends import Applied, DeploymentError, SignatureRefused
+from releasegate.contract import Mode
+from releasegate.results import ReadinessWait
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +41,20 @@ DR = ("networking.istio.io", "v1", "destinationrules")
 _FAILED_TRANSITIONS = {"BlockedByFailedLoad", "InvalidSpec"}
 
 
+class ReadinessState(StrEnum):
+    ready = "ready"
+    pending = "pending"
+    failed = "failed"
+    timeout = "timeout"  # still pending when the wait's time ran out
+
+
 @dataclass(frozen=True)
 class Readiness:
     """What the cluster says about the InferenceServices a route change is waiting for."""
 
-    state: str  # ready | pending | failed
+    state: ReadinessState
     message: str
-    status: dict  # name -> summary (revisions, traffic, url)
+    status: dict[str, Any]  # name -> summary (revisions, traffic, url)
 
 
 class KServeBackend:
@@ -65,13 +76,12 @@ class KServeBackend:
     # -- the Backend interface -------------------------------------------------------------------------------
 
     def set_route(self, model: str, champion_version: str, candidate_version: str | None = None,
-                  mode: str = "single", candidate_weight: int = 0, release_id: str | None = None) -> dict:
+                  mode: Mode = Mode.single, candidate_weight: int = 0, release_id: str | None = None) -> Applied:
         """Apply the split; with wait_ready, return once the InferenceServices are ready, else a `readiness` to wait on."""
-        if mode not in ("single", "shadow", "canary"):
-            raise DeploymentError(f"unknown route mode {mode!r} (single, shadow or canary)")
-        if mode != "single" and candidate_version is None:
-            raise DeploymentError(f"a {mode} route needs a candidate version")
-        if mode == "canary" and not 0 < int(candidate_weight) < 100:
+        mode = Mode(mode)
+        if mode is not Mode.single and candidate_version is None:
+            raise DeploymentError(f"a {mode.value} route needs a candidate version")
+        if mode is Mode.canary and not 0 < int(candidate_weight) < 100:
             raise DeploymentError(f"a canary weight must be 1-99, got {candidate_weight}")
         champion_version, candidate_version = str(champion_version), \
             None if candidate_version is None else str(candidate_version)
@@ -79,7 +89,7 @@ class KServeBackend:
         s = self.settings
         current = self._get(ISVC, name)
         waits: list[dict] = []
-        if mode == "single":
+        if mode is Mode.single:
             champion = self._served(model, champion_version, current)
             on, percent = _serving(current)
             if current is not None and percent is not None and on != champion_version:
@@ -96,7 +106,7 @@ class KServeBackend:
             waits.append({"name": name, "generation": gen, "canary": None})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
-        elif mode == "shadow":
+        elif mode is Mode.shadow:
             champion = self._served(model, champion_version, current)
             candidate = self._served(model, candidate_version, self._get(ISVC, f"{name}-shadow"))
             gen = self._apply(ISVC, k8s.inference_service(model, champion, s, release_id=release_id))
@@ -112,18 +122,17 @@ class KServeBackend:
             waits.append({"name": name, "generation": gen, "canary": int(candidate_weight)})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
-        route = {"model": model, "champion_version": champion_version,
-                 "candidate_version": candidate_version if mode != "single" else None, "mode": mode,
-                 "candidate_weight": int(candidate_weight) if mode == "canary" else 0, "release_id": release_id}
+        route = Applied(model=model, champion_version=champion_version,
+                        candidate_version=candidate_version if mode is not Mode.single else None, mode=mode,
+                        candidate_weight=int(candidate_weight) if mode is Mode.canary else 0, release_id=release_id)
         _record_route(route)
         if not self.wait_ready:
-            return route | {"ready": False, "readiness": {"backend": "kserve", "namespace": s.namespace,
-                                                          "targets": waits}}
+            return route.model_copy(update={"readiness": ReadinessWait(namespace=s.namespace, targets=waits)})
         ready = self._wait(waits)
-        return route | {"ready": True, "revision": ready.status[name].get("latestReadyRevision"),
-                        "status": ready.status}
+        return route.model_copy(update={"revision": ready.status[name].get("latestReadyRevision"),
+                                        "status": ready.status})
 
-    def get_route(self, model: str) -> dict | None:
+    def get_route(self, model: str) -> Applied | None:
         """The split the InferenceService's status reports, with the versions from its annotations."""
         name = k8s.k8s_name(model)
         current = self._get(ISVC, name)
@@ -132,15 +141,16 @@ class KServeBackend:
         on, percent = _serving(current)
         shadow = self._get(ISVC, f"{name}-shadow")
         previous = (current.get("metadata", {}).get("annotations") or {}).get("releasegate.io/champion-version")
+        release_id = (current.get("metadata", {}).get("annotations") or {}).get("releasegate.io/release-id") or None
         summary = _summary(current)
         if shadow is not None:
-            return {"model": model, "champion_version": on, "mode": "shadow", "candidate_weight": 0,
-                    "candidate_version": _serving(shadow)[0], "status": summary}
+            return Applied(model=model, champion_version=on or "", mode=Mode.shadow, candidate_weight=0,
+                           candidate_version=_serving(shadow)[0], release_id=release_id, status=summary)
         if percent is None:
-            return {"model": model, "champion_version": on, "candidate_version": None, "mode": "single",
-                    "candidate_weight": 0, "status": summary}
-        return {"model": model, "champion_version": previous, "candidate_version": on, "mode": "canary",
-                "candidate_weight": percent, "status": summary}
+            return Applied(model=model, champion_version=on or "", candidate_version=None, mode=Mode.single,
+                           candidate_weight=0, release_id=release_id, status=summary)
+        return Applied(model=model, champion_version=previous or "", candidate_version=on, mode=Mode.canary,
+                       candidate_weight=percent, release_id=release_id, status=summary)
 
     # -- readiness --------------------------------------------------------------------------------------------
 
@@ -150,11 +160,11 @@ class KServeBackend:
         for target in targets:
             obj = self._get(ISVC, target["name"])
             if obj is None:
-                return Readiness("failed", f"InferenceService {target['name']} disappeared", status)
+                return Readiness(ReadinessState.failed, f"InferenceService {target['name']} disappeared", status)
             summary = status[target["name"]] = _summary(obj)
             failure = _failure(obj)
             if failure:
-                return Readiness("failed", f"InferenceService {target['name']}: {failure}", status)
+                return Readiness(ReadinessState.failed, f"InferenceService {target['name']}: {failure}", status)
             st = obj.get("status") or {}
             if st.get("observedGeneration", 0) < target["generation"]:
                 pending.append(f"{target['name']}: status is for generation {st.get('observedGeneration', 0)}, "
@@ -164,16 +174,16 @@ class KServeBackend:
             elif target.get("canary") and summary.get("latestReadyRevision") != summary.get("latestCreatedRevision"):
                 pending.append(f"{target['name']}: revision {summary.get('latestCreatedRevision')} not ready")
         if pending:
-            return Readiness("pending", "; ".join(pending), status)
-        return Readiness("ready", "ready", status)
+            return Readiness(ReadinessState.pending, "; ".join(pending), status)
+        return Readiness(ReadinessState.ready, "ready", status)
 
     def _wait(self, targets: list[dict]) -> Readiness:
         deadline = time.monotonic() + self.settings.ready_timeout
         while True:
             ready = self.readiness(targets)
-            if ready.state == "ready":
+            if ready.state is ReadinessState.ready:
                 return ready
-            if ready.state == "failed":
+            if ready.state is ReadinessState.failed:
                 raise DeploymentError(ready.message)
             if time.monotonic() >= deadline:
                 raise DeploymentError(f"not ready after {self.settings.ready_timeout:g}s: {ready.message}")
@@ -239,7 +249,7 @@ class KServeBackend:
 def verified_version(model: str, version: str, settings: k8s.K8sSettings) -> k8s.Served:
     """Verify the version's signature (as `releasegate verify` does), then name its stored artifacts for KServe.
 
-    DeploymentError (its message says "signature" or "signed") for an unsigned, tampered or untrusted version.
+    SignatureRefused for an unsigned, tampered or untrusted version.
     """
     from releasegate import registry, signing
 
@@ -247,7 +257,7 @@ def verified_version(model: str, version: str, settings: k8s.K8sSettings) -> k8s
         with tempfile.TemporaryDirectory(prefix="rg-k8s-verify-") as tmp:
             digest = signing.fetch_and_verify(model, version, f"{tmp}/model")
     except signing.SignatureError as err:
-        raise DeploymentError(f"refusing to publish {model} v{version}: {err}") from err
+        raise SignatureRefused(f"refusing to publish {model} v{version}: {err}") from err
     uri = registry.client().get_model_version_download_uri(model, version)
     return k8s.Served(version, k8s.storage_uri(uri, settings), digest)
 
@@ -325,19 +335,21 @@ def _summary(obj: dict) -> dict:
                         for t in predictor.get("traffic") or []]}
 
 
-def _record_route(route: dict) -> None:
+def _record_route(route: Applied) -> None:
     """Keep the split in `routes`, as the gateway does: the logger sink labels rows (arm, mode, release) from it."""
     import sqlalchemy as sa
 
     from releasegate import storage
 
     table = storage.routes
-    values = {k: route[k] for k in ("champion_version", "candidate_version", "mode", "candidate_weight", "release_id")}
+    values: dict[str, object] = {"champion_version": route.champion_version,
+                                 "candidate_version": route.candidate_version, "mode": route.mode.value,
+                                 "candidate_weight": route.candidate_weight, "release_id": route.release_id}
     with storage.engine().begin() as conn:
-        current = conn.execute(sa.select(table.c.revision).where(table.c.model == route["model"])
+        current = conn.execute(sa.select(table.c.revision).where(table.c.model == route.model)
                                .with_for_update()).scalar()
         values |= {"updated_at": time.time(), "revision": (current or 0) + 1}
         if current is None:
-            conn.execute(table.insert().values(model=route["model"], **values))
+            conn.execute(table.insert().values(model=route.model, **values))
         else:
-            conn.execute(table.update().where(table.c.model == route["model"]).values(**values))
+            conn.execute(table.update().where(table.c.model == route.model).values(**values))

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import httpx
 
+from releasegate.contract import AuditAction, Stage
+from releasegate.verdict import Verdict
+
 REPO = Path(__file__).resolve().parents[3]
 MODEL = "churn"
 
@@ -130,23 +133,24 @@ class Demo:
             if event["seq"] in seen:
                 continue
             seen.add(event["seq"])
-            details = event["details"]
-            if event["action"] == "verdict":
-                text = f"verdict {details['decision']}: {details['reason']}"
-            elif event["action"] == "route":
+            details, action = event["details"], event["action"]
+            if action == AuditAction.verdict:
+                verdict = Verdict.model_validate(details)
+                text = f"verdict {verdict.window.stage} {verdict.decision.value}: {verdict.reason}"
+            elif action == AuditAction.route:
                 text = f"traffic: {details.get('mode')} (candidate weight {details.get('candidate_weight')} %)"
-            elif event["action"] == "release.opened":
+            elif action == AuditAction.release_opened:
                 text = f"release {event['release_id']} opened (champion v{details.get('champion')}, policy {details.get('policy')})"
-            elif event["action"].startswith("release."):
+            elif action.startswith("release."):
                 text = f"state {details.get('from')} → {details.get('to')}" + (
                     f": {details['reason']}" if details.get("reason") else "")
-            elif event["action"] == "drift":
+            elif action == AuditAction.drift:
                 inputs = details.get("input_drift")
-                text = (f"Evidently reports for {details.get('stage')}: " + (
+                text = (f"Evidently reports for {Stage.model_validate(details['stage'])}: " + (
                     f"{inputs['drifted_share']:.0%} of input columns drifted {inputs['drifted_columns']} "
                     f"on {inputs['rows_current']:,} requests" if inputs else "no candidate traffic")
                     + (f"; error: {details['error']}" if details.get("error") else ""))
-            elif event["action"] == "validation":
+            elif action == AuditAction.validation:
                 text = "validation " + ("passed" if details.get("passed") else "failed: " + "; ".join(details.get("reasons", [])))
             else:
                 text = event["action"]
@@ -158,14 +162,14 @@ class Demo:
         return lines[-1] if lines else "traffic starting"
 
 
-def _numbers(verdict: dict) -> str:
+def _numbers(verdict: Verdict) -> str:
     parts = []
-    for metric in verdict.get("metrics", []):
-        if metric.get("estimate") is None:
+    for m in verdict.metrics:
+        if m.estimate is None:
             continue
-        bounds = (f"[{metric['lower']:+.3f}, {metric['upper']:+.3f}]" if metric.get("lower") is not None
-                  else "(not bounded yet)")
-        parts.append(f"{metric['name']} {metric['estimate']:+.3f} {bounds}")
+        bounds = f"[{m.lower:+.3f}, {m.upper:+.3f}]" if m.lower is not None and m.upper is not None \
+            else "(not bounded yet)"
+        parts.append(f"{m.name} {m.estimate:+.3f} {bounds}")
     return "; ".join(parts)
 
 
@@ -181,9 +185,8 @@ def _summary(demo: Demo, results: list[dict], audit_report) -> str:
         lines.append(f"{rel.release_id:<18}{'v' + rel.candidate_version + ' (' + res['label'] + ')':<14}"
                      f"{rel.state.value:<13}{duration:>9}  {rel.reasons[-1] if rel.reasons else ''}")
         for verdict in rel.verdicts:
-            lines.append(f"{'':<18}  {verdict['window'].get('stage', ''):<10} {verdict['decision']:<9} "
-                         f"{sum(a.get('requests', 0) for a in verdict.get('samples', {}).values()):>6} requests  "
-                         f"{_numbers(verdict)}")
+            lines.append(f"{'':<18}  {str(verdict.window.stage):<16} {verdict.decision.value:<9} "
+                         f"{sum(a.requests for a in verdict.samples.values()):>6} requests  {_numbers(verdict)}")
         try:
             lines.append(f"{'':<18}  reports: {pipeline.report_uri(rel)}")
         except Exception as err:  # the summary must still print

@@ -36,8 +36,8 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=_JSON_OPTS)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": message} | ({"code": code} if code else {}), status_code=status)
 
 
 def _gateway(request: Request) -> Gateway:
@@ -116,7 +116,7 @@ def _endpoint(name: str, role: str | None):
                 failure = _failure(err)
                 if failure is None:
                     raise
-                response = _error(*failure)
+                response = _error(*failure, code=getattr(err, "code", None))
             finally:
                 in_flight.dec()
             gateway.metrics.http_response(name, response.status_code)

@@ -17,6 +17,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import chain
 
+from releasegate.contract import ErrorCode
 from releasegate.serving import compiled
 from releasegate.serving.payloads import V2_DATATYPES, Rows, Schema
 
@@ -29,9 +30,10 @@ _PLACEHOLDER = {"boolean": False, "integer": 0, "long": 0, "float": 0.0, "double
 class LoadError(Exception):
     """A version that cannot serve: unsigned, tampered, missing, or failing its warm-up predict."""
 
-    def __init__(self, message: str, status: int = 422):
+    def __init__(self, message: str, status: int = 422, code: ErrorCode | None = None):
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class ModelCallError(Exception):
@@ -281,7 +283,8 @@ def load_slot(model: str, version: str, settings, metrics, executor: Executor, *
     try:
         model_dir = registry.fetch_verified(model, version, settings)
     except signing.SignatureError as err:
-        raise LoadError(f"signature verification failed for {label}: {err}") from err
+        raise LoadError(f"signature verification failed for {label}: {err}",
+                        code=ErrorCode.signature_refused) from err
     except registry.RegistryError as err:
         raise LoadError(f"{label} is not in the model registry: {err}", 404) from err
     except Exception as err:
