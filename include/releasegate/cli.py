@@ -123,6 +123,25 @@ def verify(model_uri: str) -> None:
     click.echo(f"OK: {name} v{version} verified ({path})")
 
 
+@main.command()
+@click.argument("model_uri")
+@click.option("--policy", default="default", show_default=True,
+              help="The policy the release would run under (a name on the policy search path).")
+def check(model_uri: str, policy: str) -> None:
+    """Say what a version lacks for a release (signature, artifacts, label, contract, policy); exit 1 on a problem."""
+    from releasegate import checks
+
+    name, version = _model_ref(model_uri)
+    report = checks.check_version(name, version, policy)
+    click.echo(f"releasegate check models:/{report.model}/{report.version} (policy {report.policy})")
+    for finding in report.findings:
+        click.echo(f"  {finding.level.value:8s}{finding.topic:10s} {finding.message}")
+    errors = len(report.errors)
+    click.echo(f"{errors} problem(s): a release would be rejected or could not run" if errors
+               else "ready for a release")
+    sys.exit(1 if errors else 0)
+
+
 # --- releases and audit ----------------------------------------------------------------------
 
 @main.group()
@@ -264,15 +283,31 @@ def approve(release_or_run, model, reject, comment, dag_id, airflow_url, user, p
 @click.option("--feedback-delay", default=1.0, show_default=True, help="Seconds before each label is sent.")
 @click.option("--drift", default=0.0, show_default=True, help="Drift knob of the demo data, 0 to 1.")
 @click.option("--seed", default=7, show_default=True)
-def traffic(model, gateway_url, api_key, rps, duration, feedback_delay, drift, seed) -> None:
-    """Send demo traffic to the gateway, with delayed feedback labels; prints progress."""
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Replay your own rows (parquet or csv) instead of the demo's: each request is one row drawn "
+                   "at random, sent without the --label column.")
+@click.option("--label", default=None, help="With --data: the column posted as feedback after --feedback-delay.")
+def traffic(model, gateway_url, api_key, rps, duration, feedback_delay, drift, seed, data_path, label) -> None:
+    """Send traffic to the gateway (the demo's, or --data replayed), with delayed feedback labels; prints progress."""
     from releasegate.demo import traffic as demo_traffic
     from releasegate.settings import get_settings
 
+    rows = None
+    if data_path is not None:
+        if not label:
+            raise click.UsageError("--data needs --label: the column whose values are posted as feedback")
+        if drift:
+            raise click.UsageError("--drift shapes the demo's data; it does not apply to --data")
+        try:
+            rows = demo_traffic.replay_rows(data_path, label)
+        except demo_traffic.ReplayError as err:
+            raise click.BadParameter(str(err), param_hint="--data") from None
+    elif label:
+        raise click.UsageError("--label names a column of --data; the demo's traffic has its own label")
     settings = get_settings()
     demo_traffic.run(model=model, gateway_url=gateway_url or settings.gateway_url,
                      api_key=api_key or settings.admin_api_key, rps=rps, duration=duration,
-                     feedback_delay=feedback_delay, drift=drift, seed=seed)
+                     feedback_delay=feedback_delay, drift=drift, seed=seed, rows=rows)
 
 
 @main.command()

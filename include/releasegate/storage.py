@@ -45,7 +45,7 @@ predictions = sa.Table(
     sa.Column("inputs", sa.Text),  # JSON object: column -> value
     sa.Column("outputs", sa.Text),  # JSON: the prediction for this row
     sa.Column("latency_ms", sa.Float),
-    sa.Column("status", sa.String(10), nullable=False),  # ok | error | timeout
+    sa.Column("status", sa.String(10), nullable=False),  # ok | error | timeout | retried (batch failed, retry answered)
     sa.Column("error", sa.Text),
     sa.Index("ix_predictions_model_time", "model", "time"),
     sa.Index("ix_predictions_release", "release_id", "time"),

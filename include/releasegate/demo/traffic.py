@@ -1,8 +1,9 @@
-"""Demo traffic: one-row requests at a steady rate, each labelled after a delay, with progress lines.
+"""Traffic: one-row requests at a steady rate, each labelled after a delay, with progress lines.
 
-A customer id is the routing key, so a customer stays on one arm (sticky assignment). aiohttp
-rather than httpx: the load generator shares two cores with the gateway, and aiohttp's client
-costs a fraction of httpx's CPU per request.
+The rows are the demo's churn data, or any table of your own (`replay`: a holdout replayed as live
+traffic, its label column sent as feedback). A customer id is the routing key, so a customer stays
+on one arm (sticky assignment). aiohttp rather than httpx: the load generator shares two cores with
+the gateway, and aiohttp's client costs a fraction of httpx's CPU per request.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -22,6 +25,61 @@ _CUSTOMERS = 20_000
 # Rows and customers are drawn independently at random: tying a row to a customer would give each
 # canary arm a fixed subset of rows, repeated, which a drift test rightly flags as different.
 _POOL = 100_000
+
+
+class ReplayError(ValueError):
+    """A replay file that cannot be read, or that lacks the label column."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What the traffic sends: input records, and the label of each (None: nothing to post as feedback)."""
+
+    records: list[dict]
+    labels: list[Any]
+
+
+def demo_rows(drift: float = 0.0, seed: int = 7) -> Rows:
+    """The demo's churn customers, generated."""
+    from releasegate.demo import data
+
+    frame = data.generate(_POOL, seed=seed, drift=drift)
+    return Rows(frame[data.FEATURES].to_dict(orient="records"), [int(v) for v in frame[data.LABEL]])
+
+
+def replay_rows(path: str | Path, label: str) -> Rows:
+    """A table of your own (parquet or csv): every column but `label` is an input, `label` the ground truth."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except (OSError, ValueError, ImportError) as err:
+        raise ReplayError(f"cannot read {path} as {'csv' if path.suffix.lower() == '.csv' else 'parquet'}: "
+                          f"{err}") from err
+    if label not in frame.columns:
+        raise ReplayError(f"{path} has no label column {label!r} (columns: {', '.join(map(str, frame.columns))})")
+    if len(frame) == 0:
+        raise ReplayError(f"{path} has no rows")
+    # Missing values travel as null, as a caller's JSON would carry them.
+    frame = frame.astype(object).where(frame.notna(), None)
+    return Rows(frame.drop(columns=[label]).to_dict(orient="records"), [_native(v) for v in frame[label]])
+
+
+def _native(value: Any) -> Any:
+    """A numpy or pandas scalar as the JSON value a caller would send (NaN, NaT and pd.NA: null)."""
+    import pandas as pd
+
+    try:
+        if value is None or bool(pd.isna(value)):
+            return None
+    except (TypeError, ValueError):  # an array in a cell: not a missing scalar
+        pass
+    if hasattr(value, "isoformat"):  # datetime, pandas Timestamp
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalar
+        return value.item()
+    return value
 
 
 @dataclass
@@ -38,7 +96,8 @@ class Counters:
 async def _send(client: aiohttp.ClientSession, model: str, row: dict, key: str, counters: Counters,
                 pending: deque, label, due: float) -> None:
     try:
-        async with client.post(f"/models/{model}/invocations", data=orjson.dumps({"dataframe_records": [row]}),
+        async with client.post(f"/models/{model}/invocations",
+                               data=orjson.dumps({"dataframe_records": [row]}, default=_native),
                                headers={"content-type": "application/json", "x-routing-key": key}) as resp:
             raw = await resp.read()
             status = resp.status
@@ -53,7 +112,8 @@ async def _send(client: aiohttp.ClientSession, model: str, row: dict, key: str, 
     body = orjson.loads(raw)
     counters.ok += 1
     counters.arms[body.get("arm", "?")] = counters.arms.get(body.get("arm", "?"), 0) + 1
-    pending.append((due, {"request_id": body["request_id"], "ground_truth": label}))
+    if label is not None:  # an unlabelled row is traffic without feedback
+        pending.append((due, {"request_id": body["request_id"], "ground_truth": label}))
 
 
 async def _feedback_loop(client: aiohttp.ClientSession, pending: deque, counters: Counters, stop: asyncio.Event) -> None:
@@ -82,13 +142,9 @@ async def _feedback_loop(client: aiohttp.ClientSession, pending: deque, counters
         await asyncio.sleep(0.25)
 
 
-async def _run(model: str, gateway_url: str, api_key: str | None, rps: float, duration: float,
-               feedback_delay: float, drift: float, seed: int, concurrency: int, progress_every: float) -> Counters:
-    from releasegate.demo import data
-
-    frame = data.generate(_POOL, seed=seed, drift=drift)
-    labels = frame[data.LABEL].tolist()
-    rows = frame[data.FEATURES].to_dict(orient="records")
+async def _run(model: str, gateway_url: str, api_key: str | None, source: Rows, rps: float, duration: float,
+               feedback_delay: float, seed: int, concurrency: int, progress_every: float) -> Counters:
+    rows, labels = source.records, source.labels
     counters, pending = Counters(), deque()
     draw = random.Random(seed)
     stop = asyncio.Event()
@@ -108,7 +164,7 @@ async def _run(model: str, gateway_url: str, api_key: str | None, rps: float, du
             while i < target and len(in_flight) < concurrency:
                 n = draw.randrange(len(rows))
                 task = asyncio.create_task(_send(client, model, rows[n], f"c{draw.randrange(_CUSTOMERS)}",
-                                                 counters, pending, int(labels[n]), time.time() + feedback_delay))
+                                                 counters, pending, labels[n], time.time() + feedback_delay))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 i += 1
@@ -129,9 +185,13 @@ async def _run(model: str, gateway_url: str, api_key: str | None, rps: float, du
 
 def run(model: str, gateway_url: str, api_key: str | None, rps: float = 300, duration: float = 60,
         feedback_delay: float = 1.0, drift: float = 0.0, seed: int = 7, concurrency: int = 32,
-        progress_every: float = 5.0) -> Counters:
-    """Send traffic until `duration` seconds pass (0: until SIGTERM), then flush the labels."""
-    counters = asyncio.run(_run(model, gateway_url, api_key, rps, duration, feedback_delay, drift, seed,
+        progress_every: float = 5.0, rows: Rows | None = None) -> Counters:
+    """Send traffic until `duration` seconds pass (0: until SIGTERM), then flush the labels.
+
+    `rows`: what to send (see `replay_rows`); None sends the demo's churn customers (with `drift`).
+    """
+    source = rows if rows is not None else demo_rows(drift, seed)
+    counters = asyncio.run(_run(model, gateway_url, api_key, source, rps, duration, feedback_delay, seed,
                                 concurrency, progress_every))
     print(f"traffic done: {counters.sent:,} sent, {counters.ok:,} ok, {counters.errors} errors, "
           f"{counters.labels:,} labels", flush=True)

@@ -11,6 +11,23 @@ import logging
 import os
 import sys
 
+log = logging.getLogger(__name__)
+
+# The gateway already predicts in parallel (a pool of predict threads) and micro-batches; an OpenMP or BLAS
+# pool of one thread per core inside each call oversubscribes the CPU, and latency then measures contention.
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_NUMERIC_MODULES = ("numpy", "scipy", "sklearn", "onnxruntime")
+
+
+def one_thread_per_call() -> dict[str, str]:
+    """Default OMP/OpenBLAS/MKL threads to 1 where unset (an operator's own value wins); {variable: value set}.
+
+    These libraries read the variables when they load: call it before numpy or sklearn is imported.
+    """
+    chosen = {name: "1" for name in _THREAD_VARIABLES if not os.environ.get(name)}
+    os.environ.update(chosen)
+    return chosen
+
 
 def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: str | None = None,
         tls_key: str | None = None, tls_client_ca: str | None = None) -> None:
@@ -18,6 +35,8 @@ def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: s
 
     The TLS arguments override RELEASEGATE_GATEWAY_TLS_*; a client CA turns on mutual TLS.
     """
+    threads = one_thread_per_call()  # first: nothing numeric is imported yet (`python -m` and the CLI alike)
+    loaded_early = [m for m in _NUMERIC_MODULES if m in sys.modules]
     import ssl
 
     import uvicorn
@@ -32,6 +51,12 @@ def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: s
     # Progress bars from artifact downloads would drown the gateway's own log lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("OpenMP/BLAS threads per predict call: %s", ", ".join(
+        f"{name}={os.environ[name]}" + ("" if name in threads else " (from the environment)")
+        for name in _THREAD_VARIABLES))
+    if loaded_early and threads:
+        log.warning("%s imported before the gateway started: the thread defaults may not apply to it",
+                    ", ".join(loaded_early))
     tls = {}
     if config.tls_cert:
         tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}

@@ -24,6 +24,9 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1)
     max_rows: int = Field(1000, ge=1)
     retry_failed_load_seconds: float = Field(30.0, ge=0)
+    load_concurrency: int = Field(4, ge=1, description="Models whose stored routes load at once (start-up and "
+                                                       "polling); each route serves as soon as its own versions "
+                                                       "are loaded.")
     tls_cert: str | None = Field(None, description="Server certificate (PEM); with tls_key, the gateway speaks HTTPS.")
     tls_key: str | None = Field(None, description="Private key of tls_cert (PEM).")
     tls_client_ca: str | None = Field(None, description="CA bundle (PEM) for mutual TLS: clients must present a "

@@ -19,9 +19,9 @@ from releasegate.serving import auth, routing
 from releasegate.serving.config import GatewayConfig
 from releasegate.serving.logprocess import ProcessLogWriter
 from releasegate.serving.logwriter import LogWriter
-from releasegate.serving.payloads import PayloadError, Rows, check
+from releasegate.serving.payloads import PayloadError, Rows, select
 from releasegate.serving.routing import Route, RouteSpec
-from releasegate.serving.slots import LoadError, ModelCallError, Slot, load_slot
+from releasegate.serving.slots import LoadError, ModelCallError, Retried, Slot, load_slot
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,14 @@ class Active:
     route: Route
     champion: Slot
     candidate: Slot | None
-    same_schema: bool = field(init=False)  # the candidate takes the champion's checked rows as they are
+    same_schema: bool = field(init=False)  # the candidate takes the champion's selected rows as they are
+    declared: frozenset[str] | None = field(init=False)  # columns a served version declares; None: one takes all
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "same_schema", self.candidate is not None and
                            self.candidate.schema == self.champion.schema)
+        names = [s.schema.names for s in (self.champion, self.candidate) if s is not None]
+        object.__setattr__(self, "declared", None if None in names else frozenset().union(*names))
 
 
 class Answer(NamedTuple):  # a tuple: built once a request, a frozen dataclass's __init__ cost more
@@ -68,6 +71,8 @@ class Gateway:
         self.failures: dict[str, tuple[int, str, float]] = {}  # model -> (revision, error, when)
         self._slots: dict[tuple[str, str], Slot] = {}
         self._loading: dict[tuple[str, str], asyncio.Task] = {}
+        self._syncing: dict[str, asyncio.Task] = {}  # model -> loading its stored route
+        self._load_slots = asyncio.Semaphore(config.load_concurrency)
         self._locks: dict[str, asyncio.Lock] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="predict")
         # Written by a child process: a thread here would share the event loop's GIL (see logprocess).
@@ -107,7 +112,7 @@ class Gateway:
             await asyncio.sleep(0.02)
         if self._shadow or self._shadow_busy:
             log.warning("shutting down with %d mirrored requests unanswered", len(self._shadow) + self._shadow_busy)
-        for task in [*self._tasks, *self._mirroring]:
+        for task in [*self._tasks, *self._mirroring, *self._syncing.values()]:
             task.cancel()
         for slot in self._slots.values():
             slot.close()
@@ -161,12 +166,15 @@ class Gateway:
         self.metrics.route_revision.labels(active.route.model).set(active.route.revision)
         log.info("route %s revision %d applied: %s", active.route.model, active.route.revision,
                  active.route.model_dump(exclude={"model", "revision", "updated_at"}))
-        self._unload_unused()
+        self._unload_unused(active.route.model)
         return True
 
-    def _unload_unused(self) -> None:
-        used = {(a.route.model, s.version) for a in self.routes.values() for s in (a.champion, a.candidate) if s}
-        for key in [k for k in self._slots if k not in used]:
+    def _unload_unused(self, model: str) -> None:
+        """Close `model`'s slots its route does not use. Only under the model's lock: other models may be
+        loading at the same moment, and their slots are in no route yet."""
+        active = self.routes.get(model)
+        used = {s.version for s in (active.champion, active.candidate) if s} if active else set()
+        for key in [k for k in self._slots if k[0] == model and k[1] not in used]:
             self._slots.pop(key).close()
 
     def _read_routes(self) -> list[Route]:
@@ -199,33 +207,60 @@ class Gateway:
                 candidate = await self.slot(model, spec.candidate_version) if spec.candidate_version else None
             except LoadError:
                 self.metrics.route_load_failures.labels(model).inc()
-                self._unload_unused()
+                self._unload_unused(model)
                 raise
             route = await asyncio.to_thread(self._write_route, model, spec)
             self._apply(Active(route, champion, candidate))
             return route
 
     async def sync_routes(self) -> None:
-        """Apply every stored route newer than the one served, once its versions are loaded."""
+        """Load every stored route newer than the one served, each model on its own, `load_concurrency` at once.
+
+        A route is applied as soon as its own versions are loaded, so a slow model holds no other back. The first
+        sync returns once every stored route has been tried (readiness waits for it); later ones do not wait.
+        """
+        tasks = []
         for route in await asyncio.to_thread(self._read_routes):
-            current = self.routes.get(route.model)
-            if current is not None and current.route.revision >= route.revision:
+            if not self._wanted(route):
                 continue
-            failed = self.failures.get(route.model)
-            if failed and failed[0] == route.revision and \
-                    time.time() - failed[2] < self.config.retry_failed_load_seconds:
-                continue
-            async with self._lock(route.model):
-                try:
+            task = self._syncing.get(route.model)
+            if task is None:  # else a load is under way; a newer revision is picked up by the next poll
+                task = asyncio.create_task(self._sync_route(route), name=f"sync {route.model}")
+                self._syncing[route.model] = task
+                task.add_done_callback(lambda _, model=route.model: self._syncing.pop(model, None))
+            tasks.append(task)
+        if not self.synced:
+            self.synced = all(await asyncio.gather(*tasks))
+
+    def _wanted(self, route: Route) -> bool:
+        """A stored route newer than the one served, unless its load failed lately (retried after a while)."""
+        current = self.routes.get(route.model)
+        if current is not None and current.route.revision >= route.revision:
+            return False
+        failed = self.failures.get(route.model)
+        return not (failed and failed[0] == route.revision
+                    and time.time() - failed[2] < self.config.retry_failed_load_seconds)
+
+    async def _sync_route(self, route: Route) -> bool:
+        """Load and apply one stored route; False if something other than its versions failed (tried again)."""
+        async with self._lock(route.model):
+            if not self._wanted(route):  # an admin PUT applied a newer revision meanwhile
+                return True
+            try:
+                async with self._load_slots:
                     active = await self._prepare(route)
-                except LoadError as err:
-                    log.error("route %s revision %d not applied: %s", route.model, route.revision, err)
-                    self.failures[route.model] = (route.revision, str(err), time.time())
-                    self.metrics.route_load_failures.labels(route.model).inc()
-                    self._unload_unused()
-                    continue
-                self._apply(active)
-        self.synced = True
+            except LoadError as err:
+                log.error("route %s revision %d not applied: %s", route.model, route.revision, err)
+                self.failures[route.model] = (route.revision, str(err), time.time())
+                self.metrics.route_load_failures.labels(route.model).inc()
+                self._unload_unused(route.model)
+                return True
+            except Exception:  # e.g. the registry's database unreachable: not the route's fault
+                log.exception("loading route %s revision %d failed", route.model, route.revision)
+                self._unload_unused(route.model)
+                return False
+            self._apply(active)
+            return True
 
     async def _poll(self) -> None:
         while True:
@@ -262,44 +297,68 @@ class Gateway:
             raise NotFound(f"unknown model {model!r} (served models: {known})")
         return active
 
-    async def infer(self, active: Active, rows: Rows, request_id: str, routing_key: str) -> Answer:
-        """Route one request, answer it, log every model call (the caller's rows were checked already)."""
+    async def infer(self, active: Active, sent: Rows, request_id: str, routing_key: str) -> Answer:
+        """Route one request (the caller's parsed rows), answer it, log every model call.
+
+        Each version gets the columns its own signature declares; the champion's are checked first, so a
+        request it cannot take is a 422 whichever arm it is routed to.
+        """
+        champion = active.champion
+        rows = select(sent, champion.schema, champion.label)
+        logged = rows if rows is sent else self._logged(active, sent)
         route = active.route
         digest = routing.key_digest(route.model, routing_key)
         base = {"request_id": request_id, "model": route.model, "mode": route.mode, "release_id": route.release_id,
                 "routing_key_hash": digest[:16], "sample_bucket": routing.sample_bucket(request_id)}
         fallback = False
         if active.candidate is not None and routing.choose_arm(route, digest) == "candidate":
-            outputs = await self._call_candidate(active, rows, base, served=True)
+            outputs = await self._call_candidate(active, sent, rows, logged, base, served=True)
             if outputs is not None:
                 return Answer(outputs, active.candidate.version, "candidate")
             fallback = True
             self.metrics.fallbacks.labels(route.model).inc()
-        champion = active.champion
         start = time.perf_counter()
         try:
             outputs = await champion.predict(rows)
         except ModelCallError as err:
-            self._log_call(base, rows, None, champion, "champion", start, served=False, fallback=fallback,
+            self._log_call(base, logged, None, champion, "champion", start, served=False, fallback=fallback,
                            status="error", error=str(err))
             raise
-        self._log_call(base, rows, outputs, champion, "champion", start, served=True, fallback=fallback)
+        self._log_call(base, logged, outputs, champion, "champion", start, served=True, fallback=fallback)
         if route.mode == "shadow" and active.candidate is not None:
             if len(self._shadow) < self.config.shadow_queue:
-                self._shadow.append((active, rows, base))
+                self._shadow.append((active, sent, rows, logged, base))
                 self._shadow_wake.set()
             else:
                 self.metrics.shadow_dropped.labels(route.model).inc()
         return Answer(outputs, champion.version, "champion")
 
-    async def _call_candidate(self, active: Active, rows: Rows, base: dict, served: bool) -> list | None:
-        """The candidate's answer, or None after logging why it has none (error, timeout, wrong shape)."""
+    def _logged(self, active: Active, sent: Rows) -> Rows:
+        """The request's inputs as logged: the caller's values of every column a served version declares.
+
+        The others are ignored by every version; they are counted, not logged.
+        """
+        declared = active.declared
+        if declared is None:
+            return sent
+        kept = {name: values for name, values in sent.columns.items() if name in declared}
+        if len(kept) == len(sent.columns):
+            return sent
+        self.metrics.ignored(active.route.model, len(sent.columns) - len(kept))
+        return Rows(kept, sent.n)
+
+    async def _call_candidate(self, active: Active, sent: Rows, rows: Rows, logged: Rows, base: dict,
+                              served: bool) -> list | None:
+        """The candidate's answer, or None after logging why it has none (error, timeout, wrong shape).
+
+        `rows` are the champion's columns: the candidate's own are selected from what the caller `sent`.
+        """
         slot = active.candidate
         start = time.perf_counter()
         status, error = "ok", None
         try:
             if not active.same_schema:
-                rows = check(rows, slot.schema, slot.label)
+                rows = select(sent, slot.schema, slot.label)
             # A timeout scope, not wait_for: no extra task per call on the champion's event loop.
             async with asyncio.timeout(self.config.candidate_timeout):
                 outputs = await slot.predict(rows)
@@ -308,10 +367,10 @@ class Gateway:
         except (ModelCallError, PayloadError) as err:
             status, error = "error", str(err)
         if status != "ok":
-            self._log_call(base, rows, None, slot, "candidate", start, served=False, fallback=False,
+            self._log_call(base, logged, None, slot, "candidate", start, served=False, fallback=False,
                            status=status, error=error)
             return None
-        self._log_call(base, rows, outputs, slot, "candidate", start, served=served, fallback=False)
+        self._log_call(base, logged, outputs, slot, "candidate", start, served=served, fallback=False)
         return outputs
 
     async def _shadow_worker(self) -> None:
@@ -347,7 +406,7 @@ class Gateway:
             self._mirroring.add(task)
             task.add_done_callback(self._mirroring.discard)
 
-    def _mirror_inline(self, batch: list[tuple[Active, Rows, dict]]) -> bool:
+    def _mirror_inline(self, batch: list[tuple[Active, Rows, Rows, Rows, dict]]) -> bool:
         """One call of a compiled candidate for the whole batch; False where that does not apply.
 
         A compiled call takes microseconds and cannot hang, so it runs inline, without the per-request
@@ -356,26 +415,26 @@ class Gateway:
         the candidate would have cost the request.
         """
         slot = batch[0][0].candidate
-        if not all(a.candidate is slot and a.same_schema for a, _, _ in batch):
+        if not all(a.candidate is slot and a.same_schema for a, _, _, _, _ in batch):
             return False
         start = time.perf_counter()
         try:
-            values = slot.call_fast([rows for _, rows, _ in batch])
+            values = slot.call_fast([rows for _, _, rows, _, _ in batch])
         except ModelCallError:
             return False  # one call each attributes the error to its request
         if values is None:
             return False
         at = 0
-        for _, rows, base in batch:
-            self._log_call(base, rows, values[at:at + rows.n], slot, "candidate", start, served=False,
+        for _, _, rows, logged, base in batch:
+            self._log_call(base, logged, values[at:at + rows.n], slot, "candidate", start, served=False,
                            fallback=False)
             at += rows.n
         return True
 
-    async def _mirror_each(self, batch: list[tuple[Active, Rows, dict]]) -> None:
+    async def _mirror_each(self, batch: list[tuple[Active, Rows, Rows, Rows, dict]]) -> None:
         try:
-            await asyncio.gather(*(self._call_candidate(active, rows, base, served=False)
-                                   for active, rows, base in batch))
+            await asyncio.gather(*(self._call_candidate(active, sent, rows, logged, base, served=False)
+                                   for active, sent, rows, logged, base in batch))
         except Exception:
             log.exception("mirrored calls to %s", batch[0][0].candidate.label)
         finally:
@@ -385,6 +444,8 @@ class Gateway:
     def _log_call(self, base: dict, rows: Rows, outputs: list | None, slot: Slot, arm: str, start: float, *,
                   served: bool, fallback: bool, status: str = "ok", error: str | None = None) -> None:
         elapsed = time.perf_counter() - start
+        if type(outputs) is Retried:  # answered, but its batch call failed: that failure is the model's too
+            status, error = "retried", outputs.error
         self.metrics.model_call(slot.model, slot.version, arm, elapsed)
         if status != "ok":
             self.metrics.errors.labels(slot.model, slot.version, arm, status).inc()

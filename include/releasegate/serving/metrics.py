@@ -20,11 +20,16 @@ class Metrics:
         r = self.registry
         self.requests = Counter("releasegate_gateway_model_calls", "Model calls per arm (one per request and arm).",
                                 arm, registry=r)
-        self.errors = Counter("releasegate_gateway_model_errors", "Failed model calls, by kind (error | timeout).",
-                              arm + ("kind",), registry=r)
+        self.errors = Counter("releasegate_gateway_model_errors",
+                              "Failed model calls, by kind (error | timeout | retried: the request's batch call "
+                              "failed and a call of its own answered).", arm + ("kind",), registry=r)
         self.latency = Histogram("releasegate_gateway_model_latency_seconds",
                                  "Time from submitting rows to a model until its answer (batching included).",
                                  arm, buckets=_LATENCY_BUCKETS, registry=r)
+        # By model only: a label per column name would grow with whatever callers send.
+        self.ignored_columns = Counter("releasegate_gateway_ignored_columns",
+                                       "Request columns no served version of the model declares (ignored and not "
+                                       "logged), once per column and request.", ("model",), registry=r)
         self.fallbacks = Counter("releasegate_gateway_fallbacks",
                                  "Requests the champion answered because the candidate failed.", ("model",), registry=r)
         self.batch_rows = Histogram("releasegate_gateway_batch_rows", "Rows per predict call (micro-batching).",
@@ -77,6 +82,13 @@ class Metrics:
                                               self.latency.labels(model, version, arm))
         children[0].inc()
         children[1].observe(seconds)
+
+    def ignored(self, model: str, columns: int) -> None:
+        key = ("ignored", model)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.ignored_columns.labels(model)
+        child.inc(columns)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,9 @@
-"""Request bodies of both protocols → columns checked against the model's input signature.
+"""Request bodies of both protocols → the columns each served version declares, checked against its signature.
 
-Parsing and checking are plain Python on the request path; pandas is left to the batcher,
-which builds one DataFrame for many requests.
+A version gets exactly the columns its signature declares, so champion and candidate may differ:
+columns it does not declare are ignored (as MLflow's scoring server does), a declared optional
+column the caller omits is null. Parsing and checking are plain Python on the request path;
+pandas is left to the batcher, which builds one DataFrame for many requests.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def _type_ok(kind: str, value) -> bool:
 def _accepts(kind: str | None):
     """A quick test that says yes for every present, well-typed value JSON can carry (exact types only).
 
-    `check` runs it on every value of every request; a no (or a value of another type, like numpy's)
+    `select` runs it on every value of every request; a no (or a value of another type, like numpy's)
     sends the request through the full check, which has the final say and the error message.
     """
     if kind in ("double", "float"):
@@ -128,31 +130,38 @@ def _accepts(kind: str | None):
     return lambda v: v is not None and v == v  # any kind: present and not NaN
 
 
-def check(rows: Rows, schema: Schema, what: str) -> Rows:
-    """Raise PayloadError (422) unless `rows` has exactly the signature's columns with the right types."""
-    if schema.columns is None:
+def select(rows: Rows, schema: Schema, what: str) -> Rows:
+    """The columns `schema` declares, from the caller's `rows`: others ignored, an omitted optional one null.
+
+    PayloadError (422) names the column when a required one is missing or a value has the wrong type.
+    """
+    if schema.columns is None:  # no signature: the version takes what the caller sends
         return rows
     columns = rows.columns
-    if len(columns) == len(schema.columns) and all(name in columns for name in schema.names) and all(
-            all(map(accepts, columns[name])) for name, _, accepts in schema.validators):
-        # Every value is present and well typed: only the column order may need fixing.
-        return rows if list(columns) == schema.names else Rows({n: columns[n] for n in schema.names}, rows.n)
-    return _check(rows, schema, what)
+    try:
+        valid = all(all(map(accepts, columns[name])) for name, _, accepts in schema.validators)
+    except KeyError:  # a declared column was not sent
+        valid = False
+    if valid:
+        # Every declared value is present and well typed: only extra columns or the order may need fixing.
+        names = schema.names
+        return rows if list(columns) == names else Rows({n: columns[n] for n in names}, rows.n)
+    return _select(rows, schema, what)
 
 
-def _check(rows: Rows, schema: Schema, what: str) -> Rows:
-    expected = schema.names
-    missing = [c for c in expected if c not in rows.columns]
-    extra = [c for c in rows.columns if c not in set(expected)]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append("missing column(s) " + ", ".join(repr(c) for c in missing))
-        if extra:
-            parts.append("unexpected column(s) " + ", ".join(repr(c) for c in extra))
-        raise PayloadError(f"{what}: {'; '.join(parts)} (expected {', '.join(expected)})", 422)
+def _select(rows: Rows, schema: Schema, what: str) -> Rows:
+    missing = [c.name for c in schema.columns if c.required and c.name not in rows.columns]
+    if missing:
+        declared = ", ".join(c.name if c.required else f"{c.name} (optional)" for c in schema.columns)
+        raise PayloadError(f"{what}: missing column(s) {', '.join(repr(c) for c in missing)} (expected {declared})",
+                           422)
+    selected = {}
     for col in schema.columns:
-        for i, value in enumerate(rows.columns[col.name]):
+        values = rows.columns.get(col.name)
+        if values is None:  # an optional column the caller left out: null in every row, as pandas reads it
+            selected[col.name] = [None] * rows.n
+            continue
+        for i, value in enumerate(values):
             if _is_missing(value):
                 if col.required:
                     raise PayloadError(f"{what}: column {col.name!r} row {i} is null/NaN, but the model requires "
@@ -161,8 +170,9 @@ def _check(rows: Rows, schema: Schema, what: str) -> Rows:
             if col.kind is not None and not _type_ok(col.kind, value):
                 raise PayloadError(f"{what}: column {col.name!r} row {i} expects {_describe(col.kind)}, "
                                    f"got {type(value).__name__} {value!r:.60}", 422)
+        selected[col.name] = values
     # Column order follows the signature, so the batch frame needs no reordering.
-    return Rows({name: rows.columns[name] for name in expected}, rows.n)
+    return Rows(selected, rows.n)
 
 
 def _describe(kind: str) -> str:

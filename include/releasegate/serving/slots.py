@@ -40,6 +40,19 @@ class ModelCallError(Exception):
     """A predict call that raised or answered with the wrong shape."""
 
 
+class Retried(list):
+    """A request's answers from a call of its own after its batch call failed; `error` says how that call failed.
+
+    A list, so callers use it as any answer; only the log looks at the type (status `retried`).
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, values: list, error: str):
+        super().__init__(values)
+        self.error = error
+
+
 @dataclass
 class _Job:
     rows: Rows
@@ -96,7 +109,7 @@ class Slot:
         self.label = f"{model} v{version}"
         self.schema = schema
         self._pyfunc = pyfunc
-        # A plain sklearn predict skips MLflow's own schema enforcement: `payloads.check` already did it.
+        # A plain sklearn predict skips MLflow's own schema enforcement: `payloads.select` already did it.
         estimator = compiled.raw_sklearn(pyfunc)
         self._predict = estimator.predict if estimator is not None else pyfunc.predict
         self._estimator = estimator
@@ -252,12 +265,17 @@ class Slot:
             if len(jobs) == 1:
                 _settle(jobs[0].future, error=err)
                 return
-            # One bad request must not fail its neighbours: answer each on its own.
+            # One bad request must not fail its neighbours: answer each on its own. Each answer still carries the
+            # batch's failure (logged as `retried`), so the logged error rate stays the model's call failure rate.
+            text = str(err)
+            batch_error = text.splitlines()[0][:200] if text else type(err).__name__
             for job in jobs:
                 try:
-                    _settle(job.future, await loop.run_in_executor(self._executor, self.call, [job.rows]))
+                    values = await loop.run_in_executor(self._executor, self.call, [job.rows])
                 except Exception as one_err:
                     _settle(job.future, error=one_err)
+                else:
+                    _settle(job.future, Retried(values, batch_error))
             return
         start = 0
         for job in jobs:

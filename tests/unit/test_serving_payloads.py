@@ -1,0 +1,94 @@
+"""Each served version gets exactly the columns its signature declares, from whatever the caller sent."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from releasegate.serving.payloads import Column, PayloadError, Rows, Schema, parse_invocations, select
+
+CHAMPION = Schema((Column("age", "long"), Column("income", "double"), Column("region", "string")))
+NARROW = Schema((Column("age", "long"), Column("income", "double")))  # a candidate that dropped region
+WIDE = Schema(CHAMPION.columns + (Column("tenure", "double", required=False),))  # one that added an optional column
+
+
+def _sent(**columns) -> Rows:
+    return Rows({name: list(values) for name, values in columns.items()}, len(next(iter(columns.values()))))
+
+
+def test_exactly_the_declared_columns_pass_through_uncopied():
+    sent = _sent(age=[30, 41], income=[1.5, 2.0], region=["north", "west"])
+    assert select(sent, CHAMPION, "gw v1") is sent
+
+
+def test_columns_in_another_order_follow_the_signature():
+    sent = _sent(region=["north"], income=[1.5], age=[30])
+    rows = select(sent, CHAMPION, "gw v1")
+    assert list(rows.columns) == ["age", "income", "region"] and rows.columns["age"] is sent.columns["age"]
+
+
+def test_columns_a_version_does_not_declare_are_ignored():
+    sent = _sent(age=[30], income=[1.5], region=["north"], zip=["12345"])
+    rows = select(sent, CHAMPION, "gw v1")
+    assert rows.columns == {"age": [30], "income": [1.5], "region": ["north"]} and rows.n == 1
+    assert sent.columns["zip"] == ["12345"]  # the caller's rows are left as they were (they are logged)
+
+
+def test_a_candidate_that_dropped_a_column_gets_the_others_from_the_same_request():
+    sent = _sent(age=[30, 41], income=[1.5, 2.0], region=["north", "west"])
+    assert select(sent, NARROW, "gw v2").columns == {"age": [30, 41], "income": [1.5, 2.0]}
+
+
+def test_an_optional_column_the_caller_omits_arrives_as_null():
+    sent = _sent(age=[30, 41], income=[1.5, 2.0], region=["north", "west"])
+    rows = select(sent, WIDE, "gw v3")
+    assert list(rows.columns) == ["age", "income", "region", "tenure"] and rows.columns["tenure"] == [None, None]
+
+
+def test_an_optional_column_takes_values_and_nulls_when_sent():
+    sent = _sent(age=[30, 41, 52], income=[1.5, 2.0, 3.0], region=["a", "b", "c"], tenure=[12.0, None, math.nan])
+    assert select(sent, WIDE, "gw v3").columns["tenure"] is sent.columns["tenure"]
+
+
+def test_a_missing_required_column_is_a_422_naming_it():
+    sent = _sent(age=[30], tenure=[3.0])
+    with pytest.raises(PayloadError) as caught:
+        select(sent, WIDE, "gw v3")
+    assert caught.value.status == 422
+    assert str(caught.value) == ("gw v3: missing column(s) 'income', 'region' "
+                                 "(expected age, income, region, tenure (optional))")
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("age", "old", "column 'age' row 1 expects an integer"),
+    ("age", 2.5, "column 'age' row 1 expects an integer"),
+    ("income", None, "column 'income' row 1 is null/NaN, but the model requires a value"),
+    ("tenure", "long", "column 'tenure' row 1 expects a finite number (double)"),
+])
+def test_a_wrongly_typed_or_missing_value_is_a_422_naming_the_column(column, value, message):
+    values = {"age": [30, 41], "income": [1.5, 2.0], "region": ["a", "b"], "tenure": [1.0, 2.0], "zip": ["1", "2"]}
+    values[column][1] = value
+    with pytest.raises(PayloadError, match=re.escape(message)) as caught:
+        select(Rows(values, 2), WIDE, "gw v3")
+    assert caught.value.status == 422
+
+
+def test_an_ignored_column_is_not_type_checked():
+    sent = _sent(age=[30], income=[1.5], region=["north"])
+    assert select(_sent(age=[30], income=[1.5], region=["north"], zip=[None]), CHAMPION, "gw v1").columns == \
+        sent.columns
+
+
+def test_a_version_without_a_signature_gets_every_column():
+    sent = _sent(age=[30], anything=[[1, 2]])
+    assert select(sent, Schema(None), "gw v4") is sent
+
+
+def test_a_parsed_request_with_an_extra_column_serves_both_arms():
+    body = {"dataframe_records": [{"age": 30, "income": 1.5, "region": "north", "zip": "123"}]}
+    sent = parse_invocations(body, CHAMPION)
+    assert list(select(sent, CHAMPION, "gw v1").columns) == ["age", "income", "region"]
+    assert list(select(sent, NARROW, "gw v2").columns) == ["age", "income"]
+    assert select(sent, WIDE, "gw v3").columns["tenure"] == [None]

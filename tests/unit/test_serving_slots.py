@@ -1,0 +1,71 @@
+"""A slot's micro-batch: a failed batch call is retried request by request, and the answers say so."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow.pyfunc
+import pandas as pd
+import pytest
+
+from releasegate.serving.metrics import Metrics
+from releasegate.serving.payloads import Rows, Schema
+from releasegate.serving.slots import ModelCallError, Retried, Slot
+
+
+class Poisoned(mlflow.pyfunc.PythonModel):
+    """Doubles x; a call that holds x == 77 raises."""
+
+    def predict(self, context, model_input, params=None):
+        if (model_input["x"] == 77).any():
+            raise RuntimeError("refuses x 77")
+        return (model_input["x"] * 2).tolist()
+
+
+@pytest.fixture(scope="module")
+def pyfunc(tmp_path_factory):
+    """A real MLflow pyfunc directory, loaded as the gateway loads it."""
+    path = tmp_path_factory.mktemp("poisoned") / "model"
+    mlflow.pyfunc.save_model(path, python_model=Poisoned(), input_example=pd.DataFrame({"x": [1, 2]}))
+    return mlflow.pyfunc.load_model(str(path))
+
+
+@pytest.fixture
+def slot(pyfunc):
+    slot = Slot("m", "1", pyfunc, Schema.from_mlflow(pyfunc.metadata.get_input_schema()), Metrics(),
+                ThreadPoolExecutor(2), max_wait=0.01)
+    slot.warm(None)
+    return slot
+
+
+def _batch(slot: Slot, xs: list[int]) -> list:
+    """The outcome of each one-row request, all submitted before the batcher runs (so they share a call)."""
+
+    async def serve():
+        slot.start()
+        try:
+            return await asyncio.gather(*(slot.predict(Rows({"x": [x]}, 1)) for x in xs), return_exceptions=True)
+        finally:
+            slot.close()
+
+    return asyncio.run(serve())
+
+
+def test_a_batch_that_answers_gives_plain_answers(slot):
+    answers = _batch(slot, [1, 2, 3])
+    assert answers == [[2], [4], [6]] and all(type(a) is list for a in answers)
+
+
+def test_a_poisoned_request_fails_alone_and_its_neighbours_answers_carry_the_failed_call(slot):
+    answers = _batch(slot, [1, 77, 3, 4])
+    assert isinstance(answers[1], ModelCallError) and "refuses x 77" in str(answers[1])
+    neighbours = [answers[0], answers[2], answers[3]]
+    assert neighbours == [[2], [6], [8]]
+    assert all(type(a) is Retried and "m v1 predict failed: RuntimeError: refuses x 77" in a.error
+               for a in neighbours)
+
+
+def test_a_request_alone_in_its_call_is_not_retried(slot):
+    [answer] = _batch(slot, [77])
+    assert isinstance(answer, ModelCallError)
