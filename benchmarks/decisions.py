@@ -141,9 +141,10 @@ class Looks:
                Arm.candidate: float(np.quantile(cand, 0.99)) if n_c else float("nan")}
         slow = None
         if n_b >= 100:  # checks.MIN_P99_ROWS
+            # Both arms over the champion's limit of this look, as canary_stats contrasts them.
             limit = self.policy.guardrails.latency_limit_ms(p99[Arm.champion])
-            k = int(np.count_nonzero(cand > limit))
-            slow = sequential.Summary(n_c, float(k), float(k))
+            over = (self.step.latency[:m] > limit).astype(float)
+            slow = sequential.Summary.of(sequential.aipw_contrasts(over, self.step.cand[:m], self.step.weight / 100))
         slices = []
         for r, (count, prefix, c_count, c_right, b_right) in enumerate(self.slices):
             j = int(count[i])

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from importlib import metadata
-from pathlib import Path
 
 
 def train_and_register(model: str, rows: int, seed: int, alias: str | None) -> str:
     import mlflow
     from mlflow.models import infer_signature
 
+    from releasegate import training
     from releasegate.demo import data
-    from releasegate.demo.models import SKOPS_TRUSTED_TYPES, build_pipeline
-    from releasegate.evaluation import LABEL_TAG
-    from releasegate.validation import SUITE_TAG
+    from releasegate.demo.models import build_pipeline
 
     train = data.generate(rows, seed=seed)
     holdout = data.generate(max(rows // 5, 500), seed=seed + 1)
@@ -39,24 +36,18 @@ def train_and_register(model: str, rows: int, seed: int, alias: str | None) -> s
         mlflow.log_metric("holdout_accuracy", accuracy)
         info = mlflow.sklearn.log_model(pipeline, name="model", registered_model_name=model, input_example=example,
                                         signature=infer_signature(example, pipeline.predict(example).astype("int64")),
-                                        serialization_format="skops", skops_trusted_types=SKOPS_TRUSTED_TYPES,
+                                        serialization_format="skops",
+                                        skops_trusted_types=training.skops_trusted_types(pipeline),
                                         # Listed rather than inferred: inferring loads the model in a subprocess.
                                         pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in
                                                           ("scikit-learn", "pandas", "numpy", "mlflow", "skops")])
-        with tempfile.TemporaryDirectory() as tmp:
-            reference, evaluation = Path(tmp) / "reference.parquet", Path(tmp) / "holdout.parquet"
-            x.sample(min(len(x), 5000), random_state=seed).reset_index(drop=True).to_parquet(reference)
-            holdout.to_parquet(evaluation)
-            mlflow.log_artifact(str(reference), artifact_path="releasegate")
-            mlflow.log_artifact(str(evaluation), artifact_path="releasegate")
+        # Drift compares live inputs with the reference; validation compares the versions on the holdout.
+        training.log_release_data(x.sample(min(len(x), 5000), random_state=seed), holdout)
     version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    # The data contract the release checks the holdout and the live inputs against (include/expectations/).
-    client.set_registered_model_tag(model, SUITE_TAG, "churn")
-    # The holdout's label column (without the tag, a column named `label`).
-    client.set_registered_model_tag(model, LABEL_TAG, data.LABEL)
+    # The data contract (include/expectations/churn.json) and the holdout's label column.
+    training.tag_model(model, suite="churn", label=data.LABEL)
     if alias:
-        client.set_registered_model_alias(model, alias, version)
+        mlflow.MlflowClient().set_registered_model_alias(model, alias, version)
     print(f"registered {model} v{version} (holdout accuracy {accuracy:.3f})" + (f", alias {alias}" if alias else ""))
     return version
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from releasegate.contract import SUITE_TAG
 from releasegate.settings import Settings, get_settings
 
 
@@ -210,9 +211,9 @@ def _against_policy(policy, holdout, label: str | None, found: _Findings) -> Non
 def _contract(model: str, holdout, label: str | None, settings: Settings, found: _Findings) -> None:
     from releasegate import registry, validation
 
-    suite = registry.get_model_tags(model, settings=settings).get(validation.SUITE_TAG)
+    suite = registry.get_model_tags(model, settings=settings).get(SUITE_TAG)
     if not suite:
-        found.error("contract", f"the registered model has no {validation.SUITE_TAG} tag: write a Great Expectations "
+        found.error("contract", f"the registered model has no {SUITE_TAG} tag: write a Great Expectations "
                                 f"suite (JSON) into a folder of RELEASEGATE_EXPECTATIONS_DIR and tag the model with "
                                 f"its name")
         return

@@ -13,6 +13,11 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, model_validator
 
 
+# Registered-model tags releasegate reads: the expectation suite, the holdout's label column, the backend.
+SUITE_TAG = "releasegate.expectation_suite"
+LABEL_TAG = "releasegate.label"
+BACKEND_TAG = "releasegate.backend"
+
 # The asset the nightly evaluation emits an event on when a champion needs retraining.
 RETRAINING_ASSET = "releasegate://retraining-needed"
 

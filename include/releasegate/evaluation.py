@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from pydantic import BaseModel
 
+from releasegate.contract import LABEL_TAG
 from releasegate.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 HOLDOUT_ARTIFACT = "releasegate/holdout.parquet"
 # The registered-model tag naming the holdout's label column; without it a column named LABEL_COLUMN.
-LABEL_TAG = "releasegate.label"
 LABEL_COLUMN = "label"
 HIGHER_IS_BETTER = {"accuracy": True, "roc_auc": True, "log_loss": False, "mae": False, "rmse": False}
 # These score probabilities of the positive class (or a row of class probabilities), not labels.
@@ -89,7 +89,8 @@ class Judgement(Comparison):
     comparisons: int  # the family alpha is split over: overall + judged slices
     min_rows: int
     slices: list[SliceComparison]
-    reasons: list[str]
+    reasons: list[str]  # why the candidate is rejected; empty when it passes
+    notes: list[str] = []  # what was not judged, and why
 
 
 class EvaluationResult(Judgement):
@@ -160,11 +161,13 @@ def judge(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, frame: "pd.Data
 
     metric, margin, min_rows = policy.offline.metric, policy.offline.margin, policy.offline.min_rows
     y, cand, champ = np.asarray(y_true), np.asarray(y_cand), np.asarray(y_champ)
-    reasons = []
+    reasons: list[str] = []
+    notes: list[str] = []
     groups = []
     for feature in policy.slices:
         if feature not in frame.columns:
-            reasons.append(f"slice feature {feature!r} is not a column of the holdout")
+            # The policy names slices for every model it governs; a model without the column has no such slices.
+            notes.append(f"slice feature {feature!r} is not a column of the holdout: not analysed")
             continue
         groups += [(feature, str(value), index) for value, index in
                    frame.groupby(feature, observed=True).indices.items()]
@@ -196,7 +199,7 @@ def judge(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, frame: "pd.Data
             reasons.append(_shortfall(part, f"slice {feature}={value}"))
 
     return Judgement(**overall.model_dump(exclude={"passed"}), passed=not reasons, alpha=policy.alpha,
-                     comparisons=judged, min_rows=min_rows, slices=slices, reasons=reasons)
+                     comparisons=judged, min_rows=min_rows, slices=slices, reasons=reasons, notes=notes)
 
 
 def label_column(model: str, holdout_columns: Sequence[str], settings: Settings | None = None) -> str:

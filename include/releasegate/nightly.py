@@ -18,10 +18,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from releasegate import audit, drift
-from releasegate.contract import AuditAction
+from releasegate.contract import SUITE_TAG, AuditAction
 from releasegate.evaluation import HOLDOUT_ARTIFACT, label_column
 from releasegate.settings import Settings, get_settings
-from releasegate.validation import SUITE_TAG
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 ARTIFACT_ROOT = "releasegate"
 _ALLOW_DESERIALIZATION = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 _env_lock = threading.Lock()
+_allowing = 0  # loads inside _deserialization_allowed
+_previous: str | None = None  # the operator's setting, put back when the last of them ends
 
 
 class RegistryError(LookupError):
@@ -210,17 +212,24 @@ def load_pyfunc(model_dir: str | Path) -> Any:
 @contextmanager
 def _deserialization_allowed() -> Iterator[None]:
     # An operator may forbid MLflow's unpickling (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false); a directory
-    # whose signature we verified is the exception that switch exists for.
+    # whose signature we verified is the exception that switch exists for. Counted, not held: the gateway
+    # loads several models at once, and a lock around the whole load would queue them one by one.
+    global _allowing, _previous
     with _env_lock:
-        previous = os.environ.get(_ALLOW_DESERIALIZATION)
-        os.environ[_ALLOW_DESERIALIZATION] = "true"
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop(_ALLOW_DESERIALIZATION, None)
-            else:
-                os.environ[_ALLOW_DESERIALIZATION] = previous
+        if _allowing == 0:
+            _previous = os.environ.get(_ALLOW_DESERIALIZATION)
+            os.environ[_ALLOW_DESERIALIZATION] = "true"
+        _allowing += 1
+    try:
+        yield
+    finally:
+        with _env_lock:
+            _allowing -= 1
+            if _allowing == 0:
+                if _previous is None:
+                    os.environ.pop(_ALLOW_DESERIALIZATION, None)
+                else:
+                    os.environ[_ALLOW_DESERIALIZATION] = _previous
 
 
 def _registered_model(model: str, settings: Settings | None) -> Any:

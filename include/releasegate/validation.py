@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from releasegate.contract import SUITE_TAG
 from releasegate.evaluation import HOLDOUT_ARTIFACT, EvaluationResult
 from releasegate.settings import Settings, get_settings
 
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
 
     from releasegate.policy import Policy
 
-SUITE_TAG = "releasegate.expectation_suite"
 
 
 class ContractResult(BaseModel):

@@ -59,7 +59,9 @@ import httpx
 import pytest
 
 from releasegate import registry, release
+from releasegate.contract import Arm, Stage
 from releasegate.release import State
+from releasegate.verdict import Decision, MetricResult, Verdict
 from tests.integration import own_models as om
 from tests.integration.conftest import Stack, free_port
 
@@ -298,9 +300,9 @@ def summary(fleet: Fleet) -> str:
             lines.append(f"{p.model:18s} v{p.version:3s} {p.role:8s} {state:12s} process {p.wall_seconds or 0:5.0f} s,"
                          f" release {duration} s: {(rel.reasons[-1] if rel and rel.reasons else '')[:400]}")
             for v in (rel.verdicts if rel else []):
-                window = v["window"]
-                lines.append(f"    {window['stage']:10s} {v['decision']:9s} {window['end'] - window['start']:5.0f} s "
-                             f"{sum(a['requests'] for a in v['samples'].values()):7d} requests  {v['reason'][:200]}")
+                window = v.window
+                lines.append(f"    {str(window.stage):16s} {v.decision.value:9s} {window.end - window.start:5.0f} s "
+                             f"{sum(a.requests for a in v.samples.values()):7d} requests  {v.reason[:200]}")
     return "\n".join(lines)
 
 
@@ -348,19 +350,21 @@ def fleet(tmp_path_factory, airflow_env):
 # --- the behaviours --------------------------------------------------------------------------
 
 
-def _stages(rel: release.Release) -> list[str]:
-    return [v["window"]["stage"] for v in rel.verdicts]
+def _stages(rel: release.Release) -> list[Stage]:
+    return [v.window.stage for v in rel.verdicts]
 
 
 def _assert_promoted_through_every_step(rel: release.Release) -> None:
     assert rel.state is State.promoted, rel.reasons
-    decisions = [v["decision"] for v in rel.verdicts]
-    assert _stages(rel) == ["shadow", "canary-5", "canary-25", "canary-50"], _stages(rel)
-    assert decisions[0] == decisions[-1] == "promote" and set(decisions[1:-1]) <= {"promote", "continue"}, decisions
+    decisions = [v.decision for v in rel.verdicts]
+    assert _stages(rel) == [Stage.shadow(), Stage.canary(1, 5), Stage.canary(2, 25), Stage.canary(3, 50)], \
+        _stages(rel)
+    assert decisions[0] is decisions[-1] is Decision.promote, decisions
+    assert set(decisions[1:-1]) <= {Decision.promote, Decision.continue_}, decisions
 
 
-def _metric(verdict: dict, name: str) -> dict:
-    return next(m for m in verdict["metrics"] if m["name"] == name)
+def _metric(verdict: Verdict, name: str) -> MetricResult:
+    return next(m for m in verdict.metrics if m.name == name)
 
 
 def test_better_regressor_is_promoted_under_a_policy_from_the_users_own_folder(fleet):
@@ -368,9 +372,9 @@ def test_better_regressor_is_promoted_under_a_policy_from_the_users_own_folder(f
     assert rel.policy["name"] == om.PRICE_POLICY and rel.policy["primary"]["margin"] == 5.0
     _assert_promoted_through_every_step(rel)
     shadow = rel.verdicts[0]
-    assert [m["name"] for m in shadow["metrics"]] == ["error_rate", "latency_p99", "absolute_error", "agreement"]
+    assert [m.name for m in shadow.metrics] == ["error_rate", "latency_p99", "absolute_error", "agreement"]
     error = _metric(shadow, "absolute_error")
-    assert error["upper"] < 0, error  # the candidate's error in k€ is clearly the smaller
+    assert error.upper < 0, error  # the candidate's error in k€ is clearly the smaller
     assert "absolute error" in rel.reasons[-1]
 
 
@@ -380,15 +384,15 @@ def test_worse_regressor_is_rolled_back_in_shadow(fleet):
     assert rel.champion_version == better  # released against the champion the first release promoted
     assert rel.state is State.rolled_back, rel.reasons
     last = rel.verdicts[-1]
-    assert last["window"]["stage"] == "shadow" and last["decision"] == "rollback", last["reason"]
+    assert last.window.stage.is_shadow and last.decision is Decision.rollback, last.reason
     # Whichever check shows it first: the error in k€ (once labels arrive) or the answers' agreement within
     # 60 k€ (at once, no labels needed); the error is far above the policy's 5 k€ margin either way.
-    failed = {m["name"] for m in last["metrics"] if m["passed"] is False}
-    assert failed & {"absolute_error", "agreement"}, last["reason"]
+    failed = {m.name for m in last.metrics if m.passed is False}
+    assert failed & {"absolute_error", "agreement"}, last.reason
     assert rel.reasons[-1].startswith(("rollback: absolute error of candidate − champion is +",
                                        "rollback: the arms agree on")), rel.reasons[-1]
     error = _metric(last, "absolute_error")
-    assert error["estimate"] is None or error["estimate"] > 5.0, error
+    assert error.estimate is None or error.estimate > 5.0, error
     assert registry.get_alias("prices", "champion") == better
 
 
@@ -397,17 +401,17 @@ def test_better_three_class_classifier_is_promoted_under_the_default_policy(flee
     assert rel.policy["name"] == "default"
     _assert_promoted_through_every_step(rel)
     accuracy = _metric(rel.verdicts[0], "accuracy")
-    assert accuracy["lower"] > 0, accuracy  # in shadow, on the same requests, clearly more accurate
+    assert accuracy.lower > 0, accuracy  # in shadow, on the same requests, clearly more accurate
     # The promotion cites the gain it rests on: accuracy up, with its lower bound above zero.
     assert re.search(r"accuracy \+\d\.\d{3} \(\+\d", rel.reasons[-1]), rel.reasons[-1]
     # The default policy's slices: every region judged on its own.
-    regions = {s["value"] for s in rel.verdicts[0]["slices"] if s["feature"] == "region"}
+    regions = {s.value for s in rel.verdicts[0].slices if s.feature == "region"}
     assert regions == set(om.REGIONS)
     assert registry.get_alias("segments", "champion") == fleet.planned("segments", "better").version
 
 
 def _candidate_errors(rel: release.Release) -> int:
-    return sum(v["samples"]["candidate"]["errors"] for v in rel.verdicts)
+    return sum(v.samples[Arm.candidate].errors for v in rel.verdicts)
 
 
 def test_candidate_that_drops_a_column_callers_still_send_is_released(fleet):

@@ -385,7 +385,7 @@ def test_a_check_that_cannot_clear_its_limit_within_the_extensions_rolls_back_af
     late = analyse_frames(preds, fb, canary(50), pol, window=(0.0, 600.0))
     assert metric(late, "latency_p99").futile and late.decision is Decision.rollback
     assert late.reason.startswith("rollback: after a full window, at the current estimates not even the canary "
-                                  "time still allowed would show share over the latency limit")
+                                  "time still allowed would show extra share over the latency limit")
     # Without extensions to skip, the policy's inconclusive rule decides at the window's end.
     no_extensions = pol.model_copy(update={"max_extensions": 0})
     closed = analyse_frames(preds, fb, canary(50), no_extensions, window=(0.0, 600.0), window_closed=True)

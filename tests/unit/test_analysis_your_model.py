@@ -121,3 +121,17 @@ def test_the_latency_check_waits_for_its_minimum_sample_before_it_decides():
     late = analyse_frames(*regression_shadow(400, candidate_noise=1.0, candidate_latency_ms=200.0), SHADOW, policy,
                           window=(1000, 1004))
     assert late.decision is Decision.rollback and "slower than the latency limit" in late.reason
+
+
+def test_a_stall_of_the_whole_gateway_slows_both_arms_and_is_not_held_against_the_candidate():
+    preds, fb = regression_shadow(3000, candidate_noise=1.0)
+    stalled = preds["request_id"].isin([f"r{i}" for i in range(0, 3000, 40)])  # 2.5 % of requests, both arms
+    preds.loc[stalled, "latency_ms"] = 400.0
+    verdict = analyse_frames(preds, fb, SHADOW, policies.parse(REGRESSION), window=(1000, 1030))
+    latency = next(m for m in verdict.metrics if m.name == "latency_p99")
+    assert latency.passed and abs(latency.estimate) < 0.005, latency
+    # A candidate slow on its own, on the same share of requests, is caught.
+    own = preds.copy()
+    own.loc[stalled & (own["arm"] == "champion"), "latency_ms"] = 20.0
+    slow = analyse_frames(own, fb, SHADOW, policies.parse(REGRESSION), window=(1000, 1030))
+    assert next(m for m in slow.metrics if m.name == "latency_p99").passed is False

@@ -119,7 +119,7 @@ def test_an_earlier_step_ends_the_release_when_the_rest_of_the_canary_could_not_
                                 candidate_slowdown=1.5), policy, 25)
     closed = verdict_from_stats(slow, canary(25), policy, (0, 600), window_closed=True)
     assert closed.decision is Decision.rollback, closed.reason
-    assert "not even the canary time still allowed would show share over the latency limit" in closed.reason
+    assert "not even the canary time still allowed would show extra share over the latency limit" in closed.reason
     fine = frame_stats(*traffic(20000, "canary", weight=25, seed=22, champion_acc=0.85, candidate_acc=0.85),
                        policy, 25)
     passed_on = verdict_from_stats(fine, canary(25), policy, (0, 600), window_closed=True)

@@ -88,3 +88,65 @@ def test_a_slot_serves_the_graph_and_falls_back_to_sklearn_for_missing_values(fr
 
     answers = asyncio.run(serve())
     assert [a[0] for a in answers] == pipe.predict(live[data.FEATURES].head(40)).tolist()
+
+
+def _slot_of(pipe, example, tmp_path, name: str, signature=None) -> Slot:
+    """A real MLflow model directory, loaded and warmed as the gateway loads one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlflow.pyfunc
+    import mlflow.sklearn
+
+    from releasegate.training import skops_trusted_types
+
+    mlflow.sklearn.save_model(pipe, tmp_path / name, input_example=example,
+                              signature=signature or mlflow.models.infer_signature(example, pipe.predict(example)),
+                              serialization_format="skops", skops_trusted_types=skops_trusted_types(pipe))
+    pyfunc = mlflow.pyfunc.load_model(str(tmp_path / name))
+    slot = Slot("m", "1", pyfunc, Schema.from_mlflow(pyfunc.metadata.get_input_schema()), Metrics(),
+                ThreadPoolExecutor(2))
+    slot.warm(Rows(example.to_dict(orient="list"), len(example)))
+    return slot
+
+
+def test_a_regressor_is_served_by_its_graph_within_float32_of_sklearn(frames, tmp_path):
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    train, live = frames
+    pipe = Pipeline([("features", ColumnTransformer([("n", StandardScaler(), data.NUMERIC),
+                                                     ("c", OneHotEncoder(handle_unknown="ignore"), data.CATEGORICAL)])),
+                     ("model", Ridge())]).fit(train[data.FEATURES], train["monthly_charges"] * 12.5)
+    slot = _slot_of(pipe, train[data.FEATURES].head(20), tmp_path, "ridge")
+    assert slot.engine == "onnxruntime (skl2onnx)"
+    got = slot.call_fast([Rows(live[data.FEATURES].head(200).to_dict(orient="list"), 200)])
+    want = pipe.predict(live[data.FEATURES].head(200))
+    assert got == pytest.approx(want.tolist(), rel=1e-4)
+
+
+def test_an_optional_column_left_out_takes_the_graph_only_where_sklearn_answers_it_the_same(frames, tmp_path):
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema as MlflowSchema
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    train, live = frames
+    numeric = ["age", "tenure_months", "monthly_charges"]
+    signature = ModelSignature(MlflowSchema([ColSpec("long", "age"), ColSpec("long", "tenure_months"),
+                                             ColSpec("double", "monthly_charges", required=False)]),
+                               MlflowSchema([ColSpec("long")]))
+    imputed = Pipeline([("impute", ColumnTransformer([("i", SimpleImputer(strategy="median"), numeric)])),
+                        ("model", LogisticRegression(max_iter=500))]).fit(train[numeric], train[data.LABEL])
+    bare = LogisticRegression(max_iter=500).fit(train[numeric], train[data.LABEL])
+    rows = live[numeric].head(50).to_dict(orient="list")
+    rows["monthly_charges"] = [None] * 50
+    with_imputer = _slot_of(imputed, train[numeric].head(5), tmp_path, "imputed", signature)
+    answers = with_imputer.call_fast([Rows(rows, 50)])
+    assert answers == with_imputer.call([Rows(rows, 50)])  # the graph answers the missing value as sklearn does
+    without = _slot_of(bare, train[numeric].head(5), tmp_path, "bare", signature)
+    assert without.call_fast([Rows(rows, 50)]) is None  # sklearn refuses NaN here: the slot goes its way

@@ -45,7 +45,8 @@ class CanaryStats:
     primary_means: dict[Arm, float | None]
     champion_latencies: int
     p99: dict[Arm, float]  # per arm, nan without rows
-    slow: sequential.Summary | None  # candidate rows slower than the latency limit (None: champion p99 unknown)
+    # AIPW contrasts of "slower than the latency limit" (None: the champion's p99 is not known yet).
+    slow: sequential.Summary | None
     candidate_latencies: int
     slices: tuple[SliceStats, ...] = ()
     # Set when earlier canary steps' evidence is carried in (see `carry`): this step's own counts (its
@@ -66,8 +67,7 @@ def carry(earlier: CanaryStats, current: CanaryStats) -> CanaryStats:
     sums of contrasts from consecutive steps form one sequence: the asymptotic confidence sequence
     allows a predictable, time-varying propensity (Waudby-Smith et al. 2024, §3). Pooling lets a
     low-traffic 5 % step hand its evidence on instead of having to decide alone. The latency check
-    adds up each step's share of requests over that step's own limit; SRM and the minimum sample stay
-    per step.
+    adds up each step's contrasts over that step's own limit; SRM and the minimum sample stay per step.
     """
 
     def add_arms(a: dict[Arm, ArmSamples], b: dict[Arm, ArmSamples]) -> dict[Arm, ArmSamples]:
@@ -139,14 +139,17 @@ def canary_stats(rows: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats
                             routing_keys=int(part["routing_key_hash"].nunique()),
                             labelled=n_labelled[arm], errors=int(part["error"].sum()))
             for arm in ARMS for part in [rows[rows["arm"] == arm]]}
-    champion = rows.loc[rows["arm"] == Arm.champion, "latency_ms"].dropna().to_numpy()
-    candidate = rows.loc[rows["arm"] == Arm.candidate, "latency_ms"].dropna().to_numpy()
+    timed = rows[rows["latency_ms"].notna()]
+    champion = timed.loc[timed["arm"] == Arm.champion, "latency_ms"].to_numpy()
+    candidate = timed.loc[timed["arm"] == Arm.candidate, "latency_ms"].to_numpy()
     p99 = {Arm.champion: float(np.quantile(champion, 0.99)) if len(champion) else float("nan"),
            Arm.candidate: float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")}
     slow = None
     if len(champion) >= ck.MIN_P99_ROWS:
+        # Both arms' share over the same limit: a stall of the whole gateway slows both and cancels out.
         limit_ms = policy.guardrails.latency_limit_ms(p99[Arm.champion])
-        slow = sequential.Summary.of((candidate > limit_ms).astype(float))
+        timed = timed.assign(slow=(timed["latency_ms"] > limit_ms).astype(float))
+        slow = contrasts(timed, "slow")
     slices = []
     for feature in policy.slices:
         for value, part in labelled.groupby(f"slice:{feature}", sort=True):
@@ -181,14 +184,19 @@ class CanaryAnalysis:
         rate = {arm: s.arms[arm].errors / s.rows[arm] if s.rows[arm] else 0.0 for arm in ARMS}
         err_ok = min(s.rows.values()) >= sequential.MIN_UNITS
         primary_ok = min(a.labelled for a in s.arms.values()) >= sequential.MIN_UNITS
+        minimum = self.policy.canary.min_samples
         if s.slow is None:
             latency = ck.undecided(self.checks.latency, self.alpha, s.candidate_latencies,
                                    f"{s.champion_latencies} champion latencies, {ck.MIN_P99_ROWS} needed for its p99")
+        elif s.candidate_latencies < minimum:
+            # A latency share from the first few hundred candidate requests measures the machine, not the model.
+            latency = ck.undecided(self.checks.latency, self.alpha, s.candidate_latencies,
+                                   f"{s.candidate_latencies:,} of the {minimum:,} candidate requests it needs to decide",
+                                   s.slow.mean)
         else:
-            latency = ck.metric(self.checks.latency, s.slow, self.alpha, self.policy.canary.min_samples,
+            latency = ck.metric(self.checks.latency, s.slow, self.alpha, self.t_opt,
                                 f"{g.latency_limit_text(s.p99[Arm.champion])}; candidate p99 "
-                                f"{s.p99[Arm.candidate]:.1f} ms",
-                                grow=self.grow, min_n=self.policy.canary.min_samples)
+                                f"{s.p99[Arm.candidate]:.1f} ms", grow=self.grow)
         return [
             ck.metric(self.checks.error_rate, s.error, self.alpha, self.t_opt,
                       f"candidate {rate[Arm.candidate]:.2%} vs champion {rate[Arm.champion]:.2%}", arms_ok=err_ok,

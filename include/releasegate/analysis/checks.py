@@ -52,9 +52,10 @@ class StageChecks:
         return cls(
             error_rate=Check(CheckName.error_rate, "guardrail", g.error_rate_margin, g.error_rate_margin,
                              higher_is_better=False, support=(-1.0, 1.0)),
-            # The share of candidate requests slower than the latency limit, against 1%.
+            # How much larger the candidate's share of requests over the latency limit is than the champion's,
+            # against 1% (the p99's share): "candidate p99 ≤ limit" with the gateway's own stalls netted out.
             latency=Check(CheckName.latency_p99, "guardrail", SLOW_SHARE, SLOW_SHARE, higher_is_better=False,
-                          support=(0.0, 1.0)),
+                          support=(-1.0, 1.0)),
             primary=Check(p.metric, "primary", p.margin, -p.margin if accuracy else p.margin,
                           higher_is_better=accuracy, support=(-1.0, 1.0) if accuracy else None),
         )

@@ -125,7 +125,7 @@ def _decide(analysis: StageAnalysis, metrics: list[MetricResult], slices: list[S
 
 
 def _name(m: MetricResult) -> str:
-    return "share over the latency limit" if m.name == "latency_p99" else m.name.replace("_", " ")
+    return "extra share over the latency limit" if m.name == "latency_p99" else m.name.replace("_", " ")
 
 
 def _num(x: float | None, share: bool = False, signed: bool = True) -> str:
@@ -159,8 +159,9 @@ def _sentence(m: MetricResult, analysis: StageAnalysis, stage: Stage, n: int | N
     share = _is_share(m)
     bounds = f"always-valid {level} bounds {_num(m.lower, share, not share)} … {_num(m.upper, share, not share)}"
     if m.name == "latency_p99":
-        return (f"{_num(m.estimate, True)} of candidate requests are slower than the latency limit ({bounds}), "
-                f"above the {_limit(m)} allowed, on {m.n:,} candidate requests in {stage}: {m.detail}")
+        return (f"{_num(m.estimate, True)} more of the candidate's requests than of the champion's are slower than "
+                f"the latency limit ({bounds}), above the {_limit(m)} allowed, on {m.n:,} requests in {stage}: "
+                f"{m.detail}")
     if m.kind == "agreement":
         return (f"the arms agree on {_num(m.estimate, True)} of requests ({bounds}), below the required "
                 f"{_limit(m)}, on {m.n:,} shadow requests")

@@ -13,7 +13,7 @@ from releasegate.verdict import SRM, ArmSamples, MetricResult, SliceResult
 
 
 class ShadowAnalysis:
-    """Paired requests: error, primary metric and agreement differences; latency as the share over the limit."""
+    """Paired requests: differences of errors, the primary metric, agreement and being over the latency limit."""
 
     kind = StageKind.shadow
 
@@ -22,10 +22,11 @@ class ShadowAnalysis:
         self.checks = StageChecks.of(policy)
         champion = rows[rows["arm"] == Arm.champion]
         candidate = rows[rows["arm"] == Arm.candidate]
-        cols = ["request_id", "rank", "time", "routing_key_hash", "error", "out", "value", "label"]
+        cols = ["request_id", "rank", "time", "routing_key_hash", "error", "out", "value", "label", "latency_ms"]
         slice_cols = [c for c in rows.columns if c.startswith("slice:")]
-        self.pairs = champion[cols + slice_cols].merge(candidate[["request_id", "rank", "error", "out", "value"]],
-                                                       on=["request_id", "rank"], suffixes=("_b", "_c"))
+        self.pairs = champion[cols + slice_cols].merge(
+            candidate[["request_id", "rank", "error", "out", "value", "latency_ms"]], on=["request_id", "rank"],
+            suffixes=("_b", "_c"))
         labelled = self.pairs["label"].notna() & self.pairs["value_c"].notna() & self.pairs["value_b"].notna()
         self.labelled = self.pairs[labelled & ~self.pairs["error_c"] & ~self.pairs["error_b"]]
         self.t_opt = policy.shadow.min_samples
@@ -58,7 +59,10 @@ class ShadowAnalysis:
         limit_ms = self.policy.guardrails.latency_limit_ms(p99_champion)
         p99_candidate = float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")
         detail = f"{self.policy.guardrails.latency_limit_text(p99_champion)}; candidate p99 {p99_candidate:.1f} ms"
-        return ck.metric(check, (candidate > limit_ms).astype(float), self.alpha, self.t_opt, detail, grow=self.grow,
+        # Per request, candidate over the limit minus champion over it: a stall of the whole gateway cancels out.
+        timed = self.pairs[self.pairs["latency_ms_c"].notna() & self.pairs["latency_ms_b"].notna()]
+        over = (timed["latency_ms_c"] > limit_ms).astype(float) - (timed["latency_ms_b"] > limit_ms).astype(float)
+        return ck.metric(check, over.to_numpy(), self.alpha, self.t_opt, detail, grow=self.grow,
                          min_n=self.policy.shadow.min_samples)
 
     def agreement(self) -> MetricResult:

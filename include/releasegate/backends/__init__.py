@@ -7,13 +7,13 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+from releasegate.contract import BACKEND_TAG
 from releasegate.contract import Mode
 from releasegate.errors import DeploymentError, SignatureRefused
 from releasegate.results import ReadinessWait
 
 __all__ = ["Applied", "Backend", "BackendKind", "DeploymentError", "SignatureRefused", "backend_kind"]
 
-BACKEND_TAG = "releasegate.backend"
 
 
 class BackendKind(StrEnum):

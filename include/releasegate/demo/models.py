@@ -15,18 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from releasegate.demo import data
-from releasegate.evaluation import LABEL_TAG
 from releasegate.settings import Settings, get_settings
-from releasegate.validation import SUITE_TAG
+from releasegate.contract import LABEL_TAG, SUITE_TAG
+from releasegate.training import skops_trusted_types
 
 ROLES = ("champion", "good", "bad")
 ROLE_TAG = "releasegate.demo_role"
 EXPERIMENT = "releasegate-demo"
-# skops (MLflow's safe format) refuses types it does not know unless told they are ours: the
-# boosted trees' node arrays, the spline features' B-splines and the bins' output dtype.
-SKOPS_TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-                       "scipy.interpolate._bsplines.BSpline", "scipy._lib.array_api_compat.numpy._aliases.asarray",
-                       "numpy.dtype"]
 TRAIN_ROWS, REFERENCE_ROWS, HOLDOUT_ROWS = 20_000, 5_000, 3_000
 # Seeds away from the traffic generator's default (7), so live traffic is never the training data.
 _SPECS = {
@@ -170,8 +165,7 @@ def _train_and_register(client: Any, model_name: str, role: str, settings: Setti
             pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"pandas=={pd.__version__}",
                               f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}",
                               f"skops=={skops.__version__}"],
-            # skops (MLflow's safe format) refuses the boosted trees' node arrays unless told they are ours.
-            serialization_format="skops", skops_trusted_types=SKOPS_TRUSTED_TYPES,
+            serialization_format="skops", skops_trusted_types=skops_trusted_types(pipeline),
         )
         with tempfile.TemporaryDirectory(prefix="rg-demo-") as tmp:
             reference = Path(tmp) / "reference.parquet"

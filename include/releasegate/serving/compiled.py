@@ -9,12 +9,14 @@ exactly this; nothing here re-implements a transformer.
 
 Safety: the graph is built in memory from the model that was just loaded from the verified
 directory (never from a file of its own), and it serves only if its labels equal sklearn's own
-`predict` on the parity rows (the input example and the warm-up rows). A model skl2onnx cannot
+`predict` on the parity rows (the input example and the warm-up rows; a regressor's values within a
+relative 1e-4, since the graph computes in float32). A model skl2onnx cannot
 convert (a transformer without a converter, such as SplineTransformer), a pyfunc that is not a
 plain sklearn `predict`, or a parity mismatch keeps the sklearn path; `reason` says which.
 Numeric inputs go in as float32 (skl2onnx's converters mix float32 one-hot outputs with the
 numeric branch), so probabilities differ from sklearn's by ~1e-7; a label can only differ for
-a row that sits that close to the decision boundary.
+a row that sits that close to the decision boundary. A missing number goes in as NaN, which is
+how pandas hands it to sklearn; whether the graph may see one at all is the slot's parity check.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Callable
 
 from releasegate.serving.payloads import Schema
 
-_NUMERIC = {"boolean", "integer", "long", "float", "double"}
+NUMERIC = frozenset({"boolean", "integer", "long", "float", "double"})
 
 
 @dataclass
@@ -50,7 +52,7 @@ def compile_sklearn(estimator, schema: Schema, parity: Callable[[Callable], str 
     """Convert `estimator` for the input `schema`; `parity(predict)` returns None when it agrees, else why not."""
     if estimator is None:
         return Compiled(None, "not a plain sklearn predict")
-    if not schema.columns or any(c.kind not in _NUMERIC | {"string"} for c in schema.columns):
+    if not schema.columns or any(c.kind not in NUMERIC | {"string"} for c in schema.columns):
         return Compiled(None, "no column signature of numbers and strings to type the ONNX inputs")
     try:
         import numpy as np
@@ -59,14 +61,20 @@ def compile_sklearn(estimator, schema: Schema, parity: Callable[[Callable], str 
         from skl2onnx.common.data_types import FloatTensorType, StringTensorType
     except ImportError as err:
         return Compiled(None, f"skl2onnx/onnxruntime not installed ({err.name})")
-    numeric = [c.kind in _NUMERIC for c in schema.columns]
+    numeric = [c.kind in NUMERIC for c in schema.columns]
     inputs = [(c.name, FloatTensorType([None, 1]) if num else StringTensorType([None, 1]))
               for c, num in zip(schema.columns, numeric)]
+    from sklearn.base import is_classifier
+
     try:
-        graph = to_onnx(estimator, initial_types=inputs, options={"zipmap": False})
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1  # batches are small; threads cost more
-        session = onnxruntime.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # A classifier's probabilities as a plain tensor, not a list of dicts; a regressor has no such option.
+        options = {"zipmap": False} if is_classifier(estimator) else None
+        graph = to_onnx(estimator, initial_types=inputs, options=options)
+        session_options = onnxruntime.SessionOptions()
+        # Batches are small; threads cost more than they save.
+        session_options.intra_op_num_threads = session_options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(graph.SerializeToString(), session_options,
+                                               providers=["CPUExecutionProvider"])
     except Exception as err:  # skl2onnx raises several types for "no converter / shape calculator for X"
         return Compiled(None, f"skl2onnx cannot convert it: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     label = session.get_outputs()[0].name
@@ -77,6 +85,8 @@ def compile_sklearn(estimator, schema: Schema, parity: Callable[[Callable], str 
         for name, num in zip(names, numeric):
             values = columns[name]
             if num:
+                if None in values:
+                    values = [np.nan if v is None else v for v in values]
                 feed[name] = np.asarray(values, dtype=np.float32).reshape(-1, 1)
             else:
                 column = np.empty((len(values), 1), dtype=object)

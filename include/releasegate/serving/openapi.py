@@ -36,8 +36,9 @@ def _value(kind: str | None, required: bool) -> dict:
 def _row(schema: Schema) -> dict:
     if schema.columns is None:
         return {"type": "object", "minProperties": 1}
+    # Columns the model does not declare are ignored at run time; the document names only those it uses.
     return {"type": "object", "additionalProperties": False,
-            "required": [c.name for c in schema.columns],
+            "required": [c.name for c in schema.columns if c.required],
             "properties": {c.name: _value(c.kind, c.required) for c in schema.columns}}
 
 
@@ -58,7 +59,8 @@ def _invocations_body(schema: Schema, max_rows: int) -> dict:
                              "properties": {"columns": {"const": names},
                                             "data": {"type": "array", "minItems": 1, "maxItems": max_rows,
                                                      "items": row_list}}}}})
-        one_row = {"type": "object", "additionalProperties": False, "required": names,
+        one_row = {"type": "object", "additionalProperties": False,
+                   "required": [c.name for c in schema.columns if c.required],
                    "properties": {c.name: _value(c.kind, c.required) for c in schema.columns}}
         variants.append({"type": "object", "additionalProperties": False, "required": ["inputs"],
                          "properties": {"inputs": one_row}})

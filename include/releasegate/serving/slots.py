@@ -11,6 +11,7 @@ predicts in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 from collections import deque
 from concurrent.futures import Executor
@@ -114,6 +115,7 @@ class Slot:
         self._predict = estimator.predict if estimator is not None else pyfunc.predict
         self._estimator = estimator
         self._fast = None
+        self._fast_missing: set[str] = set()  # optional columns the graph answers like sklearn when missing
         self.engine = "sklearn" if estimator is not None else "mlflow pyfunc"
         self._executor = executor
         self._max_rows = max_rows
@@ -133,12 +135,12 @@ class Slot:
             chain.from_iterable(j.columns[name] for j in jobs)) for name in names}
 
     def call_fast(self, jobs: list[Rows]) -> list | None:
-        """The compiled graph's answers, or None where it does not apply (no graph; a missing value)."""
+        """The compiled graph's answers, or None where it does not apply (no graph; a missing value it may not see)."""
         if self._fast is None:
             return None
         columns = self._columns(jobs)
-        if any(None in values for values in columns.values()):  # sklearn decides what a missing value means
-            return None
+        if any(None in values and name not in self._fast_missing for name, values in columns.items()):
+            return None  # sklearn decides what this missing value means
         n = sum(j.n for j in jobs)
         try:
             result = self._fast(columns)
@@ -177,6 +179,9 @@ class Slot:
             if not self.schema.columns:
                 raise LoadError(f"{self.label} has neither an input example nor a column signature to warm up with")
             example = Rows({c.name: [_PLACEHOLDER.get(c.kind, None)] for c in self.schema.columns}, 1)
+        elif self.schema.columns:  # an example without an optional column: it arrives missing, as in requests
+            example = Rows({c.name: example.columns.get(c.name, [None] * example.n) for c in self.schema.columns},
+                           example.n)
         try:
             want = self.call([example])
         except Exception as err:
@@ -184,11 +189,35 @@ class Slot:
         self._compile(example, want)
 
     def _compile(self, example: Rows, want: list) -> None:
-        """Use the ONNX graph of the model if skl2onnx converts it and it agrees with sklearn's `want` on `example`."""
+        """Use the ONNX graph of the model if skl2onnx converts it and it agrees with sklearn's `want` on `example`.
+
+        An optional numeric column may reach the graph missing only if, with that column blanked on the
+        example rows, sklearn answers and the graph agrees with it.
+        """
+
+        def agree(got: list, expected: list) -> bool:
+            if got == expected:
+                return True
+            # A regressor's values, computed in float32 by the graph.
+            return all(isinstance(g, float) and isinstance(e, (int, float)) and math.isclose(g, e, rel_tol=1e-4,
+                                                                                             abs_tol=1e-6)
+                       for g, e in zip(got, expected, strict=True))
 
         def parity(predict) -> str | None:
             got = _outputs(predict(self._columns([example])), example.n, self.label)
-            return None if got == want else f"labels {got} against sklearn's {want} on the input example"
+            if not agree(got, want):
+                return f"answers {got[:5]} against sklearn's {want[:5]} on the input example"
+            for column in self.schema.columns or ():
+                if column.required or column.kind not in compiled.NUMERIC:
+                    continue
+                blanked = Rows({**example.columns, column.name: [None] * example.n}, example.n)
+                try:
+                    expected = self.call([blanked])
+                except ModelCallError:
+                    continue  # sklearn refuses the missing value: so does the slot, through sklearn
+                if agree(_outputs(predict(self._columns([blanked])), example.n, self.label), expected):
+                    self._fast_missing.add(column.name)
+            return None
 
         result = compiled.compile_sklearn(self._estimator, self.schema, parity)
         self._fast = result.predict

@@ -10,7 +10,7 @@ _PERCENT_METRICS = {"error_rate", "latency_p99", "agreement", "accuracy"}
 _MEANING = {
     "error_rate": "candidate − champion, points of %",
     "accuracy": "candidate − champion, points of %",
-    "latency_p99": "% of candidate requests slower than the latency limit",
+    "latency_p99": "candidate − champion share of requests over the latency limit",
     "agreement": "% of mirrored requests where the arms agree",
 }
 

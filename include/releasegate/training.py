@@ -1,0 +1,50 @@
+"""What a training script calls to register a version the way a release expects it (docs/your-model.md).
+
+A releasable version has, beside the model (with its signature and input example), two data
+artifacts in its run, `releasegate/reference.parquet` and `releasegate/holdout.parquet`, and its
+registered model the tags `releasegate.expectation_suite` and `releasegate.label`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from releasegate.contract import SUITE_TAG, LABEL_TAG
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+
+def skops_trusted_types(estimator: Any) -> list[str]:
+    """The types skops refuses to load from `estimator` unless told they are trusted: pass them to log_model.
+
+    skops (MLflow's safe format) loads only types it knows; an estimator's own internals (a gradient
+    boosting model's tree nodes, numpy dtypes) are listed here so the person who built the model can
+    trust them by name, instead of finding them one failed save at a time.
+    """
+    import skops.io
+
+    return list(skops.io.get_untrusted_types(data=skops.io.dumps(estimator)))
+
+
+def log_release_data(reference: pd.DataFrame, holdout: pd.DataFrame) -> None:
+    """Log the training-input sample (drift's reference) and the labelled holdout into the active MLflow run."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="rg-release-data-") as tmp:
+        for name, frame in (("reference", reference), ("holdout", holdout)):
+            path = Path(tmp) / f"{name}.parquet"
+            frame.reset_index(drop=True).to_parquet(path)
+            mlflow.log_artifact(str(path), artifact_path="releasegate")
+
+
+def tag_model(model: str, *, suite: str, label: str) -> None:
+    """Name the registered model's expectation suite (a JSON on the suite search path) and its label column."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_registered_model_tag(model, SUITE_TAG, suite)
+    client.set_registered_model_tag(model, LABEL_TAG, label)
