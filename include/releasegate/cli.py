@@ -48,6 +48,38 @@ def apikeys() -> None:
     """API keys for the gateway (roles: predict, feedback, admin)."""
 
 
+@main.group()
+def routes() -> None:
+    """A model's traffic split on its serving platform (the gateway, or KServe by the model's tag)."""
+
+
+@routes.command("set")
+@click.argument("model")
+@click.option("--champion", "champion", required=True, help="The version that answers the model's traffic.")
+def routes_set(model: str, champion: str) -> None:
+    """Serve MODEL's champion: the first route of a model (releases move it after that); verified before it serves."""
+    from releasegate import pipeline, registry
+    from releasegate.errors import DeploymentError
+
+    try:
+        version = registry.resolve_version(model, champion)
+        applied = pipeline.serve_champion(model, version)
+    except (registry.RegistryError, DeploymentError) as err:
+        click.echo(f"REFUSED: {err}", err=True)
+        sys.exit(1)
+    click.echo(f"{model}: all traffic to v{applied.champion_version}")
+
+
+@routes.command("show")
+@click.argument("model")
+def routes_show(model: str) -> None:
+    """Print MODEL's current split as JSON."""
+    from releasegate import pipeline
+
+    applied = pipeline.current_route(model)
+    click.echo(json.dumps(applied.model_dump(mode="json") if applied else None))
+
+
 @apikeys.command("create")
 @click.option("--role", type=click.Choice(["predict", "feedback", "admin"]), required=True)
 def apikeys_create(role: str) -> None:

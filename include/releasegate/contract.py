@@ -113,6 +113,7 @@ class CallStatus(StrEnum):
 class RouteChange(StrEnum):
     """Why a model's traffic split changed (the `route` audit event's `change`)."""
 
+    serve = "serve"  # an operator put a version on the model's route (`releasegate routes set`)
     stage = "stage"  # a release's shadow or canary step; the event's `stage` says which
     promotion = "promotion"
     rollback = "rollback"

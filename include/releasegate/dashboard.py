@@ -141,7 +141,7 @@ def _route_text(d: dict[str, Any]) -> str:
     return f"{_change(d)}: all traffic to v{d.get('champion_version')}"
 
 
-_CHANGES = {RouteChange.promotion: "promoted", RouteChange.rollback: "rolled back",
+_CHANGES = {RouteChange.serve: "served", RouteChange.promotion: "promoted", RouteChange.rollback: "rolled back",
             RouteChange.emergency_rollback: "emergency rollback"}
 
 

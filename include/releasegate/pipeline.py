@@ -440,6 +440,27 @@ def abort(release_id: str, *, reason: str, actor: str) -> Ended:
     return Ended(state=rel.state, reason=reason)
 
 
+def serve_champion(model: str, version: str, actor: str = "cli") -> Applied:
+    """Put `version` alone on the model's route (verified first), and make it the champion if there is none.
+
+    How a model's first version starts serving; releases move the route after that.
+    """
+    from releasegate import registry
+
+    applied = _backend(model).set_route(model, version, None, Mode.single, 0, release_id=None)
+    if registry.get_alias(model, "champion") is None:
+        registry.set_alias(model, "champion", version)
+    audit.append(actor, AuditAction.route, model=model, version=version,
+                 details={"change": RouteChange.serve.value, "mode": Mode.single.value, "candidate_weight": 0,
+                          "champion_version": version})
+    return applied
+
+
+def current_route(model: str) -> Applied | None:
+    """The split the model's serving platform follows now."""
+    return _backend(model).get_route(model)
+
+
 EMERGENCY_REASON_MIN = 10  # a reason someone can act on later, not "x"
 
 

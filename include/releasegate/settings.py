@@ -1,68 +1,134 @@
-"""Where releasegate keeps its state, read once from the environment."""
+"""Where releasegate keeps its state and what it connects to: typed, read from the environment (RELEASEGATE_*).
+
+One class per component (this one; the gateway's `serving.config.GatewayConfig`; the kserve
+backend's `k8s.K8sSettings`), each a pydantic-settings model with its defaults and descriptions in
+one place. docs/operations.md's configuration table is generated from them (`releasegate settings
+--markdown`), and a test fails when the two differ.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent
 # include/ holds the policies and expectation suites beside the package.
 _INCLUDE = _PACKAGE_ROOT.parent
+SHIPPED_POLICIES = _INCLUDE / "policies"
+SHIPPED_EXPECTATIONS = _INCLUDE / "expectations"
+
+PathList = Annotated[list[Path], NoDecode]  # os.pathsep-separated in the environment, not JSON
+_IN_HOME = Path()  # a path default that the home decides, once the home is known
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+class Settings(BaseSettings):
+    """Every path, URL and key location releasegate uses."""
 
+    model_config = SettingsConfigDict(env_prefix="RELEASEGATE_", env_ignore_empty=True, extra="ignore",
+                                      populate_by_name=True)
 
-def _search_path(variable: str, shipped: Path) -> list[Path]:
-    """The user's folders (`variable`, os.pathsep-separated) first, then the shipped one: a user's file of the
-    same name wins, and the shipped ones stay available."""
-    own = [Path(p).expanduser() for p in (_env(variable) or "").split(os.pathsep) if p]
-    return own + ([shipped] if shipped not in own else [])
+    home: Path = Field(default_factory=lambda: Path.cwd() / ".releasegate",
+                       description="Keys, embedded databases and the model cache (default `./.releasegate`).")
+    db_url: str = Field("", description="SQLAlchemy URL of releasegate's own tables (PostgreSQL: "
+                                        "`postgresql+psycopg://user@host/db`); default SQLite in the home.")
+    mlflow_tracking_uri: str = Field("", validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
+                                     description="MLflow tracking and registry; default SQLite in the home.")
+    mlflow_artifact_root: Path = Field(_IN_HOME, validation_alias=AliasChoices("RELEASEGATE_MLFLOW_ARTIFACTS"),
+                                              description="Artifact root of experiments releasegate creates "
+                                                          "(the demo's); default `mlartifacts` in the home.")
+    gateway_url: str = Field("http://127.0.0.1:8765", description="The gateway the `local` backend drives.")
+    admin_api_key: str | None = Field(None, validation_alias=AliasChoices("RELEASEGATE_ADMIN_KEY"),
+                                      description="Admin API key the pipeline uses to change routes.")
+    backend: str = Field("local", description="Where models without a `releasegate.backend` tag are served: "
+                                              "`local` or `kserve`.")
+    signing_key: Path = Field(_IN_HOME, description="Private key that signs models and audit heads; "
+                                                       "default `keys/release.key` in the home.")
+    trusted_keys: PathList = Field(default_factory=list, description="Public keys a model may be signed with "
+                                                                     "(`:`-separated); default `keys/release.pub`.")
+    policy_dirs: PathList = Field(default_factory=list, validation_alias=AliasChoices("RELEASEGATE_POLICIES_DIR"),
+                                  description="Your policy folders (`:`-separated), searched before "
+                                              "`include/policies`.")
+    expectation_dirs: PathList = Field(default_factory=list,
+                                       validation_alias=AliasChoices("RELEASEGATE_EXPECTATIONS_DIR"),
+                                       description="Your expectation-suite folders (`:`-separated), searched "
+                                                   "before `include/expectations`.")
+    model_cache_dir: Path = Field(_IN_HOME, validation_alias=AliasChoices("RELEASEGATE_MODEL_CACHE"),
+                                         description="Verified model downloads; default `models` in the home.")
+    apikey_pepper: str | None = Field(None, description="Server pepper of the API key digests; default a file "
+                                                        "`keys/apikey.pepper` in the home, made on first use.")
+    alert_webhook: str | None = Field(None, description="URL the nightly evaluation POSTs its alert to (JSON).")
+    nightly_schedule: str | None = Field(None, description="Cron of the nightly evaluation; default the default "
+                                                           "policy's `monitoring.schedule`.")
 
-
-class Settings(BaseModel):
-    """Every path, URL and key location releasegate uses; `Settings.from_env()` reads them."""
-
-    home: Path = Field(description="Directory for the embedded databases, keys and caches.")
-    db_url: str = Field(description="SQLAlchemy URL of releasegate's own tables.")
-    mlflow_tracking_uri: str
-    mlflow_artifact_root: Path
-    gateway_url: str = "http://127.0.0.1:8765"
-    admin_api_key: str | None = None
-    backend: str = Field("local", description="Where models without a `releasegate.backend` tag are served: local | kserve.")
-    signing_key: Path
-    trusted_keys: list[Path]
-    policy_dirs: list[Path] = Field(default_factory=lambda: [_INCLUDE / "policies"],
-                                    description="Where policies are looked up, first match wins.")
-    expectation_dirs: list[Path] = Field(default_factory=lambda: [_INCLUDE / "expectations"],
-                                         description="Where expectation suites are looked up, first match wins.")
-    model_cache_dir: Path
-
+    @field_validator("trusted_keys", "policy_dirs", "expectation_dirs", mode="before")
     @classmethod
-    def from_env(cls) -> "Settings":
-        home = Path(_env("RELEASEGATE_HOME", str(Path.cwd() / ".releasegate"))).resolve()
-        keys = home / "keys"
-        trusted = _env("RELEASEGATE_TRUSTED_KEYS")
-        return cls(
-            home=home,
-            db_url=_env("RELEASEGATE_DB_URL", f"sqlite:///{home}/releasegate.db"),
-            mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db"),
-            mlflow_artifact_root=Path(_env("RELEASEGATE_MLFLOW_ARTIFACTS", str(home / "mlartifacts"))),
-            gateway_url=_env("RELEASEGATE_GATEWAY_URL", "http://127.0.0.1:8765"),
-            admin_api_key=_env("RELEASEGATE_ADMIN_KEY"),
-            backend=_env("RELEASEGATE_BACKEND", "local"),
-            signing_key=Path(_env("RELEASEGATE_SIGNING_KEY", str(keys / "release.key"))),
-            trusted_keys=[Path(p) for p in trusted.split(os.pathsep)] if trusted else [keys / "release.pub"],
-            policy_dirs=_search_path("RELEASEGATE_POLICIES_DIR", _INCLUDE / "policies"),
-            expectation_dirs=_search_path("RELEASEGATE_EXPECTATIONS_DIR", _INCLUDE / "expectations"),
-            model_cache_dir=Path(_env("RELEASEGATE_MODEL_CACHE", str(home / "models"))),
-        )
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_in_home(self) -> Settings:
+        home = self.home = self.home.expanduser().resolve()
+        self.db_url = self.db_url or f"sqlite:///{home}/releasegate.db"
+        self.mlflow_tracking_uri = self.mlflow_tracking_uri or f"sqlite:///{home}/mlflow.db"
+        if self.mlflow_artifact_root == _IN_HOME:
+            self.mlflow_artifact_root = home / "mlartifacts"
+        if self.signing_key == _IN_HOME:
+            self.signing_key = home / "keys" / "release.key"
+        self.trusted_keys = self.trusted_keys or [home / "keys" / "release.pub"]
+        if self.model_cache_dir == _IN_HOME:
+            self.model_cache_dir = home / "models"
+        # The user's folders first, then the shipped one: a file of the same name in theirs wins.
+        self.policy_dirs = _then(self.policy_dirs, SHIPPED_POLICIES)
+        self.expectation_dirs = _then(self.expectation_dirs, SHIPPED_EXPECTATIONS)
+        return self
+
+
+def _then(own: list[Path], shipped: Path) -> list[Path]:
+    return own + ([shipped] if shipped not in own else [])
 
 
 def get_settings() -> Settings:
     """Settings from the current environment (read anew each call, so tests can change it)."""
-    return Settings.from_env()
+    return Settings()
+
+
+def variables(model: type[BaseSettings]) -> list[tuple[str, str, str]]:
+    """(environment variable, default, meaning) of each field of a settings class, as the docs list them."""
+    prefix = model.model_config.get("env_prefix", "")
+    rows = []
+    for name, field in model.model_fields.items():
+        rows.append((_variable(name, field, prefix), _default(field), field.description or ""))
+    return rows
+
+
+def _variable(name: str, field: FieldInfo, prefix: str) -> str:
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"{prefix}{name}".upper()
+
+
+def _default(field: FieldInfo) -> str:
+    default = field.default
+    if field.default_factory is not None or default is PydanticUndefined or default in (None, "", _IN_HOME):
+        return "—"
+    return f"`{default}`"
+
+
+def markdown_table() -> str:
+    """The configuration table of docs/operations.md: every variable of every settings class."""
+    from releasegate.k8s import K8sSettings
+    from releasegate.serving.config import GatewayConfig
+
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for model in (Settings, GatewayConfig, K8sSettings):
+        lines += [f"| `{var}` | {default} | {meaning} |" for var, default, meaning in variables(model)]
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""releasegate's own tables (DESIGN.md, "Storage"), the engine, and migrations.
+"""releasegate's own tables (docs/architecture.md, "releasegate's database"), the engine, and migrations.
 
 Times are Unix epoch seconds (UTC) as floats: cheap to compare and window on, in
 SQLite and PostgreSQL alike.

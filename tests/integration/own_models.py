@@ -6,11 +6,10 @@ Two kinds of model, as a user brings them:
   coordinate c that separates them further, so a logistic regression on a, b, c is right 99.5 % of
   the time and one that ignores c 93 %; `d` is noise, `region` a category the default
   policy slices by (independent of the class: every region's accuracy is the overall one).
-- `prices`: a regressor of a price in k€ (about 50 to 900). The `stale` concept is last year's
-  market, cheaper per m² and less sensitive to distance, so a model trained on it does well on its
-  own holdout and badly on today's traffic. A plain ridge regression: the gateway serves regressors
-  with sklearn (no compiled graph), holding the GIL for each call, so a pipeline of transformers
-  there would cost every other model's latency too.
+- `prices`: a regressor of a price in k€ (about 50 to 900), the one docs/your-model.md walks
+  through (examples/your_model.py). The `stale` concept is last year's market, cheaper per m² and
+  less sensitive to distance, so a model trained on it does well on its own holdout and badly on
+  today's traffic.
 
 Each registered version follows what a release expects of it: an MLflow signature and input
 example, skops format, the artifacts `releasegate/reference.parquet` (training inputs) and
@@ -29,7 +28,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from examples import your_model
+
 EXPERIMENT = "releasegate-own-models"
 REGIONS = ["north", "south", "east", "west"]
 
@@ -38,9 +38,9 @@ SEGMENT_NUMERIC = ["a", "b", "c", "d"]
 SEGMENT_FEATURES = SEGMENT_NUMERIC + ["region"]
 OPTIONAL_FEATURE = "e"  # a newer signal: present for some rows of the training data, sent by no caller yet
 
-PRICE_LABEL = "price"
-PRICE_FEATURES = ["size_m2", "age_years", "distance_km", "rooms"]
-PRICE_POLICY = "prices"  # the regression policy in the test's own policy folder
+PRICE_LABEL = your_model.LABEL
+PRICE_FEATURES = your_model.FEATURES
+PRICE_POLICY = your_model.POLICY  # the regression policy in the test's own policy folder
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -64,19 +64,7 @@ def segments(n: int, seed: int) -> pd.DataFrame:
     return frame
 
 
-def prices(n: int, seed: int, concept: str = "current") -> pd.DataFrame:
-    """`n` homes (features + `price` in k€); `concept="stale"` prices them as last year's market did."""
-    if concept not in ("current", "stale"):
-        raise ValueError(f"concept must be current or stale, got {concept!r}")
-    rng = np.random.default_rng(seed)
-    size = rng.uniform(30, 200, n)
-    age = rng.uniform(0, 80, n)
-    distance = np.clip(rng.exponential(8, n), 0, 40)
-    rooms = np.clip(np.rint(size / 30 + rng.normal(0, 0.7, n)), 1, 8).astype("int64")
-    per_m2, per_km = (3.2, 4.0) if concept == "current" else (2.2, 1.5)
-    price = 200 + per_m2 * size - 1.1 * age - per_km * distance + 8 * rooms + rng.normal(0, 12, n)
-    return pd.DataFrame({"size_m2": size.round(1), "age_years": age.round(1), "distance_km": distance.round(2),
-                         "rooms": rooms, PRICE_LABEL: price.round(2)})
+prices = your_model.homes  # the house-price data of examples/your_model.py, the docs' walk-through
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -102,11 +90,7 @@ def segment_classifier(numeric: list[str], optional: list[str] = ()) -> Any:
     return Pipeline([("features", ColumnTransformer(parts)), ("model", LogisticRegression(max_iter=1000))])
 
 
-def price_regressor() -> Any:
-    """Ridge regression on the four inputs as they come: a price in k€."""
-    from sklearn.linear_model import Ridge
-
-    return Ridge(alpha=1.0)
+price_regressor = your_model.regressor
 
 
 # --- registration ------------------------------------------------------------------------------
@@ -127,7 +111,7 @@ def register(model: str, fitted: Any, inputs: pd.DataFrame, holdout: pd.DataFram
     from mlflow.models.signature import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from releasegate import registry
+    from releasegate import registry, training
     from releasegate.settings import get_settings
 
     settings = settings or get_settings()
@@ -146,7 +130,7 @@ def register(model: str, fitted: Any, inputs: pd.DataFrame, holdout: pd.DataFram
             pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"pandas=={pd.__version__}",
                               f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}",
                               f"skops=={skops.__version__}"],
-            serialization_format="skops", skops_trusted_types=["numpy.dtype"])  # the one-hot encoder's dtype
+            serialization_format="skops", skops_trusted_types=training.skops_trusted_types(fitted))
         with tempfile.TemporaryDirectory(prefix="rg-own-") as tmp:
             reference, evaluation = Path(tmp) / "reference.parquet", Path(tmp) / "holdout.parquet"
             inputs.sample(min(len(inputs), 2000), random_state=0).reset_index(drop=True).to_parquet(reference)
@@ -161,8 +145,7 @@ def register(model: str, fitted: Any, inputs: pd.DataFrame, holdout: pd.DataFram
 def describe(model: str, suite: str, label: str, settings=None) -> None:
     """The registered-model tags a release reads: the expectation suite and the holdout's label column."""
     from releasegate import registry
-    from releasegate.evaluation import LABEL_TAG
-    from releasegate.validation import SUITE_TAG
+    from releasegate.contract import LABEL_TAG, SUITE_TAG
 
     client = registry.client(settings)
     client.set_registered_model_tag(model, SUITE_TAG, suite)
@@ -203,11 +186,7 @@ def segments_suite() -> dict:
     return {"name": "segments", "expectations": expectations, "meta": {"owner": "tests/integration/own_models.py"}}
 
 
-def prices_suite() -> dict:
-    """The data contract of the homes: plausible sizes, ages, distances and rooms; a price in k€."""
-    expectations = (_numbers("size_m2", 10, 400) + _numbers("age_years", 0, 150) + _numbers("distance_km", 0, 100)
-                    + _numbers("rooms", 1, 12) + _numbers(PRICE_LABEL, 0, 2000, label=True))
-    return {"name": "prices", "expectations": expectations, "meta": {"owner": "tests/integration/own_models.py"}}
+prices_suite = your_model.suite
 
 
 def write_suites(folder: Path) -> dict[str, Path]:
@@ -221,18 +200,8 @@ def write_suites(folder: Path) -> dict[str, Path]:
 
 
 def write_price_policy(folder: Path) -> Path:
-    """examples/policies/regression.yaml copied into `folder` as `prices`, its margins in k€ for prices of ~50-900.
-
-    A candidate may be at most 5 k€ worse per home on average, offline (mae) and live (absolute
-    error); two answers within 60 k€ agree (about two sd of the champion's own error).
-    """
-    policy = yaml.safe_load((ROOT / "examples" / "policies" / "regression.yaml").read_text())
-    policy["name"] = PRICE_POLICY
-    policy["description"] = "A house-price regressor (k€): the example regression policy with margins for its scale."
-    policy["offline"]["margin"] = 5.0
-    policy["primary"]["margin"] = 5.0
-    policy["shadow"]["agreement_tolerance"] = 60.0
+    """The walk-through's regression policy (margins in k€) in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{PRICE_POLICY}.yaml"
-    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    path.write_text(yaml.safe_dump(your_model.policy(), sort_keys=False))
     return path

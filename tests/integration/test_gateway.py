@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from releasegate import storage
 from releasegate.serving import routing
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 MODEL = "gw"
@@ -333,10 +334,9 @@ def test_failing_candidate_falls_back_to_the_champion(gateway, age, status, erro
     assert logged["candidate"].status == status and error in logged["candidate"].error
     assert not logged["candidate"].served and logged["candidate"].outputs is None
     assert logged["champion"].served and logged["champion"].fallback
-    if status == "timeout":
-        time.sleep(2)  # the slow call still holds the candidate's batcher; later requests would time out too
-    healthy = gateway.invoke([rows(1)[0] | {"age": 30}])
-    assert healthy.json()["arm"] == "candidate"
+    # After a timeout the slow call still holds the candidate's batcher until it ends: wait for an answer of its.
+    wait_until(lambda: gateway.invoke([rows(1)[0] | {"age": 30}]).json()["arm"] == "candidate", timeout=30,
+               what="the candidate answering again")
     assert "releasegate_gateway_fallbacks_total" in gateway.client.get("/metrics").text
 
 
@@ -384,13 +384,15 @@ def test_keys_and_roles_are_enforced(gateway):
 
     _, predict_key = auth.create_key("predict", gateway.settings)
     feedback_id, feedback_key = auth.create_key("feedback", gateway.settings)
-    time.sleep(0.6)  # the gateway's poller picks the new keys up
     url = f"{gateway.url}/models/{MODEL}/invocations"
     body = {"dataframe_records": rows(1)}
 
     def post(target, key=None, **kw):
         headers = {"authorization": f"Bearer {key}"} if key else {}
         return httpx.post(target, headers=headers, timeout=10, **kw)
+
+    # The gateway's poller picks new keys up.
+    wait_until(lambda: post(url, predict_key, json=body).status_code != 401, timeout=30, what="the new key known")
 
     assert post(url, json=body).status_code == 401
     assert post(url, "rg_0000_wrong", json=body).status_code == 401
@@ -403,8 +405,9 @@ def test_keys_and_roles_are_enforced(gateway):
     assert httpx.get(f"{gateway.url}/metrics").status_code == 200
 
     auth.revoke_key(feedback_id, gateway.settings)
-    time.sleep(0.6)
-    revoked = post(f"{gateway.url}/feedback", feedback_key, json={"request_id": "a", "ground_truth": 1})
+    revoked = wait_until(lambda: (r := post(f"{gateway.url}/feedback", feedback_key,
+                                            json={"request_id": "a", "ground_truth": 1})).status_code == 401 and r,
+                         timeout=30, what="the revocation seen")
     assert revoked.status_code == 401 and "revoked" in revoked.json()["error"]
 
 
@@ -516,7 +519,11 @@ def keys(gateway):
     revoked_id, made["revoked"] = auth.create_key("admin", gateway.settings)
     auth.revoke_key(revoked_id, gateway.settings)
     made |= {"missing": None, "wrong": "rg_0123456789abcdef_not-a-key-we-issued", "malformed": "Basic abc"}
-    time.sleep(0.6)  # the poller (0.2 s here) picks the keys up
+
+    def known(key: str) -> bool:  # the poller has seen it: a key it does not know is a 401
+        return httpx.get(f"{gateway.url}/admin/routes", headers={"authorization": f"Bearer {key}"}).status_code != 401
+
+    wait_until(lambda: known(made["admin"]) and not known(made["revoked"]), timeout=30, what="the keys seen")
     return made
 
 

@@ -23,6 +23,8 @@ import pytest
 
 from releasegate import airflow_client as af
 
+from tests.require import require
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN = os.environ.get("RELEASEGATE_SYSTEM_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -200,7 +202,7 @@ def airflow_api(tmp_path_factory):
 
     problem = postgres_problem(PG_ADMIN)
     if problem:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(problem)
+        require(problem)
     airflow = MiniAirflow(tmp_path_factory.mktemp("airflow-api"))
     try:
         airflow.start()

@@ -28,10 +28,10 @@ every step on evidence, not at the end of the windows. The regressor's candidate
 and ~88 k€ worse in absolute error than the champion, against a 5 k€ margin: they decide on the
 minimum samples.
 
-The latency check decides on the share of candidate requests slower than 1.5 × (or + 5 ms over) the
-champion's p99, which is only quick while the gateway's latencies have a short tail. So the gateway
-runs at normal priority and everything that merely drives it (the `dags test` processes, the traffic)
-niced: on a shared two-core machine the check would otherwise time the releases' imports.
+The latency check compares the candidate's share of requests slower than 1.5 × (or + 5 ms over) the
+champion's p99 with the champion's own share over that limit. The gateway runs at normal priority
+and everything that merely drives it (the `dags test` processes, the traffic) niced, so that the
+check times the models rather than the releases' imports.
 
 Concurrency: releases of different models hold different release locks, so they run side by side,
 each in its own Airflow home (a copy of the session's migrated SQLite database, so that no two
@@ -72,10 +72,6 @@ FLEET_DEADLINE_SECONDS = 1200
 RELEASE_DEADLINE_SECONDS = 900
 AA_MODELS = [f"aa-{i}" for i in range(10)]
 RATE = 150  # requests/s of each model's traffic while its releases run
-# Less for the optional column's model: a row with a null never takes the gateway's compiled graph, so its
-# candidate's calls run sklearn under the GIL, milliseconds each; at the others' rate its mirrored calls
-# would hold the gateway long enough that every model's latency check measured them.
-RATES = {"segments-optional": 50}
 
 
 @dataclass
@@ -233,7 +229,7 @@ class Runner:
         # Niced, as the releases are: the gateway is what is measured, its load generators only feed it.
         self.fleet.stack.start(f"traffic-{model}", [
             "nice", "-n", "5", sys.executable, "-m", "releasegate.cli", "traffic", "--model", model,
-            "--data", str(rows), "--label", label, "--rps", str(RATES.get(model, RATE)), "--duration", "0",
+            "--data", str(rows), "--label", label, "--rps", str(RATE), "--duration", "0",
             "--feedback-delay", "1", "--seed", str(seed), "--api-key", self.api_key])
 
     def _launch(self, planned: Planned, airflow_home: Path) -> subprocess.Popen:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime, timezone
 
@@ -14,6 +13,7 @@ from releasegate import k8s
 
 from releasegate.contract import Stage, StageKind
 from releasegate.verdict import Decision
+from tests.require import require
 
 SHADOW = Stage.shadow()
 
@@ -30,11 +30,8 @@ CANDIDATE = k8s.Served("3", "s3://mlflow/1/abc/artifacts/model", "sha256:" + "a"
 def schemas():
     """The pinned CRD copies: a skip with the reason where they are absent, a failure when CI is set."""
     directory = SETTINGS.schemas_dir
-    if not k8s.schemas_available(directory):
-        message = f"CRD schemas not found in {directory} (see ../shared/k8s-schemas/README.md)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI must validate manifests")
-        pytest.skip(message)
+    require(None if k8s.schemas_available(directory) else
+            f"CRD schemas not found in {directory} (see ../shared/k8s-schemas/README.md); CI must validate manifests")
     return directory
 
 

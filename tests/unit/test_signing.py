@@ -12,8 +12,7 @@ import pytest
 
 from releasegate import registry, signing
 
-# Fixtures and helpers shared with the registry tests (a tiny classifier, a pre-migrated MLflow store).
-from test_registry import MODEL, classifier, migrated_mlflow_db, register, store, stored_model_dir  # noqa: F401
+from tests.unit.mlflow_store import MODEL, register, stored_model_dir
 
 
 def stored_bundle(settings, version: str) -> Path:

@@ -87,7 +87,6 @@ def register_demo_models(settings: Settings | None = None, model_name: str = "ch
     client = registry.client(settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # registered_model_name= registers there
-    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
 
     versions = _existing(client, model_name)
     for role in ROLES:

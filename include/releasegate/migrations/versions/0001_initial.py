@@ -1,4 +1,4 @@
-"""The tables of DESIGN.md "Storage".
+"""The tables of docs/architecture.md, "releasegate's database".
 
 Revision ID: 0001
 Revises:

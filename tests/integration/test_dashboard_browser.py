@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests import browser
+from tests.require import require
+from tests.unit.test_dashboard import (  # noqa: F401  (fixtures shared with the TestClient tests)
+    airflow_auth,
+    clock,
+    promoted_release,
+    rolled_back_release,
+    token_for,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import browser  # noqa: E402  (tests/ is not a package)
-
-from test_dashboard import airflow_auth, clock, promoted_release, rolled_back_release, token_for  # noqa: E402,F401  (fixtures shared with the TestClient tests)
 
 
 @pytest.fixture
@@ -53,7 +57,7 @@ def test_dashboard_renders_the_releases_and_a_release_page_in_chromium(served_da
                                                                        tmp_path):
     if (missing := browser.available()) is not None:
         # On a laptop without Chromium this skips; CI installs it (.ci/run), so there a missing browser fails.
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{missing}; .ci/run installs it")
+        require(f"{missing}; .ci/run installs it")
     good, bad = promoted_release(clock), rolled_back_release(clock)
     token = token_for(airflow_auth)
 
