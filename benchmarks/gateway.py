@@ -258,12 +258,12 @@ def benchmark(args, cases: list[str]) -> dict:
             bench.stop(proc)
 
         if "mlflow_serve" in cases:
-            from releasegate import registry
+            from releasegate import signing
 
             # A copy of the verified directory: `mlflow models serve -m models:/...` writes a
             # registered_model_meta file into a local artifact store, which breaks the signature.
             model_dir = workdir / "mlflow-serve-model"
-            shutil.copytree(registry.fetch_verified(MODEL, versions["champion"], settings), model_dir)
+            shutil.copytree(signing.fetch_verified(MODEL, versions["champion"], settings).path, model_dir)
             port = free_port()
             proc = bench.start("mlflow_serve", [str(Path(sys.executable).parent / "mlflow"), "models", "serve",
                                                 "-m", str(model_dir), "-p", str(port), "--env-manager", "local"])

@@ -5,10 +5,11 @@ Takes one registered MLflow model version from the registry to production, or ba
 
 1. **open_release**: resolve the candidate (default: the `challenger` alias) and the
    `champion`, store the resolved policy; one release per model at a time.
-2. **validate**: Great Expectations data contract on the candidate's holdout data, input
-   schema compatibility with the champion, offline comparison with non-inferiority margins.
-3. **sign**: OpenSSF model-signing of the candidate's artifacts (or verification of an
-   existing signature: a changed artifact is rejected).
+2. **sign**: OpenSSF model-signing of the candidate's artifacts (or verification of an
+   existing signature: a changed artifact is rejected), before anything loads the model.
+3. **validate**: Great Expectations data contract on the candidate's holdout data, input
+   schema compatibility with the champion, offline comparison (a paired test against the
+   margins) run on the verified bytes.
 4. **shadow**: the candidate gets a mirror of live traffic; the wait polls the always-valid
    analysis until it decides, without holding a worker slot.
 5. **canary_N**: the policy's steps (e.g. 5 → 25 → 50 %), each with the same wait.
@@ -121,15 +122,15 @@ def model_release():
                                         airflow_run_id=ctx["run_id"], actor=actor(), is_run_alive=_run_alive))
 
     @task(task_id=VALIDATE)
-    def validate(release: dict[str, Any]) -> dict[str, Any]:
+    def validate(release: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:
         """Data contract, schema compatibility and offline comparison with the champion."""
         from releasegate import pipeline
 
         return xcom.push(pipeline.validate(_release_id(release), actor=actor()))
 
     @task(task_id=SIGN)
-    def sign(release: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
-        """Sign the candidate, or verify the signature it already has."""
+    def sign(release: dict[str, Any]) -> dict[str, Any]:
+        """Sign the candidate, or verify the signature it already has, before anything loads it."""
         from releasegate import pipeline
 
         return xcom.push(pipeline.sign(_release_id(release), actor=actor()))
@@ -184,8 +185,8 @@ def model_release():
         return xcom.push(summary)
 
     release = open_release()
-    validated = validate(release)
-    signed = sign(release, validated)
+    signed = sign(release)
+    validated = validate(release, signed)
     stages = [stage_group(SHADOW, 0, release)]
     stages += [stage_group(f"canary_{n}", n, release) for n in range(1, _max_canary_steps() + 1)]
     decision = ReleaseDecisionOperator(task_id=DECIDE, release=release, promote_task_id=PROMOTE,
@@ -195,7 +196,7 @@ def model_release():
                                               "approval: a rejection or no answer in time rolls back.")
     promoted, rolled_back, finished = promote(release), rollback(release), finish(release)
 
-    chain(signed, *stages, decision, [promoted, rolled_back], finished)
+    chain(validated, *stages, decision, [promoted, rolled_back], finished)
     decision >> finished
 
 

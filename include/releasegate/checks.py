@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from releasegate.contract import SUITE_TAG
+from releasegate.errors import describe
 from releasegate.settings import Settings, get_settings
 
 
@@ -106,7 +107,7 @@ def _signature(model: str, version: str, tmp: Path, settings: Settings, found: _
         model_dir = registry.download_model(model, version, tmp / "model", settings=settings)
         meta = Model.load(str(model_dir / "MLmodel"))
     except Exception as err:
-        found.error("model", f"the model directory cannot be read: {_sentence(err)}")
+        found.error("model", f"the model directory cannot be read: {describe(err)}")
         return None
     signature = meta.signature
     if signature is None or signature.inputs is None:
@@ -145,7 +146,7 @@ def _holdout(model: str, version: str, tmp: Path, settings: Settings, found: _Fi
                                f"version's run; validation compares the candidate with the champion on it")
         return None
     except Exception as err:
-        found.error("holdout", f"{HOLDOUT_ARTIFACT} is not readable parquet: {_sentence(err)}")
+        found.error("holdout", f"{HOLDOUT_ARTIFACT} is not readable parquet: {describe(err)}")
         return None
     found.ok("holdout", f"{HOLDOUT_ARTIFACT}: {len(holdout):,} rows, {len(holdout.columns)} columns")
     return holdout
@@ -241,7 +242,7 @@ def _champion(model: str, version: str, settings: Settings, found: _Findings) ->
     try:
         schema = validation.check_schema_compatibility(model, version, champion, settings=settings)
     except Exception as err:
-        found.error("schema", f"cannot compare with champion v{champion}: {_sentence(err)}")
+        found.error("schema", f"cannot compare with champion v{champion}: {describe(err)}")
         return
     if schema.compatible:
         found.ok("schema", f"inputs compatible with champion v{champion} (callers' columns suffice)")
@@ -250,11 +251,11 @@ def _champion(model: str, version: str, settings: Settings, found: _Findings) ->
 
 
 def _signing(model: str, version: str, settings: Settings, found: _Findings) -> None:
-    from releasegate import registry, signing
+    from releasegate import signing
 
     if signing.is_signed(model, version, settings=settings):
         try:
-            registry.fetch_verified(model, version, settings=settings)
+            signing.fetch_verified(model, version, settings=settings).remove()
         except signing.SignatureError as err:
             found.error("signature", f"{err}")
             return
@@ -264,8 +265,3 @@ def _signing(model: str, version: str, settings: Settings, found: _Findings) -> 
     else:
         found.error("signature", f"not signed, and there is no signing key at {settings.signing_key}: sign it where "
                                  f"it is built (`releasegate sign models:/{model}/{version}`)")
-
-
-def _sentence(err: Exception, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -147,12 +147,12 @@ def verify(model_uri: str) -> None:
 
     name, version = _model_ref(model_uri)
     try:
-        version = registry.resolve_version(name, version)
-        path = registry.fetch_verified(name, version)
+        verified = signing.fetch_verified(name, version)
     except (signing.SignatureError, registry.RegistryError) as err:
         click.echo(f"REFUSED: {err}", err=True)
         sys.exit(1)
-    click.echo(f"OK: {name} v{version} verified ({path})")
+    verified.remove()
+    click.echo(f"OK: {name} v{verified.version} verified (bundle {verified.digest})")
 
 
 @main.command()

@@ -36,10 +36,34 @@ class SignatureRefused(DeploymentError):
     """The serving target refused the candidate because its signature does not verify: the release is rejected."""
 
 
-def sentence(err: BaseException, limit: int = 300) -> str:
-    """An exception as one line a person reads in a reason: whitespace collapsed, at most `limit` characters.
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most `limit` characters: its type and first line, and its root cause's.
 
-    Some libraries put whole data frames into their messages; a reason is a sentence, not a dump.
+    A reason is a sentence, not a dump: some libraries put whole data frames into their messages.
     """
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    text = _named(exc)
+    root = exc
+    for _ in range(20):  # a hand-made cycle of causes must not hang the validate step
+        inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if inner is None:
+            break
+        root = inner
+    if root is not exc and _first_line(root) not in _first_line(exc):
+        # Wrappers such as MLflow's schema error print the whole input before the cause: the cause is the point.
+        cause = f" (cause: {_clip(_named(root), limit // 2)})"
+        text = _clip(text, limit - len(cause)) + cause
+    return _clip(text, limit)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else ""
+
+
+def _named(exc: BaseException) -> str:
+    message = _first_line(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"

@@ -224,7 +224,7 @@ def compare(model: str, candidate_version: str, champion_version: str, policy: "
     """Score both versions on the candidate's holdout.parquet and judge them per the policy (`judge`)."""
     import pandas as pd
 
-    from releasegate import registry
+    from releasegate import registry, signing
 
     settings = settings or get_settings()
     with tempfile.TemporaryDirectory(prefix="rg-eval-") as tmp:
@@ -234,8 +234,8 @@ def compare(model: str, candidate_version: str, champion_version: str, policy: "
         features = holdout.drop(columns=[label])
         predictions = {}
         for role, version in (("candidate", candidate_version), ("champion", champion_version)):
-            model_dir = registry.download_model(model, version, Path(tmp) / role, settings=settings)
-            loaded = registry.load_pyfunc(model_dir)
+            # Both versions run from the bytes their signatures cover (the release signs the candidate first).
+            loaded = registry.load_pyfunc(signing.fetch_verified(model, version, settings, parent=Path(tmp)))
             predictions[role] = _predict(loaded, features, policy.offline.metric, f"{model} v{version}")
 
     judged = judge(holdout[label].to_numpy(), predictions["candidate"], predictions["champion"], holdout, policy)

@@ -189,7 +189,7 @@ def _scored_holdout(model: str, version: str, holdout, settings: Settings):
     """The version's own answers on its holdout (target, prediction): the quality it was released with."""
     import pandas as pd
 
-    from releasegate import registry
+    from releasegate import registry, signing
 
     try:
         label = label_column(model, holdout.columns, settings)
@@ -197,7 +197,7 @@ def _scored_holdout(model: str, version: str, holdout, settings: Settings):
         log.warning("holdout of %s v%s: %s; quality has no reference", model, version, err)
         return None
     with tempfile.TemporaryDirectory(prefix="rg-nightly-model-") as tmp:
-        loaded = registry.load_pyfunc(registry.download_model(model, version, Path(tmp) / "model", settings=settings))
+        loaded = registry.load_pyfunc(signing.fetch_verified(model, version, settings, parent=Path(tmp)))
         predicted = loaded.predict(holdout.drop(columns=[label]))
     values = predicted.iloc[:, 0] if hasattr(predicted, "iloc") and predicted.ndim == 2 else predicted
     return pd.DataFrame({"target": holdout[label].to_numpy(), "prediction": list(values)})

@@ -84,8 +84,27 @@ def start(model: str, version: str | None = None, policy_name: str = "default", 
                   policy_digest=pol.digest)
 
 
+def sign(release_id: str, actor: str = "airflow") -> Signed | Rejected | Skipped:
+    """Sign the candidate (or verify an existing signature) before anything loads it; a bad signature rejects it."""
+    from releasegate import signing
+
+    rel = release.get(release_id)
+    if rel.terminal:
+        return _skip(rel, f"ended as {rel.state.value}")
+    if rel.state not in (State.pending, State.signing):
+        return _skip(rel, f"is past signing ({rel.state.value})")
+    release.transition(release_id, State.signing, actor=actor)
+    try:
+        digest = signing.sign_version(rel.model, rel.candidate_version)
+    except signing.SignatureError as err:
+        return _reject(rel, f"signature check failed: {err}", actor)
+    audit.append(actor, AuditAction.signed, model=rel.model, version=rel.candidate_version, release_id=release_id,
+                 details={"digest": digest})
+    return Signed(digest=digest)
+
+
 def validate(release_id: str, actor: str = "airflow") -> Validated | Skipped:
-    """Data contract, schema compatibility and offline comparison; a failure rejects the release.
+    """Data contract, schema compatibility and offline comparison on the signed bytes; a failure rejects the release.
 
     A dependency that fails on the way (MLflow down) raises InfrastructureError: the task fails and
     may be retried; the candidate is not rejected for it.
@@ -93,8 +112,10 @@ def validate(release_id: str, actor: str = "airflow") -> Validated | Skipped:
     from releasegate import validation
 
     rel = release.get(release_id)
-    if rel.state not in (State.pending, State.validating):
-        return _skip(rel, f"is past validation ({rel.state.value})")
+    if rel.terminal:
+        return _skip(rel, f"ended as {rel.state.value}")
+    if rel.state not in (State.signing, State.validating):
+        return _skip(rel, f"is not at validation ({rel.state.value})")
     release.transition(release_id, State.validating, actor=actor)
     report = validation.validate_candidate(rel.model, rel.candidate_version, rel.champion_version, _policy(rel))
     summary = report.model_dump(mode="json")
@@ -106,25 +127,6 @@ def validate(release_id: str, actor: str = "airflow") -> Validated | Skipped:
         release.transition(release_id, State.rejected, actor=actor, reason=reason, decision=Outcome.reject)
         _tag(rel, state=State.rejected.value, reasons=reason[:4000])
     return Validated(passed=report.passed, reasons=report.reasons)
-
-
-def sign(release_id: str, actor: str = "airflow") -> Signed | Rejected | Skipped:
-    """Sign the candidate (or verify an existing signature); a bad signature rejects the release."""
-    from releasegate import signing
-
-    rel = release.get(release_id)
-    if rel.terminal:
-        return _skip(rel, f"ended as {rel.state.value}")
-    if rel.state is not State.validating and rel.state is not State.signing:
-        return _skip(rel, f"is past signing ({rel.state.value})")
-    release.transition(release_id, State.signing, actor=actor)
-    try:
-        digest = signing.sign_version(rel.model, rel.candidate_version)
-    except signing.SignatureError as err:
-        return _reject(rel, f"signature check failed: {err}", actor)
-    audit.append(actor, AuditAction.signed, model=rel.model, version=rel.candidate_version, release_id=release_id,
-                 details={"digest": digest})
-    return Signed(digest=digest)
 
 
 def _reject(rel: release.Release, reason: str, actor: str) -> Rejected:

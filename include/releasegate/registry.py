@@ -7,7 +7,6 @@ importing mlflow costs seconds.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -19,6 +18,8 @@ from releasegate.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import mlflow
+
+    from releasegate.signing import VerifiedModel
 
 ARTIFACT_ROOT = "releasegate"
 _ALLOW_DESERIALIZATION = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
@@ -180,33 +181,14 @@ def download_model(model: str, version: str | int, dst: str | Path, settings: Se
     return dst
 
 
-def fetch_verified(model: str, version: str | int, settings: Settings | None = None) -> Path:
-    """Download the version into a fresh directory of settings.model_cache_dir, verify its signature, return the dir.
-
-    Load the model from exactly this directory. Raises releasegate.signing.SignatureError (unsigned, tampered,
-    untrusted key) and RegistryError (no such version).
-    """
-    from releasegate import signing
-
-    settings = settings or get_settings()
-    version = resolve_version(model, version, settings=settings)
-    parent = settings.model_cache_dir / _path_safe(model)
-    parent.mkdir(parents=True, exist_ok=True)
-    # A fresh directory per fetch: a re-download (maybe of a changed artifact) never mixes with a verified copy.
-    target = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=parent))
-    signing.fetch_and_verify(model, version, target, settings=settings)
-    return target
-
-
-def load_pyfunc(model_dir: str | Path) -> Any:
-    """Load the MLflow model in a (verified) local directory as a pyfunc model."""
+def load_pyfunc(verified: VerifiedModel) -> Any:
+    """Load a verified model directory as a pyfunc model: nothing unverified is ever loaded."""
     import mlflow.pyfunc
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "MLmodel").is_file():
-        raise FileNotFoundError(f"{model_dir} is not an MLflow model directory (no MLmodel file)")
+    if not (verified.path / "MLmodel").is_file():
+        raise FileNotFoundError(f"{verified.path} is not an MLflow model directory (no MLmodel file)")
     with _deserialization_allowed():
-        return mlflow.pyfunc.load_model(str(model_dir))
+        return mlflow.pyfunc.load_model(str(verified.path))
 
 
 @contextmanager
@@ -261,7 +243,3 @@ def _model_version(model: str, version: str, settings: Settings | None) -> Any:
 
 def _replaceable(path: Path) -> bool:
     return path.is_dir() and ((path / "MLmodel").is_file() or not any(path.iterdir()))
-
-
-def _path_safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)

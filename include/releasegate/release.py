@@ -41,9 +41,10 @@ class State(StrEnum):
 TERMINAL = frozenset({State.promoted, State.rejected, State.rolled_back, State.invalid, State.aborted, State.failed})
 _ENDINGS = {State.aborted, State.failed}
 MOVES: dict[State, frozenset[State]] = {
-    State.pending: frozenset({State.validating}) | _ENDINGS,
-    State.validating: frozenset({State.signing, State.rejected}) | _ENDINGS,
-    State.signing: frozenset({State.shadow, State.awaiting_approval, State.promoting, State.rejected}) | _ENDINGS,
+    # Signed first: validation runs the candidate, and only verified bytes are ever loaded.
+    State.pending: frozenset({State.signing}) | _ENDINGS,
+    State.signing: frozenset({State.validating, State.rejected}) | _ENDINGS,
+    State.validating: frozenset({State.shadow, State.awaiting_approval, State.promoting, State.rejected}) | _ENDINGS,
     State.shadow: frozenset({State.canary, State.awaiting_approval, State.promoting, State.rolled_back,
                              State.invalid, State.rejected}) | _ENDINGS,
     State.canary: frozenset({State.awaiting_approval, State.promoting, State.rolled_back, State.invalid}) | _ENDINGS,

@@ -13,8 +13,11 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 
+from releasegate import registry
+from releasegate.errors import ReleasegateError
 from releasegate.settings import Settings, get_settings
 
 BUNDLE = "model.sig"
@@ -24,7 +27,7 @@ DIGEST_TAG = "releasegate.signature_digest"
 log = logging.getLogger(__name__)
 
 
-class SignatureError(Exception):
+class SignatureError(ReleasegateError):
     """A model that may not be used: unsigned, changed after signing, or signed by a key we do not trust."""
 
 
@@ -124,21 +127,53 @@ def bundle_digest(signature_path: str | Path) -> str:
 
 def is_signed(model: str, version: str | int, settings: Settings | None = None) -> bool:
     """Whether the version has a signature bundle (valid or not: fetch_verified says that)."""
-    from releasegate import registry
-
-    # The bundle, not the tag, is the evidence: a lost tag must never make a signed version signable again.
     return registry.has_artifact(model, version, BUNDLE_ARTIFACT, settings=settings)
 
 
-def fetch_and_verify(model: str, version: str | int, dst: str | Path, settings: Settings | None = None) -> str:
-    """Download the version's model into `dst` and its bundle beside it, verify; returns the bundle's digest.
+_MINT = object()  # only this module holds it, so only this module makes a VerifiedModel
 
-    On any failure `dst` is removed, so nothing unverified is left to load. The errors name the version.
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    """A version's model directory whose every file a trusted key's signature covers: the only thing loaded.
+
+    `registry.load_pyfunc` takes nothing else, and only `fetch_verified` (below) makes one, after it
+    verified the very directory it returns.
     """
-    from releasegate import registry
 
+    model: str
+    version: str
+    path: Path
+    digest: str  # the signature bundle's sha256
+    mint: InitVar[object]
+
+    def __post_init__(self, mint: object) -> None:
+        if mint is not _MINT:
+            raise TypeError("a VerifiedModel comes from releasegate.signing.fetch_verified, which verifies it")
+
+    def remove(self) -> None:
+        """Delete the directory (a cache entry no longer served)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def fetch_verified(model: str, version: str | int, settings: Settings | None = None,
+                   parent: Path | None = None) -> VerifiedModel:
+    """Download the version into a fresh directory (of `parent`, default the model cache) and verify it.
+
+    On any failure the directory is removed, so nothing unverified is left to load. Raises
+    SignatureError (unsigned, tampered, untrusted key) and registry.RegistryError (no such version).
+    """
     settings = settings or get_settings()
-    dst = Path(dst)
+    version = registry.resolve_version(model, version, settings=settings)
+    parent = parent or settings.model_cache_dir / _path_safe(model)
+    parent.mkdir(parents=True, exist_ok=True)
+    # A fresh directory per fetch: a re-download (maybe of a changed artifact) never mixes with a verified copy.
+    target = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=parent))
+    digest = _download_and_verify(model, version, target, settings)
+    return VerifiedModel(model, version, target, digest, _MINT)
+
+
+def _download_and_verify(model: str, version: str, dst: Path, settings: Settings) -> str:
     label = f"{model} v{version}"
     try:
         if not is_signed(model, version, settings):
@@ -166,22 +201,25 @@ def fetch_and_verify(model: str, version: str | int, dst: str | Path, settings: 
 def sign_version(model: str, version: str | int, settings: Settings | None = None) -> str:
     """Sign a registered version and store the bundle; returns its digest. A signed version is verified instead.
 
-    Never re-signs: signing again would launder an artifact changed after the first signature.
+    Never re-signs: signing again would launder an artifact changed after the first signature, and
+    a version that was signed once (its digest tag says so) but lost its bundle is refused, not signed
+    anew.
     """
-    from releasegate import registry
-
     settings = settings or get_settings()
     version = registry.resolve_version(model, version, settings=settings)
     label = f"{model} v{version}"
+    recorded = registry.get_version_tags(model, version, settings=settings).get(DIGEST_TAG)
     with tempfile.TemporaryDirectory(prefix="rg-sign-") as tmp:
-        model_dir = Path(tmp) / "model"
         if is_signed(model, version, settings):
-            digest = fetch_and_verify(model, version, model_dir, settings)
+            digest = _download_and_verify(model, version, Path(tmp) / "model", settings)
+        elif recorded:
+            raise SignatureMismatchError(f"{label} was signed ({recorded}) but its signature bundle is gone: "
+                                         f"refusing to sign it again, since its files may have changed since")
         else:
             if not settings.signing_key.is_file():
                 raise SignatureError(f"cannot sign {label}: no signing key at {settings.signing_key} "
                                      f"(create one with `releasegate keys generate`)")
-            registry.download_model(model, version, model_dir, settings=settings)
+            model_dir = registry.download_model(model, version, Path(tmp) / "model", settings=settings)
             bundle = Path(tmp) / BUNDLE
             digest = sign_directory(model_dir, bundle, settings.signing_key)
             try:
@@ -192,9 +230,13 @@ def sign_version(model: str, version: str | int, settings: Settings | None = Non
                                      f"accept it: {err}") from err
             registry.log_artifact(model, version, bundle, artifact_path="releasegate", settings=settings)
             log.info("signed %s (bundle %s)", label, digest)
-    if registry.get_version_tags(model, version, settings=settings).get(DIGEST_TAG) != digest:
+    if recorded != digest:
         registry.set_version_tags(model, version, {DIGEST_TAG: digest}, settings=settings)
     return digest
+
+
+def _path_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def _hashing():

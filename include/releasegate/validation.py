@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from releasegate.contract import SUITE_TAG
 from releasegate.evaluation import HOLDOUT_ARTIFACT, EvaluationResult
+from releasegate.errors import InfrastructureError, describe
 from releasegate.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -238,7 +239,7 @@ def validate_candidate(model: str, candidate_version: str, champion_version: str
                 reasons.append(f"data contract {suite!r} failed on the candidate's holdout: "
                                + "; ".join(contract.failures))
         except (ValueError, LookupError, OSError) as exc:
-            reasons.append(f"data contract {suite!r} could not run: {describe_error(exc)}")
+            reasons.append(f"data contract {suite!r} could not run: {describe(exc)}")
 
     schema = check_schema_compatibility(model, candidate_version, champion_version, settings=settings)
     if not schema.compatible:
@@ -249,39 +250,26 @@ def validate_candidate(model: str, candidate_version: str, champion_version: str
         result = evaluation.compare(model, candidate_version, champion_version, policy, settings=settings)
         if not result.passed:
             reasons.extend(f"offline evaluation: {r}" for r in result.reasons)
-    except Exception as exc:  # a candidate that cannot even score its holdout is a rejection, not a crash
-        reasons.append(f"offline evaluation failed: {describe_error(exc)}")
+    except Exception as exc:
+        if _outage(exc):
+            raise InfrastructureError(f"offline evaluation of {model} v{candidate_version} could not reach what it "
+                                      f"needs: {describe(exc)}") from exc
+        # A candidate that cannot even score its holdout is a rejection, not a crash.
+        reasons.append(f"offline evaluation failed: {describe(exc)}")
 
     return ValidationReport(model=model, candidate_version=candidate_version, champion_version=champion_version,
                             passed=not reasons, reasons=reasons, contract=contract, schema_=schema,
                             evaluation=result)
 
 
-def describe_error(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line of at most `limit` characters: its type and first line, and its root cause's."""
-    text = _named(exc)
-    root = exc
-    for _ in range(20):  # a hand-made cycle of causes must not hang the validate step
-        inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
-        if inner is None:
-            break
-        root = inner
-    if root is not exc and _first_line(root) not in _first_line(exc):
-        # Wrappers such as MLflow's schema error print the whole input before the cause: the cause is the point.
-        cause = f" (cause: {_clip(_named(root), limit // 2)})"
-        text = _clip(text, limit - len(cause)) + cause
-    return _clip(text, limit)
+def _outage(exc: BaseException) -> bool:
+    """Whether `exc` is a dependency failing (MLflow, a database, the network), not the candidate's fault."""
+    import requests
+    import sqlalchemy as sa
+    from mlflow.exceptions import MlflowException
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return " ".join(lines[0].split()) if lines else ""
-
-
-def _named(exc: BaseException) -> str:
-    message = _first_line(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+    if isinstance(exc, MlflowException):
+        # A missing or refused thing is the version's problem; anything else is MLflow's.
+        return exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, sa.exc.OperationalError, ConnectionError,
+                            TimeoutError))

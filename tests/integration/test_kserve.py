@@ -108,9 +108,9 @@ class DataPlane:
 
     def _model(self, version: str):
         if version not in self.models:
-            from releasegate import registry
+            from releasegate import registry, signing
 
-            self.models[version] = registry.load_pyfunc(registry.fetch_verified(MODEL, version))
+            self.models[version] = registry.load_pyfunc(signing.fetch_verified(MODEL, version))
         return self.models[version]
 
     async def _run(self) -> None:
@@ -311,13 +311,13 @@ def test_release_dag_rolls_back_on_kserve_with_the_exact_applies(kstack):
     assert kstack.fake.calls == [*shadow_sequence(champion, bad), apply_is(champion), apply_vs(), *REMOVE_SHADOW]
 
 
-def _open_to_signing(version: str) -> str:
-    """A signed `version`'s release moved straight to `signing` (its validation is not what these tests are about)."""
+def _open_to_validating(version: str) -> str:
+    """A signed `version`'s release moved straight to `validating` (its validation is not what these tests are about)."""
     from releasegate import pipeline, release, signing
 
     signing.sign_version(MODEL, version)
     rid = pipeline.start(MODEL, version, "kserve-test", actor="test").release_id
-    for to in (State.validating, State.signing):
+    for to in (State.signing, State.validating):
         release.transition(rid, to, actor="test")
     return rid
 
@@ -326,7 +326,7 @@ def test_rollback_from_a_shadow_removes_the_mirror_and_the_shadow(kstack):
     from releasegate import pipeline, registry, release
 
     champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
-    rid = _open_to_signing(candidate)
+    rid = _open_to_validating(candidate)
     kstack.fake.calls.clear()
     pipeline.route(rid, 0, actor="test")
     release.record_verdict(rid, verdict(SHADOW, Decision.rollback), actor="test")
@@ -338,7 +338,7 @@ def test_rollback_from_a_canary_sets_it_to_zero_then_restores_the_champion(kstac
     from releasegate import pipeline, registry, release
 
     champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
-    rid = _open_to_signing(candidate)
+    rid = _open_to_validating(candidate)
     kstack.fake.calls.clear()
     pipeline.route(rid, 0, actor="test")
     release.record_verdict(rid, verdict(SHADOW, Decision.promote), actor="test")
@@ -365,7 +365,7 @@ def test_not_ready_for_too_long_fails_the_release_and_restores_the_champion(ksta
 
     monkeypatch.setenv("RELEASEGATE_K8S_READY_TIMEOUT", "1.5")
     champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
-    rid = _open_to_signing(candidate)
+    rid = _open_to_validating(candidate)
     kstack.fake.never_ready.add("churn-shadow")
     kstack.fake.calls.clear()
     try:
@@ -383,7 +383,7 @@ def test_a_failed_revision_is_reported_and_the_champion_restored(kstack):
     from releasegate.backends import DeploymentError
 
     champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
-    rid = _open_to_signing(candidate)
+    rid = _open_to_validating(candidate)
     release.transition(rid, State.shadow, actor="test")
     release.record_verdict(rid, verdict(SHADOW, Decision.promote), actor="test")
     kstack.fake.failing_versions.add(candidate)

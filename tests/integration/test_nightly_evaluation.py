@@ -12,7 +12,7 @@ import pendulum
 import pytest
 
 from releasegate.contract import RETRAINING_ASSET
-from releasegate import audit, nightly, registry
+from releasegate import audit, nightly, registry, signing
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "churn"
@@ -39,8 +39,7 @@ def log_traffic(versions: dict, start: float, drift: float, seed: int, n: int = 
     features = frame[data.FEATURES]
     answers = {}
     for role in ("champion", "good"):
-        model_dir = registry.download_model(MODEL, versions[role], Path(get_settings().home) / f"models-{role}")
-        answers[role] = list(registry.load_pyfunc(model_dir).predict(features))
+        answers[role] = list(registry.load_pyfunc(signing.fetch_verified(MODEL, versions[role])).predict(features))
     metrics, engine = Metrics(), storage.engine()
     predictions = LogWriter(engine, storage.predictions, metrics, batch_rows=1000).start()
     feedback = LogWriter(engine, storage.feedback, metrics, batch_rows=1000).start()
@@ -80,7 +79,10 @@ def world(tmp_path_factory, airflow_env):
         from releasegate.demo import models
         from releasegate.settings import get_settings
 
+        signing.ensure_keys(get_settings())
         versions = models.register_demo_models(get_settings(), model_name=MODEL)
+        for version in versions.values():  # the nightly evaluation loads a champion only from verified bytes
+            signing.sign_version(MODEL, version)
         log_traffic(versions, QUIET_DAY, drift=0.0, seed=501)
         log_traffic(versions, DRIFTED_DAY, drift=1.0, seed=502)
         try:

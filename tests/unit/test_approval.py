@@ -16,7 +16,7 @@ INCONCLUSIVE, INVALID = Decision.inconclusive, Decision.invalid
 
 def _release(policy: dict, verdicts: list[Verdict], champion: str | None = "1"):
     rel = release.open_release("churn", "2", champion, {"name": "p", **policy}, airflow_run_id="run-1", actor="test")
-    for state in (State.validating, State.signing, State.shadow, State.canary):
+    for state in (State.signing, State.validating, State.shadow, State.canary):
         release.transition(rel.release_id, state, actor="test")
     for verdict in verdicts:
         release.record_verdict(rel.release_id, verdict, actor="test")

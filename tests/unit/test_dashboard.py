@@ -114,15 +114,15 @@ def promoted_release(clock: Clock) -> release.Release:
     rel = release.open_release("churn", "2", "1", {"name": "default"}, airflow_run_id=RUN_ID, actor="airflow")
     rid = rel.release_id
     clock.advance(2)
+    release.transition(rid, State.signing, actor="airflow")
+    audit.append("airflow", AuditAction.signed, model="churn", version="2", release_id=rid,
+                 details={"digest": "sha256:bad9"})
+    clock.advance(3)
     release.transition(rid, State.validating, actor="airflow")
     clock.advance(25)
     audit.append("airflow", AuditAction.validation, model="churn", version="2", release_id=rid,
                  details={"passed": True, "reasons": [], "evaluation": {"metric": "accuracy", "candidate": 0.878,
                                                                         "champion": 0.845, "rows": 3000}})
-    release.transition(rid, State.signing, actor="airflow")
-    audit.append("airflow", AuditAction.signed, model="churn", version="2", release_id=rid,
-                 details={"digest": "sha256:bad9"})
-    clock.advance(3)
     release.transition(rid, State.shadow, actor="airflow")
     audit.append("airflow", AuditAction.route, model="churn", version="2", release_id=rid, details=_route(SHADOW))
     t0 = clock.advance(38)
@@ -162,7 +162,7 @@ def rolled_back_release(clock: Clock) -> release.Release:
     clock.advance(600)
     rel = release.open_release("churn", "3", "2", {"name": "default"}, airflow_run_id="manual__worse", actor="airflow")
     rid = rel.release_id
-    for state in (State.validating, State.signing, State.shadow):
+    for state in (State.signing, State.validating, State.shadow):
         clock.advance(10)
         release.transition(rid, state, actor="airflow")
     audit.append("airflow", AuditAction.route, model="churn", version="3", release_id=rid, details=_route(SHADOW))
@@ -229,7 +229,7 @@ def test_rolled_back_release_page_shows_the_failed_check(client, airflow_auth, c
 
 def test_a_running_release_page_reloads_itself_and_shows_its_split_so_far(client, airflow_auth, clock):
     rel = release.open_release("churn", "4", "2", {"name": "default"}, airflow_run_id="manual__live", actor="airflow")
-    for state in (State.validating, State.signing, State.shadow, State.canary):
+    for state in (State.signing, State.validating, State.shadow, State.canary):
         clock.advance(5)
         release.transition(rel.release_id, state, actor="airflow")
     audit.append("airflow", AuditAction.route, model="churn", version="4", release_id=rel.release_id,

@@ -102,12 +102,13 @@ def test_fetch_verified_gives_a_fresh_loadable_directory_per_fetch(store, classi
     version = register(store, classifier)
     signing.sign_version(MODEL, version, store)
 
-    first = registry.fetch_verified(MODEL, version, store)
-    second = registry.fetch_verified(MODEL, "1", store)
+    first = signing.fetch_verified(MODEL, version, store)
+    second = signing.fetch_verified(MODEL, "1", store)
 
-    assert first != second
-    assert first.parent == second.parent == store.model_cache_dir / MODEL
-    assert first.name.startswith(f"{version}-") and (first / "MLmodel").is_file()
+    assert first.path != second.path
+    assert first.path.parent == second.path.parent == store.model_cache_dir / MODEL
+    assert first.path.name.startswith(f"{version}-") and (first.path / "MLmodel").is_file()
+    assert first.digest == second.digest
     model, frame = classifier
     predictions = registry.load_pyfunc(first).predict(frame.head(20))
     assert list(predictions) == list(model.predict(frame.head(20)))
@@ -116,7 +117,7 @@ def test_fetch_verified_gives_a_fresh_loadable_directory_per_fetch(store, classi
 def test_a_refused_fetch_leaves_nothing_in_the_model_cache(store, classifier):
     version = register(store, classifier)
     with pytest.raises(signing.SignatureError, match="churn v1 is not signed"):
-        registry.fetch_verified(MODEL, version, store)
+        signing.fetch_verified(MODEL, version, store)
     assert list((store.model_cache_dir / MODEL).iterdir()) == []
     with pytest.raises(registry.RegistryError, match="has no version 5"):
-        registry.fetch_verified(MODEL, "5", store)
+        signing.fetch_verified(MODEL, "5", store)

@@ -19,11 +19,11 @@ def _open(model="churn", run_id="run-1", **kw):
 
 def test_a_release_moves_through_its_states_and_each_move_is_audited(rg_home):
     rel = _open()
-    for state in (State.validating, State.signing, State.shadow, State.canary, State.promoting, State.promoted):
+    for state in (State.signing, State.validating, State.shadow, State.canary, State.promoting, State.promoted):
         rel = release.transition(rel.release_id, state, actor="test")
     assert rel.state is State.promoted and rel.ended_at is not None
     actions = [e["action"] for e in audit.events(release_id=rel.release_id)]
-    assert actions == ["release.opened", "release.validating", "release.signing", "release.shadow",
+    assert actions == ["release.opened", "release.signing", "release.validating", "release.shadow",
                        "release.canary", "release.promoting", "release.promoted"]
 
 
@@ -31,15 +31,17 @@ def test_a_move_the_state_machine_forbids_is_refused(rg_home):
     rel = _open()
     with pytest.raises(release.ReleaseError, match="cannot move from pending to promoted"):
         release.transition(rel.release_id, State.promoted, actor="test")
-    release.transition(rel.release_id, State.validating, actor="test")
-    release.transition(rel.release_id, State.rejected, actor="test", reason="contract failed")
+    with pytest.raises(release.ReleaseError, match="cannot move from pending to validating"):
+        release.transition(rel.release_id, State.validating, actor="test")  # nothing is loaded before it is signed
+    release.transition(rel.release_id, State.signing, actor="test")
+    release.transition(rel.release_id, State.rejected, actor="test", reason="signature refused")
     with pytest.raises(release.ReleaseError, match="cannot move from rejected"):
-        release.transition(rel.release_id, State.signing, actor="test")
+        release.transition(rel.release_id, State.validating, actor="test")
 
 
 def test_repeating_a_transition_is_a_no_op(rg_home):
     rel = _open()
-    release.transition(rel.release_id, State.validating, actor="test")
+    release.transition(rel.release_id, State.signing, actor="test")
     release.transition(rel.release_id, State.validating, actor="test")
     assert [e["action"] for e in audit.events(release_id=rel.release_id)].count("release.validating") == 1
 
@@ -74,7 +76,7 @@ def test_verdicts_are_recorded_once(rg_home):
 
 def test_audit_chain_detects_an_edited_event(rg_home):
     rel = _open()
-    release.transition(rel.release_id, State.validating, actor="test")
+    release.transition(rel.release_id, State.signing, actor="test")
     assert audit.verify().ok
     with storage.engine().begin() as conn:
         conn.execute(storage.audit.update().where(storage.audit.c.seq == 1).values(actor="mallory"))
@@ -84,8 +86,8 @@ def test_audit_chain_detects_an_edited_event(rg_home):
 
 def test_audit_chain_detects_a_deleted_event(rg_home):
     rel = _open()
-    release.transition(rel.release_id, State.validating, actor="test")
     release.transition(rel.release_id, State.signing, actor="test")
+    release.transition(rel.release_id, State.validating, actor="test")
     with storage.engine().begin() as conn:
         conn.execute(storage.audit.delete().where(storage.audit.c.seq == 2))
     report = audit.verify()

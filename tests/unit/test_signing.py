@@ -62,7 +62,7 @@ def test_signed_version_verifies(store, classifier):
 
     assert digest.startswith("sha256:") and signing.is_signed(MODEL, version, store)
     assert registry.get_version_tags(MODEL, version, settings=store)[signing.DIGEST_TAG] == digest
-    assert (registry.fetch_verified(MODEL, version, store) / "MLmodel").is_file()
+    assert (signing.fetch_verified(MODEL, version, store).path / "MLmodel").is_file()
 
 
 def test_tampered_model_is_refused(store, classifier):
@@ -71,7 +71,7 @@ def test_tampered_model_is_refused(store, classifier):
     changed = tamper(store, version)
 
     with pytest.raises(signing.SignatureMismatchError) as refused:
-        registry.fetch_verified(MODEL, version, store)
+        signing.fetch_verified(MODEL, version, store)
     message = str(refused.value)
     assert message.startswith("signature verification failed for churn v1 (artifact changed after signing?): ")
     assert changed in message
@@ -84,7 +84,7 @@ def test_file_added_after_signing_is_refused(store, classifier):
     (stored_model_dir(store, version) / "code" / "hook.py").write_text("import os\n")
 
     with pytest.raises(signing.SignatureMismatchError, match=r"artifact changed after signing\?.*hook\.py"):
-        registry.fetch_verified(MODEL, version, store)
+        signing.fetch_verified(MODEL, version, store)
 
 
 def test_altered_bundle_is_refused(store, classifier):
@@ -99,13 +99,13 @@ def test_altered_bundle_is_refused(store, classifier):
     path.write_text(json.dumps(bundle))
 
     with pytest.raises(signing.SignatureMismatchError, match="signature verification failed for churn v1"):
-        registry.fetch_verified(MODEL, version, store)
+        signing.fetch_verified(MODEL, version, store)
 
 
 def test_unsigned_version_is_refused(store, classifier):
     version = register(store, classifier)
     with pytest.raises(signing.NotSignedError, match=r"^churn v1 is not signed$"):
-        registry.fetch_verified(MODEL, version, store)
+        signing.fetch_verified(MODEL, version, store)
 
 
 def test_version_signed_by_an_untrusted_key_is_refused(store, classifier, tmp_path):
@@ -115,7 +115,7 @@ def test_version_signed_by_an_untrusted_key_is_refused(store, classifier, tmp_pa
                                                                   "trusted_keys": [rogue_pub]}))
 
     with pytest.raises(signing.UntrustedKeyError, match="^churn v1 is signed by a key that is not trusted"):
-        registry.fetch_verified(MODEL, version, store)
+        signing.fetch_verified(MODEL, version, store)
 
 
 def test_any_trusted_key_verifies_during_rotation(store, classifier, tmp_path):
@@ -126,11 +126,11 @@ def test_any_trusted_key_verifies_during_rotation(store, classifier, tmp_path):
 
     signing.sign_version(MODEL, new_version, rotated)
 
-    assert (registry.fetch_verified(MODEL, new_version, rotated) / "MLmodel").is_file()
-    assert (registry.fetch_verified(MODEL, old_version, rotated) / "MLmodel").is_file()
+    assert (signing.fetch_verified(MODEL, new_version, rotated).path / "MLmodel").is_file()
+    assert (signing.fetch_verified(MODEL, old_version, rotated).path / "MLmodel").is_file()
     retired = rotated.model_copy(update={"trusted_keys": [new_pub]})  # the old key is no longer trusted
     with pytest.raises(signing.UntrustedKeyError):
-        registry.fetch_verified(MODEL, old_version, retired)
+        signing.fetch_verified(MODEL, old_version, retired)
 
 
 def test_sign_version_is_idempotent(store, classifier):
@@ -157,6 +157,26 @@ def test_sign_version_never_resigns_a_tampered_version(store, classifier):
     assert stored_bundle(store, version).read_bytes() == bundle
     assert signing.DIGEST_TAG not in registry.get_version_tags(MODEL, version, settings=store)
     assert digest.startswith("sha256:")
+
+
+def test_a_version_whose_bundle_was_deleted_after_signing_is_refused_not_signed_again(store, classifier):
+    version = register(store, classifier)
+    digest = signing.sign_version(MODEL, version, store)
+    tamper(store, version)
+    stored_bundle(store, version).unlink()  # whoever changed the model also removed the evidence
+    with pytest.raises(signing.SignatureError, match=f"was signed \\({digest}\\) but its signature bundle is gone"):
+        signing.sign_version(MODEL, version, store)
+    assert not signing.is_signed(MODEL, version, store)
+
+
+def test_only_the_signing_module_makes_a_verified_model(store, classifier):
+    version = register(store, classifier)
+    signing.sign_version(MODEL, version, store)
+    verified = signing.fetch_verified(MODEL, version, store)
+    with pytest.raises(TypeError, match="comes from releasegate.signing.fetch_verified"):
+        signing.VerifiedModel(MODEL, version, verified.path, verified.digest, object())
+    verified.remove()
+    assert not verified.path.exists()
 
 
 def test_signing_with_a_key_nobody_trusts_stores_no_bundle(store, classifier, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from releasegate import validation
+from releasegate import errors, validation
 from releasegate.demo import data
 
 
@@ -123,16 +123,20 @@ def demo(tmp_path_factory):
         from releasegate.demo import models
         from releasegate.settings import get_settings
 
+        from releasegate import signing
+
         settings = get_settings()
-        yield settings, models.register_demo_models(settings, model_name="churn")
+        signing.ensure_keys(settings)
+        versions = models.register_demo_models(settings, model_name="churn")
+        for version in versions.values():  # a release signs before it validates: validation loads verified bytes
+            signing.sign_version("churn", version, settings)
+        yield settings, versions
 
 
 def _accuracy(settings, version, frame):
+    from releasegate import registry, signing
 
-    from releasegate import registry
-
-    model_dir = registry.download_model("churn", version, settings.home / "scored" / version, settings=settings)
-    loaded = registry.load_pyfunc(model_dir)
+    loaded = registry.load_pyfunc(signing.fetch_verified("churn", version, settings))
     return float((loaded.predict(frame[data.FEATURES]) == frame[data.LABEL]).mean())
 
 
@@ -220,16 +224,16 @@ def test_an_mlflow_schema_error_becomes_one_short_line_with_its_cause(clean, tmp
     with pytest.raises(Exception) as caught:
         mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(x.assign(age=x["age"] + 0.5))
     assert len(str(caught.value)) > 500 and "\n" in str(caught.value)  # MLflow prints the whole DataFrame
-    line = validation.describe_error(caught.value)
+    line = errors.describe(caught.value)
     assert len(line) <= 300 and "\n" not in line and line.startswith("MlflowException: Failed to enforce schema")
     assert line.endswith("(cause: MlflowException: Incompatible input types for column age. Can not safely "
                          "convert float64 to int64.)")
 
 
 def test_a_long_error_is_cut_to_its_first_line_with_an_ellipsis():
-    line = validation.describe_error(ValueError("holdout   is\tbroken " + "x" * 1000 + "\nsecond line"))
+    line = errors.describe(ValueError("holdout   is\tbroken " + "x" * 1000 + "\nsecond line"))
     assert len(line) == 300 and line.startswith("ValueError: holdout is broken xxx") and line.endswith("x…")
-    assert validation.describe_error(KeyError()) == "KeyError"
+    assert errors.describe(KeyError()) == "KeyError"
 
 
 def test_registered_versions_have_compatible_signatures(demo):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from pathlib import Path
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -255,7 +256,7 @@ def verified_version(model: str, version: str, settings: k8s.K8sSettings) -> k8s
 
     try:
         with tempfile.TemporaryDirectory(prefix="rg-k8s-verify-") as tmp:
-            digest = signing.fetch_and_verify(model, version, f"{tmp}/model")
+            digest = signing.fetch_verified(model, version, parent=Path(tmp)).digest
     except signing.SignatureError as err:
         raise SignatureRefused(f"refusing to publish {model} v{version}: {err}") from err
     uri = registry.client().get_model_version_download_uri(model, version)

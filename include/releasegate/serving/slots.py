@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 from releasegate.contract import ErrorCode
+from releasegate.signing import VerifiedModel
 from releasegate.serving import compiled
 from releasegate.serving.payloads import V2_DATATYPES, Rows, Schema
 
@@ -103,7 +104,8 @@ class Slot:
     """A served version: its pyfunc, input schema and batcher."""
 
     def __init__(self, model: str, version: str, pyfunc, schema: Schema, metrics, executor: Executor,
-                 max_rows: int = 64, max_wait: float = 0.002, outputs: list[dict] | None = None):
+                 max_rows: int = 64, max_wait: float = 0.002, outputs: list[dict] | None = None,
+                 directory: VerifiedModel | None = None):
         self.model = model
         self.outputs = outputs or [{"name": "predict", "datatype": "BYTES", "shape": [-1]}]  # v2 metadata
         self.version = version
@@ -126,6 +128,7 @@ class Slot:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._directory = directory  # removed once the slot has answered its last request
 
     # --- synchronous part, runs in worker threads -------------------------------------------
 
@@ -237,6 +240,12 @@ class Slot:
         self._closing = True
         if self._wake is not None:
             self._wake.set()
+        if self._directory is not None:
+            directory, self._directory = self._directory, None
+            if self._task is None or self._task.done():
+                directory.remove()
+            else:
+                self._task.add_done_callback(lambda _: directory.remove())
 
     async def predict(self, rows: Rows) -> list:
         """This request's predictions, one per row, computed in a shared batch."""
@@ -323,12 +332,16 @@ def _settle(future: asyncio.Future, value=None, error: Exception | None = None) 
 
 def load_slot(model: str, version: str, settings, metrics, executor: Executor, *, max_rows: int = 64,
               max_wait: float = 0.002) -> Slot:
-    """Fetch + verify (registry.fetch_verified), load from that same directory, warm. Blocking: run in a thread."""
+    """Fetch + verify (signing.fetch_verified), load from that same directory, warm. Blocking: run in a thread.
+
+    The verified directory lives as long as the slot (a pyfunc may read its artifacts when it predicts):
+    a failed load or a closed slot removes it, so the model cache holds only what is served.
+    """
     from releasegate import registry, signing
 
     label = f"{model} v{version}"
     try:
-        model_dir = registry.fetch_verified(model, version, settings)
+        verified = signing.fetch_verified(model, version, settings)
     except signing.SignatureError as err:
         raise LoadError(f"signature verification failed for {label}: {err}",
                         code=ErrorCode.signature_refused) from err
@@ -341,13 +354,17 @@ def load_slot(model: str, version: str, settings, metrics, executor: Executor, *
             raise LoadError(f"the model registry refuses {label!r}: {err.message}", 422) from err
         raise
     try:
-        pyfunc = registry.load_pyfunc(model_dir)
-    except Exception as err:
-        raise LoadError(f"could not load {label} from {model_dir}: {type(err).__name__}: {err}") from err
-    schema = Schema.from_mlflow(pyfunc.metadata.get_input_schema())
-    slot = Slot(model, version, pyfunc, schema, metrics, executor, max_rows=max_rows, max_wait=max_wait,
-                outputs=_v2_outputs(pyfunc.metadata.get_output_schema()))
-    slot.warm(_example_rows(pyfunc, model_dir))
+        try:
+            pyfunc = registry.load_pyfunc(verified)
+        except Exception as err:
+            raise LoadError(f"could not load {label}: {type(err).__name__}: {err}") from err
+        schema = Schema.from_mlflow(pyfunc.metadata.get_input_schema())
+        slot = Slot(model, version, pyfunc, schema, metrics, executor, max_rows=max_rows, max_wait=max_wait,
+                    outputs=_v2_outputs(pyfunc.metadata.get_output_schema()), directory=verified)
+        slot.warm(_example_rows(pyfunc, verified.path))
+    except BaseException:
+        verified.remove()
+        raise
     return slot
 
 
