@@ -22,7 +22,6 @@ Each task is one call into `releasegate.nightly`.
 from __future__ import annotations
 
 import logging
-import os
 
 import pendulum
 from airflow.sdk import Asset, Param, chain, dag, get_current_context, task
@@ -45,8 +44,10 @@ log = logging.getLogger(__name__)
 
 def _schedule() -> str:
     """The cron of the nightly run: the environment's, else the default policy's (read with yaml only)."""
-    if os.environ.get("RELEASEGATE_NIGHTLY_SCHEDULE"):
-        return os.environ["RELEASEGATE_NIGHTLY_SCHEDULE"]
+    from releasegate.settings import get_settings
+
+    if get_settings().nightly_schedule:
+        return str(get_settings().nightly_schedule)
     from releasegate import policy
 
     try:

@@ -174,6 +174,23 @@ def check(model_uri: str, policy: str) -> None:
     sys.exit(1 if errors else 0)
 
 
+@main.command("settings")
+@click.option("--markdown", is_flag=True, help="Every variable with its default and meaning, as docs/operations.md "
+                                             "lists them.")
+def settings_show(markdown: bool) -> None:
+    """The settings this environment gives (secrets masked), or with --markdown the table of every variable."""
+    from releasegate.settings import get_settings, markdown_table
+
+    if markdown:
+        click.echo(markdown_table())
+        return
+    values = get_settings().model_dump(mode="json")
+    for secret in ("admin_api_key", "apikey_pepper"):
+        if values.get(secret):
+            values[secret] = "***"
+    click.echo(json.dumps(values, indent=2))
+
+
 # --- releases and audit ----------------------------------------------------------------------
 
 @main.group()

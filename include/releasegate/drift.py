@@ -206,13 +206,14 @@ def read_shadow_pairs(model: str, since: float, until: float, release_id: str | 
     import pandas as pd
 
     from releasegate import storage
+    from releasegate.contract import CallStatus, Mode
     from releasegate.analysis.labels import scalar
 
     _check_window(since, until, max_rows)
     engine = engine if engine is not None else storage.engine()
     p = storage.predictions
-    where = [p.c.model == model, p.c.time >= since, p.c.time < until, p.c.mode == "shadow",
-             p.c.status == "ok", p.c.outputs.is_not(None)]
+    where = [p.c.model == model, p.c.time >= since, p.c.time < until, p.c.mode == Mode.shadow,
+             p.c.status == CallStatus.ok, p.c.outputs.is_not(None)]
     if release_id is not None:
         where.append(p.c.release_id == release_id)
     with engine.connect() as conn:

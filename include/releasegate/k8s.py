@@ -8,13 +8,16 @@ Istio VirtualService / DestinationRule) and core kinds against the Kubernetes cl
 from __future__ import annotations
 
 import functools
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from releasegate.contract import StageKind
 
 _INCLUDE = Path(__file__).resolve().parent.parent
 TEMPLATES = _INCLUDE / "k8s"
@@ -35,48 +38,53 @@ class ManifestError(ValueError):
     """A manifest that does not validate, or a name or setting that cannot make one; the message says where."""
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+class K8sSettings(BaseSettings):
+    """Where and how the kserve backend deploys (RELEASEGATE_K8S_*)."""
 
+    model_config = SettingsConfigDict(env_prefix="RELEASEGATE_K8S_", env_ignore_empty=True, extra="ignore")
 
-class K8sSettings(BaseModel):
-    """Where and how the kserve backend deploys; `K8sSettings.from_env()` reads RELEASEGATE_K8S_*."""
-
-    namespace: str = "models"
-    sink_url: str = Field("", description="The logger sink's URL; default: the releasegate-sink Service.")
+    namespace: str = Field("models", description="Namespace of the models' InferenceServices.")
+    sink_url: str = Field("", description="The logger sink's URL; default the `releasegate-sink` Service's "
+                                          "`/events` in the namespace.")
     host: str = Field("{model}.models.example.com", description="Entry host of a model; {model} is its k8s name.")
-    gateway: str = "knative-serving/knative-ingress-gateway"
-    local_gateway: str = "knative-local-gateway.istio-system.svc.cluster.local"
-    service_account: str | None = Field(None, description="Service account with read access to the artifact store.")
-    storage_rewrite: tuple[str, str] | None = Field(
-        None, description="(from, to): rewrite an MLflow artifact URI prefix into one the cluster can read.")
-    conn_id: str = "kubernetes_default"
-    ready_timeout: float = 600.0
-    poll_seconds: float = 5.0
-    min_replicas: int = 1
-    routing_key_header: str = "X-Routing-Key"
-    schemas_dir: Path = DEFAULT_SCHEMAS
+    gateway: str = Field("knative-serving/knative-ingress-gateway", description="The Istio gateway the entry "
+                                                                                "VirtualService binds to.")
+    local_gateway: str = Field("knative-local-gateway.istio-system.svc.cluster.local",
+                               description="Where the champion's Knative route is reached from the mesh.")
+    service_account: str | None = Field(None, description="Predictor service account with read access to the "
+                                                          "artifact store.")
+    storage_rewrite: Annotated[tuple[str, str] | None, NoDecode] = Field(
+        None, description="`FROM=TO`: rewrite MLflow artifact URIs into ones the storage initializer reads "
+                          "(e.g. `mlflow-artifacts:/=s3://mlflow/`).")
+    conn_id: str = Field("kubernetes_default", description="Airflow connection naming the cluster "
+                                                           "(KubernetesHook).")
+    ready_timeout: float = Field(600.0, description="Seconds a route change may take to become ready.")
+    poll_seconds: float = Field(5.0, description="Seconds between readiness looks.")
+    min_replicas: int = Field(1, description="Predictor replicas kept running.")
+    routing_key_header: str = Field("X-Routing-Key", description="Header the logger keeps as the routing key.")
+    schemas_dir: Path = Field(DEFAULT_SCHEMAS, validation_alias=AliasChoices("RELEASEGATE_K8S_SCHEMAS"),
+                              description="The pinned CRD schemas manifests are validated against.")
+
+    @field_validator("storage_rewrite", mode="before")
+    @classmethod
+    def _from_to(cls, value: object) -> object:
+        if isinstance(value, str):
+            if "=" not in value:
+                raise ValueError(f"RELEASEGATE_K8S_STORAGE_REWRITE must be FROM=TO, got {value!r}")
+            return tuple(value.split("=", 1))
+        return value
+
+    @model_validator(mode="after")
+    def _sink(self) -> K8sSettings:
+        self.sink_url = self.sink_url or f"http://releasegate-sink.{self.namespace}.svc.cluster.local/events"
+        return self
 
     @classmethod
-    def from_env(cls) -> "K8sSettings":
-        namespace = _env("RELEASEGATE_K8S_NAMESPACE", "models")
-        rewrite = os.environ.get("RELEASEGATE_K8S_STORAGE_REWRITE")
-        if rewrite and "=" not in rewrite:
-            raise ManifestError(f"RELEASEGATE_K8S_STORAGE_REWRITE must be FROM=TO, got {rewrite!r}")
-        return cls(
-            namespace=namespace,
-            sink_url=_env("RELEASEGATE_K8S_SINK_URL", f"http://releasegate-sink.{namespace}.svc.cluster.local/events"),
-            host=_env("RELEASEGATE_K8S_HOST", "{model}.models.example.com"),
-            gateway=_env("RELEASEGATE_K8S_GATEWAY", "knative-serving/knative-ingress-gateway"),
-            local_gateway=_env("RELEASEGATE_K8S_LOCAL_GATEWAY", "knative-local-gateway.istio-system.svc.cluster.local"),
-            service_account=os.environ.get("RELEASEGATE_K8S_SERVICE_ACCOUNT") or None,
-            storage_rewrite=tuple(rewrite.split("=", 1)) if rewrite else None,
-            conn_id=_env("RELEASEGATE_K8S_CONN_ID", "kubernetes_default"),
-            ready_timeout=float(_env("RELEASEGATE_K8S_READY_TIMEOUT", "600")),
-            poll_seconds=float(_env("RELEASEGATE_K8S_POLL_SECONDS", "5")),
-            schemas_dir=Path(_env("RELEASEGATE_K8S_SCHEMAS", str(DEFAULT_SCHEMAS))),
-        )
+    def from_env(cls) -> K8sSettings:
+        try:
+            return cls()
+        except ValidationError as err:
+            raise ManifestError(str(err)) from err
 
 
 def k8s_name(model: str) -> str:
@@ -140,7 +148,7 @@ def inference_service(model: str, served: Served, settings: K8sSettings, *, shad
         raise ManifestError(f"canaryTrafficPercent must be 0-100, got {canary_traffic_percent}")
     name = k8s_name(model)
     [doc] = render("inferenceservice.yaml.j2", name=f"{name}-shadow" if shadow else name, model=model,
-                   namespace=settings.namespace, role="shadow" if shadow else "serving", version=served.version,
+                   namespace=settings.namespace, role=StageKind.shadow.value if shadow else "serving", version=served.version,
                    champion_version=champion_version or served.version,
                    digest=served.digest, release_id=release_id, raw_deployment=shadow,
                    min_replicas=settings.min_replicas, service_account=settings.service_account,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +26,6 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 REPORTS = "releasegate/reports/nightly"
 # A webhook that gets the alert as JSON; without it the alert is the audit event and the failed task.
-WEBHOOK_ENV = "RELEASEGATE_ALERT_WEBHOOK"
 
 
 class Evaluation(BaseModel):
@@ -151,7 +149,7 @@ def notify(evaluations: list[dict], actor: str = "nightly", settings: Settings |
     for e in alarms:
         audit.append(actor, AuditAction.nightly_alert, model=e["model"], version=e["version"],
                      details={"reasons": e["reasons"], "artifacts": e.get("artifacts")}, engine=engine)
-    url = os.environ.get(WEBHOOK_ENV)
+    url = settings.alert_webhook
     if url:
         import httpx
 

@@ -23,7 +23,7 @@ from releasegate.backends import Applied, Backend, BackendKind, backend_kind
 from releasegate.contract import AuditAction, Branch, Mode, Outcome, RouteChange, Stage, StageKind
 from releasegate.errors import SignatureRefused
 from releasegate.release import State
-from releasegate.results import Ended, Opened, ReadinessWait, Recorded, Rejected, Routed, Signed, Skipped, Summary, \
+from releasegate.results import Ended, Opened, Recorded, Rejected, Routed, Signed, Skipped, Summary, \
     Validated
 from releasegate.verdict import Decision, Verdict, Window
 

@@ -120,6 +120,9 @@ def _default(field: FieldInfo) -> str:
     default = field.default
     if field.default_factory is not None or default is PydanticUndefined or default in (None, "", _IN_HOME):
         return "—"
+    if isinstance(default, Path) and default.is_relative_to(_INCLUDE.parent.parent):
+        # A path beside the repository, as a reader's checkout has it.
+        return f"`{os.path.relpath(default, _INCLUDE.parent)}`"
     return f"`{default}`"
 
 

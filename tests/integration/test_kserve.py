@@ -441,7 +441,7 @@ def test_the_readiness_trigger_answers_ready_failed_or_timeout(monkeypatch):
                 k8s.inference_service(MODEL, k8s.Served("2", "s3://mlflow/m", "sha256:0"), k8s.K8sSettings()))
 
     def first_event(timeout: float) -> dict:
-        trigger = InferenceServiceReadyTrigger("models", [{"name": "churn", "generation": 1, "canary": None}],
+        trigger = InferenceServiceReadyTrigger("models", [{"name": "churn", "generation": 1, "canary_percent": None}],
                                                "rg_test_cluster", timeout, 0.1)
 
         async def run():

@@ -37,8 +37,10 @@ def test_pepper_file_is_private_and_stable(settings):
 
 
 def test_pepper_from_the_environment_wins(settings, monkeypatch):
-    monkeypatch.setenv(auth.PEPPER_ENV, "pepper-from-env")
-    assert auth.pepper(settings) == b"pepper-from-env"
+    from releasegate.settings import get_settings
+
+    monkeypatch.setenv("RELEASEGATE_APIKEY_PEPPER", "pepper-from-env")
+    assert auth.pepper(get_settings()) == b"pepper-from-env"
     assert not (settings.home / "keys" / "apikey.pepper").exists()
 
 

@@ -102,25 +102,25 @@ class KServeBackend:
                                                         champion_version=champion_version))
                 gen = self._apply(ISVC, k8s.inference_service(model, champion, s, canary_traffic_percent=0,
                                                               release_id=release_id))
-                self._wait([{"name": name, "generation": gen, "canary": 0}])
+                self._wait([{"name": name, "generation": gen, "canary_percent": 0}])
             gen = self._apply(ISVC, k8s.inference_service(model, champion, s, release_id=release_id))
-            waits.append({"name": name, "generation": gen, "canary": None})
+            waits.append({"name": name, "generation": gen, "canary_percent": None})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
         elif mode is Mode.shadow:
             champion = self._served(model, champion_version, current)
             candidate = self._served(model, candidate_version, self._get(ISVC, f"{name}-shadow"))
             gen = self._apply(ISVC, k8s.inference_service(model, champion, s, release_id=release_id))
-            waits.append({"name": name, "generation": gen, "canary": None})
+            waits.append({"name": name, "generation": gen, "canary_percent": None})
             gen = self._apply(ISVC, k8s.inference_service(model, candidate, s, shadow=True, release_id=release_id))
-            waits.append({"name": f"{name}-shadow", "generation": gen, "canary": None})
+            waits.append({"name": f"{name}-shadow", "generation": gen, "canary_percent": None})
             self._apply(DR, k8s.destination_rule(model, s))
             self._apply(VS, k8s.virtual_service(model, s, mirror_percent=100, release_id=release_id))
         else:
             candidate = self._served(model, candidate_version, current)
             gen = self._apply(ISVC, k8s.inference_service(model, candidate, s, canary_traffic_percent=int(candidate_weight),
                                                           release_id=release_id, champion_version=champion_version))
-            waits.append({"name": name, "generation": gen, "canary": int(candidate_weight)})
+            waits.append({"name": name, "generation": gen, "canary_percent": int(candidate_weight)})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
         route = Applied(model=model, champion_version=champion_version,
@@ -172,7 +172,7 @@ class KServeBackend:
                                f"not yet {target['generation']}")
             elif _condition(obj, "Ready") != "True":
                 pending.append(f"{target['name']}: not Ready")
-            elif target.get("canary") and summary.get("latestReadyRevision") != summary.get("latestCreatedRevision"):
+            elif target.get("canary_percent") and summary.get("latestReadyRevision") != summary.get("latestCreatedRevision"):
                 pending.append(f"{target['name']}: revision {summary.get('latestCreatedRevision')} not ready")
         if pending:
             return Readiness(ReadinessState.pending, "; ".join(pending), status)

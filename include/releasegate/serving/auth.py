@@ -17,7 +17,6 @@ from pathlib import Path
 import sqlalchemy as sa
 
 ROLES = ("predict", "feedback", "admin")
-PEPPER_ENV = "RELEASEGATE_APIKEY_PEPPER"
 _VERIFIED_MAX = 10_000
 
 
@@ -39,10 +38,10 @@ def _settings(settings):
 
 def pepper(settings=None) -> bytes:
     """The server pepper: $RELEASEGATE_APIKEY_PEPPER, else <home>/keys/apikey.pepper (created 0600)."""
-    from_env = os.environ.get(PEPPER_ENV)
-    if from_env:
-        return from_env.encode()
-    path = Path(_settings(settings).home) / "keys" / "apikey.pepper"
+    settings = _settings(settings)
+    if settings.apikey_pepper:
+        return settings.apikey_pepper.encode()
+    path = Path(settings.home) / "keys" / "apikey.pepper"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

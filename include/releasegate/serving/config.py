@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import os
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pydantic import BaseModel, Field, model_validator
 
+class GatewayConfig(BaseSettings):
+    """Timings and bounds of the gateway (RELEASEGATE_GATEWAY_*)."""
 
-class GatewayConfig(BaseModel):
-    """Timings and bounds of the gateway; `GatewayConfig.from_env()` reads overrides."""
+    model_config = SettingsConfigDict(env_prefix="RELEASEGATE_GATEWAY_", env_ignore_empty=True, extra="ignore")
 
     poll_interval: float = Field(1.0, gt=0, description="Seconds between reads of routes and API keys.")
     candidate_timeout: float = Field(1.0, gt=0, description="Seconds a candidate may take before the champion answers.")
-    batch_max_rows: int = Field(64, ge=1)
-    batch_max_wait_ms: float = Field(2.0, ge=0)
+    batch_max_rows: int = Field(64, ge=1, description="Most rows one predict call answers.")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="Milliseconds a micro-batch collects requests.")
     shadow_queue: int = Field(1000, ge=1, description="Mirrored requests waiting for the candidate; more are dropped.")
     shadow_workers: int = Field(64, ge=1, description="Batches of mirrored calls in flight at once for a candidate "
                                                      "that predicts through its batcher (a compiled one answers "
                                                      "each batch inline).")
-    log_flush_interval: float = Field(0.2, gt=0)
-    log_batch_rows: int = Field(500, ge=1)
+    log_flush_interval: float = Field(0.2, gt=0, description="Seconds between shipments to the log writer.")
+    log_batch_rows: int = Field(500, ge=1, description="Rows per insert of the log writer.")
     log_buffer: int = Field(20_000, ge=1, description="Log entries held in memory; more are dropped and counted.")
-    max_body_bytes: int = Field(1 << 20, ge=1)
-    max_rows: int = Field(1000, ge=1)
-    retry_failed_load_seconds: float = Field(30.0, ge=0)
+    max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 beyond).")
+    max_rows: int = Field(1000, ge=1, description="Most rows in one request (413 beyond).")
+    retry_failed_load_seconds: float = Field(30.0, ge=0, description="Seconds before a version that failed to load is tried again.")
     load_concurrency: int = Field(4, ge=1, description="Models whose stored routes load at once (start-up and "
                                                        "polling); each route serves as soon as its own versions "
                                                        "are loaded.")
@@ -33,13 +34,8 @@ class GatewayConfig(BaseModel):
                                                         "certificate it signed.")
 
     @classmethod
-    def from_env(cls) -> "GatewayConfig":
-        values = {}
-        for name in cls.model_fields:
-            raw = os.environ.get(f"RELEASEGATE_GATEWAY_{name.upper()}")
-            if raw not in (None, ""):
-                values[name] = raw
-        return cls(**values)
+    def from_env(cls) -> GatewayConfig:
+        return cls()
 
     @model_validator(mode="after")
     def _tls_complete(self) -> "GatewayConfig":

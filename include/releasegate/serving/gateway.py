@@ -15,6 +15,7 @@ import orjson
 import sqlalchemy as sa
 
 from releasegate import storage
+from releasegate.contract import Mode
 from releasegate.serving import auth, routing
 from releasegate.serving.config import GatewayConfig
 from releasegate.serving.logprocess import ProcessLogWriter
@@ -100,7 +101,7 @@ class Gateway:
         self._shadow_wake = asyncio.Event()
         self.metrics.shadow_queue.set_function(lambda: len(self._shadow))
         self._mirror_slots = asyncio.Semaphore(self.config.shadow_workers)
-        self._tasks = [asyncio.create_task(self._shadow_worker(), name="shadow")]
+        self._tasks = [asyncio.create_task(self._shadow_worker(), name="mirror")]
         self._tasks.append(asyncio.create_task(self._poll(), name="poller"))
 
     async def stop(self) -> None:
@@ -325,7 +326,7 @@ class Gateway:
                            status="error", error=str(err))
             raise
         self._log_call(base, logged, outputs, champion, "champion", start, served=True, fallback=fallback)
-        if route.mode == "shadow" and active.candidate is not None:
+        if route.mode is Mode.shadow and active.candidate is not None:
             if len(self._shadow) < self.config.shadow_queue:
                 self._shadow.append((active, sent, rows, logged, base))
                 self._shadow_wake.set()

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from releasegate import storage
+from releasegate.contract import Arm, CallStatus, Mode
 from releasegate.serving import routing
 from releasegate.serving.logwriter import LogWriter, expand_predictions
 from releasegate.serving.metrics import Metrics
@@ -160,10 +161,10 @@ class Sink:
     def _write(self, model: str, version: str, request_id: str, request: dict, outputs: list | None,
                answered: float | None) -> None:
         route = self.route(model) or {}
-        arm = "candidate" if version == route.get("candidate_version") else "champion"
-        mode = route.get("mode") or "single"
-        served = not (arm == "candidate" and mode == "shadow")
-        status = "ok" if outputs is not None else "error"
+        arm = Arm.candidate if version == route.get("candidate_version") else Arm.champion
+        mode = Mode(route.get("mode") or Mode.single)
+        served = not (arm is Arm.candidate and mode is Mode.shadow)
+        status = CallStatus.ok if outputs is not None else CallStatus.error
         base = {"request_id": request_id, "time": request["time"], "model": model, "version": version, "arm": arm,
                 "mode": mode, "release_id": route.get("release_id"),
                 "routing_key_hash": routing.routing_key_hash(model, request["routing_key"] or request_id),

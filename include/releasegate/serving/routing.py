@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-Mode = Literal["single", "shadow", "canary"]
+from releasegate.contract import Mode
 _VERSION = r"^@?[A-Za-z0-9_.-]+$"
 
 
@@ -17,18 +16,19 @@ class RouteSpec(BaseModel, extra="forbid"):
     # A version number or an alias ("@champion"): MLflow allows nothing else in either.
     champion_version: str = Field(min_length=1, max_length=50, pattern=_VERSION)
     candidate_version: str | None = Field(None, min_length=1, max_length=50, pattern=_VERSION)
-    mode: Mode = "single"
+    mode: Mode = Mode.single
     candidate_weight: int = Field(0, ge=0, le=100)
     release_id: str | None = Field(None, max_length=64)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RouteSpec":
-        if self.mode == "single" and self.candidate_version is not None:
-            raise ValueError("mode 'single' takes no candidate_version (use 'shadow' or 'canary')")
-        if self.mode != "single" and self.candidate_version is None:
+        if self.mode is Mode.single and self.candidate_version is not None:
+            raise ValueError(f"mode '{Mode.single}' takes no candidate_version (use '{Mode.shadow}' or "
+                             f"'{Mode.canary}')")
+        if self.mode is not Mode.single and self.candidate_version is None:
             raise ValueError(f"mode '{self.mode}' needs a candidate_version")
-        if self.mode != "canary" and self.candidate_weight != 0:
-            raise ValueError(f"candidate_weight applies to mode 'canary' only, got {self.candidate_weight} "
+        if self.mode is not Mode.canary and self.candidate_weight != 0:
+            raise ValueError(f"candidate_weight applies to mode '{Mode.canary}' only, got {self.candidate_weight} "
                              f"with mode '{self.mode}'")
         if self.candidate_version is not None and self.candidate_version == self.champion_version:
             raise ValueError(f"candidate_version equals champion_version ({self.champion_version})")
@@ -69,6 +69,6 @@ def sample_bucket(request_id: str) -> int:
 
 def choose_arm(route: RouteSpec, digest: str) -> str:
     """'candidate' or 'champion' for a request whose key_digest is `digest` (shadow serves the champion)."""
-    if route.mode == "canary" and int(digest, 16) % 100 < route.candidate_weight:
+    if route.mode is Mode.canary and int(digest, 16) % 100 < route.candidate_weight:
         return "candidate"
     return "champion"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+from releasegate.contract import Mode
+
 GOOD, BAD, UNDECIDED, GRID = "#2f855a", "#c53030", "#718096", "#e2e8f0"
 _PERCENT_METRICS = {"error_rate", "latency_p99", "agreement", "accuracy"}
 # What each analysis metric's estimate is (releasegate.analysis), as the chart's title says it.
@@ -48,7 +50,7 @@ def traffic_svg(points: list[dict], started_at: float, until: float) -> str | No
             ax.axvspan(start, stop, color="#bee3f8", alpha=0.6, linewidth=0)
             ax.text((start + stop) / 2, 50, "shadow\n(mirror of 100%)", ha="center", va="center", color="#2c5282")
         else:
-            label = f"{p['candidate_served_percent']}%" if p["mode"] == "canary" else str(p["stage"])
+            label = f"{p['candidate_served_percent']}%" if p["mode"] == Mode.canary else str(p["stage"])
             ax.annotate(label, (start, p["candidate_served_percent"]), xytext=(3, 4),
                         textcoords="offset points", color="#2d3748")
     ax.set_ylim(-3, 105)
