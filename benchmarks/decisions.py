@@ -29,8 +29,7 @@ import numpy as np
 from scipy import stats
 
 from releasegate import policy as policies
-from releasegate.analysis import sequential
-from releasegate.analysis import verdict_from_stats
+from releasegate.analysis import sequential, verdict_from_stats
 from releasegate.analysis.canary import CanaryStats, SliceStats, carry
 from releasegate.contract import Arm, Stage
 from releasegate.verdict import ArmSamples, Decision
@@ -92,8 +91,14 @@ class Step:
         latency = np.where(cand, latency * scenario.latency_scale, latency)
         accuracy = np.where(cand & (region == 0), BASE_ACCURACY - scenario.segment_drop, BASE_ACCURACY)
         correct = (rng.random(n) < accuracy).astype(float)
-        for name, new in (("t", t), ("cand", cand), ("region", region), ("error", error), ("latency", latency),
-                          ("correct", correct)):
+        for name, new in (
+            ("t", t),
+            ("cand", cand),
+            ("region", region),
+            ("error", error),
+            ("latency", latency),
+            ("correct", correct),
+        ):
             setattr(self, name, np.concatenate([getattr(self, name), new]))
 
 
@@ -117,10 +122,15 @@ class Looks:
         self.slices = []
         for r in range(len(REGIONS)):
             mask = ok & (step.region == r)
-            self.slices.append((np.cumsum(mask),
-                                _prefix(sequential.aipw_contrasts(step.correct[mask], step.cand[mask], w)),
-                                np.cumsum(step.cand[mask]), np.cumsum(np.where(step.cand[mask], step.correct[mask], 0)),
-                                np.cumsum(np.where(~step.cand[mask], step.correct[mask], 0))))
+            self.slices.append(
+                (
+                    np.cumsum(mask),
+                    _prefix(sequential.aipw_contrasts(step.correct[mask], step.cand[mask], w)),
+                    np.cumsum(step.cand[mask]),
+                    np.cumsum(np.where(step.cand[mask], step.correct[mask], 0)),
+                    np.cumsum(np.where(~step.cand[mask], step.correct[mask], 0)),
+                )
+            )
 
     def stats(self, m: int) -> CanaryStats:
         """The CanaryStats of the first m requests: what canary_stats gives for the same logged rows."""
@@ -133,12 +143,16 @@ class Looks:
         ok_c = int(self.ok_cand[i])
         ok_b = ok - ok_c
         errs = {Arm.candidate: int(self.err_cand[i]), Arm.champion: int(self.err_champ[i])}
-        arms = {Arm.candidate: ArmSamples(requests=n_c, routing_keys=n_c, labelled=ok_c, errors=errs[Arm.candidate]),
-                Arm.champion: ArmSamples(requests=n_b, routing_keys=n_b, labelled=ok_b, errors=errs[Arm.champion])}
+        arms = {
+            Arm.candidate: ArmSamples(requests=n_c, routing_keys=n_c, labelled=ok_c, errors=errs[Arm.candidate]),
+            Arm.champion: ArmSamples(requests=n_b, routing_keys=n_b, labelled=ok_b, errors=errs[Arm.champion]),
+        }
         champ = self.champ_lat[:n_b]
         cand = self.cand_lat[:n_c]
-        p99 = {Arm.champion: float(np.quantile(champ, 0.99)) if n_b else float("nan"),
-               Arm.candidate: float(np.quantile(cand, 0.99)) if n_c else float("nan")}
+        p99 = {
+            Arm.champion: float(np.quantile(champ, 0.99)) if n_b else float("nan"),
+            Arm.candidate: float(np.quantile(cand, 0.99)) if n_c else float("nan"),
+        }
         slow = None
         if n_b >= 100:  # checks.MIN_P99_ROWS
             # Both arms over the champion's limit of this look, as canary_stats contrasts them.
@@ -152,18 +166,36 @@ class Looks:
                 continue
             lc = int(c_count[j - 1])
             lb = j - lc
-            slices.append(SliceStats(
-                feature="region", value=REGIONS[r], contrasts=_at(prefix, j),
-                labelled={Arm.candidate: lc, Arm.champion: lb}, routing_keys={Arm.candidate: lc, Arm.champion: lb},
-                means={Arm.candidate: float(c_right[j - 1]) / lc if lc else None,
-                       Arm.champion: float(b_right[j - 1]) / lb if lb else None}))
+            slices.append(
+                SliceStats(
+                    feature="region",
+                    value=REGIONS[r],
+                    contrasts=_at(prefix, j),
+                    labelled={Arm.candidate: lc, Arm.champion: lb},
+                    routing_keys={Arm.candidate: lc, Arm.champion: lb},
+                    means={
+                        Arm.candidate: float(c_right[j - 1]) / lc if lc else None,
+                        Arm.champion: float(b_right[j - 1]) / lb if lb else None,
+                    },
+                )
+            )
         slices.sort(key=lambda s: s.value)  # canary_stats groups sorted by value
         return CanaryStats(
-            weight=self.step.weight, arms=arms, rows={Arm.candidate: n_c, Arm.champion: n_b},
-            error=_at(self.err, m), primary=_at(self.prim, ok),
-            primary_means={Arm.candidate: float(self.right_cand[i]) / ok_c if ok_c else None,
-                           Arm.champion: float(self.right_champ[i]) / ok_b if ok_b else None},
-            champion_latencies=n_b, p99=p99, slow=slow, candidate_latencies=n_c, slices=tuple(slices))
+            weight=self.step.weight,
+            arms=arms,
+            rows={Arm.candidate: n_c, Arm.champion: n_b},
+            error=_at(self.err, m),
+            primary=_at(self.prim, ok),
+            primary_means={
+                Arm.candidate: float(self.right_cand[i]) / ok_c if ok_c else None,
+                Arm.champion: float(self.right_champ[i]) / ok_b if ok_b else None,
+            },
+            champion_latencies=n_b,
+            p99=p99,
+            slow=slow,
+            candidate_latencies=n_c,
+            slices=tuple(slices),
+        )
 
 
 def _prefix(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,10 +211,18 @@ def _at(prefix: tuple[np.ndarray, np.ndarray], n: int) -> sequential.Summary:
 def _empty(weight: int) -> CanaryStats:
     zero = sequential.Summary(0, 0.0, 0.0)
     none = {Arm.candidate: None, Arm.champion: None}
-    return CanaryStats(weight=weight, arms={a: ArmSamples() for a in (Arm.champion, Arm.candidate)},
-                       rows={Arm.candidate: 0, Arm.champion: 0}, error=zero, primary=zero, primary_means=none,
-                       champion_latencies=0, p99={Arm.candidate: float("nan"), Arm.champion: float("nan")}, slow=None,
-                       candidate_latencies=0)
+    return CanaryStats(
+        weight=weight,
+        arms={a: ArmSamples() for a in (Arm.champion, Arm.candidate)},
+        rows={Arm.candidate: 0, Arm.champion: 0},
+        error=zero,
+        primary=zero,
+        primary_means=none,
+        champion_latencies=0,
+        p99={Arm.candidate: float("nan"), Arm.champion: float("nan")},
+        slow=None,
+        candidate_latencies=0,
+    )
 
 
 def simulated_stats(step: Step, policy: policies.Policy, m: int) -> CanaryStats:
@@ -224,11 +264,13 @@ def releasegate(steps: list[Step], grow, policy: policies.Policy) -> Outcome:
             m = int(np.searchsorted(step.t, t, side="right"))
             final = t >= budget
             stats = looks.stats(m) if carried is None else carry(carried, looks.stats(m))
-            verdict = verdict_from_stats(stats, Stage.canary(step=index + 1, weight=step.weight), policy,
-                                         (0.0, t), window_closed=final)
+            verdict = verdict_from_stats(
+                stats, Stage.canary(step=index + 1, weight=step.weight), policy, (0.0, t), window_closed=final
+            )
             n_c = int(looks.n_cand[m - 1]) if m else 0
             if verdict.decision in (Decision.rollback, Decision.invalid) or (
-                    final and last_step and verdict.decision is not Decision.promote):
+                final and last_step and verdict.decision is not Decision.promote
+            ):
                 return Outcome(True, done + m, done_c + n_c, invalid=verdict.decision is Decision.invalid)
             if verdict.decision is Decision.promote or final:
                 done += m
@@ -254,15 +296,19 @@ def flagger_style(steps: list[Step], policy: policies.Policy) -> Outcome:
             c = step.cand[start:end]
             err = step.error[start:end][c]
             ok = ~err
-            bad = (not len(err) or err.mean() > max_error
-                   or np.quantile(step.latency[start:end][c], 0.99) > max_p99
-                   or not ok.any() or step.correct[start:end][c][ok].mean() < min_accuracy)
+            bad = (
+                not len(err)
+                or err.mean() > max_error
+                or np.quantile(step.latency[start:end][c], 0.99) > max_p99
+                or not ok.any()
+                or step.correct[start:end][c][ok].mean() < min_accuracy
+            )
             failed += bool(bad)
             if failed >= FLAGGER_THRESHOLD:
                 return Outcome(True, done + int(end), done_c + int(step.cand[:end].sum()))
             start = end
         done += int(edges[-1])
-        done_c += int(step.cand[:edges[-1]].sum())
+        done_c += int(step.cand[: edges[-1]].sum())
     return Outcome(False, done, done_c)
 
 
@@ -272,9 +318,11 @@ def fixed_horizon(steps: list[Step], policy: policies.Policy) -> Outcome:
     alpha = policy.alpha / (3 + bool(policy.slices))
     z = stats.norm.ppf(1 - alpha / 2)  # the same two-sided (1 − alpha/k) intervals as releasegate's bounds
     ends = [int(np.searchsorted(s.t, window, side="right")) for s in steps]
-    srm_alarm = any(stats.chisquare([n - s.cand[:n].sum(), s.cand[:n].sum()],
-                                    [n * (1 - s.weight / 100), n * s.weight / 100]).pvalue < policy.srm_p_value
-                    for s, n in zip(steps, ends))
+    srm_alarm = any(
+        stats.chisquare([n - s.cand[:n].sum(), s.cand[:n].sum()], [n * (1 - s.weight / 100), n * s.weight / 100]).pvalue
+        < policy.srm_p_value
+        for s, n in zip(steps, ends)
+    )
 
     def cat(name):
         return np.concatenate([getattr(s, name)[:n] for s, n in zip(steps, ends)])
@@ -320,8 +368,11 @@ def simulate(job: tuple[int, int, int, float]) -> dict[str, Outcome]:
     def grow(index: int) -> None:
         steps[index].grow(rng, scenario, window, rate)
 
-    return {"releasegate": releasegate(steps, grow, policy), "flagger_style": flagger_style(steps, policy),
-            "fixed_horizon": fixed_horizon(steps, policy)}
+    return {
+        "releasegate": releasegate(steps, grow, policy),
+        "flagger_style": flagger_style(steps, policy),
+        "fixed_horizon": fixed_horizon(steps, policy),
+    }
 
 
 METHODS = ("releasegate", "flagger_style", "fixed_horizon")
@@ -335,14 +386,25 @@ def run(releases: int, rate: float, seed: int, workers: int) -> dict:
         with multiprocessing.get_context("fork").Pool(min(workers, 2)) as pool:
             outcomes = pool.map(simulate, jobs, chunksize=4)
     policy = policies.load("default")
-    result = {"methods": {m: {"aa_false_rollback": None, "scenarios": {}} for m in METHODS},
-              "setup": {"releases_per_scenario": releases, "requests_per_second": rate, "seed": seed,
-                        "policy": {"name": policy.name, "alpha": policy.alpha, "steps": policy.canary.steps,
-                                   "window_seconds": policy.canary.max_window_seconds,
-                                   "max_extensions": policy.max_extensions, "poll_seconds": policy.poll_seconds},
-                        "fixed_horizon_samples": None}}
+    result = {
+        "methods": {m: {"aa_false_rollback": None, "scenarios": {}} for m in METHODS},
+        "setup": {
+            "releases_per_scenario": releases,
+            "requests_per_second": rate,
+            "seed": seed,
+            "policy": {
+                "name": policy.name,
+                "alpha": policy.alpha,
+                "steps": policy.canary.steps,
+                "window_seconds": policy.canary.max_window_seconds,
+                "max_extensions": policy.max_extensions,
+                "poll_seconds": policy.poll_seconds,
+            },
+            "fixed_horizon_samples": None,
+        },
+    }
     for s, scenario in enumerate(SCENARIOS):
-        mine = outcomes[s * releases:(s + 1) * releases]
+        mine = outcomes[s * releases : (s + 1) * releases]
         for method in METHODS:
             got = [o[method] for o in mine]
             rolled = [o for o in got if o.rolled_back]
@@ -358,7 +420,8 @@ def run(releases: int, rate: float, seed: int, workers: int) -> dict:
                     "miss_rate": 1 - rate_back,
                     "median_samples_to_rollback": _median([o.samples for o in rolled]),
                     "median_candidate_requests_to_rollback": _median([o.candidate_samples for o in rolled]),
-                    "invalid": invalid}
+                    "invalid": invalid,
+                }
     fixed = [o["fixed_horizon"].samples for o in outcomes]
     result["setup"]["fixed_horizon_samples"] = _median(fixed)
     return result
@@ -371,8 +434,10 @@ def _median(values: list[int]) -> int | None:
 def table(result: dict) -> str:
     names = [s.name for s in SCENARIOS if s.regression]
     fixed = result["setup"]["fixed_horizon_samples"]
-    lines = [f"{'method':<15}{'A/A false rollback':>20}" + "".join(f"{n:>36}" for n in names),
-             f"{'':<15}{'':>20}" + "".join(f"{'miss · median samples (× fixed)':>36}" for _ in names)]
+    lines = [
+        f"{'method':<15}{'A/A false rollback':>20}" + "".join(f"{n:>36}" for n in names),
+        f"{'':<15}{'':>20}" + "".join(f"{'miss · median samples (× fixed)':>36}" for _ in names),
+    ]
     for method, entry in result["methods"].items():
         cells = []
         for n in names:
@@ -408,8 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.releases, args.rate, args.seed, args.workers)
     result["setup"]["seconds"] = round(time.monotonic() - started, 1)
     print(table(result))
-    print(f"\nfixed-horizon sample size: {result['setup']['fixed_horizon_samples']} requests; "
-          f"{args.releases} releases per scenario at {args.rate:g} requests/s; {result['setup']['seconds']} s")
+    print(
+        f"\nfixed-horizon sample size: {result['setup']['fixed_horizon_samples']} requests; "
+        f"{args.releases} releases per scenario at {args.rate:g} requests/s; {result['setup']['seconds']} s"
+    )
     met = targets(result)
     for text, ok in met:
         print(f"  {'met ' if ok else 'MISS'}  {text}")

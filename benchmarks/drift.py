@@ -72,17 +72,30 @@ def write_traffic(db_url: str, rows: int, until: float, seed: int) -> float:
         out = []
         for i, record in enumerate(records):
             request_id = uuid.uuid4().hex
-            out.append({"request_id": request_id, "time": start + i * DAY / rows, "model": MODEL, "version": "1",
-                        "arm": "champion", "mode": "single", "release_id": None,
-                        "routing_key_hash": routing_key_hash(MODEL, request_id),
-                        "sample_bucket": sample_bucket(request_id), "served": True, "fallback": False,
-                        "inputs": orjson.dumps(record).decode(), "outputs": "0", "latency_ms": 1.0,
-                        "status": "ok", "error": None})
+            out.append(
+                {
+                    "request_id": request_id,
+                    "time": start + i * DAY / rows,
+                    "model": MODEL,
+                    "version": "1",
+                    "arm": "champion",
+                    "mode": "single",
+                    "release_id": None,
+                    "routing_key_hash": routing_key_hash(MODEL, request_id),
+                    "sample_bucket": sample_bucket(request_id),
+                    "served": True,
+                    "fallback": False,
+                    "inputs": orjson.dumps(record).decode(),
+                    "outputs": "0",
+                    "latency_ms": 1.0,
+                    "status": "ok",
+                    "error": None,
+                }
+            )
         return out
 
     began = time.perf_counter()
-    writer = LogWriter(engine, storage.predictions, Metrics(), expand=expand, batch_rows=5000,
-                       max_buffer=64).start()
+    writer = LogWriter(engine, storage.predictions, Metrics(), expand=expand, batch_rows=5000, max_buffer=64).start()
     rng = np.random.default_rng(seed)
     since, chunk = until - DAY, 1000
     for offset in range(0, rows, chunk):
@@ -94,8 +107,9 @@ def write_traffic(db_url: str, rows: int, until: float, seed: int) -> float:
     with engine.connect() as conn:
         import sqlalchemy as sa
 
-        written = conn.execute(sa.select(sa.func.count()).select_from(storage.predictions)
-                               .where(storage.predictions.c.model == MODEL)).scalar_one()
+        written = conn.execute(
+            sa.select(sa.func.count()).select_from(storage.predictions).where(storage.predictions.c.model == MODEL)
+        ).scalar_one()
     if written != rows:
         raise SystemExit(f"the log writer stored {written} of {rows} rows")
     return time.perf_counter() - began
@@ -123,7 +137,8 @@ def run_evidently_full(db_url: str, reference, since: float, until: float, out: 
     frames = []
     with storage.engine(db_url).connect() as conn:
         result = conn.execution_options(yield_per=50_000).execute(
-            sa.select(p.c.inputs).where(p.c.model == MODEL, p.c.time >= since, p.c.time < until))
+            sa.select(p.c.inputs).where(p.c.model == MODEL, p.c.time >= since, p.c.time < until)
+        )
         for part in result.partitions():
             frames.append(pd.DataFrame.from_records([orjson.loads(r.inputs) for r in part]))
     current = pd.concat(frames, ignore_index=True)
@@ -131,13 +146,17 @@ def run_evidently_full(db_url: str, reference, since: float, until: float, out: 
     definition = DataDefinition(numerical_columns=NUMERIC, categorical_columns=CATEGORICAL)
     snapshot = Report([DataDriftPreset()], include_tests=True).run(
         Dataset.from_pandas(current, data_definition=definition),
-        Dataset.from_pandas(reference, data_definition=definition))
+        Dataset.from_pandas(reference, data_definition=definition),
+    )
     out.mkdir(parents=True, exist_ok=True)
     snapshot.save_html(str(out / "evidently_full.html"))
     result = json.loads(snapshot.json())
     failed = {t["metric_config"]["metric_id"] for t in result["tests"] if t["status"] == "FAIL"}
-    return [m["config"]["column"] for m in result["metrics"]
-            if m["config"].get("type") == "evidently:metric_v2:ValueDrift" and m["id"] in failed]
+    return [
+        m["config"]["column"]
+        for m in result["metrics"]
+        if m["config"].get("type") == "evidently:metric_v2:ValueDrift" and m["id"] in failed
+    ]
 
 
 def worker(args) -> None:
@@ -154,14 +173,37 @@ def worker(args) -> None:
         drifted = run_releasegate(args.db_url, reference, args.since, args.until, args.out, args.sample)
     else:
         drifted = run_evidently_full(args.db_url, reference, args.since, args.until, args.out)
-    print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "drifted": sorted(drifted),
-                      "import_seconds": round(imported, 2)}))
+    print(
+        json.dumps(
+            {
+                "seconds": round(time.perf_counter() - start, 2),
+                "drifted": sorted(drifted),
+                "import_seconds": round(imported, 2),
+            }
+        )
+    )
 
 
 def measure(side: str, args, reference: Path, since: float, until: float, out: Path) -> dict:
     """Run one side in a child process; its time, drifted columns and peak resident memory (ru_maxrss)."""
-    command = [sys.executable, __file__, "--worker", side, "--db-url", args.db_url, "--reference", str(reference),
-               "--since", repr(since), "--until", repr(until), "--out", str(out), "--sample", str(args.sample)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--db-url",
+        args.db_url,
+        "--reference",
+        str(reference),
+        "--since",
+        repr(since),
+        "--until",
+        repr(until),
+        "--out",
+        str(out),
+        "--sample",
+        str(args.sample),
+    ]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     stdout = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
@@ -169,8 +211,12 @@ def measure(side: str, args, reference: Path, since: float, until: float, out: P
     if child.returncode != 0:
         raise SystemExit(f"the {side} run failed (exit {child.returncode})")
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {"seconds": result["seconds"], "peak_mb": round(usage.ru_maxrss / 1024, 1), "drifted": result["drifted"],
-            "import_seconds": result["import_seconds"]}
+    return {
+        "seconds": result["seconds"],
+        "peak_mb": round(usage.ru_maxrss / 1024, 1),
+        "drifted": result["drifted"],
+        "import_seconds": result["import_seconds"],
+    }
 
 
 def main() -> None:
@@ -203,8 +249,9 @@ def main() -> None:
     until = float(int(time.time()))
     since = until - DAY
     if args.reuse:
-        from releasegate import storage
         import sqlalchemy as sa
+
+        from releasegate import storage
 
         with storage.engine(args.db_url).connect() as conn:
             p = storage.predictions
@@ -215,23 +262,33 @@ def main() -> None:
         since = until - DAY - 1
         print(f"reusing {args.rows:,} rows in {args.db_url}", file=sys.stderr)
     else:
-        print(f"writing {args.rows:,} rows × 30 features through the log writer into {args.db_url} ...",
-              file=sys.stderr)
+        print(
+            f"writing {args.rows:,} rows × 30 features through the log writer into {args.db_url} ...", file=sys.stderr
+        )
         seconds = write_traffic(args.db_url, args.rows, until, args.seed)
         print(f"  written in {seconds:.0f} s", file=sys.stderr)
     reference = home / "reference.parquet"
     features(args.reference_rows, np.random.default_rng(args.seed + 1), drifted=False).to_parquet(reference)
 
-    results = {"rows": args.rows, "columns": len(NUMERIC) + len(CATEGORICAL), "planted": PLANTED,
-               "db": args.db_url.split(":", 1)[0], "sample_rows": args.sample, "reference_rows": args.reference_rows}
+    results = {
+        "rows": args.rows,
+        "columns": len(NUMERIC) + len(CATEGORICAL),
+        "planted": PLANTED,
+        "db": args.db_url.split(":", 1)[0],
+        "sample_rows": args.sample,
+        "reference_rows": args.reference_rows,
+    }
     sides = ["releasegate"] + ([] if args.skip_full else ["evidently_full"])
     for side in sides:
         print(f"running {side} ...", file=sys.stderr)
         results[side] = measure(side, args, reference, since, until, home / "reports" / side)
         print(f"  {json.dumps(results[side])}", file=sys.stderr)
     ours = results["releasegate"]
-    results["targets"] = {"seconds_le_30": ours["seconds"] <= 30, "peak_mb_le_1536": ours["peak_mb"] <= 1536,
-                          "drifted_equals_planted": sorted(ours["drifted"]) == sorted(PLANTED)}
+    results["targets"] = {
+        "seconds_le_30": ours["seconds"] <= 30,
+        "peak_mb_le_1536": ours["peak_mb"] <= 1536,
+        "drifted_equals_planted": sorted(ours["drifted"]) == sorted(PLANTED),
+    }
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

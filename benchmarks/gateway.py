@@ -77,8 +77,12 @@ def echo_app():
         body = orjson.loads(await request.body())
         return Response(orjson.dumps({"predictions": [0], "echo": body}), media_type="application/json")
 
-    return Starlette(routes=[Route("/invocations", echo, methods=["POST"]),
-                             Route("/healthz", lambda r: Response(b"ok"), methods=["GET"])])
+    return Starlette(
+        routes=[
+            Route("/invocations", echo, methods=["POST"]),
+            Route("/healthz", lambda r: Response(b"ok"), methods=["GET"]),
+        ]
+    )
 
 
 def free_port() -> int:
@@ -99,8 +103,9 @@ class Bench:
 
     def start(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ), start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 
@@ -133,16 +138,35 @@ class Bench:
     def load(self, url: str, bodies: Path, key: str | None, seconds: float) -> dict:
         """One wrk run; rps, p50/p99 in ms, and every failed request (socket errors, non-2xx) as errors."""
         env = dict(os.environ, BENCH_BODIES=str(bodies), BENCH_KEY=key or "")
-        out = subprocess.run(["wrk", f"-t{self.threads}", f"-c{self.connections}", f"-d{max(1, round(seconds))}s",
-                              "--timeout", "10s", "-s", str(self.script), url],
-                             env=env, capture_output=True, text=True, timeout=seconds + 60)
+        out = subprocess.run(
+            [
+                "wrk",
+                f"-t{self.threads}",
+                f"-c{self.connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(self.script),
+                url,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        )
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
         if line is None:
             raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
         s = json.loads(line[6:])
         errors = s["connect"] + s["read"] + s["write"] + s["status"] + s["timeout"]
-        return {"rps": round(s["requests"] / (s["duration_us"] / 1e6), 1), "p50_ms": round(s["p50_us"] / 1000, 2),
-                "p99_ms": round(s["p99_us"] / 1000, 2), "errors": errors, "requests": s["requests"]}
+        return {
+            "rps": round(s["requests"] / (s["duration_us"] / 1e6), 1),
+            "p50_ms": round(s["p50_us"] / 1000, 2),
+            "p99_ms": round(s["p99_us"] / 1000, 2),
+            "errors": errors,
+            "requests": s["requests"],
+        }
 
     def measure(self, url: str, body: Path, key: str | None = None) -> dict:
         self.load(url, body, key, min(3.0, self.seconds))  # warm-up: connections, caches, JIT-free paths
@@ -151,9 +175,13 @@ class Bench:
 
 def _calls(metrics_text: str, arm: str, ok_only: bool = True) -> float:
     """Model calls of one arm in a /metrics page (minus its failed calls with ok_only)."""
+
     def total(name: str) -> float:
-        return sum(float(m.group(1)) for m in re.finditer(
-            rf'^{name}{{[^}}]*arm="{arm}"[^}}]*}} ([0-9.e+]+)$', metrics_text, re.M))
+        return sum(
+            float(m.group(1))
+            for m in re.finditer(rf'^{name}{{[^}}]*arm="{arm}"[^}}]*}} ([0-9.e+]+)$', metrics_text, re.M)
+        )
+
     calls = total("releasegate_gateway_model_calls_total")
     return calls - total("releasegate_gateway_model_errors_total") if ok_only else calls
 
@@ -213,8 +241,12 @@ def main(argv=None) -> int:
     if log_rows:
         print(f"prediction log: {log_rows['written']:,} rows written, {log_rows['missing']:,} model calls without one")
     if args.json:
-        args.json.write_text(json.dumps({"cases": results, "log": log_rows, "seconds": args.seconds,
-                                         "connections": args.connections}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"cases": results, "log": log_rows, "seconds": args.seconds, "connections": args.connections}, indent=2
+            )
+            + "\n"
+        )
     return 0
 
 
@@ -246,8 +278,12 @@ def benchmark(args, cases: list[str]) -> dict:
 
         frame = data.generate(1000, seed=99).drop(columns=[data.LABEL])
         body = workdir / "bodies.jsonl"  # 1,000 different one-row payloads, sent in turn
-        body.write_bytes(b"".join(orjson.dumps({"dataframe_split": {
-            "columns": list(frame.columns), "data": [row]}}) + b"\n" for row in frame.astype(object).values.tolist()))
+        body.write_bytes(
+            b"".join(
+                orjson.dumps({"dataframe_split": {"columns": list(frame.columns), "data": [row]}}) + b"\n"
+                for row in frame.astype(object).values.tolist()
+            )
+        )
 
         if "bare" in cases:
             port = free_port()
@@ -265,8 +301,20 @@ def benchmark(args, cases: list[str]) -> dict:
             model_dir = workdir / "mlflow-serve-model"
             shutil.copytree(signing.fetch_verified(MODEL, versions["champion"], settings).path, model_dir)
             port = free_port()
-            proc = bench.start("mlflow_serve", [str(Path(sys.executable).parent / "mlflow"), "models", "serve",
-                                                "-m", str(model_dir), "-p", str(port), "--env-manager", "local"])
+            proc = bench.start(
+                "mlflow_serve",
+                [
+                    str(Path(sys.executable).parent / "mlflow"),
+                    "models",
+                    "serve",
+                    "-m",
+                    str(model_dir),
+                    "-p",
+                    str(port),
+                    "--env-manager",
+                    "local",
+                ],
+            )
             bench.wait_ready(f"http://127.0.0.1:{port}/health", proc, "mlflow_serve")
             bench.say("mlflow models serve")
             results["mlflow_serve"] = bench.measure(f"http://127.0.0.1:{port}/invocations", body)
@@ -276,15 +324,24 @@ def benchmark(args, cases: list[str]) -> dict:
         if gateway_cases:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = bench.start("gateway", [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
-                               env=dict(os.environ))
+            proc = bench.start(
+                "gateway", [sys.executable, "-m", "releasegate.serving", "--port", str(port)], env=dict(os.environ)
+            )
             bench.wait_ready(f"{url}/readyz", proc, "gateway")
-            admin = httpx.Client(base_url=url, timeout=60, headers={"authorization": f"Bearer {env['RELEASEGATE_ADMIN_KEY']}"})
+            admin = httpx.Client(
+                base_url=url, timeout=60, headers={"authorization": f"Bearer {env['RELEASEGATE_ADMIN_KEY']}"}
+            )
             champion, candidate = versions["champion"], versions["good"]
-            specs = {"single": {"champion_version": champion, "mode": "single"},
-                     "shadow": {"champion_version": champion, "candidate_version": candidate, "mode": "shadow"},
-                     "canary": {"champion_version": champion, "candidate_version": candidate, "mode": "canary",
-                                "candidate_weight": 50}}
+            specs = {
+                "single": {"champion_version": champion, "mode": "single"},
+                "shadow": {"champion_version": champion, "candidate_version": candidate, "mode": "shadow"},
+                "canary": {
+                    "champion_version": champion,
+                    "candidate_version": candidate,
+                    "mode": "canary",
+                    "candidate_weight": 50,
+                },
+            }
             for case in gateway_cases:
                 resp = admin.put(f"/admin/routes/{MODEL}", json=specs[case])
                 if resp.status_code != 200:
@@ -332,8 +389,10 @@ def print_table(results: dict) -> None:
     if single and bare and bare["rps"]:
         print(f"single / bare rps:         {single['rps'] / bare['rps']:.2f}x (target >= 0.5x)")
     if single and shadow and single["p99_ms"]:
-        print(f"shadow / single p99:       {shadow['p99_ms'] / single['p99_ms']:.2f}x (target <= 1.1x), "
-              f"mirrored {shadow['mirrored_fraction']:.1%} (target >= 90%)")
+        print(
+            f"shadow / single p99:       {shadow['p99_ms'] / single['p99_ms']:.2f}x (target <= 1.1x), "
+            f"mirrored {shadow['mirrored_fraction']:.1%} (target >= 90%)"
+        )
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ def encode(frame: pd.DataFrame, columns: pd.Index | None = None) -> pd.DataFrame
 def forest(x: np.ndarray, y: np.ndarray, seed: int):
     from sklearn.ensemble import RandomForestClassifier
 
-    return RandomForestClassifier(n_estimators=TREES, min_samples_leaf=MIN_SAMPLES_LEAF, random_state=seed,
-                                  n_jobs=1).fit(x, y)
+    return RandomForestClassifier(
+        n_estimators=TREES, min_samples_leaf=MIN_SAMPLES_LEAF, random_state=seed, n_jobs=1
+    ).fit(x, y)
 
 
 def make_world(index: int, seed: int) -> World:
@@ -102,19 +103,30 @@ def make_world(index: int, seed: int) -> World:
     holdout_x, population_x = encode(holdout, columns).to_numpy(), encode(population, columns).to_numpy()
     population_y = population[data.LABEL].to_numpy()
     champion = forest(x, y, seed=0)
-    return World(x=x, y=y, holdout=holdout, holdout_x=holdout_x, population_x=population_x,
-                 population_y=population_y, champion_holdout=champion.predict(holdout_x),
-                 champion_accuracy=float((champion.predict(population_x) == population_y).mean()))
+    return World(
+        x=x,
+        y=y,
+        holdout=holdout,
+        holdout_x=holdout_x,
+        population_x=population_x,
+        population_y=population_y,
+        champion_holdout=champion.predict(holdout_x),
+        champion_accuracy=float((champion.predict(population_x) == population_y).mean()),
+    )
 
 
-def previous_rule(y: np.ndarray, cand: np.ndarray, champ: np.ndarray, holdout: pd.DataFrame,
-                  policy: policies.Policy) -> bool:
+def previous_rule(
+    y: np.ndarray, cand: np.ndarray, champ: np.ndarray, holdout: pd.DataFrame, policy: policies.Policy
+) -> bool:
     """The rule before the paired test, kept here to measure it: reject when the point estimate of accuracy
     is more than the margin below the champion's, overall or in any slice with at least min_rows rows."""
     margin, min_rows = policy.offline.margin, policy.offline.min_rows
-    indices = [np.arange(len(y))] + [index for feature in policy.slices
-                                     for index in holdout.groupby(feature, observed=True).indices.values()
-                                     if len(index) >= min_rows]
+    indices = [np.arange(len(y))] + [
+        index
+        for feature in policy.slices
+        for index in holdout.groupby(feature, observed=True).indices.values()
+        if len(index) >= min_rows
+    ]
     return any(round((cand[i] == y[i]).mean() - (champ[i] == y[i]).mean(), 12) < -margin for i in indices)
 
 
@@ -135,10 +147,13 @@ def retrain(job: tuple[int, int, int, int]) -> dict:
     y = world.holdout[data.LABEL].to_numpy()
     verdict = judge(y, predicted, world.champion_holdout, world.holdout, policy)
     true_accuracy = float((model.predict(world.population_x) == world.population_y).mean())
-    return {"scenario": scenario_index, "previous_rejects": previous_rule(y, predicted, world.champion_holdout,
-                                                                          world.holdout, policy),
-            "paired_rejects": not verdict.passed, "true_gap": true_accuracy - world.champion_accuracy,
-            "holdout_gap": verdict.difference}
+    return {
+        "scenario": scenario_index,
+        "previous_rejects": previous_rule(y, predicted, world.champion_holdout, world.holdout, policy),
+        "paired_rejects": not verdict.passed,
+        "true_gap": true_accuracy - world.champion_accuracy,
+        "holdout_gap": verdict.difference,
+    }
 
 
 def run(candidates: int, worlds: int, seed: int, workers: int) -> dict:
@@ -153,22 +168,42 @@ def run(candidates: int, worlds: int, seed: int, workers: int) -> dict:
         for done, outcome in enumerate(pool.imap_unordered(retrain, jobs, chunksize=4), start=1):
             outcomes.append(outcome)
             if done % 100 == 0 or done == len(jobs):
-                print(f"[offline] {done}/{len(jobs)} candidates judged ({time.monotonic() - started:.0f} s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[offline] {done}/{len(jobs)} candidates judged ({time.monotonic() - started:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     policy = policies.load("default")
-    result = {"scenarios": {}, "setup": {
-        "candidates_per_scenario": candidates, "worlds": worlds, "seed": seed, "train_rows": TRAIN_ROWS,
-        "holdout_rows": HOLDOUT_ROWS, "population_rows": POPULATION_ROWS,
-        "model": f"RandomForestClassifier(n_estimators={TREES}, min_samples_leaf={MIN_SAMPLES_LEAF})",
-        "policy": {"name": policy.name, "metric": policy.offline.metric, "margin": policy.offline.margin,
-                   "alpha": policy.alpha, "min_rows": policy.offline.min_rows, "slices": policy.slices}}}
+    result = {
+        "scenarios": {},
+        "setup": {
+            "candidates_per_scenario": candidates,
+            "worlds": worlds,
+            "seed": seed,
+            "train_rows": TRAIN_ROWS,
+            "holdout_rows": HOLDOUT_ROWS,
+            "population_rows": POPULATION_ROWS,
+            "model": f"RandomForestClassifier(n_estimators={TREES}, min_samples_leaf={MIN_SAMPLES_LEAF})",
+            "policy": {
+                "name": policy.name,
+                "metric": policy.offline.metric,
+                "margin": policy.offline.margin,
+                "alpha": policy.alpha,
+                "min_rows": policy.offline.min_rows,
+                "slices": policy.slices,
+            },
+        },
+    }
     for s, scenario in enumerate(SCENARIOS):
         mine = [o for o in outcomes if o["scenario"] == s]
         result["scenarios"][scenario.name] = {
-            "regression": scenario.regression, "min_power": scenario.min_power, "candidates": len(mine),
+            "regression": scenario.regression,
+            "min_power": scenario.min_power,
+            "candidates": len(mine),
             "mean_true_gap": float(np.mean([o["true_gap"] for o in mine])),
             "mean_holdout_gap": float(np.mean([o["holdout_gap"] for o in mine])),
-            **{rule: _rate(sum(o[f"{rule}_rejects"] for o in mine), len(mine)) for rule in ("previous", "paired")}}
+            **{rule: _rate(sum(o[f"{rule}_rejects"] for o in mine), len(mine)) for rule in ("previous", "paired")},
+        }
     return result
 
 
@@ -182,11 +217,15 @@ def table(result: dict) -> str:
         low, high = rate["ci95"]
         return f"{rate['rate']:.1%} ({low:.1%}–{high:.1%})"
 
-    lines = ["| candidates | true accuracy gap | rejected: previous rule (point estimate) | rejected: paired test |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        "| candidates | true accuracy gap | rejected: previous rule (point estimate) | rejected: paired test |",
+        "|---|---:|---:|---:|",
+    ]
     for name, sc in result["scenarios"].items():
-        lines.append(f"| {name} | {round(sc['mean_true_gap'] * 100, 1) + 0.0:+.1f} pt | {cell(sc['previous'])} | "
-                     f"{cell(sc['paired'])} |")
+        lines.append(
+            f"| {name} | {round(sc['mean_true_gap'] * 100, 1) + 0.0:+.1f} pt | {cell(sc['previous'])} | "
+            f"{cell(sc['paired'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -215,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     result["setup"]["seconds"] = round(time.monotonic() - started, 1)
     print(table(result))
     setup = result["setup"]
-    print(f"\n{args.candidates} candidates per scenario in {args.worlds} worlds; holdout {HOLDOUT_ROWS:,} rows; "
-          f"policy {setup['policy']['name']} (margin {setup['policy']['margin']:g}, alpha "
-          f"{setup['policy']['alpha']:g}, slices {', '.join(setup['policy']['slices'])}); {setup['seconds']} s")
+    print(
+        f"\n{args.candidates} candidates per scenario in {args.worlds} worlds; holdout {HOLDOUT_ROWS:,} rows; "
+        f"policy {setup['policy']['name']} (margin {setup['policy']['margin']:g}, alpha "
+        f"{setup['policy']['alpha']:g}, slices {', '.join(setup['policy']['slices'])}); {setup['seconds']} s"
+    )
     met = targets(result)
     for text, ok in met:
         print(f"  {'met ' if ok else 'MISS'}  {text}")

@@ -35,16 +35,34 @@ CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "securi
     max_active_runs=1,
     tags=["releasegate", "rollback"],
     params={
-        "model_name": Param("churn", type="string", minLength=1, title="Model",
-                            description="Registered model name in MLflow; it goes back to its `previous` alias."),
-        "reason": Param(type="string", minLength=10, title="Reason",
-                        description="What is wrong with the current champion (at least 10 characters); "
-                                    "kept in the audit log with your user name."),
-        "category": Param("other", type="string", enum=CATEGORIES, title="What went wrong",
-                          description="The kind of problem, for the audit log and the dashboard."),
-        "release_id": Param(None, type=["null", "string"], pattern="^rel-[0-9a-f]{12}$", title="Release (optional)",
-                            description="The release this is about (rel-…); an open release of the model is "
-                                        "aborted either way."),
+        "model_name": Param(
+            "churn",
+            type="string",
+            minLength=1,
+            title="Model",
+            description="Registered model name in MLflow; it goes back to its `previous` alias.",
+        ),
+        "reason": Param(
+            type="string",
+            minLength=10,
+            title="Reason",
+            description="What is wrong with the current champion (at least 10 characters); "
+            "kept in the audit log with your user name.",
+        ),
+        "category": Param(
+            "other",
+            type="string",
+            enum=CATEGORIES,
+            title="What went wrong",
+            description="The kind of problem, for the audit log and the dashboard.",
+        ),
+        "release_id": Param(
+            None,
+            type=["null", "string"],
+            pattern="^rel-[0-9a-f]{12}$",
+            title="Release (optional)",
+            description="The release this is about (rel-…); an open release of the model is aborted either way.",
+        ),
     },
     default_args={"retries": 0},
 )
@@ -55,9 +73,15 @@ def emergency_rollback():
         from releasegate import pipeline
 
         params = get_current_context()["params"]
-        return xcom.push(pipeline.emergency_rollback(params["model_name"], params["reason"], actor(),
-                                                     release_id=params.get("release_id") or None,
-                                                     category=params.get("category")))
+        return xcom.push(
+            pipeline.emergency_rollback(
+                params["model_name"],
+                params["reason"],
+                actor(),
+                release_id=params.get("release_id") or None,
+                category=params.get("category"),
+            )
+        )
 
     roll_back()
 

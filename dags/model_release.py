@@ -27,9 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, chain, dag, get_current_context, task, task_group
+from airflow.sdk import Param, TriggerRule, chain, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException
-from airflow.sdk import TriggerRule
 
 from releasegate_airflow import xcom
 from releasegate_airflow.kubernetes import ReadinessWaitOperator
@@ -101,12 +100,22 @@ def _run_alive(run_id: str | None) -> bool:
     max_active_runs=4,
     tags=["releasegate", "release"],
     params={
-        "model_name": Param("churn", type="string", minLength=1, title="Model",
-                            description="Registered model name in MLflow."),
-        "version": Param("", type="string", title="Version",
-                         description="Version number or alias to release; empty means the `challenger` alias."),
-        "policy": Param("default", type="string", enum=_policies(), title="Policy",
-                        description="Release policy: a file of RELEASEGATE_POLICIES_DIR or include/policies/."),
+        "model_name": Param(
+            "churn", type="string", minLength=1, title="Model", description="Registered model name in MLflow."
+        ),
+        "version": Param(
+            "",
+            type="string",
+            title="Version",
+            description="Version number or alias to release; empty means the `challenger` alias.",
+        ),
+        "policy": Param(
+            "default",
+            type="string",
+            enum=_policies(),
+            title="Policy",
+            description="Release policy: a file of RELEASEGATE_POLICIES_DIR or include/policies/.",
+        ),
     },
     default_args={"retries": 0},
 )
@@ -118,8 +127,16 @@ def model_release():
 
         ctx = get_current_context()
         params = ctx["params"]
-        return xcom.push(pipeline.start(params["model_name"], params["version"] or None, params["policy"],
-                                        airflow_run_id=ctx["run_id"], actor=actor(), is_run_alive=_run_alive))
+        return xcom.push(
+            pipeline.start(
+                params["model_name"],
+                params["version"] or None,
+                params["policy"],
+                airflow_run_id=ctx["run_id"],
+                actor=actor(),
+                is_run_alive=_run_alive,
+            )
+        )
 
     @task(task_id=VALIDATE)
     def validate(release: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:
@@ -147,11 +164,16 @@ def model_release():
         @task_group(group_id=group_id)
         def stage_tasks() -> None:
             routed = route.override(task_id="route")(release, step)
-            ready = ReadinessWaitOperator(task_id="ready", release=release, route=routed,
-                                          doc_md="Wait, deferred, until the serving platform serves the new split.")
+            ready = ReadinessWaitOperator(
+                task_id="ready",
+                release=release,
+                route=routed,
+                doc_md="Wait, deferred, until the serving platform serves the new split.",
+            )
             # A retry re-defers the same wait, and the verdict is recorded once (docs/architecture.md, "Deferral").
-            AnalysisWaitOperator(task_id="wait", release=release, route=ready.output, retries=2,
-                                 retry_delay=pendulum.duration(seconds=5))
+            AnalysisWaitOperator(
+                task_id="wait", release=release, route=ready.output, retries=2, retry_delay=pendulum.duration(seconds=5)
+            )
 
         return stage_tasks()
 
@@ -189,11 +211,16 @@ def model_release():
     validated = validate(release, signed)
     stages = [stage_group(SHADOW, 0, release)]
     stages += [stage_group(f"canary_{n}", n, release) for n in range(1, _max_canary_steps() + 1)]
-    decision = ReleaseDecisionOperator(task_id=DECIDE, release=release, promote_task_id=PROMOTE,
-                                       rollback_task_id=ROLLBACK, finish_task_id=FINISH,
-                                       trigger_rule=TriggerRule.NONE_FAILED,
-                                       doc_md="Promote, roll back, or (where the policy asks) wait for a person's "
-                                              "approval: a rejection or no answer in time rolls back.")
+    decision = ReleaseDecisionOperator(
+        task_id=DECIDE,
+        release=release,
+        promote_task_id=PROMOTE,
+        rollback_task_id=ROLLBACK,
+        finish_task_id=FINISH,
+        trigger_rule=TriggerRule.NONE_FAILED,
+        doc_md="Promote, roll back, or (where the policy asks) wait for a person's "
+        "approval: a rejection or no answer in time rolls back.",
+    )
     promoted, rolled_back, finished = promote(release), rollback(release), finish(release)
 
     chain(validated, *stages, decision, [promoted, rolled_back], finished)

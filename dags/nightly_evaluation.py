@@ -24,8 +24,7 @@ from __future__ import annotations
 import logging
 
 import pendulum
-from airflow.sdk import Asset, Param, chain, dag, get_current_context, task
-from airflow.sdk import TriggerRule
+from airflow.sdk import Asset, Param, TriggerRule, chain, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from releasegate.contract import RETRAINING_ASSET
@@ -71,8 +70,14 @@ def _until() -> float:
     catchup=False,
     max_active_runs=1,
     tags=["releasegate", "monitoring"],
-    params={"policy": Param("default", type="string", title="Policy",
-                            description="Policy whose `monitoring` limits apply (include/policies/).")},
+    params={
+        "policy": Param(
+            "default",
+            type="string",
+            title="Policy",
+            description="Policy whose `monitoring` limits apply (include/policies/).",
+        )
+    },
     default_args={"retries": 0},
 )
 def nightly_evaluation():
@@ -89,8 +94,13 @@ def nightly_evaluation():
         from releasegate import nightly
 
         params = get_current_context()["params"]
-        result = nightly.evaluate(champion["model"], champion["version"], until=_until(), policy=params["policy"],
-                                  actor="airflow:nightly_evaluation")
+        result = nightly.evaluate(
+            champion["model"],
+            champion["version"],
+            until=_until(),
+            policy=params["policy"],
+            actor="airflow:nightly_evaluation",
+        )
         return xcom.push(result)
 
     @task(task_id=FLAG_RETRAINING, outlets=[RETRAINING_NEEDED], map_index_template="{{ result['model'] }}")
@@ -98,8 +108,12 @@ def nightly_evaluation():
         """An asset event with the model, version and reasons when a limit was crossed."""
         if not result["reasons"]:
             raise AirflowSkipException(f"{result['model']} v{result['version']}: within the policy's limits")
-        extra = {"model": result["model"], "version": result["version"], "reasons": result["reasons"],
-                 "reports": result["artifacts"]}
+        extra = {
+            "model": result["model"],
+            "version": result["version"],
+            "reasons": result["reasons"],
+            "reports": result["artifacts"],
+        }
         get_current_context()["outlet_events"][RETRAINING_NEEDED].extra = extra
         return extra
 

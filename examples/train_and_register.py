@@ -34,13 +34,19 @@ def train_and_register(model: str, rows: int, seed: int, alias: str | None) -> s
     mlflow.set_experiment(f"{model}-training")
     with mlflow.start_run(run_name=f"{model}-ci-{os.environ.get('GITHUB_SHA', 'local')[:8]}"):
         mlflow.log_metric("holdout_accuracy", accuracy)
-        info = mlflow.sklearn.log_model(pipeline, name="model", registered_model_name=model, input_example=example,
-                                        signature=infer_signature(example, pipeline.predict(example).astype("int64")),
-                                        serialization_format="skops",
-                                        skops_trusted_types=training.skops_trusted_types(pipeline),
-                                        # Listed rather than inferred: inferring loads the model in a subprocess.
-                                        pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in
-                                                          ("scikit-learn", "pandas", "numpy", "mlflow", "skops")])
+        info = mlflow.sklearn.log_model(
+            pipeline,
+            name="model",
+            registered_model_name=model,
+            input_example=example,
+            signature=infer_signature(example, pipeline.predict(example).astype("int64")),
+            serialization_format="skops",
+            skops_trusted_types=training.skops_trusted_types(pipeline),
+            # Listed rather than inferred: inferring loads the model in a subprocess.
+            pip_requirements=[
+                f"{dist}=={metadata.version(dist)}" for dist in ("scikit-learn", "pandas", "numpy", "mlflow", "skops")
+            ],
+        )
         # Drift compares live inputs with the reference; validation compares the versions on the holdout.
         training.log_release_data(x.sample(min(len(x), 5000), random_state=seed), holdout)
     version = str(info.registered_model_version)

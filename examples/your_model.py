@@ -45,8 +45,15 @@ def homes(n: int, seed: int, concept: str = "current") -> pd.DataFrame:
     rooms = np.clip(np.rint(size / 30 + rng.normal(0, 0.7, n)), 1, 8).astype("int64")
     per_m2, per_km = (3.2, 4.0) if concept == "current" else (2.2, 1.5)
     price = 200 + per_m2 * size - 1.1 * age - per_km * distance + 8 * rooms + rng.normal(0, 12, n)
-    return pd.DataFrame({"size_m2": size.round(1), "age_years": age.round(1), "distance_km": distance.round(2),
-                         "rooms": rooms, LABEL: price.round(2)})
+    return pd.DataFrame(
+        {
+            "size_m2": size.round(1),
+            "age_years": age.round(1),
+            "distance_km": distance.round(2),
+            "rooms": rooms,
+            LABEL: price.round(2),
+        }
+    )
 
 
 def regressor() -> Any:
@@ -78,10 +85,15 @@ def register(role: str, *, seed: int = 11, alias: str | None = None) -> str:
     mlflow.set_experiment(f"{MODEL}-training")
     with mlflow.start_run(run_name=f"{MODEL}-{role}"):
         info = mlflow.sklearn.log_model(
-            fitted, name="model", registered_model_name=MODEL, input_example=example,
+            fitted,
+            name="model",
+            registered_model_name=MODEL,
+            input_example=example,
             signature=infer_signature(example, fitted.predict(example)),
-            serialization_format="skops", skops_trusted_types=training.skops_trusted_types(fitted),
-            pip_requirements=["scikit-learn", "pandas", "numpy", "skops"])
+            serialization_format="skops",
+            skops_trusted_types=training.skops_trusted_types(fitted),
+            pip_requirements=["scikit-learn", "pandas", "numpy", "skops"],
+        )
         training.log_release_data(train[FEATURES].sample(min(len(train), 2_000), random_state=0), holdout)
     training.tag_model(MODEL, suite=SUITE, label=LABEL)
     version = str(info.registered_model_version)
@@ -95,13 +107,23 @@ def suite() -> dict[str, Any]:
 
     def numbers(column: str, low: float, high: float, label: bool = False) -> list[dict[str, Any]]:
         meta = {"label": True} if label else {}  # checked on the holdout, not on the logged live inputs
-        return [{"type": "expect_column_to_exist", "kwargs": {"column": column}, "meta": meta},
-                {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": column}, "meta": meta},
-                {"type": "expect_column_values_to_be_between",
-                 "kwargs": {"column": column, "min_value": low, "max_value": high}, "meta": meta}]
+        return [
+            {"type": "expect_column_to_exist", "kwargs": {"column": column}, "meta": meta},
+            {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": column}, "meta": meta},
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": column, "min_value": low, "max_value": high},
+                "meta": meta,
+            },
+        ]
 
-    expectations = (numbers("size_m2", 10, 400) + numbers("age_years", 0, 150) + numbers("distance_km", 0, 100)
-                    + numbers("rooms", 1, 12) + numbers(LABEL, 0, 2000, label=True))
+    expectations = (
+        numbers("size_m2", 10, 400)
+        + numbers("age_years", 0, 150)
+        + numbers("distance_km", 0, 100)
+        + numbers("rooms", 1, 12)
+        + numbers(LABEL, 0, 2000, label=True)
+    )
     return {"name": SUITE, "expectations": expectations}
 
 
@@ -145,7 +167,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "setup":
         policies, expectations = setup(args.folder)
-        print(f"export RELEASEGATE_POLICIES_DIR={policies.resolve()} RELEASEGATE_EXPECTATIONS_DIR={expectations.resolve()}")
+        print(
+            f"export RELEASEGATE_POLICIES_DIR={policies.resolve()} RELEASEGATE_EXPECTATIONS_DIR={expectations.resolve()}"
+        )
     elif args.command == "register":
         version = register(args.role, seed=args.seed, alias=None if args.role == "champion" else "challenger")
         print(version)

@@ -6,6 +6,8 @@ The package `releasegate_airflow` is imported from here (plugins/ is on Airflow'
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from airflow.plugins_manager import AirflowPlugin
 
 from releasegate_airflow.dashboard import MOUNT_PREFIX, create_app
@@ -13,17 +15,22 @@ from releasegate_airflow.dashboard import MOUNT_PREFIX, create_app
 
 class ReleasegatePlugin(AirflowPlugin):
     name = "releasegate"
-    fastapi_apps = [{"app": create_app(), "url_prefix": MOUNT_PREFIX, "name": "releasegate release dashboard"}]
-    external_views = [{
-        "name": "Releases",
-        "href": f"{MOUNT_PREFIX}/",  # served by the app above, shown in an iframe inside Airflow's UI
-        "url_route": "releasegate",
-        "destination": "nav",
-        "category": "browse",
-    }, {
-        "name": "Release",
-        # A tab on every DAG run; Airflow fills in the placeholders. Runs of other DAGs get "no release".
-        "href": f"{MOUNT_PREFIX}/runs/{{DAG_ID}}/{{RUN_ID}}",
-        "url_route": "releasegate-run",
-        "destination": "dag_run",
-    }]
+    fastapi_apps: ClassVar[list[dict[str, object]]] = [
+        {"app": create_app(), "url_prefix": MOUNT_PREFIX, "name": "releasegate release dashboard"}
+    ]
+    external_views: ClassVar[list[dict[str, object]]] = [
+        {
+            "name": "Releases",
+            "href": f"{MOUNT_PREFIX}/",  # served by the app above, shown in an iframe inside Airflow's UI
+            "url_route": "releasegate",
+            "destination": "nav",
+            "category": "browse",
+        },
+        {
+            "name": "Release",
+            # A tab on every DAG run; Airflow fills in the placeholders. Runs of other DAGs get "no release".
+            "href": f"{MOUNT_PREFIX}/runs/{{DAG_ID}}/{{RUN_ID}}",
+            "url_route": "releasegate-run",
+            "destination": "dag_run",
+        },
+    ]

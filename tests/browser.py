@@ -43,9 +43,19 @@ def _start(webdriver, options, service):
         return webdriver.Chrome(options=options, service=service)
 
 
-def render(url: str, *, cookies: dict[str, str] | None = None, token: str | None = None,
-           screenshot: str | Path | None = None, wait_for_css: str | None = None, in_frame: str | None = None,
-           width: int = 1400, height: int = 900, full_page: bool = True, timeout: float = 30) -> Rendered:
+def render(
+    url: str,
+    *,
+    cookies: dict[str, str] | None = None,
+    token: str | None = None,
+    screenshot: str | Path | None = None,
+    wait_for_css: str | None = None,
+    in_frame: str | None = None,
+    width: int = 1400,
+    height: int = 900,
+    full_page: bool = True,
+    timeout: float = 30,
+) -> Rendered:
     """Open `url` with `cookies` set for its host (or `token` as Airflow's `_token` cookie), wait, screenshot.
 
     `wait_for_css` waits until an element matching it is in the DOM; with `in_frame` (the CSS of
@@ -66,8 +76,15 @@ def render(url: str, *, cookies: dict[str, str] | None = None, token: str | None
         cookies.setdefault("_token", token)  # the cookie Airflow's UI sets after login
     options = webdriver.ChromeOptions()
     options.binary_location = next((p for p in CHROMIUM_PATHS if Path(p).exists()), shutil.which("chromium") or "")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--hide-scrollbars", f"--window-size={width},{height}", "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--window-size={width},{height}",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(arg)
     service = Service(executable_path=next((p for p in DRIVER_PATHS if Path(p).exists()), shutil.which("chromedriver")))
     driver = _start(webdriver, options, service)
@@ -82,10 +99,12 @@ def render(url: str, *, cookies: dict[str, str] | None = None, token: str | None
         driver.get(url)
         if in_frame:
             WebDriverWait(driver, timeout).until(
-                expected_conditions.frame_to_be_available_and_switch_to_it((By.CSS_SELECTOR, in_frame)))
+                expected_conditions.frame_to_be_available_and_switch_to_it((By.CSS_SELECTOR, in_frame))
+            )
         if wait_for_css:
             WebDriverWait(driver, timeout).until(
-                expected_conditions.presence_of_element_located((By.CSS_SELECTOR, wait_for_css)))
+                expected_conditions.presence_of_element_located((By.CSS_SELECTOR, wait_for_css))
+            )
         html = driver.page_source
         if in_frame:
             driver.switch_to.default_content()

@@ -13,11 +13,23 @@ def canary(weight: int, step: int = 0) -> Stage:
     return Stage(kind=StageKind.canary, step=step, weight=weight)
 
 
-def verdict(stage: Stage, decision: Decision, reason: str | None = None, *, start: float = 1.0, end: float = 2.0,
-            metrics: list[MetricResult] | None = None) -> Verdict:
+def verdict(
+    stage: Stage,
+    decision: Decision,
+    reason: str | None = None,
+    *,
+    start: float = 1.0,
+    end: float = 2.0,
+    metrics: list[MetricResult] | None = None,
+) -> Verdict:
     """A verdict as the analysis writes one, with one accuracy check unless `metrics` says otherwise."""
-    accuracy = MetricResult(name="accuracy", kind="primary", estimate=0.031, lower=0.004, upper=0.058, margin=0.02,
-                            passed=True)
-    return Verdict(decision=decision, reason=reason or f"{decision.value}: at {stage}",
-                   window=Window(start=start, end=end, stage=stage), metrics=[accuracy] if metrics is None else metrics,
-                   policy=PolicyRef(name="p", digest="0" * 64))
+    accuracy = MetricResult(
+        name="accuracy", kind="primary", estimate=0.031, lower=0.004, upper=0.058, margin=0.02, passed=True
+    )
+    return Verdict(
+        decision=decision,
+        reason=reason or f"{decision.value}: at {stage}",
+        window=Window(start=start, end=end, stage=stage),
+        metrics=[accuracy] if metrics is None else metrics,
+        policy=PolicyRef(name="p", digest="0" * 64),
+    )

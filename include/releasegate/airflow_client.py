@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -44,11 +45,21 @@ def _detail(resp: httpx.Response) -> str:
 class AirflowClient:
     """Airflow's public REST API v2 with a JWT: a given token, or one from `POST /auth/token`."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, username: str | None = None,
-                 password: str | None = None, timeout: float = 30.0, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         if not token and not (username and password):
-            raise AirflowError("no Airflow credentials: give a token (RELEASEGATE_AIRFLOW_TOKEN) or a user and "
-                               "password (RELEASEGATE_AIRFLOW_USER, RELEASEGATE_AIRFLOW_PASSWORD)")
+            raise AirflowError(
+                "no Airflow credentials: give a token (RELEASEGATE_AIRFLOW_TOKEN) or a user and "
+                "password (RELEASEGATE_AIRFLOW_USER, RELEASEGATE_AIRFLOW_PASSWORD)"
+            )
         self.base_url = base_url.rstrip("/")
         self.username, self.password = username, password
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
@@ -57,7 +68,7 @@ class AirflowClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "AirflowClient":
+    def __enter__(self) -> AirflowClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -73,11 +84,15 @@ class AirflowClient:
         """A fresh JWT for the user and password."""
         resp = self._send("POST", "/auth/token", json={"username": self.username, "password": self.password})
         if resp.status_code in (400, 401, 403):
-            raise AirflowError(f"Airflow at {self.base_url} refused the credentials of user {self.username!r} "
-                               f"({resp.status_code}: {_detail(resp)})")
+            raise AirflowError(
+                f"Airflow at {self.base_url} refused the credentials of user {self.username!r} "
+                f"({resp.status_code}: {_detail(resp)})"
+            )
         if resp.status_code not in (200, 201) or "access_token" not in resp.text:
-            raise AirflowError(f"POST {self.base_url}/auth/token answered {resp.status_code}: {_detail(resp)} "
-                               "(is this Airflow 3's API server?)")
+            raise AirflowError(
+                f"POST {self.base_url}/auth/token answered {resp.status_code}: {_detail(resp)} "
+                "(is this Airflow 3's API server?)"
+            )
         self._token = resp.json()["access_token"]
         return self._token
 
@@ -108,8 +123,10 @@ class AirflowClient:
     def dag(self, dag_id: str) -> dict:
         resp = self.request("GET", f"/dags/{quote(dag_id)}")
         if resp.status_code == 404:
-            raise AirflowError(f"Airflow at {self.base_url} has no DAG {dag_id!r} (is dags/ in its DAGs folder, "
-                               "and has the DAG processor parsed it?)")
+            raise AirflowError(
+                f"Airflow at {self.base_url} has no DAG {dag_id!r} (is dags/ in its DAGs folder, "
+                "and has the DAG processor parsed it?)"
+            )
         if resp.status_code != 200:
             raise AirflowError(f"GET /api/v2/dags/{dag_id} answered {resp.status_code}: {_detail(resp)}")
         return resp.json()
@@ -133,14 +150,18 @@ class AirflowClient:
         return self._json("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}")
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        body = self._json("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances",
-                          params={"limit": 1000})
+        body = self._json(
+            "GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances", params={"limit": 1000}
+        )
         return body["task_instances"]
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         """A task's XCom value (JSON), None when the task pushed none."""
-        resp = self.request("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
-                                   f"{quote(task_id)}/xcomEntries/{quote(key)}")
+        resp = self.request(
+            "GET",
+            f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
+            f"{quote(task_id)}/xcomEntries/{quote(key)}",
+        )
         if resp.status_code == 404:
             return None
         if resp.status_code != 200:
@@ -155,16 +176,29 @@ class AirflowClient:
 
     def pending_approvals(self, dag_id: str, run_id: str = "~") -> list[dict]:
         """Human-in-the-loop requests of the run (`~`: of every run of the DAG) still waiting for an answer."""
-        body = self._json("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/hitlDetails",
-                          params={"response_received": "false"})
+        body = self._json(
+            "GET",
+            f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/hitlDetails",
+            params={"response_received": "false"},
+        )
         return list(body.get("hitl_details", []))
 
-    def respond(self, dag_id: str, run_id: str, task_id: str, chosen_options: list[str],
-                params_input: dict | None = None, map_index: int = -1) -> dict:
+    def respond(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        chosen_options: list[str],
+        params_input: dict | None = None,
+        map_index: int = -1,
+    ) -> dict:
         """Answer a Human-in-the-loop request as the authenticated user (Airflow records who answered)."""
-        resp = self.request("PATCH", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
-                                     f"{quote(task_id)}/{map_index}/hitlDetails",
-                            json={"chosen_options": chosen_options, "params_input": params_input or {}})
+        resp = self.request(
+            "PATCH",
+            f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
+            f"{quote(task_id)}/{map_index}/hitlDetails",
+            json={"chosen_options": chosen_options, "params_input": params_input or {}},
+        )
         if resp.status_code == 409:
             raise AirflowError(f"{task_id} of run {run_id} was already answered ({_detail(resp)})")
         if resp.status_code != 200:
@@ -221,9 +255,18 @@ def _describe(value: Any) -> str | None:
     return result.describe() if result is not None else None
 
 
-def follow(client: AirflowClient, dag_id: str, run_id: str, *, echo: Callable[[str], None] = print,
-           poll_seconds: float = 5.0, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep,
-           summary_task: str = SUMMARY_TASK, outage_grace: float = 300.0) -> Outcome:
+def follow(
+    client: AirflowClient,
+    dag_id: str,
+    run_id: str,
+    *,
+    echo: Callable[[str], None] = print,
+    poll_seconds: float = 5.0,
+    timeout: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    summary_task: str = SUMMARY_TASK,
+    outage_grace: float = 300.0,
+) -> Outcome:
     """Poll the run until it ends, printing each task as it finishes and each approval it waits for.
 
     The release goes on without us, so an API server that stops answering for less than
@@ -252,25 +295,42 @@ def follow(client: AirflowClient, dag_id: str, run_id: str, *, echo: Callable[[s
             if ti.get("state") in _DONE and key not in printed:
                 printed.add(key)
                 value = client.xcom(dag_id, run_id, ti["task_id"]) if ti["state"] == "success" else None
-                steps.append({"task_id": ti["task_id"], "state": ti["state"], "duration": ti.get("duration"),
-                              "value": value})
+                steps.append(
+                    {"task_id": ti["task_id"], "state": ti["state"], "duration": ti.get("duration"), "value": value}
+                )
                 echo(_step_line(ti, _describe(value)))
         if any(ti.get("state") in _WAITING_FOR_A_PERSON for ti in tis):
             for request in client.pending_approvals(dag_id, run_id):
                 task_id = request["task_instance"]["task_id"]
                 if task_id not in asked:
                     asked.add(task_id)
-                    echo(f"  {task_id:<22} waiting for approval: {request.get('subject')}\n"
-                         f"  {'':<22} answer in the Airflow UI: {client.ui_url(dag_id, run_id, task_id)}\n"
-                         f"  {'':<22} options: {', '.join(request.get('options') or [])}")
+                    echo(
+                        f"  {task_id:<22} waiting for approval: {request.get('subject')}\n"
+                        f"  {'':<22} answer in the Airflow UI: {client.ui_url(dag_id, run_id, task_id)}\n"
+                        f"  {'':<22} options: {', '.join(request.get('options') or [])}"
+                    )
         if run["state"] in _RUN_DONE:
             break
         if timeout is not None and time.monotonic() - started > timeout:
-            return Outcome(EXIT_ERROR, f"run {run_id} still {run['state']} after {timeout:.0f} s; "
-                                       f"follow it at {client.ui_url(dag_id, run_id)}", run["state"], None, steps)
+            return Outcome(
+                EXIT_ERROR,
+                f"run {run_id} still {run['state']} after {timeout:.0f} s; "
+                f"follow it at {client.ui_url(dag_id, run_id)}",
+                run["state"],
+                None,
+                steps,
+            )
         sleep(poll_seconds)
-    summary = next((r for s in steps if s["task_id"] == summary_task
-                    for r in [results.parse(s["value"])] if isinstance(r, results.Summary)), None)
+    summary = next(
+        (
+            r
+            for s in steps
+            if s["task_id"] == summary_task
+            for r in [results.parse(s["value"])]
+            if isinstance(r, results.Summary)
+        ),
+        None,
+    )
     code, message = exit_code_for(summary, run["state"])
     if summary is None and run["state"] == "failed":
         failed = [s["task_id"] for s in steps if s["state"] == "failed"]
@@ -285,15 +345,22 @@ _YES, _NO = ("Promote", "Approve"), ("Roll back", "Reject")
 def find_approval(client: AirflowClient, dag_id: str, ref: str, model: str | None = None) -> dict:
     """The one pending approval `ref` names: a run id, or a release id that its request's text mentions."""
     pending = client.pending_approvals(dag_id)
-    found = [r for r in pending
-             if ref in (r["task_instance"].get("dag_run_id"), r["task_instance"].get("run_id"))
-             or ref in (r.get("body") or "") or ref in (r.get("subject") or "")]
+    found = [
+        r
+        for r in pending
+        if ref in (r["task_instance"].get("dag_run_id"), r["task_instance"].get("run_id"))
+        or ref in (r.get("body") or "")
+        or ref in (r.get("subject") or "")
+    ]
     if model:
         found = [r for r in found if model in (r.get("subject") or "") + (r.get("body") or "")]
     if not found:
         waiting = ", ".join(sorted({r["task_instance"].get("dag_run_id", "?") for r in pending})) or "none"
-        raise AirflowError(f"no approval of {dag_id} waits for {ref!r}"
-                           + (f" (model {model})" if model else "") + f"; runs waiting for one: {waiting}")
+        raise AirflowError(
+            f"no approval of {dag_id} waits for {ref!r}"
+            + (f" (model {model})" if model else "")
+            + f"; runs waiting for one: {waiting}"
+        )
     if len(found) > 1:
         raise AirflowError(f"{len(found)} approvals match {ref!r}: give the run id")
     return found[0]

@@ -38,16 +38,24 @@ def _digest(prev_hash: str, row: dict) -> str:
     return hashlib.sha256((prev_hash + canonical(fields)).encode()).hexdigest()
 
 
-def append_in(conn: sa.Connection, actor: str, action: AuditAction, *, model: str | None = None,
-              version: str | None = None, release_id: str | None = None,
-              details: dict[str, Any] | None = None) -> dict[str, Any]:
+def append_in(
+    conn: sa.Connection,
+    actor: str,
+    action: AuditAction,
+    *,
+    model: str | None = None,
+    version: str | None = None,
+    release_id: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Append one event inside the caller's transaction (so a state change and its event commit together).
 
     Appends are serialized by the primary key on `seq`: a concurrent writer that took the
     same number fails its insert, and the caller's retry (see `append`) reads the new head.
     """
-    head = conn.execute(sa.select(storage.audit.c.seq, storage.audit.c.hash)
-                        .order_by(storage.audit.c.seq.desc()).limit(1)).first()
+    head = conn.execute(
+        sa.select(storage.audit.c.seq, storage.audit.c.hash).order_by(storage.audit.c.seq.desc()).limit(1)
+    ).first()
     seq, prev = (head.seq + 1, head.hash) if head else (1, GENESIS)
     row = {
         "seq": seq,
@@ -97,12 +105,23 @@ def _contention(err: Exception) -> bool:
     return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in _PG_CONTENTION
 
 
-def append(actor: str, action: AuditAction, *, model: str | None = None, version: str | None = None,
-           release_id: str | None = None, details: dict[str, Any] | None = None,
-           engine: sa.Engine | None = None) -> dict[str, Any]:
+def append(
+    actor: str,
+    action: AuditAction,
+    *,
+    model: str | None = None,
+    version: str | None = None,
+    release_id: str | None = None,
+    details: dict[str, Any] | None = None,
+    engine: sa.Engine | None = None,
+) -> dict[str, Any]:
     """Append one event in its own transaction."""
-    return retrying(lambda conn: append_in(conn, actor, action, model=model, version=version,
-                                           release_id=release_id, details=details), engine)
+    return retrying(
+        lambda conn: append_in(
+            conn, actor, action, model=model, version=version, release_id=release_id, details=details
+        ),
+        engine,
+    )
 
 
 def events(*, release_id: str | None = None, model: str | None = None, engine: sa.Engine | None = None) -> list[dict]:
@@ -134,9 +153,13 @@ def verify(engine: sa.Engine | None = None) -> ChainReport:
             if row["seq"] != expected_seq:
                 return ChainReport(False, count, prev, expected_seq, f"event {expected_seq} is missing")
             if row["prev_hash"] != prev:
-                return ChainReport(False, count, prev, row["seq"], f"event {row['seq']} does not link to event {row['seq'] - 1}")
+                return ChainReport(
+                    False, count, prev, row["seq"], f"event {row['seq']} does not link to event {row['seq'] - 1}"
+                )
             if _digest(prev, dict(row)) != row["hash"]:
-                return ChainReport(False, count, prev, row["seq"], f"event {row['seq']} was changed after it was written")
+                return ChainReport(
+                    False, count, prev, row["seq"], f"event {row['seq']} was changed after it was written"
+                )
             prev = row["hash"]
     return ChainReport(True, count, prev, None, f"{count} events, chain intact, head {prev[:16]}")
 

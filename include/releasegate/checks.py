@@ -60,8 +60,9 @@ class _Findings:
 _CLASSES_AT_MOST = 20
 
 
-def check_version(model: str, version: str, policy_name: str = "default",
-                  settings: Settings | None = None) -> CheckReport:
+def check_version(
+    model: str, version: str, policy_name: str = "default", settings: Settings | None = None
+) -> CheckReport:
     """Everything a release of models:/model/version needs, checked without loading the model."""
     from releasegate import policy as policies
     from releasegate import registry
@@ -76,8 +77,11 @@ def check_version(model: str, version: str, policy_name: str = "default",
     found.ok("registry", f"{model} v{version} is registered")
     try:
         policy = policies.load(policy_name, settings.policy_dirs)
-        found.ok("policy", f"policy {policy.name}: offline {policy.offline.metric} (margin {policy.offline.margin:g}), "
-                           f"online {policy.primary.metric} (margin {policy.primary.margin:g})")
+        found.ok(
+            "policy",
+            f"policy {policy.name}: offline {policy.offline.metric} (margin {policy.offline.margin:g}), "
+            f"online {policy.primary.metric} (margin {policy.primary.margin:g})",
+        )
     except policies.PolicyError as err:
         found.error("policy", str(err))
         policy = None
@@ -111,23 +115,35 @@ def _signature(model: str, version: str, tmp: Path, settings: Settings, found: _
         return None
     signature = meta.signature
     if signature is None or signature.inputs is None:
-        found.error("signature", "no input signature: log the model with "
-                                 "signature=mlflow.models.infer_signature(X, model.predict(X)); the gateway checks "
-                                 "every request against it and validation compares it with the champion's")
+        found.error(
+            "signature",
+            "no input signature: log the model with "
+            "signature=mlflow.models.infer_signature(X, model.predict(X)); the gateway checks "
+            "every request against it and validation compares it with the champion's",
+        )
         return None
     if not signature.inputs.has_input_names() or signature.inputs.is_tensor_spec():
-        found.warn("signature", "the input signature has no named columns: the gateway cannot check requests "
-                                "column by column, and schema changes cannot be compared")
+        found.warn(
+            "signature",
+            "the input signature has no named columns: the gateway cannot check requests "
+            "column by column, and schema changes cannot be compared",
+        )
     else:
         required = [s.name for s in signature.inputs.inputs if getattr(s, "required", True)]
         found.ok("signature", f"{len(signature.inputs.inputs)} input columns ({len(required)} required)")
     if meta.saved_input_example_info is None:
-        found.warn("signature", "no input example: the gateway warms the model up with placeholder values "
-                                "instead (log the model with input_example=X.head(5))")
+        found.warn(
+            "signature",
+            "no input example: the gateway warms the model up with placeholder values "
+            "instead (log the model with input_example=X.head(5))",
+        )
     flavors = meta.flavors.get("sklearn") or {}
     if flavors.get("serialization_format") in ("pickle", "cloudpickle"):
-        found.warn("model", f"saved with {flavors['serialization_format']}: loading it runs code. releasegate loads "
-                            f"it only after its signature verifies; serialization_format='skops' avoids the risk")
+        found.warn(
+            "model",
+            f"saved with {flavors['serialization_format']}: loading it runs code. releasegate loads "
+            f"it only after its signature verifies; serialization_format='skops' avoids the risk",
+        )
     return signature
 
 
@@ -141,9 +157,12 @@ def _holdout(model: str, version: str, tmp: Path, settings: Settings, found: _Fi
         path = registry.download_artifact(model, version, HOLDOUT_ARTIFACT, dst=tmp / "holdout", settings=settings)
         holdout = pd.read_parquet(path)
     except registry.RegistryError:
-        found.error("holdout", f"no {HOLDOUT_ARTIFACT}: log labelled evaluation data with "
-                               f"mlflow.log_artifact('holdout.parquet', artifact_path='releasegate') in the "
-                               f"version's run; validation compares the candidate with the champion on it")
+        found.error(
+            "holdout",
+            f"no {HOLDOUT_ARTIFACT}: log labelled evaluation data with "
+            f"mlflow.log_artifact('holdout.parquet', artifact_path='releasegate') in the "
+            f"version's run; validation compares the candidate with the champion on it",
+        )
         return None
     except Exception as err:
         found.error("holdout", f"{HOLDOUT_ARTIFACT} is not readable parquet: {describe(err)}")
@@ -158,8 +177,11 @@ def _reference(model: str, version: str, settings: Settings, found: _Findings) -
     if registry.has_artifact(model, version, "releasegate/reference.parquet", settings=settings):
         found.ok("reference", "releasegate/reference.parquet is there (drift compares live inputs with it)")
     else:
-        found.warn("reference", "no releasegate/reference.parquet (a sample of the training inputs): drift "
-                                "reports have nothing to compare live inputs with")
+        found.warn(
+            "reference",
+            "no releasegate/reference.parquet (a sample of the training inputs): drift "
+            "reports have nothing to compare live inputs with",
+        )
 
 
 def _label(model: str, holdout, settings: Settings, found: _Findings) -> str | None:
@@ -189,22 +211,31 @@ def _against_policy(policy, holdout, label: str | None, found: _Findings) -> Non
     import pandas as pd
 
     if len(holdout) < policy.offline.min_rows:
-        found.error("holdout", f"{len(holdout):,} holdout rows, policy {policy.name} needs offline.min_rows = "
-                               f"{policy.offline.min_rows:,}: log a bigger holdout, or lower offline.min_rows in a "
-                               f"policy of your own (RELEASEGATE_POLICIES_DIR)")
+        found.error(
+            "holdout",
+            f"{len(holdout):,} holdout rows, policy {policy.name} needs offline.min_rows = "
+            f"{policy.offline.min_rows:,}: log a bigger holdout, or lower offline.min_rows in a "
+            f"policy of your own (RELEASEGATE_POLICIES_DIR)",
+        )
     missing = [s for s in policy.slices if s not in holdout.columns]
     if missing:
-        found.warn("policy", f"policy {policy.name} slices by {', '.join(missing)}, which the holdout does not have: "
-                             f"those slices are not analysed (set `slices` in a policy of your own)")
+        found.warn(
+            "policy",
+            f"policy {policy.name} slices by {', '.join(missing)}, which the holdout does not have: "
+            f"those slices are not analysed (set `slices` in a policy of your own)",
+        )
     if label is None or label not in holdout.columns:
         return
     y = holdout[label]
     numeric = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
     looks_continuous = numeric and y.nunique() > _CLASSES_AT_MOST
     if looks_continuous and not policy.regression:
-        found.error("policy", f"label {label!r} has {y.nunique():,} distinct numeric values (a regression target), "
-                              f"but policy {policy.name} judges a classifier ({policy.primary.metric}): use a "
-                              f"regression policy (examples/policies/regression.yaml)")
+        found.error(
+            "policy",
+            f"label {label!r} has {y.nunique():,} distinct numeric values (a regression target), "
+            f"but policy {policy.name} judges a classifier ({policy.primary.metric}): use a "
+            f"regression policy (examples/policies/regression.yaml)",
+        )
     elif policy.regression and not numeric:
         found.error("policy", f"policy {policy.name} judges a regressor, but label {label!r} is not numeric")
 
@@ -214,9 +245,12 @@ def _contract(model: str, holdout, label: str | None, settings: Settings, found:
 
     suite = registry.get_model_tags(model, settings=settings).get(SUITE_TAG)
     if not suite:
-        found.error("contract", f"the registered model has no {SUITE_TAG} tag: write a Great Expectations "
-                                f"suite (JSON) into a folder of RELEASEGATE_EXPECTATIONS_DIR and tag the model with "
-                                f"its name")
+        found.error(
+            "contract",
+            f"the registered model has no {SUITE_TAG} tag: write a Great Expectations "
+            f"suite (JSON) into a folder of RELEASEGATE_EXPECTATIONS_DIR and tag the model with "
+            f"its name",
+        )
         return
     try:
         result = validation.run_contract(holdout, suite, settings=settings)
@@ -263,5 +297,8 @@ def _signing(model: str, version: str, settings: Settings, found: _Findings) -> 
     elif settings.signing_key.is_file():
         found.ok("signature", f"not signed yet: the release signs it with {settings.signing_key}")
     else:
-        found.error("signature", f"not signed, and there is no signing key at {settings.signing_key}: sign it where "
-                                 f"it is built (`releasegate sign models:/{model}/{version}`)")
+        found.error(
+            "signature",
+            f"not signed, and there is no signing key at {settings.signing_key}: sign it where "
+            f"it is built (`releasegate sign models:/{model}/{version}`)",
+        )

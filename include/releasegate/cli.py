@@ -16,6 +16,7 @@ def main() -> None:
 
 # --- serving -------------------------------------------------------------------------------
 
+
 @main.group()
 def gateway() -> None:
     """The model gateway (the embedded serving plane)."""
@@ -24,13 +25,25 @@ def gateway() -> None:
 @gateway.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=int)
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Server certificate (PEM): serve HTTPS. Default: $RELEASEGATE_GATEWAY_TLS_CERT.")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The certificate's private key (PEM). Default: $RELEASEGATE_GATEWAY_TLS_KEY.")
-@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Mutual TLS: refuse clients without a certificate signed by this CA. "
-                   "Default: $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.")
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Server certificate (PEM): serve HTTPS. Default: $RELEASEGATE_GATEWAY_TLS_CERT.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The certificate's private key (PEM). Default: $RELEASEGATE_GATEWAY_TLS_KEY.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Mutual TLS: refuse clients without a certificate signed by this CA. "
+    "Default: $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.",
+)
 def gateway_serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None) -> None:
     """Serve the models in the routes table, verifying each signature before it loads."""
     from pydantic import ValidationError
@@ -102,14 +115,20 @@ def apikeys_revoke(key_id: str) -> None:
 
 # --- signing -------------------------------------------------------------------------------
 
+
 @main.group()
 def keys() -> None:
     """Signing keys (elliptic curve P-256)."""
 
 
 @keys.command("generate")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Directory for the key pair (default: $RELEASEGATE_HOME/keys).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory for the key pair (default: $RELEASEGATE_HOME/keys).",
+)
 @click.option("--name", default="release", show_default=True)
 def keys_generate(out_dir: Path | None, name: str) -> None:
     """Generate a signing key pair; the public key goes into RELEASEGATE_TRUSTED_KEYS."""
@@ -157,8 +176,12 @@ def verify(model_uri: str) -> None:
 
 @main.command()
 @click.argument("model_uri")
-@click.option("--policy", default="default", show_default=True,
-              help="The policy the release would run under (a name on the policy search path).")
+@click.option(
+    "--policy",
+    default="default",
+    show_default=True,
+    help="The policy the release would run under (a name on the policy search path).",
+)
 def check(model_uri: str, policy: str) -> None:
     """Say what a version lacks for a release (signature, artifacts, label, contract, policy); exit 1 on a problem."""
     from releasegate import checks
@@ -169,14 +192,16 @@ def check(model_uri: str, policy: str) -> None:
     for finding in report.findings:
         click.echo(f"  {finding.level.value:8s}{finding.topic:10s} {finding.message}")
     errors = len(report.errors)
-    click.echo(f"{errors} problem(s): a release would be rejected or could not run" if errors
-               else "ready for a release")
+    click.echo(
+        f"{errors} problem(s): a release would be rejected or could not run" if errors else "ready for a release"
+    )
     sys.exit(1 if errors else 0)
 
 
 @main.command("settings")
-@click.option("--markdown", is_flag=True, help="Every variable with its default and meaning, as docs/operations.md "
-                                             "lists them.")
+@click.option(
+    "--markdown", is_flag=True, help="Every variable with its default and meaning, as docs/operations.md lists them."
+)
 def settings_show(markdown: bool) -> None:
     """The settings this environment gives (secrets masked), or with --markdown the table of every variable."""
     from releasegate.settings import get_settings, markdown_table
@@ -192,6 +217,7 @@ def settings_show(markdown: bool) -> None:
 
 
 # --- releases and audit ----------------------------------------------------------------------
+
 
 @main.group()
 def audit() -> None:
@@ -226,8 +252,10 @@ def releases_list(model: str | None) -> None:
     from releasegate import release
 
     for rel in release.list_releases(model):
-        click.echo(f"{rel.release_id}  {rel.model} v{rel.candidate_version} (champion v{rel.champion_version})  "
-                   f"{rel.state.value:12s}  {rel.reasons[-1] if rel.reasons else ''}")
+        click.echo(
+            f"{rel.release_id}  {rel.model} v{rel.candidate_version} (champion v{rel.champion_version})  "
+            f"{rel.state.value:12s}  {rel.reasons[-1] if rel.reasons else ''}"
+        )
 
 
 @main.command()
@@ -243,16 +271,29 @@ def abort(release_id: str, reason: str, actor: str) -> None:
 
 def _airflow_options(command):
     """Where Airflow's API server is and who calls it: options, or the RELEASEGATE_AIRFLOW_* variables in CI."""
-    for option in reversed([
-        click.option("--dag-id", default="model_release", show_default=True, envvar="RELEASEGATE_DAG_ID",
-                     show_envvar=True),
-        click.option("--airflow-url", envvar="RELEASEGATE_AIRFLOW_URL", show_envvar=True,
-                     default="http://127.0.0.1:8080", show_default=True),
-        click.option("--user", envvar="RELEASEGATE_AIRFLOW_USER", show_envvar=True, default=None),
-        click.option("--password", envvar="RELEASEGATE_AIRFLOW_PASSWORD", show_envvar=True, default=None),
-        click.option("--token", envvar="RELEASEGATE_AIRFLOW_TOKEN", show_envvar=True, default=None,
-                     help="A JWT instead of user and password."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--dag-id", default="model_release", show_default=True, envvar="RELEASEGATE_DAG_ID", show_envvar=True
+            ),
+            click.option(
+                "--airflow-url",
+                envvar="RELEASEGATE_AIRFLOW_URL",
+                show_envvar=True,
+                default="http://127.0.0.1:8080",
+                show_default=True,
+            ),
+            click.option("--user", envvar="RELEASEGATE_AIRFLOW_USER", show_envvar=True, default=None),
+            click.option("--password", envvar="RELEASEGATE_AIRFLOW_PASSWORD", show_envvar=True, default=None),
+            click.option(
+                "--token",
+                envvar="RELEASEGATE_AIRFLOW_TOKEN",
+                show_envvar=True,
+                default=None,
+                help="A JWT instead of user and password.",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -261,15 +302,20 @@ def _airflow_options(command):
 @click.option("--model", required=True, help="Registered model name in MLflow.")
 @click.option("--version", default="", help="Version number or alias; empty means the `challenger` alias.")
 @click.option("--policy", default=None, help="Release policy (include/policies/); default: the DAG's default.")
-@click.option("--wait/--no-wait", default=False, show_default=True,
-              help="Follow the run, print its steps, exit with the release's outcome.")
+@click.option(
+    "--wait/--no-wait",
+    default=False,
+    show_default=True,
+    help="Follow the run, print its steps, exit with the release's outcome.",
+)
 @click.option("--conf-json", default=None, help="Extra run conf as a JSON object (merged under the params).")
 @_airflow_options
 @click.option("--unpause", is_flag=True, help="Unpause the DAG first if it is paused.")
 @click.option("--poll-seconds", default=5.0, show_default=True)
 @click.option("--timeout", default=None, type=float, help="Give up waiting after this many seconds (exit 2).")
-def trigger(model, version, policy, wait, conf_json, dag_id, airflow_url, user, password, token, unpause,
-            poll_seconds, timeout) -> None:
+def trigger(
+    model, version, policy, wait, conf_json, dag_id, airflow_url, user, password, token, unpause, poll_seconds, timeout
+) -> None:
     """Start a release through Airflow's REST API; with --wait exit 0 promoted, 1 not promoted, 2 failed or error."""
     from releasegate import airflow_client as af
 
@@ -283,16 +329,21 @@ def trigger(model, version, policy, wait, conf_json, dag_id, airflow_url, user, 
         with af.AirflowClient(airflow_url, token=token, username=user, password=password) as client:
             if client.dag(dag_id).get("is_paused"):
                 if not unpause:
-                    raise af.AirflowError(f"DAG {dag_id} is paused, so the run would never start: unpause it "
-                                          "in the UI or pass --unpause")
+                    raise af.AirflowError(
+                        f"DAG {dag_id} is paused, so the run would never start: unpause it in the UI or pass --unpause"
+                    )
                 client.unpause(dag_id)
-            run = client.trigger(dag_id, af.release_conf(model, version, policy, extra),
-                                 note=f"releasegate trigger --model {model} --version {version or 'challenger'}")
+            run = client.trigger(
+                dag_id,
+                af.release_conf(model, version, policy, extra),
+                note=f"releasegate trigger --model {model} --version {version or 'challenger'}",
+            )
             click.echo(f"triggered {dag_id} run {run['dag_run_id']}: {client.ui_url(dag_id, run['dag_run_id'])}")
             if not wait:
                 return
-            outcome = af.follow(client, dag_id, run["dag_run_id"], echo=click.echo, poll_seconds=poll_seconds,
-                                timeout=timeout)
+            outcome = af.follow(
+                client, dag_id, run["dag_run_id"], echo=click.echo, poll_seconds=poll_seconds, timeout=timeout
+            )
     except af.AirflowError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(af.EXIT_ERROR)
@@ -317,11 +368,14 @@ def approve(release_or_run, model, reject, comment, dag_id, airflow_url, user, p
     except af.AirflowError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(af.EXIT_ERROR)
-    click.echo(f"{request['task_instance']['dag_run_id']}: {answered['chosen_options'][0]} "
-               f"(answered by {answered['responded_by']['name']})")
+    click.echo(
+        f"{request['task_instance']['dag_run_id']}: {answered['chosen_options'][0]} "
+        f"(answered by {answered['responded_by']['name']})"
+    )
 
 
 # --- demo ------------------------------------------------------------------------------------
+
 
 @main.command()
 @click.option("--model", default="churn", show_default=True)
@@ -332,9 +386,14 @@ def approve(release_or_run, model, reject, comment, dag_id, airflow_url, user, p
 @click.option("--feedback-delay", default=1.0, show_default=True, help="Seconds before each label is sent.")
 @click.option("--drift", default=0.0, show_default=True, help="Drift knob of the demo data, 0 to 1.")
 @click.option("--seed", default=7, show_default=True)
-@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Replay your own rows (parquet or csv) instead of the demo's: each request is one row drawn "
-                   "at random, sent without the --label column.")
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Replay your own rows (parquet or csv) instead of the demo's: each request is one row drawn "
+    "at random, sent without the --label column.",
+)
 @click.option("--label", default=None, help="With --data: the column posted as feedback after --feedback-delay.")
 def traffic(model, gateway_url, api_key, rps, duration, feedback_delay, drift, seed, data_path, label) -> None:
     """Send traffic to the gateway (the demo's, or --data replayed), with delayed feedback labels; prints progress."""
@@ -354,9 +413,17 @@ def traffic(model, gateway_url, api_key, rps, duration, feedback_delay, drift, s
     elif label:
         raise click.UsageError("--label names a column of --data; the demo's traffic has its own label")
     settings = get_settings()
-    demo_traffic.run(model=model, gateway_url=gateway_url or settings.gateway_url,
-                     api_key=api_key or settings.admin_api_key, rps=rps, duration=duration,
-                     feedback_delay=feedback_delay, drift=drift, seed=seed, rows=rows)
+    demo_traffic.run(
+        model=model,
+        gateway_url=gateway_url or settings.gateway_url,
+        api_key=api_key or settings.admin_api_key,
+        rps=rps,
+        duration=duration,
+        feedback_delay=feedback_delay,
+        drift=drift,
+        seed=seed,
+        rows=rows,
+    )
 
 
 @main.command()

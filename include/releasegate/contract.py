@@ -12,7 +12,6 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-
 # Registered-model tags releasegate reads: the expectation suite, the holdout's label column, the backend.
 SUITE_TAG = "releasegate.expectation_suite"
 LABEL_TAG = "releasegate.label"

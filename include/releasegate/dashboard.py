@@ -9,11 +9,9 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-
-import sqlalchemy as sa
-
 from typing import Any
 
+import sqlalchemy as sa
 from pydantic import ValidationError
 
 from releasegate import audit, release, storage
@@ -26,8 +24,14 @@ DAG_ID = "model_release"
 REPORTS = {"input_drift": "Input drift", "prediction_drift": "Prediction drift"}
 # Report folders: a stage's slug, or a canary's weight in the events written before stages were typed.
 _STAGE_FOLDER = re.compile(r"^(shadow|canary-\d{1,2}-\d{1,2}pct|canary-\d{1,3})$")
-_GOOD = {State.promoted: True, State.rolled_back: False, State.rejected: False, State.invalid: False,
-         State.failed: False, State.aborted: False}
+_GOOD = {
+    State.promoted: True,
+    State.rolled_back: False,
+    State.rejected: False,
+    State.invalid: False,
+    State.failed: False,
+    State.aborted: False,
+}
 
 
 class NotFound(LookupError):
@@ -50,19 +54,32 @@ def _stage(value: Any) -> Stage | None:
 def _summary(rel: release.Release) -> dict[str, Any]:
     end = rel.ended_at if rel.ended_at is not None else time.time()
     return {
-        "release_id": rel.release_id, "model": rel.model, "candidate": rel.candidate_version,
-        "champion": rel.champion_version, "state": rel.state.value, "terminal": rel.terminal,
-        "decision": rel.decision, "reason": rel.reasons[-1] if rel.reasons else None, "reasons": rel.reasons,
-        "policy": rel.policy.get("name"), "airflow_run_id": rel.airflow_run_id,
-        "started_at": rel.started_at, "ended_at": rel.ended_at, "duration_seconds": round(end - rel.started_at, 1),
+        "release_id": rel.release_id,
+        "model": rel.model,
+        "candidate": rel.candidate_version,
+        "champion": rel.champion_version,
+        "state": rel.state.value,
+        "terminal": rel.terminal,
+        "decision": rel.decision,
+        "reason": rel.reasons[-1] if rel.reasons else None,
+        "reasons": rel.reasons,
+        "policy": rel.policy.get("name"),
+        "airflow_run_id": rel.airflow_run_id,
+        "started_at": rel.started_at,
+        "ended_at": rel.ended_at,
+        "duration_seconds": round(end - rel.started_at, 1),
         "stages": [str(v.window.stage) for v in rel.verdicts],
     }
 
 
 def release_of_run(airflow_run_id: str, engine: sa.Engine | None = None) -> str | None:
     """The id of the release a `model_release` run opened, if it opened one."""
-    query = (sa.select(storage.releases.c.release_id).where(storage.releases.c.airflow_run_id == airflow_run_id)
-             .order_by(storage.releases.c.started_at.desc()).limit(1))
+    query = (
+        sa.select(storage.releases.c.release_id)
+        .where(storage.releases.c.airflow_run_id == airflow_run_id)
+        .order_by(storage.releases.c.started_at.desc())
+        .limit(1)
+    )
     with (engine or storage.engine()).connect() as conn:
         return conn.execute(query).scalar()
 
@@ -85,8 +102,11 @@ def release_page(release_id: str, engine: sa.Engine | None = None) -> dict[str, 
         "verdicts": [_verdict(v) for v in verdicts],
         "verdicts_match_audit": verdicts == rel.verdicts,
         "reports": reports(events),
-        "approvals": [e["details"] | {"time": e["time"], "actor": e["actor"]}
-                      for e in events if e["action"] == AuditAction.approval],
+        "approvals": [
+            e["details"] | {"time": e["time"], "actor": e["actor"]}
+            for e in events
+            if e["action"] == AuditAction.approval
+        ],
     }
 
 
@@ -114,22 +134,33 @@ def _timeline_entry(event: dict[str, Any], started_at: float) -> dict[str, Any]:
         title, kind = "validation", "validation"
         outcome = d.get("passed")
         evaluation = d.get("evaluation") or {}
-        text = ("passed" if outcome else "failed: " + "; ".join(d.get("reasons") or []))
+        text = "passed" if outcome else "failed: " + "; ".join(d.get("reasons") or [])
         if evaluation.get("metric"):
-            text += (f" (offline {evaluation['metric']}: candidate {evaluation.get('candidate', 0):.3f} vs "
-                     f"champion {evaluation.get('champion', 0):.3f} on {evaluation.get('rows', 0):,} rows)")
+            text += (
+                f" (offline {evaluation['metric']}: candidate {evaluation.get('candidate', 0):.3f} vs "
+                f"champion {evaluation.get('champion', 0):.3f} on {evaluation.get('rows', 0):,} rows)"
+            )
     elif action == AuditAction.signed:
         title, kind, text = "signed", "signed", d.get("digest", "")
     elif action == AuditAction.approval:
         title, kind = "approval", "approval"
         outcome = bool(d.get("approved"))
-        text = (f"{'approved' if d.get('approved') else 'rejected'} by {d.get('approver')}"
-                + (f": {d['comment']}" if d.get("comment") else ""))
+        text = f"{'approved' if d.get('approved') else 'rejected'} by {d.get('approver')}" + (
+            f": {d['comment']}" if d.get("comment") else ""
+        )
     else:
         title, kind, text = action, "other", ""
-    return {"seq": event["seq"], "time": event["time"], "offset_seconds": round(event["time"] - started_at, 1),
-            "actor": event["actor"], "action": action, "kind": kind, "title": title, "text": text,
-            "outcome": outcome}
+    return {
+        "seq": event["seq"],
+        "time": event["time"],
+        "offset_seconds": round(event["time"] - started_at, 1),
+        "actor": event["actor"],
+        "action": action,
+        "kind": kind,
+        "title": title,
+        "text": text,
+        "outcome": outcome,
+    }
 
 
 def _route_text(d: dict[str, Any]) -> str:
@@ -141,8 +172,12 @@ def _route_text(d: dict[str, Any]) -> str:
     return f"{_change(d)}: all traffic to v{d.get('champion_version')}"
 
 
-_CHANGES = {RouteChange.serve: "served", RouteChange.promotion: "promoted", RouteChange.rollback: "rolled back",
-            RouteChange.emergency_rollback: "emergency rollback"}
+_CHANGES = {
+    RouteChange.serve: "served",
+    RouteChange.promotion: "promoted",
+    RouteChange.rollback: "rolled back",
+    RouteChange.emergency_rollback: "emergency rollback",
+}
 
 
 def _change(d: dict[str, Any]) -> str:
@@ -160,11 +195,15 @@ def _drift_text(d: dict[str, Any]) -> str:
     parts = []
     if (inputs := d.get("input_drift")) is not None:
         cols = ", ".join(inputs.get("drifted_columns") or []) or "none"
-        parts.append(f"input drift on {inputs.get('rows_current', 0):,} rows: "
-                     f"{inputs.get('drifted_share', 0):.0%} of columns drifted ({cols})")
+        parts.append(
+            f"input drift on {inputs.get('rows_current', 0):,} rows: "
+            f"{inputs.get('drifted_share', 0):.0%} of columns drifted ({cols})"
+        )
     if (preds := d.get("prediction_drift")) is not None:
-        parts.append(f"prediction drift between the arms on {preds.get('rows', 0):,} rows: "
-                     f"{'drifted' if preds.get('drifted') else 'none'}")
+        parts.append(
+            f"prediction drift between the arms on {preds.get('rows', 0):,} rows: "
+            f"{'drifted' if preds.get('drifted') else 'none'}"
+        )
     return "; ".join(parts) or "no traffic in the window"
 
 
@@ -181,21 +220,33 @@ def traffic(events: list[dict[str, Any]], rel: release.Release) -> list[dict[str
         else:
             served = int(d.get("candidate_weight") or 0)
         stage = _stage(d.get("stage"))
-        points.append({"time": e["time"], "offset_seconds": round(e["time"] - rel.started_at, 1),
-                       "mode": mode.value, "stage": str(stage) if stage else _change(d),
-                       "candidate_served_percent": served, "mirrored": mode is Mode.shadow})
+        points.append(
+            {
+                "time": e["time"],
+                "offset_seconds": round(e["time"] - rel.started_at, 1),
+                "mode": mode.value,
+                "stage": str(stage) if stage else _change(d),
+                "candidate_served_percent": served,
+                "mirrored": mode is Mode.shadow,
+            }
+        )
     return points
 
 
 def _verdict(v: Verdict) -> dict[str, Any]:
     window = v.window
     return {
-        "stage": str(window.stage), "slug": window.stage.slug, "decision": v.decision.value, "reason": v.reason,
-        "window": window.model_dump(mode="json"), "duration_seconds": round(window.end - window.start, 1),
+        "stage": str(window.stage),
+        "slug": window.stage.slug,
+        "decision": v.decision.value,
+        "reason": v.reason,
+        "window": window.model_dump(mode="json"),
+        "duration_seconds": round(window.end - window.start, 1),
         "samples": {arm.value: s.model_dump() for arm, s in v.samples.items()},
         "metrics": [m.model_dump(mode="json") for m in v.metrics],
         "srm": v.srm.model_dump(mode="json") if v.srm else None,
-        "slices": [s.model_dump(mode="json") for s in v.slices], "extensions": v.extensions,
+        "slices": [s.model_dump(mode="json") for s in v.slices],
+        "extensions": v.extensions,
     }
 
 
@@ -211,11 +262,18 @@ def reports(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         # Events written before stages were typed kept their reports under the canary's weight ("canary-25").
         folder = d.get("reports") or f"releasegate/releases/{e['release_id']}/" + (
-            d["stage"] if isinstance(d.get("stage"), str) else stage.slug)
+            d["stage"] if isinstance(d.get("stage"), str) else stage.slug
+        )
         for name, title in REPORTS.items():
             if d.get(name) is not None:
-                found.append({"stage": folder.rsplit("/", 1)[-1], "name": name, "title": f"{title}, {stage}",
-                              "artifact_path": f"{folder}/{name}.html"})
+                found.append(
+                    {
+                        "stage": folder.rsplit("/", 1)[-1],
+                        "name": name,
+                        "title": f"{title}, {stage}",
+                        "artifact_path": f"{folder}/{name}.html",
+                    }
+                )
     return found
 
 
@@ -251,13 +309,21 @@ def report_location(release_id: str, engine: sa.Engine | None = None) -> dict[st
     location = {"uri": f"runs:/{version.run_id}/releasegate/releases/{rel.release_id}", "ui": None}
     if uri.startswith(("http://", "https://")):
         experiment = registry.client().get_run(version.run_id).info.experiment_id
-        location["ui"] = (f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{version.run_id}"
-                          f"/artifacts/releasegate/releases/{rel.release_id}")
+        location["ui"] = (
+            f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{version.run_id}"
+            f"/artifacts/releasegate/releases/{rel.release_id}"
+        )
     return location
 
 
 def chain_status(engine: sa.Engine | None = None) -> dict[str, Any]:
     """The audit chain recomputed now: intact, or where it breaks."""
     report = audit.verify(engine or storage.engine())
-    return {"ok": report.ok, "status": "intact" if report.ok else "broken", "events": report.events,
-            "first_bad_seq": report.first_bad_seq, "message": report.message, "head": report.head}
+    return {
+        "ok": report.ok,
+        "status": "intact" if report.ok else "broken",
+        "events": report.events,
+        "first_bad_seq": report.first_bad_seq,
+        "message": report.message,
+        "head": report.head,
+    }

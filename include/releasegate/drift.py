@@ -90,8 +90,15 @@ with warnings.catch_warnings():
         rows_current: int
 
 
-def read_logged_inputs(model: str, since: float, until: float, release_id: str | None = None,
-                       arm: str | None = None, max_rows: int = MAX_ROWS, engine=None) -> pd.DataFrame:
+def read_logged_inputs(
+    model: str,
+    since: float,
+    until: float,
+    release_id: str | None = None,
+    arm: str | None = None,
+    max_rows: int = MAX_ROWS,
+    engine=None,
+) -> pd.DataFrame:
     """The logged inputs of `model` in [since, until), one row per request, a uniform sample of at most `max_rows`.
 
     Rows are the served ones, or those of `arm` when given; the frame is indexed by request id and
@@ -104,8 +111,13 @@ def read_logged_inputs(model: str, since: float, until: float, release_id: str |
         raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
     engine = engine if engine is not None else storage.engine()
     p = storage.predictions
-    where = [p.c.model == model, p.c.time >= since, p.c.time < until, p.c.inputs.is_not(None),
-             p.c.arm == arm if arm is not None else p.c.served.is_(True)]
+    where = [
+        p.c.model == model,
+        p.c.time >= since,
+        p.c.time < until,
+        p.c.inputs.is_not(None),
+        p.c.arm == arm if arm is not None else p.c.served.is_(True),
+    ]
     if release_id is not None:
         where.append(p.c.release_id == release_id)
 
@@ -114,9 +126,7 @@ def read_logged_inputs(model: str, since: float, until: float, release_id: str |
         buckets = _buckets(requests, max_rows)
         # A batch request logs one row per input row under one request id; keep its first, as
         # the feedback and the analysis count requests.
-        first_rows = (sa.select(sa.func.min(p.c.id))
-                      .where(*where, p.c.sample_bucket < buckets)
-                      .group_by(p.c.request_id))
+        first_rows = sa.select(sa.func.min(p.c.id)).where(*where, p.c.sample_bucket < buckets).group_by(p.c.request_id)
         # The bucket cut leaves about max_rows rows; the LIMIT caps the random excess, dropping
         # whole top buckets first so what is left is still a hash-uniform sample.
         rows = conn.execute(
@@ -153,8 +163,14 @@ def _expand_inputs(rows) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, index=index) if records else pd.DataFrame(index=index)
 
 
-def input_drift(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path,
-                title: str = "Input drift", alpha: float = DRIFT_ALPHA, name: str = "input_drift") -> DriftSummary:
+def input_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    out_dir: Path,
+    title: str = "Input drift",
+    alpha: float = DRIFT_ALPHA,
+    name: str = "input_drift",
+) -> DriftSummary:
     """Evidently's DataDriftPreset (K-S / chi-square at alpha/columns) over the shared columns; writes
     `<name>.html` and `<name>.json` in out_dir."""
     if not 0 < alpha < 1:
@@ -163,8 +179,9 @@ def input_drift(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path,
     columns = numerical + categorical
     evidently = _import_evidently()
     definition = evidently.DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
-    preset = evidently.DataDriftPreset(columns=columns, num_method=NUM_METHOD, cat_method=CAT_METHOD,
-                                       threshold=alpha / len(columns))
+    preset = evidently.DataDriftPreset(
+        columns=columns, num_method=NUM_METHOD, cat_method=CAT_METHOD, threshold=alpha / len(columns)
+    )
     report = evidently.Report([preset], include_tests=True)
     snapshot = report.run(
         evidently.Dataset.from_pandas(current[columns].reset_index(drop=True), data_definition=definition),
@@ -177,12 +194,20 @@ def input_drift(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path,
     if missing:
         raise RuntimeError(f"Evidently's report has no drift result for {sorted(missing)}")
 
-    html_path, json_path = _save(snapshot, result, Path(out_dir), name, title,
-                                 {"rows_reference": len(reference), "rows_current": len(current)})
+    html_path, json_path = _save(
+        snapshot, result, Path(out_dir), name, title, {"rows_reference": len(reference), "rows_current": len(current)}
+    )
     drifted = [column for column in columns if drifts[column].drifted]
-    return DriftSummary(title=title, drifted_share=len(drifted) / len(columns), drifted_columns=drifted,
-                        columns={column: drifts[column] for column in columns}, html=str(html_path),
-                        json=str(json_path), rows_reference=len(reference), rows_current=len(current))
+    return DriftSummary(
+        title=title,
+        drifted_share=len(drifted) / len(columns),
+        drifted_columns=drifted,
+        columns={column: drifts[column] for column in columns},
+        html=str(html_path),
+        json=str(json_path),
+        rows_reference=len(reference),
+        rows_current=len(current),
+    )
 
 
 def _save(snapshot, result: dict, out_dir: Path, name: str, title: str, extra: dict) -> tuple[Path, Path]:
@@ -199,29 +224,40 @@ def _save(snapshot, result: dict, out_dir: Path, name: str, title: str, extra: d
 # --- prediction drift: champion and candidate on the same mirrored requests -------------------------
 
 
-def read_shadow_pairs(model: str, since: float, until: float, release_id: str | None = None,
-                      max_rows: int = MAX_ROWS, engine=None) -> pd.DataFrame:
+def read_shadow_pairs(
+    model: str, since: float, until: float, release_id: str | None = None, max_rows: int = MAX_ROWS, engine=None
+) -> pd.DataFrame:
     """Both arms' outputs for the shadowed requests of `model` in [since, until) answered by both, sampled
     like `read_logged_inputs`; columns champion, candidate (scalars) and their versions, indexed by request id."""
     import pandas as pd
 
     from releasegate import storage
-    from releasegate.contract import CallStatus, Mode
     from releasegate.analysis.labels import scalar
+    from releasegate.contract import CallStatus, Mode
 
     _check_window(since, until, max_rows)
     engine = engine if engine is not None else storage.engine()
     p = storage.predictions
-    where = [p.c.model == model, p.c.time >= since, p.c.time < until, p.c.mode == Mode.shadow,
-             p.c.status == CallStatus.ok, p.c.outputs.is_not(None)]
+    where = [
+        p.c.model == model,
+        p.c.time >= since,
+        p.c.time < until,
+        p.c.mode == Mode.shadow,
+        p.c.status == CallStatus.ok,
+        p.c.outputs.is_not(None),
+    ]
     if release_id is not None:
         where.append(p.c.release_id == release_id)
     with engine.connect() as conn:
-        requests = conn.execute(sa.select(sa.func.count(sa.distinct(p.c.request_id)))
-                                .where(*where, p.c.arm == "candidate")).scalar_one()
+        requests = conn.execute(
+            sa.select(sa.func.count(sa.distinct(p.c.request_id))).where(*where, p.c.arm == "candidate")
+        ).scalar_one()
         buckets = _buckets(requests, max_rows)
-        rows = conn.execute(sa.select(p.c.request_id, p.c.arm, p.c.version, p.c.outputs)
-                            .where(*where, p.c.sample_bucket < buckets).order_by(p.c.id)).all()
+        rows = conn.execute(
+            sa.select(p.c.request_id, p.c.arm, p.c.version, p.c.outputs)
+            .where(*where, p.c.sample_bucket < buckets)
+            .order_by(p.c.id)
+        ).all()
     columns = ["champion", "candidate", "champion_version", "candidate_version"]
     if not rows:
         return pd.DataFrame(columns=columns, index=pd.Index([], name="request_id"))
@@ -232,16 +268,22 @@ def read_shadow_pairs(model: str, since: float, until: float, release_id: str | 
     wide = frame.pivot(index="request_id", columns="arm", values=["value", "version"])
     if "champion" not in wide["value"] or "candidate" not in wide["value"]:
         return pd.DataFrame(columns=columns, index=pd.Index([], name="request_id"))
-    pairs = pd.DataFrame({"champion": wide["value"]["champion"], "candidate": wide["value"]["candidate"],
-                          "champion_version": wide["version"]["champion"],
-                          "candidate_version": wide["version"]["candidate"]}).dropna()
+    pairs = pd.DataFrame(
+        {
+            "champion": wide["value"]["champion"],
+            "candidate": wide["value"]["candidate"],
+            "champion_version": wide["version"]["champion"],
+            "candidate_version": wide["version"]["candidate"],
+        }
+    ).dropna()
     pairs = pairs.sort_index().head(max_rows)
     pairs.attrs.update({"requests_in_window": int(requests), "sampled_fraction": buckets / BUCKETS})
     return pairs
 
 
-def prediction_drift(pairs: pd.DataFrame, out_dir: Path, title: str = "Prediction drift",
-                     alpha: float = DRIFT_ALPHA) -> DriftSummary:
+def prediction_drift(
+    pairs: pd.DataFrame, out_dir: Path, title: str = "Prediction drift", alpha: float = DRIFT_ALPHA
+) -> DriftSummary:
     """Drift of the candidate's outputs against the champion's on the same requests (`read_shadow_pairs`);
     writes prediction_drift.html and .json."""
     import pandas as pd
@@ -249,8 +291,14 @@ def prediction_drift(pairs: pd.DataFrame, out_dir: Path, title: str = "Predictio
     if pairs.empty:
         raise ValueError("no shadowed request has answers from both arms")
     champion, candidate = _as_labels(pairs["champion"]), _as_labels(pairs["candidate"])
-    return input_drift(pd.DataFrame({"prediction": champion}), pd.DataFrame({"prediction": candidate}),
-                       out_dir, title=title, alpha=alpha, name="prediction_drift")
+    return input_drift(
+        pd.DataFrame({"prediction": champion}),
+        pd.DataFrame({"prediction": candidate}),
+        out_dir,
+        title=title,
+        alpha=alpha,
+        name="prediction_drift",
+    )
 
 
 def _as_labels(values: pd.Series) -> pd.Series:
@@ -268,8 +316,9 @@ def _as_labels(values: pd.Series) -> pd.Series:
 # --- quality where feedback labels exist ------------------------------------------------------------
 
 
-def read_labelled(model: str, since: float, until: float, version: str | None = None,
-                  max_rows: int = MAX_ROWS, engine=None) -> pd.DataFrame:
+def read_labelled(
+    model: str, since: float, until: float, version: str | None = None, max_rows: int = MAX_ROWS, engine=None
+) -> pd.DataFrame:
     """Served answers of `model` (of `version` when given) in [since, until) that have feedback, sampled like
     `read_logged_inputs`; columns target and prediction, indexed by request id."""
     import pandas as pd
@@ -280,19 +329,28 @@ def read_labelled(model: str, since: float, until: float, version: str | None = 
     _check_window(since, until, max_rows)
     engine = engine if engine is not None else storage.engine()
     p, f = storage.predictions, storage.feedback
-    where = [p.c.model == model, p.c.time >= since, p.c.time < until, p.c.served.is_(True), p.c.status == "ok",
-             p.c.outputs.is_not(None)]
+    where = [
+        p.c.model == model,
+        p.c.time >= since,
+        p.c.time < until,
+        p.c.served.is_(True),
+        p.c.status == "ok",
+        p.c.outputs.is_not(None),
+    ]
     if version is not None:
         where.append(p.c.version == str(version))
     labelled = sa.select(f.c.request_id)
     with engine.connect() as conn:
-        requests = conn.execute(sa.select(sa.func.count(sa.distinct(p.c.request_id)))
-                                .where(*where, p.c.request_id.in_(labelled))).scalar_one()
+        requests = conn.execute(
+            sa.select(sa.func.count(sa.distinct(p.c.request_id))).where(*where, p.c.request_id.in_(labelled))
+        ).scalar_one()
         buckets = _buckets(requests, max_rows)
-        rows = conn.execute(sa.select(p.c.request_id, p.c.outputs, f.c.ground_truth)
-                            .join(f, f.c.request_id == p.c.request_id)
-                            .where(*where, p.c.sample_bucket < buckets)
-                            .order_by(p.c.id, f.c.id)).all()
+        rows = conn.execute(
+            sa.select(p.c.request_id, p.c.outputs, f.c.ground_truth)
+            .join(f, f.c.request_id == p.c.request_id)
+            .where(*where, p.c.sample_bucket < buckets)
+            .order_by(p.c.id, f.c.id)
+        ).all()
     records = {}
     for request_id, outputs, truth in rows:
         # First row of a request, latest feedback for it wins (a client may correct a label).
@@ -308,8 +366,9 @@ def read_labelled(model: str, since: float, until: float, version: str | None = 
     return frame
 
 
-def quality(current: pd.DataFrame, out_dir: Path, title: str = "Quality",
-            reference: pd.DataFrame | None = None) -> QualitySummary:
+def quality(
+    current: pd.DataFrame, out_dir: Path, title: str = "Quality", reference: pd.DataFrame | None = None
+) -> QualitySummary:
     """Evidently's ClassificationPreset (class labels) or RegressionPreset on target/prediction frames;
     writes quality.html and .json."""
     import pandas as pd
@@ -331,14 +390,16 @@ def quality(current: pd.DataFrame, out_dir: Path, title: str = "Quality",
         labels = sorted(set(classes))
         kind = evidently.BinaryClassification if len(labels) <= 2 else evidently.MulticlassClassification
         options = {"pos_label": labels[-1]} if len(labels) == 2 and kind is evidently.BinaryClassification else {}
-        definition = evidently.DataDefinition(classification=[kind(target="target", prediction_labels="prediction",
-                                                                   **options)],
-                                              categorical_columns=["target", "prediction"])
+        definition = evidently.DataDefinition(
+            classification=[kind(target="target", prediction_labels="prediction", **options)],
+            categorical_columns=["target", "prediction"],
+        )
         preset = evidently.ClassificationPreset()
     else:
-        definition = evidently.DataDefinition(regression=[evidently.Regression(target="target",
-                                                                                prediction="prediction")],
-                                              numerical_columns=["target", "prediction"])
+        definition = evidently.DataDefinition(
+            regression=[evidently.Regression(target="target", prediction="prediction")],
+            numerical_columns=["target", "prediction"],
+        )
         preset = evidently.RegressionPreset()
 
     def dataset(frame: pd.DataFrame):
@@ -348,19 +409,31 @@ def quality(current: pd.DataFrame, out_dir: Path, title: str = "Quality",
         return evidently.Dataset.from_pandas(frame, data_definition=definition)
 
     snapshot = evidently.Report([preset], include_tests=False).run(
-        dataset(current), dataset(reference) if reference is not None else None, name=title)
+        dataset(current), dataset(reference) if reference is not None else None, name=title
+    )
     result = json.loads(snapshot.json())
-    html_path, json_path = _save(snapshot, result, Path(out_dir), "quality", title,
-                                 {"rows_reference": 0 if reference is None else len(reference),
-                                  "rows_current": len(current)})
+    html_path, json_path = _save(
+        snapshot,
+        result,
+        Path(out_dir),
+        "quality",
+        title,
+        {"rows_reference": 0 if reference is None else len(reference), "rows_current": len(current)},
+    )
     reference_metrics = None
     if reference is not None:
         # Evidently's JSON carries the current side's values only; the reference's few headline numbers are cheap.
         reference_metrics = _headline(reference, is_classification)
-    return QualitySummary(title=title, task="classification" if is_classification else "regression",
-                          metrics=_scalar_metrics(result), reference_metrics=reference_metrics, html=str(html_path),
-                          json=str(json_path), rows_reference=0 if reference is None else len(reference),
-                          rows_current=len(current))
+    return QualitySummary(
+        title=title,
+        task="classification" if is_classification else "regression",
+        metrics=_scalar_metrics(result),
+        reference_metrics=reference_metrics,
+        html=str(html_path),
+        json=str(json_path),
+        rows_reference=0 if reference is None else len(reference),
+        rows_current=len(current),
+    )
 
 
 def _headline(frame: pd.DataFrame, is_classification: bool) -> dict[str, float]:
@@ -369,7 +442,7 @@ def _headline(frame: pd.DataFrame, is_classification: bool) -> dict[str, float]:
     if is_classification:
         return {"accuracy": float((_as_labels(frame["target"]) == _as_labels(frame["prediction"])).mean())}
     error = frame["prediction"].astype(float) - frame["target"].astype(float)
-    return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt((error ** 2).mean()))}
+    return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt((error**2).mean()))}
 
 
 def _scalar_metrics(result: dict) -> dict[str, float]:
@@ -399,8 +472,9 @@ def _buckets(requests: int, max_rows: int) -> int:
     return BUCKETS if requests <= max_rows else max(1, math.floor(BUCKETS * max_rows / requests))
 
 
-def release_drift_report(model: str, release_id: str, candidate_version: str, since: float, until: float,
-                         out_dir: Path, settings=None) -> DriftSummary | None:
+def release_drift_report(
+    model: str, release_id: str, candidate_version: str, since: float, until: float, out_dir: Path, settings=None
+) -> DriftSummary | None:
     """Input drift of the traffic the candidate saw in this release against its reference data; None without traffic."""
     from releasegate import storage
 
@@ -408,8 +482,13 @@ def release_drift_report(model: str, release_id: str, candidate_version: str, si
     # The candidate's own rows: every mirrored request in shadow, its share in a canary.
     current = read_logged_inputs(model, since, until, release_id=release_id, arm="candidate", engine=engine)
     if current.empty:
-        log.info("no drift report for %s release %s: no candidate traffic logged between %s and %s",
-                 model, release_id, since, until)
+        log.info(
+            "no drift report for %s release %s: no candidate traffic logged between %s and %s",
+            model,
+            release_id,
+            since,
+            until,
+        )
         return None
     import pandas as pd
 
@@ -429,14 +508,18 @@ def _column_kinds(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[list[
             raise ValueError(f"the {name} data is empty")
     shared = [c for c in reference.columns if c in set(current.columns)]
     if not shared:
-        raise ValueError(f"reference and current data share no column: reference has {list(reference.columns)}, "
-                         f"current has {list(current.columns)}")
+        raise ValueError(
+            f"reference and current data share no column: reference has {list(reference.columns)}, "
+            f"current has {list(current.columns)}"
+        )
     numerical, categorical = [], []
     for column in shared:
         ref_numeric, cur_numeric = _is_numeric(reference[column]), _is_numeric(current[column])
         if ref_numeric != cur_numeric:
-            raise ValueError(f"column {column!r} is {reference[column].dtype} in the reference "
-                             f"but {current[column].dtype} in the current data")
+            raise ValueError(
+                f"column {column!r} is {reference[column].dtype} in the reference "
+                f"but {current[column].dtype} in the current data"
+            )
         (numerical if ref_numeric else categorical).append(column)
     return numerical, categorical
 
@@ -450,17 +533,24 @@ def _is_numeric(series: pd.Series) -> bool:
 
 def _column_drifts(result: dict, numerical: set[str]) -> dict[str, ColumnDrift]:
     """ColumnDrift per column from Evidently's ValueDrift metrics and their pass/fail tests."""
-    failed = {t["metric_config"]["metric_id"]: t["status"] == "FAIL" for t in result["tests"]
-              if t["metric_config"]["params"].get("type") == "evidently:metric_v2:ValueDrift"}
+    failed = {
+        t["metric_config"]["metric_id"]: t["status"] == "FAIL"
+        for t in result["tests"]
+        if t["metric_config"]["params"].get("type") == "evidently:metric_v2:ValueDrift"
+    }
     drifts = {}
     for metric in result["metrics"]:
         config = metric["config"]
         if config.get("type") != "evidently:metric_v2:ValueDrift":
             continue
         column = config["column"]
-        drifts[column] = ColumnDrift(score=float(metric["value"]), method=config["method"],
-                                     threshold=float(config["threshold"]), drifted=failed[metric["id"]],
-                                     kind="numerical" if column in numerical else "categorical")
+        drifts[column] = ColumnDrift(
+            score=float(metric["value"]),
+            method=config["method"],
+            threshold=float(config["threshold"]),
+            drifted=failed[metric["id"]],
+            kind="numerical" if column in numerical else "categorical",
+        )
     return drifts
 
 
@@ -479,7 +569,14 @@ def _import_evidently() -> SimpleNamespace:
     )
     from evidently.presets import ClassificationPreset, DataDriftPreset, RegressionPreset
 
-    return SimpleNamespace(DataDefinition=DataDefinition, Dataset=Dataset, Report=Report,
-                           DataDriftPreset=DataDriftPreset, ClassificationPreset=ClassificationPreset,
-                           RegressionPreset=RegressionPreset, BinaryClassification=BinaryClassification,
-                           MulticlassClassification=MulticlassClassification, Regression=Regression)
+    return SimpleNamespace(
+        DataDefinition=DataDefinition,
+        Dataset=Dataset,
+        Report=Report,
+        DataDriftPreset=DataDriftPreset,
+        ClassificationPreset=ClassificationPreset,
+        RegressionPreset=RegressionPreset,
+        BinaryClassification=BinaryClassification,
+        MulticlassClassification=MulticlassClassification,
+        Regression=Regression,
+    )

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -126,8 +127,16 @@ def score(y_true: Sequence, y_pred: Sequence, metric: str) -> float:
     return float(metrics.root_mean_squared_error(y_true, y_pred))
 
 
-def compare_predictions(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, metric: str, margin: float, *,
-                        alpha: float, comparisons: int = 1) -> Comparison:
+def compare_predictions(
+    y_true: Sequence,
+    y_cand: Sequence,
+    y_champ: Sequence,
+    metric: str,
+    margin: float,
+    *,
+    alpha: float,
+    comparisons: int = 1,
+) -> Comparison:
     """Paired non-inferiority test of the candidate's predictions against the champion's on the same labels,
     each bound one-sided at level 1 − alpha / comparisons."""
     import numpy as np
@@ -139,8 +148,9 @@ def compare_predictions(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, m
         raise ValueError(f"alpha must be in (0, 1) and comparisons >= 1, got {alpha} and {comparisons}")
     cand, champ = score(y_true, y_cand, metric), score(y_true, y_champ, metric)
     difference, rows, level = cand - champ, len(y_true), 1 - alpha / comparisons
-    common = dict(metric=metric, candidate=cand, champion=champ, difference=difference, margin=margin, rows=rows,
-                  level=level)
+    common = dict(
+        metric=metric, candidate=cand, champion=champ, difference=difference, margin=margin, rows=rows, level=level
+    )
     if rows < 2:  # no spread, no evidence
         return Comparison(**common, passed=True)
     values = _pseudo_values(np.asarray(y_true), np.asarray(y_cand), np.asarray(y_champ), metric)
@@ -150,12 +160,16 @@ def compare_predictions(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, m
     # Rounding keeps a tie at exactly -margin from failing on floating-point noise.
     slack = round(improvement + margin, 12)
     p = float(stats.norm.cdf(slack / se)) if se > 0 else float(slack >= 0)
-    return Comparison(**common, passed=round(slack + z * se, 12) >= 0, lower=difference - z * se,
-                      upper=difference + z * se, p_value=min(1.0, comparisons * p))
+    return Comparison(
+        **common,
+        passed=round(slack + z * se, 12) >= 0,
+        lower=difference - z * se,
+        upper=difference + z * se,
+        p_value=min(1.0, comparisons * p),
+    )
 
 
-def judge(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, frame: "pd.DataFrame",
-          policy: "Policy") -> Judgement:
+def judge(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, frame: pd.DataFrame, policy: Policy) -> Judgement:
     """The policy's offline verdict on two models' predictions, overall and per slice of `frame`'s columns."""
     import numpy as np
 
@@ -169,37 +183,59 @@ def judge(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, frame: "pd.Data
             # The policy names slices for every model it governs; a model without the column has no such slices.
             notes.append(f"slice feature {feature!r} is not a column of the holdout: not analysed")
             continue
-        groups += [(feature, str(value), index) for value, index in
-                   frame.groupby(feature, observed=True).indices.items()]
+        groups += [
+            (feature, str(value), index) for value, index in frame.groupby(feature, observed=True).indices.items()
+        ]
     judged = 1 + sum(len(index) >= min_rows for *_, index in groups)
 
     def test(index: Any) -> Comparison:
-        return compare_predictions(y[index], cand[index], champ[index], metric, margin, alpha=policy.alpha,
-                                   comparisons=judged)
+        return compare_predictions(
+            y[index], cand[index], champ[index], metric, margin, alpha=policy.alpha, comparisons=judged
+        )
 
     overall = test(slice(None))
     if overall.rows < min_rows:
-        reasons.append(f"the holdout has {overall.rows:,} rows, fewer than offline.min_rows = {min_rows:,} of "
-                       f"policy {policy.name!r}: log a larger {HOLDOUT_ARTIFACT}, or lower offline.min_rows in a "
-                       f"policy of your own (copy include/policies/default.yaml into a folder that "
-                       f"RELEASEGATE_POLICIES_DIR names); slices below offline.min_rows are reported but not judged")
+        reasons.append(
+            f"the holdout has {overall.rows:,} rows, fewer than offline.min_rows = {min_rows:,} of "
+            f"policy {policy.name!r}: log a larger {HOLDOUT_ARTIFACT}, or lower offline.min_rows in a "
+            f"policy of your own (copy include/policies/default.yaml into a folder that "
+            f"RELEASEGATE_POLICIES_DIR names); slices below offline.min_rows are reported but not judged"
+        )
     if not overall.passed:
         reasons.append(_shortfall(overall, "overall"))
 
     slices = []
     for feature, value, index in groups:
         if len(index) < min_rows:
-            slices.append(SliceComparison(feature=feature, value=value, metric=metric, candidate=None,
-                                          champion=None, difference=None, margin=margin, passed=None,
-                                          rows=len(index)))
+            slices.append(
+                SliceComparison(
+                    feature=feature,
+                    value=value,
+                    metric=metric,
+                    candidate=None,
+                    champion=None,
+                    difference=None,
+                    margin=margin,
+                    passed=None,
+                    rows=len(index),
+                )
+            )
             continue
         part = test(index)
         slices.append(SliceComparison(feature=feature, value=value, **part.model_dump()))
         if not part.passed:
             reasons.append(_shortfall(part, f"slice {feature}={value}"))
 
-    return Judgement(**overall.model_dump(exclude={"passed"}), passed=not reasons, alpha=policy.alpha,
-                     comparisons=judged, min_rows=min_rows, slices=slices, reasons=reasons, notes=notes)
+    return Judgement(
+        **overall.model_dump(exclude={"passed"}),
+        passed=not reasons,
+        alpha=policy.alpha,
+        comparisons=judged,
+        min_rows=min_rows,
+        slices=slices,
+        reasons=reasons,
+        notes=notes,
+    )
 
 
 def label_column(model: str, holdout_columns: Sequence[str], settings: Settings | None = None) -> str:
@@ -211,16 +247,21 @@ def label_column(model: str, holdout_columns: Sequence[str], settings: Settings 
     if tagged:
         if tagged in columns:
             return tagged
-        raise ValueError(f"the {LABEL_TAG} tag of {model!r} names the label column {tagged!r}, which the holdout "
-                         f"does not have (columns: {', '.join(columns)})")
+        raise ValueError(
+            f"the {LABEL_TAG} tag of {model!r} names the label column {tagged!r}, which the holdout "
+            f"does not have (columns: {', '.join(columns)})"
+        )
     if LABEL_COLUMN in columns:
         return LABEL_COLUMN
-    raise ValueError(f"registered model {model!r} has no {LABEL_TAG} tag and its holdout no {LABEL_COLUMN!r} "
-                     f"column: set the tag to the name of the label column (columns: {', '.join(columns)})")
+    raise ValueError(
+        f"registered model {model!r} has no {LABEL_TAG} tag and its holdout no {LABEL_COLUMN!r} "
+        f"column: set the tag to the name of the label column (columns: {', '.join(columns)})"
+    )
 
 
-def compare(model: str, candidate_version: str, champion_version: str, policy: "Policy",
-            settings: Settings | None = None) -> EvaluationResult:
+def compare(
+    model: str, candidate_version: str, champion_version: str, policy: Policy, settings: Settings | None = None
+) -> EvaluationResult:
     """Score both versions on the candidate's holdout.parquet and judge them per the policy (`judge`)."""
     import pandas as pd
 
@@ -228,8 +269,11 @@ def compare(model: str, candidate_version: str, champion_version: str, policy: "
 
     settings = settings or get_settings()
     with tempfile.TemporaryDirectory(prefix="rg-eval-") as tmp:
-        holdout = pd.read_parquet(registry.download_artifact(model, candidate_version, HOLDOUT_ARTIFACT,
-                                                             dst=Path(tmp) / "data", settings=settings))
+        holdout = pd.read_parquet(
+            registry.download_artifact(
+                model, candidate_version, HOLDOUT_ARTIFACT, dst=Path(tmp) / "data", settings=settings
+            )
+        )
         label = label_column(model, holdout.columns, settings)
         features = holdout.drop(columns=[label])
         predictions = {}
@@ -239,11 +283,15 @@ def compare(model: str, candidate_version: str, champion_version: str, policy: "
             predictions[role] = _predict(loaded, features, policy.offline.metric, f"{model} v{version}")
 
     judged = judge(holdout[label].to_numpy(), predictions["candidate"], predictions["champion"], holdout, policy)
-    return EvaluationResult(**judged.model_dump(), model=model, candidate_version=str(candidate_version),
-                            champion_version=str(champion_version))
+    return EvaluationResult(
+        **judged.model_dump(),
+        model=model,
+        candidate_version=str(candidate_version),
+        champion_version=str(champion_version),
+    )
 
 
-def _pseudo_values(y: "np.ndarray", cand: "np.ndarray", champ: "np.ndarray", metric: str) -> "np.ndarray":
+def _pseudo_values(y: np.ndarray, cand: np.ndarray, champ: np.ndarray, metric: str) -> np.ndarray:
     """Per-row values whose mean is (about) candidate − champion and whose spread gives its standard error."""
     import numpy as np
 
@@ -258,7 +306,7 @@ def _pseudo_values(y: "np.ndarray", cand: "np.ndarray", champ: "np.ndarray", met
     return _auc_influence(y, cand) - _auc_influence(y, champ)
 
 
-def _row_log_loss(y: "np.ndarray", proba: "np.ndarray") -> "np.ndarray":
+def _row_log_loss(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     import numpy as np
 
     if proba.ndim == 1:
@@ -270,7 +318,7 @@ def _row_log_loss(y: "np.ndarray", proba: "np.ndarray") -> "np.ndarray":
     return -np.log(p)
 
 
-def _rmse_influence(y: "np.ndarray", pred: "np.ndarray") -> "np.ndarray":
+def _rmse_influence(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
     import numpy as np
 
     squared = (y - pred).astype(float) ** 2
@@ -281,7 +329,7 @@ def _rmse_influence(y: "np.ndarray", pred: "np.ndarray") -> "np.ndarray":
     return rmse + (squared - mse) / (2 * rmse)
 
 
-def _auc_influence(y: "np.ndarray", scores: "np.ndarray") -> "np.ndarray":
+def _auc_influence(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUC + each row's DeLong component: their mean is the AUC; multiclass: macro one-vs-rest, as `score`."""
     import numpy as np
     from scipy.stats import rankdata
@@ -322,9 +370,11 @@ def _shortfall(c: Comparison, where: str) -> str:
     higher = HIGHER_IS_BETTER[c.metric]
     side, bound, beyond = ("upper", c.upper, "below") if higher else ("lower", c.lower, "above")
     limit = -c.margin if higher else c.margin
-    return (f"{where}: candidate {c.metric} {c.candidate:.4f} vs champion {c.champion:.4f} (difference "
-            f"{_signed(c.difference)}, {c.level * 100:.4g}% {side} bound {_signed(bound)} {beyond} the "
-            f"{_signed(limit, 'g')} margin{'' if higher else '; lower is better'}) on {c.rows:,} rows")
+    return (
+        f"{where}: candidate {c.metric} {c.candidate:.4f} vs champion {c.champion:.4f} (difference "
+        f"{_signed(c.difference)}, {c.level * 100:.4g}% {side} bound {_signed(bound)} {beyond} the "
+        f"{_signed(limit, 'g')} margin{'' if higher else '; lower is better'}) on {c.rows:,} rows"
+    )
 
 
 def _signed(x: float, spec: str = ".4f") -> str:

@@ -44,26 +44,35 @@ class K8sSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RELEASEGATE_K8S_", env_ignore_empty=True, extra="ignore")
 
     namespace: str = Field("models", description="Namespace of the models' InferenceServices.")
-    sink_url: str = Field("", description="The logger sink's URL; default the `releasegate-sink` Service's "
-                                          "`/events` in the namespace.")
+    sink_url: str = Field(
+        "", description="The logger sink's URL; default the `releasegate-sink` Service's `/events` in the namespace."
+    )
     host: str = Field("{model}.models.example.com", description="Entry host of a model; {model} is its k8s name.")
-    gateway: str = Field("knative-serving/knative-ingress-gateway", description="The Istio gateway the entry "
-                                                                                "VirtualService binds to.")
-    local_gateway: str = Field("knative-local-gateway.istio-system.svc.cluster.local",
-                               description="Where the champion's Knative route is reached from the mesh.")
-    service_account: str | None = Field(None, description="Predictor service account with read access to the "
-                                                          "artifact store.")
+    gateway: str = Field(
+        "knative-serving/knative-ingress-gateway", description="The Istio gateway the entry VirtualService binds to."
+    )
+    local_gateway: str = Field(
+        "knative-local-gateway.istio-system.svc.cluster.local",
+        description="Where the champion's Knative route is reached from the mesh.",
+    )
+    service_account: str | None = Field(
+        None, description="Predictor service account with read access to the artifact store."
+    )
     storage_rewrite: Annotated[tuple[str, str] | None, NoDecode] = Field(
-        None, description="`FROM=TO`: rewrite MLflow artifact URIs into ones the storage initializer reads "
-                          "(e.g. `mlflow-artifacts:/=s3://mlflow/`).")
-    conn_id: str = Field("kubernetes_default", description="Airflow connection naming the cluster "
-                                                           "(KubernetesHook).")
+        None,
+        description="`FROM=TO`: rewrite MLflow artifact URIs into ones the storage initializer reads "
+        "(e.g. `mlflow-artifacts:/=s3://mlflow/`).",
+    )
+    conn_id: str = Field("kubernetes_default", description="Airflow connection naming the cluster (KubernetesHook).")
     ready_timeout: float = Field(600.0, description="Seconds a route change may take to become ready.")
     poll_seconds: float = Field(5.0, description="Seconds between readiness looks.")
     min_replicas: int = Field(1, description="Predictor replicas kept running.")
     routing_key_header: str = Field("X-Routing-Key", description="Header the logger keeps as the routing key.")
-    schemas_dir: Path = Field(DEFAULT_SCHEMAS, validation_alias=AliasChoices("RELEASEGATE_K8S_SCHEMAS"),
-                              description="The pinned CRD schemas manifests are validated against.")
+    schemas_dir: Path = Field(
+        DEFAULT_SCHEMAS,
+        validation_alias=AliasChoices("RELEASEGATE_K8S_SCHEMAS"),
+        description="The pinned CRD schemas manifests are validated against.",
+    )
 
     @field_validator("storage_rewrite", mode="before")
     @classmethod
@@ -91,9 +100,11 @@ def k8s_name(model: str) -> str:
     """The Kubernetes name of a registered model: lower-cased, '_' and '.' as '-'; ManifestError if still invalid."""
     name = model.lower().replace("_", "-").replace(".", "-")
     if not _NAME.match(name) or len(name) > _MAX_NAME:
-        raise ManifestError(f"model name {model!r} gives {name!r}, not a valid InferenceService name (a DNS-1035 "
-                            f"label: lower-case letters, digits and '-', starting with a letter, at most {_MAX_NAME} "
-                            f"characters)")
+        raise ManifestError(
+            f"model name {model!r} gives {name!r}, not a valid InferenceService name (a DNS-1035 "
+            f"label: lower-case letters, digits and '-', starting with a letter, at most {_MAX_NAME} "
+            f"characters)"
+        )
     return name
 
 
@@ -102,7 +113,7 @@ def storage_uri(download_uri: str, settings: K8sSettings) -> str:
     if settings.storage_rewrite:
         old, new = settings.storage_rewrite
         if download_uri.startswith(old):
-            return new + download_uri[len(old):]
+            return new + download_uri[len(old) :]
     return download_uri
 
 
@@ -119,8 +130,12 @@ class Served:
 def _jinja():
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                              autoescape=False, keep_trailing_newline=True)
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
 
 
 def render(template: str, **values) -> list[dict]:
@@ -137,9 +152,16 @@ def logger_url(settings: K8sSettings, model: str, version: str) -> str:
     return f"{settings.sink_url}{sep}{urlencode({'model': model, 'version': version})}"
 
 
-def inference_service(model: str, served: Served, settings: K8sSettings, *, shadow: bool = False,
-                      canary_traffic_percent: int | None = None, release_id: str | None = None,
-                      champion_version: str | None = None) -> dict:
+def inference_service(
+    model: str,
+    served: Served,
+    settings: K8sSettings,
+    *,
+    shadow: bool = False,
+    canary_traffic_percent: int | None = None,
+    release_id: str | None = None,
+    champion_version: str | None = None,
+) -> dict:
     """The InferenceService serving `served` (the model's own, or its `-shadow` one in RawDeployment mode).
 
     `champion_version`: the version the rest of a canary's traffic stays on (default: `served`'s).
@@ -147,31 +169,55 @@ def inference_service(model: str, served: Served, settings: K8sSettings, *, shad
     if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
         raise ManifestError(f"canaryTrafficPercent must be 0-100, got {canary_traffic_percent}")
     name = k8s_name(model)
-    [doc] = render("inferenceservice.yaml.j2", name=f"{name}-shadow" if shadow else name, model=model,
-                   namespace=settings.namespace, role=StageKind.shadow.value if shadow else "serving", version=served.version,
-                   champion_version=champion_version or served.version,
-                   digest=served.digest, release_id=release_id, raw_deployment=shadow,
-                   min_replicas=settings.min_replicas, service_account=settings.service_account,
-                   canary_traffic_percent=canary_traffic_percent, logger_url=logger_url(settings, model, served.version),
-                   metadata_headers=[settings.routing_key_header], storage_uri=served.storage_uri)
+    [doc] = render(
+        "inferenceservice.yaml.j2",
+        name=f"{name}-shadow" if shadow else name,
+        model=model,
+        namespace=settings.namespace,
+        role=StageKind.shadow.value if shadow else "serving",
+        version=served.version,
+        champion_version=champion_version or served.version,
+        digest=served.digest,
+        release_id=release_id,
+        raw_deployment=shadow,
+        min_replicas=settings.min_replicas,
+        service_account=settings.service_account,
+        canary_traffic_percent=canary_traffic_percent,
+        logger_url=logger_url(settings, model, served.version),
+        metadata_headers=[settings.routing_key_header],
+        storage_uri=served.storage_uri,
+    )
     return doc
 
 
-def virtual_service(model: str, settings: K8sSettings, *, mirror_percent: float = 0.0,
-                    release_id: str | None = None) -> dict:
+def virtual_service(
+    model: str, settings: K8sSettings, *, mirror_percent: float = 0.0, release_id: str | None = None
+) -> dict:
     """The entry VirtualService: all traffic to the model's InferenceService, mirrored to the shadow when asked."""
     name = k8s_name(model)
-    [doc] = render("virtualservice.yaml.j2", name=name, namespace=settings.namespace,
-                   host=settings.host.format(model=name), gateway=settings.gateway,
-                   local_gateway=settings.local_gateway, mirror_percent=float(mirror_percent), release_id=release_id)
+    [doc] = render(
+        "virtualservice.yaml.j2",
+        name=name,
+        namespace=settings.namespace,
+        host=settings.host.format(model=name),
+        gateway=settings.gateway,
+        local_gateway=settings.local_gateway,
+        mirror_percent=float(mirror_percent),
+        release_id=release_id,
+    )
     return doc
 
 
 def destination_rule(model: str, settings: K8sSettings, *, max_requests: int = 100) -> dict:
     """Connection caps for the mirrored traffic to the shadow InferenceService."""
-    [doc] = render("destinationrule.yaml.j2", name=k8s_name(model), namespace=settings.namespace,
-                   shadow_max_connections=max_requests, shadow_max_pending=max_requests,
-                   shadow_max_requests=max_requests)
+    [doc] = render(
+        "destinationrule.yaml.j2",
+        name=k8s_name(model),
+        namespace=settings.namespace,
+        shadow_max_connections=max_requests,
+        shadow_max_pending=max_requests,
+        shadow_max_requests=max_requests,
+    )
     return doc
 
 
@@ -196,14 +242,21 @@ def _crd_schema(schemas_dir: Path, api_version: str, kind: str) -> dict:
         raise ManifestError(f"no CRD schema for {kind} at {path} (see ../shared/k8s-schemas/README.md)")
     with path.open() as fh:
         for doc in yaml.load_all(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-            if doc and doc.get("kind") == "CustomResourceDefinition" and doc["spec"]["group"] == group \
-                    and doc["spec"]["names"]["kind"] == kind:
+            if (
+                doc
+                and doc.get("kind") == "CustomResourceDefinition"
+                and doc["spec"]["group"] == group
+                and doc["spec"]["names"]["kind"] == kind
+            ):
                 for v in doc["spec"]["versions"]:
                     if v["name"] == version:
                         schema = _strict(v["schema"]["openAPIV3Schema"])
                         # The API server accepts these at the root of every kind, listed in the CRD or not.
-                        root = {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                "metadata": {"type": "object"}}
+                        root = {
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "metadata": {"type": "object"},
+                        }
                         schema["properties"] = root | schema.get("properties", {})
                         return schema
     raise ManifestError(f"{path} has no CRD for {kind} {api_version}")
@@ -218,8 +271,10 @@ def _strict(schema):
         return [_strict(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (_strict(v) if k in ("items", "additionalProperties", "allOf", "anyOf", "oneOf", "not") else v)
-           for k, v in schema.items()}
+    out = {
+        k: (_strict(v) if k in ("items", "additionalProperties", "allOf", "anyOf", "oneOf", "not") else v)
+        for k, v in schema.items()
+    }
     if "properties" in schema:
         out["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
         if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
@@ -233,15 +288,17 @@ def validate(doc: dict, schemas_dir: Path | None = None) -> None:
 
     api_version, kind = doc.get("apiVersion"), doc.get("kind")
     name = (doc.get("metadata") or {}).get("name")
-    if not name or not _NAME.match(name) and kind in ("InferenceService", "Service"):
+    if not name or (not _NAME.match(name) and kind in ("InferenceService", "Service")):
         raise ManifestError(f"{kind} has no valid metadata.name: {name!r}")
     where = f"{kind} {name}"
     if (api_version, kind) in CRD_FILES:
         schema = _crd_schema(Path(schemas_dir or K8sSettings.from_env().schemas_dir), api_version, kind)
         errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
         if errors:
-            raise ManifestError(f"{where} does not match its CRD schema: " + "; ".join(
-                f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]))
+            raise ManifestError(
+                f"{where} does not match its CRD schema: "
+                + "; ".join(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10])
+            )
         return
     _validate_core(doc, where)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -62,8 +62,9 @@ def champions(settings: Settings | None = None) -> list[dict]:
     return sorted(found, key=lambda c: c["model"])
 
 
-def evaluate(model: str, version: str, until: float, policy="default", actor: str = "nightly",
-             settings: Settings | None = None) -> Evaluation:
+def evaluate(
+    model: str, version: str, until: float, policy="default", actor: str = "nightly", settings: Settings | None = None
+) -> Evaluation:
     """Drift, contract and quality reports on `model`'s traffic in the policy's window before `until`."""
     from releasegate import policy as policy_module
     from releasegate import storage
@@ -79,13 +80,19 @@ def evaluate(model: str, version: str, until: float, policy="default", actor: st
     current = drift.read_logged_inputs(model, since, until, engine=engine)
     result.requests = int(current.attrs.get("requests_in_window", len(current)))
     if current.empty:
-        result.note = (f"no traffic for {model} between {_iso(since)} and {_iso(until)}: nothing to evaluate")
+        result.note = f"no traffic for {model} between {_iso(since)} and {_iso(until)}: nothing to evaluate"
         log.info(result.note)
-        audit.append(actor, AuditAction.nightly_no_traffic, model=model, version=version,
-                     details={"since": since, "until": until}, engine=engine)
+        audit.append(
+            actor,
+            AuditAction.nightly_no_traffic,
+            model=model,
+            version=version,
+            details={"since": since, "until": until},
+            engine=engine,
+        )
         return result
 
-    stamp = datetime.fromtimestamp(until, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.fromtimestamp(until, UTC).strftime("%Y%m%dT%H%M%SZ")
     with tempfile.TemporaryDirectory(prefix="rg-nightly-") as tmp:
         out = Path(tmp) / "reports"
         reference, holdout = _reference_data(model, version, Path(tmp), settings)
@@ -94,20 +101,24 @@ def evaluate(model: str, version: str, until: float, policy="default", actor: st
         inputs = drift.input_drift(reference, current, out, title=f"Input drift: {title}")
         result.input_drift = _numbers(inputs)
         if inputs.drifted_share > limits.max_drifted_share:
-            result.reasons.append(f"input drift in {len(inputs.drifted_columns)} of {len(inputs.columns)} columns "
-                                  f"({inputs.drifted_share:.0%} > {limits.max_drifted_share:.0%}): "
-                                  + ", ".join(inputs.drifted_columns))
+            result.reasons.append(
+                f"input drift in {len(inputs.drifted_columns)} of {len(inputs.columns)} columns "
+                f"({inputs.drifted_share:.0%} > {limits.max_drifted_share:.0%}): " + ", ".join(inputs.drifted_columns)
+            )
 
         pairs = drift.read_shadow_pairs(model, since, until, engine=engine)
         if not pairs.empty:
             preds = drift.prediction_drift(pairs, out, title=f"Prediction drift, champion vs candidate: {title}")
-            result.prediction_drift = _numbers(preds) | {"agreement": float((pairs["champion"]
-                                                                            == pairs["candidate"]).mean())}
+            result.prediction_drift = _numbers(preds) | {
+                "agreement": float((pairs["champion"] == pairs["candidate"]).mean())
+            }
 
         result.contract = _contract(model, current, out, settings)
         if result.contract.get("success") is False:
-            result.reasons.append(f"data contract {result.contract['suite']!r} failed on live inputs: "
-                                  + "; ".join(result.contract["failures"]))
+            result.reasons.append(
+                f"data contract {result.contract['suite']!r} failed on live inputs: "
+                + "; ".join(result.contract["failures"])
+            )
 
         labelled = drift.read_labelled(model, since, until, version=version, engine=engine)
         if not labelled.empty:
@@ -122,8 +133,14 @@ def evaluate(model: str, version: str, until: float, policy="default", actor: st
         (out / "evaluation.json").write_text(result.model_dump_json(indent=2))
         registry.log_artifact(model, version, out, artifact_path=result.artifacts, settings=settings)
 
-    audit.append(actor, AuditAction.nightly_evaluated, model=model, version=version,
-                 details=result.model_dump(mode="json"), engine=engine)
+    audit.append(
+        actor,
+        AuditAction.nightly_evaluated,
+        model=model,
+        version=version,
+        details=result.model_dump(mode="json"),
+        engine=engine,
+    )
     return result
 
 
@@ -132,8 +149,9 @@ def alert_message(evaluations: list[dict]) -> str | None:
     alarms = [e for e in evaluations if e.get("reasons")]
     if not alarms:
         return None
-    return "retraining needed: " + " | ".join(f"{e['model']} v{e['version']}: {'; '.join(e['reasons'])}"
-                                              for e in alarms)
+    return "retraining needed: " + " | ".join(
+        f"{e['model']} v{e['version']}: {'; '.join(e['reasons'])}" for e in alarms
+    )
 
 
 def notify(evaluations: list[dict], actor: str = "nightly", settings: Settings | None = None) -> str | None:
@@ -147,8 +165,14 @@ def notify(evaluations: list[dict], actor: str = "nightly", settings: Settings |
     engine = storage.engine(settings.db_url)
     alarms = [e for e in evaluations if e.get("reasons")]
     for e in alarms:
-        audit.append(actor, AuditAction.nightly_alert, model=e["model"], version=e["version"],
-                     details={"reasons": e["reasons"], "artifacts": e.get("artifacts")}, engine=engine)
+        audit.append(
+            actor,
+            AuditAction.nightly_alert,
+            model=e["model"],
+            version=e["version"],
+            details={"reasons": e["reasons"], "artifacts": e.get("artifacts")},
+            engine=engine,
+        )
     url = settings.alert_webhook
     if url:
         import httpx
@@ -164,8 +188,9 @@ def no_traffic_message(evaluations: list[dict]) -> str:
     """What a run says when it evaluated nothing."""
     if not evaluations:
         return "no registered model has a champion alias: nothing to evaluate"
-    return "; ".join(e["note"] or f"{e['model']} v{e['version']}: {e['requests']} requests evaluated, no alarm"
-                     for e in evaluations)
+    return "; ".join(
+        e["note"] or f"{e['model']} v{e['version']}: {e['requests']} requests evaluated, no alarm" for e in evaluations
+    )
 
 
 def _reference_data(model: str, version: str, tmp: Path, settings: Settings):
@@ -174,12 +199,14 @@ def _reference_data(model: str, version: str, tmp: Path, settings: Settings):
 
     from releasegate import registry
 
-    reference = pd.read_parquet(registry.download_artifact(model, version, drift.REFERENCE_ARTIFACT,
-                                                           dst=tmp / "reference", settings=settings))
+    reference = pd.read_parquet(
+        registry.download_artifact(model, version, drift.REFERENCE_ARTIFACT, dst=tmp / "reference", settings=settings)
+    )
     holdout = None
     if registry.has_artifact(model, version, HOLDOUT_ARTIFACT, settings):
-        holdout = pd.read_parquet(registry.download_artifact(model, version, HOLDOUT_ARTIFACT,
-                                                             dst=tmp / "holdout", settings=settings))
+        holdout = pd.read_parquet(
+            registry.download_artifact(model, version, HOLDOUT_ARTIFACT, dst=tmp / "holdout", settings=settings)
+        )
     return reference, holdout
 
 
@@ -207,11 +234,16 @@ def _contract(model: str, current, out: Path, settings: Settings) -> dict:
 
     suite = registry.get_model_tags(model, settings=settings).get(SUITE_TAG)
     if not suite:
-        found = {"suite": None, "success": None, "failures": [],
-                 "note": f"registered model {model!r} has no {SUITE_TAG} tag: no contract to check"}
+        found = {
+            "suite": None,
+            "success": None,
+            "failures": [],
+            "note": f"registered model {model!r} has no {SUITE_TAG} tag: no contract to check",
+        }
     else:
-        found = validation.run_contract(current.reset_index(drop=True), suite, settings=settings,
-                                        features_only=True).model_dump()
+        found = validation.run_contract(
+            current.reset_index(drop=True), suite, settings=settings, features_only=True
+        ).model_dump()
     out.mkdir(parents=True, exist_ok=True)
     (out / "contract.json").write_text(json.dumps(found, indent=2))
     return found
@@ -223,8 +255,10 @@ def _quality_reasons(report: drift.QualitySummary, limits) -> list[str]:
     live, released = report.metrics.get("accuracy"), report.reference_metrics.get("accuracy")
     if live is None or released is None or released - live <= limits.max_accuracy_drop:
         return []
-    return [f"accuracy on {report.rows_current} labelled requests is {live:.3f}, {released - live:.3f} below "
-            f"the {released:.3f} on the version's holdout (limit {limits.max_accuracy_drop:.3f})"]
+    return [
+        f"accuracy on {report.rows_current} labelled requests is {live:.3f}, {released - live:.3f} below "
+        f"the {released:.3f} on the version's holdout (limit {limits.max_accuracy_drop:.3f})"
+    ]
 
 
 def _numbers(summary: drift.DriftSummary) -> dict:
@@ -232,4 +266,4 @@ def _numbers(summary: drift.DriftSummary) -> dict:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -23,8 +23,7 @@ from releasegate.backends import Applied, Backend, BackendKind, backend_kind
 from releasegate.contract import AuditAction, Branch, Mode, Outcome, RouteChange, Stage, StageKind
 from releasegate.errors import SignatureRefused
 from releasegate.release import State
-from releasegate.results import Ended, Opened, Recorded, Rejected, Routed, Signed, Skipped, Summary, \
-    Validated
+from releasegate.results import Ended, Opened, Recorded, Rejected, Routed, Signed, Skipped, Summary, Validated
 from releasegate.verdict import Decision, Verdict, Window
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,15 @@ def _skip(rel: release.Release, why: str) -> Skipped:
     return Skipped(reason=f"release {rel.release_id} {why}", state=rel.state)
 
 
-def start(model: str, version: str | None = None, policy_name: str = "default", *, airflow_run_id: str | None = None,
-          actor: str = "airflow", is_run_alive: Callable[[str | None], bool] = lambda run_id: True) -> Opened:
+def start(
+    model: str,
+    version: str | None = None,
+    policy_name: str = "default",
+    *,
+    airflow_run_id: str | None = None,
+    actor: str = "airflow",
+    is_run_alive: Callable[[str | None], bool] = lambda run_id: True,
+) -> Opened:
     """Resolve candidate and champion, store the resolved policy, open the release (one per model)."""
     from releasegate import registry
 
@@ -76,12 +82,25 @@ def start(model: str, version: str | None = None, policy_name: str = "default", 
         if stale.champion_version:
             _restore_champion(stale)
 
-    rel = release.open_release(model, candidate, champion, pol.model_dump(mode="json"),
-                               airflow_run_id=airflow_run_id, actor=actor,
-                               is_run_alive=is_run_alive, close_stale=close_stale)
+    rel = release.open_release(
+        model,
+        candidate,
+        champion,
+        pol.model_dump(mode="json"),
+        airflow_run_id=airflow_run_id,
+        actor=actor,
+        is_run_alive=is_run_alive,
+        close_stale=close_stale,
+    )
     _tag(rel, release_id=rel.release_id, state=rel.state.value)
-    return Opened(release_id=rel.release_id, model=model, candidate=candidate, champion=champion, policy=pol.name,
-                  policy_digest=pol.digest)
+    return Opened(
+        release_id=rel.release_id,
+        model=model,
+        candidate=candidate,
+        champion=champion,
+        policy=pol.name,
+        policy_digest=pol.digest,
+    )
 
 
 def sign(release_id: str, actor: str = "airflow") -> Signed | Rejected | Skipped:
@@ -98,8 +117,14 @@ def sign(release_id: str, actor: str = "airflow") -> Signed | Rejected | Skipped
         digest = signing.sign_version(rel.model, rel.candidate_version)
     except signing.SignatureError as err:
         return _reject(rel, f"signature check failed: {err}", actor)
-    audit.append(actor, AuditAction.signed, model=rel.model, version=rel.candidate_version, release_id=release_id,
-                 details={"digest": digest})
+    audit.append(
+        actor,
+        AuditAction.signed,
+        model=rel.model,
+        version=rel.candidate_version,
+        release_id=release_id,
+        details={"digest": digest},
+    )
     return Signed(digest=digest)
 
 
@@ -120,8 +145,14 @@ def validate(release_id: str, actor: str = "airflow") -> Validated | Skipped:
     report = validation.validate_candidate(rel.model, rel.candidate_version, rel.champion_version, _policy(rel))
     summary = report.model_dump(mode="json")
     _store_report(rel, "validation.json", summary)
-    audit.append(actor, AuditAction.validation, model=rel.model, version=rel.candidate_version,
-                 release_id=release_id, details=summary)
+    audit.append(
+        actor,
+        AuditAction.validation,
+        model=rel.model,
+        version=rel.candidate_version,
+        release_id=release_id,
+        details=summary,
+    )
     if not report.passed:
         reason = "validation failed: " + "; ".join(report.reasons)
         release.transition(release_id, State.rejected, actor=actor, reason=reason, decision=Outcome.reject)
@@ -135,7 +166,9 @@ def _reject(rel: release.Release, reason: str, actor: str) -> Rejected:
     return Rejected(reason=reason)
 
 
-def route(release_id: str, step: int, actor: str = "airflow", *, wait_ready: bool = True) -> Routed | Rejected | Skipped:
+def route(
+    release_id: str, step: int, actor: str = "airflow", *, wait_ready: bool = True
+) -> Routed | Rejected | Skipped:
     """Point traffic at a stage: `step` 0 is the shadow, n the policy's n-th canary step.
 
     wait_ready=False: a backend that deploys slowly (kserve) returns at once with a `readiness` to
@@ -160,22 +193,40 @@ def route(release_id: str, step: int, actor: str = "airflow", *, wait_ready: boo
         stage, mode, state = Stage.canary(step, pol.canary.steps[step - 1]), Mode.canary, State.canary
     try:
         applied = _backend(rel.model, wait_ready=wait_ready).set_route(
-            rel.model, rel.champion_version, rel.candidate_version, mode, stage.weight, release_id=release_id)
+            rel.model, rel.champion_version, rel.candidate_version, mode, stage.weight, release_id=release_id
+        )
     except SignatureRefused as err:
         return _reject(rel, f"the serving platform refused the candidate: {err}", actor)
     release.transition(release_id, state, actor=actor)
     since = time.time()
-    audit.append(actor, AuditAction.route, model=rel.model, version=rel.candidate_version, release_id=release_id,
-                 details={"change": RouteChange.stage.value, "mode": mode.value, "candidate_weight": stage.weight,
-                          "stage": stage.model_dump(mode="json"), "revision": applied.revision,
-                          "status": applied.status})
+    audit.append(
+        actor,
+        AuditAction.route,
+        model=rel.model,
+        version=rel.candidate_version,
+        release_id=release_id,
+        details={
+            "change": RouteChange.stage.value,
+            "mode": mode.value,
+            "candidate_weight": stage.weight,
+            "stage": stage.model_dump(mode="json"),
+            "revision": applied.revision,
+            "status": applied.status,
+        },
+    )
     _tag(rel, state=state.value, weight=str(stage.weight))
     window = pol.shadow.max_window_seconds if stage.is_shadow else pol.canary.max_window_seconds
     # Only the last step extends: an earlier step whose window ends undecided hands its evidence on.
     extends = pol.inconclusive == policies.Inconclusive.extend and (stage.is_shadow or step == len(pol.canary.steps))
-    return Routed(stage=stage, since=since, window_seconds=window,
-                  max_extensions=pol.max_extensions if extends else 0, poll_seconds=pol.poll_seconds,
-                  readiness=applied.readiness, serving_status=applied.status)
+    return Routed(
+        stage=stage,
+        since=since,
+        window_seconds=window,
+        max_extensions=pol.max_extensions if extends else 0,
+        poll_seconds=pol.poll_seconds,
+        readiness=applied.readiness,
+        serving_status=applied.status,
+    )
 
 
 def poll(release_id: str, stage: Stage, since: float, window_closed: bool) -> Verdict:
@@ -186,17 +237,30 @@ def poll(release_id: str, stage: Stage, since: float, window_closed: bool) -> Ve
     rel = release.get(release_id)
     # Knative assigns each request, not each routing key: count SRM in requests.
     unit = srm.Unit.requests if backend_kind(rel.model) is BackendKind.kserve else srm.Unit.routing_keys
-    return analysis.analyse(rel.model, release_id, stage, since, time.time(), _policy(rel),
-                            window_closed=window_closed, srm_unit=unit, earlier=_finished_canary_steps(rel, stage))
+    return analysis.analyse(
+        rel.model,
+        release_id,
+        stage,
+        since,
+        time.time(),
+        _policy(rel),
+        window_closed=window_closed,
+        srm_unit=unit,
+        earlier=_finished_canary_steps(rel, stage),
+    )
 
 
 def _finished_canary_steps(rel: release.Release, stage: Stage) -> list[Window]:
     """The windows of the canary steps this release passed before `stage`: their evidence carries."""
     if stage.is_shadow:
         return []
-    return [v.window for v in rel.verdicts
-            if v.window.stage.kind is StageKind.canary and v.window.stage.weight != stage.weight
-            and v.decision in (Decision.promote, Decision.continue_)]
+    return [
+        v.window
+        for v in rel.verdicts
+        if v.window.stage.kind is StageKind.canary
+        and v.window.stage.weight != stage.weight
+        and v.decision in (Decision.promote, Decision.continue_)
+    ]
 
 
 def record(release_id: str, verdict: Verdict, actor: str = "airflow") -> Recorded:
@@ -221,26 +285,32 @@ def stage_drift(release_id: str, window: Window, actor: str = "airflow") -> dict
     try:
         with tempfile.TemporaryDirectory(prefix="rg-drift-") as tmp:
             out = Path(tmp)
-            inputs = drift.release_drift_report(rel.model, release_id, rel.candidate_version, window.start,
-                                                window.end + 1, out)
+            inputs = drift.release_drift_report(
+                rel.model, release_id, rel.candidate_version, window.start, window.end + 1, out
+            )
             if inputs is not None:
-                summary["input_drift"] = {"drifted_share": inputs.drifted_share,
-                                          "drifted_columns": inputs.drifted_columns,
-                                          "rows_current": inputs.rows_current}
+                summary["input_drift"] = {
+                    "drifted_share": inputs.drifted_share,
+                    "drifted_columns": inputs.drifted_columns,
+                    "rows_current": inputs.rows_current,
+                }
             if stage.is_shadow:
                 pairs = drift.read_shadow_pairs(rel.model, window.start, window.end + 1, release_id=release_id)
                 if not pairs.empty:
                     predictions = drift.prediction_drift(pairs, out)
-                    summary["prediction_drift"] = {"drifted": predictions.drifted_columns,
-                                                   "rows": predictions.rows_current}
+                    summary["prediction_drift"] = {
+                        "drifted": predictions.drifted_columns,
+                        "rows": predictions.rows_current,
+                    }
             if any(out.iterdir()):
                 summary["reports"] = f"releasegate/releases/{release_id}/{stage.slug}"
                 registry.log_artifact(rel.model, rel.candidate_version, out, artifact_path=summary["reports"])
     except Exception as err:  # evidence, not a gate: say so and go on
         log.exception("drift report for %s failed", stage)
         summary["error"] = f"{type(err).__name__}: {err}"
-    audit.append(actor, AuditAction.drift, model=rel.model, version=rel.candidate_version, release_id=release_id,
-                 details=summary)
+    audit.append(
+        actor, AuditAction.drift, model=rel.model, version=rel.candidate_version, release_id=release_id, details=summary
+    )
     return summary
 
 
@@ -259,10 +329,19 @@ def decide(release_id: str) -> Branch:
         return Branch.approve if pol.approval.required else Branch.promote
     last = rel.last_verdict
     final_weight = pol.canary.steps[-1]
-    if (last is not None and last.decision is Decision.promote and last.window.stage.kind is StageKind.canary
-            and last.window.stage.weight == final_weight and not any(v.decision.negative for v in rel.verdicts)):
+    if (
+        last is not None
+        and last.decision is Decision.promote
+        and last.window.stage.kind is StageKind.canary
+        and last.window.stage.weight == final_weight
+        and not any(v.decision.negative for v in rel.verdicts)
+    ):
         return Branch.approve if pol.approval.required else Branch.promote
-    if last is not None and last.decision is Decision.inconclusive and pol.inconclusive == policies.Inconclusive.approve:
+    if (
+        last is not None
+        and last.decision is Decision.inconclusive
+        and pol.inconclusive == policies.Inconclusive.approve
+    ):
         return Branch.approve
     return Branch.rollback
 
@@ -281,22 +360,30 @@ def request_approval(release_id: str, actor: str = "airflow") -> ApprovalRequest
     rel = release.get(release_id)
     pol = _policy(rel)
     last = rel.last_verdict
-    why = ("the evidence did not decide and the policy asks a person (inconclusive: approve)"
-           if last is not None and last.decision is Decision.inconclusive
-           else f"policy {pol.name} requires an approval to promote")
+    why = (
+        "the evidence did not decide and the policy asks a person (inconclusive: approve)"
+        if last is not None and last.decision is Decision.inconclusive
+        else f"policy {pol.name} requires an approval to promote"
+    )
     if rel.state is not State.awaiting_approval:
         rel = release.transition(release_id, State.awaiting_approval, actor=actor, reason=f"awaiting approval: {why}")
     timeout = pol.approval.timeout_seconds
-    lines = [f"**Release** `{rel.release_id}`: model **{rel.model}**, candidate v{rel.candidate_version} "
-             f"over champion v{rel.champion_version}, policy `{pol.name}`.",
-             f"**Why you are asked**: {why}.",
-             f"**No answer within {timeout:,.0f} s rolls the release back.**", "",
-             "| stage | decision | evidence (candidate − champion, always-valid bounds) |", "|---|---|---|"]
+    lines = [
+        f"**Release** `{rel.release_id}`: model **{rel.model}**, candidate v{rel.candidate_version} "
+        f"over champion v{rel.champion_version}, policy `{pol.name}`.",
+        f"**Why you are asked**: {why}.",
+        f"**No answer within {timeout:,.0f} s rolls the release back.**",
+        "",
+        "| stage | decision | evidence (candidate − champion, always-valid bounds) |",
+        "|---|---|---|",
+    ]
     for verdict in rel.verdicts:
         metrics = "; ".join(
             f"{m.name} {m.estimate:+.3f} [{m.lower:+.3f}, {m.upper:+.3f}] (margin {m.margin:g})"
-            if m.estimate is not None and m.lower is not None and m.upper is not None else f"{m.name} n/a"
-            for m in verdict.metrics)
+            if m.estimate is not None and m.lower is not None and m.upper is not None
+            else f"{m.name} n/a"
+            for m in verdict.metrics
+        )
         lines.append(f"| {verdict.window.stage} | {verdict.decision.value} | {metrics} |")
     if last is not None:
         lines += ["", f"**Last verdict**: {last.reason}"]
@@ -304,18 +391,28 @@ def request_approval(release_id: str, actor: str = "airflow") -> ApprovalRequest
         lines += ["", f"Reports: `{report_uri(rel)}`"]
     except Exception as err:  # the request goes out without the link rather than not at all
         lines += ["", f"Reports: not found in MLflow ({type(err).__name__}: {err})"]
-    return ApprovalRequest(subject=f"Promote {rel.model} v{rel.candidate_version} (champion v{rel.champion_version})?",
-                           body="\n".join(lines), timeout_seconds=timeout, approvers=list(pol.approval.approvers))
+    return ApprovalRequest(
+        subject=f"Promote {rel.model} v{rel.candidate_version} (champion v{rel.champion_version})?",
+        body="\n".join(lines),
+        timeout_seconds=timeout,
+        approvers=list(pol.approval.approvers),
+    )
 
 
-def record_approval(release_id: str, *, approved: bool, approver: str | None, timed_out: bool = False,
-                    comment: str | None = None) -> Branch:
+def record_approval(
+    release_id: str, *, approved: bool, approver: str | None, timed_out: bool = False, comment: str | None = None
+) -> Branch:
     """Write the answer, or the timeout, to the audit log; returns the branch it leads to."""
     rel = release.get(release_id)
     who = approver or ("nobody (timeout)" if timed_out else "unknown")
-    audit.append(f"airflow:{approver}" if approver else "airflow", AuditAction.approval, model=rel.model,
-                 version=rel.candidate_version, release_id=release_id,
-                 details={"approved": approved, "approver": who, "timed_out": timed_out, "comment": comment})
+    audit.append(
+        f"airflow:{approver}" if approver else "airflow",
+        AuditAction.approval,
+        model=rel.model,
+        version=rel.candidate_version,
+        release_id=release_id,
+        details={"approved": approved, "approver": who, "timed_out": timed_out, "comment": comment},
+    )
     return Branch.promote if approved else Branch.rollback
 
 
@@ -333,9 +430,19 @@ def promote(release_id: str, actor: str = "airflow") -> Ended:
         return Ended(state=rel.state, reason=rel.reasons[-1] if rel.reasons else None)
     release.transition(release_id, State.promoting, actor=actor)
     _backend(rel.model).set_route(rel.model, rel.candidate_version, None, Mode.single, 0, release_id=release_id)
-    audit.append(actor, AuditAction.route, model=rel.model, version=rel.candidate_version, release_id=release_id,
-                 details={"change": RouteChange.promotion.value, "mode": Mode.single.value, "candidate_weight": 0,
-                          "champion_version": rel.candidate_version})
+    audit.append(
+        actor,
+        AuditAction.route,
+        model=rel.model,
+        version=rel.candidate_version,
+        release_id=release_id,
+        details={
+            "change": RouteChange.promotion.value,
+            "mode": Mode.single.value,
+            "candidate_weight": 0,
+            "champion_version": rel.candidate_version,
+        },
+    )
     if rel.champion_version:
         registry.set_alias(rel.model, "previous", rel.champion_version)
     registry.set_alias(rel.model, "champion", rel.candidate_version)
@@ -357,9 +464,19 @@ def rollback(release_id: str, actor: str = "airflow") -> Ended:
     if rel.terminal:
         return Ended(state=rel.state, reason=rel.reasons[-1] if rel.reasons else None)
     _restore_champion(rel)
-    audit.append(actor, AuditAction.route, model=rel.model, version=rel.champion_version, release_id=release_id,
-                 details={"change": RouteChange.rollback.value, "mode": Mode.single.value, "candidate_weight": 0,
-                          "champion_version": rel.champion_version})
+    audit.append(
+        actor,
+        AuditAction.route,
+        model=rel.model,
+        version=rel.champion_version,
+        release_id=release_id,
+        details={
+            "change": RouteChange.rollback.value,
+            "mode": Mode.single.value,
+            "candidate_weight": 0,
+            "champion_version": rel.champion_version,
+        },
+    )
     last = rel.last_verdict.decision if rel.last_verdict is not None else None
     to = State.invalid if last is Decision.invalid else State.rolled_back
     reason = _last_reason(rel) or "no verdict was reached"
@@ -391,8 +508,11 @@ def finish(release_id: str, actor: str = "airflow", *, pipeline_failed: bool = F
                 _restore_champion(rel)
             except Exception as err:  # the failure we report is the pipeline's, not this one
                 log.error("could not restore the champion route for %s: %s", rel.model, err)
-        reason = "a pipeline task failed; traffic restored to the champion" if pipeline_failed else \
-                 "the run ended before a decision; traffic restored to the champion"
+        reason = (
+            "a pipeline task failed; traffic restored to the champion"
+            if pipeline_failed
+            else "the run ended before a decision; traffic restored to the champion"
+        )
         rel = release.transition(release_id, State.failed, actor=actor, reason=reason, decision=Outcome.fail)
         _tag(rel, state=State.failed.value, reasons=reason)
     settings = get_settings()
@@ -405,11 +525,20 @@ def finish(release_id: str, actor: str = "airflow", *, pipeline_failed: bool = F
 
 def summarize(rel: release.Release) -> Summary:
     """The release as a person reads it: outcome, reasons, verdicts, durations."""
-    return Summary(release_id=rel.release_id, model=rel.model, candidate=rel.candidate_version,
-                   champion=rel.champion_version, state=rel.state, decision=rel.decision, reasons=rel.reasons,
-                   verdicts=rel.verdicts, policy=rel.policy.get("name"), started_at=rel.started_at,
-                   ended_at=rel.ended_at,
-                   duration_seconds=None if rel.ended_at is None else round(rel.ended_at - rel.started_at, 1))
+    return Summary(
+        release_id=rel.release_id,
+        model=rel.model,
+        candidate=rel.candidate_version,
+        champion=rel.champion_version,
+        state=rel.state,
+        decision=rel.decision,
+        reasons=rel.reasons,
+        verdicts=rel.verdicts,
+        policy=rel.policy.get("name"),
+        started_at=rel.started_at,
+        ended_at=rel.ended_at,
+        duration_seconds=None if rel.ended_at is None else round(rel.ended_at - rel.started_at, 1),
+    )
 
 
 def report_uri(rel: release.Release) -> str:
@@ -425,8 +554,9 @@ def _store_report(rel: release.Release, name: str, content: dict[str, Any]) -> N
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_text(json.dumps(content, indent=2, default=str))
-        registry.log_artifact(rel.model, rel.candidate_version, path,
-                              artifact_path=f"releasegate/releases/{rel.release_id}")
+        registry.log_artifact(
+            rel.model, rel.candidate_version, path, artifact_path=f"releasegate/releases/{rel.release_id}"
+        )
 
 
 def abort(release_id: str, *, reason: str, actor: str) -> Ended:
@@ -436,8 +566,9 @@ def abort(release_id: str, *, reason: str, actor: str) -> Ended:
         return Ended(state=rel.state, reason="the release had already ended")
     if rel.champion_version:
         _restore_champion(rel)
-    rel = release.transition(release_id, State.aborted, actor=actor, reason=f"aborted by {actor}: {reason}",
-                             decision=Outcome.abort)
+    rel = release.transition(
+        release_id, State.aborted, actor=actor, reason=f"aborted by {actor}: {reason}", decision=Outcome.abort
+    )
     _tag(rel, state=State.aborted.value, reasons=reason[:4000])
     return Ended(state=rel.state, reason=reason)
 
@@ -452,9 +583,18 @@ def serve_champion(model: str, version: str, actor: str = "cli") -> Applied:
     applied = _backend(model).set_route(model, version, None, Mode.single, 0, release_id=None)
     if registry.get_alias(model, "champion") is None:
         registry.set_alias(model, "champion", version)
-    audit.append(actor, AuditAction.route, model=model, version=version,
-                 details={"change": RouteChange.serve.value, "mode": Mode.single.value, "candidate_weight": 0,
-                          "champion_version": version})
+    audit.append(
+        actor,
+        AuditAction.route,
+        model=model,
+        version=version,
+        details={
+            "change": RouteChange.serve.value,
+            "mode": Mode.single.value,
+            "candidate_weight": 0,
+            "champion_version": version,
+        },
+    )
     return applied
 
 
@@ -484,8 +624,9 @@ class EmergencyRollback(BaseModel):
     audit_seq: int | None
 
 
-def emergency_rollback(model: str, reason: str, actor: str, release_id: str | None = None,
-                       category: str | None = None) -> EmergencyRollback:
+def emergency_rollback(
+    model: str, reason: str, actor: str, release_id: str | None = None, category: str | None = None
+) -> EmergencyRollback:
     """Back to the `previous` champion at once: route first, then an open release aborted, then the aliases; audited.
 
     `previous` is left where it is, so running this twice is a no-op rather than a jump back to
@@ -495,8 +636,10 @@ def emergency_rollback(model: str, reason: str, actor: str, release_id: str | No
 
     reason = (reason or "").strip()
     if len(reason) < EMERGENCY_REASON_MIN:
-        raise ValueError(f"an emergency rollback needs a reason of at least {EMERGENCY_REASON_MIN} characters "
-                         f"(got {reason!r}): it is what the audit log keeps")
+        raise ValueError(
+            f"an emergency rollback needs a reason of at least {EMERGENCY_REASON_MIN} characters "
+            f"(got {reason!r}): it is what the audit log keeps"
+        )
     previous = registry.get_alias(model, "previous")
     champion = registry.get_alias(model, "champion")
     if previous is None:
@@ -508,26 +651,56 @@ def emergency_rollback(model: str, reason: str, actor: str, release_id: str | No
             raise release.ReleaseError(f"release {release_id} is a release of {named.model}, not of {model}")
     # Traffic first: that is the emergency. Nothing else has changed if the serving platform refuses.
     _backend(model).set_route(model, previous, None, Mode.single, 0, release_id=None)
-    audit.append(actor, AuditAction.route, model=model, version=previous,
-                 details={"change": RouteChange.emergency_rollback.value, "mode": Mode.single.value,
-                          "candidate_weight": 0, "champion_version": previous})
+    audit.append(
+        actor,
+        AuditAction.route,
+        model=model,
+        version=previous,
+        details={
+            "change": RouteChange.emergency_rollback.value,
+            "mode": Mode.single.value,
+            "candidate_weight": 0,
+            "champion_version": previous,
+        },
+    )
     aborted: ClosedRelease | None = None
     if open_rel is not None:
         why = f"emergency rollback of {model} to v{previous} by {actor}: {reason}"
         # A release already moving the aliases cannot be aborted; it ends failed, so the rollback still wins.
         to = State.failed if State.aborted not in release.MOVES.get(open_rel.state, ()) else State.aborted
-        closed = release.transition(open_rel.release_id, to, actor=actor, reason=why,
-                                    decision=Outcome.abort if to is State.aborted else Outcome.fail)
+        closed = release.transition(
+            open_rel.release_id,
+            to,
+            actor=actor,
+            reason=why,
+            decision=Outcome.abort if to is State.aborted else Outcome.fail,
+        )
         _tag(closed, state=to.value, reasons=why[:4000])
         aborted = ClosedRelease(release_id=closed.release_id, state=to, candidate=closed.candidate_version)
     if champion != previous:
         registry.set_alias(model, "champion", previous)
         if champion is not None:
             registry.set_version_tags(model, champion, {"releasegate.emergency_rollback": reason[:4000]})
-    event = audit.append(actor, AuditAction.emergency_rollback, model=model, version=previous,
-                         release_id=aborted.release_id if aborted else None,
-                         details={"from_version": champion, "to_version": previous, "reason": reason,
-                                  "category": category,
-                                  "aborted_release": aborted.model_dump(mode="json") if aborted else None})
-    return EmergencyRollback(model=model, champion=previous, rolled_back_from=champion, reason=reason, actor=actor,
-                             aborted_release=aborted, audit_seq=event.get("seq"))
+    event = audit.append(
+        actor,
+        AuditAction.emergency_rollback,
+        model=model,
+        version=previous,
+        release_id=aborted.release_id if aborted else None,
+        details={
+            "from_version": champion,
+            "to_version": previous,
+            "reason": reason,
+            "category": category,
+            "aborted_release": aborted.model_dump(mode="json") if aborted else None,
+        },
+    )
+    return EmergencyRollback(
+        model=model,
+        champion=previous,
+        rolled_back_from=champion,
+        reason=reason,
+        actor=actor,
+        aborted_release=aborted,
+        audit_seq=event.get("seq"),
+    )

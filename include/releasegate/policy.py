@@ -39,12 +39,19 @@ class Offline(_Strict):
 class Shadow(_Strict):
     max_window_seconds: float = Field(600, gt=0)
     min_samples: int = Field(300, ge=1, description="Labelled mirrored requests needed before a decision.")
-    min_agreement: float = Field(0.8, ge=0, lt=1, description="Share of mirrored requests where both arms agree; "
-                                                            "0 turns the agreement check off.")
+    min_agreement: float = Field(
+        0.8,
+        ge=0,
+        lt=1,
+        description="Share of mirrored requests where both arms agree; 0 turns the agreement check off.",
+    )
     agreement_tolerance: float | None = Field(
-        None, ge=0, description="Regression: two answers agree when they differ by at most this, in target units. "
-                                "Unset, a regressor's release has no agreement check (exact equality of two "
-                                "regressors' outputs means nothing).")
+        None,
+        ge=0,
+        description="Regression: two answers agree when they differ by at most this, in target units. "
+        "Unset, a regressor's release has no agreement check (exact equality of two "
+        "regressors' outputs means nothing).",
+    )
 
 
 class Canary(_Strict):
@@ -61,19 +68,29 @@ class Canary(_Strict):
 
 
 class Guardrails(_Strict):
-    error_rate_margin: float = Field(0.01, ge=0, description="Absolute: candidate error rate may exceed the champion's by this.")
-    latency_p99_margin: float = Field(0.5, ge=0, description="Relative: candidate p99 may exceed the champion's by this share.")
-    latency_p99_slack_ms: float = Field(5.0, ge=0, description="Absolute: a candidate p99 within this many ms of the "
-                                        "champion's is never too slow (at sub-millisecond p99s a relative margin "
-                                        "measures scheduling noise, not the model).")
+    error_rate_margin: float = Field(
+        0.01, ge=0, description="Absolute: candidate error rate may exceed the champion's by this."
+    )
+    latency_p99_margin: float = Field(
+        0.5, ge=0, description="Relative: candidate p99 may exceed the champion's by this share."
+    )
+    latency_p99_slack_ms: float = Field(
+        5.0,
+        ge=0,
+        description="Absolute: a candidate p99 within this many ms of the "
+        "champion's is never too slow (at sub-millisecond p99s a relative margin "
+        "measures scheduling noise, not the model).",
+    )
 
     def latency_limit_ms(self, champion_p99_ms: float) -> float:
         """The latency a candidate request may take: the larger of the relative and the absolute allowance."""
         return max((1 + self.latency_p99_margin) * champion_p99_ms, champion_p99_ms + self.latency_p99_slack_ms)
 
     def latency_limit_text(self, champion_p99_ms: float) -> str:
-        return (f"limit {self.latency_limit_ms(champion_p99_ms):.1f} ms = the larger of {1 + self.latency_p99_margin:g} "
-                f"× and +{self.latency_p99_slack_ms:g} ms over champion p99 {champion_p99_ms:.1f} ms")
+        return (
+            f"limit {self.latency_limit_ms(champion_p99_ms):.1f} ms = the larger of {1 + self.latency_p99_margin:g} "
+            f"× and +{self.latency_p99_slack_ms:g} ms over champion p99 {champion_p99_ms:.1f} ms"
+        )
 
 
 REGRESSION_METRICS = frozenset({"absolute_error", "squared_error", "mae", "rmse"})
@@ -81,15 +98,20 @@ REGRESSION_METRICS = frozenset({"absolute_error", "squared_error", "mae", "rmse"
 
 class Primary(_Strict):
     metric: Literal["accuracy", "log_loss", "absolute_error", "squared_error"] = "accuracy"
-    margin: float = Field(0.02, ge=0, description="Non-inferiority margin on the feedback-labelled metric "
-                                                  "(accuracy: a share; absolute_error, squared_error: target units).")
+    margin: float = Field(
+        0.02,
+        ge=0,
+        description="Non-inferiority margin on the feedback-labelled metric "
+        "(accuracy: a share; absolute_error, squared_error: target units).",
+    )
 
 
 class Approval(_Strict):
     required: bool = False
     timeout_seconds: float = Field(3600, gt=0, description="No answer by then rolls the release back.")
-    approvers: list[str] = Field(default_factory=list,
-                                 description="Airflow user ids who may answer; empty: any user allowed to act on the DAG.")
+    approvers: list[str] = Field(
+        default_factory=list, description="Airflow user ids who may answer; empty: any user allowed to act on the DAG."
+    )
 
 
 class Monitoring(_Strict):
@@ -98,8 +120,11 @@ class Monitoring(_Strict):
     schedule: str = Field("0 3 * * *", description="Cron expression (UTC) of the nightly evaluation.")
     window_hours: float = Field(24, gt=0, description="How much recent traffic each evaluation reads.")
     max_drifted_share: float = Field(0.2, ge=0, le=1, description="Alarm above this share of drifted input columns.")
-    max_accuracy_drop: float = Field(0.05, ge=0, description="Alarm when labelled live accuracy falls this far "
-                                                             "below the version's accuracy on its holdout.")
+    max_accuracy_drop: float = Field(
+        0.05,
+        ge=0,
+        description="Alarm when labelled live accuracy falls this far below the version's accuracy on its holdout.",
+    )
     min_labelled: int = Field(200, ge=1, description="Labelled requests needed before quality is judged.")
 
     @field_validator("schedule")
@@ -132,12 +157,14 @@ class Policy(_Strict):
     monitoring: Monitoring = Monitoring()
 
     @model_validator(mode="after")
-    def _one_task(self) -> "Policy":
+    def _one_task(self) -> Policy:
         offline, online = self.offline.metric in REGRESSION_METRICS, self.primary.metric in REGRESSION_METRICS
         if offline != online:
-            raise ValueError(f"offline.metric {self.offline.metric} and primary.metric {self.primary.metric} "
-                             f"judge different kinds of model (classification: accuracy, log_loss, roc_auc; "
-                             f"regression: mae, rmse offline, absolute_error, squared_error online)")
+            raise ValueError(
+                f"offline.metric {self.offline.metric} and primary.metric {self.primary.metric} "
+                f"judge different kinds of model (classification: accuracy, log_loss, roc_auc; "
+                f"regression: mae, rmse offline, absolute_error, squared_error online)"
+            )
         return self
 
     @property
@@ -164,8 +191,7 @@ def available(policy_dirs: Path | list[Path] | None = None) -> list[str]:
 
 def find(name: str, policy_dirs: Path | list[Path] | None = None) -> Path | None:
     """The first `<name>.yaml` on the search path."""
-    return next((folder / f"{name}.yaml" for folder in _dirs(policy_dirs) if (folder / f"{name}.yaml").is_file()),
-                None)
+    return next((folder / f"{name}.yaml" for folder in _dirs(policy_dirs) if (folder / f"{name}.yaml").is_file()), None)
 
 
 def load(name_or_path: str | Path, policy_dirs: Path | list[Path] | None = None) -> Policy:
@@ -175,9 +201,11 @@ def load(name_or_path: str | Path, policy_dirs: Path | list[Path] | None = None)
         path = find(str(name_or_path), policy_dirs)
     if path is None or not path.is_file():
         folders = ", ".join(str(d) for d in _dirs(policy_dirs))
-        raise PolicyError(f"policy {str(name_or_path)!r} not found in {folders} "
-                          f"(known: {', '.join(available(policy_dirs)) or 'none'}; RELEASEGATE_POLICIES_DIR adds "
-                          f"folders of your own)")
+        raise PolicyError(
+            f"policy {str(name_or_path)!r} not found in {folders} "
+            f"(known: {', '.join(available(policy_dirs)) or 'none'}; RELEASEGATE_POLICIES_DIR adds "
+            f"folders of your own)"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -190,9 +218,7 @@ def parse(data: dict, source: str = "policy") -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors())
         raise PolicyError(f"{source}: {problems}") from exc
 
 

@@ -10,9 +10,10 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from releasegate.settings import Settings, get_settings
 
@@ -32,7 +33,7 @@ class RegistryError(LookupError):
     """A registered model, version, alias or artifact that does not exist."""
 
 
-def client(settings: Settings | None = None) -> "mlflow.MlflowClient":
+def client(settings: Settings | None = None) -> mlflow.MlflowClient:
     """An MlflowClient on settings.mlflow_tracking_uri (also made the process's tracking and registry URI)."""
     import mlflow
 
@@ -109,8 +110,13 @@ def has_artifact(model: str, version: str | int, artifact_path: str, settings: S
     return any(info.path == artifact_path and not info.is_dir for info in listed)
 
 
-def log_artifact(model: str, version: str | int, local_path: str | Path, artifact_path: str = ARTIFACT_ROOT,
-                 settings: Settings | None = None) -> None:
+def log_artifact(
+    model: str,
+    version: str | int,
+    local_path: str | Path,
+    artifact_path: str = ARTIFACT_ROOT,
+    settings: Settings | None = None,
+) -> None:
     """Store a file (or a directory's contents) under the version's source run, in `releasegate/...`."""
     local_path = Path(local_path)
     if not local_path.exists():
@@ -127,8 +133,9 @@ def log_artifact(model: str, version: str | int, local_path: str | Path, artifac
         mlflow_client.log_artifact(run_id, str(local_path), artifact_path)
 
 
-def download_artifact(model: str, version: str | int, artifact_path: str, dst: str | Path | None = None,
-                      settings: Settings | None = None) -> Path:
+def download_artifact(
+    model: str, version: str | int, artifact_path: str, dst: str | Path | None = None, settings: Settings | None = None
+) -> Path:
     """Download one artifact of the version's source run (e.g. "releasegate/holdout.parquet"); returns its local path."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -140,11 +147,13 @@ def download_artifact(model: str, version: str | int, artifact_path: str, dst: s
     dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="rg-artifact-"))
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
-                                                    tracking_uri=settings.mlflow_tracking_uri)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=settings.mlflow_tracking_uri
+        )
     except MlflowException as err:
-        raise RegistryError(f"could not download {artifact_path!r} of {model} v{version} (run {run_id}): "
-                            f"{err.message}") from err
+        raise RegistryError(
+            f"could not download {artifact_path!r} of {model} v{version} (run {run_id}): {err.message}"
+        ) from err
     return Path(local)
 
 
@@ -158,8 +167,10 @@ def download_model(model: str, version: str | int, dst: str | Path, settings: Se
     settings = settings or get_settings()
     dst = Path(dst)
     if dst.exists() and not _replaceable(dst):
-        raise FileExistsError(f"cannot download {model} v{version} into {dst}: it exists and is neither empty "
-                              f"nor an MLflow model directory")
+        raise FileExistsError(
+            f"cannot download {model} v{version} into {dst}: it exists and is neither empty "
+            f"nor an MLflow model directory"
+        )
     version = str(_model_version(model, str(version), settings).version)
     # The stored artifact location, not models:/name/version: that URI adds a registered_model_meta file
     # that is not in the store, and the signature must cover exactly the stored files.
@@ -167,8 +178,11 @@ def download_model(model: str, version: str | int, dst: str | Path, settings: Se
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=dst.parent))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging),
-                                                         tracking_uri=settings.mlflow_tracking_uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(staging), tracking_uri=settings.mlflow_tracking_uri
+            )
+        )
         if not (local / "MLmodel").is_file():
             raise RegistryError(f"{model} v{version} at {uri} is not an MLflow model directory (no MLmodel file)")
         if dst.exists():

@@ -45,14 +45,23 @@ MOVES: dict[State, frozenset[State]] = {
     State.pending: frozenset({State.signing}) | _ENDINGS,
     State.signing: frozenset({State.validating, State.rejected}) | _ENDINGS,
     State.validating: frozenset({State.shadow, State.awaiting_approval, State.promoting, State.rejected}) | _ENDINGS,
-    State.shadow: frozenset({State.canary, State.awaiting_approval, State.promoting, State.rolled_back,
-                             State.invalid, State.rejected}) | _ENDINGS,
+    State.shadow: frozenset(
+        {State.canary, State.awaiting_approval, State.promoting, State.rolled_back, State.invalid, State.rejected}
+    )
+    | _ENDINGS,
     State.canary: frozenset({State.awaiting_approval, State.promoting, State.rolled_back, State.invalid}) | _ENDINGS,
     State.awaiting_approval: frozenset({State.promoting, State.rolled_back}) | _ENDINGS,
     State.promoting: frozenset({State.promoted, State.failed}),
 }
 # Outcome of a release for `releasegate trigger --wait` and CI.
-EXIT_CODES = {State.promoted: 0, State.rejected: 1, State.rolled_back: 1, State.invalid: 1, State.aborted: 1, State.failed: 2}
+EXIT_CODES = {
+    State.promoted: 0,
+    State.rejected: 1,
+    State.rolled_back: 1,
+    State.invalid: 1,
+    State.aborted: 1,
+    State.failed: 2,
+}
 
 
 class ReleaseError(ReleasegateError):
@@ -116,19 +125,28 @@ def list_releases(model: str | None = None, engine: sa.Engine | None = None, lim
 
 def active(model: str, engine: sa.Engine | None = None) -> Release | None:
     """The model's release in a non-terminal state, if any: it holds the model's release lock."""
-    query = (sa.select(storage.releases)
-             .where(storage.releases.c.model == model, storage.releases.c.state.not_in([s.value for s in TERMINAL]))
-             .order_by(storage.releases.c.started_at.desc()))
+    query = (
+        sa.select(storage.releases)
+        .where(storage.releases.c.model == model, storage.releases.c.state.not_in([s.value for s in TERMINAL]))
+        .order_by(storage.releases.c.started_at.desc())
+    )
     with (engine or storage.engine()).connect() as conn:
         row = conn.execute(query).first()
     return Release.from_row(row) if row else None
 
 
-def open_release(model: str, candidate_version: str, champion_version: str | None, policy: dict[str, Any], *,
-                 airflow_run_id: str | None, actor: str,
-                 is_run_alive: Callable[[str | None], bool] = lambda run_id: True,
-                 close_stale: Callable[[Release], None] | None = None,
-                 engine: sa.Engine | None = None) -> Release:
+def open_release(
+    model: str,
+    candidate_version: str,
+    champion_version: str | None,
+    policy: dict[str, Any],
+    *,
+    airflow_run_id: str | None,
+    actor: str,
+    is_run_alive: Callable[[str | None], bool] = lambda run_id: True,
+    close_stale: Callable[[Release], None] | None = None,
+    engine: sa.Engine | None = None,
+) -> Release:
     """Open a release, or return the one this Airflow run already opened (a retry).
 
     A non-terminal release of the same model whose run is still alive refuses the new one;
@@ -142,40 +160,72 @@ def open_release(model: str, candidate_version: str, champion_version: str | Non
         if is_run_alive(current.airflow_run_id):
             raise ReleaseInProgress(
                 f"{model} already has release {current.release_id} in state {current.state.value} "
-                f"(Airflow run {current.airflow_run_id}); one release per model at a time")
+                f"(Airflow run {current.airflow_run_id}); one release per model at a time"
+            )
         if close_stale is not None:
             close_stale(current)
-        transition(current.release_id, State.failed, actor=actor, engine=eng,
-                   reason=f"its Airflow run {current.airflow_run_id} is gone or failed; closed by the next release",
-                   details={"closed_by_run": airflow_run_id})
+        transition(
+            current.release_id,
+            State.failed,
+            actor=actor,
+            engine=eng,
+            reason=f"its Airflow run {current.airflow_run_id} is gone or failed; closed by the next release",
+            details={"closed_by_run": airflow_run_id},
+        )
 
     release_id = f"rel-{uuid.uuid4().hex[:12]}"
     now = time.time()
 
     def work(conn: sa.Connection) -> None:
         # Re-check inside the transaction: two runs racing to open both see no active release above.
-        clash = conn.execute(sa.select(storage.releases.c.release_id).where(
-            storage.releases.c.model == model,
-            storage.releases.c.state.not_in([s.value for s in TERMINAL]))).first()
+        clash = conn.execute(
+            sa.select(storage.releases.c.release_id).where(
+                storage.releases.c.model == model, storage.releases.c.state.not_in([s.value for s in TERMINAL])
+            )
+        ).first()
         if clash is not None:
             raise ReleaseInProgress(f"{model} already has release {clash.release_id} in progress")
-        conn.execute(storage.releases.insert().values(
-            release_id=release_id, model=model, candidate_version=str(candidate_version),
-            champion_version=None if champion_version is None else str(champion_version),
-            policy=json.dumps(policy), state=State.pending.value, verdicts="[]", decision=None, reasons="[]",
-            airflow_run_id=airflow_run_id, started_at=now, ended_at=None, updated_at=now))
-        audit.append_in(conn, actor, AuditAction.release_opened, model=model, version=str(candidate_version),
-                        release_id=release_id,
-                        details={"champion": champion_version, "policy": policy.get("name"),
-                                 "airflow_run_id": airflow_run_id})
+        conn.execute(
+            storage.releases.insert().values(
+                release_id=release_id,
+                model=model,
+                candidate_version=str(candidate_version),
+                champion_version=None if champion_version is None else str(champion_version),
+                policy=json.dumps(policy),
+                state=State.pending.value,
+                verdicts="[]",
+                decision=None,
+                reasons="[]",
+                airflow_run_id=airflow_run_id,
+                started_at=now,
+                ended_at=None,
+                updated_at=now,
+            )
+        )
+        audit.append_in(
+            conn,
+            actor,
+            AuditAction.release_opened,
+            model=model,
+            version=str(candidate_version),
+            release_id=release_id,
+            details={"champion": champion_version, "policy": policy.get("name"), "airflow_run_id": airflow_run_id},
+        )
 
     audit.retrying(work, eng)
     return get(release_id, eng)
 
 
-def transition(release_id: str, to: State, *, actor: str, reason: str | None = None,
-               details: dict[str, Any] | None = None, decision: Outcome | None = None,
-               engine: sa.Engine | None = None) -> Release:
+def transition(
+    release_id: str,
+    to: State,
+    *,
+    actor: str,
+    reason: str | None = None,
+    details: dict[str, Any] | None = None,
+    decision: Outcome | None = None,
+    engine: sa.Engine | None = None,
+) -> Release:
     """Move a release to `to`, or do nothing if it is already there (idempotent retries).
 
     Raises ReleaseError for a move the state machine does not allow, e.g. out of a terminal state.
@@ -199,15 +249,22 @@ def transition(release_id: str, to: State, *, actor: str, reason: str | None = N
             values["decision"] = decision
         if to in TERMINAL:
             values["ended_at"] = now
-        updated = conn.execute(storage.releases.update()
-                               .where(storage.releases.c.release_id == release_id,
-                                      storage.releases.c.state == current.value)
-                               .values(**values))
+        updated = conn.execute(
+            storage.releases.update()
+            .where(storage.releases.c.release_id == release_id, storage.releases.c.state == current.value)
+            .values(**values)
+        )
         if updated.rowcount != 1:
             raise ConcurrentChange(f"release {release_id} moved while it was being moved to {to.value}")
-        audit.append_in(conn, actor, AuditAction.moved_to(to), model=row.model, version=row.candidate_version,
-                        release_id=release_id,
-                        details={"from": current.value, "to": to.value, "reason": reason, **(details or {})})
+        audit.append_in(
+            conn,
+            actor,
+            AuditAction.moved_to(to),
+            model=row.model,
+            version=row.candidate_version,
+            release_id=release_id,
+            details={"from": current.value, "to": to.value, "reason": reason, **(details or {})},
+        )
         return True
 
     audit.retrying(work, eng)
@@ -226,10 +283,20 @@ def record_verdict(release_id: str, verdict: Verdict, *, actor: str, engine: sa.
         verdicts = json.loads(row.verdicts)
         if stored in verdicts:
             return
-        conn.execute(storage.releases.update().where(storage.releases.c.release_id == release_id)
-                     .values(verdicts=json.dumps(verdicts + [stored]), updated_at=time.time()))
-        audit.append_in(conn, actor, AuditAction.verdict, model=row.model, version=row.candidate_version,
-                        release_id=release_id, details=stored)
+        conn.execute(
+            storage.releases.update()
+            .where(storage.releases.c.release_id == release_id)
+            .values(verdicts=json.dumps(verdicts + [stored]), updated_at=time.time())
+        )
+        audit.append_in(
+            conn,
+            actor,
+            AuditAction.verdict,
+            model=row.model,
+            version=row.candidate_version,
+            release_id=release_id,
+            details=stored,
+        )
 
     audit.retrying(work, eng)
     return get(release_id, eng)

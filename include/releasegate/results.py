@@ -94,8 +94,11 @@ class Routed(_Result):
     serving_status: dict[str, Any] | None = None  # the backend's account of the split, once it serves it
 
     def describe(self) -> str:
-        return f"{self.stage}: {self.stage.weight}% of traffic to the candidate" if not self.stage.is_shadow else \
-            "shadow: every request mirrored to the candidate"
+        return (
+            f"{self.stage}: {self.stage.weight}% of traffic to the candidate"
+            if not self.stage.is_shadow
+            else "shadow: every request mirrored to the candidate"
+        )
 
 
 class Recorded(_Result):
@@ -145,8 +148,10 @@ class Summary(_Result):
         return f"{self.state.value}: {reason}"[:400] if reason else self.state.value
 
 
-StepResult = Annotated[Opened | Skipped | Validated | Signed | Rejected | Routed | Recorded | Ended | Summary,
-                       Field(discriminator="result")]
+StepResult = Annotated[
+    Opened | Skipped | Validated | Signed | Rejected | Routed | Recorded | Ended | Summary,
+    Field(discriminator="result"),
+]
 _ADAPTER: TypeAdapter[StepResult] = TypeAdapter(StepResult)
 
 

@@ -30,41 +30,69 @@ _IN_HOME = Path()  # a path default that the home decides, once the home is know
 class Settings(BaseSettings):
     """Every path, URL and key location releasegate uses."""
 
-    model_config = SettingsConfigDict(env_prefix="RELEASEGATE_", env_ignore_empty=True, extra="ignore",
-                                      populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="RELEASEGATE_", env_ignore_empty=True, extra="ignore", populate_by_name=True
+    )
 
-    home: Path = Field(default_factory=lambda: Path.cwd() / ".releasegate",
-                       description="Keys, embedded databases and the model cache (default `./.releasegate`).")
-    db_url: str = Field("", description="SQLAlchemy URL of releasegate's own tables (PostgreSQL: "
-                                        "`postgresql+psycopg://user@host/db`); default SQLite in the home.")
-    mlflow_tracking_uri: str = Field("", validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
-                                     description="MLflow tracking and registry; default SQLite in the home.")
-    mlflow_artifact_root: Path = Field(_IN_HOME, validation_alias=AliasChoices("RELEASEGATE_MLFLOW_ARTIFACTS"),
-                                              description="Artifact root of experiments releasegate creates "
-                                                          "(the demo's); default `mlartifacts` in the home.")
+    home: Path = Field(
+        default_factory=lambda: Path.cwd() / ".releasegate",
+        description="Keys, embedded databases and the model cache (default `./.releasegate`).",
+    )
+    db_url: str = Field(
+        "",
+        description="SQLAlchemy URL of releasegate's own tables (PostgreSQL: "
+        "`postgresql+psycopg://user@host/db`); default SQLite in the home.",
+    )
+    mlflow_tracking_uri: str = Field(
+        "",
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
+        description="MLflow tracking and registry; default SQLite in the home.",
+    )
+    mlflow_artifact_root: Path = Field(
+        _IN_HOME,
+        validation_alias=AliasChoices("RELEASEGATE_MLFLOW_ARTIFACTS"),
+        description="Artifact root of experiments releasegate creates (the demo's); default `mlartifacts` in the home.",
+    )
     gateway_url: str = Field("http://127.0.0.1:8765", description="The gateway the `local` backend drives.")
-    admin_api_key: str | None = Field(None, validation_alias=AliasChoices("RELEASEGATE_ADMIN_KEY"),
-                                      description="Admin API key the pipeline uses to change routes.")
-    backend: str = Field("local", description="Where models without a `releasegate.backend` tag are served: "
-                                              "`local` or `kserve`.")
-    signing_key: Path = Field(_IN_HOME, description="Private key that signs models and audit heads; "
-                                                       "default `keys/release.key` in the home.")
-    trusted_keys: PathList = Field(default_factory=list, description="Public keys a model may be signed with "
-                                                                     "(`:`-separated); default `keys/release.pub`.")
-    policy_dirs: PathList = Field(default_factory=list, validation_alias=AliasChoices("RELEASEGATE_POLICIES_DIR"),
-                                  description="Your policy folders (`:`-separated), searched before "
-                                              "`include/policies`.")
-    expectation_dirs: PathList = Field(default_factory=list,
-                                       validation_alias=AliasChoices("RELEASEGATE_EXPECTATIONS_DIR"),
-                                       description="Your expectation-suite folders (`:`-separated), searched "
-                                                   "before `include/expectations`.")
-    model_cache_dir: Path = Field(_IN_HOME, validation_alias=AliasChoices("RELEASEGATE_MODEL_CACHE"),
-                                         description="Verified model downloads; default `models` in the home.")
-    apikey_pepper: str | None = Field(None, description="Server pepper of the API key digests; default a file "
-                                                        "`keys/apikey.pepper` in the home, made on first use.")
+    admin_api_key: str | None = Field(
+        None,
+        validation_alias=AliasChoices("RELEASEGATE_ADMIN_KEY"),
+        description="Admin API key the pipeline uses to change routes.",
+    )
+    backend: str = Field(
+        "local", description="Where models without a `releasegate.backend` tag are served: `local` or `kserve`."
+    )
+    signing_key: Path = Field(
+        _IN_HOME, description="Private key that signs models and audit heads; default `keys/release.key` in the home."
+    )
+    trusted_keys: PathList = Field(
+        default_factory=list,
+        description="Public keys a model may be signed with (`:`-separated); default `keys/release.pub`.",
+    )
+    policy_dirs: PathList = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("RELEASEGATE_POLICIES_DIR"),
+        description="Your policy folders (`:`-separated), searched before `include/policies`.",
+    )
+    expectation_dirs: PathList = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("RELEASEGATE_EXPECTATIONS_DIR"),
+        description="Your expectation-suite folders (`:`-separated), searched before `include/expectations`.",
+    )
+    model_cache_dir: Path = Field(
+        _IN_HOME,
+        validation_alias=AliasChoices("RELEASEGATE_MODEL_CACHE"),
+        description="Verified model downloads; default `models` in the home.",
+    )
+    apikey_pepper: str | None = Field(
+        None,
+        description="Server pepper of the API key digests; default a file "
+        "`keys/apikey.pepper` in the home, made on first use.",
+    )
     alert_webhook: str | None = Field(None, description="URL the nightly evaluation POSTs its alert to (JSON).")
-    nightly_schedule: str | None = Field(None, description="Cron of the nightly evaluation; default the default "
-                                                           "policy's `monitoring.schedule`.")
+    nightly_schedule: str | None = Field(
+        None, description="Cron of the nightly evaluation; default the default policy's `monitoring.schedule`."
+    )
 
     @field_validator("trusted_keys", "policy_dirs", "expectation_dirs", mode="before")
     @classmethod

@@ -56,8 +56,9 @@ def ensure_keys(settings: Settings | None = None) -> tuple[Path, Path]:
     if private.exists():
         return private, public
     if public.exists():
-        raise SignatureError(f"{public} exists but its private key {private} does not; "
-                             f"refusing to replace a public key others may trust")
+        raise SignatureError(
+            f"{public} exists but its private key {private} does not; refusing to replace a public key others may trust"
+        )
     try:
         _write_key_pair(private, public)
     except FileExistsError:  # another process made the pair first
@@ -78,7 +79,8 @@ def sign_directory(model_dir: str | Path, signature_path: str | Path, private_ke
         raise SignatureError(f"no signing key at {private_key} (create one with `releasegate keys generate`)")
     signature_path.parent.mkdir(parents=True, exist_ok=True)
     signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(_hashing()).sign(
-        model_dir, signature_path)
+        model_dir, signature_path
+    )
     return bundle_digest(signature_path)
 
 
@@ -99,8 +101,10 @@ def verify_directory(model_dir: str | Path, signature_path: str | Path, trusted_
     # The bundle names its key by fingerprint; a bundle without one (older format) is tried with every key.
     candidates = [key for key, print_ in fingerprints.items() if hint is None or print_ == hint]
     if not candidates:
-        raise UntrustedKeyError(f"the signing key sha256:{hint[:16]}… is not among the {len(fingerprints)} "
-                                f"trusted key(s) ({', '.join(key.name for key in fingerprints)})")
+        raise UntrustedKeyError(
+            f"the signing key sha256:{hint[:16]}… is not among the {len(fingerprints)} "
+            f"trusted key(s) ({', '.join(key.name for key in fingerprints)})"
+        )
     failures = []
     for key in candidates:
         config = verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing())
@@ -117,8 +121,9 @@ def verify_directory(model_dir: str | Path, signature_path: str | Path, trusted_
     if hint is None:
         raise UntrustedKeyError(f"none of the {len(fingerprints)} trusted key(s) made this signature")
     # The key is ours but its signature over the payload does not hold: the bundle itself was edited.
-    raise SignatureMismatchError(f"the bundle's signature does not verify with {candidates[0].name} "
-                                 f"(the bundle was altered)")
+    raise SignatureMismatchError(
+        f"the bundle's signature does not verify with {candidates[0].name} (the bundle was altered)"
+    )
 
 
 def bundle_digest(signature_path: str | Path) -> str:
@@ -156,8 +161,9 @@ class VerifiedModel:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def fetch_verified(model: str, version: str | int, settings: Settings | None = None,
-                   parent: Path | None = None) -> VerifiedModel:
+def fetch_verified(
+    model: str, version: str | int, settings: Settings | None = None, parent: Path | None = None
+) -> VerifiedModel:
     """Download the version into a fresh directory (of `parent`, default the model cache) and verify it.
 
     On any failure the directory is removed, so nothing unverified is left to load. Raises
@@ -188,8 +194,9 @@ def _download_and_verify(model: str, version: str, dst: Path, settings: Settings
             except UntrustedKeyError as err:
                 raise UntrustedKeyError(f"{label} is signed by a key that is not trusted: {err}") from err
             except SignatureMismatchError as err:
-                raise SignatureMismatchError(f"signature verification failed for {label} "
-                                             f"(artifact changed after signing?): {err}") from err
+                raise SignatureMismatchError(
+                    f"signature verification failed for {label} (artifact changed after signing?): {err}"
+                ) from err
             except SignatureError as err:
                 raise SignatureError(f"cannot verify {label}: {err}") from err
             return bundle_digest(bundle)
@@ -213,12 +220,16 @@ def sign_version(model: str, version: str | int, settings: Settings | None = Non
         if is_signed(model, version, settings):
             digest = _download_and_verify(model, version, Path(tmp) / "model", settings)
         elif recorded:
-            raise SignatureMismatchError(f"{label} was signed ({recorded}) but its signature bundle is gone: "
-                                         f"refusing to sign it again, since its files may have changed since")
+            raise SignatureMismatchError(
+                f"{label} was signed ({recorded}) but its signature bundle is gone: "
+                f"refusing to sign it again, since its files may have changed since"
+            )
         else:
             if not settings.signing_key.is_file():
-                raise SignatureError(f"cannot sign {label}: no signing key at {settings.signing_key} "
-                                     f"(create one with `releasegate keys generate`)")
+                raise SignatureError(
+                    f"cannot sign {label}: no signing key at {settings.signing_key} "
+                    f"(create one with `releasegate keys generate`)"
+                )
             model_dir = registry.download_model(model, version, Path(tmp) / "model", settings=settings)
             bundle = Path(tmp) / BUNDLE
             digest = sign_directory(model_dir, bundle, settings.signing_key)
@@ -226,8 +237,9 @@ def sign_version(model: str, version: str | int, settings: Settings | None = Non
                 verify_directory(model_dir, bundle, settings.trusted_keys)
             except SignatureError as err:
                 # Caught now rather than at deployment: a bundle nobody trusts must not be stored as "signed".
-                raise SignatureError(f"signed {label} with {settings.signing_key}, but the trusted keys do not "
-                                     f"accept it: {err}") from err
+                raise SignatureError(
+                    f"signed {label} with {settings.signing_key}, but the trusted keys do not accept it: {err}"
+                ) from err
             registry.log_artifact(model, version, bundle, artifact_path="releasegate", settings=settings)
             log.info("signed %s (bundle %s)", label, digest)
     if recorded != digest:
@@ -277,9 +289,11 @@ def _describe(err: Exception) -> str:
         return f"{type(err).__name__}: {text}"[:500]
     parts = []
     # The differences arrive inside a list's repr, so their quotes may be backslash-escaped.
-    for label, pattern in (("changed", r"Hash mismatch for \\?'([^'\\]+)"),
-                           ("added", r"Extra files found in model \\?'[^']*\\?': ([^\"'\\\]]+)"),
-                           ("missing", r"Missing files in model \\?'[^']*\\?': ([^\"'\\\]]+)")):
+    for label, pattern in (
+        ("changed", r"Hash mismatch for \\?'([^'\\]+)"),
+        ("added", r"Extra files found in model \\?'[^']*\\?': ([^\"'\\\]]+)"),
+        ("missing", r"Missing files in model \\?'[^']*\\?': ([^\"'\\\]]+)"),
+    ):
         found = re.findall(pattern, text)
         if found:
             parts.append(f"{label}: {', '.join(found)}")
@@ -299,8 +313,12 @@ def _write_key_pair(private: Path, public: Path) -> tuple[Path, Path]:
     # O_EXCL: two processes creating the default pair at once must not interleave their writes.
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return private, public

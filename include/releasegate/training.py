@@ -11,11 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from releasegate.contract import SUITE_TAG, LABEL_TAG
+from releasegate.contract import LABEL_TAG, SUITE_TAG
 
 if TYPE_CHECKING:
     import pandas as pd
-
 
 
 def skops_trusted_types(estimator: Any) -> list[str]:

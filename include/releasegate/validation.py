@@ -13,15 +13,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from releasegate.contract import SUITE_TAG
-from releasegate.evaluation import HOLDOUT_ARTIFACT, EvaluationResult
 from releasegate.errors import InfrastructureError, describe
+from releasegate.evaluation import HOLDOUT_ARTIFACT, EvaluationResult
 from releasegate.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from releasegate.policy import Policy
-
 
 
 class ContractResult(BaseModel):
@@ -64,26 +63,35 @@ def load_suite(suite_name: str, settings: Settings | None = None) -> dict:
     """The suite's JSON from the expectation folders (the user's first); a clear error when it does not exist."""
     settings = settings or get_settings()
     folders = settings.expectation_dirs
-    path = Path(suite_name) if suite_name.endswith(".json") else next(
-        (d / f"{suite_name}.json" for d in folders if (d / f"{suite_name}.json").is_file()), folders[-1] / "-")
+    path = (
+        Path(suite_name)
+        if suite_name.endswith(".json")
+        else next(
+            (d / f"{suite_name}.json" for d in folders if (d / f"{suite_name}.json").is_file()), folders[-1] / "-"
+        )
+    )
     if not path.is_file():
         known = sorted({p.stem for d in folders for p in d.glob("*.json")})
-        raise ValueError(f"expectation suite {suite_name!r} not found in {', '.join(map(str, folders))} "
-                         f"(known: {', '.join(known) or 'none'}; RELEASEGATE_EXPECTATIONS_DIR adds folders of your "
-                         f"own)")
+        raise ValueError(
+            f"expectation suite {suite_name!r} not found in {', '.join(map(str, folders))} "
+            f"(known: {', '.join(known) or 'none'}; RELEASEGATE_EXPECTATIONS_DIR adds folders of your "
+            f"own)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"expectation suite {path.name} is not valid JSON: {exc}") from exc
 
 
-def run_contract(df: "pd.DataFrame", suite_name: str, settings: Settings | None = None,
-                 features_only: bool = False) -> ContractResult:
+def run_contract(
+    df: pd.DataFrame, suite_name: str, settings: Settings | None = None, features_only: bool = False
+) -> ContractResult:
     """Run an expectation suite on a dataframe; `features_only` skips expectations marked `meta.label`
     (logged traffic has no label)."""
     suite_json = load_suite(suite_name, settings)
-    expectations = [e for e in suite_json.get("expectations", [])
-                    if not (features_only and (e.get("meta") or {}).get("label"))]
+    expectations = [
+        e for e in suite_json.get("expectations", []) if not (features_only and (e.get("meta") or {}).get("label"))
+    ]
     if not expectations:
         raise ValueError(f"expectation suite {suite_name!r} has no expectations to run")
 
@@ -95,18 +103,26 @@ def run_contract(df: "pd.DataFrame", suite_name: str, settings: Settings | None 
     )
 
     # In memory, no usage statistics, no progress bars: this runs inside Airflow tasks and tests.
-    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(), analytics_enabled=False,
-                               progress_bars=ProgressBarsConfig(globally=False))
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
     context = gx.get_context(project_config=config, mode="ephemeral")
-    batch = (context.data_sources.add_pandas("releasegate")
-             .add_dataframe_asset("frame")
-             .add_batch_definition_whole_dataframe("whole")
-             .get_batch(batch_parameters={"dataframe": df}))
+    batch = (
+        context.data_sources.add_pandas("releasegate")
+        .add_dataframe_asset("frame")
+        .add_batch_definition_whole_dataframe("whole")
+        .get_batch(batch_parameters={"dataframe": df})
+    )
     suite = gx.ExpectationSuite(name=suite_json.get("name") or suite_name, expectations=expectations)
     result = batch.validate(suite, result_format="SUMMARY")
 
-    missing = {r.expectation_config.kwargs.get("column") for r in result.results
-               if r.expectation_config.type == "expect_column_to_exist" and not r.success}
+    missing = {
+        r.expectation_config.kwargs.get("column")
+        for r in result.results
+        if r.expectation_config.type == "expect_column_to_exist" and not r.success
+    }
     failures = []
     for r in result.results:
         column = r.expectation_config.kwargs.get("column")
@@ -114,8 +130,9 @@ def run_contract(df: "pd.DataFrame", suite_name: str, settings: Settings | None 
         if r.success or (column in missing and r.expectation_config.type != "expect_column_to_exist"):
             continue
         failures.append(_describe_failure(r))
-    return ContractResult(suite=suite.name, success=not failures, failures=failures,
-                          evaluated=len(result.results), rows=len(df))
+    return ContractResult(
+        suite=suite.name, success=not failures, failures=failures, evaluated=len(result.results), rows=len(df)
+    )
 
 
 def _describe_failure(r: Any) -> str:
@@ -136,20 +153,23 @@ def _describe_failure(r: Any) -> str:
         return f"{head}: observed {res['observed_value']}"
     if "unexpected_count" in res:
         examples = ", ".join(repr(v) for v in (res.get("partial_unexpected_list") or [])[:5])
-        return (f"{head}: {res['unexpected_count']} of {res.get('element_count', '?')} rows unexpected"
-                + (f" (e.g. {examples})" if examples else ""))
+        return f"{head}: {res['unexpected_count']} of {res.get('element_count', '?')} rows unexpected" + (
+            f" (e.g. {examples})" if examples else ""
+        )
     return f"{head}: failed"
 
 
 # --- schema compatibility ----------------------------------------------------------------------
 
 
-def check_schema_compatibility(model: str, candidate_version: str, champion_version: str,
-                               settings: Settings | None = None) -> SchemaResult:
+def check_schema_compatibility(
+    model: str, candidate_version: str, champion_version: str, settings: Settings | None = None
+) -> SchemaResult:
     """Compare the two versions' MLflow signatures: the candidate may not need more or retype anything."""
     from mlflow.models import Model
 
     from releasegate import registry
+
     settings = settings or get_settings()
     with tempfile.TemporaryDirectory(prefix="rg-schema-") as tmp:
         signatures = {}
@@ -180,8 +200,10 @@ def compare_signatures(candidate: Any, champion: Any) -> SchemaResult:
             required = getattr(spec, "required", True)
             if old is None:
                 if required:
-                    problems.append(f"input {spec.name!r} is required by the candidate but not part of the "
-                                    f"champion's inputs, so callers do not send it")
+                    problems.append(
+                        f"input {spec.name!r} is required by the candidate but not part of the "
+                        f"champion's inputs, so callers do not send it"
+                    )
                 continue
             if _type(spec) != _type(old):
                 problems.append(f"input {spec.name!r} changes type from {_type(old)} to {_type(spec)}")
@@ -207,15 +229,14 @@ def _type(spec: Any) -> str:
 # --- the validate step -------------------------------------------------------------------------
 
 
-def validate_candidate(model: str, candidate_version: str, champion_version: str, policy: "Policy | str",
-                       settings: Settings | None = None) -> ValidationReport:
+def validate_candidate(
+    model: str, candidate_version: str, champion_version: str, policy: Policy | str, settings: Settings | None = None
+) -> ValidationReport:
     """Data contract on the candidate's holdout, schema compatibility and offline comparison with the champion."""
     import pandas as pd
 
-    from releasegate import evaluation
+    from releasegate import evaluation, registry
     from releasegate import policy as policy_module
-
-    from releasegate import registry
 
     settings = settings or get_settings()
     if isinstance(policy, str):
@@ -231,13 +252,15 @@ def validate_candidate(model: str, candidate_version: str, champion_version: str
     else:
         try:
             with tempfile.TemporaryDirectory(prefix="rg-holdout-") as tmp:
-                path = registry.download_artifact(model, candidate_version, HOLDOUT_ARTIFACT, dst=tmp,
-                                                  settings=settings)
+                path = registry.download_artifact(
+                    model, candidate_version, HOLDOUT_ARTIFACT, dst=tmp, settings=settings
+                )
                 holdout = pd.read_parquet(path)
             contract = run_contract(holdout, suite, settings=settings)
             if not contract.success:
-                reasons.append(f"data contract {suite!r} failed on the candidate's holdout: "
-                               + "; ".join(contract.failures))
+                reasons.append(
+                    f"data contract {suite!r} failed on the candidate's holdout: " + "; ".join(contract.failures)
+                )
         except (ValueError, LookupError, OSError) as exc:
             reasons.append(f"data contract {suite!r} could not run: {describe(exc)}")
 
@@ -252,14 +275,22 @@ def validate_candidate(model: str, candidate_version: str, champion_version: str
             reasons.extend(f"offline evaluation: {r}" for r in result.reasons)
     except Exception as exc:
         if _outage(exc):
-            raise InfrastructureError(f"offline evaluation of {model} v{candidate_version} could not reach what it "
-                                      f"needs: {describe(exc)}") from exc
+            raise InfrastructureError(
+                f"offline evaluation of {model} v{candidate_version} could not reach what it needs: {describe(exc)}"
+            ) from exc
         # A candidate that cannot even score its holdout is a rejection, not a crash.
         reasons.append(f"offline evaluation failed: {describe(exc)}")
 
-    return ValidationReport(model=model, candidate_version=candidate_version, champion_version=champion_version,
-                            passed=not reasons, reasons=reasons, contract=contract, schema_=schema,
-                            evaluation=result)
+    return ValidationReport(
+        model=model,
+        candidate_version=candidate_version,
+        champion_version=champion_version,
+        passed=not reasons,
+        reasons=reasons,
+        contract=contract,
+        schema_=schema,
+        evaluation=result,
+    )
 
 
 def _outage(exc: BaseException) -> bool:
@@ -271,5 +302,6 @@ def _outage(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         # A missing or refused thing is the version's problem; anything else is MLflow's.
         return exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST")
-    return isinstance(exc, (requests.ConnectionError, requests.Timeout, sa.exc.OperationalError, ConnectionError,
-                            TimeoutError))
+    return isinstance(
+        exc, (requests.ConnectionError, requests.Timeout, sa.exc.OperationalError, ConnectionError, TimeoutError)
+    )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
@@ -23,6 +24,7 @@ from releasegate_airflow import xcom
 def api_client(conn_id: str | None = None):
     """A `kubernetes` ApiClient for the cluster the Airflow connection names."""
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
     from releasegate.k8s import K8sSettings
 
     return KubernetesHook(conn_id=conn_id or K8sSettings.from_env().conn_id).get_conn()
@@ -44,8 +46,15 @@ class InferenceServiceReadyTrigger(BaseTrigger):
     Runs in the triggerer: no worker slot is held while Knative starts pods and KServe loads the model.
     """
 
-    def __init__(self, namespace: str, targets: list[dict], conn_id: str, timeout: float, poll_seconds: float,
-                 started: float | None = None):
+    def __init__(
+        self,
+        namespace: str,
+        targets: list[dict],
+        conn_id: str,
+        timeout: float,
+        poll_seconds: float,
+        started: float | None = None,
+    ):
         super().__init__()
         self.namespace = namespace
         self.targets = targets
@@ -55,9 +64,17 @@ class InferenceServiceReadyTrigger(BaseTrigger):
         self.started = time.time() if started is None else started
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}", {
-            "namespace": self.namespace, "targets": self.targets, "conn_id": self.conn_id, "timeout": self.timeout,
-            "poll_seconds": self.poll_seconds, "started": self.started})
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "namespace": self.namespace,
+                "targets": self.targets,
+                "conn_id": self.conn_id,
+                "timeout": self.timeout,
+                "poll_seconds": self.poll_seconds,
+                "started": self.started,
+            },
+        )
 
     def _backend(self):
         from releasegate.backends.kserve import KServeBackend
@@ -75,12 +92,18 @@ class InferenceServiceReadyTrigger(BaseTrigger):
                 yield TriggerEvent({"state": ReadinessState.failed, "message": f"{type(err).__name__}: {err}"})
                 return
             if ready.state in (ReadinessState.ready, ReadinessState.failed):
-                yield TriggerEvent({"state": ready.state, "message": ready.message, "status": ready.status,
-                                    "at": time.time()})
+                yield TriggerEvent(
+                    {"state": ready.state, "message": ready.message, "status": ready.status, "at": time.time()}
+                )
                 return
             if time.time() - self.started >= self.timeout:
-                yield TriggerEvent({"state": ReadinessState.timeout, "status": ready.status,
-                                    "message": f"not ready after {self.timeout:g}s: {ready.message}"})
+                yield TriggerEvent(
+                    {
+                        "state": ReadinessState.timeout,
+                        "status": ready.status,
+                        "message": f"not ready after {self.timeout:g}s: {ready.message}",
+                    }
+                )
                 return
             self.log.info("waiting for %s: %s", ", ".join(t["name"] for t in self.targets), ready.message)
             await asyncio.sleep(self.poll_seconds)
@@ -108,9 +131,16 @@ class ReadinessWaitOperator(BaseOperator):
         if route.readiness is None:
             return xcom.push(route)
         settings = K8sSettings.from_env()
-        self.defer(trigger=InferenceServiceReadyTrigger(
-            namespace=route.readiness.namespace, targets=route.readiness.targets, conn_id=settings.conn_id,
-            timeout=settings.ready_timeout, poll_seconds=settings.poll_seconds), method_name="execute_complete")
+        self.defer(
+            trigger=InferenceServiceReadyTrigger(
+                namespace=route.readiness.namespace,
+                targets=route.readiness.targets,
+                conn_id=settings.conn_id,
+                timeout=settings.ready_timeout,
+                poll_seconds=settings.poll_seconds,
+            ),
+            method_name="execute_complete",
+        )
         return None
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -121,11 +151,17 @@ class ReadinessWaitOperator(BaseOperator):
         release, route = xcom.pull(Opened, self.release), xcom.pull(Routed, self.route)
         ready = event["state"] == ReadinessState.ready
         # The cluster's own account of the split (revisions, traffic, url) goes into the release's audit trail.
-        audit.append("airflow", AuditAction.serving_ready if ready else AuditAction.serving_not_ready,
-                     model=release.model, version=release.candidate, release_id=release.release_id,
-                     details={k: v for k, v in event.items() if k != "at"})
+        audit.append(
+            "airflow",
+            AuditAction.serving_ready if ready else AuditAction.serving_not_ready,
+            model=release.model,
+            version=release.candidate,
+            release_id=release.release_id,
+            details={k: v for k, v in event.items() if k != "at"},
+        )
         if not ready:
             # The run's finish task then restores the champion and closes the release as failed.
             raise AirflowFailException(f"the candidate's InferenceService did not become ready: {event['message']}")
-        return xcom.push(route.model_copy(update={"readiness": None, "since": event["at"],
-                                                  "serving_status": event["status"]}))
+        return xcom.push(
+            route.model_copy(update={"readiness": None, "since": event["at"], "serving_status": event["status"]})
+        )

@@ -35,7 +35,8 @@ class AnalysisWaitOperator(BaseOperator):
             return xcom.push(pipeline.record(release.release_id, verdict, actor=actor(context)))
         self.defer(
             trigger=AnalysisTrigger(release_id=release.release_id, route=route.model_dump(mode="json")),
-            method_name="execute_complete")
+            method_name="execute_complete",
+        )
         return None
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -69,18 +70,28 @@ class ReleaseDecisionOperator(HITLBranchOperator):
     PROMOTE, ROLL_BACK = "Promote", "Roll back"
     template_fields = (*HITLBranchOperator.template_fields, "release")
 
-    def __init__(self, *, release: Any, promote_task_id: str, rollback_task_id: str, finish_task_id: str,
-                 **kwargs: Any):
+    def __init__(
+        self, *, release: Any, promote_task_id: str, rollback_task_id: str, finish_task_id: str, **kwargs: Any
+    ):
         kwargs.pop("params", None)  # the DAG's own params (Airflow passes them in) are no question for the approver
-        super().__init__(subject="Release approval", options=[self.PROMOTE, self.ROLL_BACK],
-                         defaults=[self.ROLL_BACK],
-                         options_mapping={self.PROMOTE: promote_task_id, self.ROLL_BACK: rollback_task_id},
-                         params={"comment": Param("", type=["string", "null"], title="Comment",
-                                                  description="Why: kept in the release's audit log.")},
-                         **kwargs)
+        super().__init__(
+            subject="Release approval",
+            options=[self.PROMOTE, self.ROLL_BACK],
+            defaults=[self.ROLL_BACK],
+            options_mapping={self.PROMOTE: promote_task_id, self.ROLL_BACK: rollback_task_id},
+            params={
+                "comment": Param(
+                    "", type=["string", "null"], title="Comment", description="Why: kept in the release's audit log."
+                )
+            },
+            **kwargs,
+        )
         self.release = release
-        self.promote_task_id, self.rollback_task_id, self.finish_task_id = \
-            promote_task_id, rollback_task_id, finish_task_id
+        self.promote_task_id, self.rollback_task_id, self.finish_task_id = (
+            promote_task_id,
+            rollback_task_id,
+            finish_task_id,
+        )
 
     def execute(self, context: Context) -> Any:
         from releasegate import pipeline
@@ -89,8 +100,11 @@ class ReleaseDecisionOperator(HITLBranchOperator):
 
         release = xcom.pull(Opened, self.release)
         branch = pipeline.decide(release.release_id)
-        tasks = {Branch.promote: self.promote_task_id, Branch.rollback: self.rollback_task_id,
-                 Branch.finish: self.finish_task_id}
+        tasks = {
+            Branch.promote: self.promote_task_id,
+            Branch.rollback: self.rollback_task_id,
+            Branch.finish: self.finish_task_id,
+        }
         if branch is not Branch.approve:
             return self.do_branch(context, tasks[branch])
         request = pipeline.request_approval(release.release_id, actor=actor(context))
@@ -107,7 +121,11 @@ class ReleaseDecisionOperator(HITLBranchOperator):
         chosen = event.get("chosen_options") or []
         user = event.get("responded_by_user") or {}
         params = event.get("params_input") or {}
-        pipeline.record_approval(xcom.pull(Opened, self.release).release_id, approved=chosen == [self.PROMOTE],
-                                 approver=user.get("name") or user.get("id"), timed_out=bool(event.get("timedout")),
-                                 comment=params.get("comment") or None)
+        pipeline.record_approval(
+            xcom.pull(Opened, self.release).release_id,
+            approved=chosen == [self.PROMOTE],
+            approver=user.get("name") or user.get("id"),
+            timed_out=bool(event.get("timedout")),
+            comment=params.get("comment") or None,
+        )
         return super().execute_complete(context, event)

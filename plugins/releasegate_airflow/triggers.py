@@ -27,8 +27,10 @@ class AnalysisTrigger(BaseTrigger):
         self.route = route
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"release_id": self.release_id, "route": self.route})
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {"release_id": self.release_id, "route": self.route},
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from releasegate import pipeline
@@ -48,8 +50,9 @@ class AnalysisTrigger(BaseTrigger):
             if closed:
                 extensions += 1
                 deadline += route.window_seconds
-                self.log.info("window of %s ended undecided: extension %d of %d", route.stage, extensions,
-                              route.max_extensions)
+                self.log.info(
+                    "window of %s ended undecided: extension %d of %d", route.stage, extensions, route.max_extensions
+                )
             else:
                 self.log.info("%s: %s", route.stage, verdict.reason)
             await asyncio.sleep(route.poll_seconds)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
-
 from airflow.sdk.exceptions import AirflowSkipException
+from pydantic import BaseModel
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -23,8 +23,14 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
 
 
 def _parse(airflow_env) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PARSE, str(ROOT / "dags")], env=airflow_env,
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PARSE, str(ROOT / "dags")],
+        env=airflow_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -38,8 +44,19 @@ def test_dags_parse_without_errors_or_heavy_imports(airflow_env):
 def test_model_release_has_the_release_steps_and_form_params(airflow_env):
     result = _parse(airflow_env)
     tasks = result["dags"]["model_release"]
-    for task_id in ("open_release", "validate", "sign", "shadow.route", "shadow.wait", "canary_1.route",
-                    "canary_1.wait", "decide", "promote", "rollback", "finish"):
+    for task_id in (
+        "open_release",
+        "validate",
+        "sign",
+        "shadow.route",
+        "shadow.wait",
+        "canary_1.route",
+        "canary_1.wait",
+        "decide",
+        "promote",
+        "rollback",
+        "finish",
+    ):
         assert task_id in tasks
     assert set(result["params"]["model_release"]) == {"model_name", "version", "policy"}
 

@@ -39,8 +39,13 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "
 
 
 def _check(airflow_env) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHECK, str(ROOT / "dags" / "emergency_rollback.py")],
-                         env=airflow_env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHECK, str(ROOT / "dags" / "emergency_rollback.py")],
+        env=airflow_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

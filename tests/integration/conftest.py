@@ -88,9 +88,25 @@ def stack(tmp_path_factory, airflow_env):
         from releasegate.backends.local import LocalBackend
 
         LocalBackend(settings=settings).set_route(MODEL, stack.versions["champion"])
-        stack.start("traffic", [sys.executable, "-m", "releasegate.cli", "traffic", "--model", MODEL,
-                                "--rps", "300", "--duration", "0", "--feedback-delay", "1",
-                                "--api-key", settings.admin_api_key])
+        stack.start(
+            "traffic",
+            [
+                sys.executable,
+                "-m",
+                "releasegate.cli",
+                "traffic",
+                "--model",
+                MODEL,
+                "--rps",
+                "300",
+                "--duration",
+                "0",
+                "--feedback-delay",
+                "1",
+                "--api-key",
+                settings.admin_api_key,
+            ],
+        )
         try:
             yield stack
         finally:

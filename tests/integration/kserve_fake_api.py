@@ -21,8 +21,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-KINDS = {"inferenceservices": "InferenceService", "virtualservices": "VirtualService",
-         "destinationrules": "DestinationRule"}
+KINDS = {
+    "inferenceservices": "InferenceService",
+    "virtualservices": "VirtualService",
+    "destinationrules": "DestinationRule",
+}
 
 
 @dataclass
@@ -73,14 +76,20 @@ class FakeKubernetes:
                 return _status(200, "", "deleted")
             content_type = request.headers.get("content-type", "")
             if content_type != "application/apply-patch+yaml":
-                return _status(415, "UnsupportedMediaType", f"this fake takes server-side apply only, got {content_type}")
+                return _status(
+                    415, "UnsupportedMediaType", f"this fake takes server-side apply only, got {content_type}"
+                )
             if request.query_params.get("fieldManager") != "releasegate" or request.query_params.get("force") == "true":
                 return _status(422, "Invalid", "apply must name fieldManager=releasegate and not force")
             doc = json.loads(body)
             self.calls.append(_describe(p["plural"], doc))
             if p["name"] in self.conflicts:
-                return _status(409, "Conflict", f'Apply failed with 1 conflict: conflict with "kubectl-edit" using '
-                                                f'{p["group"]}/{p["version"]}: .spec.predictor.canaryTrafficPercent')
+                return _status(
+                    409,
+                    "Conflict",
+                    f'Apply failed with 1 conflict: conflict with "kubectl-edit" using '
+                    f"{p['group']}/{p['version']}: .spec.predictor.canaryTrafficPercent",
+                )
             return JSONResponse(self._apply(key, doc))
 
     def _apply(self, key, doc: dict) -> dict:
@@ -97,8 +106,9 @@ class FakeKubernetes:
             spec_key = json.dumps(predictor, sort_keys=True)
             if not state.revisions or state.revisions[-1][1] != spec_key:
                 name = f"{key[2]}-predictor-{len(state.revisions) + 1:05d}"
-                state.revisions.append([name, spec_key, self.ready_after, doc["metadata"]["annotations"].get(
-                    "releasegate.io/version")])
+                state.revisions.append(
+                    [name, spec_key, self.ready_after, doc["metadata"]["annotations"].get("releasegate.io/version")]
+                )
         return self._with_status(key, obj, read=False)
 
     def _with_status(self, key, obj: dict, read: bool = True) -> dict:
@@ -109,8 +119,11 @@ class FakeKubernetes:
         for rev in state.revisions:
             if read and rev[2] > 0 and name not in self.never_ready and rev[3] not in self.failing_versions:
                 rev[2] -= 1
-        ready = [r for r in state.revisions if r[2] == 0 and name not in self.never_ready
-                 and r[3] not in self.failing_versions]
+        ready = [
+            r
+            for r in state.revisions
+            if r[2] == 0 and name not in self.never_ready and r[3] not in self.failing_versions
+        ]
         latest, latest_ready = state.revisions[-1], (ready[-1] if ready else None)
         canary = obj["spec"]["predictor"].get("canaryTrafficPercent")
         traffic = []
@@ -119,30 +132,48 @@ class FakeKubernetes:
                 state.rolled_out = latest_ready[0]
                 traffic = [{"revisionName": latest_ready[0], "percent": 100, "latestRevision": True}]
             else:
-                traffic = [{"revisionName": latest_ready[0], "percent": canary, "latestRevision": True, "tag": "latest"},
-                           {"revisionName": state.rolled_out, "percent": 100 - canary, "tag": "prev"}]
+                traffic = [
+                    {"revisionName": latest_ready[0], "percent": canary, "latestRevision": True, "tag": "latest"},
+                    {"revisionName": state.rolled_out, "percent": 100 - canary, "tag": "prev"},
+                ]
                 if latest_ready[0] == state.rolled_out:
                     traffic = [{"revisionName": state.rolled_out, "percent": 100}]
         status: dict = {
             "observedGeneration": obj["metadata"]["generation"],
             "url": f"http://{name}.{key[1]}.example.com",
-            "components": {"predictor": {"latestCreatedRevision": latest[0],
-                                         "latestReadyRevision": latest_ready[0] if latest_ready else None,
-                                         "previousRolledoutRevision": state.rolled_out, "traffic": traffic}},
+            "components": {
+                "predictor": {
+                    "latestCreatedRevision": latest[0],
+                    "latestReadyRevision": latest_ready[0] if latest_ready else None,
+                    "previousRolledoutRevision": state.rolled_out,
+                    "traffic": traffic,
+                }
+            },
         }
         is_ready = latest is latest_ready
         if latest[3] in self.failing_versions:
-            status["modelStatus"] = {"transitionStatus": "BlockedByFailedLoad", "lastFailureInfo": {
-                "reason": "ModelLoadFailed", "message": f"revision {latest[0]} could not load the model"}}
-            status["conditions"] = [{"type": "Ready", "status": "False", "reason": "RevisionFailed",
-                                     "message": f"Revision {latest[0]} failed with message: ModelLoadFailed"}]
+            status["modelStatus"] = {
+                "transitionStatus": "BlockedByFailedLoad",
+                "lastFailureInfo": {
+                    "reason": "ModelLoadFailed",
+                    "message": f"revision {latest[0]} could not load the model",
+                },
+            }
+            status["conditions"] = [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "RevisionFailed",
+                    "message": f"Revision {latest[0]} failed with message: ModelLoadFailed",
+                }
+            ]
         else:
             status["conditions"] = [{"type": "Ready", "status": "True" if is_ready else "Unknown"}]
         return {**obj, "status": status}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
-    def start(self) -> "FakeKubernetes":
+    def start(self) -> FakeKubernetes:
         import socket
 
         with socket.socket() as sock:
@@ -175,10 +206,14 @@ class FakeKubernetes:
 
     def kubeconfig(self) -> dict:
         """A kubeconfig naming this server (for an Airflow kubernetes connection)."""
-        return {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-                "users": [{"name": "fake", "user": {"token": "fake-token"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+        }
 
 
 def _describe(plural: str, doc: dict) -> tuple:
@@ -186,8 +221,13 @@ def _describe(plural: str, doc: dict) -> tuple:
     kind, name = KINDS[plural], doc["metadata"]["name"]
     spec = doc.get("spec", {})
     if plural == "inferenceservices":
-        return ("apply", kind, name, doc["metadata"]["annotations"]["releasegate.io/version"],
-                spec["predictor"].get("canaryTrafficPercent"))
+        return (
+            "apply",
+            kind,
+            name,
+            doc["metadata"]["annotations"]["releasegate.io/version"],
+            spec["predictor"].get("canaryTrafficPercent"),
+        )
     if plural == "virtualservices":
         mirror = spec["http"][0].get("mirrorPercentage", {}).get("value")
         return ("apply", kind, name, f"mirror {mirror:g}%" if mirror else "no mirror")
@@ -195,5 +235,14 @@ def _describe(plural: str, doc: dict) -> tuple:
 
 
 def _status(code: int, reason: str, message: str) -> JSONResponse:
-    return JSONResponse({"kind": "Status", "apiVersion": "v1", "status": "Failure" if code >= 400 else "Success",
-                         "message": message, "reason": reason, "code": code}, status_code=code)
+    return JSONResponse(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure" if code >= 400 else "Success",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        },
+        status_code=code,
+    )

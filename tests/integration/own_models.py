@@ -51,13 +51,15 @@ def segments(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     k = rng.integers(0, 3, n)
     angle = 2 * np.pi * k / 3
-    frame = pd.DataFrame({
-        "a": 2.0 * np.cos(angle) + rng.normal(0, 1, n),
-        "b": 2.0 * np.sin(angle) + rng.normal(0, 1, n),
-        "c": np.array([-4.0, 0.0, 4.0])[k] + rng.normal(0, 1, n),
-        "d": rng.normal(0, 1, n),
-        "region": rng.choice(REGIONS, size=n, p=[0.3, 0.25, 0.25, 0.2]),
-    })
+    frame = pd.DataFrame(
+        {
+            "a": 2.0 * np.cos(angle) + rng.normal(0, 1, n),
+            "b": 2.0 * np.sin(angle) + rng.normal(0, 1, n),
+            "c": np.array([-4.0, 0.0, 4.0])[k] + rng.normal(0, 1, n),
+            "d": rng.normal(0, 1, n),
+            "region": rng.choice(REGIONS, size=n, p=[0.3, 0.25, 0.25, 0.2]),
+        }
+    )
     # The optional signal is a noisy copy of the class, and only some rows of the training data have it.
     frame[OPTIONAL_FEATURE] = np.where(rng.random(n) < 0.4, k + rng.normal(0, 0.5, n), np.nan)
     frame[SEGMENT_LABEL] = k.astype("int64")
@@ -81,12 +83,19 @@ def segment_classifier(numeric: list[str], optional: list[str] = ()) -> Any:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-    parts = [("numeric", StandardScaler(), list(numeric)),
-             ("region", OneHotEncoder(handle_unknown="ignore", sparse_output=False), ["region"])]
+    parts = [
+        ("numeric", StandardScaler(), list(numeric)),
+        ("region", OneHotEncoder(handle_unknown="ignore", sparse_output=False), ["region"]),
+    ]
     if optional:
         # No missing-value indicator: skl2onnx converts this imputer, and not the indicator's extra column.
-        parts.append(("optional", Pipeline([("impute", SimpleImputer(strategy="mean")), ("scale", StandardScaler())]),
-                      list(optional)))
+        parts.append(
+            (
+                "optional",
+                Pipeline([("impute", SimpleImputer(strategy="mean")), ("scale", StandardScaler())]),
+                list(optional),
+            )
+        )
     return Pipeline([("features", ColumnTransformer(parts)), ("model", LogisticRegression(max_iter=1000))])
 
 
@@ -96,8 +105,16 @@ price_regressor = your_model.regressor
 # --- registration ------------------------------------------------------------------------------
 
 
-def register(model: str, fitted: Any, inputs: pd.DataFrame, holdout: pd.DataFrame, *, role: str,
-             optional: list[str] = (), settings=None) -> str:
+def register(
+    model: str,
+    fitted: Any,
+    inputs: pd.DataFrame,
+    holdout: pd.DataFrame,
+    *,
+    role: str,
+    optional: list[str] = (),
+    settings=None,
+) -> str:
     """Log `fitted` as a new version of `model` with signature, example and the release's two artifacts.
 
     `inputs`: the training inputs (the signature's columns; a sample becomes the reference data);
@@ -125,12 +142,22 @@ def register(model: str, fitted: Any, inputs: pd.DataFrame, holdout: pd.DataFram
     with mlflow.start_run(experiment_id=_experiment_id(settings), run_name=f"{model}-{role}"):
         mlflow.log_param("role", role)
         info = mlflow.sklearn.log_model(
-            fitted, name="model", signature=signature, input_example=example, registered_model_name=model,
+            fitted,
+            name="model",
+            signature=signature,
+            input_example=example,
+            registered_model_name=model,
             # Pinned: inferring requirements loads the model in a subprocess, seconds per version.
-            pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"pandas=={pd.__version__}",
-                              f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}",
-                              f"skops=={skops.__version__}"],
-            serialization_format="skops", skops_trusted_types=training.skops_trusted_types(fitted))
+            pip_requirements=[
+                f"scikit-learn=={sklearn.__version__}",
+                f"pandas=={pd.__version__}",
+                f"numpy=={np.__version__}",
+                f"mlflow=={mlflow.__version__}",
+                f"skops=={skops.__version__}",
+            ],
+            serialization_format="skops",
+            skops_trusted_types=training.skops_trusted_types(fitted),
+        )
         with tempfile.TemporaryDirectory(prefix="rg-own-") as tmp:
             reference, evaluation = Path(tmp) / "reference.parquet", Path(tmp) / "holdout.parquet"
             inputs.sample(min(len(inputs), 2000), random_state=0).reset_index(drop=True).to_parquet(reference)
@@ -171,18 +198,26 @@ def _expect(kind: str, column: str, label: bool = False, **kwargs) -> dict:
 
 
 def _numbers(column: str, low: float, high: float, label: bool = False) -> list[dict]:
-    return [_expect("column_to_exist", column, label), _expect("column_values_to_not_be_null", column, label),
-            _expect("column_values_to_be_between", column, label, min_value=low, max_value=high)]
+    return [
+        _expect("column_to_exist", column, label),
+        _expect("column_values_to_not_be_null", column, label),
+        _expect("column_values_to_be_between", column, label, min_value=low, max_value=high),
+    ]
 
 
 def segments_suite() -> dict:
     """The data contract of the three-class data: five inputs, no gaps, a known region, the class label."""
     expectations = [e for column in SEGMENT_NUMERIC for e in _numbers(column, -10, 10)]
-    expectations += [_expect("column_to_exist", "region"), _expect("column_values_to_not_be_null", "region"),
-                     _expect("column_values_to_be_in_set", "region", value_set=REGIONS)]
-    expectations += [_expect("column_to_exist", SEGMENT_LABEL, True),
-                     _expect("column_values_to_not_be_null", SEGMENT_LABEL, True),
-                     _expect("column_values_to_be_in_set", SEGMENT_LABEL, True, value_set=[0, 1, 2])]
+    expectations += [
+        _expect("column_to_exist", "region"),
+        _expect("column_values_to_not_be_null", "region"),
+        _expect("column_values_to_be_in_set", "region", value_set=REGIONS),
+    ]
+    expectations += [
+        _expect("column_to_exist", SEGMENT_LABEL, True),
+        _expect("column_values_to_not_be_null", SEGMENT_LABEL, True),
+        _expect("column_values_to_be_in_set", SEGMENT_LABEL, True, value_set=[0, 1, 2]),
+    ]
     return {"name": "segments", "expectations": expectations, "meta": {"owner": "tests/integration/own_models.py"}}
 
 

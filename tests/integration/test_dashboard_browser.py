@@ -53,23 +53,33 @@ def _shots(tmp_path: Path) -> Path:
     return ROOT / "docs" if os.environ.get("RELEASEGATE_UPDATE_SCREENSHOTS") == "1" else tmp_path
 
 
-def test_dashboard_renders_the_releases_and_a_release_page_in_chromium(served_dashboard, airflow_auth, clock,
-                                                                       tmp_path):
+def test_dashboard_renders_the_releases_and_a_release_page_in_chromium(served_dashboard, airflow_auth, clock, tmp_path):
     if (missing := browser.available()) is not None:
         # On a laptop without Chromium this skips; CI installs it (.ci/run), so there a missing browser fails.
         require(f"{missing}; .ci/run installs it")
     good, bad = promoted_release(clock), rolled_back_release(clock)
     token = token_for(airflow_auth)
 
-    listing = browser.render(f"{served_dashboard}/", token=token, screenshot=_shots(tmp_path) / "dashboard.png",
-                             wait_for_css="#releases", width=1300, height=520)
+    listing = browser.render(
+        f"{served_dashboard}/",
+        token=token,
+        screenshot=_shots(tmp_path) / "dashboard.png",
+        wait_for_css="#releases",
+        width=1300,
+        height=520,
+    )
     assert listing.title == "Releases · releasegate"
     for rel in (good, bad):
         assert f'data-release-id="{rel.release_id}"' in listing.html
     assert 'data-status="intact"' in listing.html
 
-    page = browser.render(f"{served_dashboard}/releases/{good.release_id}", token=token,
-                          screenshot=_shots(tmp_path) / "dashboard-release.png", wait_for_css="#timeline", width=1300)
+    page = browser.render(
+        f"{served_dashboard}/releases/{good.release_id}",
+        token=token,
+        screenshot=_shots(tmp_path) / "dashboard-release.png",
+        wait_for_css="#timeline",
+        width=1300,
+    )
     assert page.html.count("<svg") >= 2 and 'data-stage="canary-50"' in page.html
     assert page.screenshot.stat().st_size > 20_000  # a real picture, not a blank page
 

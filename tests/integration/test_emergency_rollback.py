@@ -43,9 +43,13 @@ def _register(settings) -> dict[str, str]:
     versions = {}
     for name, c in (("v1", 1.0), ("v2", 0.1), ("v3", 0.01)):
         with mlflow.start_run(experiment_id=experiment):
-            info = mlflow.sklearn.log_model(LogisticRegression(C=c).fit(frame, label), name="model",
-                                            registered_model_name=MODEL, input_example=frame.head(2),
-                                            pip_requirements=["scikit-learn"])
+            info = mlflow.sklearn.log_model(
+                LogisticRegression(C=c).fit(frame, label),
+                name="model",
+                registered_model_name=MODEL,
+                input_example=frame.head(2),
+                pip_requirements=["scikit-learn"],
+            )
         versions[name] = str(info.registered_model_version)
         signing.sign_version(MODEL, versions[name], settings)
     return versions
@@ -86,10 +90,15 @@ def promoted_with_canary(tmp_path_factory, airflow_env):
             registry.set_alias(MODEL, "previous", versions["v1"])
             registry.set_alias(MODEL, "champion", versions["v2"])
             opened = pipeline.start(MODEL, versions["v3"], actor="test")
-            LocalBackend().set_route(MODEL, versions["v2"], versions["v3"], Mode.canary, 25,
-                                     release_id=opened.release_id)
-            yield {**versions, "release_id": opened.release_id, "gateway_url": settings.gateway_url,
-                   "admin_key": settings.admin_api_key}
+            LocalBackend().set_route(
+                MODEL, versions["v2"], versions["v3"], Mode.canary, 25, release_id=opened.release_id
+            )
+            yield {
+                **versions,
+                "release_id": opened.release_id,
+                "gateway_url": settings.gateway_url,
+                "admin_key": settings.admin_api_key,
+            }
         finally:
             stack.stop("gateway")
             storage.dispose_all()
@@ -97,11 +106,15 @@ def promoted_with_canary(tmp_path_factory, airflow_env):
 
 def answered_by(ctx: dict, n: int = 20) -> set[str]:
     """The versions whose answers n live requests get."""
-    with httpx.Client(base_url=ctx["gateway_url"], headers={"authorization": f"Bearer {ctx['admin_key']}"},
-                      timeout=30) as client:
-        return {client.post(f"/models/{MODEL}/invocations",
-                            json={"dataframe_records": [{"x1": i / 10, "x2": -i / 10}]}).json()["model_version"]
-                for i in range(n)}
+    with httpx.Client(
+        base_url=ctx["gateway_url"], headers={"authorization": f"Bearer {ctx['admin_key']}"}, timeout=30
+    ) as client:
+        return {
+            client.post(
+                f"/models/{MODEL}/invocations", json={"dataframe_records": [{"x1": i / 10, "x2": -i / 10}]}
+            ).json()["model_version"]
+            for i in range(n)
+        }
 
 
 def test_dag_puts_the_previous_champion_back_and_aborts_the_open_release(promoted_with_canary):
@@ -109,8 +122,13 @@ def test_dag_puts_the_previous_champion_back_and_aborts_the_open_release(promote
     rel_id = promoted_with_canary["release_id"]
     assert answered_by(promoted_with_canary, 40) == {v2, promoted_with_canary["v3"]}  # the canary is live
     conf = {"model_name": MODEL, "reason": REASON, "category": "wrong predictions", "release_id": rel_id}
-    out = subprocess.run(["airflow", "dags", "test", "emergency_rollback", "-c", json.dumps(conf)],
-                         env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        ["airflow", "dags", "test", "emergency_rollback", "-c", json.dumps(conf)],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert "state=success" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
 
     route = LocalBackend().get_route(MODEL)

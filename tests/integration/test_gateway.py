@@ -76,11 +76,13 @@ def _frame(n: int, seed: int):
     import pandas as pd
 
     rng = np.random.default_rng(seed)
-    frame = pd.DataFrame({
-        "age": rng.integers(18, 70, n).astype("int64"),
-        "income": rng.normal(50_000, 15_000, n).round(2),
-        "region": rng.choice(REGIONS, n),
-    })
+    frame = pd.DataFrame(
+        {
+            "age": rng.integers(18, 70, n).astype("int64"),
+            "income": rng.normal(50_000, 15_000, n).round(2),
+            "region": rng.choice(REGIONS, n),
+        }
+    )
     label = ((frame["income"] > 50_000) ^ (frame["region"] == "west")).astype("int64")
     return frame, label
 
@@ -110,24 +112,37 @@ def _register(settings) -> dict[str, str]:
     example = frame.head(3)
 
     def sklearn_version(estimator) -> str:
-        pre = ColumnTransformer([("num", StandardScaler(), ["age", "income"]),
-                                 ("cat", OneHotEncoder(handle_unknown="ignore"), ["region"])])
+        pre = ColumnTransformer(
+            [("num", StandardScaler(), ["age", "income"]), ("cat", OneHotEncoder(handle_unknown="ignore"), ["region"])]
+        )
         pipe = make_pipeline(pre, estimator).fit(frame, label)
         with mlflow.start_run(experiment_id=experiment):
-            info = mlflow.sklearn.log_model(pipe, name="model", registered_model_name=MODEL, input_example=example,
-                                            pip_requirements=["scikit-learn"])
+            info = mlflow.sklearn.log_model(
+                pipe,
+                name="model",
+                registered_model_name=MODEL,
+                input_example=example,
+                pip_requirements=["scikit-learn"],
+            )
         return str(info.registered_model_version)
 
-    versions = {"champion": sklearn_version(LogisticRegression()),
-                "candidate": sklearn_version(LogisticRegression(C=0.001))}
+    versions = {
+        "champion": sklearn_version(LogisticRegression()),
+        "candidate": sklearn_version(LogisticRegression(C=0.001)),
+    }
     cloudpickle.register_pickle_by_value(sys.modules[Erratic.__module__])
 
     def pyfunc_version(cls, model: str = MODEL) -> str:
         methods = {name: value for name, value in vars(cls).items() if not name.startswith("__")}
         python_model = type(cls.__name__, (mlflow.pyfunc.PythonModel,), methods)
         with mlflow.start_run(experiment_id=experiment):
-            info = mlflow.pyfunc.log_model(name="model", python_model=python_model(), registered_model_name=model,
-                                           input_example=example, pip_requirements=["mlflow"])
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=python_model(),
+                registered_model_name=model,
+                input_example=example,
+                pip_requirements=["mlflow"],
+            )
         return str(info.registered_model_version)
 
     versions["erratic"] = pyfunc_version(Erratic)
@@ -136,29 +151,52 @@ def _register(settings) -> dict[str, str]:
     versions["flaky"] = pyfunc_version(Flaky)
     with mlflow.start_run(experiment_id=experiment):  # a candidate that no longer uses region
         narrow = make_pipeline(StandardScaler(), LogisticRegression()).fit(frame[["age", "income"]], label)
-        info = mlflow.sklearn.log_model(narrow, name="model", registered_model_name=MODEL,
-                                        input_example=example[["age", "income"]], pip_requirements=["scikit-learn"])
+        info = mlflow.sklearn.log_model(
+            narrow,
+            name="model",
+            registered_model_name=MODEL,
+            input_example=example[["age", "income"]],
+            pip_requirements=["scikit-learn"],
+        )
     versions["narrow"] = str(info.registered_model_version)
     with mlflow.start_run(experiment_id=experiment):  # a candidate that also reads tenure, where callers send it
         wide_frame = frame.assign(tenure=[None if i % 4 == 0 else float(i % 60) for i in range(len(frame))])
-        pre = ColumnTransformer([("num", StandardScaler(), ["age", "income"]),
-                                 ("tenure", make_pipeline(SimpleImputer(), StandardScaler()), ["tenure"]),
-                                 ("cat", OneHotEncoder(handle_unknown="ignore"), ["region"])])
+        pre = ColumnTransformer(
+            [
+                ("num", StandardScaler(), ["age", "income"]),
+                ("tenure", make_pipeline(SimpleImputer(), StandardScaler()), ["tenure"]),
+                ("cat", OneHotEncoder(handle_unknown="ignore"), ["region"]),
+            ]
+        )
         wide = make_pipeline(pre, LogisticRegression()).fit(wide_frame, label)
-        signature = ModelSignature(inputs=MlflowSchema([
-            ColSpec("long", "age"), ColSpec("double", "income"), ColSpec("string", "region"),
-            ColSpec("double", "tenure", required=False)]), outputs=MlflowSchema([ColSpec("long")]))
-        info = mlflow.sklearn.log_model(wide, name="model", registered_model_name=MODEL, signature=signature,
-                                        input_example=example.assign(tenure=[3.0, 14.0, 40.0]),
-                                        pip_requirements=["scikit-learn"],
-                                        skops_trusted_types=["numpy.dtype"])  # the imputer's, in skops' format
+        signature = ModelSignature(
+            inputs=MlflowSchema(
+                [
+                    ColSpec("long", "age"),
+                    ColSpec("double", "income"),
+                    ColSpec("string", "region"),
+                    ColSpec("double", "tenure", required=False),
+                ]
+            ),
+            outputs=MlflowSchema([ColSpec("long")]),
+        )
+        info = mlflow.sklearn.log_model(
+            wide,
+            name="model",
+            registered_model_name=MODEL,
+            signature=signature,
+            input_example=example.assign(tenure=[3.0, 14.0, 40.0]),
+            pip_requirements=["scikit-learn"],
+            skops_trusted_types=["numpy.dtype"],
+        )  # the imputer's, in skops' format
     versions["wide"] = str(info.registered_model_version)
     versions["slow"] = pyfunc_version(SlowToLoad, model=SLOW)
     for role in ("champion", "candidate", "erratic", "tampered", "flaky", "narrow", "wide"):
         signing.sign_version(MODEL, versions[role], settings)
     signing.sign_version(SLOW, versions["slow"], settings)
     artifacts = mlflow.get_logged_model(
-        mlflow.MlflowClient().get_model_version(MODEL, versions["tampered"]).source.removeprefix("models:/"))
+        mlflow.MlflowClient().get_model_version(MODEL, versions["tampered"]).source.removeprefix("models:/")
+    )
     serialized = next(Path(artifacts.artifact_location.removeprefix("file://")).rglob("model.*"))  # .skops/.pkl
     serialized.write_bytes(serialized.read_bytes() + b"\0")
     return versions
@@ -218,9 +256,13 @@ def gateway(tmp_path_factory):
         versions = _register(settings)
         log = home / "gateway.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "releasegate.serving", "--port", str(port)],
-                                    stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ),
+                start_new_session=True,
+            )
         gw = Gateway(f"http://127.0.0.1:{port}", proc, log, versions, settings)
         try:  # the process is stopped however the start-up ends
             deadline = time.time() + 60
@@ -234,8 +276,7 @@ def gateway(tmp_path_factory):
                 assert time.time() < deadline, "gateway did not start:\n" + gw.log()
                 time.sleep(0.2)
             # The first load imports MLflow and sklearn in the gateway: slow on a busy machine.
-            resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]},
-                                 timeout=180)
+            resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]}, timeout=180)
             assert resp.status_code == 200, resp.text
             yield gw
         finally:
@@ -252,16 +293,22 @@ def rows(n: int, seed: int = 2) -> list[dict]:
 
 def test_single_mode_answers_both_protocols_and_logs_every_row(gateway):
     sent = rows(3)
-    resp = gateway.client.post(f"/models/{MODEL}/invocations", headers={"x-request-id": "single-split"},
-                               json={"dataframe_split": {"columns": list(sent[0]), "data": [list(r.values())
-                                                                                            for r in sent]}})
+    resp = gateway.client.post(
+        f"/models/{MODEL}/invocations",
+        headers={"x-request-id": "single-split"},
+        json={"dataframe_split": {"columns": list(sent[0]), "data": [list(r.values()) for r in sent]}},
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["request_id"] == "single-split" and body["arm"] == "champion"
     assert body["model_version"] == gateway.versions["champion"] and len(body["predictions"]) == 3
 
-    v2 = {"inputs": [{"name": name, "shape": [2], "datatype": dtype, "data": [r[name] for r in sent[:2]]}
-                     for name, dtype in (("age", "INT64"), ("income", "FP64"), ("region", "BYTES"))]}
+    v2 = {
+        "inputs": [
+            {"name": name, "shape": [2], "datatype": dtype, "data": [r[name] for r in sent[:2]]}
+            for name, dtype in (("age", "INT64"), ("income", "FP64"), ("region", "BYTES"))
+        ]
+    }
     resp = gateway.client.post(f"/v2/models/{MODEL}/infer", json=v2)
     assert resp.status_code == 200, resp.text
     out = resp.json()
@@ -280,8 +327,9 @@ def test_single_mode_answers_both_protocols_and_logs_every_row(gateway):
 
 def test_shadow_writes_two_rows_per_request_and_serves_only_the_champion(gateway):
     v = gateway.versions
-    resp = gateway.put_route(champion_version=v["champion"], candidate_version=v["candidate"], mode="shadow",
-                             release_id="rel-shadow")
+    resp = gateway.put_route(
+        champion_version=v["champion"], candidate_version=v["candidate"], mode="shadow", release_id="rel-shadow"
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["mode"] == "shadow"
     ids = []
@@ -300,8 +348,13 @@ def test_shadow_writes_two_rows_per_request_and_serves_only_the_champion(gateway
 
 def test_canary_split_follows_the_weight_and_is_sticky(gateway):
     v = gateway.versions
-    resp = gateway.put_route(champion_version=v["champion"], candidate_version=v["candidate"], mode="canary",
-                             candidate_weight=30, release_id="rel-canary")
+    resp = gateway.put_route(
+        champion_version=v["champion"],
+        candidate_version=v["candidate"],
+        mode="canary",
+        candidate_weight=30,
+        release_id="rel-canary",
+    )
     assert resp.status_code == 200, resp.text
     sample = rows(1)
     arms = {}
@@ -316,15 +369,19 @@ def test_canary_split_follows_the_weight_and_is_sticky(gateway):
     assert again == [arms[f"customer-{i}"] for i in range(20)]
 
 
-@pytest.mark.parametrize("age, status, error", [
-    (77, "error", "erratic model refuses age 77"),
-    (78, "timeout", "took longer than 0.5s"),
-    (79, "error", "returned 2 predictions for 1 rows"),
-])
+@pytest.mark.parametrize(
+    "age, status, error",
+    [
+        (77, "error", "erratic model refuses age 77"),
+        (78, "timeout", "took longer than 0.5s"),
+        (79, "error", "returned 2 predictions for 1 rows"),
+    ],
+)
 def test_failing_candidate_falls_back_to_the_champion(gateway, age, status, error):
     v = gateway.versions
-    resp = gateway.put_route(champion_version=v["champion"], candidate_version=v["erratic"], mode="canary",
-                             candidate_weight=100)
+    resp = gateway.put_route(
+        champion_version=v["champion"], candidate_version=v["erratic"], mode="canary", candidate_weight=100
+    )
     assert resp.status_code == 200, resp.text
     row = rows(1)[0] | {"age": age}
     resp = gateway.invoke([row], **{"x-request-id": f"erratic-{age}"})
@@ -335,15 +392,22 @@ def test_failing_candidate_falls_back_to_the_champion(gateway, age, status, erro
     assert not logged["candidate"].served and logged["candidate"].outputs is None
     assert logged["champion"].served and logged["champion"].fallback
     # After a timeout the slow call still holds the candidate's batcher until it ends: wait for an answer of its.
-    wait_until(lambda: gateway.invoke([rows(1)[0] | {"age": 30}]).json()["arm"] == "candidate", timeout=30,
-               what="the candidate answering again")
+    wait_until(
+        lambda: gateway.invoke([rows(1)[0] | {"age": 30}]).json()["arm"] == "candidate",
+        timeout=30,
+        what="the candidate answering again",
+    )
     assert "releasegate_gateway_fallbacks_total" in gateway.client.get("/metrics").text
 
 
 def test_feedback_is_stored(gateway):
-    resp = gateway.client.post("/feedback", json=[{"request_id": "single-split", "ground_truth": 1},
-                                                  {"request_id": "shadow-1", "ground_truth": 0,
-                                                   "business_value": 12.5}])
+    resp = gateway.client.post(
+        "/feedback",
+        json=[
+            {"request_id": "single-split", "ground_truth": 1},
+            {"request_id": "shadow-1", "ground_truth": 0, "business_value": 12.5},
+        ],
+    )
     assert resp.status_code == 200 and resp.json() == {"accepted": 2}
     table = storage.feedback
     deadline = time.time() + 10
@@ -354,7 +418,9 @@ def test_feedback_is_stored(gateway):
             break
         time.sleep(0.1)
     assert [(r.request_id, orjson.loads(r.ground_truth), r.business_value) for r in stored] == [
-        ("single-split", 1, None), ("shadow-1", 0, 12.5)]
+        ("single-split", 1, None),
+        ("shadow-1", 0, 12.5),
+    ]
     bad = gateway.client.post("/feedback", json={"request_id": "x"})
     assert bad.status_code == 422 and "ground_truth is required" in bad.json()["error"]
 
@@ -370,7 +436,7 @@ def test_unverifiable_version_is_refused_and_the_old_route_keeps_serving(gateway
     version = v.get(role, "99")
     resp = gateway.put_route(champion_version=v["champion"], candidate_version=version, mode="shadow")
     assert resp.status_code == status, resp.text
-    assert (f"{MODEL} v{version}" in resp.json()["error"])
+    assert f"{MODEL} v{version}" in resp.json()["error"]
     if role != "missing":
         assert "signature verification failed" in resp.json()["error"]
         with pytest.raises(DeploymentError, match="signature"):
@@ -405,9 +471,17 @@ def test_keys_and_roles_are_enforced(gateway):
     assert httpx.get(f"{gateway.url}/metrics").status_code == 200
 
     auth.revoke_key(feedback_id, gateway.settings)
-    revoked = wait_until(lambda: (r := post(f"{gateway.url}/feedback", feedback_key,
-                                            json={"request_id": "a", "ground_truth": 1})).status_code == 401 and r,
-                         timeout=30, what="the revocation seen")
+    revoked = wait_until(
+        lambda: (
+            (
+                r := post(f"{gateway.url}/feedback", feedback_key, json={"request_id": "a", "ground_truth": 1})
+            ).status_code
+            == 401
+            and r
+        ),
+        timeout=30,
+        what="the revocation seen",
+    )
     assert revoked.status_code == 401 and "revoked" in revoked.json()["error"]
 
 
@@ -420,20 +494,29 @@ def test_malformed_input_gets_a_4xx_saying_what_is_wrong(gateway):
         (gateway.client.post(url, json={"records": [good]}), 400, "dataframe_split"),
         (gateway.invoke([{"age": 30, "income": 1.0}]), 422, "missing column(s) 'region'"),
         (gateway.invoke([good | {"age": "old"}]), 422, "column 'age' row 0 expects an integer"),
-        (gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": NaN, "region": "x"}]}'),
-         422, "column 'income' row 0 is null/NaN"),
+        (
+            gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": NaN, "region": "x"}]}'),
+            422,
+            "column 'income' row 0 is null/NaN",
+        ),
         (gateway.invoke([good] * 1001), 413, "1001 rows"),
         (gateway.client.post(url, content=b" " * (1 << 20 + 1)), 413, "exceeds the limit"),
-        (gateway.client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [{"name": "age", "data": [1]}]}), 400,
-         "shape"),
+        (
+            gateway.client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [{"name": "age", "data": [1]}]}),
+            400,
+            "shape",
+        ),
     ]
     for resp, status, message in cases:
         assert resp.status_code == status and message in resp.json()["error"], (status, message, resp.text)
 
 
 def _ignored_columns(gateway) -> float:
-    found = re.search(rf'^releasegate_gateway_ignored_columns_total{{model="{MODEL}"}} (\S+)$',
-                      gateway.client.get("/metrics").text, re.M)
+    found = re.search(
+        rf'^releasegate_gateway_ignored_columns_total{{model="{MODEL}"}} (\S+)$',
+        gateway.client.get("/metrics").text,
+        re.M,
+    )
     return float(found.group(1)) if found else 0.0
 
 
@@ -455,8 +538,9 @@ def test_a_candidate_that_dropped_a_column_serves_while_callers_still_send_it(ga
     before = _ignored_columns(gateway)
     sent = rows(10, seed=21)
     for mode, weight in (("shadow", 0), ("canary", 100)):
-        resp = gateway.put_route(champion_version=v["champion"], candidate_version=v["narrow"], mode=mode,
-                                 candidate_weight=weight)
+        resp = gateway.put_route(
+            champion_version=v["champion"], candidate_version=v["narrow"], mode=mode, candidate_weight=weight
+        )
         assert resp.status_code == 200, resp.text
         ids = [f"narrow-{mode}-{i}" for i in range(len(sent))]
         for rid, row in zip(ids, sent):
@@ -479,8 +563,9 @@ def test_a_candidate_with_a_new_optional_column_serves_whether_callers_send_it_o
     plain = rows(10, seed=22)
     sent = {"omitted": plain, "sent": [row | {"tenure": float(6 * i)} for i, row in enumerate(plain)]}
     for mode, weight in (("shadow", 0), ("canary", 100)):
-        resp = gateway.put_route(champion_version=v["champion"], candidate_version=v["wide"], mode=mode,
-                                 candidate_weight=weight)
+        resp = gateway.put_route(
+            champion_version=v["champion"], candidate_version=v["wide"], mode=mode, candidate_weight=weight
+        )
         assert resp.status_code == 200, resp.text
         for kind, batch in sent.items():
             ids = [f"wide-{mode}-{kind}-{i}" for i in range(len(batch))]
@@ -501,8 +586,11 @@ def test_route_written_by_another_replica_is_picked_up(gateway):
     assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
     table = storage.routes
     with storage.engine(gateway.settings.db_url).begin() as conn:
-        conn.execute(table.update().where(table.c.model == MODEL).values(
-            champion_version=v["candidate"], revision=table.c.revision + 1, updated_at=time.time()))
+        conn.execute(
+            table.update()
+            .where(table.c.model == MODEL)
+            .values(champion_version=v["candidate"], revision=table.c.revision + 1, updated_at=time.time())
+        )
     deadline = time.time() + 20
     while gateway.invoke(rows(1)).json()["model_version"] != v["candidate"]:
         assert time.time() < deadline, gateway.log()
@@ -528,8 +616,12 @@ def keys(gateway):
 
 
 def _v2_body(sent: list[dict]) -> dict:
-    return {"inputs": [{"name": name, "shape": [len(sent)], "datatype": dtype, "data": [r[name] for r in sent]}
-                       for name, dtype in (("age", "INT64"), ("income", "FP64"), ("region", "BYTES"))]}
+    return {
+        "inputs": [
+            {"name": name, "shape": [len(sent)], "datatype": dtype, "data": [r[name] for r in sent]}
+            for name, dtype in (("age", "INT64"), ("income", "FP64"), ("region", "BYTES"))
+        ]
+    }
 
 
 PROTECTED = [  # method, path, body, the role it needs (admin may do everything)
@@ -594,15 +686,20 @@ def test_every_mlflow_payload_and_v2_answer_alike_with_version_and_arm(gateway, 
 
     meta = gateway.client.get(f"/v2/models/{MODEL}").json()
     assert meta["name"] == MODEL and meta["versions"] == [v["champion"]] and meta["platform"] == "mlflow_pyfunc"
-    assert meta["inputs"] == [{"name": "age", "datatype": "INT64", "shape": [-1]},
-                              {"name": "income", "datatype": "FP64", "shape": [-1]},
-                              {"name": "region", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["inputs"] == [
+        {"name": "age", "datatype": "INT64", "shape": [-1]},
+        {"name": "income", "datatype": "FP64", "shape": [-1]},
+        {"name": "region", "datatype": "BYTES", "shape": [-1]},
+    ]
     assert meta["outputs"][0]["datatype"] == "INT64"
     assert gateway.client.get(f"/v2/models/{MODEL}/versions/{v['champion']}").json()["name"] == MODEL
     wrong = gateway.client.get(f"/v2/models/{MODEL}/versions/{v['candidate']}")
     assert wrong.status_code == 404 and "is not served" in wrong.json()["error"]
-    assert gateway.client.get(f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True,
-                                                                       "version": v["champion"]}
+    assert gateway.client.get(f"/v2/models/{MODEL}/ready").json() == {
+        "name": MODEL,
+        "ready": True,
+        "version": v["champion"],
+    }
     assert gateway.client.get("/v2/models/nope/ready").status_code == 404
     assert gateway.client.get("/v2/health/ready").json() == {"ready": True}
     assert gateway.client.get("/v2").json()["name"] == "releasegate"
@@ -612,11 +709,15 @@ def test_out_of_range_and_non_finite_values_get_a_422(gateway):
     good = rows(1)[0]
     url = f"/models/{MODEL}/invocations"
     cases = [
-        (gateway.invoke([good | {"age": 2 ** 70}]), "column 'age' row 0 expects an integer (long"),
-        (gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": 1e999, "region": "x"}]}'),
-         "column 'income' row 0 expects a finite number"),
-        (gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": Infinity, "region": "x"}]}'),
-         "column 'income' row 0 expects a finite number"),
+        (gateway.invoke([good | {"age": 2**70}]), "column 'age' row 0 expects an integer (long"),
+        (
+            gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": 1e999, "region": "x"}]}'),
+            "column 'income' row 0 expects a finite number",
+        ),
+        (
+            gateway.client.post(url, content=b'{"dataframe_records": [{"age": 3, "income": Infinity, "region": "x"}]}'),
+            "column 'income' row 0 expects a finite number",
+        ),
         (gateway.invoke([good | {"region": 5}]), "column 'region' row 0 expects string"),
     ]
     for resp, message in cases:
@@ -637,15 +738,18 @@ def test_metrics_cover_calls_latency_batches_shadow_and_the_log(gateway):
     assert gateway.put_route(champion_version=v, mode="single").status_code == 200
     assert gateway.invoke(rows(1)).status_code == 200
     text = gateway.client.get("/metrics").text
-    for needle in (f'releasegate_gateway_model_calls_total{{arm="champion",model="{MODEL}",version="{v}"}}',
-                   f'releasegate_gateway_model_latency_seconds_bucket{{arm="champion",le="0.005",model="{MODEL}"',
-                   f'releasegate_gateway_batch_rows_bucket{{le="1.0",model="{MODEL}",version="{v}"}}',
-                   "# TYPE releasegate_gateway_model_errors_total counter",
-                   "releasegate_gateway_shadow_dropped_total", "releasegate_gateway_shadow_queue_depth",
-                   'releasegate_gateway_log_lag_seconds{table="predictions"}',
-                   'releasegate_gateway_log_written_rows_total{table="predictions"}',
-                   "releasegate_gateway_log_dropped_rows_total",
-                   'releasegate_gateway_http_responses_total{endpoint="invocations",status="200"}'):
+    for needle in (
+        f'releasegate_gateway_model_calls_total{{arm="champion",model="{MODEL}",version="{v}"}}',
+        f'releasegate_gateway_model_latency_seconds_bucket{{arm="champion",le="0.005",model="{MODEL}"',
+        f'releasegate_gateway_batch_rows_bucket{{le="1.0",model="{MODEL}",version="{v}"}}',
+        "# TYPE releasegate_gateway_model_errors_total counter",
+        "releasegate_gateway_shadow_dropped_total",
+        "releasegate_gateway_shadow_queue_depth",
+        'releasegate_gateway_log_lag_seconds{table="predictions"}',
+        'releasegate_gateway_log_written_rows_total{table="predictions"}',
+        "releasegate_gateway_log_dropped_rows_total",
+        'releasegate_gateway_http_responses_total{endpoint="invocations",status="200"}',
+    ):
         assert needle in text, needle
 
 
@@ -664,15 +768,19 @@ class Load:
             while not self.stop.is_set():
                 n += 1
                 try:
-                    resp = client.post(f"/models/{MODEL}/invocations", json={"dataframe_records": rows(1, seed=n)},
-                                       headers={"x-routing-key": f"load-{i}-{n}"})
+                    resp = client.post(
+                        f"/models/{MODEL}/invocations",
+                        json={"dataframe_records": rows(1, seed=n)},
+                        headers={"x-routing-key": f"load-{i}-{n}"},
+                    )
                     body = resp.json()
-                    self.outcomes.append((resp.status_code, body.get("model_version"), body.get("arm"),
-                                          body.get("error")))
+                    self.outcomes.append(
+                        (resp.status_code, body.get("model_version"), body.get("arm"), body.get("error"))
+                    )
                 except Exception as err:  # a refused or dropped connection is a lost request
                     self.outcomes.append((None, None, None, repr(err)))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -686,13 +794,15 @@ class Load:
 def test_twenty_route_changes_under_load_lose_no_request(gateway):
     v = gateway.versions
     champion, candidate = v["champion"], v["candidate"]
-    cycle = [dict(champion_version=champion, mode="single"),
-             dict(champion_version=champion, candidate_version=candidate, mode="shadow"),
-             dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=5),
-             dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=25),
-             dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=50),
-             dict(champion_version=candidate, mode="single"),  # promote
-             dict(champion_version=champion, mode="single")]  # roll back (the old champion reloads)
+    cycle = [
+        dict(champion_version=champion, mode="single"),
+        dict(champion_version=champion, candidate_version=candidate, mode="shadow"),
+        dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=5),
+        dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=25),
+        dict(champion_version=champion, candidate_version=candidate, mode="canary", candidate_weight=50),
+        dict(champion_version=candidate, mode="single"),  # promote
+        dict(champion_version=champion, mode="single"),
+    ]  # roll back (the old champion reloads)
     changes = (cycle * 3)[:20]
     with Load(gateway.url) as load:
         time.sleep(0.5)
@@ -713,9 +823,13 @@ def test_a_second_replica_follows_the_database_and_serves_the_old_split_until_re
     port = _free_port()
     log = tmp_path / "replica.log"
     with open(log, "w") as out:
-        replica = subprocess.Popen([sys.executable, "-m", "releasegate.serving", "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                   start_new_session=True)
+        replica = subprocess.Popen(
+            [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180  # its first load imports MLflow and sklearn: slow on a busy machine
@@ -731,10 +845,15 @@ def test_a_second_replica_follows_the_database_and_serves_the_old_split_until_re
         with Load(url, clients=1) as load:
             time.sleep(0.3)
             changed = time.time()
-            route = gateway.put_route(champion_version=v["champion"], candidate_version=v["candidate"],
-                                      mode="canary", candidate_weight=100).json()
-            while httpx.get(f"{url}/admin/routes/{MODEL}", headers={"authorization": f"Bearer {ADMIN}"}
-                            ).json()["revision"] != route["revision"]:
+            route = gateway.put_route(
+                champion_version=v["champion"], candidate_version=v["candidate"], mode="canary", candidate_weight=100
+            ).json()
+            while (
+                httpx.get(f"{url}/admin/routes/{MODEL}", headers={"authorization": f"Bearer {ADMIN}"}).json()[
+                    "revision"
+                ]
+                != route["revision"]
+            ):
                 assert time.time() - changed < 15, log.read_text()[-3000:]
                 time.sleep(0.05)
             picked_up = time.time() - changed
@@ -768,8 +887,9 @@ def test_predictions_are_not_blocked_while_the_log_database_is_locked(gateway):
         assert time.perf_counter() - started < 10
         time.sleep(1)
         metrics = gateway.client.get("/metrics").text
-        lag = float(re.search(r'^releasegate_gateway_log_lag_seconds{table="predictions"} (\S+)$', metrics,
-                              re.M).group(1))
+        lag = float(
+            re.search(r'^releasegate_gateway_log_lag_seconds{table="predictions"} (\S+)$', metrics, re.M).group(1)
+        )
         assert lag > 0.5  # the writer is waiting on the lock, and says so
         assert len(gateway.predictions(ids, expected=0, timeout=0)) == 0
     finally:
@@ -790,8 +910,9 @@ def _concurrently(gateway, bodies: dict[str, list[dict]], clients: int = 8) -> d
         if not hasattr(local, "client"):
             local.client = httpx.Client(base_url=gateway.url, timeout=30, headers={"authorization": f"Bearer {ADMIN}"})
             opened.append(local.client)
-        return rid, local.client.post(f"/models/{MODEL}/invocations", json={"dataframe_records": body},
-                                      headers={"x-request-id": rid})
+        return rid, local.client.post(
+            f"/models/{MODEL}/invocations", json={"dataframe_records": body}, headers={"x-request-id": rid}
+        )
 
     try:
         with ThreadPoolExecutor(clients) as pool:
@@ -826,9 +947,15 @@ def test_a_flaky_models_log_shows_its_call_failure_rate_though_retries_answer_it
         if row.status == "retried":  # answered by its own call after the batch's failed
             assert row.error == f"{MODEL} v{v['flaky']} predict failed: RuntimeError: flaky model failed this call"
             assert [orjson.loads(row.outputs)] == resp.json()["predictions"]
-    errors = {kind: float(n) for kind, n in re.findall(
-        rf'^releasegate_gateway_model_errors_total{{arm="champion",kind="(\w+)",model="{MODEL}",'
-        rf'version="{v["flaky"]}"}} (\S+)$', gateway.client.get("/metrics").text, re.M)}
+    errors = {
+        kind: float(n)
+        for kind, n in re.findall(
+            rf'^releasegate_gateway_model_errors_total{{arm="champion",kind="(\w+)",model="{MODEL}",'
+            rf'version="{v["flaky"]}"}} (\S+)$',
+            gateway.client.get("/metrics").text,
+            re.M,
+        )
+    }
     assert errors == {kind: statuses[kind] for kind in ("error", "retried") if statuses[kind]}
 
 
@@ -855,17 +982,28 @@ def test_a_restarted_gateway_serves_each_model_as_soon_as_its_own_route_is_loade
     db_url = f"sqlite:///{tmp_path}/restarted.db"  # a routes table of its own, the slow route first
     with storage.engine(db_url).begin() as conn:
         for model, version in ((SLOW, v["slow"]), (MODEL, v["champion"])):
-            conn.execute(storage.routes.insert().values(model=model, champion_version=version, mode="single",
-                                                        candidate_weight=0, revision=1, updated_at=time.time()))
+            conn.execute(
+                storage.routes.insert().values(
+                    model=model,
+                    champion_version=version,
+                    mode="single",
+                    candidate_weight=0,
+                    revision=1,
+                    updated_at=time.time(),
+                )
+            )
     gate = tmp_path / "gate"  # the slow model's warm-up waits until this file exists
     port = _free_port()
     log = tmp_path / "restarted.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "releasegate.serving", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, RELEASEGATE_DB_URL=db_url, GW_TEST_LOAD_GATE=str(gate)))
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
-                          headers={"authorization": f"Bearer {ADMIN}"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, RELEASEGATE_DB_URL=db_url, GW_TEST_LOAD_GATE=str(gate)),
+        )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"authorization": f"Bearer {ADMIN}"})
 
     def invoke(model: str) -> httpx.Response | None:
         try:
@@ -895,8 +1033,10 @@ def test_a_restarted_gateway_serves_each_model_as_soon_as_its_own_route_is_loade
 
 
 def test_the_gateway_gives_each_predict_call_one_openmp_thread(gateway):
-    assert ("OpenMP/BLAS threads per predict call: OMP_NUM_THREADS=1, OPENBLAS_NUM_THREADS=1, MKL_NUM_THREADS=1"
-            in gateway.log_path.read_text())
+    assert (
+        "OpenMP/BLAS threads per predict call: OMP_NUM_THREADS=1, OPENBLAS_NUM_THREADS=1, MKL_NUM_THREADS=1"
+        in gateway.log_path.read_text()
+    )
     # The process's own environment, as every library it loads later reads it: its log writer child inherits it.
     pid = gateway.proc.pid
     child = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0]
@@ -920,12 +1060,18 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(gateway, keys):
     session = requests.Session()  # schemathesis serializes each case (valid or not) for requests
 
     def run(key: str, mode: GenerationMode, examples: int) -> None:
-        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=schema.as_strategy(generation_mode=mode))
         def fuzz(case):
-            resp = case.call(base_url=gateway.url, session=session, headers={"authorization": f"Bearer {key}"},
-                             timeout=30)
+            resp = case.call(
+                base_url=gateway.url, session=session, headers={"authorization": f"Bearer {key}"}, timeout=30
+            )
             klass = f"{resp.status_code // 100}xx"
             counts[klass] += 1
             if resp.status_code >= 500:
@@ -941,8 +1087,10 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(gateway, keys):
         run(keys[role], GenerationMode.POSITIVE, 250)
         run(keys[role], GenerationMode.NEGATIVE, 150)
     session.close()
-    print(f"\nschemathesis: {sum(counts.values())} requests, {dict(sorted(counts.items()))}; "
-          f"valid /invocations requests: {dict(inference)}")
+    print(
+        f"\nschemathesis: {sum(counts.values())} requests, {dict(sorted(counts.items()))}; "
+        f"valid /invocations requests: {dict(inference)}"
+    )
     assert not problems, problems[:5]
     assert sum(counts.values()) >= 1000 and counts["5xx"] == 0
     assert inference["2xx"] >= 50  # valid inference requests were generated and answered, not only refused
@@ -958,21 +1106,31 @@ def test_sigterm_answers_in_flight_requests_and_flushes_the_log(gateway):
     for rid in ids:
         assert gateway.invoke(rows(1), **{"x-request-id": rid}).status_code == 200
     # In flight at SIGTERM: requests the erratic candidate holds past its 0.5 s timeout (age 78 sleeps).
-    assert gateway.put_route(champion_version=v["champion"], candidate_version=v["erratic"], mode="canary",
-                             candidate_weight=100).status_code == 200
+    assert (
+        gateway.put_route(
+            champion_version=v["champion"], candidate_version=v["erratic"], mode="canary", candidate_weight=100
+        ).status_code
+        == 200
+    )
     slow = [f"in-flight-{i}" for i in range(8)]
 
     def call(rid):
         with httpx.Client(base_url=gateway.url, timeout=30, headers={"authorization": f"Bearer {ADMIN}"}) as c:
-            return c.post(f"/models/{MODEL}/invocations", json={"dataframe_records": [rows(1)[0] | {"age": 78}]},
-                          headers={"x-request-id": rid})
+            return c.post(
+                f"/models/{MODEL}/invocations",
+                json={"dataframe_records": [rows(1)[0] | {"age": 78}]},
+                headers={"x-request-id": rid},
+            )
 
     with ThreadPoolExecutor(len(slow)) as pool:
         futures = [pool.submit(call, rid) for rid in slow]
         deadline = time.time() + 30
         while True:  # SIGTERM while the gateway holds at least half of them
-            found = re.search(r'^releasegate_gateway_requests_in_flight{endpoint="invocations"} (\S+)$',
-                              gateway.client.get("/metrics").text, re.M)
+            found = re.search(
+                r'^releasegate_gateway_requests_in_flight{endpoint="invocations"} (\S+)$',
+                gateway.client.get("/metrics").text,
+                re.M,
+            )
             held = int(float(found.group(1))) if found else 0
             if held >= len(slow) // 2:
                 break
@@ -995,4 +1153,5 @@ def test_sigterm_answers_in_flight_requests_and_flushes_the_log(gateway):
     ids_answered = [a.json()["request_id"] for a in answered]
     logged = gateway.predictions(ids_answered, expected=0, timeout=0)  # each: the candidate's timeout + the champion
     assert sorted((r.arm, r.status) for r in logged) == (
-        [("candidate", "timeout")] * len(answered) + [("champion", "ok")] * len(answered))
+        [("candidate", "timeout")] * len(answered) + [("champion", "ok")] * len(answered)
+    )

@@ -31,17 +31,21 @@ def _cert(subject: str, key, issuer_name: str, issuer_key, *, ca: bool, server: 
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False).add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     elif not ca:
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
@@ -52,8 +56,11 @@ def _write(path: Path, cert, key=None) -> None:
 
     path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     if key is not None:
-        path.with_suffix(".key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +90,24 @@ def tls_gateway(pki, tmp_path_factory):
         log = home / "gateway.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "releasegate"), "gateway", "serve", "--port", str(port),
-                 "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
-                 "--tls-client-ca", str(pki / "ca.crt")],
-                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+                [
+                    str(Path(sys.executable).parent / "releasegate"),
+                    "gateway",
+                    "serve",
+                    "--port",
+                    str(port),
+                    "--tls-cert",
+                    str(pki / "server.crt"),
+                    "--tls-key",
+                    str(pki / "server.key"),
+                    "--tls-client-ca",
+                    str(pki / "ca.crt"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ),
+                start_new_session=True,
+            )
         url = f"https://127.0.0.1:{port}"
         try:
             deadline = time.time() + 90
@@ -132,6 +153,10 @@ def test_plain_http_is_not_served(tls_gateway):
 
 
 def test_half_configured_tls_is_refused_with_a_message(pki):
-    out = subprocess.run([str(Path(sys.executable).parent / "releasegate"), "gateway", "serve",
-                          "--tls-client-ca", str(pki / "ca.crt")], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "releasegate"), "gateway", "serve", "--tls-client-ca", str(pki / "ca.crt")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "tls_client_ca (mutual TLS) needs tls_cert and tls_key" in out.stderr

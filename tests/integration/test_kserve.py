@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -41,8 +41,12 @@ from tests.integration.kserve_fake_api import FakeKubernetes
 MODEL = "churn"
 pytestmark = pytest.mark.integration
 
-IS, SHADOW, VS, DR = ("InferenceService", "churn"), ("InferenceService", "churn-shadow"), \
-    ("VirtualService", "churn-entry"), ("DestinationRule", "churn-shadow")
+IS, SHADOW, VS, DR = (
+    ("InferenceService", "churn"),
+    ("InferenceService", "churn-shadow"),
+    ("VirtualService", "churn-entry"),
+    ("DestinationRule", "churn-shadow"),
+)
 
 
 def apply_is(version: str, canary: int | None = None, name: str = "churn") -> tuple:
@@ -54,8 +58,12 @@ def apply_vs(mirror: bool = False) -> tuple:
 
 
 def shadow_sequence(champion: str, candidate: str) -> list[tuple]:
-    return [apply_is(champion), apply_is(candidate, name="churn-shadow"), ("apply", "DestinationRule", "churn-shadow"),
-            apply_vs(mirror=True)]
+    return [
+        apply_is(champion),
+        apply_is(candidate, name="churn-shadow"),
+        ("apply", "DestinationRule", "churn-shadow"),
+        apply_vs(mirror=True),
+    ]
 
 
 REMOVE_SHADOW = [("delete", "InferenceService", "churn-shadow"), ("delete", "DestinationRule", "churn-shadow")]
@@ -68,8 +76,15 @@ def _policy(tmp: Path) -> Path:
     default = ROOT / "include" / "policies" / "default.yaml"
     (policies / "default.yaml").write_text(default.read_text())
     pol = yaml.safe_load(default.read_text())
-    pol.update({"name": "kserve-test", "description": "short kserve test release", "poll_seconds": 2,
-                "max_extensions": 0, "slices": []})
+    pol.update(
+        {
+            "name": "kserve-test",
+            "description": "short kserve test release",
+            "poll_seconds": 2,
+            "max_extensions": 0,
+            "slices": [],
+        }
+    )
     pol["shadow"].update({"max_window_seconds": 400, "min_samples": 150, "min_agreement": 0.7})
     pol["canary"].update({"steps": [50], "max_window_seconds": 400, "min_samples": 150})
     pol["primary"]["margin"] = 0.06
@@ -98,12 +113,17 @@ class DataPlane:
                 return [], None
             status = self.fake._with_status(("inferenceservices", "models", "churn"), obj, read=False)
             versions = {r[0]: r[3] for r in state.revisions}
-            split = [(versions[t["revisionName"]], t["percent"]) for t in
-                     status["status"]["components"]["predictor"]["traffic"] if t["percent"]]
+            split = [
+                (versions[t["revisionName"]], t["percent"])
+                for t in status["status"]["components"]["predictor"]["traffic"]
+                if t["percent"]
+            ]
             vs = self.fake.objects.get(("virtualservices", "models", "churn-entry"))
             mirrored = vs is not None and "mirror" in vs["spec"]["http"][0]
             shadow = self.fake.objects.get(("inferenceservices", "models", "churn-shadow"))
-            shadow_version = shadow["metadata"]["annotations"]["releasegate.io/version"] if mirrored and shadow else None
+            shadow_version = (
+                shadow["metadata"]["annotations"]["releasegate.io/version"] if mirrored and shadow else None
+            )
         return split, shadow_version
 
     def _model(self, version: str):
@@ -154,10 +174,16 @@ class DataPlane:
         url = f"{self.sink_url}/events?model={MODEL}&version={version}"
         posts = []
         for (request_id, row), value in zip(batch, values):
-            request = {"inputs": [{"name": k, "shape": [1], "datatype": "BYTES" if isinstance(v, str) else "FP64",
-                                   "data": [v]} for k, v in row.items()]}
-            response = {"model_name": MODEL, "outputs": [{"name": "predict", "shape": [1], "datatype": "INT64",
-                                                          "data": [int(value)]}]}
+            request = {
+                "inputs": [
+                    {"name": k, "shape": [1], "datatype": "BYTES" if isinstance(v, str) else "FP64", "data": [v]}
+                    for k, v in row.items()
+                ]
+            }
+            response = {
+                "model_name": MODEL,
+                "outputs": [{"name": "predict", "shape": [1], "datatype": "INT64", "data": [int(value)]}],
+            }
             # The agent's workers send in any order; the sink pairs them either way.
             posts.append(_send(client.post(url, data=json.dumps(request), headers=_ce("request", request_id, t0))))
             posts.append(_send(client.post(url, data=json.dumps(response), headers=_ce("response", request_id, t1))))
@@ -182,11 +208,17 @@ async def _send(coro) -> int:
 
 
 def _ce(kind: str, request_id: str, when: float) -> dict:
-    return {"ce-specversion": "1.0", "ce-id": request_id, "ce-source": "http://localhost:9081/",
-            "ce-type": f"org.kubeflow.serving.inference.{kind}", "ce-inferenceservicename": "churn",
-            "ce-namespace": "models", "ce-component": "predictor",
-            "ce-time": datetime.fromtimestamp(when, timezone.utc).isoformat().replace("+00:00", "Z"),
-            "content-type": "application/json"}
+    return {
+        "ce-specversion": "1.0",
+        "ce-id": request_id,
+        "ce-source": "http://localhost:9081/",
+        "ce-type": f"org.kubeflow.serving.inference.{kind}",
+        "ce-inferenceservicename": "churn",
+        "ce-namespace": "models",
+        "ce-component": "predictor",
+        "ce-time": datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z"),
+        "content-type": "application/json",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +239,10 @@ def kstack(tmp_path_factory, airflow_env):
         mp.setenv("RELEASEGATE_K8S_READY_TIMEOUT", "60")
         mp.setenv("RELEASEGATE_K8S_POLL_SECONDS", "0.3")
         mp.setenv("RELEASEGATE_K8S_STORAGE_REWRITE", f"file://{home}/mlartifacts=s3://mlflow")
-        mp.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps(
-            {"conn_type": "kubernetes", "extra": {"kube_config": fake.kubeconfig()}}))
+        mp.setenv(
+            "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+            json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": fake.kubeconfig()}}),
+        )
         from releasegate import registry, signing, storage
         from releasegate.backends import kserve
         from releasegate.demo import models
@@ -247,8 +281,13 @@ def kstack(tmp_path_factory, airflow_env):
 
 def run_release(version: str, policy: str = "kserve-test") -> str:
     conf = json.dumps({"model_name": MODEL, "version": version, "policy": policy})
-    out = subprocess.run(["airflow", "dags", "test", "model_release", "-c", conf], env=dict(os.environ),
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        ["airflow", "dags", "test", "model_release", "-c", conf],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     finished = [line for line in out.stdout.splitlines() + out.stderr.splitlines() if "DagRun Finished" in line]
     assert finished, out.stdout[-3000:] + out.stderr[-3000:]
     return finished[-1]
@@ -283,9 +322,12 @@ def test_release_dag_promotes_on_kserve_with_the_exact_applies(kstack):
     assert rel.state.value == "promoted", (rel.reasons, plane.sent, plane.errors, kstack.log("sink"))
     assert [v.window.stage for v in rel.verdicts] == [Stage.shadow(), Stage.canary(1, 50)]
     assert kstack.fake.calls == [
-        *shadow_sequence(champion, good),                           # shadow: mirror to the candidate
-        apply_is(good, 50), apply_vs(), *REMOVE_SHADOW,             # canary 50 %
-        apply_is(good), apply_vs(),                                 # promote: the default moves to the new revision
+        *shadow_sequence(champion, good),  # shadow: mirror to the candidate
+        apply_is(good, 50),
+        apply_vs(),
+        *REMOVE_SHADOW,  # canary 50 %
+        apply_is(good),
+        apply_vs(),  # promote: the default moves to the new revision
     ]
     assert registry.get_alias(MODEL, "champion") == good
     route = KServeBackend().get_route(MODEL)
@@ -347,13 +389,19 @@ def test_rollback_from_a_canary_sets_it_to_zero_then_restores_the_champion(kstac
     assert pipeline.rollback(rid, actor="test").state is State.rolled_back
     assert kstack.fake.calls == [
         *shadow_sequence(champion, candidate),
-        apply_is(candidate, 50), apply_vs(), *REMOVE_SHADOW,
-        apply_is(candidate, 0),   # all traffic back on the previous revision at once
-        apply_is(champion, 0),    # the champion's spec, at 0 % until its revision is ready
-        apply_is(champion), apply_vs(),
+        apply_is(candidate, 50),
+        apply_vs(),
+        *REMOVE_SHADOW,
+        apply_is(candidate, 0),  # all traffic back on the previous revision at once
+        apply_is(champion, 0),  # the champion's spec, at 0 % until its revision is ready
+        apply_is(champion),
+        apply_vs(),
     ]
-    status = kstack.fake._with_status(("inferenceservices", "models", "churn"),
-                                      kstack.fake.objects[("inferenceservices", "models", "churn")], read=False)
+    status = kstack.fake._with_status(
+        ("inferenceservices", "models", "churn"),
+        kstack.fake.objects[("inferenceservices", "models", "churn")],
+        read=False,
+    )
     predictor = status["status"]["components"]["predictor"]
     versions = {r[0]: r[3] for r in kstack.fake.isvc[("models", "churn")].revisions}
     assert [(versions[t["revisionName"]], t["percent"]) for t in predictor["traffic"]] == [(champion, 100)]
@@ -394,8 +442,14 @@ def test_a_failed_revision_is_reported_and_the_champion_restored(kstack):
         assert pipeline.finish(rid, actor="test", pipeline_failed=True).state is State.failed
     finally:
         kstack.fake.failing_versions.clear()
-    assert kstack.fake.calls == [apply_is(candidate, 50), apply_vs(),
-                                 apply_is(candidate, 0), apply_is(champion, 0), apply_is(champion), apply_vs()]
+    assert kstack.fake.calls == [
+        apply_is(candidate, 50),
+        apply_vs(),
+        apply_is(candidate, 0),
+        apply_is(champion, 0),
+        apply_is(champion),
+        apply_vs(),
+    ]
 
 
 def test_a_409_on_apply_is_an_error_and_nothing_is_forced(kstack):
@@ -407,7 +461,9 @@ def test_a_409_on_apply_is_an_error_and_nothing_is_forced(kstack):
     kstack.fake.conflicts.add("churn-entry")
     kstack.fake.calls.clear()
     try:
-        with pytest.raises(DeploymentError, match=r"applying virtualservices/churn-entry failed \(409\): conflict") as err:
+        with pytest.raises(
+            DeploymentError, match=r"applying virtualservices/churn-entry failed \(409\): conflict"
+        ) as err:
             KServeBackend().set_route(MODEL, champion)
     finally:
         kstack.fake.conflicts.clear()
@@ -435,18 +491,24 @@ def test_the_readiness_trigger_answers_ready_failed_or_timeout(monkeypatch):
     from releasegate_airflow.kubernetes import InferenceServiceReadyTrigger
 
     fake = FakeKubernetes(ready_after=1).start()
-    monkeypatch.setenv("AIRFLOW_CONN_RG_TEST_CLUSTER", json.dumps(
-        {"conn_type": "kubernetes", "extra": {"kube_config": fake.kubeconfig()}}))
-    fake._apply(("inferenceservices", "models", "churn"),
-                k8s.inference_service(MODEL, k8s.Served("2", "s3://mlflow/m", "sha256:0"), k8s.K8sSettings()))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RG_TEST_CLUSTER",
+        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": fake.kubeconfig()}}),
+    )
+    fake._apply(
+        ("inferenceservices", "models", "churn"),
+        k8s.inference_service(MODEL, k8s.Served("2", "s3://mlflow/m", "sha256:0"), k8s.K8sSettings()),
+    )
 
     def first_event(timeout: float) -> dict:
-        trigger = InferenceServiceReadyTrigger("models", [{"name": "churn", "generation": 1, "canary_percent": None}],
-                                               "rg_test_cluster", timeout, 0.1)
+        trigger = InferenceServiceReadyTrigger(
+            "models", [{"name": "churn", "generation": 1, "canary_percent": None}], "rg_test_cluster", timeout, 0.1
+        )
 
         async def run():
             async for event in trigger.run():
                 return event.payload
+
         return asyncio.run(run())
 
     try:

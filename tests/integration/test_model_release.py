@@ -31,8 +31,13 @@ def run_release(version: str, policy: str = "default") -> str:
     import os
 
     conf = json.dumps({"model_name": MODEL, "version": version, "policy": policy})
-    out = subprocess.run(["airflow", "dags", "test", "model_release", "-c", conf], env=dict(os.environ),
-                         capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(
+        ["airflow", "dags", "test", "model_release", "-c", conf],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     finished = [line for line in out.stdout.splitlines() + out.stderr.splitlines() if "DagRun Finished" in line]
     assert finished, out.stdout[-3000:] + out.stderr[-3000:]
     return finished[-1]
@@ -131,9 +136,22 @@ def test_second_release_is_refused_while_one_runs_and_a_dead_run_does_not_block(
     candidate = stack.versions["bad"]
     # A live holder: a queued Airflow run of model_release (no scheduler runs here, so it stays queued).
     subprocess.run(["airflow", "dags", "reserialize"], env=airflow_env, check=True, capture_output=True, timeout=300)
-    subprocess.run(["airflow", "dags", "trigger", "model_release", "--run-id", "holder-run",
-                    "--conf", '{"model_name": "churn", "version": "%s"}' % candidate],
-                   env=airflow_env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            "airflow",
+            "dags",
+            "trigger",
+            "model_release",
+            "--run-id",
+            "holder-run",
+            "--conf",
+            '{"model_name": "churn", "version": "%s"}' % candidate,
+        ],
+        env=airflow_env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     holder = pipeline.start(MODEL, candidate, airflow_run_id="holder-run", actor="test").release_id
     releases_before = len(release.list_releases(MODEL))
 
@@ -142,8 +160,13 @@ def test_second_release_is_refused_while_one_runs_and_a_dead_run_does_not_block(
     assert len(release.list_releases(MODEL)) == releases_before  # the refused run opened nothing
 
     # The holder's run dies: the next release closes it as failed and goes ahead.
-    subprocess.run(["airflow", "dags", "delete", "model_release", "--yes"], env=airflow_env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        ["airflow", "dags", "delete", "model_release", "--yes"],
+        env=airflow_env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     run_release(candidate)
     assert release.get(holder).state is release.State.failed
     assert "gone or failed" in release.get(holder).reasons[-1]

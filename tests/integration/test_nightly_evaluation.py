@@ -11,8 +11,8 @@ import orjson
 import pendulum
 import pytest
 
+from releasegate import audit, registry, signing
 from releasegate.contract import RETRAINING_ASSET
-from releasegate import audit, nightly, registry, signing
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "churn"
@@ -24,8 +24,9 @@ EMPTY_DAY = NOW - 9 * DAY
 pytestmark = pytest.mark.integration
 
 
-def log_traffic(versions: dict, start: float, drift: float, seed: int, n: int = 2000, labelled: int = 600,
-                shadowed: int = 400) -> None:
+def log_traffic(
+    versions: dict, start: float, drift: float, seed: int, n: int = 2000, labelled: int = 600, shadowed: int = 400
+) -> None:
     """`n` one-row requests over the hour before `start` + 1 h: served by the champion, the first `shadowed` also
     mirrored to the good candidate, the first `labelled` with feedback; written by the gateway's log writers."""
     from releasegate import storage
@@ -33,7 +34,6 @@ def log_traffic(versions: dict, start: float, drift: float, seed: int, n: int = 
     from releasegate.serving.logwriter import LogWriter
     from releasegate.serving.metrics import Metrics
     from releasegate.serving.routing import routing_key_hash, sample_bucket
-    from releasegate.settings import get_settings
 
     frame = data.generate(n, seed=seed, drift=drift)
     features = frame[data.FEATURES]
@@ -46,20 +46,48 @@ def log_traffic(versions: dict, start: float, drift: float, seed: int, n: int = 
     records = features.to_dict("records")
     for i, record in enumerate(records):
         request_id = uuid.uuid4().hex
-        base = {"request_id": request_id, "time": start + i * 3600 / n, "model": MODEL,
-                "mode": "shadow" if i < shadowed else "single", "release_id": None,
-                "routing_key_hash": routing_key_hash(MODEL, request_id), "sample_bucket": sample_bucket(request_id),
-                "fallback": False, "inputs": orjson.dumps(record).decode(), "latency_ms": 2.0, "status": "ok",
-                "error": None}
-        predictions.put(base | {"version": versions["champion"], "arm": "champion", "served": True,
-                                "outputs": orjson.dumps(int(answers["champion"][i])).decode()})
+        base = {
+            "request_id": request_id,
+            "time": start + i * 3600 / n,
+            "model": MODEL,
+            "mode": "shadow" if i < shadowed else "single",
+            "release_id": None,
+            "routing_key_hash": routing_key_hash(MODEL, request_id),
+            "sample_bucket": sample_bucket(request_id),
+            "fallback": False,
+            "inputs": orjson.dumps(record).decode(),
+            "latency_ms": 2.0,
+            "status": "ok",
+            "error": None,
+        }
+        predictions.put(
+            base
+            | {
+                "version": versions["champion"],
+                "arm": "champion",
+                "served": True,
+                "outputs": orjson.dumps(int(answers["champion"][i])).decode(),
+            }
+        )
         if i < shadowed:
-            predictions.put(base | {"version": versions["good"], "arm": "candidate", "served": False,
-                                    "outputs": orjson.dumps(int(answers["good"][i])).decode()})
+            predictions.put(
+                base
+                | {
+                    "version": versions["good"],
+                    "arm": "candidate",
+                    "served": False,
+                    "outputs": orjson.dumps(int(answers["good"][i])).decode(),
+                }
+            )
         if i < labelled:
-            feedback.put({"request_id": request_id, "time": base["time"] + 1,
-                          "ground_truth": orjson.dumps(int(frame[data.LABEL].iloc[i])).decode(),
-                          "business_value": None})
+            feedback.put(
+                {
+                    "request_id": request_id,
+                    "time": base["time"] + 1,
+                    "ground_truth": orjson.dumps(int(frame[data.LABEL].iloc[i])).decode(),
+                    "business_value": None,
+                }
+            )
     predictions.close()
     feedback.close()
 
@@ -109,8 +137,12 @@ def retraining_events() -> list[dict]:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        rows = session.execute(sa.select(AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-                               .where(AssetModel.name == RETRAINING_ASSET).order_by(AssetEvent.id)).all()
+        rows = session.execute(
+            sa.select(AssetEvent.extra)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.name == RETRAINING_ASSET)
+            .order_by(AssetEvent.id)
+        ).all()
     return [r.extra for r in rows]
 
 
@@ -127,9 +159,15 @@ def test_a_quiet_day_raises_no_alarm(world):
     assert result["quality"]["rows_current"] == 600 and result["quality"]["metrics"]["accuracy"] > 0.75
     assert result["prediction_drift"]["rows_current"] == 400
     stored = registry.client().list_artifacts(registry.source_run(MODEL, world["champion"]), result["artifacts"])
-    assert {Path(a.path).name for a in stored} >= {"input_drift.html", "input_drift.json", "prediction_drift.html",
-                                                     "quality.html", "quality.json", "contract.json",
-                                                     "evaluation.json"}
+    assert {Path(a.path).name for a in stored} >= {
+        "input_drift.html",
+        "input_drift.json",
+        "prediction_drift.html",
+        "quality.html",
+        "quality.json",
+        "contract.json",
+        "evaluation.json",
+    }
     assert retraining_events() == []
 
 
@@ -137,8 +175,12 @@ def test_a_drifted_day_flags_retraining_and_fails_the_run(world):
     run = run_nightly(DRIFTED_DAY)
 
     assert str(run.state) == "failed"
-    assert states(run) == {"champions": "success", "evaluate": "success", "flag_retraining": "success",
-                           "alert": "failed"}
+    assert states(run) == {
+        "champions": "success",
+        "evaluate": "success",
+        "flag_retraining": "success",
+        "alert": "failed",
+    }
     [extra] = retraining_events()
     assert extra["model"] == MODEL and extra["version"] == world["champion"]
     assert any(r.startswith("input drift in") for r in extra["reasons"])

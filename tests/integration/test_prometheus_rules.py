@@ -16,8 +16,10 @@ def test_prometheus_files_pass_promtool_and_alerts_fire_on_the_arm_that_crosses_
     promtool = shutil.which("promtool")
     require(None if promtool else "promtool is not installed (Debian: apt-get install prometheus); .ci/run installs it")
     assert promtool is not None
-    for args in (["check", "config", "--syntax-only", "prometheus.yml"], ["check", "rules", "alerts.yml"],
-                 ["test", "rules", "alerts_test.yml"]):
-        done = subprocess.run([promtool, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True,
-                              timeout=60)
+    for args in (
+        ["check", "config", "--syntax-only", "prometheus.yml"],
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ):
+        done = subprocess.run([promtool, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"

@@ -10,7 +10,6 @@ import sqlite3
 import time
 
 import pytest
-import sqlalchemy as sa
 
 from releasegate import storage
 from releasegate.serving.logprocess import ProcessLogWriter
@@ -19,9 +18,22 @@ from releasegate.serving.payloads import Rows
 
 
 def _entry(i: int, value=1.5):
-    base = {"request_id": f"r{i}", "time": time.time(), "model": "m", "version": "1", "arm": "champion",
-            "mode": "single", "release_id": None, "routing_key_hash": "0" * 16, "sample_bucket": i % 1000,
-            "served": True, "fallback": False, "latency_ms": 0.4, "status": "ok", "error": None}
+    base = {
+        "request_id": f"r{i}",
+        "time": time.time(),
+        "model": "m",
+        "version": "1",
+        "arm": "champion",
+        "mode": "single",
+        "release_id": None,
+        "routing_key_hash": "0" * 16,
+        "sample_bucket": i % 1000,
+        "served": True,
+        "fallback": False,
+        "latency_ms": 0.4,
+        "status": "ok",
+        "error": None,
+    }
     return base, Rows({"x": [value], "plan": ["basic"]}, 1), [i % 2]
 
 

@@ -39,10 +39,16 @@ class StandIn:
         body = await request.json()
         with self.lock:
             request_id = f"req-{len(self.invocations)}"
-            self.invocations.append({"request_id": request_id, "model": request.path_params["model"],
-                                     "key": request.headers.get("x-routing-key"),
-                                     "auth": request.headers.get("authorization"),
-                                     "records": body["dataframe_records"], "time": time.time()})
+            self.invocations.append(
+                {
+                    "request_id": request_id,
+                    "model": request.path_params["model"],
+                    "key": request.headers.get("x-routing-key"),
+                    "auth": request.headers.get("authorization"),
+                    "records": body["dataframe_records"],
+                    "time": time.time(),
+                }
+            )
         return JSONResponse({"request_id": request_id, "arm": "champion", "version": "1", "predictions": [0]})
 
     async def label(self, request: Request) -> JSONResponse:
@@ -53,8 +59,12 @@ class StandIn:
         return JSONResponse({"accepted": len(items)}, status_code=202)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/models/{model}/invocations", self.invoke, methods=["POST"]),
-                                 Route("/feedback", self.label, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/models/{model}/invocations", self.invoke, methods=["POST"]),
+                Route("/feedback", self.label, methods=["POST"]),
+            ]
+        )
 
 
 @pytest.fixture
@@ -79,12 +89,14 @@ def gateway():
 @pytest.fixture
 def rows_file(tmp_path):
     """Twenty rows: a number, a category, a column with gaps, and an integer label (one row unlabelled)."""
-    frame = pd.DataFrame({
-        "x": np.arange(20, dtype=float) / 4,
-        "region": [["north", "south", "east", "west"][i % 4] for i in range(20)],
-        "optional": [np.nan if i % 3 == 0 else float(i) for i in range(20)],
-        "y": pd.array([i % 3 for i in range(19)] + [None], dtype="Int64"),
-    })
+    frame = pd.DataFrame(
+        {
+            "x": np.arange(20, dtype=float) / 4,
+            "region": [["north", "south", "east", "west"][i % 4] for i in range(20)],
+            "optional": [np.nan if i % 3 == 0 else float(i) for i in range(20)],
+            "y": pd.array([i % 3 for i in range(19)] + [None], dtype="Int64"),
+        }
+    )
     path = tmp_path / "rows.parquet"
     frame.to_parquet(path)
     return path, frame
@@ -92,9 +104,28 @@ def rows_file(tmp_path):
 
 def replay(url: str, path, *args: str) -> subprocess.CompletedProcess:
     """`releasegate traffic --data` as a user runs it, in its own process."""
-    return subprocess.run([sys.executable, "-m", "releasegate.cli", "traffic", "--model", "mine", "--gateway-url", url,
-                           "--api-key", "secret", "--data", str(path), "--label", "y", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "releasegate.cli",
+            "traffic",
+            "--model",
+            "mine",
+            "--gateway-url",
+            url,
+            "--api-key",
+            "secret",
+            "--data",
+            str(path),
+            "--label",
+            "y",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_replay_sends_one_row_without_the_label_and_posts_the_label_after_the_delay(gateway, rows_file):
@@ -132,8 +163,11 @@ def test_replay_sends_one_row_without_the_label_and_posts_the_label_after_the_de
             # The delay counts from the send; the request reached the stand-in a little after it.
             assert item["time"] - call["time"] >= 0.8 or item["time"] >= last_sent
 
-    assert re.search(r"^traffic: [\d,]+ requests \([\d,]+/s ok\), 0 errors, [\d,]+ labels, arms \{'champion': \d+\}$",
-                     done.stdout, re.M), done.stdout
+    assert re.search(
+        r"^traffic: [\d,]+ requests \([\d,]+/s ok\), 0 errors, [\d,]+ labels, arms \{'champion': \d+\}$",
+        done.stdout,
+        re.M,
+    ), done.stdout
     summary = re.search(r"^traffic done: ([\d,]+) sent, ([\d,]+) ok, 0 errors, ([\d,]+) labels$", done.stdout, re.M)
     assert summary and [int(g.replace(",", "")) for g in summary.groups()] == [len(sent), len(sent), len(posted)]
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from releasegate import airflow_client as af
-
 from tests.require import require
 
 pytestmark = pytest.mark.integration
@@ -31,7 +30,7 @@ PG_ADMIN = os.environ.get("RELEASEGATE_SYSTEM_PG", "postgresql://postgres@127.0.
 RELEASE_DAG = "trigger_cli_release"
 APPROVAL_DAG = "trigger_cli_approval"
 
-DAGS = '''
+DAGS = """
 import pendulum
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
@@ -84,7 +83,7 @@ def approval_like():
 
 release_like()
 approval_like()
-''' % {"release": RELEASE_DAG, "approval": APPROVAL_DAG}
+""" % {"release": RELEASE_DAG, "approval": APPROVAL_DAG}
 
 
 def _free_port() -> int:
@@ -114,37 +113,43 @@ class MiniAirflow:
         (home / "passwords.json").write_text(json.dumps({"ci": self.password}))
         pg_url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RELEASEGATE_"))}
-        env.update({
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"{pg_url}/{self.db}",
-            # Airflow derives asyncpg for its async engine, which is not installed; psycopg 3 does async too.
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"{pg_url.replace('+psycopg2', '+psycopg')}/{self.db}",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "ci:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-            "AIRFLOW__API__BASE_URL": f"{self.url}/",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        })
+        env.update(
+            {
+                "AIRFLOW_HOME": str(home),
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"{pg_url}/{self.db}",
+                # Airflow derives asyncpg for its async engine, which is not installed; psycopg 3 does async too.
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"{pg_url.replace('+psycopg2', '+psycopg')}/{self.db}",
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "ci:admin",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+                "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+                "AIRFLOW__API__BASE_URL": f"{self.url}/",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+        )
         self.env = env
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, timeout: float = 240) -> None:
-        migrate = subprocess.run(["airflow", "db", "migrate"], env=self.env, capture_output=True, text=True,
-                                 timeout=600)
+        migrate = subprocess.run(
+            ["airflow", "db", "migrate"], env=self.env, capture_output=True, text=True, timeout=600
+        )
         assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-3000:]
-        for name, argv in {"api-server": ["airflow", "api-server", "--host", "127.0.0.1", "--port", str(self.port)],
-                           "scheduler": ["airflow", "scheduler"],
-                           "dag-processor": ["airflow", "dag-processor"]}.items():
+        for name, argv in {
+            "api-server": ["airflow", "api-server", "--host", "127.0.0.1", "--port", str(self.port)],
+            "scheduler": ["airflow", "scheduler"],
+            "dag-processor": ["airflow", "dag-processor"],
+        }.items():
             log = open(self.home / f"{name}.log", "w")
-            self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             log.close()
         deadline = time.monotonic() + timeout
         while True:
@@ -185,15 +190,34 @@ class MiniAirflow:
 
     def cli(self, *args: str, password: str | None = None) -> subprocess.Popen:
         """A `releasegate` command as CI runs it: credentials from the environment."""
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
-               "RELEASEGATE_AIRFLOW_URL": self.url, "RELEASEGATE_AIRFLOW_USER": "ci",
-               "RELEASEGATE_AIRFLOW_PASSWORD": password or self.password}
-        return subprocess.Popen([sys.executable, "-m", "releasegate.cli", *args],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+            "RELEASEGATE_AIRFLOW_URL": self.url,
+            "RELEASEGATE_AIRFLOW_USER": "ci",
+            "RELEASEGATE_AIRFLOW_PASSWORD": password or self.password,
+        }
+        return subprocess.Popen(
+            [sys.executable, "-m", "releasegate.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def trigger(self, *args: str, password: str | None = None) -> subprocess.Popen:
-        return self.cli("trigger", "--model", "churn", "--version", "2", "--poll-seconds", "1", "--timeout", "240",
-                        *args, password=password)
+        return self.cli(
+            "trigger",
+            "--model",
+            "churn",
+            "--version",
+            "2",
+            "--poll-seconds",
+            "1",
+            "--timeout",
+            "240",
+            *args,
+            password=password,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +241,7 @@ def finished(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def test_bad_password_exits_2_with_a_clear_message(airflow_api):
-    code, out, err = finished(airflow_api.trigger("--dag-id", RELEASE_DAG, "--wait", password="not-the-password"))
+    code, _out, err = finished(airflow_api.trigger("--dag-id", RELEASE_DAG, "--wait", password="not-the-password"))
     assert code == 2
     assert "refused the credentials of user 'ci'" in err
 
@@ -228,9 +252,12 @@ def test_paused_dag_is_refused_unless_asked_to_unpause(airflow_api):
 
 
 def test_wait_streams_the_steps_and_exits_with_the_release_outcome(airflow_api):
-    runs = {outcome: airflow_api.trigger("--dag-id", RELEASE_DAG, "--unpause", "--wait",
-                                         "--conf-json", json.dumps({"outcome": outcome}))
-            for outcome in ("promoted", "rolled_back", "crash")}
+    runs = {
+        outcome: airflow_api.trigger(
+            "--dag-id", RELEASE_DAG, "--unpause", "--wait", "--conf-json", json.dumps({"outcome": outcome})
+        )
+        for outcome in ("promoted", "rolled_back", "crash")
+    }
     results = {outcome: finished(proc) for outcome, proc in runs.items()}
 
     code, out, err = results["promoted"]
@@ -261,8 +288,9 @@ def test_a_run_waiting_for_approval_says_where_to_answer_and_follows_the_answer(
     assert f"/dags/{APPROVAL_DAG}/runs/{run_id}/tasks/decide/required_actions" in text
     code, _, err = finished(airflow_api.cli("approve", "rel-999999999999", "--dag-id", APPROVAL_DAG))
     assert code == 2 and "no approval of trigger_cli_approval waits for 'rel-999999999999'" in err
-    code, out, err = finished(airflow_api.cli("approve", "rel-0123456789ab", "--model", "churn",
-                                              "--dag-id", APPROVAL_DAG))
+    code, out, err = finished(
+        airflow_api.cli("approve", "rel-0123456789ab", "--model", "churn", "--dag-id", APPROVAL_DAG)
+    )
     assert code == 0 and out.strip() == f"{run_id}: Approve (answered by ci)", out + err
     code, out, err = finished(proc)
     assert code == 0, text + out + err

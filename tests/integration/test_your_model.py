@@ -109,9 +109,11 @@ class Fleet:
 
     def outcome(self, model: str, role: str) -> release.Release:
         planned = self.planned(model, role)
-        assert planned.outcome is not None, (f"{model} {role} (v{planned.version}) left no release: exit "
-                                             f"{planned.returncode}, {planned.finished_line or 'no DagRun line'}; "
-                                             f"log {planned.log}:\n{_tail(planned.log)}")
+        assert planned.outcome is not None, (
+            f"{model} {role} (v{planned.version}) left no release: exit "
+            f"{planned.returncode}, {planned.finished_line or 'no DagRun line'}; "
+            f"log {planned.log}:\n{_tail(planned.log)}"
+        )
         return planned.outcome
 
 
@@ -166,8 +168,14 @@ def _register_models(fleet: Fleet, home: Path) -> None:
     add("segments-drop", "drops_d", dropped, segments_train[no_d], holdout)
     add("segments-optional", "champion", full, x, holdout)
     # Its holdout has the new column where the candidate's own data has it; callers never send it.
-    add("segments-optional", "adds_e", optional, segments_train[with_e], segments_holdout[with_e + [label]],
-        optional_columns=[om.OPTIONAL_FEATURE])
+    add(
+        "segments-optional",
+        "adds_e",
+        optional,
+        segments_train[with_e],
+        segments_holdout[with_e + [label]],
+        optional_columns=[om.OPTIONAL_FEATURE],
+    )
     for model in AA_MODELS:
         add(model, "champion", full, x, holdout)
         add(model, "same", full, x, holdout)
@@ -227,29 +235,64 @@ class Runner:
         # A seed of its own per model: the A/A releases are repetitions, not one draw of rows and customers ten times.
         seed = 100 + list(self.fleet.chains).index(model)
         # Niced, as the releases are: the gateway is what is measured, its load generators only feed it.
-        self.fleet.stack.start(f"traffic-{model}", [
-            "nice", "-n", "5", sys.executable, "-m", "releasegate.cli", "traffic", "--model", model,
-            "--data", str(rows), "--label", label, "--rps", str(RATE), "--duration", "0",
-            "--feedback-delay", "1", "--seed", str(seed), "--api-key", self.api_key])
+        self.fleet.stack.start(
+            f"traffic-{model}",
+            [
+                "nice",
+                "-n",
+                "5",
+                sys.executable,
+                "-m",
+                "releasegate.cli",
+                "traffic",
+                "--model",
+                model,
+                "--data",
+                str(rows),
+                "--label",
+                label,
+                "--rps",
+                str(RATE),
+                "--duration",
+                "0",
+                "--feedback-delay",
+                "1",
+                "--seed",
+                str(seed),
+                "--api-key",
+                self.api_key,
+            ],
+        )
 
     def _launch(self, planned: Planned, airflow_home: Path) -> subprocess.Popen:
-        env = dict(self.fleet.stack.env, AIRFLOW_HOME=str(airflow_home),
-                   AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{airflow_home}/airflow.db")
+        env = dict(
+            self.fleet.stack.env,
+            AIRFLOW_HOME=str(airflow_home),
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{airflow_home}/airflow.db",
+        )
         conf = json.dumps({"model_name": planned.model, "version": planned.version, "policy": planned.policy})
         planned.log = self.fleet.stack.home / f"release-{planned.model}-v{planned.version}.log"
         planned.started = time.time()
         with open(planned.log, "w") as log:
             # Niced: a release is batch work beside the gateway it measures (on a shared two-core machine the
             # latency check would otherwise time the releases' imports, not the models).
-            return subprocess.Popen(["nice", "-n", "10", "airflow", "dags", "test", "model_release", "-c", conf],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            return subprocess.Popen(
+                ["nice", "-n", "10", "airflow", "dags", "test", "model_release", "-c", conf],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
     def _collect(self, planned: Planned, proc: subprocess.Popen) -> None:
         planned.ended, planned.returncode = time.time(), proc.returncode
         lines = [line for line in planned.log.read_text().splitlines() if "DagRun Finished" in line]
         planned.finished_line = lines[-1].strip() if lines else ""
-        ours = [r for r in release.list_releases(planned.model) if r.candidate_version == planned.version
-                and r.started_at >= planned.started - 1]
+        ours = [
+            r
+            for r in release.list_releases(planned.model)
+            if r.candidate_version == planned.version and r.started_at >= planned.started - 1
+        ]
         planned.outcome = ours[0] if ours else None
 
     def run(self, deadline_seconds: float) -> None:
@@ -277,28 +320,33 @@ class Runner:
                     self.fleet.stack.stop(f"traffic-{model}")
                     free.append(home)
             if time.time() > deadline:
-                for model, (_, _, proc) in running.items():
+                for _, _, proc in running.values():
                     os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"releases still running after {deadline_seconds} s: {sorted(running)}; "
-                            f"queued: {queue}")
+                pytest.fail(f"releases still running after {deadline_seconds} s: {sorted(running)}; queued: {queue}")
             time.sleep(0.5)
 
 
 def summary(fleet: Fleet) -> str:
     """One line per release (and one per stage): outcome, durations, the reason."""
-    lines = [f"fleet: {fleet.timings.get('setup', 0):.0f} s set-up, {fleet.timings.get('releases', 0):.0f} s "
-             f"releases, {FLEET_CONCURRENCY} at once"]
+    lines = [
+        f"fleet: {fleet.timings.get('setup', 0):.0f} s set-up, {fleet.timings.get('releases', 0):.0f} s "
+        f"releases, {FLEET_CONCURRENCY} at once"
+    ]
     for chain in fleet.chains.values():
         for p in chain:
             rel = p.outcome
             state = rel.state.value if rel else f"none (exit {p.returncode})"
             duration = f"{rel.ended_at - rel.started_at:.0f}" if rel and rel.ended_at else "?"
-            lines.append(f"{p.model:18s} v{p.version:3s} {p.role:8s} {state:12s} process {p.wall_seconds or 0:5.0f} s,"
-                         f" release {duration} s: {(rel.reasons[-1] if rel and rel.reasons else '')[:400]}")
-            for v in (rel.verdicts if rel else []):
+            lines.append(
+                f"{p.model:18s} v{p.version:3s} {p.role:8s} {state:12s} process {p.wall_seconds or 0:5.0f} s,"
+                f" release {duration} s: {(rel.reasons[-1] if rel and rel.reasons else '')[:400]}"
+            )
+            for v in rel.verdicts if rel else []:
                 window = v.window
-                lines.append(f"    {str(window.stage):16s} {v.decision.value:9s} {window.end - window.start:5.0f} s "
-                             f"{sum(a.requests for a in v.samples.values()):7d} requests  {v.reason[:200]}")
+                lines.append(
+                    f"    {window.stage!s:16s} {v.decision.value:9s} {window.end - window.start:5.0f} s "
+                    f"{sum(a.requests for a in v.samples.values()):7d} requests  {v.reason[:200]}"
+                )
     return "\n".join(lines)
 
 
@@ -353,8 +401,7 @@ def _stages(rel: release.Release) -> list[Stage]:
 def _assert_promoted_through_every_step(rel: release.Release) -> None:
     assert rel.state is State.promoted, rel.reasons
     decisions = [v.decision for v in rel.verdicts]
-    assert _stages(rel) == [Stage.shadow(), Stage.canary(1, 5), Stage.canary(2, 25), Stage.canary(3, 50)], \
-        _stages(rel)
+    assert _stages(rel) == [Stage.shadow(), Stage.canary(1, 5), Stage.canary(2, 25), Stage.canary(3, 50)], _stages(rel)
     assert decisions[0] is decisions[-1] is Decision.promote, decisions
     assert set(decisions[1:-1]) <= {Decision.promote, Decision.continue_}, decisions
 
@@ -385,8 +432,9 @@ def test_worse_regressor_is_rolled_back_in_shadow(fleet):
     # 60 k€ (at once, no labels needed); the error is far above the policy's 5 k€ margin either way.
     failed = {m.name for m in last.metrics if m.passed is False}
     assert failed & {"absolute_error", "agreement"}, last.reason
-    assert rel.reasons[-1].startswith(("rollback: absolute error of candidate − champion is +",
-                                       "rollback: the arms agree on")), rel.reasons[-1]
+    assert rel.reasons[-1].startswith(
+        ("rollback: absolute error of candidate − champion is +", "rollback: the arms agree on")
+    ), rel.reasons[-1]
     error = _metric(last, "absolute_error")
     assert error.estimate is None or error.estimate > 5.0, error
     assert registry.get_alias("prices", "champion") == better
@@ -427,8 +475,11 @@ def test_candidate_with_an_optional_column_nobody_sends_is_released(fleet):
     assert _candidate_errors(rel) == 0  # every request answered although `e` never arrives
     from mlflow.models import get_model_info
 
-    spec = next(s for s in get_model_info(f"models:/segments-optional/{rel.candidate_version}").signature.inputs.inputs
-                if s.name == om.OPTIONAL_FEATURE)
+    spec = next(
+        s
+        for s in get_model_info(f"models:/segments-optional/{rel.candidate_version}").signature.inputs.inputs
+        if s.name == om.OPTIONAL_FEATURE
+    )
     assert spec.required is False
 
 
@@ -436,8 +487,9 @@ def test_aa_releases_under_the_default_policy_are_promoted_with_at_most_one_fals
     outcomes = [fleet.outcome(model, "same") for model in AA_MODELS]
     assert all(rel.policy["name"] == "default" for rel in outcomes)
     # A false alarm ends a release rejected, rolled back or invalid (SRM); a failed run is no alarm but a fault.
-    assert all(rel.state is not State.failed for rel in outcomes), \
-        {rel.model: (rel.state.value, rel.reasons[-1:]) for rel in outcomes}
+    assert all(rel.state is not State.failed for rel in outcomes), {
+        rel.model: (rel.state.value, rel.reasons[-1:]) for rel in outcomes
+    }
     alarms = [(rel.model, rel.state.value, rel.reasons[-1]) for rel in outcomes if rel.state is not State.promoted]
     assert len(alarms) <= 1, alarms
     for rel in outcomes:

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from tests.system.stack import PG_ADMIN_URL_DEFAULT, PG_ADMIN_URL_ENV, Stack, postgres_problem
 from tests.require import require
+from tests.system.stack import PG_ADMIN_URL_DEFAULT, PG_ADMIN_URL_ENV, Stack, postgres_problem
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -80,21 +80,59 @@ RELEASEGATE_ENV = {
 _AIRFLOW_TASKS_ENV = {**AIRFLOW_ENV, **RELEASEGATE_ENV}
 
 SERVICES: dict[str, Service] = {
-    "airflow-apiserver": Service(("airflow", "api-server", "--host", "{bind_host}", "--port", "{airflow_port}"),
-                                 _AIRFLOW_TASKS_ENV, port="airflow_port", health="/api/v2/monitor/health"),
+    "airflow-apiserver": Service(
+        ("airflow", "api-server", "--host", "{bind_host}", "--port", "{airflow_port}"),
+        _AIRFLOW_TASKS_ENV,
+        port="airflow_port",
+        health="/api/v2/monitor/health",
+    ),
     "airflow-scheduler": Service(("airflow", "scheduler"), _AIRFLOW_TASKS_ENV),
     "airflow-dag-processor": Service(("airflow", "dag-processor"), _AIRFLOW_TASKS_ENV),
     "airflow-triggerer": Service(("airflow", "triggerer"), _AIRFLOW_TASKS_ENV),
-    "mlflow": Service(("mlflow", "server", "--backend-store-uri", "postgresql://{mlflow_db}",
-                       "--artifacts-destination", "{mlflow_artifacts}", "--host", "{bind_host}",
-                       "--port", "{mlflow_port}", "--workers", "1", "--allowed-hosts", "{mlflow_allowed_hosts}"),
-                      # One worker: uvicorn's supervisor kills workers that answer its pings late on a busy
-                      # machine. No job runner: releasegate uses none of MLflow's server-side jobs.
-                      {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, port="mlflow_port", health="/health"),
-    "gateway": Service(("python", "-m", "releasegate.serving", "--host", "{bind_host}", "--port", "{gateway_port}"),
-                       RELEASEGATE_ENV, port="gateway_port", health="/readyz"),
-    "traffic": Service(("releasegate", "traffic", "--model", MODEL, "--rps", "{traffic_rps}", "--duration", "0",
-                        "--feedback-delay", "1"), RELEASEGATE_ENV),
+    "mlflow": Service(
+        (
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            "postgresql://{mlflow_db}",
+            "--artifacts-destination",
+            "{mlflow_artifacts}",
+            "--host",
+            "{bind_host}",
+            "--port",
+            "{mlflow_port}",
+            "--workers",
+            "1",
+            "--allowed-hosts",
+            "{mlflow_allowed_hosts}",
+        ),
+        # One worker: uvicorn's supervisor kills workers that answer its pings late on a busy
+        # machine. No job runner: releasegate uses none of MLflow's server-side jobs.
+        {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        port="mlflow_port",
+        health="/health",
+    ),
+    "gateway": Service(
+        ("python", "-m", "releasegate.serving", "--host", "{bind_host}", "--port", "{gateway_port}"),
+        RELEASEGATE_ENV,
+        port="gateway_port",
+        health="/readyz",
+    ),
+    "traffic": Service(
+        (
+            "releasegate",
+            "traffic",
+            "--model",
+            MODEL,
+            "--rps",
+            "{traffic_rps}",
+            "--duration",
+            "0",
+            "--feedback-delay",
+            "1",
+        ),
+        RELEASEGATE_ENV,
+    ),
 }
 AIRFLOW_PROCESSES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")
 
@@ -201,15 +239,21 @@ class Stack:
         home = workdir / "releasegate"
         self.values = {
             **{k: str(v) for k, v in self.ports.items()},
-            "bind_host": "127.0.0.1", "airflow_host": "127.0.0.1", "airflow_public_host": "127.0.0.1",
-            "mlflow_host": "127.0.0.1", "gateway_host": "127.0.0.1",
-            "airflow_db": self.db.url("airflow"), "mlflow_db": self.db.url("mlflow"),
+            "bind_host": "127.0.0.1",
+            "airflow_host": "127.0.0.1",
+            "airflow_public_host": "127.0.0.1",
+            "mlflow_host": "127.0.0.1",
+            "gateway_host": "127.0.0.1",
+            "airflow_db": self.db.url("airflow"),
+            "mlflow_db": self.db.url("mlflow"),
             "releasegate_db": self.db.url("releasegate"),
-            "dags_folder": str(ROOT / "dags"), "plugins_folder": str(ROOT / "plugins"),
+            "dags_folder": str(ROOT / "dags"),
+            "plugins_folder": str(ROOT / "plugins"),
             "airflow_passwords_file": str(workdir / "airflow" / "passwords.json"),
             "mlflow_artifacts": (workdir / "mlartifacts").as_uri(),
             "mlflow_allowed_hosts": ",".join(f"{h}:{self.ports['mlflow_port']}" for h in ("127.0.0.1", "localhost")),
-            "releasegate_home": str(home), "keys_dir": str(home / "keys"),
+            "releasegate_home": str(home),
+            "keys_dir": str(home / "keys"),
             "traffic_rps": str(traffic_rps),
         }
         self._secrets = {
@@ -251,21 +295,22 @@ class Stack:
     def airflow_token(self, user: str = "admin") -> str:
         """A JWT for one of AIRFLOW_USERS from the API server's POST /auth/token (cached per user)."""
         if user not in self._tokens:
-            resp = httpx.post(f"{self.airflow_url}/auth/token",
-                              json={"username": user, "password": self.passwords[user]}, timeout=30)
+            resp = httpx.post(
+                f"{self.airflow_url}/auth/token", json={"username": user, "password": self.passwords[user]}, timeout=30
+            )
             resp.raise_for_status()
             self._tokens[user] = resp.json()["access_token"]
         return self._tokens[user]
 
     def airflow(self, user: str = "admin") -> httpx.Client:
         """An httpx client on Airflow's API server, authenticated as `user`; close it (or use `with`)."""
-        return httpx.Client(base_url=self.airflow_url, timeout=30,
-                            headers={"Authorization": f"Bearer {self.airflow_token(user)}"})
+        return httpx.Client(
+            base_url=self.airflow_url, timeout=30, headers={"Authorization": f"Bearer {self.airflow_token(user)}"}
+        )
 
     def run(self, argv: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
         """Run a command (e.g. `releasegate trigger ...`) in the stack's environment, output captured."""
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
-                              cwd=ROOT, **kwargs)
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
 
     # --- environment --------------------------------------------------------------------------
     def _environment(self) -> dict[str, str]:
@@ -276,13 +321,15 @@ class Stack:
         for name, template in {**AIRFLOW_ENV, **RELEASEGATE_ENV}.items():
             env[name] = self.env_value(name, template)
         bin_dir = str(Path(sys.executable).parent)
-        env.update({
-            "AIRFLOW_HOME": str(self.workdir / "airflow"),
-            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "plugins"), os.environ.get("PYTHONPATH")])),
-            "GIT_PYTHON_REFRESH": "quiet",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        })
+        env.update(
+            {
+                "AIRFLOW_HOME": str(self.workdir / "airflow"),
+                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "plugins"), os.environ.get("PYTHONPATH")])),
+                "GIT_PYTHON_REFRESH": "quiet",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            }
+        )
         return env
 
     def env_value(self, name: str, template: str) -> str:
@@ -298,8 +345,9 @@ class Stack:
         env = dict(self.env)
         if name in SERVICES:
             env.update({var: self.env_value(var, t) for var, t in SERVICES[name].env.items()})
-        proc = subprocess.Popen(argv or self.argv(name), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv or self.argv(name), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
         log.close()
         self.procs[name] = proc
         return proc
@@ -347,13 +395,15 @@ class Stack:
 
     def _airflow_healthy(self) -> bool:
         health = httpx.get(f"{self.airflow_url}/api/v2/monitor/health", timeout=5).json()
-        return all(health[part]["status"] == "healthy"
-                   for part in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+        return all(
+            health[part]["status"] == "healthy" for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+        )
 
     def _dags_listed(self, dag_ids: tuple[str, ...]) -> Callable[[], bool]:
         def listed() -> bool:
             with self.airflow() as client:
                 return all(client.get(f"/api/v2/dags/{dag_id}").status_code == 200 for dag_id in dag_ids)
+
         return listed
 
     def start(self, dag_ids: tuple[str, ...] = ("model_release",), timeout: float = 300) -> None:
@@ -371,8 +421,7 @@ class Stack:
         (self.workdir / "airflow").mkdir(exist_ok=True)
         Path(self.values["airflow_passwords_file"]).write_text(json.dumps(self.passwords))
         self.start_process("airflow-db-migrate", ["airflow", "db", "migrate"])
-        self._airflow_boot = threading.Thread(target=self._boot_airflow, args=(dag_ids, timeout, mark),
-                                              daemon=True)
+        self._airflow_boot = threading.Thread(target=self._boot_airflow, args=(dag_ids, timeout, mark), daemon=True)
         self._airflow_boot.start()
         self.start_process("mlflow")
         self._prepare_releasegate()
@@ -381,8 +430,12 @@ class Stack:
         mark("mlflow healthy")
         self._register_models()
         mark("models registered, champion signed")
-        self.wait_for("gateway", lambda: httpx.get(f"{self.gateway_url}/healthz", timeout=2).status_code == 200,
-                      ("gateway",), timeout)
+        self.wait_for(
+            "gateway",
+            lambda: httpx.get(f"{self.gateway_url}/healthz", timeout=2).status_code == 200,
+            ("gateway",),
+            timeout,
+        )
         self._route_champion()
         self.wait_for("gateway /readyz", self._healthy("gateway"), ("gateway",), timeout)
         mark("gateway ready, serving the champion")
@@ -408,8 +461,9 @@ class Stack:
                 return
             time.sleep(0.5)
         if migrate.returncode != 0:
-            self._airflow_error = (f"airflow db migrate failed (exit {migrate.returncode}):\n"
-                                   f"{self.log_tail('airflow-db-migrate')}")
+            self._airflow_error = (
+                f"airflow db migrate failed (exit {migrate.returncode}):\n{self.log_tail('airflow-db-migrate')}"
+            )
             return
         self.procs.pop("airflow-db-migrate")
         mark("airflow db migrated")
@@ -420,11 +474,14 @@ class Stack:
         try:
             self.wait_for("Airflow API server", self._healthy("airflow-apiserver"), AIRFLOW_PROCESSES, timeout)
             mark("airflow api-server healthy")
-            self.wait_for("Airflow scheduler, triggerer and dag-processor heartbeats", self._airflow_healthy,
-                          AIRFLOW_PROCESSES, timeout)
+            self.wait_for(
+                "Airflow scheduler, triggerer and dag-processor heartbeats",
+                self._airflow_healthy,
+                AIRFLOW_PROCESSES,
+                timeout,
+            )
             mark("airflow scheduler, triggerer, dag-processor heartbeats")
-            self.wait_for(f"DAGs {', '.join(dag_ids)} parsed", self._dags_listed(dag_ids), AIRFLOW_PROCESSES,
-                          timeout)
+            self.wait_for(f"DAGs {', '.join(dag_ids)} parsed", self._dags_listed(dag_ids), AIRFLOW_PROCESSES, timeout)
             mark("airflow DAGs listed")
         except StackError as err:
             self._airflow_error = str(err)
@@ -441,6 +498,7 @@ class Stack:
                 for name in {**AIRFLOW_ENV, **RELEASEGATE_ENV}:
                     mp.setenv(name, self.env[name])
                 yield
+
         return patched()
 
     def _prepare_releasegate(self) -> None:

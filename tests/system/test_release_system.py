@@ -19,8 +19,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.system.stack import MODEL, ROOT
 from tests.require import require
+from tests.system.stack import MODEL, ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.system]
 RELEASEGATE = str(Path(sys.executable).parent / "releasegate")
@@ -31,13 +31,36 @@ class Trigger:
     """`releasegate trigger --wait` as a CI job runs it, its output collected line by line as it streams."""
 
     def __init__(self, stack, version: str, user: str = "admin"):
-        env = dict(stack.env, RELEASEGATE_AIRFLOW_URL=stack.airflow_url, RELEASEGATE_AIRFLOW_USER=user,
-                   RELEASEGATE_AIRFLOW_PASSWORD=stack.passwords[user])
+        env = dict(
+            stack.env,
+            RELEASEGATE_AIRFLOW_URL=stack.airflow_url,
+            RELEASEGATE_AIRFLOW_USER=user,
+            RELEASEGATE_AIRFLOW_PASSWORD=stack.passwords[user],
+        )
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [RELEASEGATE, "trigger", "--model", MODEL, "--version", version, "--policy", POLICY, "--wait",
-             "--unpause", "--poll-seconds", "2", "--timeout", "1200"],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                RELEASEGATE,
+                "trigger",
+                "--model",
+                MODEL,
+                "--version",
+                version,
+                "--policy",
+                POLICY,
+                "--wait",
+                "--unpause",
+                "--poll-seconds",
+                "2",
+                "--timeout",
+                "1200",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -72,8 +95,9 @@ def _pending_approval(stack, run_id: str, timeout: float = 900) -> dict:
         while time.monotonic() < deadline:
             run = airflow.get(f"/api/v2/dags/model_release/dagRuns/{run_id}").json()
             assert run["state"] in ("queued", "running"), f"the run ended {run['state']} before asking for approval"
-            body = airflow.get(f"/api/v2/dags/model_release/dagRuns/{run_id}/hitlDetails",
-                               params={"response_received": "false"}).json()
+            body = airflow.get(
+                f"/api/v2/dags/model_release/dagRuns/{run_id}/hitlDetails", params={"response_received": "false"}
+            ).json()
             if body.get("hitl_details"):
                 request = body["hitl_details"][0]
                 task = request["task_instance"]["task_id"]
@@ -113,15 +137,20 @@ def test_ci_trigger_waits_for_a_person_then_promotes_the_better_candidate(system
     assert trigger.wait() == 0, trigger.output
     assert "waiting for approval" in trigger.output and "promoted" in trigger.lines[-1], trigger.output
     with _releases_db(stack).connect() as db:
-        rel = db.execute(sa.text("select release_id, state, reasons from releases where candidate_version = :v"),
-                         {"v": stack.versions["good"]}).one()
-        approvals = db.execute(sa.text("select actor, details from audit where release_id = :r and action = 'approval'"),
-                               {"r": rel.release_id}).all()
+        rel = db.execute(
+            sa.text("select release_id, state, reasons from releases where candidate_version = :v"),
+            {"v": stack.versions["good"]},
+        ).one()
+        approvals = db.execute(
+            sa.text("select actor, details from audit where release_id = :r and action = 'approval'"),
+            {"r": rel.release_id},
+        ).all()
     assert rel.state == "promoted"
     assert "approved by operator: system test sign-off" in rel.reasons
     assert [a.actor for a in approvals] == ["airflow:operator"]
-    route = httpx.get(f"{stack.gateway_url}/admin/routes/{MODEL}", timeout=10,
-                      headers={"authorization": f"Bearer {stack.admin_key}"}).json()
+    route = httpx.get(
+        f"{stack.gateway_url}/admin/routes/{MODEL}", timeout=10, headers={"authorization": f"Bearer {stack.admin_key}"}
+    ).json()
     assert route["champion_version"] == stack.versions["good"] and route["mode"] == "single"
 
 
@@ -142,11 +171,17 @@ def test_nightly_evaluation_runs_when_triggered(system_stack):
         run_id = run.json()["dag_run_id"]
         deadline = time.monotonic() + 600
         while (state := airflow.get(f"/api/v2/dags/nightly_evaluation/dagRuns/{run_id}").json()["state"]) in (
-                "queued", "running"):
+            "queued",
+            "running",
+        ):
             assert time.monotonic() < deadline, "nightly_evaluation did not finish in 10 minutes"
             time.sleep(3)
-        tis = {t["task_id"]: t["state"] for t in
-               airflow.get(f"/api/v2/dags/nightly_evaluation/dagRuns/{run_id}/taskInstances").json()["task_instances"]}
+        tis = {
+            t["task_id"]: t["state"]
+            for t in airflow.get(f"/api/v2/dags/nightly_evaluation/dagRuns/{run_id}/taskInstances").json()[
+                "task_instances"
+            ]
+        }
     assert state == "success", tis
     assert all(s in ("success", "skipped") for s in tis.values()), tis
 
@@ -159,8 +194,9 @@ def test_dashboard_lists_the_releases_in_headless_chromium(system_stack, tmp_pat
         require(missing)
     stack = system_stack
     shot = Path(os.environ.get("RELEASEGATE_SCREENSHOT_DIR", tmp_path)) / "dashboard-system.png"
-    page = browser.render(f"{stack.airflow_url}/releasegate/", token=stack.airflow_token("viewer"), screenshot=shot,
-                          wait_for_css="table")
+    page = browser.render(
+        f"{stack.airflow_url}/releasegate/", token=stack.airflow_token("viewer"), screenshot=shot, wait_for_css="table"
+    )
     assert stack.versions["good"] and f"v{stack.versions['good']}" in page.html
     assert "promoted" in page.html and "rolled_back" in page.html.replace("rolled back", "rolled_back")
     assert shot.stat().st_size > 10_000

@@ -25,8 +25,9 @@ def test_every_service_answers_and_the_release_dag_can_be_unpaused(system_stack)
         assert viewer.get("/api/v2/dags/model_release").status_code == 200
         assert viewer.patch("/api/v2/dags/model_release", json={"is_paused": True}).status_code == 403
 
-    registered = httpx.get(f"{stack.mlflow_url}/api/2.0/mlflow/registered-models/get", params={"name": MODEL},
-                           timeout=10)
+    registered = httpx.get(
+        f"{stack.mlflow_url}/api/2.0/mlflow/registered-models/get", params={"name": MODEL}, timeout=10
+    )
     assert registered.status_code == 200, registered.text
     aliases = {a["alias"]: a["version"] for a in registered.json()["registered_model"].get("aliases", [])}
     # The demo's v1 until a release (in another module of this session) promotes one.

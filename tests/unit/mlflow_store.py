@@ -51,11 +51,15 @@ def register(settings, classifier, model: str = MODEL) -> str:
 
     mlflow_client = registry.client(settings)
     experiment = mlflow_client.get_experiment_by_name("tests")
-    experiment_id = experiment.experiment_id if experiment else mlflow_client.create_experiment(
-        "tests", artifact_location=settings.mlflow_artifact_root.as_uri())
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else mlflow_client.create_experiment("tests", artifact_location=settings.mlflow_artifact_root.as_uri())
+    )
     with mlflow.start_run(experiment_id=experiment_id):
-        info = mlflow.sklearn.log_model(classifier[0], name="model", registered_model_name=model,
-                                        pip_requirements=["scikit-learn"])
+        info = mlflow.sklearn.log_model(
+            classifier[0], name="model", registered_model_name=model, pip_requirements=["scikit-learn"]
+        )
     return str(info.registered_model_version)
 
 
@@ -63,5 +67,3 @@ def stored_model_dir(settings, version: str, model: str = MODEL) -> Path:
     """Where the store keeps the version's model files on disk (what an attacker with disk access edits)."""
     uri = registry.client(settings).get_model_version_download_uri(model, version)
     return Path(unquote(urlparse(uri).path))
-
-

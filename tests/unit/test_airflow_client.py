@@ -14,8 +14,8 @@ import pytest
 from releasegate import airflow_client as af
 from releasegate import results
 from releasegate.contract import Stage
-from releasegate.verdict import Decision
 from releasegate.release import TERMINAL, State
+from releasegate.verdict import Decision
 
 RUN = "manual__2026-11-29T10:00:00+00:00"
 
@@ -33,13 +33,32 @@ class FakeAirflow:
 
     def tis(self) -> list[dict]:
         done = self.polls >= 2
-        tis = [{"task_id": "open_release", "state": "success", "duration": 2.5, "map_index": -1,
-                "end_date": "2026-11-29T10:00:03Z"},
-               {"task_id": "decide", "state": "success" if done else ("deferred" if self.approval else "running"),
-                "duration": 1.0, "map_index": -1, "end_date": "2026-11-29T10:01:00Z" if done else None}]
+        tis = [
+            {
+                "task_id": "open_release",
+                "state": "success",
+                "duration": 2.5,
+                "map_index": -1,
+                "end_date": "2026-11-29T10:00:03Z",
+            },
+            {
+                "task_id": "decide",
+                "state": "success" if done else ("deferred" if self.approval else "running"),
+                "duration": 1.0,
+                "map_index": -1,
+                "end_date": "2026-11-29T10:01:00Z" if done else None,
+            },
+        ]
         if done:
-            tis.append({"task_id": "finish", "state": "success" if self.final else "failed", "duration": 3.0,
-                        "map_index": -1, "end_date": "2026-11-29T10:01:05Z"})
+            tis.append(
+                {
+                    "task_id": "finish",
+                    "state": "success" if self.final else "failed",
+                    "duration": 3.0,
+                    "map_index": -1,
+                    "end_date": "2026-11-29T10:01:05Z",
+                }
+            )
         return tis
 
     def handler(self, request: httpx.Request) -> httpx.Response:
@@ -62,23 +81,45 @@ class FakeAirflow:
             return httpx.Response(503, json={"detail": "api-server restarting"})
         if path == base:
             self.polls += 1
-            return httpx.Response(200, json={"dag_run_id": RUN, "state": self.run_state if self.polls >= 2 else "running"})
+            return httpx.Response(
+                200, json={"dag_run_id": RUN, "state": self.run_state if self.polls >= 2 else "running"}
+            )
         if path == f"{base}/taskInstances":
             return httpx.Response(200, json={"task_instances": self.tis(), "total_entries": 3})
         if path == f"{base}/hitlDetails":
             pending = self.approval and self.polls < 2
-            details = [{"task_instance": {"task_id": "decide"}, "subject": "Promote churn v2 (champion v1)?",
-                        "options": ["Promote", "Roll back"]}] if pending else []
+            details = (
+                [
+                    {
+                        "task_instance": {"task_id": "decide"},
+                        "subject": "Promote churn v2 (champion v1)?",
+                        "options": ["Promote", "Roll back"],
+                    }
+                ]
+                if pending
+                else []
+            )
             return httpx.Response(200, json={"hitl_details": details, "total_entries": len(details)})
         if path == f"{base}/taskInstances/finish/xcomEntries/return_value" and self.final:
-            summary = results.Summary(release_id="rel-1", model="churn", candidate="2", champion="1",
-                                      state=State(self.final), decision=None,
-                                      reasons=[f"the release ended {self.final}"], verdicts=[], policy="default",
-                                      started_at=0.0, ended_at=1.0, duration_seconds=1.0)
+            summary = results.Summary(
+                release_id="rel-1",
+                model="churn",
+                candidate="2",
+                champion="1",
+                state=State(self.final),
+                decision=None,
+                reasons=[f"the release ended {self.final}"],
+                verdicts=[],
+                policy="default",
+                started_at=0.0,
+                ended_at=1.0,
+                duration_seconds=1.0,
+            )
             return httpx.Response(200, json={"key": "return_value", "value": summary.model_dump(mode="json")})
         if path == f"{base}/taskInstances/open_release/xcomEntries/return_value":
-            opened = results.Opened(release_id="rel-1", model="churn", candidate="2", champion="1", policy="default",
-                                    policy_digest="0" * 64)
+            opened = results.Opened(
+                release_id="rel-1", model="churn", candidate="2", champion="1", policy="default", policy_digest="0" * 64
+            )
             return httpx.Response(200, json={"value": opened.model_dump(mode="json")})
         return httpx.Response(404, json={"detail": f"XCom entry with key: `return_value` not found ({path})"})
 
@@ -100,7 +141,7 @@ def run_release(fake: FakeAirflow) -> tuple[af.Outcome, list[str]]:
 @pytest.mark.parametrize("state", sorted(TERMINAL, key=str))
 def test_each_release_outcome_gives_the_designed_exit_code(state):
     expected = {State.promoted: 0, State.failed: 2}.get(state, 1)
-    outcome, lines = run_release(FakeAirflow(final=state.value))
+    outcome, _lines = run_release(FakeAirflow(final=state.value))
     assert outcome.exit_code == expected
     assert outcome.message == f"rel-1 {state.value}: the release ended {state.value}"
 
@@ -108,12 +149,14 @@ def test_each_release_outcome_gives_the_designed_exit_code(state):
 def test_trigger_sends_the_release_params_with_no_logical_date():
     fake = FakeAirflow()
     run_release(fake)
-    assert fake.triggered == {"logical_date": None,
-                              "conf": {"model_name": "churn", "version": "2", "policy": "default"}}
+    assert fake.triggered == {
+        "logical_date": None,
+        "conf": {"model_name": "churn", "version": "2", "policy": "default"},
+    }
 
 
 def test_steps_are_streamed_once_each_with_the_release_they_opened():
-    outcome, lines = run_release(FakeAirflow())
+    _outcome, lines = run_release(FakeAirflow())
     assert [line.split()[0] for line in lines] == ["open_release", "decide", "finish"]
     assert "release rel-1: churn v2 over v1 (policy default)" in lines[0]
     assert "2.5s" in lines[0]
@@ -149,8 +192,10 @@ def test_an_expired_token_is_renewed_once_with_the_password():
 
 
 def test_a_given_token_that_is_refused_is_not_retried():
-    with client_for(FakeAirflow(), token="stale", username=None, password=None) as client, \
-            pytest.raises(af.AirflowError, match="refused the token"):
+    with (
+        client_for(FakeAirflow(), token="stale", username=None, password=None) as client,
+        pytest.raises(af.AirflowError, match="refused the token"),
+    ):
         client.dag_run("model_release", RUN)
 
 
@@ -174,34 +219,57 @@ def test_approve_finds_the_release_by_id_and_answers_with_the_release_options_an
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/api/v2/dags/model_release/dagRuns/~/hitlDetails":
-            return httpx.Response(200, json={"hitl_details": [
-                {"task_instance": {"task_id": "decide", "dag_run_id": RUN, "map_index": -1},
-                 "subject": "Promote churn v2 (champion v1)?", "body": "**Release** `rel-1`: ...",
-                 "options": ["Promote", "Roll back"], "params": {"comment": {"value": ""}}}]})
+            return httpx.Response(
+                200,
+                json={
+                    "hitl_details": [
+                        {
+                            "task_instance": {"task_id": "decide", "dag_run_id": RUN, "map_index": -1},
+                            "subject": "Promote churn v2 (champion v1)?",
+                            "body": "**Release** `rel-1`: ...",
+                            "options": ["Promote", "Roll back"],
+                            "params": {"comment": {"value": ""}},
+                        }
+                    ]
+                },
+            )
         sent["path"], sent["body"] = request.url.path, json.loads(request.content)
-        return httpx.Response(200, json={"chosen_options": sent["body"]["chosen_options"],
-                                         "responded_by": {"id": "ci", "name": "ci"}})
+        return httpx.Response(
+            200, json={"chosen_options": sent["body"]["chosen_options"], "responded_by": {"id": "ci", "name": "ci"}}
+        )
 
     with af.AirflowClient("http://airflow.test", token="jwt", transport=httpx.MockTransport(handler)) as client:
         request = af.find_approval(client, "model_release", "rel-1", model="churn")
         af.answer(client, "model_release", request, approve=False, comment="latency too close to the limit")
         assert sent["path"] == f"/api/v2/dags/model_release/dagRuns/{RUN}/taskInstances/decide/-1/hitlDetails"
-        assert sent["body"] == {"chosen_options": ["Roll back"], "params_input": {"comment": "latency too close to the limit"}}
+        assert sent["body"] == {
+            "chosen_options": ["Roll back"],
+            "params_input": {"comment": "latency too close to the limit"},
+        }
         with pytest.raises(af.AirflowError, match="no approval of model_release waits for 'rel-2'"):
             af.find_approval(client, "model_release", "rel-2")
         with pytest.raises(af.AirflowError, match="no approval"):
             af.find_approval(client, "model_release", "rel-1", model="fraud")
 
 
-@pytest.mark.parametrize("result, shown", [
-    (results.Routed(stage=Stage.canary(1, 25), since=0.0, window_seconds=600, max_extensions=0, poll_seconds=5),
-     "canary 1 (25 %): 25% of traffic"),
-    (results.Validated(passed=False, reasons=["accuracy 0.81 below the champion's 0.84 - 0.01"]),
-     "failed: accuracy 0.81"),
-    (results.Recorded(stage=Stage.shadow(), decision=Decision.rollback, reason="error rate +2.1 pt", drift={}),
-     "rollback: error rate +2.1 pt"),
-    (results.Skipped(reason="release rel-1 ended as rejected", state=State.rejected), "release rel-1 ended"),
-])
+@pytest.mark.parametrize(
+    "result, shown",
+    [
+        (
+            results.Routed(stage=Stage.canary(1, 25), since=0.0, window_seconds=600, max_extensions=0, poll_seconds=5),
+            "canary 1 (25 %): 25% of traffic",
+        ),
+        (
+            results.Validated(passed=False, reasons=["accuracy 0.81 below the champion's 0.84 - 0.01"]),
+            "failed: accuracy 0.81",
+        ),
+        (
+            results.Recorded(stage=Stage.shadow(), decision=Decision.rollback, reason="error rate +2.1 pt", drift={}),
+            "rollback: error rate +2.1 pt",
+        ),
+        (results.Skipped(reason="release rel-1 ended as rejected", state=State.rejected), "release rel-1 ended"),
+    ],
+)
 def test_each_step_shows_what_it_decided(result, shown):
     assert af._describe(result.model_dump(mode="json")).startswith(shown)
     assert af._describe({"release_id": "rel-1", "state": "promoted"}) is None  # not a step's result: not guessed

@@ -13,12 +13,19 @@ from scipy import stats
 from scipy.special import gammaln
 
 from releasegate import policy as policies
-from releasegate.analysis import (Decision, Verdict, analyse, analyse_frames, frame_stats, sequential, srm,
-                                  verdict_from_stats)
+from releasegate.analysis import (
+    Decision,
+    Verdict,
+    analyse,
+    analyse_frames,
+    frame_stats,
+    sequential,
+    srm,
+    verdict_from_stats,
+)
 from releasegate.analysis.labels import scalar
-from releasegate.verdict import Window
-
 from releasegate.contract import Stage, StageKind
+from releasegate.verdict import Window
 
 SHADOW = Stage.shadow()
 
@@ -39,21 +46,46 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _row(i, request_id, t, arm, mode, key, *, output, latency, status="ok", served=True, fallback=False,
-         region="north"):
-    return {"id": i, "request_id": request_id, "time": t, "model": "churn",
-            "version": "2" if arm == "candidate" else "1",
-            "arm": arm, "mode": mode, "release_id": "rel-1", "routing_key_hash": key,
-            "sample_bucket": int(_hash(request_id), 16) % 1000, "served": served, "fallback": fallback,
-            "inputs": json.dumps({"region": region, "tenure_months": 12}),
-            "outputs": None if status != "ok" else json.dumps(output), "latency_ms": latency, "status": status,
-            "error": None if status == "ok" else "boom"}
+def _row(
+    i, request_id, t, arm, mode, key, *, output, latency, status="ok", served=True, fallback=False, region="north"
+):
+    return {
+        "id": i,
+        "request_id": request_id,
+        "time": t,
+        "model": "churn",
+        "version": "2" if arm == "candidate" else "1",
+        "arm": arm,
+        "mode": mode,
+        "release_id": "rel-1",
+        "routing_key_hash": key,
+        "sample_bucket": int(_hash(request_id), 16) % 1000,
+        "served": served,
+        "fallback": fallback,
+        "inputs": json.dumps({"region": region, "tenure_months": 12}),
+        "outputs": None if status != "ok" else json.dumps(output),
+        "latency_ms": latency,
+        "status": status,
+        "error": None if status == "ok" else "boom",
+    }
 
 
-def traffic(n: int, mode: str = "shadow", *, weight: int = 50, seed: int = 0, champion_acc: float = 0.80,
-            candidate_acc: float | dict = 0.88, champion_err: float = 0.005, candidate_err: float = 0.005,
-            candidate_slowdown: float = 1.0, median_latency_ms: float = 20.0, candidate_share: float | None = None, labelled: float = 1.0,
-            output_shape=lambda y: [y]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def traffic(
+    n: int,
+    mode: str = "shadow",
+    *,
+    weight: int = 50,
+    seed: int = 0,
+    champion_acc: float = 0.80,
+    candidate_acc: float | dict = 0.88,
+    champion_err: float = 0.005,
+    candidate_err: float = 0.005,
+    candidate_slowdown: float = 1.0,
+    median_latency_ms: float = 20.0,
+    candidate_share: float | None = None,
+    labelled: float = 1.0,
+    output_shape=lambda y: [y],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Logged rows as the gateway writes them: shadow pairs, or canary splits by routing-key hash.
 
     candidate_acc may be a dict region -> accuracy; a correct champion stays correct for a good
@@ -81,25 +113,88 @@ def traffic(n: int, mode: str = "shadow", *, weight: int = 50, seed: int = 0, ch
         b_status = "error" if rng.random() < champion_err else "ok"
         c_status = "error" if rng.random() < candidate_err else "ok"
         if mode == "shadow":
-            rows.append(_row(row_id, rid, t, "champion", "shadow", key, output=output_shape(b_out), latency=lat_b,
-                             status=b_status, region=region))
-            rows.append(_row(row_id + 1, rid, t + 0.001, "candidate", "shadow", key, output=output_shape(c_out),
-                             latency=lat_c, status=c_status, served=False, region=region))
+            rows.append(
+                _row(
+                    row_id,
+                    rid,
+                    t,
+                    "champion",
+                    "shadow",
+                    key,
+                    output=output_shape(b_out),
+                    latency=lat_b,
+                    status=b_status,
+                    region=region,
+                )
+            )
+            rows.append(
+                _row(
+                    row_id + 1,
+                    rid,
+                    t + 0.001,
+                    "candidate",
+                    "shadow",
+                    key,
+                    output=output_shape(c_out),
+                    latency=lat_c,
+                    status=c_status,
+                    served=False,
+                    region=region,
+                )
+            )
             row_id += 2
         elif rng.random() < share:
-            rows.append(_row(row_id, rid, t, "candidate", "canary", key, output=output_shape(c_out), latency=lat_c,
-                             status=c_status, served=c_status == "ok", region=region))
+            rows.append(
+                _row(
+                    row_id,
+                    rid,
+                    t,
+                    "candidate",
+                    "canary",
+                    key,
+                    output=output_shape(c_out),
+                    latency=lat_c,
+                    status=c_status,
+                    served=c_status == "ok",
+                    region=region,
+                )
+            )
             if c_status != "ok":  # the champion answers for the failed candidate
-                rows.append(_row(row_id + 1, rid, t + 0.001, "champion", "canary", key,
-                                 output=output_shape(b_out), latency=lat_b, fallback=True, region=region))
+                rows.append(
+                    _row(
+                        row_id + 1,
+                        rid,
+                        t + 0.001,
+                        "champion",
+                        "canary",
+                        key,
+                        output=output_shape(b_out),
+                        latency=lat_b,
+                        fallback=True,
+                        region=region,
+                    )
+                )
             row_id += 2
         else:
-            rows.append(_row(row_id, rid, t, "champion", "canary", key, output=output_shape(b_out), latency=lat_b,
-                             status=b_status, region=region))
+            rows.append(
+                _row(
+                    row_id,
+                    rid,
+                    t,
+                    "champion",
+                    "canary",
+                    key,
+                    output=output_shape(b_out),
+                    latency=lat_b,
+                    status=b_status,
+                    region=region,
+                )
+            )
             row_id += 1
         if rng.random() < labelled:
-            fb.append({"id": len(fb), "request_id": rid, "time": t + 5, "ground_truth": json.dumps(y),
-                       "business_value": None})
+            fb.append(
+                {"id": len(fb), "request_id": rid, "time": t + 5, "ground_truth": json.dumps(y), "business_value": None}
+            )
     return pd.DataFrame(rows), pd.DataFrame(fb, columns=["id", "request_id", "time", "ground_truth", "business_value"])
 
 
@@ -180,14 +275,17 @@ def test_srm_bayes_factor_matches_hand_computation():
 def test_srm_bayes_factor_matches_scipy_dirichlet_multinomial():
     counts, shares = [900, 100], [0.75, 0.25]
     prior = [100 * s for s in shares]
-    reference = (stats.dirichlet_multinomial.logpmf(counts, prior, sum(counts))
-                 - stats.multinomial.logpmf(counts, sum(counts), shares))
+    reference = stats.dirichlet_multinomial.logpmf(counts, prior, sum(counts)) - stats.multinomial.logpmf(
+        counts, sum(counts), shares
+    )
     assert srm.log_bayes_factor(counts, shares) == pytest.approx(reference, rel=1e-9)
 
 
 def test_srm_alarm_is_sequential_and_rare_under_the_configured_split():
     ok = srm.check({"champion": 1030, "candidate": 970}, candidate_weight=50, alarm_below=0.001)
-    assert not ok.alarm and ok.p_value == pytest.approx(min(1.0, math.exp(-srm.log_bayes_factor([1030, 970], [.5, .5]))))
+    assert not ok.alarm and ok.p_value == pytest.approx(
+        min(1.0, math.exp(-srm.log_bayes_factor([1030, 970], [0.5, 0.5])))
+    )
     skewed = srm.check({"champion": 900, "candidate": 100}, candidate_weight=25, alarm_below=0.001)
     assert skewed.alarm and skewed.p_value < 1e-10 and skewed.bayes_factor > 1e10
     # A look after every key, 10 000 keys, 400 releases: Ville's inequality caps the alarms at alpha.
@@ -199,8 +297,13 @@ def test_srm_alarm_is_sequential_and_rare_under_the_configured_split():
         candidate = np.cumsum(rng.random(n) < 0.05)
         x = np.stack([looks - candidate, candidate], axis=1).astype(float)
         prior = 100 * np.array([0.95, 0.05])
-        log_bf = (gammaln(prior + x).sum(1) - gammaln(100 + looks) - gammaln(prior).sum() + gammaln(100)
-                  - x @ np.log([0.95, 0.05]))
+        log_bf = (
+            gammaln(prior + x).sum(1)
+            - gammaln(100 + looks)
+            - gammaln(prior).sum()
+            + gammaln(100)
+            - x @ np.log([0.95, 0.05])
+        )
         alarms += bool(np.any(log_bf >= math.log(1 / alpha)))
     assert alarms / 400 <= alpha
     assert log_bf[-1] == pytest.approx(srm.log_bayes_factor(x[-1], [0.95, 0.05]))
@@ -378,16 +481,18 @@ def test_a_window_without_rows_yet_continues(policy):
 def test_a_check_that_cannot_clear_its_limit_within_the_extensions_rolls_back_after_a_full_window():
     pol = policies.parse({"name": "futility", "canary": {"max_window_seconds": 600}, "max_extensions": 2})
     # Candidate latency × 1.5: its p99 sits exactly on the limit, so no amount of traffic can show it within.
-    preds, fb = traffic(4000, "canary", weight=50, seed=12, champion_acc=0.85, candidate_acc=0.85,
-                        candidate_slowdown=1.5)
+    preds, fb = traffic(
+        4000, "canary", weight=50, seed=12, champion_acc=0.85, candidate_acc=0.85, candidate_slowdown=1.5
+    )
     early = analyse_frames(preds, fb, canary(50), pol, window=(0.0, 300.0))
     assert early.decision is Decision.continue_ and not metric(early, "latency_p99").futile
     late = analyse_frames(preds, fb, canary(50), pol, window=(0.0, 600.0))
     assert metric(late, "latency_p99").futile and late.decision is Decision.rollback
-    assert late.reason.startswith("rollback: after a full window, at the current estimates not even the canary "
-                                  "time still allowed would show extra share over the latency limit")
+    assert late.reason.startswith(
+        "rollback: after a full window, at the current estimates not even the canary "
+        "time still allowed would show extra share over the latency limit"
+    )
     # Without extensions to skip, the policy's inconclusive rule decides at the window's end.
     no_extensions = pol.model_copy(update={"max_extensions": 0})
     closed = analyse_frames(preds, fb, canary(50), no_extensions, window=(0.0, 600.0), window_closed=True)
     assert closed.decision is Decision.inconclusive and not metric(closed, "latency_p99").futile
-

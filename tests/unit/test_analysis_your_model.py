@@ -12,7 +12,6 @@ import pytest
 
 from releasegate import policy as policies
 from releasegate.analysis import Decision, analyse_frames, sequential
-
 from releasegate.contract import Stage, StageKind
 
 SHADOW = Stage.shadow()
@@ -22,32 +21,45 @@ def canary(weight: int) -> Stage:
     return Stage(kind=StageKind.canary, weight=weight)
 
 
-
 def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def regression_shadow(n: int, *, candidate_noise: float, champion_noise: float = 3.0, seed: int = 0,
-                      candidate_latency_ms: float = 20.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def regression_shadow(
+    n: int, *, candidate_noise: float, champion_noise: float = 3.0, seed: int = 0, candidate_latency_ms: float = 20.0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Shadow pairs of two regressors: truth y, each arm's answer y + its own noise (no two answers equal)."""
     rng = np.random.default_rng(seed)
     rows, fb = [], []
     for i in range(n):
         rid, t = f"r{i}", 1000.0 + i * 0.01
         y = float(rng.normal(50, 10))
-        for j, (arm, noise, latency) in enumerate((("champion", champion_noise, 20.0),
-                                                   ("candidate", candidate_noise, candidate_latency_ms))):
-            rows.append({"id": 2 * i + j, "request_id": rid, "time": t + j * 0.001, "arm": arm,
-                         "routing_key_hash": _key(rid), "fallback": False,
-                         "inputs": json.dumps({"region": "north"}),
-                         "outputs": json.dumps([y + float(rng.normal(0, noise))]),
-                         "latency_ms": float(rng.lognormal(math.log(latency), 0.3)), "status": "ok"})
+        for j, (arm, noise, latency) in enumerate(
+            (("champion", champion_noise, 20.0), ("candidate", candidate_noise, candidate_latency_ms))
+        ):
+            rows.append(
+                {
+                    "id": 2 * i + j,
+                    "request_id": rid,
+                    "time": t + j * 0.001,
+                    "arm": arm,
+                    "routing_key_hash": _key(rid),
+                    "fallback": False,
+                    "inputs": json.dumps({"region": "north"}),
+                    "outputs": json.dumps([y + float(rng.normal(0, noise))]),
+                    "latency_ms": float(rng.lognormal(math.log(latency), 0.3)),
+                    "status": "ok",
+                }
+            )
         fb.append({"request_id": rid, "time": t + 1, "ground_truth": json.dumps(y)})
     return pd.DataFrame(rows), pd.DataFrame(fb)
 
 
-REGRESSION = {"name": "regression", "offline": {"metric": "mae", "margin": 0.5},
-              "primary": {"metric": "absolute_error", "margin": 0.5}}
+REGRESSION = {
+    "name": "regression",
+    "offline": {"metric": "mae", "margin": 0.5},
+    "primary": {"metric": "absolute_error", "margin": 0.5},
+}
 
 
 def test_a_better_regressor_is_promoted_in_shadow_although_no_two_answers_are_equal():
@@ -118,8 +130,9 @@ def test_the_latency_check_waits_for_its_minimum_sample_before_it_decides():
     latency = next(m for m in early.metrics if m.name == "latency_p99")
     assert latency.passed is None and "200 of the 300 requests it needs" in latency.detail
     assert early.decision is Decision.continue_
-    late = analyse_frames(*regression_shadow(400, candidate_noise=1.0, candidate_latency_ms=200.0), SHADOW, policy,
-                          window=(1000, 1004))
+    late = analyse_frames(
+        *regression_shadow(400, candidate_noise=1.0, candidate_latency_ms=200.0), SHADOW, policy, window=(1000, 1004)
+    )
     assert late.decision is Decision.rollback and "slower than the latency limit" in late.reason
 
 

@@ -66,7 +66,7 @@ def test_missing_or_unknown_key_is_unauthorized(settings, header):
 
 
 def test_a_key_with_a_wrong_secret_is_refused(settings):
-    key_id, key = auth.create_key("predict", settings)
+    key_id, _key = auth.create_key("predict", settings)
     keys = store(settings)
     with pytest.raises(auth.AuthError, match="unknown or revoked"):
         keys.require(f"Bearer rg_{key_id}_{'x' * 43}", "predict")

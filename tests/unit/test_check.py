@@ -19,7 +19,9 @@ def store(settings, tmp_path):
     signing.ensure_keys(settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    experiment = mlflow.MlflowClient().create_experiment("check", artifact_location=settings.mlflow_artifact_root.as_uri())
+    experiment = mlflow.MlflowClient().create_experiment(
+        "check", artifact_location=settings.mlflow_artifact_root.as_uri()
+    )
     return experiment
 
 
@@ -32,11 +34,16 @@ def _register(experiment: str, *, with_data: bool, tag: bool, holdout_rows: int 
     model = LogisticRegression(max_iter=500).fit(frame[numeric], frame[data.LABEL])
     example = frame[numeric].head(5)
     with mlflow.start_run(experiment_id=experiment):
-        info = mlflow.sklearn.log_model(model, name="model", registered_model_name="own", input_example=example,
-                                        signature=mlflow.models.infer_signature(example, model.predict(example)),
-                                        serialization_format="skops",
-                                        skops_trusted_types=training.skops_trusted_types(model),
-                                        pip_requirements=["scikit-learn"])
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            registered_model_name="own",
+            input_example=example,
+            signature=mlflow.models.infer_signature(example, model.predict(example)),
+            serialization_format="skops",
+            skops_trusted_types=training.skops_trusted_types(model),
+            pip_requirements=["scikit-learn"],
+        )
         if with_data:
             training.log_release_data(frame[numeric], frame[numeric + [data.LABEL]].head(holdout_rows))
     if tag:
@@ -54,7 +61,8 @@ def test_a_bare_version_gets_every_missing_piece_named_with_its_fix(store):
 
 
 def test_a_small_holdout_and_a_missing_suite_say_how_to_fix_them_then_a_complete_version_is_ready(
-        store, settings, tmp_path, monkeypatch):
+    store, settings, tmp_path, monkeypatch
+):
     version = _register(store, with_data=True, tag=True, holdout_rows=150)
     result = CliRunner().invoke(main, ["check", f"models:/own/{version}"])
     assert result.exit_code == 1, result.output
@@ -73,8 +81,9 @@ def test_a_small_holdout_and_a_missing_suite_say_how_to_fix_them_then_a_complete
     result = CliRunner().invoke(main, ["check", f"models:/own/{version}", "--policy", "small"])
     # The demo's churn suite expects columns this model does not have: the contract names them.
     assert "error   contract   suite 'own' fails on the holdout" in result.output, result.output
-    (suites / "own.json").write_text('{"name": "own", "expectations": [{"type": "expect_column_to_exist", '
-                                     '"kwargs": {"column": "age"}, "meta": {}}]}')
+    (suites / "own.json").write_text(
+        '{"name": "own", "expectations": [{"type": "expect_column_to_exist", "kwargs": {"column": "age"}, "meta": {}}]}'
+    )
     result = CliRunner().invoke(main, ["check", f"models:/own/{version}", "--policy", "small"])
     assert result.exit_code == 0, result.output
     assert result.output.rstrip().endswith("ready for a release")

@@ -28,10 +28,12 @@ DUMB_INIT = ["/usr/bin/dumb-init", "--"]
 
 def _interpolate(value: object) -> str:
     """Compose's `${VAR:-default}` as it comes out with nothing set (the file's own defaults)."""
+
     def default(m: re.Match) -> str:
         if m.group(2) is None:
             raise AssertionError(f"{m.group(0)} has no default: `docker compose up` would need it set")
         return m.group(2)
+
     return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", default, str(value))
 
 
@@ -70,7 +72,8 @@ def test_compose_service_runs_the_command_and_environment_the_system_test_runs(n
     service = COMPOSE["services"][name]
     argv = _argv(service)
     assert len(argv) == len(spec.argv) and all(extract(t, v) is not None for t, v in zip(spec.argv, argv)), (
-        f"{name}: compose runs {argv}, the system test {list(spec.argv)}")
+        f"{name}: compose runs {argv}, the system test {list(spec.argv)}"
+    )
     env = {k: _interpolate(v) for k, v in (service.get("environment") or {}).items()}
     for var, template in spec.env.items():
         assert var in env, f"{name}: compose does not set {var}"
@@ -80,14 +83,16 @@ def test_compose_service_runs_the_command_and_environment_the_system_test_runs(n
         published = [str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])]
         assert port in published, f"{name} listens on {port} but publishes {published}"
         assert f"localhost:{port}{spec.health}" in " ".join(service["healthcheck"]["test"]), (
-            f"{name}: the healthcheck does not probe {spec.health} on {port}")
+            f"{name}: the healthcheck does not probe {spec.health} on {port}"
+        )
 
 
 def test_compose_urls_point_at_the_services_that_listen_there():
     """Each URL in a service's environment names the compose service and the port that service listens on."""
     services = COMPOSE["services"]
     databases = {services["postgres"]["environment"]["POSTGRES_DB"]} | set(
-        re.findall(r"CREATE DATABASE (\w+)", (DEPLOY / "postgres" / "init.sql").read_text()))
+        re.findall(r"CREATE DATABASE (\w+)", (DEPLOY / "postgres" / "init.sql").read_text())
+    )
     targets = {"airflow": "airflow-apiserver", "mlflow": "mlflow", "gateway": "gateway"}
     for name in SERVICES:
         fields = _fields(name)
@@ -177,4 +182,3 @@ def test_grafana_provisions_the_prometheus_datasource_the_dashboard_uses():
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "releasegate.yaml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
-

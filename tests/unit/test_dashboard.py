@@ -86,18 +86,34 @@ def client(rg_home, airflow_auth, clock):
 
 
 def _metric(name, kind, estimate, lower, upper, limit, margin, passed, higher=True, detail="", n=2048):
-    return MetricResult(name=name, kind=kind, estimate=estimate, lower=lower, upper=upper, limit=limit,
-                        margin=margin, passed=passed, higher_is_better=higher, detail=detail, n=n, alpha=0.01)
+    return MetricResult(
+        name=name,
+        kind=kind,
+        estimate=estimate,
+        lower=lower,
+        upper=upper,
+        limit=limit,
+        margin=margin,
+        passed=passed,
+        higher_is_better=higher,
+        detail=detail,
+        n=n,
+        alpha=0.01,
+    )
 
 
 def _verdict(stage: Stage, decision: Decision, reason, metrics, end) -> Verdict:
     expected = None if stage.is_shadow else {Arm.champion: 1 - stage.weight / 100, Arm.candidate: stage.weight / 100}
     return Verdict(
-        decision=decision, reason=reason, window=Window(start=end - 30, end=end, stage=stage),
-        samples={Arm.champion: ArmSamples(requests=4585, routing_keys=4063, labelled=4302),
-                 Arm.candidate: ArmSamples(requests=234, routing_keys=213, labelled=220)},
-        metrics=metrics, srm=SRM(counts={Arm.champion: 4063, Arm.candidate: 213}, expected=expected, p_value=0.81)
-        if expected else None,
+        decision=decision,
+        reason=reason,
+        window=Window(start=end - 30, end=end, stage=stage),
+        samples={
+            Arm.champion: ArmSamples(requests=4585, routing_keys=4063, labelled=4302),
+            Arm.candidate: ArmSamples(requests=234, routing_keys=213, labelled=220),
+        },
+        metrics=metrics,
+        srm=SRM(counts={Arm.champion: 4063, Arm.candidate: 213}, expected=expected, p_value=0.81) if expected else None,
         policy=PolicyRef(name="default", digest="ccdf2ee60df1333ab2008faa0dc5a4b9"),
     )
 
@@ -105,8 +121,13 @@ def _verdict(stage: Stage, decision: Decision, reason, metrics, end) -> Verdict:
 def _route(stage: Stage) -> dict:
     """A route event's details as pipeline.route writes them."""
     mode = Mode.shadow if stage.is_shadow else Mode.canary
-    return {"change": RouteChange.stage, "mode": mode, "candidate_weight": stage.weight,
-            "stage": stage.model_dump(mode="json"), "revision": 2}
+    return {
+        "change": RouteChange.stage,
+        "mode": mode,
+        "candidate_weight": stage.weight,
+        "stage": stage.model_dump(mode="json"),
+        "revision": 2,
+    }
 
 
 def promoted_release(clock: Clock) -> release.Release:
@@ -115,46 +136,108 @@ def promoted_release(clock: Clock) -> release.Release:
     rid = rel.release_id
     clock.advance(2)
     release.transition(rid, State.signing, actor="airflow")
-    audit.append("airflow", AuditAction.signed, model="churn", version="2", release_id=rid,
-                 details={"digest": "sha256:bad9"})
+    audit.append(
+        "airflow", AuditAction.signed, model="churn", version="2", release_id=rid, details={"digest": "sha256:bad9"}
+    )
     clock.advance(3)
     release.transition(rid, State.validating, actor="airflow")
     clock.advance(25)
-    audit.append("airflow", AuditAction.validation, model="churn", version="2", release_id=rid,
-                 details={"passed": True, "reasons": [], "evaluation": {"metric": "accuracy", "candidate": 0.878,
-                                                                        "champion": 0.845, "rows": 3000}})
+    audit.append(
+        "airflow",
+        AuditAction.validation,
+        model="churn",
+        version="2",
+        release_id=rid,
+        details={
+            "passed": True,
+            "reasons": [],
+            "evaluation": {"metric": "accuracy", "candidate": 0.878, "champion": 0.845, "rows": 3000},
+        },
+    )
     release.transition(rid, State.shadow, actor="airflow")
     audit.append("airflow", AuditAction.route, model="churn", version="2", release_id=rid, details=_route(SHADOW))
     t0 = clock.advance(38)
-    release.record_verdict(rid, _verdict(SHADOW, Decision.promote, "promote: on 2,048 labelled shadow requests every "
-                                         "check clears its limit; agreement 89.7% (87.2% … 92.2%; needs > 80%)", [
-        _metric("error_rate", "guardrail", 0.0, -0.0009, 0.0009, 0.01, 0.01, True, higher=False),
-        _metric("accuracy", "primary", 0.030, 0.004, 0.056, -0.02, 0.02, True),
-        _metric("agreement", "agreement", 0.897, 0.872, 0.922, 0.8, 0.2, True)], t0), actor="airflow")
-    audit.append("airflow", AuditAction.drift, model="churn", version="2", release_id=rid,
-                 details={"stage": SHADOW.model_dump(mode="json"), "reports": f"releasegate/releases/{rid}/shadow",
-                          "input_drift": {"drifted_columns": [], "drifted_share": 0.0, "rows_current": 2156},
-                          "prediction_drift": {"drifted": [], "rows": 2228}})
+    release.record_verdict(
+        rid,
+        _verdict(
+            SHADOW,
+            Decision.promote,
+            "promote: on 2,048 labelled shadow requests every "
+            "check clears its limit; agreement 89.7% (87.2% … 92.2%; needs > 80%)",
+            [
+                _metric("error_rate", "guardrail", 0.0, -0.0009, 0.0009, 0.01, 0.01, True, higher=False),
+                _metric("accuracy", "primary", 0.030, 0.004, 0.056, -0.02, 0.02, True),
+                _metric("agreement", "agreement", 0.897, 0.872, 0.922, 0.8, 0.2, True),
+            ],
+            t0,
+        ),
+        actor="airflow",
+    )
+    audit.append(
+        "airflow",
+        AuditAction.drift,
+        model="churn",
+        version="2",
+        release_id=rid,
+        details={
+            "stage": SHADOW.model_dump(mode="json"),
+            "reports": f"releasegate/releases/{rid}/shadow",
+            "input_drift": {"drifted_columns": [], "drifted_share": 0.0, "rows_current": 2156},
+            "prediction_drift": {"drifted": [], "rows": 2228},
+        },
+    )
     release.transition(rid, State.canary, actor="airflow")
     for step, weight in ((1, 5), (2, 50)):
         stage = Stage.canary(step, weight)
         clock.advance(1)
         audit.append("airflow", AuditAction.route, model="churn", version="2", release_id=rid, details=_route(stage))
         clock.advance(60 * step)
-        release.record_verdict(rid, _verdict(stage, Decision.promote, f"promote: on the labelled canary requests at {weight} % every check clears its limit", [
-            _metric("error_rate", "guardrail", 0.0024, -0.0049, 0.0097, 0.01, 0.01, True, higher=False),
-            _metric("latency_p99", "guardrail", 0.0, 0.0, 0.0075, 0.01, 0.01, True, higher=False,
-                    detail="limit 138.5 ms = 1.5 × champion p99 92.4 ms; candidate p99 128.8 ms"),
-            _metric("accuracy", "primary", 0.041, 0.018, 0.063, -0.02, 0.02, True)], clock.now),
-            actor="airflow")
+        release.record_verdict(
+            rid,
+            _verdict(
+                stage,
+                Decision.promote,
+                f"promote: on the labelled canary requests at {weight} % every check clears its limit",
+                [
+                    _metric("error_rate", "guardrail", 0.0024, -0.0049, 0.0097, 0.01, 0.01, True, higher=False),
+                    _metric(
+                        "latency_p99",
+                        "guardrail",
+                        0.0,
+                        0.0,
+                        0.0075,
+                        0.01,
+                        0.01,
+                        True,
+                        higher=False,
+                        detail="limit 138.5 ms = 1.5 × champion p99 92.4 ms; candidate p99 128.8 ms",
+                    ),
+                    _metric("accuracy", "primary", 0.041, 0.018, 0.063, -0.02, 0.02, True),
+                ],
+                clock.now,
+            ),
+            actor="airflow",
+        )
     clock.advance(1)
     release.transition(rid, State.promoting, actor="airflow")
-    audit.append("airflow", AuditAction.route, model="churn", version="2", release_id=rid,
-                 details={"change": RouteChange.promotion, "mode": Mode.single, "candidate_weight": 0,
-                          "champion_version": "2"})
-    return release.transition(rid, State.promoted, actor="airflow", decision=Outcome.promote, reason=(
-        "promote: on 15,365 labelled canary-50 requests (7,750 candidate, 7,615 champion) every check clears its "
-        "limit: error rate +0.000 (−0.001 … +0.000; needs < +0.01); accuracy +0.041 (+0.018 … +0.063; needs > −0.02)"))
+    audit.append(
+        "airflow",
+        AuditAction.route,
+        model="churn",
+        version="2",
+        release_id=rid,
+        details={"change": RouteChange.promotion, "mode": Mode.single, "candidate_weight": 0, "champion_version": "2"},
+    )
+    return release.transition(
+        rid,
+        State.promoted,
+        actor="airflow",
+        decision=Outcome.promote,
+        reason=(
+            "promote: on 15,365 labelled canary-50 requests (7,750 candidate, 7,615 champion) every check clears its "
+            "limit: error rate +0.000 (−0.001 … +0.000; needs < +0.01); accuracy +0.041 (+0.018 … +0.063; needs > −0.02)"
+        ),
+    )
 
 
 def rolled_back_release(clock: Clock) -> release.Release:
@@ -166,14 +249,29 @@ def rolled_back_release(clock: Clock) -> release.Release:
         clock.advance(10)
         release.transition(rid, state, actor="airflow")
     audit.append("airflow", AuditAction.route, model="churn", version="3", release_id=rid, details=_route(SHADOW))
-    reason = ("rollback: the arms agree on 55.6% of requests (always-valid 99% bounds 38.0% … 73.1%), "
-              "below the required 80%, on 108 shadow requests")
-    release.record_verdict(rid, _verdict(SHADOW, Decision.rollback, reason, [
-        _metric("agreement", "agreement", 0.556, 0.380, 0.731, 0.8, 0.2, False, n=108)], clock.advance(21)),
-        actor="airflow")
-    audit.append("airflow", AuditAction.route, model="churn", version="2", release_id=rid,
-                 details={"change": RouteChange.rollback, "mode": Mode.single, "candidate_weight": 0,
-                          "champion_version": "2"})
+    reason = (
+        "rollback: the arms agree on 55.6% of requests (always-valid 99% bounds 38.0% … 73.1%), "
+        "below the required 80%, on 108 shadow requests"
+    )
+    release.record_verdict(
+        rid,
+        _verdict(
+            SHADOW,
+            Decision.rollback,
+            reason,
+            [_metric("agreement", "agreement", 0.556, 0.380, 0.731, 0.8, 0.2, False, n=108)],
+            clock.advance(21),
+        ),
+        actor="airflow",
+    )
+    audit.append(
+        "airflow",
+        AuditAction.route,
+        model="churn",
+        version="2",
+        release_id=rid,
+        details={"change": RouteChange.rollback, "mode": Mode.single, "candidate_weight": 0, "champion_version": "2"},
+    )
     return release.transition(rid, State.rolled_back, actor="airflow", decision=Outcome.rollback, reason=reason)
 
 
@@ -204,8 +302,11 @@ def test_release_page_shows_timeline_traffic_metric_charts_and_evidence(client, 
     for name in ("error_rate [guardrail]", "latency_p99 [guardrail]", "accuracy [primary]", "agreement [agreement]"):
         assert name in metrics
     # Evidence: each verdict's sentence and numbers, with the bounds and limits.
-    assert re.findall(r'class="card verdict" data-stage="([^"]+)"', html) == ["shadow", "canary-1-5pct",
-                                                                                  "canary-2-50pct"]
+    assert re.findall(r'class="card verdict" data-stage="([^"]+)"', html) == [
+        "shadow",
+        "canary-1-5pct",
+        "canary-2-50pct",
+    ]
     assert "<b>canary 2 (50 %)</b>" in html
     assert "agreement 89.7% (87.2% … 92.2%; needs &gt; 80%)" in html
     assert "+0.0410" in html and "+0.0180" in html and "+0.0630" in html
@@ -232,8 +333,14 @@ def test_a_running_release_page_reloads_itself_and_shows_its_split_so_far(client
     for state in (State.signing, State.validating, State.shadow, State.canary):
         clock.advance(5)
         release.transition(rel.release_id, state, actor="airflow")
-    audit.append("airflow", AuditAction.route, model="churn", version="4", release_id=rel.release_id,
-                 details=_route(Stage.canary(2, 25)))
+    audit.append(
+        "airflow",
+        AuditAction.route,
+        model="churn",
+        version="4",
+        release_id=rel.release_id,
+        details=_route(Stage.canary(2, 25)),
+    )
     cookies = {"_token": token_for(airflow_auth)}
     html = client.get(f"/releases/{rel.release_id}", cookies=cookies).text
     assert '<meta http-equiv="refresh" content="15">' in html and "still running" in html
@@ -246,8 +353,11 @@ def test_audit_chain_status_turns_broken_when_a_row_is_edited(client, airflow_au
     cookies = {"_token": token_for(airflow_auth)}
     assert 'data-status="intact"' in client.get("/", cookies=cookies).text
     with storage.engine().begin() as conn:
-        conn.execute(sa.update(storage.audit).where(storage.audit.c.seq == 3)
-                     .values(details=audit.canonical({"passed": True, "note": "edited later"})))
+        conn.execute(
+            sa.update(storage.audit)
+            .where(storage.audit.c.seq == 3)
+            .values(details=audit.canonical({"passed": True, "note": "edited later"}))
+        )
     html = client.get("/", cookies=cookies).text
     assert 'data-status="broken"' in html and "event 3 was changed after it was written" in html
     assert client.get("/api/releases", cookies=cookies).json()["audit_chain"]["first_bad_seq"] == 3
@@ -259,8 +369,11 @@ def test_verdicts_shown_are_the_audited_ones_and_an_edited_release_row_is_flagge
     assert 'id="verdicts-mismatch"' not in client.get(f"/releases/{rel.release_id}", cookies=cookies).text
     forged = [v.model_dump(mode="json") | {"decision": "promote", "reason": "promote: all good"} for v in rel.verdicts]
     with storage.engine().begin() as conn:  # the releases row is not hash-chained; the audit's copy is
-        conn.execute(sa.update(storage.releases).where(storage.releases.c.release_id == rel.release_id)
-                     .values(verdicts=json.dumps(forged)))
+        conn.execute(
+            sa.update(storage.releases)
+            .where(storage.releases.c.release_id == rel.release_id)
+            .values(verdicts=json.dumps(forged))
+        )
     html = client.get(f"/releases/{rel.release_id}", cookies=cookies).text
     assert 'id="verdicts-mismatch"' in html and 'data-status="intact"' in html
     assert 'data-decision="rollback"' in html and "promote: all good" not in html
@@ -270,21 +383,50 @@ def test_a_release_recorded_before_stages_were_typed_still_renders(client, airfl
     """The audit log keeps what was written: verdicts naming a canary by its weight, route events naming the change."""
     rel = release.open_release("churn", "5", "2", {"name": "default"}, airflow_run_id="manual__old", actor="airflow")
     rid = rel.release_id
-    old = _verdict(Stage.canary(1, 25), Decision.rollback, "rollback: accuracy", [
-        _metric("accuracy", "primary", -0.05, -0.08, -0.02, -0.02, 0.02, False)], clock.advance(30))
-    legacy = old.model_dump(mode="json") | {"window": {"start": old.window.start, "end": old.window.end,
-                                                      "stage": "canary-25"}}
-    audit.append("airflow", AuditAction.route, model="churn", version="5", release_id=rid,
-                 details={"mode": "canary", "candidate_weight": 25, "stage": "canary-1"})
+    old = _verdict(
+        Stage.canary(1, 25),
+        Decision.rollback,
+        "rollback: accuracy",
+        [_metric("accuracy", "primary", -0.05, -0.08, -0.02, -0.02, 0.02, False)],
+        clock.advance(30),
+    )
+    legacy = old.model_dump(mode="json") | {
+        "window": {"start": old.window.start, "end": old.window.end, "stage": "canary-25"}
+    }
+    audit.append(
+        "airflow",
+        AuditAction.route,
+        model="churn",
+        version="5",
+        release_id=rid,
+        details={"mode": "canary", "candidate_weight": 25, "stage": "canary-1"},
+    )
     audit.append("airflow", AuditAction.verdict, model="churn", version="5", release_id=rid, details=legacy)
-    audit.append("airflow", AuditAction.drift, model="churn", version="5", release_id=rid,
-                 details={"stage": "canary-25", "input_drift": {"drifted_columns": [], "drifted_share": 0.0,
-                                                                "rows_current": 10}})
-    audit.append("airflow", AuditAction.route, model="churn", version="2", release_id=rid,
-                 details={"mode": "single", "candidate_weight": 0, "stage": "rolled back", "champion_version": "2"})
+    audit.append(
+        "airflow",
+        AuditAction.drift,
+        model="churn",
+        version="5",
+        release_id=rid,
+        details={
+            "stage": "canary-25",
+            "input_drift": {"drifted_columns": [], "drifted_share": 0.0, "rows_current": 10},
+        },
+    )
+    audit.append(
+        "airflow",
+        AuditAction.route,
+        model="churn",
+        version="2",
+        release_id=rid,
+        details={"mode": "single", "candidate_weight": 0, "stage": "rolled back", "champion_version": "2"},
+    )
     with storage.engine().begin() as conn:
-        conn.execute(sa.update(storage.releases).where(storage.releases.c.release_id == rid)
-                     .values(verdicts=json.dumps([legacy])))
+        conn.execute(
+            sa.update(storage.releases)
+            .where(storage.releases.c.release_id == rid)
+            .values(verdicts=json.dumps([legacy]))
+        )
     html = client.get(f"/releases/{rid}", cookies={"_token": token_for(airflow_auth)}).text
     assert "<b>canary 25 %</b>" in html and 'id="verdicts-mismatch"' not in html
     assert f'href="{rid}/reports/canary-25/input_drift.html"' in html
@@ -303,8 +445,9 @@ def test_forged_expired_and_unprivileged_tokens_are_refused(client, airflow_auth
 
     claims = {"sub": "mallory", "role": "admin"}
     audience = type(airflow_auth)._get_jwt_audience()
-    forged = JWTGenerator(secret_key="not-airflows-secret-" + "fedcba9876543210" * 3, valid_for=3600,
-                          audience=audience).generate(claims)
+    forged = JWTGenerator(
+        secret_key="not-airflows-secret-" + "fedcba9876543210" * 3, valid_for=3600, audience=audience
+    ).generate(claims)
     assert client.get("/", headers={"Authorization": f"Bearer {forged}"}).status_code == 403
     assert client.get("/", cookies={"_token": forged}).status_code == 403
     expired = JWTGenerator(secret_key=JWT_SECRET, valid_for=-120, audience=audience).generate(claims)
@@ -319,8 +462,10 @@ def test_unknown_release_or_report_is_404(client, airflow_auth, clock):
     cookies = {"_token": token_for(airflow_auth)}
     assert client.get("/releases/rel-doesnotexist", cookies=cookies).status_code == 404
     assert client.get(f"/releases/{rel.release_id}/reports/shadow/input_drift.html", cookies=cookies).status_code == 404
-    assert client.get(f"/releases/{rel.release_id}/reports/..%2F..%2Fkeys/input_drift.html",
-                      cookies=cookies).status_code == 404
+    assert (
+        client.get(f"/releases/{rel.release_id}/reports/..%2F..%2Fkeys/input_drift.html", cookies=cookies).status_code
+        == 404
+    )
 
 
 def test_report_links_serve_the_evidently_report_stored_in_mlflow(client, airflow_auth, clock, settings, tmp_path):

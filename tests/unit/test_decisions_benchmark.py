@@ -12,11 +12,9 @@ import pandas as pd
 import pytest
 
 from releasegate import policy as policies
-from releasegate.analysis import analyse_frames
-from releasegate.analysis import verdict_from_stats
-from releasegate.verdict import Window
-
+from releasegate.analysis import analyse_frames, verdict_from_stats
 from releasegate.contract import Stage, StageKind
+from releasegate.verdict import Window
 
 SHADOW = Stage.shadow()
 
@@ -42,22 +40,32 @@ def _logged(step) -> tuple[pd.DataFrame, pd.DataFrame]:
     n = len(step.t)
     truth = (np.arange(n) % 3 == 0).astype(int)
     predicted = np.where(step.correct == 1.0, truth, 1 - truth)
-    preds = pd.DataFrame({
-        "id": np.arange(n), "request_id": [f"r{i}" for i in range(n)], "time": step.t,
-        "arm": np.where(step.cand, "candidate", "champion"), "routing_key_hash": [f"k{i}" for i in range(n)],
-        "fallback": False, "outputs": [json.dumps([int(y)]) for y in predicted], "latency_ms": step.latency,
-        "status": np.where(step.error, "error", "ok"),
-        "inputs": [json.dumps({"region": ("north", "south", "east", "west")[r]}) for r in step.region]})
+    preds = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "request_id": [f"r{i}" for i in range(n)],
+            "time": step.t,
+            "arm": np.where(step.cand, "candidate", "champion"),
+            "routing_key_hash": [f"k{i}" for i in range(n)],
+            "fallback": False,
+            "outputs": [json.dumps([int(y)]) for y in predicted],
+            "latency_ms": step.latency,
+            "status": np.where(step.error, "error", "ok"),
+            "inputs": [json.dumps({"region": ("north", "south", "east", "west")[r]}) for r in step.region],
+        }
+    )
     preds.loc[step.error, "outputs"] = None
-    feedback = pd.DataFrame({"request_id": preds["request_id"], "time": step.t + 1,
-                             "ground_truth": [json.dumps(int(y)) for y in truth]})
+    feedback = pd.DataFrame(
+        {"request_id": preds["request_id"], "time": step.t + 1, "ground_truth": [json.dumps(int(y)) for y in truth]}
+    )
     return preds, feedback
 
 
 # A/A and a slice regression still undecided, an error regression rolled back, and a latency at the limit
 # after a full window (futility).
-@pytest.mark.parametrize(("scenario_index", "seconds", "rate"), [(0, 60, 100), (2, 60, 100), (4, 60, 100),
-                                                                 (3, 700, 10)])
+@pytest.mark.parametrize(
+    ("scenario_index", "seconds", "rate"), [(0, 60, 100), (2, 60, 100), (4, 60, 100), (3, 700, 10)]
+)
 def test_benchmark_statistics_give_the_verdict_analyse_frames_gives(bench, scenario_index, seconds, rate):
     policy = policies.load("default")
     scenario = bench.SCENARIOS[scenario_index]
@@ -71,8 +79,11 @@ def test_benchmark_statistics_give_the_verdict_analyse_frames_gives(bench, scena
     assert from_sums.reason == from_rows.reason
     assert from_sums.samples == from_rows.samples
     assert from_sums.srm == from_rows.srm
-    for a, b in zip(from_sums.metrics + [m for s in from_sums.slices for m in s.metrics],
-                    from_rows.metrics + [m for s in from_rows.slices for m in s.metrics], strict=True):
+    for a, b in zip(
+        from_sums.metrics + [m for s in from_sums.slices for m in s.metrics],
+        from_rows.metrics + [m for s in from_rows.slices for m in s.metrics],
+        strict=True,
+    ):
         assert (a.name, a.passed, a.n, a.futile) == (b.name, b.passed, b.n, b.futile)
         for x, y in ((a.estimate, b.estimate), (a.lower, b.lower), (a.upper, b.upper), (a.p_value, b.p_value)):
             assert x == pytest.approx(y, rel=1e-9, abs=1e-12)

@@ -45,11 +45,14 @@ def test_stale_concept_keeps_the_features_but_changes_who_churns():
     assert 0.22 <= stale[data.LABEL].mean() <= 0.32
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n": 0}, "n must be a positive integer"),
-    ({"n": 10, "drift": 1.5}, "drift must be in"),
-    ({"n": 10, "concept": "future"}, "concept must be one of current, stale"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n": 0}, "n must be a positive integer"),
+        ({"n": 10, "drift": 1.5}, "drift must be in"),
+        ({"n": 10, "concept": "future"}, "concept must be one of current, stale"),
+    ],
+)
 def test_bad_arguments_are_refused_with_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         data.generate(**kwargs)

@@ -35,9 +35,7 @@ def test_every_relative_link_resolves(page):
             continue
         path, _, anchor = target.partition("#")
         file = (page.parent / path).resolve() if path else page
-        if not file.exists():
-            broken.append(target)
-        elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text())):
             broken.append(target)
     assert not broken, f"{page.name}: {broken}"
 
@@ -48,8 +46,15 @@ def test_the_readme_stays_short():
 
 # Where the release's words may be spelled out: their enums, their stored forms, and the edge code
 # that reads what older versions wrote.
-_VOCABULARY_HOMES = {"contract.py", "verdict.py", "results.py", "release.py", "dashboard.py", "policy.py",
-                     "airflow_client.py"}  # the policy's own enum; Airflow's task states at the REST edge
+_VOCABULARY_HOMES = {
+    "contract.py",
+    "verdict.py",
+    "results.py",
+    "release.py",
+    "dashboard.py",
+    "policy.py",
+    "airflow_client.py",
+}  # the policy's own enum; Airflow's task states at the REST edge
 _RETYPED = re.compile(r"""["'](canary-\d*|promote|rollback|inconclusive|skipped|approve|shadow|canary)["']""")
 
 

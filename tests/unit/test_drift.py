@@ -16,26 +16,50 @@ T0 = 1_700_000_000.0
 REGIONS = ["north", "south", "east", "west"]
 
 
-def _customers(n: int, seed: int, charges_shift_sd: float = 0.0,
-               regions: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)) -> pd.DataFrame:
+def _customers(
+    n: int, seed: int, charges_shift_sd: float = 0.0, regions: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "age": rng.normal(45, 12, n).round(1),
-        "tenure_months": rng.integers(1, 72, n),
-        "monthly_charges": rng.normal(70 + 20 * charges_shift_sd, 20, n),
-        "region": rng.choice(REGIONS, n, p=regions),
-        "plan": rng.choice(["basic", "plus", "premium"], n, p=[0.5, 0.3, 0.2]),
-    })
+    return pd.DataFrame(
+        {
+            "age": rng.normal(45, 12, n).round(1),
+            "tenure_months": rng.integers(1, 72, n),
+            "monthly_charges": rng.normal(70 + 20 * charges_shift_sd, 20, n),
+            "region": rng.choice(REGIONS, n, p=regions),
+            "plan": rng.choice(["basic", "plus", "premium"], n, p=[0.5, 0.3, 0.2]),
+        }
+    )
 
 
-def _row(request_id: str, time: float, inputs: dict | str | None, *, model="churn", version="1", arm="champion",
-         mode="single", release_id=None, served=True) -> dict:
+def _row(
+    request_id: str,
+    time: float,
+    inputs: dict | str | None,
+    *,
+    model="churn",
+    version="1",
+    arm="champion",
+    mode="single",
+    release_id=None,
+    served=True,
+) -> dict:
     return {
-        "request_id": request_id, "time": time, "model": model, "version": version, "arm": arm, "mode": mode,
-        "release_id": release_id, "routing_key_hash": request_id[:16], "sample_bucket": sample_bucket(request_id),
-        "served": served, "fallback": False,
+        "request_id": request_id,
+        "time": time,
+        "model": model,
+        "version": version,
+        "arm": arm,
+        "mode": mode,
+        "release_id": release_id,
+        "routing_key_hash": request_id[:16],
+        "sample_bucket": sample_bucket(request_id),
+        "served": served,
+        "fallback": False,
         "inputs": inputs if isinstance(inputs, str) or inputs is None else json.dumps(inputs),
-        "outputs": "0", "latency_ms": 3.0, "status": "ok", "error": None,
+        "outputs": "0",
+        "latency_ms": 3.0,
+        "status": "ok",
+        "error": None,
     }
 
 
@@ -51,8 +75,9 @@ def shadow_log(rg_home):
     for i in range(10):
         inputs = {"age": 30 + i, "monthly_charges": 50.5 + i, "region": REGIONS[i % 4]}
         rows.append(_row(f"req-{i}", T0 + i, inputs, mode="shadow", release_id="r1"))
-        rows.append(_row(f"req-{i}", T0 + i, inputs, version="2", arm="candidate", mode="shadow",
-                         release_id="r1", served=False))
+        rows.append(
+            _row(f"req-{i}", T0 + i, inputs, version="2", arm="candidate", mode="shadow", release_id="r1", served=False)
+        )
     rows += [
         _row("late", T0 + 100, {"age": 99, "monthly_charges": 1.0, "region": "north"}, release_id="r1"),
         _row("other-model", T0 + 1, {"age": 99}, model="fraud"),
@@ -169,11 +194,16 @@ def test_a_release_report_compares_candidate_traffic_with_the_versions_reference
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_artifact(str(tmp_path / "reference.parquet"), artifact_path="releasegate")
     client.create_registered_model("churn")
-    version = client.create_model_version("churn", source=f"{run.info.artifact_uri}/releasegate",
-                                          run_id=run.info.run_id).version
+    version = client.create_model_version(
+        "churn", source=f"{run.info.artifact_uri}/releasegate", run_id=run.info.run_id
+    ).version
     live = _customers(2000, seed=2, charges_shift_sd=0.5, regions=(0.10, 0.40, 0.25, 0.25))
-    _log([_row(f"req-{i}", T0 + i / 100, inputs, version=version, arm="candidate", mode="canary", release_id="r1")
-          for i, inputs in enumerate(live.to_dict("records"))])
+    _log(
+        [
+            _row(f"req-{i}", T0 + i / 100, inputs, version=version, arm="candidate", mode="canary", release_id="r1")
+            for i, inputs in enumerate(live.to_dict("records"))
+        ]
+    )
 
     summary = drift.release_drift_report("churn", "r1", version, T0, T0 + 60, tmp_path / "out", settings=settings)
 
@@ -194,8 +224,12 @@ def test_shadowed_requests_pair_the_champions_and_candidates_answers(shadow_log)
 
 def test_a_candidate_that_answers_differently_shows_prediction_drift(tmp_path):
     rng = np.random.default_rng(3)
-    pairs = pd.DataFrame({"champion": rng.choice([0.0, 1.0], 3000, p=[0.7, 0.3]),
-                          "candidate": rng.choice([0.0, 1.0], 3000, p=[0.5, 0.5])})
+    pairs = pd.DataFrame(
+        {
+            "champion": rng.choice([0.0, 1.0], 3000, p=[0.7, 0.3]),
+            "candidate": rng.choice([0.0, 1.0], 3000, p=[0.5, 0.5]),
+        }
+    )
 
     summary = drift.prediction_drift(pairs, tmp_path, title="Prediction drift")
 
@@ -212,9 +246,13 @@ def test_feedback_labels_give_a_quality_report_against_the_reference(rg_home, tm
     rows = [_row(f"q-{i}", T0 + i, {"age": 40}) | {"outputs": json.dumps([int(p)])} for i, p in enumerate(predicted)]
     _log(rows)
     with storage.engine().begin() as conn:
-        conn.execute(storage.feedback.insert(), [{"request_id": f"q-{i}", "time": T0 + i + 1,
-                                                  "ground_truth": json.dumps({"churned": int(t)})}
-                                                 for i, t in enumerate(truth[:600])])
+        conn.execute(
+            storage.feedback.insert(),
+            [
+                {"request_id": f"q-{i}", "time": T0 + i + 1, "ground_truth": json.dumps({"churned": int(t)})}
+                for i, t in enumerate(truth[:600])
+            ],
+        )
 
     labelled = drift.read_labelled("churn", T0, T0 + 2000, version="1")
     assert len(labelled) == 600 and list(labelled.columns) == ["target", "prediction"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
 
 from releasegate import k8s
-
 from releasegate.contract import Stage, StageKind
 from releasegate.verdict import Decision
 from tests.require import require
@@ -30,16 +29,20 @@ CANDIDATE = k8s.Served("3", "s3://mlflow/1/abc/artifacts/model", "sha256:" + "a"
 def schemas():
     """The pinned CRD copies: a skip with the reason where they are absent, a failure when CI is set."""
     directory = SETTINGS.schemas_dir
-    require(None if k8s.schemas_available(directory) else
-            f"CRD schemas not found in {directory} (see ../shared/k8s-schemas/README.md); CI must validate manifests")
+    require(
+        None
+        if k8s.schemas_available(directory)
+        else f"CRD schemas not found in {directory} (see ../shared/k8s-schemas/README.md); CI must validate manifests"
+    )
     return directory
 
 
 def every_manifest() -> list[dict]:
     return [
         k8s.inference_service("churn", CANDIDATE, SETTINGS),
-        k8s.inference_service("churn", CANDIDATE, SETTINGS, canary_traffic_percent=25, release_id="rel-1",
-                              champion_version="2"),
+        k8s.inference_service(
+            "churn", CANDIDATE, SETTINGS, canary_traffic_percent=25, release_id="rel-1", champion_version="2"
+        ),
         k8s.inference_service("churn", CANDIDATE, SETTINGS, canary_traffic_percent=0, release_id="rel-1"),
         k8s.inference_service("churn", CANDIDATE, SETTINGS, shadow=True, release_id="rel-1"),
         k8s.virtual_service("churn", SETTINGS),
@@ -51,19 +54,26 @@ def every_manifest() -> list[dict]:
 
 def test_every_rendered_manifest_validates_against_the_pinned_schemas(schemas):
     docs = every_manifest()
-    assert [d["kind"] for d in docs] == ["InferenceService"] * 4 + ["VirtualService"] * 2 + \
-        ["DestinationRule", "Deployment", "Service"]
+    assert [d["kind"] for d in docs] == ["InferenceService"] * 4 + ["VirtualService"] * 2 + [
+        "DestinationRule",
+        "Deployment",
+        "Service",
+    ]
     for doc in docs:
         k8s.validate(doc, schemas)
 
 
 def test_manifests_carry_the_release(schemas):
-    canary = k8s.inference_service("churn", CANDIDATE, SETTINGS, canary_traffic_percent=25, release_id="rel-1",
-                                   champion_version="2")
+    canary = k8s.inference_service(
+        "churn", CANDIDATE, SETTINGS, canary_traffic_percent=25, release_id="rel-1", champion_version="2"
+    )
     predictor = canary["spec"]["predictor"]
     assert predictor["canaryTrafficPercent"] == 25
-    assert predictor["model"] == {"modelFormat": {"name": "mlflow"}, "protocolVersion": "v2",
-                                  "storageUri": CANDIDATE.storage_uri}
+    assert predictor["model"] == {
+        "modelFormat": {"name": "mlflow"},
+        "protocolVersion": "v2",
+        "storageUri": CANDIDATE.storage_uri,
+    }
     # The logger URL names model and version, so each revision's events say which version answered.
     assert predictor["logger"]["url"].endswith("/events?model=churn&version=3") and predictor["logger"]["mode"] == "all"
     assert canary["metadata"]["annotations"]["releasegate.io/signature-digest"] == CANDIDATE.digest
@@ -124,9 +134,20 @@ def _per_request_canary(weight: int, keys: int = 300, per_key: int = 12, seed: i
         for _ in range(per_key):
             t += 0.01
             arm = "candidate" if rng.random() < weight / 100 else "champion"
-            rows.append({"id": len(rows), "request_id": f"r{len(rows)}", "time": t, "arm": arm,
-                         "routing_key_hash": f"k{k}", "fallback": False, "outputs": "1", "latency_ms": 5.0,
-                         "status": "ok", "inputs": json.dumps({"region": "north"})})
+            rows.append(
+                {
+                    "id": len(rows),
+                    "request_id": f"r{len(rows)}",
+                    "time": t,
+                    "arm": arm,
+                    "routing_key_hash": f"k{k}",
+                    "fallback": False,
+                    "outputs": "1",
+                    "latency_ms": 5.0,
+                    "status": "ok",
+                    "inputs": json.dumps({"region": "north"}),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -149,17 +170,31 @@ def test_srm_counts_requests_when_the_backend_assigns_per_request():
 
 
 def _event(kind: str, request_id: str, when: float, metadata: dict | None = None) -> dict:
-    return {"ce-specversion": "1.0", "ce-id": request_id, "ce-source": "http://localhost:9081/",
-            "ce-type": f"org.kubeflow.serving.inference.{kind}", "ce-inferenceservicename": "churn",
-            "ce-namespace": "models", "ce-component": "predictor", "ce-endpoint": "",
-            "ce-time": datetime.fromtimestamp(when, timezone.utc).isoformat().replace("+00:00", "Z"),
-            "ce-metadata": json.dumps(metadata or {}), "content-type": "application/json"}
+    return {
+        "ce-specversion": "1.0",
+        "ce-id": request_id,
+        "ce-source": "http://localhost:9081/",
+        "ce-type": f"org.kubeflow.serving.inference.{kind}",
+        "ce-inferenceservicename": "churn",
+        "ce-namespace": "models",
+        "ce-component": "predictor",
+        "ce-endpoint": "",
+        "ce-time": datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z"),
+        "ce-metadata": json.dumps(metadata or {}),
+        "content-type": "application/json",
+    }
 
 
-V2_REQUEST = {"inputs": [{"name": "tenure", "shape": [2], "datatype": "FP64", "data": [3.0, 40.0]},
-                         {"name": "region", "shape": [2], "datatype": "BYTES", "data": ["north", "south"]}]}
-V2_RESPONSE = {"model_name": "churn", "outputs": [{"name": "predict", "shape": [2, 1], "datatype": "INT64",
-                                                   "data": [1, 0]}]}
+V2_REQUEST = {
+    "inputs": [
+        {"name": "tenure", "shape": [2], "datatype": "FP64", "data": [3.0, 40.0]},
+        {"name": "region", "shape": [2], "datatype": "BYTES", "data": ["north", "south"]},
+    ]
+}
+V2_RESPONSE = {
+    "model_name": "churn",
+    "outputs": [{"name": "predict", "shape": [2, 1], "datatype": "INT64", "data": [1, 0]}],
+}
 
 
 def _rows(engine) -> list[dict]:
@@ -168,7 +203,9 @@ def _rows(engine) -> list[dict]:
     from releasegate import storage
 
     with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(sa.select(storage.predictions).order_by(storage.predictions.c.id))]
+        return [
+            dict(r._mapping) for r in conn.execute(sa.select(storage.predictions).order_by(storage.predictions.c.id))
+        ]
 
 
 def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
@@ -181,37 +218,58 @@ def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
     from releasegate.serving import routing
     from releasegate.serving.kserve_sink import create_app
 
-    _record_route(Applied(model="churn", champion_version="2", candidate_version="3", mode=Mode.shadow,
-                          candidate_weight=0, release_id="rel-1"))
+    _record_route(
+        Applied(
+            model="churn",
+            champion_version="2",
+            candidate_version="3",
+            mode=Mode.shadow,
+            candidate_weight=0,
+            release_id="rel-1",
+        )
+    )
     app = create_app(settings, pending_seconds=0.5, sweep_seconds=0.1)
     t0 = time.time()
     with TestClient(app) as client:
         for version, delay in (("2", 0.004), ("3", 0.009)):
             # The response may arrive first: the agent's workers send in any order.
-            answered = client.post(f"/events?model=churn&version={version}", headers=_event("response", "req-1", t0 + delay),
-                                   content=json.dumps(V2_RESPONSE))
+            answered = client.post(
+                f"/events?model=churn&version={version}",
+                headers=_event("response", "req-1", t0 + delay),
+                content=json.dumps(V2_RESPONSE),
+            )
             assert answered.status_code == 202
-            request = client.post(f"/events?model=churn&version={version}",
-                                  headers=_event("request", "req-1", t0, {"X-Routing-Key": ["customer-7"]}),
-                                  content=json.dumps(V2_REQUEST))
+            request = client.post(
+                f"/events?model=churn&version={version}",
+                headers=_event("request", "req-1", t0, {"X-Routing-Key": ["customer-7"]}),
+                content=json.dumps(V2_REQUEST),
+            )
             assert request.json() == {"accepted": "written"}
         # A request whose response never comes (KServe logs none for a non-200 answer) becomes an error row.
-        client.post("/events?model=churn&version=2", headers=_event("request", "req-2", t0), content=json.dumps(V2_REQUEST))
-        assert client.post("/feedback", json=[{"request_id": "req-1", "ground_truth": [1, 0]}]).json() == {"accepted": 1}
+        client.post(
+            "/events?model=churn&version=2", headers=_event("request", "req-2", t0), content=json.dumps(V2_REQUEST)
+        )
+        assert client.post("/feedback", json=[{"request_id": "req-1", "ground_truth": [1, 0]}]).json() == {
+            "accepted": 1
+        }
         bad = client.post("/events?model=churn", headers=_event("request", "req-3", t0), content=json.dumps(V2_REQUEST))
         assert bad.status_code == 400 and "version" in bad.json()["error"]
-        bad = client.post("/events?model=churn&version=2", headers=_event("request", "req-3", t0),
-                          content=json.dumps({"rows": []}))
+        bad = client.post(
+            "/events?model=churn&version=2", headers=_event("request", "req-3", t0), content=json.dumps({"rows": []})
+        )
         assert bad.status_code == 400 and "no usable rows" in bad.json()["error"]
         bad = client.post("/feedback", json=[{"request_id": "req-1"}])
         assert bad.status_code == 422 and "ground_truth" in bad.json()["error"]
         time.sleep(0.8)
     rows = _rows(storage.engine(settings.db_url))
     ok = [r for r in rows if r["request_id"] == "req-1"]
-    assert [(r["version"], r["arm"], r["served"], r["mode"], r["release_id"]) for r in ok] == \
-        [("2", "champion", True, "shadow", "rel-1")] * 2 + [("3", "candidate", False, "shadow", "rel-1")] * 2
-    assert [json.loads(r["inputs"]) for r in ok[:2]] == [{"tenure": 3.0, "region": "north"},
-                                                         {"tenure": 40.0, "region": "south"}]
+    assert [(r["version"], r["arm"], r["served"], r["mode"], r["release_id"]) for r in ok] == [
+        ("2", "champion", True, "shadow", "rel-1")
+    ] * 2 + [("3", "candidate", False, "shadow", "rel-1")] * 2
+    assert [json.loads(r["inputs"]) for r in ok[:2]] == [
+        {"tenure": 3.0, "region": "north"},
+        {"tenure": 40.0, "region": "south"},
+    ]
     assert [json.loads(r["outputs"]) for r in ok[:2]] == [1, 0]
     assert ok[0]["latency_ms"] == pytest.approx(4.0, abs=0.01) and ok[2]["latency_ms"] == pytest.approx(9.0, abs=0.01)
     assert ok[0]["time"] == pytest.approx(t0, abs=1e-3)

@@ -17,10 +17,13 @@ def test_each_inconclusive_rule_loads(rule):
     assert policies.parse({"name": "p", "inconclusive": rule}).inconclusive == rule
 
 
-@pytest.mark.parametrize(("data", "field", "why"), [
-    ({"inconclusive": "wait"}, "inconclusive", "'extend', 'approve' or 'rollback'"),
-    ({"max_extensions": -1}, "max_extensions", "greater than or equal to 0"),
-])
+@pytest.mark.parametrize(
+    ("data", "field", "why"),
+    [
+        ({"inconclusive": "wait"}, "inconclusive", "'extend', 'approve' or 'rollback'"),
+        ({"max_extensions": -1}, "max_extensions", "greater than or equal to 0"),
+    ],
+)
 def test_a_wrong_inconclusive_setting_is_named_in_the_error(data, field, why):
     with pytest.raises(policies.PolicyError) as err:
         policies.parse({"name": "bad", **data}, source="bad.yaml")

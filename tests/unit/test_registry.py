@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from releasegate import registry, signing
 from tests.unit.mlflow_store import MODEL, register, stored_model_dir
 
 
-
 def test_versions_and_aliases_resolve(store, classifier):
     first, second = register(store, classifier), register(store, classifier)
     registry.set_alias(MODEL, "champion", first, settings=store)
 
-    assert [registry.resolve_version(MODEL, ref, settings=store) for ref in ("1", 2, "champion", "@champion")] == \
-        [first, second, first, first]
+    assert [registry.resolve_version(MODEL, ref, settings=store) for ref in ("1", 2, "champion", "@champion")] == [
+        first,
+        second,
+        first,
+        first,
+    ]
     assert registry.get_alias(MODEL, "challenger", settings=store) is None
 
     registry.set_alias(MODEL, "champion", second, settings=store)
@@ -46,8 +48,10 @@ def test_version_and_model_tags_round_trip(store, classifier):
     registry.set_version_tags(MODEL, version, {"releasegate.state": "shadow", "releasegate.step": 2}, settings=store)
     registry.client(store).set_registered_model_tag(MODEL, "releasegate.expectation_suite", "churn")
 
-    assert registry.get_version_tags(MODEL, version, settings=store) == \
-        {"releasegate.state": "shadow", "releasegate.step": "2"}
+    assert registry.get_version_tags(MODEL, version, settings=store) == {
+        "releasegate.state": "shadow",
+        "releasegate.step": "2",
+    }
     assert registry.get_model_tags(MODEL, settings=store) == {"releasegate.expectation_suite": "churn"}
 
 
@@ -60,10 +64,12 @@ def test_artifacts_are_kept_under_the_source_run_in_the_releasegate_folder(store
 
     run_id = registry.client(store).get_model_version(MODEL, version).run_id
     assert registry.source_run(MODEL, version, settings=store) == run_id
-    assert [a.path for a in registry.client(store).list_artifacts(run_id, "releasegate/releases/r1")] == \
-        ["releasegate/releases/r1/verdict.json"]
-    fetched = registry.download_artifact(MODEL, version, "releasegate/releases/r1/verdict.json",
-                                         dst=tmp_path / "out", settings=store)
+    assert [a.path for a in registry.client(store).list_artifacts(run_id, "releasegate/releases/r1")] == [
+        "releasegate/releases/r1/verdict.json"
+    ]
+    fetched = registry.download_artifact(
+        MODEL, version, "releasegate/releases/r1/verdict.json", dst=tmp_path / "out", settings=store
+    )
     assert fetched.read_text() == '{"decision": "promote"}'
     assert registry.has_artifact(MODEL, version, "releasegate/releases/r1/verdict.json", settings=store)
 
@@ -86,8 +92,9 @@ def test_download_model_gives_exactly_the_stored_model_directory(store, classifi
 
     assert model_dir == tmp_path / "copy" and (model_dir / "MLmodel").is_file()
     stored = stored_model_dir(store, version)
-    assert sorted(p.relative_to(model_dir) for p in model_dir.rglob("*")) == \
-        sorted(p.relative_to(stored) for p in stored.rglob("*"))
+    assert sorted(p.relative_to(model_dir) for p in model_dir.rglob("*")) == sorted(
+        p.relative_to(stored) for p in stored.rglob("*")
+    )
     (model_dir / "stale.txt").write_text("left from an earlier download")
     assert registry.download_model(MODEL, version, model_dir, settings=store) == model_dir
     assert not (model_dir / "stale.txt").exists()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from releasegate import audit, release, storage
-from releasegate.release import State
 from releasegate.contract import AuditAction
+from releasegate.release import State
 from releasegate.verdict import Decision
 from tests.factories import SHADOW, verdict
 
@@ -23,8 +23,15 @@ def test_a_release_moves_through_its_states_and_each_move_is_audited(rg_home):
         rel = release.transition(rel.release_id, state, actor="test")
     assert rel.state is State.promoted and rel.ended_at is not None
     actions = [e["action"] for e in audit.events(release_id=rel.release_id)]
-    assert actions == ["release.opened", "release.signing", "release.validating", "release.shadow",
-                       "release.canary", "release.promoting", "release.promoted"]
+    assert actions == [
+        "release.opened",
+        "release.signing",
+        "release.validating",
+        "release.shadow",
+        "release.canary",
+        "release.promoting",
+        "release.promoted",
+    ]
 
 
 def test_a_move_the_state_machine_forbids_is_refused(rg_home):
@@ -109,10 +116,12 @@ def test_signed_head_detects_a_rewritten_chain(rg_home, tmp_path):
 
     key = ec.generate_private_key(ec.SECP256R1())
     priv, pub = tmp_path / "k.pem", tmp_path / "k.pub"
-    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    priv.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     audit.append("t", AuditAction.validation)
     audit.append("t", AuditAction.signed)
     signed = audit.sign_head(priv)

@@ -25,6 +25,10 @@ def test_release_workflow_registers_then_triggers_and_waits_with_options_the_cli
     help_text = CliRunner().invoke(main, ["trigger", "--help"]).output
     assert all(arg in help_text for arg in trigger if arg.startswith("--"))
     env = workflow["jobs"]["release"]["env"]
-    for name in ("RELEASEGATE_AIRFLOW_URL", "RELEASEGATE_AIRFLOW_USER", "RELEASEGATE_AIRFLOW_PASSWORD",
-                 "MLFLOW_TRACKING_URI"):
+    for name in (
+        "RELEASEGATE_AIRFLOW_URL",
+        "RELEASEGATE_AIRFLOW_USER",
+        "RELEASEGATE_AIRFLOW_PASSWORD",
+        "MLFLOW_TRACKING_URI",
+    ):
         assert name in env and name in help_text + (ROOT / "docs/operations.md").read_text()

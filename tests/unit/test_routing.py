@@ -62,15 +62,20 @@ def test_sample_bucket_is_uniform():
     assert min(counts) > 1800 and max(counts) < 2200
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"champion_version": "1", "candidate_version": "2"}, "mode 'single' takes no candidate_version"),
-    ({"champion_version": "1", "mode": "canary", "candidate_weight": 5}, "needs a candidate_version"),
-    ({"champion_version": "1", "candidate_version": "2", "mode": "shadow", "candidate_weight": 5},
-     "applies to mode 'canary' only"),
-    ({"champion_version": "1", "candidate_version": "1", "mode": "shadow"}, "equals champion_version"),
-    ({"champion_version": "1", "candidate_version": "2", "mode": "canary", "candidate_weight": 101}, "less than"),
-    ({"champion_version": "1", "mode": "blue-green"}, "single"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"champion_version": "1", "candidate_version": "2"}, "mode 'single' takes no candidate_version"),
+        ({"champion_version": "1", "mode": "canary", "candidate_weight": 5}, "needs a candidate_version"),
+        (
+            {"champion_version": "1", "candidate_version": "2", "mode": "shadow", "candidate_weight": 5},
+            "applies to mode 'canary' only",
+        ),
+        ({"champion_version": "1", "candidate_version": "1", "mode": "shadow"}, "equals champion_version"),
+        ({"champion_version": "1", "candidate_version": "2", "mode": "canary", "candidate_weight": 101}, "less than"),
+        ({"champion_version": "1", "mode": "blue-green"}, "single"),
+    ],
+)
 def test_inconsistent_route_is_refused_with_the_reason(body, message):
     with pytest.raises(ValueError, match=message):
         RouteSpec.model_validate(body)

@@ -13,9 +13,19 @@ from releasegate.serving.metrics import Metrics
 from releasegate.serving.payloads import Column, Rows, Schema
 from releasegate.serving.slots import Slot
 
-SCHEMA = Schema(tuple(Column(c, "string" if c in data.CATEGORICAL else "double" if c in
-                             ("monthly_charges", "total_charges", "data_usage_gb") else "long")
-                      for c in data.FEATURES))
+SCHEMA = Schema(
+    tuple(
+        Column(
+            c,
+            "string"
+            if c in data.CATEGORICAL
+            else "double"
+            if c in ("monthly_charges", "total_charges", "data_usage_gb")
+            else "long",
+        )
+        for c in data.FEATURES
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +75,12 @@ def test_a_slot_serves_the_graph_and_falls_back_to_sklearn_for_missing_values(fr
     train, live = frames
     pipe = _fit("logistic_regression", train)
     example = train[data.FEATURES].head(5)
-    mlflow.sklearn.save_model(pipe, tmp_path / "model", input_example=example,
-                              signature=mlflow.models.infer_signature(example, pipe.predict(example)))
+    mlflow.sklearn.save_model(
+        pipe,
+        tmp_path / "model",
+        input_example=example,
+        signature=mlflow.models.infer_signature(example, pipe.predict(example)),
+    )
     pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     schema = Schema.from_mlflow(pyfunc.metadata.get_input_schema())
     from concurrent.futures import ThreadPoolExecutor
@@ -99,12 +113,18 @@ def _slot_of(pipe, example, tmp_path, name: str, signature=None) -> Slot:
 
     from releasegate.training import skops_trusted_types
 
-    mlflow.sklearn.save_model(pipe, tmp_path / name, input_example=example,
-                              signature=signature or mlflow.models.infer_signature(example, pipe.predict(example)),
-                              serialization_format="skops", skops_trusted_types=skops_trusted_types(pipe))
+    mlflow.sklearn.save_model(
+        pipe,
+        tmp_path / name,
+        input_example=example,
+        signature=signature or mlflow.models.infer_signature(example, pipe.predict(example)),
+        serialization_format="skops",
+        skops_trusted_types=skops_trusted_types(pipe),
+    )
     pyfunc = mlflow.pyfunc.load_model(str(tmp_path / name))
-    slot = Slot("m", "1", pyfunc, Schema.from_mlflow(pyfunc.metadata.get_input_schema()), Metrics(),
-                ThreadPoolExecutor(2))
+    slot = Slot(
+        "m", "1", pyfunc, Schema.from_mlflow(pyfunc.metadata.get_input_schema()), Metrics(), ThreadPoolExecutor(2)
+    )
     slot.warm(Rows(example.to_dict(orient="list"), len(example)))
     return slot
 
@@ -116,9 +136,20 @@ def test_a_regressor_is_served_by_its_graph_within_float32_of_sklearn(frames, tm
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
     train, live = frames
-    pipe = Pipeline([("features", ColumnTransformer([("n", StandardScaler(), data.NUMERIC),
-                                                     ("c", OneHotEncoder(handle_unknown="ignore"), data.CATEGORICAL)])),
-                     ("model", Ridge())]).fit(train[data.FEATURES], train["monthly_charges"] * 12.5)
+    pipe = Pipeline(
+        [
+            (
+                "features",
+                ColumnTransformer(
+                    [
+                        ("n", StandardScaler(), data.NUMERIC),
+                        ("c", OneHotEncoder(handle_unknown="ignore"), data.CATEGORICAL),
+                    ]
+                ),
+            ),
+            ("model", Ridge()),
+        ]
+    ).fit(train[data.FEATURES], train["monthly_charges"] * 12.5)
     slot = _slot_of(pipe, train[data.FEATURES].head(20), tmp_path, "ridge")
     assert slot.engine == "onnxruntime (skl2onnx)"
     got = slot.call_fast([Rows(live[data.FEATURES].head(200).to_dict(orient="list"), 200)])
@@ -127,9 +158,9 @@ def test_a_regressor_is_served_by_its_graph_within_float32_of_sklearn(frames, tm
 
 
 def test_an_optional_column_left_out_takes_the_graph_only_where_sklearn_answers_it_the_same(frames, tmp_path):
-    import mlflow
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema as MlflowSchema
+    from mlflow.types.schema import ColSpec
+    from mlflow.types.schema import Schema as MlflowSchema
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
@@ -137,11 +168,22 @@ def test_an_optional_column_left_out_takes_the_graph_only_where_sklearn_answers_
 
     train, live = frames
     numeric = ["age", "tenure_months", "monthly_charges"]
-    signature = ModelSignature(MlflowSchema([ColSpec("long", "age"), ColSpec("long", "tenure_months"),
-                                             ColSpec("double", "monthly_charges", required=False)]),
-                               MlflowSchema([ColSpec("long")]))
-    imputed = Pipeline([("impute", ColumnTransformer([("i", SimpleImputer(strategy="median"), numeric)])),
-                        ("model", LogisticRegression(max_iter=500))]).fit(train[numeric], train[data.LABEL])
+    signature = ModelSignature(
+        MlflowSchema(
+            [
+                ColSpec("long", "age"),
+                ColSpec("long", "tenure_months"),
+                ColSpec("double", "monthly_charges", required=False),
+            ]
+        ),
+        MlflowSchema([ColSpec("long")]),
+    )
+    imputed = Pipeline(
+        [
+            ("impute", ColumnTransformer([("i", SimpleImputer(strategy="median"), numeric)])),
+            ("model", LogisticRegression(max_iter=500)),
+        ]
+    ).fit(train[numeric], train[data.LABEL])
     bare = LogisticRegression(max_iter=500).fit(train[numeric], train[data.LABEL])
     rows = live[numeric].head(50).to_dict(orient="list")
     rows["monthly_charges"] = [None] * 50

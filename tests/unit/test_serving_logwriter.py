@@ -82,8 +82,9 @@ def test_shutdown_during_an_outage_counts_what_it_could_not_write(locked_db, cap
     started = time.monotonic()
     writer.close(timeout=0.5)
     assert time.monotonic() - started < 5
-    assert _sample(metrics, "releasegate_gateway_log_dropped_rows_total", table="feedback",
-                   reason="db_unavailable") == 30
+    assert (
+        _sample(metrics, "releasegate_gateway_log_dropped_rows_total", table="feedback", reason="db_unavailable") == 30
+    )
     assert "30 rows not written" in caplog.text
     assert not writer.put(_row(99))  # closed: refused and counted
     assert _sample(metrics, "releasegate_gateway_log_dropped_rows_total", table="feedback", reason="closed") == 1

@@ -57,16 +57,20 @@ def test_a_missing_required_column_is_a_422_naming_it():
     with pytest.raises(PayloadError) as caught:
         select(sent, WIDE, "gw v3")
     assert caught.value.status == 422
-    assert str(caught.value) == ("gw v3: missing column(s) 'income', 'region' "
-                                 "(expected age, income, region, tenure (optional))")
+    assert str(caught.value) == (
+        "gw v3: missing column(s) 'income', 'region' (expected age, income, region, tenure (optional))"
+    )
 
 
-@pytest.mark.parametrize("column, value, message", [
-    ("age", "old", "column 'age' row 1 expects an integer"),
-    ("age", 2.5, "column 'age' row 1 expects an integer"),
-    ("income", None, "column 'income' row 1 is null/NaN, but the model requires a value"),
-    ("tenure", "long", "column 'tenure' row 1 expects a finite number (double)"),
-])
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("age", "old", "column 'age' row 1 expects an integer"),
+        ("age", 2.5, "column 'age' row 1 expects an integer"),
+        ("income", None, "column 'income' row 1 is null/NaN, but the model requires a value"),
+        ("tenure", "long", "column 'tenure' row 1 expects a finite number (double)"),
+    ],
+)
 def test_a_wrongly_typed_or_missing_value_is_a_422_naming_the_column(column, value, message):
     values = {"age": [30, 41], "income": [1.5, 2.0], "region": ["a", "b"], "tenure": [1.0, 2.0], "zip": ["1", "2"]}
     values[column][1] = value
@@ -77,8 +81,9 @@ def test_a_wrongly_typed_or_missing_value_is_a_422_naming_the_column(column, val
 
 def test_an_ignored_column_is_not_type_checked():
     sent = _sent(age=[30], income=[1.5], region=["north"])
-    assert select(_sent(age=[30], income=[1.5], region=["north"], zip=[None]), CHAMPION, "gw v1").columns == \
-        sent.columns
+    assert (
+        select(_sent(age=[30], income=[1.5], region=["north"], zip=[None]), CHAMPION, "gw v1").columns == sent.columns
+    )
 
 
 def test_a_version_without_a_signature_gets_every_column():

@@ -33,8 +33,15 @@ def pyfunc(tmp_path_factory):
 
 @pytest.fixture
 def slot(pyfunc):
-    slot = Slot("m", "1", pyfunc, Schema.from_mlflow(pyfunc.metadata.get_input_schema()), Metrics(),
-                ThreadPoolExecutor(2), max_wait=0.01)
+    slot = Slot(
+        "m",
+        "1",
+        pyfunc,
+        Schema.from_mlflow(pyfunc.metadata.get_input_schema()),
+        Metrics(),
+        ThreadPoolExecutor(2),
+        max_wait=0.01,
+    )
     slot.warm(None)
     return slot
 
@@ -62,8 +69,7 @@ def test_a_poisoned_request_fails_alone_and_its_neighbours_answers_carry_the_fai
     assert isinstance(answers[1], ModelCallError) and "refuses x 77" in str(answers[1])
     neighbours = [answers[0], answers[2], answers[3]]
     assert neighbours == [[2], [6], [8]]
-    assert all(type(a) is Retried and "m v1 predict failed: RuntimeError: refuses x 77" in a.error
-               for a in neighbours)
+    assert all(type(a) is Retried and "m v1 predict failed: RuntimeError: refuses x 77" in a.error for a in neighbours)
 
 
 def test_a_request_alone_in_its_call_is_not_retried(slot):

@@ -11,7 +11,6 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from releasegate import registry, signing
-
 from tests.unit.mlflow_store import MODEL, register, stored_model_dir
 
 
@@ -111,8 +110,9 @@ def test_unsigned_version_is_refused(store, classifier):
 def test_version_signed_by_an_untrusted_key_is_refused(store, classifier, tmp_path):
     version = register(store, classifier)
     rogue_key, rogue_pub = signing.generate_keys(tmp_path / "rogue")
-    signing.sign_version(MODEL, version, store.model_copy(update={"signing_key": rogue_key,
-                                                                  "trusted_keys": [rogue_pub]}))
+    signing.sign_version(
+        MODEL, version, store.model_copy(update={"signing_key": rogue_key, "trusted_keys": [rogue_pub]})
+    )
 
     with pytest.raises(signing.UntrustedKeyError, match="^churn v1 is signed by a key that is not trusted"):
         signing.fetch_verified(MODEL, version, store)

@@ -70,17 +70,19 @@ def _signature(frame: pd.DataFrame, output=None):
 def test_same_inputs_are_compatible_and_a_dropped_input_is_fine(clean):
     features = clean[data.FEATURES].head(5)
     assert validation.compare_signatures(_signature(features), _signature(features)).compatible
-    assert validation.compare_signatures(_signature(features.drop(columns=["channel"])),
-                                         _signature(features)).compatible
+    assert validation.compare_signatures(
+        _signature(features.drop(columns=["channel"])), _signature(features)
+    ).compatible
 
 
 def test_candidate_needing_a_column_callers_do_not_send_is_incompatible(clean):
     features = clean[data.FEATURES].head(5)
-    result = validation.compare_signatures(_signature(features.assign(contract_type="monthly")),
-                                           _signature(features))
+    result = validation.compare_signatures(_signature(features.assign(contract_type="monthly")), _signature(features))
     assert not result.compatible
-    assert result.problems == ["input 'contract_type' is required by the candidate but not part of the champion's "
-                               "inputs, so callers do not send it"]
+    assert result.problems == [
+        "input 'contract_type' is required by the candidate but not part of the champion's "
+        "inputs, so callers do not send it"
+    ]
 
 
 def test_optional_extra_column_is_compatible(clean):
@@ -89,15 +91,17 @@ def test_optional_extra_column_is_compatible(clean):
 
     features = clean[data.FEATURES].head(5)
     champion = _signature(features)
-    candidate = ModelSignature(Schema([*champion.inputs.inputs, ColSpec("string", "contract_type", required=False)]),
-                               champion.outputs)
+    candidate = ModelSignature(
+        Schema([*champion.inputs.inputs, ColSpec("string", "contract_type", required=False)]), champion.outputs
+    )
     assert validation.compare_signatures(candidate, champion).compatible
 
 
 def test_changed_input_or_output_type_is_incompatible(clean):
     features = clean[data.FEATURES].head(5)
     result = validation.compare_signatures(
-        _signature(features.astype({"age": "float64"}), pd.Series([0.5] * 5)), _signature(features))
+        _signature(features.astype({"age": "float64"}), pd.Series([0.5] * 5)), _signature(features)
+    )
     assert not result.compatible
     assert "input 'age' changes type from long to double" in result.problems
     assert "output type changes from long to double" in result.problems
@@ -120,10 +124,9 @@ def demo(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         _point_env_at(home, mp)
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        from releasegate import signing
         from releasegate.demo import models
         from releasegate.settings import get_settings
-
-        from releasegate import signing
 
         settings = get_settings()
         signing.ensure_keys(settings)
@@ -151,10 +154,20 @@ def test_demo_registers_three_versions_with_aliases_artifacts_and_suite_once(dem
     tags = registry.get_model_tags("churn", settings=settings)
     assert tags["releasegate.expectation_suite"] == "churn" and tags["releasegate.label"] == data.LABEL
     for version in versions.values():
-        reference = pd.read_parquet(registry.download_artifact(
-            "churn", version, "releasegate/reference.parquet", dst=settings.home / "ref" / version, settings=settings))
-        holdout = pd.read_parquet(registry.download_artifact(
-            "churn", version, "releasegate/holdout.parquet", dst=settings.home / "hold" / version, settings=settings))
+        reference = pd.read_parquet(
+            registry.download_artifact(
+                "churn",
+                version,
+                "releasegate/reference.parquet",
+                dst=settings.home / "ref" / version,
+                settings=settings,
+            )
+        )
+        holdout = pd.read_parquet(
+            registry.download_artifact(
+                "churn", version, "releasegate/holdout.parquet", dst=settings.home / "hold" / version, settings=settings
+            )
+        )
         assert list(reference.columns) == data.FEATURES and len(reference) == models.REFERENCE_ROWS
         assert list(holdout.columns) == data.FEATURES + [data.LABEL] and len(holdout) == models.HOLDOUT_ROWS
     # A second call finds the versions instead of registering new ones.
@@ -167,8 +180,9 @@ def test_good_and_bad_candidates_both_pass_offline_validation(demo):
 
     settings, versions = demo
     for role in ("good", "bad"):
-        report = validation.validate_candidate("churn", versions[role], "champion", policy.load("default"),
-                                               settings=settings)
+        report = validation.validate_candidate(
+            "churn", versions[role], "champion", policy.load("default"), settings=settings
+        )
         assert report.passed, (role, report.reasons)
         assert report.contract.success and report.schema_.compatible
         assert report.evaluation.difference > 0.03 and {s.value for s in report.evaluation.slices} == set(data.REGIONS)
@@ -189,8 +203,9 @@ def test_a_candidate_worse_than_the_champion_on_its_holdout_is_rejected_with_the
 
     settings, versions = demo
     # The champion judged as a candidate against the better model: clearly worse on its own holdout.
-    report = validation.validate_candidate("churn", versions["champion"], versions["good"], policy.load("default"),
-                                           settings=settings)
+    report = validation.validate_candidate(
+        "churn", versions["champion"], versions["good"], policy.load("default"), settings=settings
+    )
     assert not report.passed and report.contract.success and report.schema_.compatible
     assert any(r.startswith("offline evaluation: overall: candidate accuracy") for r in report.reasons), report.reasons
     assert any("slice region=" in r for r in report.reasons)
@@ -203,14 +218,17 @@ def test_a_model_without_a_label_tag_is_rejected_with_one_sentence_naming_the_ta
     client = registry.client(settings)
     client.delete_registered_model_tag("churn", "releasegate.label")
     try:
-        report = validation.validate_candidate("churn", versions["good"], "champion", policy.load("default"),
-                                               settings=settings)
+        report = validation.validate_candidate(
+            "churn", versions["good"], "champion", policy.load("default"), settings=settings
+        )
     finally:
         client.set_registered_model_tag("churn", "releasegate.label", data.LABEL)
     [reason] = report.reasons
     assert not report.passed and report.evaluation is None
-    assert reason.startswith("offline evaluation failed: ValueError: registered model 'churn' has no "
-                             "releasegate.label tag and its holdout no 'label' column: set the tag"), reason
+    assert reason.startswith(
+        "offline evaluation failed: ValueError: registered model 'churn' has no "
+        "releasegate.label tag and its holdout no 'label' column: set the tag"
+    ), reason
 
 
 def test_an_mlflow_schema_error_becomes_one_short_line_with_its_cause(clean, tmp_path):
@@ -219,15 +237,19 @@ def test_an_mlflow_schema_error_becomes_one_short_line_with_its_cause(clean, tmp
     from sklearn.linear_model import LogisticRegression
 
     x = clean[["age", "tenure_months", "support_calls"]]
-    mlflow.sklearn.save_model(LogisticRegression().fit(x, clean[data.LABEL]), tmp_path / "model",
-                              signature=infer_signature(x, clean[data.LABEL]))
+    mlflow.sklearn.save_model(
+        LogisticRegression().fit(x, clean[data.LABEL]),
+        tmp_path / "model",
+        signature=infer_signature(x, clean[data.LABEL]),
+    )
     with pytest.raises(Exception) as caught:
         mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(x.assign(age=x["age"] + 0.5))
     assert len(str(caught.value)) > 500 and "\n" in str(caught.value)  # MLflow prints the whole DataFrame
     line = errors.describe(caught.value)
     assert len(line) <= 300 and "\n" not in line and line.startswith("MlflowException: Failed to enforce schema")
-    assert line.endswith("(cause: MlflowException: Incompatible input types for column age. Can not safely "
-                         "convert float64 to int64.)")
+    assert line.endswith(
+        "(cause: MlflowException: Incompatible input types for column age. Can not safely convert float64 to int64.)"
+    )
 
 
 def test_a_long_error_is_cut_to_its_first_line_with_an_ellipsis():

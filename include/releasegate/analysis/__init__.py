@@ -8,5 +8,14 @@ from releasegate.analysis.canary import CanaryStats, canary_stats, carry
 from releasegate.analysis.window import analyse, analyse_frames, frame_stats, verdict_from_stats
 from releasegate.verdict import Decision, Verdict
 
-__all__ = ["CanaryStats", "Decision", "Verdict", "analyse", "analyse_frames", "canary_stats", "carry", "frame_stats",
-           "verdict_from_stats"]
+__all__ = [
+    "CanaryStats",
+    "Decision",
+    "Verdict",
+    "analyse",
+    "analyse_frames",
+    "canary_stats",
+    "carry",
+    "frame_stats",
+    "verdict_from_stats",
+]

@@ -71,11 +71,14 @@ def carry(earlier: CanaryStats, current: CanaryStats) -> CanaryStats:
     """
 
     def add_arms(a: dict[Arm, ArmSamples], b: dict[Arm, ArmSamples]) -> dict[Arm, ArmSamples]:
-        return {arm: ArmSamples(**{f: getattr(a[arm], f) + getattr(b[arm], f) for f in ArmSamples.model_fields})
-                for arm in ARMS}
+        return {
+            arm: ArmSamples(**{f: getattr(a[arm], f) + getattr(b[arm], f) for f in ArmSamples.model_fields})
+            for arm in ARMS
+        }
 
-    def pooled_means(a: dict[Arm, float | None], na: dict[Arm, int], b: dict[Arm, float | None],
-                     nb: dict[Arm, int]) -> dict[Arm, float | None]:
+    def pooled_means(
+        a: dict[Arm, float | None], na: dict[Arm, int], b: dict[Arm, float | None], nb: dict[Arm, int]
+    ) -> dict[Arm, float | None]:
         out: dict[Arm, float | None] = {}
         for arm in ARMS:
             n = na[arm] + nb[arm]
@@ -87,23 +90,40 @@ def carry(earlier: CanaryStats, current: CanaryStats) -> CanaryStats:
     for s in current.slices:
         e = slices.pop((s.feature, s.value), None)
         if e is not None:
-            s = SliceStats(feature=s.feature, value=s.value, contrasts=e.contrasts + s.contrasts,
-                           labelled={a: e.labelled[a] + s.labelled[a] for a in ARMS},
-                           routing_keys={a: e.routing_keys[a] + s.routing_keys[a] for a in ARMS},
-                           means=pooled_means(e.means, e.labelled, s.means, s.labelled))
+            s = SliceStats(
+                feature=s.feature,
+                value=s.value,
+                contrasts=e.contrasts + s.contrasts,
+                labelled={a: e.labelled[a] + s.labelled[a] for a in ARMS},
+                routing_keys={a: e.routing_keys[a] + s.routing_keys[a] for a in ARMS},
+                means=pooled_means(e.means, e.labelled, s.means, s.labelled),
+            )
         merged.append(s)
     merged.extend(slices.values())
     merged.sort(key=lambda s: (s.feature, s.value))
-    slow = current.slow if earlier.slow is None else earlier.slow if current.slow is None else earlier.slow + current.slow
+    slow = (
+        current.slow if earlier.slow is None else earlier.slow if current.slow is None else earlier.slow + current.slow
+    )
     return CanaryStats(
-        weight=current.weight, arms=add_arms(earlier.arms, current.arms),
+        weight=current.weight,
+        arms=add_arms(earlier.arms, current.arms),
         rows={a: earlier.rows[a] + current.rows[a] for a in ARMS},
-        error=earlier.error + current.error, primary=earlier.primary + current.primary,
-        primary_means=pooled_means(earlier.primary_means, {a: earlier.arms[a].labelled for a in ARMS},
-                                   current.primary_means, {a: current.arms[a].labelled for a in ARMS}),
-        champion_latencies=earlier.champion_latencies + current.champion_latencies, p99=current.p99, slow=slow,
-        candidate_latencies=earlier.candidate_latencies + current.candidate_latencies, slices=tuple(merged),
-        step_arms=current.own_arms, carried=earlier.carried + (earlier.weight,))
+        error=earlier.error + current.error,
+        primary=earlier.primary + current.primary,
+        primary_means=pooled_means(
+            earlier.primary_means,
+            {a: earlier.arms[a].labelled for a in ARMS},
+            current.primary_means,
+            {a: current.arms[a].labelled for a in ARMS},
+        ),
+        champion_latencies=earlier.champion_latencies + current.champion_latencies,
+        p99=current.p99,
+        slow=slow,
+        candidate_latencies=earlier.candidate_latencies + current.candidate_latencies,
+        slices=tuple(merged),
+        step_arms=current.own_arms,
+        carried=earlier.carried + (earlier.weight,),
+    )
 
 
 def canary_stats(rows: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats:
@@ -124,7 +144,8 @@ def canary_stats(rows: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats
     def contrasts(frame: pd.DataFrame, column: str) -> sequential.Summary:
         treated = (frame["arm"] == Arm.candidate).to_numpy()
         return sequential.Summary.of(
-            sequential.aipw_contrasts(frame[column].astype(float).to_numpy(), treated, propensity))
+            sequential.aipw_contrasts(frame[column].astype(float).to_numpy(), treated, propensity)
+        )
 
     def per_arm(frame: pd.DataFrame) -> dict[Arm, int]:
         counts = frame["arm"].value_counts()
@@ -135,15 +156,23 @@ def canary_stats(rows: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats
         return {arm: (float(by_arm[arm]) if arm in by_arm.index else None) for arm in ARMS}
 
     n_labelled = per_arm(labelled)
-    arms = {arm: ArmSamples(requests=int(part["request_id"].nunique()),
-                            routing_keys=int(part["routing_key_hash"].nunique()),
-                            labelled=n_labelled[arm], errors=int(part["error"].sum()))
-            for arm in ARMS for part in [rows[rows["arm"] == arm]]}
+    arms = {
+        arm: ArmSamples(
+            requests=int(part["request_id"].nunique()),
+            routing_keys=int(part["routing_key_hash"].nunique()),
+            labelled=n_labelled[arm],
+            errors=int(part["error"].sum()),
+        )
+        for arm in ARMS
+        for part in [rows[rows["arm"] == arm]]
+    }
     timed = rows[rows["latency_ms"].notna()]
     champion = timed.loc[timed["arm"] == Arm.champion, "latency_ms"].to_numpy()
     candidate = timed.loc[timed["arm"] == Arm.candidate, "latency_ms"].to_numpy()
-    p99 = {Arm.champion: float(np.quantile(champion, 0.99)) if len(champion) else float("nan"),
-           Arm.candidate: float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan")}
+    p99 = {
+        Arm.champion: float(np.quantile(champion, 0.99)) if len(champion) else float("nan"),
+        Arm.candidate: float(np.quantile(candidate, 0.99)) if len(candidate) else float("nan"),
+    }
     slow = None
     if len(champion) >= ck.MIN_P99_ROWS:
         # Both arms' share over the same limit: a stall of the whole gateway slows both and cancels out.
@@ -153,15 +182,29 @@ def canary_stats(rows: pd.DataFrame, policy: Policy, weight: int) -> CanaryStats
     slices = []
     for feature in policy.slices:
         for value, part in labelled.groupby(f"slice:{feature}", sort=True):
-            slices.append(SliceStats(
-                feature=feature, value=str(value), contrasts=contrasts(part, "value"), labelled=per_arm(part),
-                routing_keys={arm: int(part.loc[part["arm"] == arm, "routing_key_hash"].nunique()) for arm in ARMS},
-                means=means(part)))
+            slices.append(
+                SliceStats(
+                    feature=feature,
+                    value=str(value),
+                    contrasts=contrasts(part, "value"),
+                    labelled=per_arm(part),
+                    routing_keys={arm: int(part.loc[part["arm"] == arm, "routing_key_hash"].nunique()) for arm in ARMS},
+                    means=means(part),
+                )
+            )
     return CanaryStats(
-        weight=weight, arms=arms, rows=per_arm(rows), error=contrasts(rows, "error"),
-        primary=contrasts(labelled, "value"), primary_means=means(labelled),
-        champion_latencies=len(champion), p99=p99, slow=slow, candidate_latencies=len(candidate),
-        slices=tuple(slices))
+        weight=weight,
+        arms=arms,
+        rows=per_arm(rows),
+        error=contrasts(rows, "error"),
+        primary=contrasts(labelled, "value"),
+        primary_means=means(labelled),
+        champion_latencies=len(champion),
+        p99=p99,
+        slow=slow,
+        candidate_latencies=len(candidate),
+        slices=tuple(slices),
+    )
 
 
 class CanaryAnalysis:
@@ -169,8 +212,14 @@ class CanaryAnalysis:
 
     kind = StageKind.canary
 
-    def __init__(self, stats: CanaryStats, policy: Policy, alpha: float, grow: float | None = None,
-                 srm_unit: srm.Unit = srm.Unit.routing_keys):
+    def __init__(
+        self,
+        stats: CanaryStats,
+        policy: Policy,
+        alpha: float,
+        grow: float | None = None,
+        srm_unit: srm.Unit = srm.Unit.routing_keys,
+    ):
         self.stats, self.policy, self.alpha, self.weight, self.grow = stats, policy, alpha, stats.weight, grow
         self.srm_unit = srm_unit
         self.checks = StageChecks.of(policy)
@@ -186,26 +235,57 @@ class CanaryAnalysis:
         primary_ok = min(a.labelled for a in s.arms.values()) >= sequential.MIN_UNITS
         minimum = self.policy.canary.min_samples
         if s.slow is None:
-            latency = ck.undecided(self.checks.latency, self.alpha, s.candidate_latencies,
-                                   f"{s.champion_latencies} champion latencies, {ck.MIN_P99_ROWS} needed for its p99")
+            latency = ck.undecided(
+                self.checks.latency,
+                self.alpha,
+                s.candidate_latencies,
+                f"{s.champion_latencies} champion latencies, {ck.MIN_P99_ROWS} needed for its p99",
+            )
         elif s.candidate_latencies < minimum:
             # A latency share from the first few hundred candidate requests measures the machine, not the model.
-            latency = ck.undecided(self.checks.latency, self.alpha, s.candidate_latencies,
-                                   f"{s.candidate_latencies:,} of the {minimum:,} candidate requests it needs to decide",
-                                   s.slow.mean)
+            latency = ck.undecided(
+                self.checks.latency,
+                self.alpha,
+                s.candidate_latencies,
+                f"{s.candidate_latencies:,} of the {minimum:,} candidate requests it needs to decide",
+                s.slow.mean,
+            )
         else:
-            latency = ck.metric(self.checks.latency, s.slow, self.alpha, self.t_opt,
-                                f"{g.latency_limit_text(s.p99[Arm.champion])}; candidate p99 "
-                                f"{s.p99[Arm.candidate]:.1f} ms", grow=self.grow)
+            latency = ck.metric(
+                self.checks.latency,
+                s.slow,
+                self.alpha,
+                self.t_opt,
+                f"{g.latency_limit_text(s.p99[Arm.champion])}; candidate p99 {s.p99[Arm.candidate]:.1f} ms",
+                grow=self.grow,
+            )
         return [
-            ck.metric(self.checks.error_rate, s.error, self.alpha, self.t_opt,
-                      f"candidate {rate[Arm.candidate]:.2%} vs champion {rate[Arm.champion]:.2%}", arms_ok=err_ok,
-                      grow=self.grow),
+            ck.metric(
+                self.checks.error_rate,
+                s.error,
+                self.alpha,
+                self.t_opt,
+                f"candidate {rate[Arm.candidate]:.2%} vs champion {rate[Arm.champion]:.2%}",
+                arms_ok=err_ok,
+                grow=self.grow,
+            ),
             latency,
-            ck.metric(self.checks.primary, s.primary, self.alpha, self.t_opt,
-                      ck.arms_detail(metric, s.primary_means[Arm.candidate], s.arms[Arm.candidate].labelled,
-                                     s.primary_means[Arm.champion], s.arms[Arm.champion].labelled, "labelled"),
-                      arms_ok=primary_ok, grow=self.grow),
+            ck.metric(
+                self.checks.primary,
+                s.primary,
+                self.alpha,
+                self.t_opt,
+                ck.arms_detail(
+                    metric,
+                    s.primary_means[Arm.candidate],
+                    s.arms[Arm.candidate].labelled,
+                    s.primary_means[Arm.champion],
+                    s.arms[Arm.champion].labelled,
+                    "labelled",
+                ),
+                arms_ok=primary_ok,
+                grow=self.grow,
+            ),
         ]
 
     def enough(self) -> bool:
@@ -214,31 +294,46 @@ class CanaryAnalysis:
 
     def progress(self) -> str:
         n = {arm: a.labelled for arm, a in self.stats.own_arms.items()}
-        return (f"{n[Arm.candidate]:,} candidate and {n[Arm.champion]:,} champion labelled requests at "
-                f"{self.weight} % of {self.policy.canary.min_samples:,} per arm")
+        return (
+            f"{n[Arm.candidate]:,} candidate and {n[Arm.champion]:,} champion labelled requests at "
+            f"{self.weight} % of {self.policy.canary.min_samples:,} per arm"
+        )
 
     def population(self) -> str:
         n = {arm: self.stats.arms[arm].labelled for arm in ARMS}
         steps = " → ".join(str(w) for w in (*self.stats.carried, self.weight))
-        return (f"{sum(n.values()):,} labelled canary requests at {steps} % ({n[Arm.candidate]:,} candidate, "
-                f"{n[Arm.champion]:,} champion)")
+        return (
+            f"{sum(n.values()):,} labelled canary requests at {steps} % ({n[Arm.candidate]:,} candidate, "
+            f"{n[Arm.champion]:,} champion)"
+        )
 
     def slices(self) -> list[SliceResult]:
         min_n = ck.slice_min(self.policy.canary.min_samples)
         groups = []
         for sl in self.stats.slices:
-            samples = {arm: ArmSamples(requests=sl.labelled[arm], labelled=sl.labelled[arm],
-                                       routing_keys=sl.routing_keys[arm]) for arm in ARMS}
-            detail = ck.arms_detail(self.policy.primary.metric, sl.means[Arm.candidate], sl.labelled[Arm.candidate],
-                                    sl.means[Arm.champion], sl.labelled[Arm.champion], "labelled")
-            groups.append(SliceGroup(sl.feature, sl.value, sl.contrasts, min(sl.labelled.values()) >= min_n, samples,
-                                     detail))
+            samples = {
+                arm: ArmSamples(requests=sl.labelled[arm], labelled=sl.labelled[arm], routing_keys=sl.routing_keys[arm])
+                for arm in ARMS
+            }
+            detail = ck.arms_detail(
+                self.policy.primary.metric,
+                sl.means[Arm.candidate],
+                sl.labelled[Arm.candidate],
+                sl.means[Arm.champion],
+                sl.labelled[Arm.champion],
+                "labelled",
+            )
+            groups.append(
+                SliceGroup(sl.feature, sl.value, sl.contrasts, min(sl.labelled.values()) >= min_n, samples, detail)
+            )
         return ck.slice_results(groups, self.checks.primary, self.alpha, min_n)
 
     def srm(self) -> SRM | None:
         own = self.stats.own_arms
-        counts = {arm: (own[arm].routing_keys if self.srm_unit is srm.Unit.routing_keys else own[arm].requests)
-                  for arm in ARMS}
+        counts = {
+            arm: (own[arm].routing_keys if self.srm_unit is srm.Unit.routing_keys else own[arm].requests)
+            for arm in ARMS
+        }
         return srm.check(counts, self.weight, self.policy.srm_p_value)
 
     def samples(self) -> dict[Arm, ArmSamples]:

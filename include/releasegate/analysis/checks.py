@@ -50,14 +50,27 @@ class StageChecks:
         g, p = policy.guardrails, policy.primary
         accuracy = p.metric == "accuracy"
         return cls(
-            error_rate=Check(CheckName.error_rate, "guardrail", g.error_rate_margin, g.error_rate_margin,
-                             higher_is_better=False, support=(-1.0, 1.0)),
+            error_rate=Check(
+                CheckName.error_rate,
+                "guardrail",
+                g.error_rate_margin,
+                g.error_rate_margin,
+                higher_is_better=False,
+                support=(-1.0, 1.0),
+            ),
             # How much larger the candidate's share of requests over the latency limit is than the champion's,
             # against 1% (the p99's share): "candidate p99 ≤ limit" with the gateway's own stalls netted out.
-            latency=Check(CheckName.latency_p99, "guardrail", SLOW_SHARE, SLOW_SHARE, higher_is_better=False,
-                          support=(-1.0, 1.0)),
-            primary=Check(p.metric, "primary", p.margin, -p.margin if accuracy else p.margin,
-                          higher_is_better=accuracy, support=(-1.0, 1.0) if accuracy else None),
+            latency=Check(
+                CheckName.latency_p99, "guardrail", SLOW_SHARE, SLOW_SHARE, higher_is_better=False, support=(-1.0, 1.0)
+            ),
+            primary=Check(
+                p.metric,
+                "primary",
+                p.margin,
+                -p.margin if accuracy else p.margin,
+                higher_is_better=accuracy,
+                support=(-1.0, 1.0) if accuracy else None,
+            ),
         )
 
 
@@ -67,13 +80,32 @@ def agreement_check(policy: Policy) -> Check:
 
 
 def undecided(check: Check, alpha: float, n: int, detail: str, estimate: float | None = None) -> MetricResult:
-    return MetricResult(name=check.name, kind=check.kind, estimate=estimate, lower=None, upper=None,
-                        margin=check.margin, passed=None, detail=detail, limit=check.limit,
-                        higher_is_better=check.higher_is_better, alpha=alpha, n=n)
+    return MetricResult(
+        name=check.name,
+        kind=check.kind,
+        estimate=estimate,
+        lower=None,
+        upper=None,
+        margin=check.margin,
+        passed=None,
+        detail=detail,
+        limit=check.limit,
+        higher_is_better=check.higher_is_better,
+        alpha=alpha,
+        n=n,
+    )
 
 
-def metric(check: Check, values: sequential.Values, alpha: float, t_opt: float, detail: str, arms_ok: bool = True,
-           grow: float | None = None, min_n: int = 0) -> MetricResult:
+def metric(
+    check: Check,
+    values: sequential.Values,
+    alpha: float,
+    t_opt: float,
+    detail: str,
+    arms_ok: bool = True,
+    grow: float | None = None,
+    min_n: int = 0,
+) -> MetricResult:
     """The check's always-valid bounds and pass/fail; `grow` (see decide.grow) also judges futility.
 
     `min_n`: the check decides nothing on fewer units (a latency share from the first few hundred requests
@@ -81,16 +113,26 @@ def metric(check: Check, values: sequential.Values, alpha: float, t_opt: float, 
     """
     x = sequential.summary(values)
     if x.n < min_n:
-        return undecided(check, alpha, x.n, f"{detail}; {x.n:,} of the {min_n:,} requests it needs to decide",
-                         x.mean if x.n else None)
+        return undecided(
+            check,
+            alpha,
+            x.n,
+            f"{detail}; {x.n:,} of the {min_n:,} requests it needs to decide",
+            x.mean if x.n else None,
+        )
     bound = sequential.confidence_sequence(x, alpha, t_opt) if arms_ok else None
     if bound is not None and check.support is not None:
         # Intersecting with the known range keeps coverage and reads better than a −0.1% share.
         lo, hi = check.support
         bound = replace(bound, lower=max(bound.lower, lo), upper=min(bound.upper, hi))
     if bound is None:
-        return undecided(check, alpha, x.n, f"{detail}; fewer than {sequential.MIN_UNITS} units per arm to bound",
-                         x.mean if x.n else None)
+        return undecided(
+            check,
+            alpha,
+            x.n,
+            f"{detail}; fewer than {sequential.MIN_UNITS} units per arm to bound",
+            x.mean if x.n else None,
+        )
     passed: bool | None
     if check.higher_is_better:
         passed = True if bound.lower > check.limit else False if bound.upper < check.limit else None
@@ -104,11 +146,27 @@ def metric(check: Check, values: sequential.Values, alpha: float, t_opt: float, 
         # for the candidate. (The bare estimate would give up on half the candidates that need them.)
         half = bound.sd * sequential.radius(int(bound.n * grow), alpha, t_opt)
         se = bound.sd / math.sqrt(bound.n)
-        futile = (bound.estimate + se - half <= check.limit) if check.higher_is_better else \
-            (bound.estimate - se + half >= check.limit)
-    return MetricResult(name=check.name, kind=check.kind, estimate=bound.estimate, lower=bound.lower,
-                        upper=bound.upper, margin=check.margin, passed=passed, detail=detail, limit=check.limit,
-                        higher_is_better=check.higher_is_better, alpha=alpha, n=bound.n, p_value=p, futile=futile)
+        futile = (
+            (bound.estimate + se - half <= check.limit)
+            if check.higher_is_better
+            else (bound.estimate - se + half >= check.limit)
+        )
+    return MetricResult(
+        name=check.name,
+        kind=check.kind,
+        estimate=bound.estimate,
+        lower=bound.lower,
+        upper=bound.upper,
+        margin=check.margin,
+        passed=passed,
+        detail=detail,
+        limit=check.limit,
+        higher_is_better=check.higher_is_better,
+        alpha=alpha,
+        n=bound.n,
+        p_value=p,
+        futile=futile,
+    )
 
 
 def slice_min(stage_min: int) -> int:
@@ -132,24 +190,32 @@ def slice_results(groups: list[SliceGroup], check: Check, alpha: float, min_n: i
     """The primary check per slice: bounds at alpha / m (Bonferroni), regressions by Holm at alpha across m slices."""
     m = max(len(groups), 1)
     decided = [g for g in groups if g.decided]
-    pvals = np.array([sequential.p_value(g.values, check.limit, "below" if check.higher_is_better else "above",
-                                         alpha / m, min_n) for g in decided])
+    pvals = np.array(
+        [
+            sequential.p_value(g.values, check.limit, "below" if check.higher_is_better else "above", alpha / m, min_n)
+            for g in decided
+        ]
+    )
     adjusted = holm(pvals, m)
     results = []
     j = 0
     for group in groups:
         if not group.decided:
             x = sequential.summary(group.values)
-            result = undecided(check, alpha / m, x.n, f"{group.detail}; too few for a decision ({min_n} per arm)",
-                               x.mean if x.n else None)
+            result = undecided(
+                check,
+                alpha / m,
+                x.n,
+                f"{group.detail}; too few for a decision ({min_n} per arm)",
+                x.mean if x.n else None,
+            )
         else:
             result = metric(check, group.values, alpha / m, min_n, group.detail)
             regressed = adjusted[j] <= alpha
             passed = False if regressed else (True if result.passed else None)
             result = result.model_copy(update={"passed": passed, "p_value": float(adjusted[j])})
             j += 1
-        results.append(SliceResult(feature=group.feature, value=group.value, samples=group.samples,
-                                   metrics=[result]))
+        results.append(SliceResult(feature=group.feature, value=group.value, samples=group.samples, metrics=[result]))
     return results
 
 

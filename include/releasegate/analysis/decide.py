@@ -79,20 +79,35 @@ def verdict(analysis: StageAnalysis, window: Window, window_closed: bool) -> Ver
     stage = window.stage
     last_step = stage.is_shadow or stage.weight not in analysis.policy.canary.steps[:-1]
     decision, reason = _decide(analysis, metrics, slices, srm_result, stage, window_closed, last_step)
-    return Verdict(decision=decision, reason=reason, window=window, samples=analysis.samples(), metrics=metrics,
-                   srm=srm_result, slices=slices,
-                   policy=PolicyRef(name=analysis.policy.name, digest=analysis.policy.digest))
+    return Verdict(
+        decision=decision,
+        reason=reason,
+        window=window,
+        samples=analysis.samples(),
+        metrics=metrics,
+        srm=srm_result,
+        slices=slices,
+        policy=PolicyRef(name=analysis.policy.name, digest=analysis.policy.digest),
+    )
 
 
-def _decide(analysis: StageAnalysis, metrics: list[MetricResult], slices: list[SliceResult], srm_result: SRM | None,
-            stage: Stage, window_closed: bool, last_step: bool) -> tuple[Decision, str]:
+def _decide(
+    analysis: StageAnalysis,
+    metrics: list[MetricResult],
+    slices: list[SliceResult],
+    srm_result: SRM | None,
+    stage: Stage,
+    window_closed: bool,
+    last_step: bool,
+) -> tuple[Decision, str]:
     if srm_result is not None and srm_result.alarm:
         c, e = srm_result.counts, srm_result.expected
         return Decision.invalid, (
             f"invalid: sample ratio mismatch: {c[Arm.candidate]:,} candidate vs {c[Arm.champion]:,} champion "
             f"routing keys where {e[Arm.candidate]:.0%} / {e[Arm.champion]:.0%} was expected "
             f"(sequential test, always-valid p = {srm_result.p_value:.2g} < {analysis.policy.srm_p_value:g}); "
-            f"the split itself is broken")
+            f"the split itself is broken"
+        )
     failed = [m for m in metrics if m.passed is False]
     if failed:
         first = failed[0]
@@ -102,23 +117,28 @@ def _decide(analysis: StageAnalysis, metrics: list[MetricResult], slices: list[S
     if regressed:
         s = regressed[0]
         also = f"; also {', '.join(f'{r.feature}={r.value}' for r in regressed[1:])}" if len(regressed) > 1 else ""
-        return Decision.rollback, (f"rollback: in slice {s.feature}={s.value}, "
-                                   f"{_sentence(s.metrics[0], analysis, stage, n=analysis.slice_sample(s))} "
-                                   f"(Holm-adjusted p = {s.metrics[0].p_value:.2g}){also}")
+        return Decision.rollback, (
+            f"rollback: in slice {s.feature}={s.value}, "
+            f"{_sentence(s.metrics[0], analysis, stage, n=analysis.slice_sample(s))} "
+            f"(Holm-adjusted p = {s.metrics[0].p_value:.2g}){also}"
+        )
     summary = "; ".join(_short(m) for m in metrics)
     futile = [m for m in metrics if m.futile]
     if futile:
         return Decision.rollback, (
             f"rollback: after a full window, at the current estimates not even the canary time still allowed would "
-            f"show {' and '.join(_name(m) for m in futile)} within the limit ({'; '.join(_short(m) for m in futile)})")
+            f"show {' and '.join(_name(m) for m in futile)} within the limit ({'; '.join(_short(m) for m in futile)})"
+        )
     if analysis.enough() and all(m.passed for m in metrics):
         return Decision.promote, f"promote: on {analysis.population()} every check clears its limit: {summary}"
     pending = [m for m in metrics if not m.passed]
     waiting = "" if analysis.enough() else f"{analysis.progress()}; "
     undecided = f"undecided: {'; '.join(_short(m) for m in pending)}" if pending else "every check clears its limit"
     if window_closed and not stage.is_shadow and not last_step:
-        return Decision.continue_, (f"continue: the {stage} window closed with no check failed "
-                                    f"({waiting}{undecided}); its evidence carries into the next step")
+        return Decision.continue_, (
+            f"continue: the {stage} window closed with no check failed "
+            f"({waiting}{undecided}); its evidence carries into the next step"
+        )
     if window_closed:
         return Decision.inconclusive, f"inconclusive: the window closed with {waiting}{undecided}"
     return Decision.continue_, f"continue: {waiting}{undecided}"
@@ -149,8 +169,11 @@ def _limit(m: MetricResult) -> str:
 def _short(m: MetricResult) -> str:
     share = _is_share(m)
     side = ">" if m.higher_is_better else "<"
-    bounds = (f"{_num(m.lower, share, not share)} … {_num(m.upper, share, not share)}"
-              if m.lower is not None else "not bounded yet")
+    bounds = (
+        f"{_num(m.lower, share, not share)} … {_num(m.upper, share, not share)}"
+        if m.lower is not None
+        else "not bounded yet"
+    )
     return f"{_name(m)} {_num(m.estimate, share, not share)} ({bounds}; needs {side} {_limit(m)})"
 
 
@@ -159,15 +182,21 @@ def _sentence(m: MetricResult, analysis: StageAnalysis, stage: Stage, n: int | N
     share = _is_share(m)
     bounds = f"always-valid {level} bounds {_num(m.lower, share, not share)} … {_num(m.upper, share, not share)}"
     if m.name == "latency_p99":
-        return (f"{_num(m.estimate, True)} more of the candidate's requests than of the champion's are slower than "
-                f"the latency limit ({bounds}), above the {_limit(m)} allowed, on {m.n:,} requests in {stage}: "
-                f"{m.detail}")
+        return (
+            f"{_num(m.estimate, True)} more of the candidate's requests than of the champion's are slower than "
+            f"the latency limit ({bounds}), above the {_limit(m)} allowed, on {m.n:,} requests in {stage}: "
+            f"{m.detail}"
+        )
     if m.kind == "agreement":
-        return (f"the arms agree on {_num(m.estimate, True)} of requests ({bounds}), below the required "
-                f"{_limit(m)}, on {m.n:,} shadow requests")
+        return (
+            f"the arms agree on {_num(m.estimate, True)} of requests ({bounds}), below the required "
+            f"{_limit(m)}, on {m.n:,} shadow requests"
+        )
     where = "below" if m.higher_is_better else "above"
     population = analysis.population() if m.kind == "primary" else f"{m.n:,} {stage} requests"
     if n is not None:
         population = f"{n:,} labelled {stage} requests in that slice"
-    return (f"{_name(m)} of candidate − champion is {_num(m.estimate)} ({bounds}), {where} the {_limit(m)} "
-            f"margin, on {population}")
+    return (
+        f"{_name(m)} of candidate − champion is {_num(m.estimate)} ({bounds}), {where} the {_limit(m)} "
+        f"margin, on {population}"
+    )

@@ -35,7 +35,8 @@ def labels(feedback: pd.DataFrame) -> Labels:
     out: Labels = {}
     parsed: dict[object, list[lab.Scalar | None]] = {}  # few distinct label texts: parse each once
     for request_id, truth in feedback.sort_values("time", kind="stable")[["request_id", "ground_truth"]].itertuples(
-            index=False):
+        index=False
+    ):
         if truth not in parsed:
             parsed[truth] = lab.per_row(truth)
         for rank, label in enumerate(parsed[truth]):
@@ -59,8 +60,10 @@ def rows(preds: pd.DataFrame, feedback: pd.DataFrame, policy: Policy) -> pd.Data
     df["error"] = df["status"] != CallStatus.ok
     df["fallback"] = df["fallback"].fillna(False).astype(bool)
     parsed: dict[object, lab.Scalar | None] = {}  # outputs repeat a handful of texts: parse each once
-    df["out"] = [(parsed[o] if o in parsed else parsed.setdefault(o, lab.scalar(o))) if ok else None
-                 for o, ok in zip(df["outputs"], ~df["error"], strict=True)]
+    df["out"] = [
+        (parsed[o] if o in parsed else parsed.setdefault(o, lab.scalar(o))) if ok else None
+        for o, ok in zip(df["outputs"], ~df["error"], strict=True)
+    ]
     df["label"] = [by_request.get(key) for key in zip(df["request_id"], df["rank"], strict=True)]
     df["latency_ms"] = pd.to_numeric(df["latency_ms"], errors="coerce")
     df["value"] = primary_values(df["out"], df["label"], policy.primary.metric)
@@ -88,8 +91,9 @@ def primary_values(outs: pd.Series, truth: pd.Series, metric: str) -> list[float
             values.append((out - label) ** 2)
         else:  # log_loss: binary labels, the output is the probability of class 1
             if not 0 <= out <= 1 or label not in (0.0, 1.0):
-                raise ValueError(f"log_loss needs the probability of class 1 as output and a 0/1 label, "
-                                 f"got {out!r} and {label!r}")
+                raise ValueError(
+                    f"log_loss needs the probability of class 1 as output and a 0/1 label, got {out!r} and {label!r}"
+                )
             p = min(max(out, 1e-15), 1 - 1e-15)
             values.append(-math.log(p if label == 1.0 else 1 - p))
     return values

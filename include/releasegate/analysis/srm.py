@@ -31,6 +31,7 @@ class Unit(StrEnum):
     routing_keys = "routing_keys"  # the gateway: a customer's key sticks to one arm
     requests = "requests"  # KServe: Knative picks a revision per request
 
+
 # The Dirichlet prior's concentration k (savvi's default, the paper's experiments): prior shares k·θ0.
 CONCENTRATION = 100.0
 
@@ -40,8 +41,10 @@ def log_bayes_factor(counts: npt.ArrayLike, shares: npt.ArrayLike, concentration
     x = np.asarray(counts, dtype=float)
     theta = np.asarray(shares, dtype=float)
     if x.shape != theta.shape or np.any(x < 0) or np.any(theta <= 0) or not math.isclose(theta.sum(), 1.0):
-        raise ValueError(f"need non-negative counts and positive shares summing to 1 of one length, "
-                         f"got counts={list(x)}, shares={list(theta)}")
+        raise ValueError(
+            f"need non-negative counts and positive shares summing to 1 of one length, "
+            f"got counts={list(x)}, shares={list(theta)}"
+        )
     prior = concentration * theta
 
     def log_beta(a: np.ndarray) -> float:
@@ -61,5 +64,6 @@ def check(counts: dict[Arm, int], candidate_weight: int, alarm_below: float) -> 
         return result
     log_bf = log_bayes_factor(observed, list(expected.values()))
     p = min(1.0, math.exp(-log_bf))
-    return result.model_copy(update={"p_value": p, "bayes_factor": math.exp(min(log_bf, 700.0)),
-                                     "alarm": p < alarm_below})
+    return result.model_copy(
+        update={"p_value": p, "bayes_factor": math.exp(min(log_bf, 700.0)), "alarm": p < alarm_below}
+    )

@@ -7,13 +7,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from releasegate.contract import BACKEND_TAG
-from releasegate.contract import Mode
+from releasegate.contract import BACKEND_TAG, Mode
 from releasegate.errors import DeploymentError, SignatureRefused
 from releasegate.results import ReadinessWait
 
 __all__ = ["Applied", "Backend", "BackendKind", "DeploymentError", "SignatureRefused", "backend_kind"]
-
 
 
 class BackendKind(StrEnum):
@@ -39,8 +37,15 @@ class Applied(BaseModel):
 class Backend(Protocol):
     """Where a model's traffic split is set and read."""
 
-    def set_route(self, model: str, champion_version: str, candidate_version: str | None = None,
-                  mode: Mode = Mode.single, candidate_weight: int = 0, release_id: str | None = None) -> Applied:
+    def set_route(
+        self,
+        model: str,
+        champion_version: str,
+        candidate_version: str | None = None,
+        mode: Mode = Mode.single,
+        candidate_weight: int = 0,
+        release_id: str | None = None,
+    ) -> Applied:
         """Apply the split; returns once traffic follows it (or with a readiness), else DeploymentError.
 
         A candidate refused for its signature raises SignatureRefused.
@@ -68,5 +73,7 @@ def backend_kind(model: str) -> BackendKind:
     try:
         return BackendKind(kind)
     except ValueError:
-        raise DeploymentError(f"unknown backend {kind!r} for model {model!r} (registered-model tag {BACKEND_TAG} "
-                              f"or RELEASEGATE_BACKEND): use local or kserve") from None
+        raise DeploymentError(
+            f"unknown backend {kind!r} for model {model!r} (registered-model tag {BACKEND_TAG} "
+            f"or RELEASEGATE_BACKEND): use local or kserve"
+        ) from None

@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from pathlib import Path
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from releasegate import k8s
@@ -63,8 +63,14 @@ class KServeBackend:
 
     assignment = "request"  # Knative picks a revision per request: there is no sticky routing key
 
-    def __init__(self, api_client=None, settings: k8s.K8sSettings | None = None, *, wait_ready: bool = True,
-                 validate: bool | None = None):
+    def __init__(
+        self,
+        api_client=None,
+        settings: k8s.K8sSettings | None = None,
+        *,
+        wait_ready: bool = True,
+        validate: bool | None = None,
+    ):
         from kubernetes import client
 
         self.settings = settings or k8s.K8sSettings.from_env()
@@ -76,16 +82,25 @@ class KServeBackend:
 
     # -- the Backend interface -------------------------------------------------------------------------------
 
-    def set_route(self, model: str, champion_version: str, candidate_version: str | None = None,
-                  mode: Mode = Mode.single, candidate_weight: int = 0, release_id: str | None = None) -> Applied:
+    def set_route(
+        self,
+        model: str,
+        champion_version: str,
+        candidate_version: str | None = None,
+        mode: Mode = Mode.single,
+        candidate_weight: int = 0,
+        release_id: str | None = None,
+    ) -> Applied:
         """Apply the split; with wait_ready, return once the InferenceServices are ready, else a `readiness` to wait on."""
         mode = Mode(mode)
         if mode is not Mode.single and candidate_version is None:
             raise DeploymentError(f"a {mode.value} route needs a candidate version")
         if mode is Mode.canary and not 0 < int(candidate_weight) < 100:
             raise DeploymentError(f"a canary weight must be 1-99, got {candidate_weight}")
-        champion_version, candidate_version = str(champion_version), \
-            None if candidate_version is None else str(candidate_version)
+        champion_version, candidate_version = (
+            str(champion_version),
+            None if candidate_version is None else str(candidate_version),
+        )
         name = k8s.k8s_name(model)
         s = self.settings
         current = self._get(ISVC, name)
@@ -97,11 +112,20 @@ class KServeBackend:
                 # Rollback: traffic back on the previous rolled-out revision now, then restore the champion's
                 # spec at 0 % and move the default only once its revision is ready (the default is the latest
                 # *ready* revision, which until then would be the candidate's).
-                self._apply(ISVC, k8s.inference_service(model, self._served(model, on, current), s,
-                                                        canary_traffic_percent=0, release_id=release_id,
-                                                        champion_version=champion_version))
-                gen = self._apply(ISVC, k8s.inference_service(model, champion, s, canary_traffic_percent=0,
-                                                              release_id=release_id))
+                self._apply(
+                    ISVC,
+                    k8s.inference_service(
+                        model,
+                        self._served(model, on, current),
+                        s,
+                        canary_traffic_percent=0,
+                        release_id=release_id,
+                        champion_version=champion_version,
+                    ),
+                )
+                gen = self._apply(
+                    ISVC, k8s.inference_service(model, champion, s, canary_traffic_percent=0, release_id=release_id)
+                )
                 self._wait([{"name": name, "generation": gen, "canary_percent": 0}])
             gen = self._apply(ISVC, k8s.inference_service(model, champion, s, release_id=release_id))
             waits.append({"name": name, "generation": gen, "canary_percent": None})
@@ -118,20 +142,35 @@ class KServeBackend:
             self._apply(VS, k8s.virtual_service(model, s, mirror_percent=100, release_id=release_id))
         else:
             candidate = self._served(model, candidate_version, current)
-            gen = self._apply(ISVC, k8s.inference_service(model, candidate, s, canary_traffic_percent=int(candidate_weight),
-                                                          release_id=release_id, champion_version=champion_version))
+            gen = self._apply(
+                ISVC,
+                k8s.inference_service(
+                    model,
+                    candidate,
+                    s,
+                    canary_traffic_percent=int(candidate_weight),
+                    release_id=release_id,
+                    champion_version=champion_version,
+                ),
+            )
             waits.append({"name": name, "generation": gen, "canary_percent": int(candidate_weight)})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
-        route = Applied(model=model, champion_version=champion_version,
-                        candidate_version=candidate_version if mode is not Mode.single else None, mode=mode,
-                        candidate_weight=int(candidate_weight) if mode is Mode.canary else 0, release_id=release_id)
+        route = Applied(
+            model=model,
+            champion_version=champion_version,
+            candidate_version=candidate_version if mode is not Mode.single else None,
+            mode=mode,
+            candidate_weight=int(candidate_weight) if mode is Mode.canary else 0,
+            release_id=release_id,
+        )
         _record_route(route)
         if not self.wait_ready:
             return route.model_copy(update={"readiness": ReadinessWait(namespace=s.namespace, targets=waits)})
         ready = self._wait(waits)
-        return route.model_copy(update={"revision": ready.status[name].get("latestReadyRevision"),
-                                        "status": ready.status})
+        return route.model_copy(
+            update={"revision": ready.status[name].get("latestReadyRevision"), "status": ready.status}
+        )
 
     def get_route(self, model: str) -> Applied | None:
         """The split the InferenceService's status reports, with the versions from its annotations."""
@@ -145,13 +184,34 @@ class KServeBackend:
         release_id = (current.get("metadata", {}).get("annotations") or {}).get("releasegate.io/release-id") or None
         summary = _summary(current)
         if shadow is not None:
-            return Applied(model=model, champion_version=on or "", mode=Mode.shadow, candidate_weight=0,
-                           candidate_version=_serving(shadow)[0], release_id=release_id, status=summary)
+            return Applied(
+                model=model,
+                champion_version=on or "",
+                mode=Mode.shadow,
+                candidate_weight=0,
+                candidate_version=_serving(shadow)[0],
+                release_id=release_id,
+                status=summary,
+            )
         if percent is None:
-            return Applied(model=model, champion_version=on or "", candidate_version=None, mode=Mode.single,
-                           candidate_weight=0, release_id=release_id, status=summary)
-        return Applied(model=model, champion_version=previous or "", candidate_version=on, mode=Mode.canary,
-                       candidate_weight=percent, release_id=release_id, status=summary)
+            return Applied(
+                model=model,
+                champion_version=on or "",
+                candidate_version=None,
+                mode=Mode.single,
+                candidate_weight=0,
+                release_id=release_id,
+                status=summary,
+            )
+        return Applied(
+            model=model,
+            champion_version=previous or "",
+            candidate_version=on,
+            mode=Mode.canary,
+            candidate_weight=percent,
+            release_id=release_id,
+            status=summary,
+        )
 
     # -- readiness --------------------------------------------------------------------------------------------
 
@@ -168,11 +228,15 @@ class KServeBackend:
                 return Readiness(ReadinessState.failed, f"InferenceService {target['name']}: {failure}", status)
             st = obj.get("status") or {}
             if st.get("observedGeneration", 0) < target["generation"]:
-                pending.append(f"{target['name']}: status is for generation {st.get('observedGeneration', 0)}, "
-                               f"not yet {target['generation']}")
+                pending.append(
+                    f"{target['name']}: status is for generation {st.get('observedGeneration', 0)}, "
+                    f"not yet {target['generation']}"
+                )
             elif _condition(obj, "Ready") != "True":
                 pending.append(f"{target['name']}: not Ready")
-            elif target.get("canary_percent") and summary.get("latestReadyRevision") != summary.get("latestCreatedRevision"):
+            elif target.get("canary_percent") and summary.get("latestReadyRevision") != summary.get(
+                "latestCreatedRevision"
+            ):
                 pending.append(f"{target['name']}: revision {summary.get('latestCreatedRevision')} not ready")
         if pending:
             return Readiness(ReadinessState.pending, "; ".join(pending), status)
@@ -216,8 +280,16 @@ class KServeBackend:
         name = doc["metadata"]["name"]
         try:
             out = self.custom.patch_namespaced_custom_object(
-                group, version, self.settings.namespace, plural, name, doc, field_manager=FIELD_MANAGER,
-                force=False, _content_type="application/apply-patch+yaml")
+                group,
+                version,
+                self.settings.namespace,
+                plural,
+                name,
+                doc,
+                field_manager=FIELD_MANAGER,
+                force=False,
+                _content_type="application/apply-patch+yaml",
+            )
         except ApiException as err:
             raise _error(f"applying {plural}/{name}", err) from err
         return int((out.get("metadata") or {}).get("generation") or 0)
@@ -291,8 +363,10 @@ def _error(what: str, err) -> DeploymentError:
     except (TypeError, ValueError, AttributeError):
         message = err.reason
     if err.status == 409:
-        message = (f"conflict: another field manager owns what releasegate applies ({message}); releasegate never "
-                   f"forces an apply - settle who manages this object, then retry")
+        message = (
+            f"conflict: another field manager owns what releasegate applies ({message}); releasegate never "
+            f"forces an apply - settle who manages this object, then retry"
+        )
     return DeploymentError(f"{what} failed ({err.status}): {message}", err.status)
 
 
@@ -301,7 +375,9 @@ def _serving(obj: dict | None) -> tuple[str | None, int | None]:
     if obj is None:
         return None, None
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
-    return annotations.get("releasegate.io/version"), obj.get("spec", {}).get("predictor", {}).get("canaryTrafficPercent")
+    return annotations.get("releasegate.io/version"), obj.get("spec", {}).get("predictor", {}).get(
+        "canaryTrafficPercent"
+    )
 
 
 def _condition(obj: dict, kind: str) -> str | None:
@@ -316,8 +392,9 @@ def _failure(obj: dict) -> str | None:
     model = st.get("modelStatus") or {}
     if model.get("transitionStatus") in _FAILED_TRANSITIONS:
         info = model.get("lastFailureInfo") or {}
-        return (f"{model['transitionStatus']}: {info.get('reason', 'unknown reason')}"
-                + (f" - {info['message']}" if info.get("message") else ""))
+        return f"{model['transitionStatus']}: {info.get('reason', 'unknown reason')}" + (
+            f" - {info['message']}" if info.get("message") else ""
+        )
     for cond in st.get("conditions") or []:
         if cond.get("status") == "False" and cond.get("reason") in ("RevisionFailed", "RevisionMissing"):
             return f"{cond['type']} {cond['reason']}: {cond.get('message', '')}".rstrip(": ")
@@ -327,13 +404,17 @@ def _failure(obj: dict) -> str | None:
 def _summary(obj: dict) -> dict:
     st = obj.get("status") or {}
     predictor = (st.get("components") or {}).get("predictor") or {}
-    return {"url": st.get("url"), "observedGeneration": st.get("observedGeneration"),
-            "ready": _condition(obj, "Ready"),
-            "latestCreatedRevision": predictor.get("latestCreatedRevision"),
-            "latestReadyRevision": predictor.get("latestReadyRevision"),
-            "previousRolledoutRevision": predictor.get("previousRolledoutRevision"),
-            "traffic": [{"revision": t.get("revisionName"), "percent": t.get("percent")}
-                        for t in predictor.get("traffic") or []]}
+    return {
+        "url": st.get("url"),
+        "observedGeneration": st.get("observedGeneration"),
+        "ready": _condition(obj, "Ready"),
+        "latestCreatedRevision": predictor.get("latestCreatedRevision"),
+        "latestReadyRevision": predictor.get("latestReadyRevision"),
+        "previousRolledoutRevision": predictor.get("previousRolledoutRevision"),
+        "traffic": [
+            {"revision": t.get("revisionName"), "percent": t.get("percent")} for t in predictor.get("traffic") or []
+        ],
+    }
 
 
 def _record_route(route: Applied) -> None:
@@ -343,12 +424,17 @@ def _record_route(route: Applied) -> None:
     from releasegate import storage
 
     table = storage.routes
-    values: dict[str, object] = {"champion_version": route.champion_version,
-                                 "candidate_version": route.candidate_version, "mode": route.mode.value,
-                                 "candidate_weight": route.candidate_weight, "release_id": route.release_id}
+    values: dict[str, object] = {
+        "champion_version": route.champion_version,
+        "candidate_version": route.candidate_version,
+        "mode": route.mode.value,
+        "candidate_weight": route.candidate_weight,
+        "release_id": route.release_id,
+    }
     with storage.engine().begin() as conn:
-        current = conn.execute(sa.select(table.c.revision).where(table.c.model == route.model)
-                               .with_for_update()).scalar()
+        current = conn.execute(
+            sa.select(table.c.revision).where(table.c.model == route.model).with_for_update()
+        ).scalar()
         values |= {"updated_at": time.time(), "revision": (current or 0) + 1}
         if current is None:
             conn.execute(table.insert().values(model=route.model, **values))

@@ -20,8 +20,7 @@ _GET_TIMEOUT = httpx.Timeout(10.0)
 class LocalBackend:
     """Drives the gateway at `gateway_url` (default: settings.gateway_url) with an admin key."""
 
-    def __init__(self, gateway_url: str | None = None, api_key: str | None = None,
-                 settings: Settings | None = None):
+    def __init__(self, gateway_url: str | None = None, api_key: str | None = None, settings: Settings | None = None):
         if settings is None and (gateway_url is None or api_key is None):
             from releasegate.settings import get_settings
 
@@ -34,8 +33,9 @@ class LocalBackend:
     def _request(self, method: str, path: str, timeout: httpx.Timeout, **kwargs: Any) -> httpx.Response:
         url = f"{self.gateway_url}{path}"
         try:
-            return httpx.request(method, url, headers={"authorization": f"Bearer {self.api_key}"},
-                                 timeout=timeout, **kwargs)
+            return httpx.request(
+                method, url, headers={"authorization": f"Bearer {self.api_key}"}, timeout=timeout, **kwargs
+            )
         except httpx.HTTPError as err:
             raise DeploymentError(f"gateway at {self.gateway_url} unreachable: {type(err).__name__}: {err}") from err
 
@@ -48,12 +48,23 @@ class LocalBackend:
         except (ValueError, KeyError, TypeError, AttributeError):
             return resp.text[:500] or resp.reason_phrase, None
 
-    def set_route(self, model: str, champion_version: str, candidate_version: str | None = None,
-                  mode: Mode = Mode.single, candidate_weight: int = 0, release_id: str | None = None) -> Applied:
+    def set_route(
+        self,
+        model: str,
+        champion_version: str,
+        candidate_version: str | None = None,
+        mode: Mode = Mode.single,
+        candidate_weight: int = 0,
+        release_id: str | None = None,
+    ) -> Applied:
         """PUT the route; returns it once the gateway serves it, DeploymentError with the gateway's reason if not."""
-        body = {"champion_version": str(champion_version),
-                "candidate_version": None if candidate_version is None else str(candidate_version),
-                "mode": Mode(mode).value, "candidate_weight": int(candidate_weight), "release_id": release_id}
+        body = {
+            "champion_version": str(champion_version),
+            "candidate_version": None if candidate_version is None else str(candidate_version),
+            "mode": Mode(mode).value,
+            "candidate_weight": int(candidate_weight),
+            "release_id": release_id,
+        }
         resp = self._request("PUT", f"/admin/routes/{model}", _PUT_TIMEOUT, json=body)
         if resp.status_code != 200:
             message, code = self._error(resp)
@@ -68,13 +79,19 @@ class LocalBackend:
             return None
         if resp.status_code != 200:
             message, _ = self._error(resp)
-            raise DeploymentError(f"reading the route of {model} failed ({resp.status_code}): {message}",
-                                  resp.status_code)
+            raise DeploymentError(
+                f"reading the route of {model} failed ({resp.status_code}): {message}", resp.status_code
+            )
         return _applied(resp.json())
 
 
 def _applied(route: dict[str, Any]) -> Applied:
-    return Applied(model=route["model"], champion_version=route["champion_version"],
-                   candidate_version=route.get("candidate_version"), mode=Mode(route["mode"]),
-                   candidate_weight=route.get("candidate_weight", 0), release_id=route.get("release_id"),
-                   revision=route.get("revision"))
+    return Applied(
+        model=route["model"],
+        champion_version=route["champion_version"],
+        candidate_version=route.get("candidate_version"),
+        mode=Mode(route["mode"]),
+        candidate_weight=route.get("candidate_weight", 0),
+        release_id=route.get("release_id"),
+        revision=route.get("revision"),
+    )

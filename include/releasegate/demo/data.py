@@ -59,10 +59,19 @@ def _features(rng: np.random.Generator, n: int, drift: float) -> pd.DataFrame:
     support = np.clip(rng.poisson(1.1 + 0.7 * is_basic + 0.5 * drift, n), 0, 30).astype("int64")
     usage_scale = np.where(plan == "premium", 45.0, np.where(is_basic, 14.0, 25.0)) * (1 + 0.5 * drift)
     usage = np.clip(rng.lognormal(np.log(usage_scale), 0.6, n), 0, 1000).round(2)
-    return pd.DataFrame({
-        "age": age, "tenure_months": tenure, "monthly_charges": monthly, "total_charges": total,
-        "support_calls": support, "data_usage_gb": usage, "region": region, "plan": plan, "channel": channel,
-    })
+    return pd.DataFrame(
+        {
+            "age": age,
+            "tenure_months": tenure,
+            "monthly_charges": monthly,
+            "total_charges": total,
+            "support_calls": support,
+            "data_usage_gb": usage,
+            "region": region,
+            "plan": plan,
+            "channel": channel,
+        }
+    )
 
 
 def _current_logit(df: pd.DataFrame) -> np.ndarray:
@@ -72,7 +81,8 @@ def _current_logit(df: pd.DataFrame) -> np.ndarray:
     overage = df["monthly_charges"].to_numpy() - df["plan"].map(_PLAN_PRICE).to_numpy()
     z = (
         -1.5
-        + 2.4 * np.exp(-tenure / 8.0) - 0.02 * tenure  # the first months decide
+        + 2.4 * np.exp(-tenure / 8.0)
+        - 0.02 * tenure  # the first months decide
         + 2.0 * (df["support_calls"].to_numpy() >= 4)  # repeated trouble, a threshold not a slope
         + 1.3 * (basic & (df["data_usage_gb"].to_numpy() > 20))  # heavy users hitting the basic plan's cap
         + 0.07 * np.maximum(overage, 0)  # bills above what the plan promised

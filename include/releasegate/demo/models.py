@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from releasegate.contract import LABEL_TAG, SUITE_TAG
 from releasegate.demo import data
 from releasegate.settings import Settings, get_settings
-from releasegate.contract import LABEL_TAG, SUITE_TAG
 from releasegate.training import skops_trusted_types
 
 ROLES = ("champion", "good", "bad")
@@ -25,13 +25,27 @@ EXPERIMENT = "releasegate-demo"
 TRAIN_ROWS, REFERENCE_ROWS, HOLDOUT_ROWS = 20_000, 5_000, 3_000
 # Seeds away from the traffic generator's default (7), so live traffic is never the training data.
 _SPECS = {
-    "champion": {"kind": "logistic_regression", "concept": "current", "train_seed": 1001, "holdout_seed": 2001,
-                 "description": "Logistic regression on current data: the model in production."},
-    "good": {"kind": "binned_logistic", "concept": "current", "train_seed": 1002, "holdout_seed": 2002,
-             "description": "Logistic regression on binned numeric features, current data: learns curves and "
-                            "thresholds."},
-    "bad": {"kind": "binned_logistic", "concept": "stale", "train_seed": 1003, "holdout_seed": 2003,
-            "description": "The binned model on a stale snapshot: fine on its own holdout, wrong on live traffic."},
+    "champion": {
+        "kind": "logistic_regression",
+        "concept": "current",
+        "train_seed": 1001,
+        "holdout_seed": 2001,
+        "description": "Logistic regression on current data: the model in production.",
+    },
+    "good": {
+        "kind": "binned_logistic",
+        "concept": "current",
+        "train_seed": 1002,
+        "holdout_seed": 2002,
+        "description": "Logistic regression on binned numeric features, current data: learns curves and thresholds.",
+    },
+    "bad": {
+        "kind": "binned_logistic",
+        "concept": "stale",
+        "train_seed": 1003,
+        "holdout_seed": 2003,
+        "description": "The binned model on a stale snapshot: fine on its own holdout, wrong on live traffic.",
+    },
 }
 
 
@@ -57,24 +71,35 @@ def build_pipeline(kind: str) -> Any:
         raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(estimators)})")
     if kind == "binned_logistic":
         continuous = [c for c in data.NUMERIC if c not in data.COUNTS]
-        features = ColumnTransformer([
-            ("bins", KBinsDiscretizer(n_bins=8, encode="onehot-dense", strategy="quantile",
-                                      quantile_method="averaged_inverted_cdf"), continuous),
-            # A count has too few values for quantile bins: one column per value (its effect is a threshold).
-            ("counts", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.COUNTS),
-            ("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.CATEGORICAL),
-        ])
+        features = ColumnTransformer(
+            [
+                (
+                    "bins",
+                    KBinsDiscretizer(
+                        n_bins=8, encode="onehot-dense", strategy="quantile", quantile_method="averaged_inverted_cdf"
+                    ),
+                    continuous,
+                ),
+                # A count has too few values for quantile bins: one column per value (its effect is a threshold).
+                ("counts", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.COUNTS),
+                ("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.CATEGORICAL),
+            ]
+        )
         return Pipeline([("features", features), ("model", estimators[kind]())])
     if kind == "spline_logistic":
-        features = ColumnTransformer([
-            ("splines", SplineTransformer(n_knots=6, degree=3), data.NUMERIC),
-            ("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.CATEGORICAL),
-        ])
+        features = ColumnTransformer(
+            [
+                ("splines", SplineTransformer(n_knots=6, degree=3), data.NUMERIC),
+                ("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False), data.CATEGORICAL),
+            ]
+        )
         return Pipeline([("features", features), ("scale", StandardScaler()), ("model", estimators[kind]())])
-    features = ColumnTransformer([
-        ("numeric", StandardScaler(), data.NUMERIC),
-        ("categorical", OneHotEncoder(handle_unknown="ignore"), data.CATEGORICAL),
-    ])
+    features = ColumnTransformer(
+        [
+            ("numeric", StandardScaler(), data.NUMERIC),
+            ("categorical", OneHotEncoder(handle_unknown="ignore"), data.CATEGORICAL),
+        ]
+    )
     return Pipeline([("features", features), ("model", estimators[kind]())])
 
 
@@ -83,6 +108,7 @@ def register_demo_models(settings: Settings | None = None, model_name: str = "ch
     import mlflow
 
     from releasegate import registry
+
     settings = settings or get_settings()
     client = registry.client(settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
@@ -104,8 +130,10 @@ def register_demo_models(settings: Settings | None = None, model_name: str = "ch
         registry.set_alias(model_name, "champion", versions["champion"], settings=settings)
     if registry.get_alias(model_name, "challenger", settings=settings) is None:
         registry.set_alias(model_name, "challenger", versions["good"], settings=settings)
-    say(f"{model_name}: champion v{versions['champion']}, good candidate v{versions['good']}, "
-        f"bad candidate v{versions['bad']}")
+    say(
+        f"{model_name}: champion v{versions['champion']}, good candidate v{versions['good']}, "
+        f"bad candidate v{versions['bad']}"
+    )
     return {role: versions[role] for role in ROLES}
 
 
@@ -154,17 +182,31 @@ def _train_and_register(client: Any, model_name: str, role: str, settings: Setti
     signature = infer_signature(example, pipeline.predict(example).astype("int64"))
 
     with mlflow.start_run(experiment_id=_experiment_id(client, settings), run_name=f"{model_name}-{role}"):
-        mlflow.log_params({"kind": spec["kind"], "concept": spec["concept"], "train_rows": TRAIN_ROWS,
-                           "train_seed": spec["train_seed"]})
+        mlflow.log_params(
+            {
+                "kind": spec["kind"],
+                "concept": spec["concept"],
+                "train_rows": TRAIN_ROWS,
+                "train_seed": spec["train_seed"],
+            }
+        )
         mlflow.log_metric("holdout_accuracy", holdout_accuracy)
         info = mlflow.sklearn.log_model(
-            pipeline, name="model", signature=signature, input_example=example,
+            pipeline,
+            name="model",
+            signature=signature,
+            input_example=example,
             registered_model_name=model_name,
             # Pinned here because inferring requirements loads the model in a subprocess (seconds each).
-            pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"pandas=={pd.__version__}",
-                              f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}",
-                              f"skops=={skops.__version__}"],
-            serialization_format="skops", skops_trusted_types=skops_trusted_types(pipeline),
+            pip_requirements=[
+                f"scikit-learn=={sklearn.__version__}",
+                f"pandas=={pd.__version__}",
+                f"numpy=={np.__version__}",
+                f"mlflow=={mlflow.__version__}",
+                f"skops=={skops.__version__}",
+            ],
+            serialization_format="skops",
+            skops_trusted_types=skops_trusted_types(pipeline),
         )
         with tempfile.TemporaryDirectory(prefix="rg-demo-") as tmp:
             reference = Path(tmp) / "reference.parquet"

@@ -70,8 +70,9 @@ class Demo:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 
@@ -108,9 +109,13 @@ class Demo:
         log_path = self.workdir / f"airflow-release-v{version}.log"
         started = time.time()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "dags", "test", "model_release",
-                                     "-c", conf], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "airflow"), "dags", "test", "model_release", "-c", conf],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=os.environ.copy(),
+                start_new_session=True,
+            )
             self.procs.append(proc)
             last_status = 0.0
             while proc.poll() is None:
@@ -123,8 +128,13 @@ class Demo:
         rel = next((r for r in releases.list_releases(MODEL) if r.candidate_version == version), None)
         if rel is None:
             raise RuntimeError(f"the DAG run did not open a release; see {log_path}")
-        return {"label": label, "release": rel, "wall": time.time() - started, "log": log_path,
-                "returncode": proc.returncode}
+        return {
+            "label": label,
+            "release": rel,
+            "wall": time.time() - started,
+            "log": log_path,
+            "returncode": proc.returncode,
+        }
 
     def print_new_events(self, seen: set[int]) -> None:
         from releasegate import audit
@@ -143,15 +153,24 @@ class Demo:
                 text = f"release {event['release_id']} opened (champion v{details.get('champion')}, policy {details.get('policy')})"
             elif action.startswith("release."):
                 text = f"state {details.get('from')} → {details.get('to')}" + (
-                    f": {details['reason']}" if details.get("reason") else "")
+                    f": {details['reason']}" if details.get("reason") else ""
+                )
             elif action == AuditAction.drift:
                 inputs = details.get("input_drift")
-                text = (f"Evidently reports for {Stage.model_validate(details['stage'])}: " + (
-                    f"{inputs['drifted_share']:.0%} of input columns drifted {inputs['drifted_columns']} "
-                    f"on {inputs['rows_current']:,} requests" if inputs else "no candidate traffic")
-                    + (f"; error: {details['error']}" if details.get("error") else ""))
+                text = (
+                    f"Evidently reports for {Stage.model_validate(details['stage'])}: "
+                    + (
+                        f"{inputs['drifted_share']:.0%} of input columns drifted {inputs['drifted_columns']} "
+                        f"on {inputs['rows_current']:,} requests"
+                        if inputs
+                        else "no candidate traffic"
+                    )
+                    + (f"; error: {details['error']}" if details.get("error") else "")
+                )
             elif action == AuditAction.validation:
-                text = "validation " + ("passed" if details.get("passed") else "failed: " + "; ".join(details.get("reasons", [])))
+                text = "validation " + (
+                    "passed" if details.get("passed") else "failed: " + "; ".join(details.get("reasons", []))
+                )
             else:
                 text = event["action"]
             self.say(f"   {text}")
@@ -167,8 +186,9 @@ def _numbers(verdict: Verdict) -> str:
     for m in verdict.metrics:
         if m.estimate is None:
             continue
-        bounds = f"[{m.lower:+.3f}, {m.upper:+.3f}]" if m.lower is not None and m.upper is not None \
-            else "(not bounded yet)"
+        bounds = (
+            f"[{m.lower:+.3f}, {m.upper:+.3f}]" if m.lower is not None and m.upper is not None else "(not bounded yet)"
+        )
         parts.append(f"{m.name} {m.estimate:+.3f} {bounds}")
     return "; ".join(parts)
 
@@ -182,19 +202,25 @@ def _summary(demo: Demo, results: list[dict], audit_report) -> str:
     for res in results:
         rel = res["release"]
         duration = f"{(rel.ended_at or time.time()) - rel.started_at:.0f}s"
-        lines.append(f"{rel.release_id:<18}{'v' + rel.candidate_version + ' (' + res['label'] + ')':<14}"
-                     f"{rel.state.value:<13}{duration:>9}  {rel.reasons[-1] if rel.reasons else ''}")
+        lines.append(
+            f"{rel.release_id:<18}{'v' + rel.candidate_version + ' (' + res['label'] + ')':<14}"
+            f"{rel.state.value:<13}{duration:>9}  {rel.reasons[-1] if rel.reasons else ''}"
+        )
         for verdict in rel.verdicts:
-            lines.append(f"{'':<18}  {str(verdict.window.stage):<16} {verdict.decision.value:<9} "
-                         f"{sum(a.requests for a in verdict.samples.values()):>6} requests  {_numbers(verdict)}")
+            lines.append(
+                f"{'':<18}  {verdict.window.stage!s:<16} {verdict.decision.value:<9} "
+                f"{sum(a.requests for a in verdict.samples.values()):>6} requests  {_numbers(verdict)}"
+            )
         try:
             lines.append(f"{'':<18}  reports: {pipeline.report_uri(rel)}")
         except Exception as err:  # the summary must still print
             lines.append(f"{'':<18}  reports: unavailable ({err})")
-    lines += ["-" * 100,
-              f"reports (MLflow artifacts): {demo.workdir / 'mlartifacts'}   MLflow store: {demo.workdir / 'mlflow.db'}",
-              f"audit log: {demo.workdir / 'releasegate.db'} (table audit): {audit_report.message}",
-              f"logs: {demo.workdir}/*.log   total wall time: {time.time() - demo.t0:.0f}s"]
+    lines += [
+        "-" * 100,
+        f"reports (MLflow artifacts): {demo.workdir / 'mlartifacts'}   MLflow store: {demo.workdir / 'mlflow.db'}",
+        f"audit log: {demo.workdir / 'releasegate.db'} (table audit): {audit_report.message}",
+        f"logs: {demo.workdir}/*.log   total wall time: {time.time() - demo.t0:.0f}s",
+    ]
     return "\n".join(lines)
 
 
@@ -241,8 +267,23 @@ def _story(demo: Demo) -> int:
     demo.say(f"serving {MODEL} v{versions['champion']} (signature verified at load)")
 
     demo.step("sending traffic (300 requests/s, labels 1 s later)")
-    demo.start("traffic", [sys.executable, "-m", "releasegate.cli", "traffic", "--model", MODEL,
-                           "--rps", "300", "--duration", "0", "--feedback-delay", "1"])
+    demo.start(
+        "traffic",
+        [
+            sys.executable,
+            "-m",
+            "releasegate.cli",
+            "traffic",
+            "--model",
+            MODEL,
+            "--rps",
+            "300",
+            "--duration",
+            "0",
+            "--feedback-delay",
+            "1",
+        ],
+    )
     if airflow.wait() != 0:
         raise RuntimeError(f"airflow db migrate failed; see {demo.workdir / 'airflow-db.log'}")
     time.sleep(3)
@@ -253,6 +294,12 @@ def _story(demo: Demo) -> int:
     print(_summary(demo, results, report), flush=True)
     good, bad = results[0]["release"].state.value, results[1]["release"].state.value
     ok = good == "promoted" and bad == "rolled_back" and report.ok
-    print(("DEMO OK: the better candidate was promoted, the worse one rolled back" if ok else
-           f"DEMO FAILED: better candidate {good}, worse candidate {bad}"), flush=True)
+    print(
+        (
+            "DEMO OK: the better candidate was promoted, the worse one rolled back"
+            if ok
+            else f"DEMO FAILED: better candidate {good}, worse candidate {bad}"
+        ),
+        flush=True,
+    )
     return 0 if ok else 1

@@ -55,8 +55,9 @@ def replay_rows(path: str | Path, label: str) -> Rows:
     try:
         frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
     except (OSError, ValueError, ImportError) as err:
-        raise ReplayError(f"cannot read {path} as {'csv' if path.suffix.lower() == '.csv' else 'parquet'}: "
-                          f"{err}") from err
+        raise ReplayError(
+            f"cannot read {path} as {'csv' if path.suffix.lower() == '.csv' else 'parquet'}: {err}"
+        ) from err
     if label not in frame.columns:
         raise ReplayError(f"{path} has no label column {label!r} (columns: {', '.join(map(str, frame.columns))})")
     if len(frame) == 0:
@@ -93,15 +94,25 @@ class Counters:
     last_error: str = ""
 
 
-async def _send(client: aiohttp.ClientSession, model: str, row: dict, key: str, counters: Counters,
-                pending: deque, label, due: float) -> None:
+async def _send(
+    client: aiohttp.ClientSession,
+    model: str,
+    row: dict,
+    key: str,
+    counters: Counters,
+    pending: deque,
+    label,
+    due: float,
+) -> None:
     try:
-        async with client.post(f"/models/{model}/invocations",
-                               data=orjson.dumps({"dataframe_records": [row]}, default=_native),
-                               headers={"content-type": "application/json", "x-routing-key": key}) as resp:
+        async with client.post(
+            f"/models/{model}/invocations",
+            data=orjson.dumps({"dataframe_records": [row]}, default=_native),
+            headers={"content-type": "application/json", "x-routing-key": key},
+        ) as resp:
             raw = await resp.read()
             status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+    except (TimeoutError, aiohttp.ClientError) as err:
         counters.errors += 1
         counters.last_error = repr(err)
         return
@@ -116,7 +127,9 @@ async def _send(client: aiohttp.ClientSession, model: str, row: dict, key: str, 
         pending.append((due, {"request_id": body["request_id"], "ground_truth": label}))
 
 
-async def _feedback_loop(client: aiohttp.ClientSession, pending: deque, counters: Counters, stop: asyncio.Event) -> None:
+async def _feedback_loop(
+    client: aiohttp.ClientSession, pending: deque, counters: Counters, stop: asyncio.Event
+) -> None:
     """Send each label once its delay has passed (all of them once traffic stops)."""
     while True:
         now = time.time()
@@ -124,17 +137,18 @@ async def _feedback_loop(client: aiohttp.ClientSession, pending: deque, counters
         while pending and (stop.is_set() or pending[0][0] <= now):
             due.append(pending.popleft()[1])
         for start in range(0, len(due), 500):
-            chunk = due[start:start + 500]
+            chunk = due[start : start + 500]
             try:
-                async with client.post("/feedback", data=orjson.dumps(chunk),
-                                       headers={"content-type": "application/json"}) as resp:
+                async with client.post(
+                    "/feedback", data=orjson.dumps(chunk), headers={"content-type": "application/json"}
+                ) as resp:
                     text = (await resp.read())[:200].decode(errors="replace")
                 if resp.status < 300:
                     counters.labels += len(chunk)
                 else:
                     counters.label_errors += len(chunk)
                     counters.last_error = f"feedback {resp.status} {text}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            except (TimeoutError, aiohttp.ClientError) as err:
                 counters.label_errors += len(chunk)
                 counters.last_error = repr(err)
         if stop.is_set() and not pending:
@@ -142,8 +156,18 @@ async def _feedback_loop(client: aiohttp.ClientSession, pending: deque, counters
         await asyncio.sleep(0.25)
 
 
-async def _run(model: str, gateway_url: str, api_key: str | None, source: Rows, rps: float, duration: float,
-               feedback_delay: float, seed: int, concurrency: int, progress_every: float) -> Counters:
+async def _run(
+    model: str,
+    gateway_url: str,
+    api_key: str | None,
+    source: Rows,
+    rps: float,
+    duration: float,
+    feedback_delay: float,
+    seed: int,
+    concurrency: int,
+    progress_every: float,
+) -> Counters:
     rows, labels = source.records, source.labels
     counters, pending = Counters(), deque()
     draw = random.Random(seed)
@@ -153,8 +177,9 @@ async def _run(model: str, gateway_url: str, api_key: str | None, source: Rows, 
         loop.add_signal_handler(sig, stop.set)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     connector = aiohttp.TCPConnector(limit=concurrency + 2)
-    async with aiohttp.ClientSession(base_url=gateway_url, headers=headers, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=10)) as client:
+    async with aiohttp.ClientSession(
+        base_url=gateway_url, headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=10)
+    ) as client:
         feedback = asyncio.create_task(_feedback_loop(client, pending, counters, stop))
         in_flight: set[asyncio.Task] = set()
         start = last_report = time.time()
@@ -163,8 +188,18 @@ async def _run(model: str, gateway_url: str, api_key: str | None, source: Rows, 
             target = int((time.time() - start) * rps)
             while i < target and len(in_flight) < concurrency:
                 n = draw.randrange(len(rows))
-                task = asyncio.create_task(_send(client, model, rows[n], f"c{draw.randrange(_CUSTOMERS)}",
-                                                 counters, pending, labels[n], time.time() + feedback_delay))
+                task = asyncio.create_task(
+                    _send(
+                        client,
+                        model,
+                        rows[n],
+                        f"c{draw.randrange(_CUSTOMERS)}",
+                        counters,
+                        pending,
+                        labels[n],
+                        time.time() + feedback_delay,
+                    )
+                )
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 i += 1
@@ -172,9 +207,12 @@ async def _run(model: str, gateway_url: str, api_key: str | None, source: Rows, 
             if time.time() - last_report >= progress_every:
                 last_report = time.time()
                 elapsed = last_report - start
-                print(f"traffic: {counters.sent:,} requests ({counters.ok / elapsed:,.0f}/s ok), "
-                      f"{counters.errors} errors, {counters.labels:,} labels, arms {counters.arms}"
-                      + (f", last error: {counters.last_error}" if counters.last_error else ""), flush=True)
+                print(
+                    f"traffic: {counters.sent:,} requests ({counters.ok / elapsed:,.0f}/s ok), "
+                    f"{counters.errors} errors, {counters.labels:,} labels, arms {counters.arms}"
+                    + (f", last error: {counters.last_error}" if counters.last_error else ""),
+                    flush=True,
+                )
             await asyncio.sleep(0.002)
         if in_flight:
             await asyncio.wait(in_flight)
@@ -183,18 +221,32 @@ async def _run(model: str, gateway_url: str, api_key: str | None, source: Rows, 
     return counters
 
 
-def run(model: str, gateway_url: str, api_key: str | None, rps: float = 300, duration: float = 60,
-        feedback_delay: float = 1.0, drift: float = 0.0, seed: int = 7, concurrency: int = 32,
-        progress_every: float = 5.0, rows: Rows | None = None) -> Counters:
+def run(
+    model: str,
+    gateway_url: str,
+    api_key: str | None,
+    rps: float = 300,
+    duration: float = 60,
+    feedback_delay: float = 1.0,
+    drift: float = 0.0,
+    seed: int = 7,
+    concurrency: int = 32,
+    progress_every: float = 5.0,
+    rows: Rows | None = None,
+) -> Counters:
     """Send traffic until `duration` seconds pass (0: until SIGTERM), then flush the labels.
 
     `rows`: what to send (see `replay_rows`); None sends the demo's churn customers (with `drift`).
     """
     source = rows if rows is not None else demo_rows(drift, seed)
-    counters = asyncio.run(_run(model, gateway_url, api_key, source, rps, duration, feedback_delay, seed,
-                                concurrency, progress_every))
-    print(f"traffic done: {counters.sent:,} sent, {counters.ok:,} ok, {counters.errors} errors, "
-          f"{counters.labels:,} labels", flush=True)
+    counters = asyncio.run(
+        _run(model, gateway_url, api_key, source, rps, duration, feedback_delay, seed, concurrency, progress_every)
+    )
+    print(
+        f"traffic done: {counters.sent:,} sent, {counters.ok:,} ok, {counters.errors} errors, "
+        f"{counters.labels:,} labels",
+        flush=True,
+    )
     if counters.errors and not counters.ok:
         sys.exit(1)
     return counters

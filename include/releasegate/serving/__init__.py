@@ -29,8 +29,15 @@ def one_thread_per_call() -> dict[str, str]:
     return chosen
 
 
-def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: str | None = None,
-        tls_key: str | None = None, tls_client_ca: str | None = None) -> None:
+def run(
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    settings=None,
+    *,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
+) -> None:
     """Serve the gateway with uvicorn (one worker) until SIGTERM/SIGINT; the prediction log is flushed on the way out.
 
     The TLS arguments override RELEASEGATE_GATEWAY_TLS_*; a client CA turns on mutual TLS.
@@ -44,19 +51,23 @@ def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: s
     from releasegate.serving.app import create_app
     from releasegate.serving.config import GatewayConfig
 
-    overrides = {k: v for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca))
-                 if v}
+    overrides = {k: v for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca)) if v}
     config = GatewayConfig.from_env()
     config = GatewayConfig(**config.model_dump() | overrides)
     # Progress bars from artifact downloads would drown the gateway's own log lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("OpenMP/BLAS threads per predict call: %s", ", ".join(
-        f"{name}={os.environ[name]}" + ("" if name in threads else " (from the environment)")
-        for name in _THREAD_VARIABLES))
+    log.info(
+        "OpenMP/BLAS threads per predict call: %s",
+        ", ".join(
+            f"{name}={os.environ[name]}" + ("" if name in threads else " (from the environment)")
+            for name in _THREAD_VARIABLES
+        ),
+    )
     if loaded_early and threads:
-        log.warning("%s imported before the gateway started: the thread defaults may not apply to it",
-                    ", ".join(loaded_early))
+        log.warning(
+            "%s imported before the gateway started: the thread defaults may not apply to it", ", ".join(loaded_early)
+        )
     tls = {}
     if config.tls_cert:
         tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
@@ -71,7 +82,19 @@ def run(host: str = "127.0.0.1", port: int = 8765, settings=None, *, tls_cert: s
     gc.set_threshold(50_000, 50, 1000)
     # httptools + uvloop are uvicorn's fast paths (both installed); no access log on the request path.
     # No proxy-header rewriting (nothing here reads the client's address) and no `server` header.
-    server = uvicorn.Config(create_app(settings, config), host=host, port=port, workers=1, lifespan="on",
-                            loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10,
-                            log_config=None, proxy_headers=False, server_header=False, **tls)
+    server = uvicorn.Config(
+        create_app(settings, config),
+        host=host,
+        port=port,
+        workers=1,
+        lifespan="on",
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+        **tls,
+    )
     uvicorn.Server(server).run()

@@ -11,11 +11,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--tls-cert", help="Server certificate (PEM); default $RELEASEGATE_GATEWAY_TLS_CERT.")
     parser.add_argument("--tls-key", help="Its private key (PEM); default $RELEASEGATE_GATEWAY_TLS_KEY.")
-    parser.add_argument("--tls-client-ca", help="Require client certificates signed by this CA (mutual TLS); "
-                                                "default $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.")
+    parser.add_argument(
+        "--tls-client-ca",
+        help="Require client certificates signed by this CA (mutual TLS); default $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.",
+    )
     args = parser.parse_args()
-    run(host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca)
+    run(host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
 
 
 if __name__ == "__main__":  # importing the module (e.g. a multiprocessing child) must not serve

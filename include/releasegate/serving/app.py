@@ -150,24 +150,43 @@ def _request_id(header: str | None, body) -> str:
 
 
 def _invocations_answer(model: str, request_id: str, answer) -> dict:
-    return {"predictions": answer.outputs, "request_id": request_id, "model_version": answer.version,
-            "arm": answer.arm}
+    return {"predictions": answer.outputs, "request_id": request_id, "model_version": answer.version, "arm": answer.arm}
 
 
 def _v2_answer(model: str, request_id: str, answer) -> dict:
     values = answer.outputs
     if values and isinstance(values[0], dict):
-        outputs = [{"name": str(k), "shape": [len(values)], "datatype": payloads.v2_datatype([v[k] for v in values]),
-                    "data": [v[k] for v in values]} for k in values[0]]
+        outputs = [
+            {
+                "name": str(k),
+                "shape": [len(values)],
+                "datatype": payloads.v2_datatype([v[k] for v in values]),
+                "data": [v[k] for v in values],
+            }
+            for k in values[0]
+        ]
     elif values and isinstance(values[0], list):
         flat = [x for v in values for x in v]
-        outputs = [{"name": "predict", "shape": [len(values), len(values[0])],
-                    "datatype": payloads.v2_datatype(flat), "data": flat}]
+        outputs = [
+            {
+                "name": "predict",
+                "shape": [len(values), len(values[0])],
+                "datatype": payloads.v2_datatype(flat),
+                "data": flat,
+            }
+        ]
     else:
-        outputs = [{"name": "predict", "shape": [len(values)], "datatype": payloads.v2_datatype(values),
-                    "data": values}]
-    return {"model_name": model, "model_version": answer.version, "id": request_id, "request_id": request_id,
-            "arm": answer.arm, "outputs": outputs}
+        outputs = [
+            {"name": "predict", "shape": [len(values)], "datatype": payloads.v2_datatype(values), "data": values}
+        ]
+    return {
+        "model_name": model,
+        "model_version": answer.version,
+        "id": request_id,
+        "request_id": request_id,
+        "arm": answer.arm,
+        "outputs": outputs,
+    }
 
 
 # The two inference endpoints: (path pattern, metrics endpoint name, payload parser, answer builder).
@@ -226,8 +245,13 @@ class InferenceApp:
                     status, content = 405, {"error": f"{scope['method']} is not allowed here; use POST"}
                     extra = [(b"allow", b"POST")]
                 body = orjson.dumps(content, option=_JSON_OPTS) if content is not None else b""
-                await send({"type": "http.response.start", "status": status,
-                            "headers": _JSON_HEADERS + extra + [(b"content-length", str(len(body)).encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": _JSON_HEADERS + extra + [(b"content-length", str(len(body)).encode())],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -297,15 +321,21 @@ async def put_route(request: Request, gateway: Gateway) -> Response:
 def _v2_tensors(slot) -> list[dict]:
     if slot.schema.columns is None:
         return [{"name": "input", "datatype": "BYTES", "shape": [-1]}]
-    return [{"name": c.name, "datatype": payloads.V2_DATATYPES.get(c.kind, "BYTES"), "shape": [-1]}
-            for c in slot.schema.columns]
+    return [
+        {"name": c.name, "datatype": payloads.V2_DATATYPES.get(c.kind, "BYTES"), "shape": [-1]}
+        for c in slot.schema.columns
+    ]
 
 
 def _v2_metadata(model: str, active: Active, slot) -> dict:
-    return {"name": model, "versions": [s.version for s in (active.champion, active.candidate) if s],
-            "platform": "mlflow_pyfunc", "inputs": _v2_tensors(slot), "outputs": slot.outputs,
-            "parameters": {"version": slot.version, "mode": active.route.mode,
-                           "revision": active.route.revision}}
+    return {
+        "name": model,
+        "versions": [s.version for s in (active.champion, active.candidate) if s],
+        "platform": "mlflow_pyfunc",
+        "inputs": _v2_tensors(slot),
+        "outputs": slot.outputs,
+        "parameters": {"version": slot.version, "mode": active.route.mode, "revision": active.route.revision},
+    }
 
 
 @_endpoint("v2_model_metadata", "predict")
@@ -321,8 +351,10 @@ async def v2_model_version_metadata(request: Request, gateway: Gateway) -> Respo
     active = gateway.active(model)
     slot = next((s for s in (active.champion, active.candidate) if s and s.version == version), None)
     if slot is None:
-        raise NotFound(f"{model} v{version} is not served (served: "
-                       f"{', '.join(s.version for s in (active.champion, active.candidate) if s)})")
+        raise NotFound(
+            f"{model} v{version} is not served (served: "
+            f"{', '.join(s.version for s in (active.champion, active.candidate) if s)})"
+        )
     return JSONResponse(_v2_metadata(model, active, slot))
 
 
@@ -393,21 +425,24 @@ def create_app(settings=None, config: GatewayConfig | None = None) -> InferenceA
         finally:
             await gateway.stop()
 
-    app = Starlette(lifespan=lifespan, routes=[
-        HttpRoute("/v2/models/{model:path}/versions/{version}", v2_model_version_metadata, methods=["GET"]),
-        HttpRoute("/v2/models/{model:path}/ready", v2_model_ready, methods=["GET"]),
-        HttpRoute("/v2/models/{model:path}", v2_model_metadata, methods=["GET"]),
-        HttpRoute("/v2/health/live", v2_live, methods=["GET"]),
-        HttpRoute("/v2/health/ready", v2_ready, methods=["GET"]),
-        HttpRoute("/v2", v2_server, methods=["GET"]),
-        HttpRoute("/openapi.json", openapi, methods=["GET"]),
-        HttpRoute("/feedback", feedback, methods=["POST"]),
-        HttpRoute("/admin/routes", list_routes, methods=["GET"]),
-        HttpRoute("/admin/routes/{model:path}", get_route, methods=["GET"]),
-        HttpRoute("/admin/routes/{model:path}", put_route, methods=["PUT"]),
-        HttpRoute("/healthz", healthz, methods=["GET"]),
-        HttpRoute("/readyz", readyz, methods=["GET"]),
-        HttpRoute("/metrics", metrics, methods=["GET"]),
-    ])
+    app = Starlette(
+        lifespan=lifespan,
+        routes=[
+            HttpRoute("/v2/models/{model:path}/versions/{version}", v2_model_version_metadata, methods=["GET"]),
+            HttpRoute("/v2/models/{model:path}/ready", v2_model_ready, methods=["GET"]),
+            HttpRoute("/v2/models/{model:path}", v2_model_metadata, methods=["GET"]),
+            HttpRoute("/v2/health/live", v2_live, methods=["GET"]),
+            HttpRoute("/v2/health/ready", v2_ready, methods=["GET"]),
+            HttpRoute("/v2", v2_server, methods=["GET"]),
+            HttpRoute("/openapi.json", openapi, methods=["GET"]),
+            HttpRoute("/feedback", feedback, methods=["POST"]),
+            HttpRoute("/admin/routes", list_routes, methods=["GET"]),
+            HttpRoute("/admin/routes/{model:path}", get_route, methods=["GET"]),
+            HttpRoute("/admin/routes/{model:path}", put_route, methods=["PUT"]),
+            HttpRoute("/healthz", healthz, methods=["GET"]),
+            HttpRoute("/readyz", readyz, methods=["GET"]),
+            HttpRoute("/metrics", metrics, methods=["GET"]),
+        ],
+    )
     app.state.gateway = gateway
     return InferenceApp(app, gateway)

@@ -77,8 +77,11 @@ def create_key(role: str, settings=None) -> tuple[str, str]:
     key_id = secrets.token_hex(8)
     key = f"rg_{key_id}_{secrets.token_urlsafe(32)}"
     with storage.engine(settings.db_url).begin() as conn:
-        conn.execute(storage.api_keys.insert().values(
-            key_id=key_id, role=role, digest=digest(key, pepper(settings)), created_at=time.time()))
+        conn.execute(
+            storage.api_keys.insert().values(
+                key_id=key_id, role=role, digest=digest(key, pepper(settings)), created_at=time.time()
+            )
+        )
     return key_id, key
 
 
@@ -89,8 +92,12 @@ def revoke_key(key_id: str, settings=None) -> None:
     settings = _settings(settings)
     table = storage.api_keys
     with storage.engine(settings.db_url).begin() as conn:
-        found = conn.execute(table.update().where(table.c.key_id == key_id)
-                             .where(table.c.revoked_at.is_(None)).values(revoked_at=time.time())).rowcount
+        found = conn.execute(
+            table.update()
+            .where(table.c.key_id == key_id)
+            .where(table.c.revoked_at.is_(None))
+            .values(revoked_at=time.time())
+        ).rowcount
         if not found:
             exists = conn.execute(table.select().where(table.c.key_id == key_id)).first()
             if exists is None:

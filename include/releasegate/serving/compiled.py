@@ -21,8 +21,9 @@ how pandas hands it to sklearn; whether the graph may see one at all is the slot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from releasegate.serving.payloads import Schema
 
@@ -62,8 +63,10 @@ def compile_sklearn(estimator, schema: Schema, parity: Callable[[Callable], str 
     except ImportError as err:
         return Compiled(None, f"skl2onnx/onnxruntime not installed ({err.name})")
     numeric = [c.kind in NUMERIC for c in schema.columns]
-    inputs = [(c.name, FloatTensorType([None, 1]) if num else StringTensorType([None, 1]))
-              for c, num in zip(schema.columns, numeric)]
+    inputs = [
+        (c.name, FloatTensorType([None, 1]) if num else StringTensorType([None, 1]))
+        for c, num in zip(schema.columns, numeric)
+    ]
     from sklearn.base import is_classifier
 
     try:
@@ -73,8 +76,9 @@ def compile_sklearn(estimator, schema: Schema, parity: Callable[[Callable], str 
         session_options = onnxruntime.SessionOptions()
         # Batches are small; threads cost more than they save.
         session_options.intra_op_num_threads = session_options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(graph.SerializeToString(), session_options,
-                                               providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            graph.SerializeToString(), session_options, providers=["CPUExecutionProvider"]
+        )
     except Exception as err:  # skl2onnx raises several types for "no converter / shape calculator for X"
         return Compiled(None, f"skl2onnx cannot convert it: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     label = session.get_outputs()[0].name

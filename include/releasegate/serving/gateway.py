@@ -46,8 +46,9 @@ class Active:
     declared: frozenset[str] | None = field(init=False)  # columns a served version declares; None: one takes all
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "same_schema", self.candidate is not None and
-                           self.candidate.schema == self.champion.schema)
+        object.__setattr__(
+            self, "same_schema", self.candidate is not None and self.candidate.schema == self.champion.schema
+        )
         names = [s.schema.names for s in (self.champion, self.candidate) if s is not None]
         object.__setattr__(self, "declared", None if None in names else frozenset().union(*names))
 
@@ -77,12 +78,23 @@ class Gateway:
         self._locks: dict[str, asyncio.Lock] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="predict")
         # Written by a child process: a thread here would share the event loop's GIL (see logprocess).
-        self.predictions = ProcessLogWriter(settings.db_url, "predictions", metrics,
-                                            flush_interval=config.log_flush_interval,
-                                            batch_rows=config.log_batch_rows, max_buffer=config.log_buffer)
-        self.feedback_log = LogWriter(self.engine, storage.feedback, metrics, expand=lambda rows: rows,
-                                      flush_interval=config.log_flush_interval, batch_rows=config.log_batch_rows,
-                                      max_buffer=config.log_buffer)
+        self.predictions = ProcessLogWriter(
+            settings.db_url,
+            "predictions",
+            metrics,
+            flush_interval=config.log_flush_interval,
+            batch_rows=config.log_batch_rows,
+            max_buffer=config.log_buffer,
+        )
+        self.feedback_log = LogWriter(
+            self.engine,
+            storage.feedback,
+            metrics,
+            expand=lambda rows: rows,
+            flush_interval=config.log_flush_interval,
+            batch_rows=config.log_batch_rows,
+            max_buffer=config.log_buffer,
+        )
         # Mirrored requests waiting for the shadow taker: a deque and a wake-up event, not an asyncio.Queue,
         # whose put/get/task_done bookkeeping cost the request path more than the rest of the mirror.
         self._shadow: deque = deque()
@@ -139,9 +151,16 @@ class Gateway:
 
     async def _load(self, key: tuple[str, str]) -> Slot:
         try:
-            slot = await asyncio.to_thread(load_slot, key[0], key[1], self.settings, self.metrics, self._executor,
-                                           max_rows=self.config.batch_max_rows,
-                                           max_wait=self.config.batch_max_wait_ms / 1000)
+            slot = await asyncio.to_thread(
+                load_slot,
+                key[0],
+                key[1],
+                self.settings,
+                self.metrics,
+                self._executor,
+                max_rows=self.config.batch_max_rows,
+                max_wait=self.config.batch_max_wait_ms / 1000,
+            )
             slot.start()
             self._slots[key] = slot
             # The heap now holds MLflow, sklearn, pandas and the model: millions of long-lived objects.
@@ -165,8 +184,12 @@ class Gateway:
         self.routes[active.route.model] = active
         self.failures.pop(active.route.model, None)
         self.metrics.route_revision.labels(active.route.model).set(active.route.revision)
-        log.info("route %s revision %d applied: %s", active.route.model, active.route.revision,
-                 active.route.model_dump(exclude={"model", "revision", "updated_at"}))
+        log.info(
+            "route %s revision %d applied: %s",
+            active.route.model,
+            active.route.revision,
+            active.route.model_dump(exclude={"model", "revision", "updated_at"}),
+        )
         self._unload_unused(active.route.model)
         return True
 
@@ -187,8 +210,9 @@ class Gateway:
         for attempt in range(3):
             try:
                 with self.engine.begin() as conn:
-                    current = conn.execute(sa.select(table.c.revision).where(table.c.model == model)
-                                           .with_for_update()).scalar()
+                    current = conn.execute(
+                        sa.select(table.c.revision).where(table.c.model == model).with_for_update()
+                    ).scalar()
                     values = spec.model_dump() | {"updated_at": time.time(), "revision": (current or 0) + 1}
                     if current is None:
                         conn.execute(table.insert().values(model=model, **values))
@@ -239,8 +263,9 @@ class Gateway:
         if current is not None and current.route.revision >= route.revision:
             return False
         failed = self.failures.get(route.model)
-        return not (failed and failed[0] == route.revision
-                    and time.time() - failed[2] < self.config.retry_failed_load_seconds)
+        return not (
+            failed and failed[0] == route.revision and time.time() - failed[2] < self.config.retry_failed_load_seconds
+        )
 
     async def _sync_route(self, route: Route) -> bool:
         """Load and apply one stored route; False if something other than its versions failed (tried again)."""
@@ -292,8 +317,10 @@ class Gateway:
         active = self.routes.get(model)
         if active is None:
             if model in self.failures or not self.synced:
-                raise Unavailable(f"model {model!r} is not ready: "
-                                  + (self.failures[model][1] if model in self.failures else "routes still loading"))
+                raise Unavailable(
+                    f"model {model!r} is not ready: "
+                    + (self.failures[model][1] if model in self.failures else "routes still loading")
+                )
             known = ", ".join(sorted(self.routes)) or "none"
             raise NotFound(f"unknown model {model!r} (served models: {known})")
         return active
@@ -309,8 +336,14 @@ class Gateway:
         logged = rows if rows is sent else self._logged(active, sent)
         route = active.route
         digest = routing.key_digest(route.model, routing_key)
-        base = {"request_id": request_id, "model": route.model, "mode": route.mode, "release_id": route.release_id,
-                "routing_key_hash": digest[:16], "sample_bucket": routing.sample_bucket(request_id)}
+        base = {
+            "request_id": request_id,
+            "model": route.model,
+            "mode": route.mode,
+            "release_id": route.release_id,
+            "routing_key_hash": digest[:16],
+            "sample_bucket": routing.sample_bucket(request_id),
+        }
         fallback = False
         if active.candidate is not None and routing.choose_arm(route, digest) == "candidate":
             outputs = await self._call_candidate(active, sent, rows, logged, base, served=True)
@@ -322,8 +355,18 @@ class Gateway:
         try:
             outputs = await champion.predict(rows)
         except ModelCallError as err:
-            self._log_call(base, logged, None, champion, "champion", start, served=False, fallback=fallback,
-                           status="error", error=str(err))
+            self._log_call(
+                base,
+                logged,
+                None,
+                champion,
+                "champion",
+                start,
+                served=False,
+                fallback=fallback,
+                status="error",
+                error=str(err),
+            )
             raise
         self._log_call(base, logged, outputs, champion, "champion", start, served=True, fallback=fallback)
         if route.mode is Mode.shadow and active.candidate is not None:
@@ -348,8 +391,9 @@ class Gateway:
         self.metrics.ignored(active.route.model, len(sent.columns) - len(kept))
         return Rows(kept, sent.n)
 
-    async def _call_candidate(self, active: Active, sent: Rows, rows: Rows, logged: Rows, base: dict,
-                              served: bool) -> list | None:
+    async def _call_candidate(
+        self, active: Active, sent: Rows, rows: Rows, logged: Rows, base: dict, served: bool
+    ) -> list | None:
         """The candidate's answer, or None after logging why it has none (error, timeout, wrong shape).
 
         `rows` are the champion's columns: the candidate's own are selected from what the caller `sent`.
@@ -368,8 +412,9 @@ class Gateway:
         except (ModelCallError, PayloadError) as err:
             status, error = "error", str(err)
         if status != "ok":
-            self._log_call(base, logged, None, slot, "candidate", start, served=False, fallback=False,
-                           status=status, error=error)
+            self._log_call(
+                base, logged, None, slot, "candidate", start, served=False, fallback=False, status=status, error=error
+            )
             return None
         self._log_call(base, logged, outputs, slot, "candidate", start, served=served, fallback=False)
         return outputs
@@ -427,31 +472,57 @@ class Gateway:
             return False
         at = 0
         for _, _, rows, logged, base in batch:
-            self._log_call(base, logged, values[at:at + rows.n], slot, "candidate", start, served=False,
-                           fallback=False)
+            self._log_call(
+                base, logged, values[at : at + rows.n], slot, "candidate", start, served=False, fallback=False
+            )
             at += rows.n
         return True
 
     async def _mirror_each(self, batch: list[tuple[Active, Rows, Rows, Rows, dict]]) -> None:
         try:
-            await asyncio.gather(*(self._call_candidate(active, sent, rows, logged, base, served=False)
-                                   for active, sent, rows, logged, base in batch))
+            await asyncio.gather(
+                *(
+                    self._call_candidate(active, sent, rows, logged, base, served=False)
+                    for active, sent, rows, logged, base in batch
+                )
+            )
         except Exception:
             log.exception("mirrored calls to %s", batch[0][0].candidate.label)
         finally:
             self._shadow_busy -= len(batch)
             self._mirror_slots.release()
 
-    def _log_call(self, base: dict, rows: Rows, outputs: list | None, slot: Slot, arm: str, start: float, *,
-                  served: bool, fallback: bool, status: str = "ok", error: str | None = None) -> None:
+    def _log_call(
+        self,
+        base: dict,
+        rows: Rows,
+        outputs: list | None,
+        slot: Slot,
+        arm: str,
+        start: float,
+        *,
+        served: bool,
+        fallback: bool,
+        status: str = "ok",
+        error: str | None = None,
+    ) -> None:
         elapsed = time.perf_counter() - start
         if type(outputs) is Retried:  # answered, but its batch call failed: that failure is the model's too
             status, error = "retried", outputs.error
         self.metrics.model_call(slot.model, slot.version, arm, elapsed)
         if status != "ok":
             self.metrics.errors.labels(slot.model, slot.version, arm, status).inc()
-        row = dict(base, time=time.time(), version=slot.version, arm=arm, served=served, fallback=fallback,
-                   latency_ms=elapsed * 1000, status=status, error=error)
+        row = dict(
+            base,
+            time=time.time(),
+            version=slot.version,
+            arm=arm,
+            served=served,
+            fallback=fallback,
+            latency_ms=elapsed * 1000,
+            status=status,
+            error=error,
+        )
         self.predictions.put((row, rows, outputs), rows=rows.n)
 
     # --- feedback -------------------------------------------------------------------------------
@@ -478,8 +549,14 @@ class Gateway:
             value = item.get("business_value")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise PayloadError(f"{where}: business_value must be a number", 422)
-            rows.append({"request_id": rid, "time": now, "ground_truth": orjson.dumps(item["ground_truth"]).decode(),
-                         "business_value": value})
+            rows.append(
+                {
+                    "request_id": rid,
+                    "time": now,
+                    "ground_truth": orjson.dumps(item["ground_truth"]).decode(),
+                    "business_value": value,
+                }
+            )
         if not self.feedback_log.put(rows, rows=len(rows)):
             raise Unavailable("the feedback buffer is full; retry shortly")
         return len(rows)

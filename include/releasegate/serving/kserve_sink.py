@@ -67,8 +67,13 @@ def _event_time(value: str | None, received: float) -> float:
 
 def parse_inputs(body) -> Rows:
     """A logged request body: Open Inference Protocol v2 (MLServer's) or an MLflow/v1 payload."""
-    if isinstance(body, dict) and isinstance(body.get("inputs"), list) and body["inputs"] \
-            and isinstance(body["inputs"][0], dict) and "datatype" in body["inputs"][0]:
+    if (
+        isinstance(body, dict)
+        and isinstance(body.get("inputs"), list)
+        and body["inputs"]
+        and isinstance(body["inputs"][0], dict)
+        and "datatype" in body["inputs"][0]
+    ):
         return parse_v2(body, _ANY)
     return parse_invocations(body, _ANY)
 
@@ -158,21 +163,32 @@ class Sink:
                 self.unpaired += 1
         return len(expired)
 
-    def _write(self, model: str, version: str, request_id: str, request: dict, outputs: list | None,
-               answered: float | None) -> None:
+    def _write(
+        self, model: str, version: str, request_id: str, request: dict, outputs: list | None, answered: float | None
+    ) -> None:
         route = self.route(model) or {}
         arm = Arm.candidate if version == route.get("candidate_version") else Arm.champion
         mode = Mode(route.get("mode") or Mode.single)
         served = not (arm is Arm.candidate and mode is Mode.shadow)
         status = CallStatus.ok if outputs is not None else CallStatus.error
-        base = {"request_id": request_id, "time": request["time"], "model": model, "version": version, "arm": arm,
-                "mode": mode, "release_id": route.get("release_id"),
-                "routing_key_hash": routing.routing_key_hash(model, request["routing_key"] or request_id),
-                "sample_bucket": routing.sample_bucket(request_id), "served": served, "fallback": False,
-                "latency_ms": None if answered is None else max(0.0, (answered - request["time"]) * 1000),
-                "status": status,
-                "error": None if outputs is not None else
-                f"no response logged within {self.pending_seconds:g}s (KServe logs none for a non-200 answer)"}
+        base = {
+            "request_id": request_id,
+            "time": request["time"],
+            "model": model,
+            "version": version,
+            "arm": arm,
+            "mode": mode,
+            "release_id": route.get("release_id"),
+            "routing_key_hash": routing.routing_key_hash(model, request["routing_key"] or request_id),
+            "sample_bucket": routing.sample_bucket(request_id),
+            "served": served,
+            "fallback": False,
+            "latency_ms": None if answered is None else max(0.0, (answered - request["time"]) * 1000),
+            "status": status,
+            "error": None
+            if outputs is not None
+            else f"no response logged within {self.pending_seconds:g}s (KServe logs none for a non-200 answer)",
+        }
         self.predictions.put((base, request["rows"], outputs), rows=request["rows"].n)
 
     def feedback(self, items) -> int:
@@ -185,12 +201,19 @@ class Sink:
                 fb = Feedback.model_validate(item)
             except ValidationError as err:
                 first = err.errors()[0]
-                raise EventError(f"feedback item {i}: {'.'.join(map(str, first['loc'])) or 'item'}: {first['msg']}") \
-                    from err
+                raise EventError(
+                    f"feedback item {i}: {'.'.join(map(str, first['loc'])) or 'item'}: {first['msg']}"
+                ) from err
             if fb.ground_truth is None:
                 raise EventError(f"feedback item {i}: ground_truth is required")
-            rows.append({"request_id": fb.request_id, "time": now,
-                         "ground_truth": orjson.dumps(fb.ground_truth).decode(), "business_value": fb.business_value})
+            rows.append(
+                {
+                    "request_id": fb.request_id,
+                    "time": now,
+                    "ground_truth": orjson.dumps(fb.ground_truth).decode(),
+                    "business_value": fb.business_value,
+                }
+            )
         self.feedback_log.put(rows, rows=len(rows))
         return len(rows)
 
@@ -257,8 +280,15 @@ def create_app(settings=None, *, pending_seconds: float = 30.0, sweep_seconds: f
     async def metrics(request: Request) -> Response:
         return Response(sink.metrics.render(), media_type=sink.metrics.content_type)
 
-    app = Starlette(routes=[Route("/events", events, methods=["POST"]), Route("/feedback", feedback, methods=["POST"]),
-                            Route("/healthz", healthz), Route("/metrics", metrics)], lifespan=lifespan)
+    app = Starlette(
+        routes=[
+            Route("/events", events, methods=["POST"]),
+            Route("/feedback", feedback, methods=["POST"]),
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+        ],
+        lifespan=lifespan,
+    )
     app.state.sink = sink
     return app
 
@@ -268,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m releasegate.serving.kserve_sink", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m releasegate.serving.kserve_sink", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)

@@ -58,8 +58,16 @@ def _encode(entries: list) -> tuple[bytes, int]:
 class ProcessLogWriter:
     """`LogWriter`'s interface (start, put, lag, close) for the predictions table, written by a child process."""
 
-    def __init__(self, db_url: str, table: str, metrics, *, flush_interval: float = 0.2, batch_rows: int = 500,
-                 max_buffer: int = 20_000):
+    def __init__(
+        self,
+        db_url: str,
+        table: str,
+        metrics,
+        *,
+        flush_interval: float = 0.2,
+        batch_rows: int = 500,
+        max_buffer: int = 20_000,
+    ):
         self._db_url = db_url
         self._table = table
         self._flush_interval = flush_interval
@@ -113,7 +121,7 @@ class ProcessLogWriter:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> "ProcessLogWriter":
+    def start(self) -> ProcessLogWriter:
         self._spawn()
         self._shipper.start()
         return self
@@ -140,20 +148,29 @@ class ProcessLogWriter:
             for reader in self._readers:
                 reader.join(5)
         if self._dropped_here:
-            log.error("%s log: %d rows not handed to the writer process (see "
-                      "releasegate_gateway_log_dropped_rows_total)", self._table, self._dropped_here)
+            log.error(
+                "%s log: %d rows not handed to the writer process (see releasegate_gateway_log_dropped_rows_total)",
+                self._table,
+                self._dropped_here,
+            )
 
     # --- the child ------------------------------------------------------------------------------
 
     def _spawn(self) -> None:
         self._last_start = time.monotonic()
         env = dict(os.environ, PYTHONUNBUFFERED="1", RELEASEGATE_LOG_DB_URL=self._db_url)  # not in `ps`
-        args = [sys.executable, "-m", "releasegate.serving.logprocess", self._table,
-                str(self._flush_interval), str(self._batch_rows), str(self._max_buffer)]
+        args = [
+            sys.executable,
+            "-m",
+            "releasegate.serving.logprocess",
+            self._table,
+            str(self._flush_interval),
+            str(self._batch_rows),
+            str(self._max_buffer),
+        ]
         proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
         self._proc = proc
-        reader = threading.Thread(target=self._read_status, args=(proc,), name=f"logstatus-{self._table}",
-                                  daemon=True)
+        reader = threading.Thread(target=self._read_status, args=(proc,), name=f"logstatus-{self._table}", daemon=True)
         reader.start()
         self._readers.append(reader)
 
@@ -184,12 +201,12 @@ class ProcessLogWriter:
             self._wake.clear()
             with self._lock:
                 entries, self._buffer = self._buffer, []
-                rows, self._buffered_rows = self._buffered_rows, 0
+                self._buffered_rows = 0
                 self._oldest = None
             # In frames of _CHUNK entries: orjson holds the GIL while it encodes (4,000 entries took 4 ms here,
             # a stall of every request; a full buffer would take ~20), and between frames the loop gets it back.
             for at in range(0, len(entries), _CHUNK):
-                chunk = entries[at:at + _CHUNK]
+                chunk = entries[at : at + _CHUNK]
                 self._ship(chunk, sum(entry[2] for entry in chunk))
             if self._closed and not self._buffer:
                 return
@@ -210,7 +227,7 @@ class ProcessLogWriter:
         frame = memoryview(_FRAME.pack(len(data)) + data)
         try:
             while frame:
-                frame = frame[proc.stdin.write(frame):]
+                frame = frame[proc.stdin.write(frame) :]
         except (OSError, ValueError):  # the child is gone (broken pipe) or its pipe was closed
             self._drop(rows, "writer_down")
 
@@ -230,8 +247,9 @@ def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int,
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the gateway decides when we stop: stdin closes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s (log writer): %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s (log writer): %(message)s"
+    )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the gateway has migrated the database already
     metrics = Metrics()
     table = getattr(storage, table_name)
@@ -240,9 +258,15 @@ def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int,
         base, columns, n, outputs = entry
         return expand_predictions((base, Rows(columns, n), outputs))
 
-    writer = LogWriter(storage.engine(db_url), table, metrics, expand=expand if table_name == "predictions" else
-                       (lambda e: (e,)), flush_interval=flush_interval, batch_rows=batch_rows,
-                       max_buffer=max_buffer).start()
+    writer = LogWriter(
+        storage.engine(db_url),
+        table,
+        metrics,
+        expand=expand if table_name == "predictions" else (lambda e: (e,)),
+        flush_interval=flush_interval,
+        batch_rows=batch_rows,
+        max_buffer=max_buffer,
+    ).start()
     out = sys.stdout.buffer
     stop = threading.Event()
 
@@ -252,10 +276,13 @@ def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int,
             for sample in metric.samples:
                 if sample.name.endswith("_total"):
                     dropped[sample.labels["reason"]] = int(sample.value)
-        written = metrics.registry.get_sample_value("releasegate_gateway_log_written_rows_total",
-                                                    {"table": table_name}) or 0
-        return orjson.dumps({"written": int(written), "dropped": dropped, "lag": writer.lag(),
-                             "queued": writer.queued()}) + b"\n"
+        written = (
+            metrics.registry.get_sample_value("releasegate_gateway_log_written_rows_total", {"table": table_name}) or 0
+        )
+        return (
+            orjson.dumps({"written": int(written), "dropped": dropped, "lag": writer.lag(), "queued": writer.queued()})
+            + b"\n"
+        )
 
     def report() -> None:
         while not stop.wait(_STATUS_EVERY):

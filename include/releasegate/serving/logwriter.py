@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import orjson
 import sqlalchemy as sa
@@ -49,8 +49,17 @@ class LogWriter:
     object per request and the JSON encoding of inputs happens here, off the event loop.
     """
 
-    def __init__(self, engine, table, metrics, *, expand: Callable[[object], Iterable[dict]] = lambda e: (e,),
-                 flush_interval: float = 0.2, batch_rows: int = 500, max_buffer: int = 20_000):
+    def __init__(
+        self,
+        engine,
+        table,
+        metrics,
+        *,
+        expand: Callable[[object], Iterable[dict]] = lambda e: (e,),
+        flush_interval: float = 0.2,
+        batch_rows: int = 500,
+        max_buffer: int = 20_000,
+    ):
         self._engine = engine
         self._table = table
         self._expand = expand
@@ -66,8 +75,7 @@ class LogWriter:
         # Every column but an autoincrement key: rows that give them all can skip SQLAlchemy (see _insert).
         self._order = [c.name for c in table.columns if not (c.primary_key and c.autoincrement)]
         self._names = set(self._order)
-        self._sql = (f"INSERT INTO {table.name} ({', '.join(self._order)}) "
-                     f"VALUES ({', '.join('?' * len(self._order))})")
+        self._sql = f"INSERT INTO {table.name} ({', '.join(self._order)}) VALUES ({', '.join('?' * len(self._order))})"
         self._thread = threading.Thread(target=self._run, name=f"logwriter-{table.name}", daemon=True)
         self._stopping = threading.Event()
         self._give_up_at = float("inf")
@@ -76,7 +84,7 @@ class LogWriter:
         self._drops_unreported: dict[str, int] = {}
         self._last_report = 0.0
 
-    def start(self) -> "LogWriter":
+    def start(self) -> LogWriter:
         self._thread.start()
         return self
 
@@ -151,29 +159,39 @@ class LogWriter:
             except _TRANSIENT as err:
                 if outage_since is None:
                     outage_since = time.monotonic()
-                    log.warning("%s log: the database refuses writes (%s); holding %d rows and up to %d queued "
-                                "entries, retrying", self._table.name, _first_line(err), len(rows),
-                                self._queue.maxsize)
+                    log.warning(
+                        "%s log: the database refuses writes (%s); holding %d rows and up to %d queued "
+                        "entries, retrying",
+                        self._table.name,
+                        _first_line(err),
+                        len(rows),
+                        self._queue.maxsize,
+                    )
                 if self._stopping.is_set() and time.monotonic() > self._give_up_at:
                     lost = len(rows) + self._drain()
                     self._drop(lost, "db_unavailable")
-                    log.error("%s log: shutting down with the database still refusing writes; %d rows not written",
-                              self._table.name, lost)
+                    log.error(
+                        "%s log: shutting down with the database still refusing writes; %d rows not written",
+                        self._table.name,
+                        lost,
+                    )
                     return
                 self._report()
                 time.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF)
                 continue
             except Exception as err:  # the rows themselves were refused: retrying would not help
-                log.error("%s log: %d rows refused by the database: %s", self._table.name, len(rows),
-                          _first_line(err))
+                log.error("%s log: %d rows refused by the database: %s", self._table.name, len(rows), _first_line(err))
                 self._drop(len(rows), "db_error")
                 return
             self._written.inc(len(rows))
             self._pending_since = None if self._queue.empty() else time.monotonic()
             if outage_since is not None:
-                log.warning("%s log: the database takes writes again after %.1f s", self._table.name,
-                            time.monotonic() - outage_since)
+                log.warning(
+                    "%s log: the database takes writes again after %.1f s",
+                    self._table.name,
+                    time.monotonic() - outage_since,
+                )
             return
 
     def _insert(self, conn, rows: list[dict]) -> None:
@@ -221,8 +239,11 @@ class LogWriter:
         with self._drops_lock:
             drops, self._drops_unreported = self._drops_unreported, {}
         self._last_report = now
-        log.error("%s log: rows not written since the last report: %s", self._table.name,
-                  ", ".join(f"{n} ({reason})" for reason, n in sorted(drops.items())))
+        log.error(
+            "%s log: rows not written since the last report: %s",
+            self._table.name,
+            ", ".join(f"{n} ({reason})" for reason, n in sorted(drops.items())),
+        )
 
 
 def _first_line(err: Exception) -> str:

@@ -18,45 +18,89 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         arm = ("model", "version", "arm")
         r = self.registry
-        self.requests = Counter("releasegate_gateway_model_calls", "Model calls per arm (one per request and arm).",
-                                arm, registry=r)
-        self.errors = Counter("releasegate_gateway_model_errors",
-                              "Failed model calls, by kind (error | timeout | retried: the request's batch call "
-                              "failed and a call of its own answered).", arm + ("kind",), registry=r)
-        self.latency = Histogram("releasegate_gateway_model_latency_seconds",
-                                 "Time from submitting rows to a model until its answer (batching included).",
-                                 arm, buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "releasegate_gateway_model_calls", "Model calls per arm (one per request and arm).", arm, registry=r
+        )
+        self.errors = Counter(
+            "releasegate_gateway_model_errors",
+            "Failed model calls, by kind (error | timeout | retried: the request's batch call "
+            "failed and a call of its own answered).",
+            arm + ("kind",),
+            registry=r,
+        )
+        self.latency = Histogram(
+            "releasegate_gateway_model_latency_seconds",
+            "Time from submitting rows to a model until its answer (batching included).",
+            arm,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         # By model only: a label per column name would grow with whatever callers send.
-        self.ignored_columns = Counter("releasegate_gateway_ignored_columns",
-                                       "Request columns no served version of the model declares (ignored and not "
-                                       "logged), once per column and request.", ("model",), registry=r)
-        self.fallbacks = Counter("releasegate_gateway_fallbacks",
-                                 "Requests the champion answered because the candidate failed.", ("model",), registry=r)
-        self.batch_rows = Histogram("releasegate_gateway_batch_rows", "Rows per predict call (micro-batching).",
-                                    ("model", "version"), buckets=_BATCH_BUCKETS, registry=r)
-        self.shadow_dropped = Counter("releasegate_gateway_shadow_dropped",
-                                      "Mirrored requests dropped because the shadow queue was full.", ("model",),
-                                      registry=r)
+        self.ignored_columns = Counter(
+            "releasegate_gateway_ignored_columns",
+            "Request columns no served version of the model declares (ignored and not "
+            "logged), once per column and request.",
+            ("model",),
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "releasegate_gateway_fallbacks",
+            "Requests the champion answered because the candidate failed.",
+            ("model",),
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "releasegate_gateway_batch_rows",
+            "Rows per predict call (micro-batching).",
+            ("model", "version"),
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "releasegate_gateway_shadow_dropped",
+            "Mirrored requests dropped because the shadow queue was full.",
+            ("model",),
+            registry=r,
+        )
         self.shadow_queue = Gauge("releasegate_gateway_shadow_queue_depth", "Mirrored requests waiting.", registry=r)
-        self.http = Counter("releasegate_gateway_http_responses", "HTTP responses by endpoint and status.",
-                            ("endpoint", "status"), registry=r)
-        self.log_queue = Gauge("releasegate_gateway_log_queue_depth", "Log entries waiting to be written.",
-                               ("table",), registry=r)
-        self.log_dropped = Counter("releasegate_gateway_log_dropped_rows",
-                                   "Log rows not written (buffer full or database error).", ("table", "reason"),
-                                   registry=r)
+        self.http = Counter(
+            "releasegate_gateway_http_responses",
+            "HTTP responses by endpoint and status.",
+            ("endpoint", "status"),
+            registry=r,
+        )
+        self.log_queue = Gauge(
+            "releasegate_gateway_log_queue_depth", "Log entries waiting to be written.", ("table",), registry=r
+        )
+        self.log_dropped = Counter(
+            "releasegate_gateway_log_dropped_rows",
+            "Log rows not written (buffer full or database error).",
+            ("table", "reason"),
+            registry=r,
+        )
         self.log_written = Counter("releasegate_gateway_log_written_rows", "Log rows written.", ("table",), registry=r)
-        self.route_revision = Gauge("releasegate_gateway_route_revision", "Applied route revision.", ("model",),
-                                    registry=r)
-        self.route_load_failures = Counter("releasegate_gateway_route_load_failures",
-                                           "Route changes refused because a version failed to load or verify.",
-                                           ("model",), registry=r)
+        self.route_revision = Gauge(
+            "releasegate_gateway_route_revision", "Applied route revision.", ("model",), registry=r
+        )
+        self.route_load_failures = Counter(
+            "releasegate_gateway_route_load_failures",
+            "Route changes refused because a version failed to load or verify.",
+            ("model",),
+            registry=r,
+        )
 
-        self.log_lag = Gauge("releasegate_gateway_log_lag_seconds",
-                             "Age of the oldest log entry not yet written (0 when the writer is caught up).",
-                             ("table",), registry=r)
-        self.in_flight = Gauge("releasegate_gateway_requests_in_flight", "Requests received and not yet answered.",
-                               ("endpoint",), registry=r)
+        self.log_lag = Gauge(
+            "releasegate_gateway_log_lag_seconds",
+            "Age of the oldest log entry not yet written (0 when the writer is caught up).",
+            ("table",),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "releasegate_gateway_requests_in_flight",
+            "Requests received and not yet answered.",
+            ("endpoint",),
+            registry=r,
+        )
         self._children: dict = {}
 
     def in_flight_of(self, endpoint: str):
@@ -78,8 +122,10 @@ class Metrics:
         key = ("call", model, version, arm)
         children = self._children.get(key)
         if children is None:
-            children = self._children[key] = (self.requests.labels(model, version, arm),
-                                              self.latency.labels(model, version, arm))
+            children = self._children[key] = (
+                self.requests.labels(model, version, arm),
+                self.latency.labels(model, version, arm),
+            )
         children[0].inc()
         children[1].observe(seconds)
 

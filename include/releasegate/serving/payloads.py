@@ -61,9 +61,13 @@ class Schema:
         return tuple((c.name, c.required, _accepts(c.kind)) for c in self.columns or ())
 
     @classmethod
-    def from_mlflow(cls, schema) -> "Schema":
-        if schema is None or not getattr(schema, "inputs", None) or not schema.has_input_names() \
-                or schema.is_tensor_spec():
+    def from_mlflow(cls, schema) -> Schema:
+        if (
+            schema is None
+            or not getattr(schema, "inputs", None)
+            or not schema.has_input_names()
+            or schema.is_tensor_spec()
+        ):
             return cls(None)
         cols = []
         for spec in schema.inputs:
@@ -90,8 +94,16 @@ def _is_missing(value) -> bool:
 INT_RANGE = {"long": (-(1 << 63), (1 << 63) - 1), "integer": (-(1 << 31), (1 << 31) - 1)}
 FLOAT32_MAX = 3.4028234663852886e38
 # The v2 protocol's name for each MLflow column type (strings and datetimes travel as BYTES).
-V2_DATATYPES = {"boolean": "BOOL", "integer": "INT32", "long": "INT64", "float": "FP32", "double": "FP64",
-                "string": "BYTES", "binary": "BYTES", "datetime": "BYTES"}
+V2_DATATYPES = {
+    "boolean": "BOOL",
+    "integer": "INT32",
+    "long": "INT64",
+    "float": "FP32",
+    "double": "FP64",
+    "string": "BYTES",
+    "binary": "BYTES",
+    "datetime": "BYTES",
+}
 
 
 def _type_ok(kind: str, value) -> bool:
@@ -102,8 +114,12 @@ def _type_ok(kind: str, value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     if kind in ("double", "float"):
         # Infinity is a float the model cannot use (and JSON cannot carry); the batch dtype must hold it too.
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-            kind == "double" or abs(value) <= FLOAT32_MAX)
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (kind == "double" or abs(value) <= FLOAT32_MAX)
+        )
     if kind == "boolean":
         return isinstance(value, bool)
     if kind in ("string", "datetime"):
@@ -153,8 +169,9 @@ def _select(rows: Rows, schema: Schema, what: str) -> Rows:
     missing = [c.name for c in schema.columns if c.required and c.name not in rows.columns]
     if missing:
         declared = ", ".join(c.name if c.required else f"{c.name} (optional)" for c in schema.columns)
-        raise PayloadError(f"{what}: missing column(s) {', '.join(repr(c) for c in missing)} (expected {declared})",
-                           422)
+        raise PayloadError(
+            f"{what}: missing column(s) {', '.join(repr(c) for c in missing)} (expected {declared})", 422
+        )
     selected = {}
     for col in schema.columns:
         values = rows.columns.get(col.name)
@@ -164,12 +181,16 @@ def _select(rows: Rows, schema: Schema, what: str) -> Rows:
         for i, value in enumerate(values):
             if _is_missing(value):
                 if col.required:
-                    raise PayloadError(f"{what}: column {col.name!r} row {i} is null/NaN, but the model requires "
-                                       "a value", 422)
+                    raise PayloadError(
+                        f"{what}: column {col.name!r} row {i} is null/NaN, but the model requires a value", 422
+                    )
                 continue
             if col.kind is not None and not _type_ok(col.kind, value):
-                raise PayloadError(f"{what}: column {col.name!r} row {i} expects {_describe(col.kind)}, "
-                                   f"got {type(value).__name__} {value!r:.60}", 422)
+                raise PayloadError(
+                    f"{what}: column {col.name!r} row {i} expects {_describe(col.kind)}, "
+                    f"got {type(value).__name__} {value!r:.60}",
+                    422,
+                )
         selected[col.name] = values
     # Column order follows the signature, so the batch frame needs no reordering.
     return Rows(selected, rows.n)
@@ -198,8 +219,7 @@ def _from_records(records: list, where: str) -> Rows:
         if rec.keys() != keys:
             missing = sorted(set(keys) - set(rec))
             extra = sorted(set(rec) - set(keys))
-            raise PayloadError(f"{where}[{i}] has different columns from row 0: missing {missing}, extra {extra}",
-                               422)
+            raise PayloadError(f"{where}[{i}] has different columns from row 0: missing {missing}, extra {extra}", 422)
     return Rows({name: [rec[name] for rec in records] for name in names}, len(records))
 
 
@@ -237,8 +257,10 @@ def parse_invocations(body, schema: Schema) -> Rows:
         raise PayloadError("the body must be a JSON object with one of: " + ", ".join(INVOCATION_KEYS))
     given = [k for k in INVOCATION_KEYS if k in body]
     if len(given) != 1:
-        raise PayloadError(f"the body must have exactly one of {', '.join(INVOCATION_KEYS)}; got "
-                           f"{', '.join(given) or ', '.join(map(str, body)) or 'none'}")
+        raise PayloadError(
+            f"the body must have exactly one of {', '.join(INVOCATION_KEYS)}; got "
+            f"{', '.join(given) or ', '.join(map(str, body)) or 'none'}"
+        )
     key = given[0]
     value = body[key]
     if key == "dataframe_split":
@@ -287,8 +309,11 @@ def parse_v2(body, schema: Schema) -> Rows:
         n, k = t["shape"]
         flat = _flatten(t["data"], t["shape"])
         if k != len(names) or len(flat) != n * k:
-            raise PayloadError(f"inputs[0] ({t['name']}) has shape {t['shape']} and {len(flat)} values; a "
-                               f"[rows, {len(names)}] tensor in column order {', '.join(names)} is expected", 422)
+            raise PayloadError(
+                f"inputs[0] ({t['name']}) has shape {t['shape']} and {len(flat)} values; a "
+                f"[rows, {len(names)}] tensor in column order {', '.join(names)} is expected",
+                422,
+            )
         return Rows({name: flat[j::k] for j, name in enumerate(names)}, n)
     columns: dict[str, list] = {}
     n = None
@@ -296,8 +321,11 @@ def parse_v2(body, schema: Schema) -> Rows:
         flat = _flatten(t["data"], t["shape"])
         rows = t["shape"][0]
         if len(flat) != rows or any(d != 1 for d in t["shape"][1:]):
-            raise PayloadError(f"input {t['name']!r}: shape {t['shape']} with {len(flat)} values; one value per "
-                               "row ([rows] or [rows, 1]) is expected", 422)
+            raise PayloadError(
+                f"input {t['name']!r}: shape {t['shape']} with {len(flat)} values; one value per "
+                "row ([rows] or [rows, 1]) is expected",
+                422,
+            )
         if n is not None and rows != n:
             raise PayloadError(f"input {t['name']!r} has {rows} rows, the others {n}")
         if t["name"] in columns:

@@ -7,6 +7,7 @@ import hashlib
 from pydantic import BaseModel, Field, model_validator
 
 from releasegate.contract import Mode
+
 _VERSION = r"^@?[A-Za-z0-9_.-]+$"
 
 
@@ -21,15 +22,18 @@ class RouteSpec(BaseModel, extra="forbid"):
     release_id: str | None = Field(None, max_length=64)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RouteSpec":
+    def _consistent(self) -> RouteSpec:
         if self.mode is Mode.single and self.candidate_version is not None:
-            raise ValueError(f"mode '{Mode.single}' takes no candidate_version (use '{Mode.shadow}' or "
-                             f"'{Mode.canary}')")
+            raise ValueError(
+                f"mode '{Mode.single}' takes no candidate_version (use '{Mode.shadow}' or '{Mode.canary}')"
+            )
         if self.mode is not Mode.single and self.candidate_version is None:
             raise ValueError(f"mode '{self.mode}' needs a candidate_version")
         if self.mode is not Mode.canary and self.candidate_weight != 0:
-            raise ValueError(f"candidate_weight applies to mode '{Mode.canary}' only, got {self.candidate_weight} "
-                             f"with mode '{self.mode}'")
+            raise ValueError(
+                f"candidate_weight applies to mode '{Mode.canary}' only, got {self.candidate_weight} "
+                f"with mode '{self.mode}'"
+            )
         if self.candidate_version is not None and self.candidate_version == self.champion_version:
             raise ValueError(f"candidate_version equals champion_version ({self.champion_version})")
         return self

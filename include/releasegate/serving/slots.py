@@ -11,22 +11,29 @@ predicts in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import chain
 
 from releasegate.contract import ErrorCode
-from releasegate.signing import VerifiedModel
 from releasegate.serving import compiled
 from releasegate.serving.payloads import V2_DATATYPES, Rows, Schema
+from releasegate.signing import VerifiedModel
 
 log = logging.getLogger(__name__)
 
-_PLACEHOLDER = {"boolean": False, "integer": 0, "long": 0, "float": 0.0, "double": 0.0, "string": "",
-                "datetime": "1970-01-01T00:00:00"}
+_PLACEHOLDER = {
+    "boolean": False,
+    "integer": 0,
+    "long": 0,
+    "float": 0.0,
+    "double": 0.0,
+    "string": "",
+    "datetime": "1970-01-01T00:00:00",
+}
 
 
 class LoadError(Exception):
@@ -103,9 +110,19 @@ def _outputs(result, n: int, label: str) -> list:
 class Slot:
     """A served version: its pyfunc, input schema and batcher."""
 
-    def __init__(self, model: str, version: str, pyfunc, schema: Schema, metrics, executor: Executor,
-                 max_rows: int = 64, max_wait: float = 0.002, outputs: list[dict] | None = None,
-                 directory: VerifiedModel | None = None):
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        pyfunc,
+        schema: Schema,
+        metrics,
+        executor: Executor,
+        max_rows: int = 64,
+        max_wait: float = 0.002,
+        outputs: list[dict] | None = None,
+        directory: VerifiedModel | None = None,
+    ):
         self.model = model
         self.outputs = outputs or [{"name": "predict", "datatype": "BYTES", "shape": [-1]}]  # v2 metadata
         self.version = version
@@ -134,8 +151,10 @@ class Slot:
 
     def _columns(self, jobs: list[Rows]) -> dict[str, list]:
         names = self.schema.names or list(jobs[0].columns)
-        return {name: jobs[0].columns[name] if len(jobs) == 1 else list(
-            chain.from_iterable(j.columns[name] for j in jobs)) for name in names}
+        return {
+            name: jobs[0].columns[name] if len(jobs) == 1 else list(chain.from_iterable(j.columns[name] for j in jobs))
+            for name in names
+        }
 
     def call_fast(self, jobs: list[Rows]) -> list | None:
         """The compiled graph's answers, or None where it does not apply (no graph; a missing value it may not see)."""
@@ -181,10 +200,11 @@ class Slot:
         if example is None:
             if not self.schema.columns:
                 raise LoadError(f"{self.label} has neither an input example nor a column signature to warm up with")
-            example = Rows({c.name: [_PLACEHOLDER.get(c.kind, None)] for c in self.schema.columns}, 1)
+            example = Rows({c.name: [_PLACEHOLDER.get(c.kind)] for c in self.schema.columns}, 1)
         elif self.schema.columns:  # an example without an optional column: it arrives missing, as in requests
-            example = Rows({c.name: example.columns.get(c.name, [None] * example.n) for c in self.schema.columns},
-                           example.n)
+            example = Rows(
+                {c.name: example.columns.get(c.name, [None] * example.n) for c in self.schema.columns}, example.n
+            )
         try:
             want = self.call([example])
         except Exception as err:
@@ -202,9 +222,10 @@ class Slot:
             if got == expected:
                 return True
             # A regressor's values, computed in float32 by the graph.
-            return all(isinstance(g, float) and isinstance(e, (int, float)) and math.isclose(g, e, rel_tol=1e-4,
-                                                                                             abs_tol=1e-6)
-                       for g, e in zip(got, expected, strict=True))
+            return all(
+                isinstance(g, float) and isinstance(e, (int, float)) and math.isclose(g, e, rel_tol=1e-4, abs_tol=1e-6)
+                for g, e in zip(got, expected, strict=True)
+            )
 
         def parity(predict) -> str | None:
             got = _outputs(predict(self._columns([example])), example.n, self.label)
@@ -226,8 +247,12 @@ class Slot:
         self._fast = result.predict
         if result.predict is not None:
             self.engine = result.reason
-        log.info("%s predicts with %s%s", self.label, self.engine,
-                 "" if result.predict is not None else f" ({result.reason})")
+        log.info(
+            "%s predicts with %s%s",
+            self.label,
+            self.engine,
+            "" if result.predict is not None else f" ({result.reason})",
+        )
 
     # --- the batcher, on the event loop ---------------------------------------------------------
 
@@ -317,7 +342,7 @@ class Slot:
             return
         start = 0
         for job in jobs:
-            _settle(job.future, values[start:start + job.rows.n])
+            _settle(job.future, values[start : start + job.rows.n])
             start += job.rows.n
 
 
@@ -330,8 +355,9 @@ def _settle(future: asyncio.Future, value=None, error: Exception | None = None) 
         future.set_result(value)
 
 
-def load_slot(model: str, version: str, settings, metrics, executor: Executor, *, max_rows: int = 64,
-              max_wait: float = 0.002) -> Slot:
+def load_slot(
+    model: str, version: str, settings, metrics, executor: Executor, *, max_rows: int = 64, max_wait: float = 0.002
+) -> Slot:
     """Fetch + verify (signing.fetch_verified), load from that same directory, warm. Blocking: run in a thread.
 
     The verified directory lives as long as the slot (a pyfunc may read its artifacts when it predicts):
@@ -343,8 +369,7 @@ def load_slot(model: str, version: str, settings, metrics, executor: Executor, *
     try:
         verified = signing.fetch_verified(model, version, settings)
     except signing.SignatureError as err:
-        raise LoadError(f"signature verification failed for {label}: {err}",
-                        code=ErrorCode.signature_refused) from err
+        raise LoadError(f"signature verification failed for {label}: {err}", code=ErrorCode.signature_refused) from err
     except registry.RegistryError as err:
         raise LoadError(f"{label} is not in the model registry: {err}", 404) from err
     except Exception as err:
@@ -359,8 +384,18 @@ def load_slot(model: str, version: str, settings, metrics, executor: Executor, *
         except Exception as err:
             raise LoadError(f"could not load {label}: {type(err).__name__}: {err}") from err
         schema = Schema.from_mlflow(pyfunc.metadata.get_input_schema())
-        slot = Slot(model, version, pyfunc, schema, metrics, executor, max_rows=max_rows, max_wait=max_wait,
-                    outputs=_v2_outputs(pyfunc.metadata.get_output_schema()), directory=verified)
+        slot = Slot(
+            model,
+            version,
+            pyfunc,
+            schema,
+            metrics,
+            executor,
+            max_rows=max_rows,
+            max_wait=max_wait,
+            outputs=_v2_outputs(pyfunc.metadata.get_output_schema()),
+            directory=verified,
+        )
         slot.warm(_example_rows(pyfunc, verified.path))
     except BaseException:
         verified.remove()
@@ -368,8 +403,18 @@ def load_slot(model: str, version: str, settings, metrics, executor: Executor, *
     return slot
 
 
-_NUMPY_V2 = {"bool": "BOOL", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8",
-             "float32": "FP32", "float64": "FP64", "object": "BYTES", "str": "BYTES"}
+_NUMPY_V2 = {
+    "bool": "BOOL",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "uint8": "UINT8",
+    "float32": "FP32",
+    "float64": "FP64",
+    "object": "BYTES",
+    "str": "BYTES",
+}
 
 
 def _v2_outputs(schema) -> list[dict] | None:

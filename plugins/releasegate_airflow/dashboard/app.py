@@ -33,6 +33,7 @@ async def airflow_user(request: Request, credentials: HTTPAuthorizationCredentia
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
     from airflow.api_fastapi.core_api.security import get_user
+
     from releasegate.dashboard import DAG_ID
 
     user = await get_user(request, None, credentials)
@@ -47,8 +48,9 @@ def _airflow_base(request: Request) -> str:
 
 
 def _page(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
-    return _templates.TemplateResponse(request, template, {"airflow": _airflow_base(request), **context},
-                                       status_code=status_code)
+    return _templates.TemplateResponse(
+        request, template, {"airflow": _airflow_base(request), **context}, status_code=status_code
+    )
 
 
 def _refresh(running: bool) -> int | None:
@@ -81,8 +83,9 @@ def create_app() -> FastAPI:
     async def refused(request: Request, exc: HTTPException):
         # A person in a browser gets a page that says what to do; API clients get Airflow's JSON shape.
         if "text/html" in request.headers.get("accept", ""):
-            return _page(request, "refused.html", status_code=exc.status_code, detail=exc.detail,
-                         status=exc.status_code)
+            return _page(
+                request, "refused.html", status_code=exc.status_code, detail=exc.detail, status=exc.status_code
+            )
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/", response_class=HTMLResponse)
@@ -90,9 +93,16 @@ def create_app() -> FastAPI:
         from releasegate import dashboard
 
         releases = dashboard.releases()
-        return _page(request, "releases.html", user=user.get_name(), releases=releases,
-                     chain=dashboard.chain_status(), dag_id=dashboard.DAG_ID, quote=quote,
-                     refresh_seconds=_refresh(any(not r["terminal"] for r in releases)))
+        return _page(
+            request,
+            "releases.html",
+            user=user.get_name(),
+            releases=releases,
+            chain=dashboard.chain_status(),
+            dag_id=dashboard.DAG_ID,
+            quote=quote,
+            refresh_seconds=_refresh(any(not r["terminal"] for r in releases)),
+        )
 
     @app.get("/releases/{release_id}", response_class=HTMLResponse)
     def release_detail(request: Request, release_id: str, user=Depends(airflow_user)):
@@ -103,10 +113,16 @@ def create_app() -> FastAPI:
         except dashboard.NotFound as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
         return _page(
-            request, "release.html", user=user.get_name(), r=page, chain=dashboard.chain_status(),
+            request,
+            "release.html",
+            user=user.get_name(),
+            r=page,
+            chain=dashboard.chain_status(),
             refresh_seconds=_refresh(not page["terminal"]),
-            dag_id=dashboard.DAG_ID, quote=quote,
-            **_charts(page))
+            dag_id=dashboard.DAG_ID,
+            quote=quote,
+            **_charts(page),
+        )
 
     @app.get("/releases/{release_id}/reports/{stage}/{name}.html")
     def report(release_id: str, stage: str, name: str, user=Depends(airflow_user)):

@@ -21,8 +21,15 @@ def _figure(width: float, height: float):
     # The object API (no pyplot): figures are independent, so concurrent requests cannot share state.
     import matplotlib
 
-    matplotlib.rcParams.update({"svg.fonttype": "none", "font.size": 9, "font.family": "sans-serif",
-                                "axes.spines.top": False, "axes.spines.right": False})
+    matplotlib.rcParams.update(
+        {
+            "svg.fonttype": "none",
+            "font.size": 9,
+            "font.family": "sans-serif",
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -32,7 +39,7 @@ def _svg(fig) -> str:
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     text = buffer.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prolog and doctype: the SVG is inlined in HTML
+    return text[text.index("<svg") :]  # drop the XML prolog and doctype: the SVG is inlined in HTML
 
 
 def traffic_svg(points: list[dict], started_at: float, until: float) -> str | None:
@@ -51,8 +58,13 @@ def traffic_svg(points: list[dict], started_at: float, until: float) -> str | No
             ax.text((start + stop) / 2, 50, "shadow\n(mirror of 100%)", ha="center", va="center", color="#2c5282")
         else:
             label = f"{p['candidate_served_percent']}%" if p["mode"] == Mode.canary else str(p["stage"])
-            ax.annotate(label, (start, p["candidate_served_percent"]), xytext=(3, 4),
-                        textcoords="offset points", color="#2d3748")
+            ax.annotate(
+                label,
+                (start, p["candidate_served_percent"]),
+                xytext=(3, 4),
+                textcoords="offset points",
+                color="#2d3748",
+            )
     ax.set_ylim(-3, 105)
     ax.set_xlim(0, max(end, xs[-2] + 1e-3))
     ax.set_ylabel("candidate serves (%)")
