@@ -76,6 +76,7 @@ def _run_alive(run_id: str | None) -> bool:
     Only an answer that the run does not exist means it is gone; any other error fails the task
     rather than closing a release whose run may be alive.
     """
+    from airflow.sdk.api.client import ServerResponseError
     from airflow.sdk.exceptions import AirflowRuntimeError
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
@@ -83,9 +84,13 @@ def _run_alive(run_id: str | None) -> bool:
         return False
     try:
         state = RuntimeTaskInstance.get_dagrun_state(dag_id="model_release", run_id=run_id)
-    except AirflowRuntimeError as err:
+    except AirflowRuntimeError as err:  # a worker: the supervisor relays the API server's answer
         detail = err.error.detail if isinstance(err.error.detail, dict) else {}
         if detail.get("status_code") == 404:
+            return False
+        raise
+    except ServerResponseError as err:  # `dag.test()`: the API's answer arrives in this process as it is
+        if err.response.status_code == 404:
             return False
         raise
     return str(state).lower().rsplit(".", 1)[-1] in {"queued", "running"}

@@ -6,8 +6,6 @@ The package `releasegate_airflow` is imported from here (plugins/ is on Airflow'
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from airflow.plugins_manager import AirflowPlugin
 
 from releasegate_airflow.dashboard import MOUNT_PREFIX, create_app
@@ -15,10 +13,11 @@ from releasegate_airflow.dashboard import MOUNT_PREFIX, create_app
 
 class ReleasegatePlugin(AirflowPlugin):
     name = "releasegate"
-    fastapi_apps: ClassVar[list[dict[str, object]]] = [
+    # AirflowPlugin types these as plain attributes, so a ClassVar here does not type-check (RUF012 wants one).
+    fastapi_apps: list[dict[str, object]] = [  # noqa: RUF012
         {"app": create_app(), "url_prefix": MOUNT_PREFIX, "name": "releasegate release dashboard"}
     ]
-    external_views: ClassVar[list[dict[str, object]]] = [
+    external_views: list[dict[str, object]] = [  # noqa: RUF012
         {
             "name": "Releases",
             "href": f"{MOUNT_PREFIX}/",  # served by the app above, shown in an iframe inside Airflow's UI

@@ -52,6 +52,8 @@ def airflow_env(tmp_path_factory) -> dict:
     env.update(
         {
             "AIRFLOW_HOME": str(home),
+            # Named outright: Airflow's configuration derives the default from AIRFLOW_HOME only once per process.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
@@ -71,10 +71,10 @@ class AirflowClient:
     def __enter__(self) -> AirflowClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             return self._http.request(method, path, **kwargs)
         except httpx.HTTPError as err:
@@ -96,7 +96,7 @@ class AirflowClient:
         self._token = resp.json()["access_token"]
         return self._token
 
-    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One call to /api/v2; a JWT that expired mid-wait is renewed once when a password is known."""
         if self._token is None:
             self.login()
@@ -112,15 +112,15 @@ class AirflowClient:
             raise AirflowError(f"Airflow refused {method} {path}: the user may not do this (403: {_detail(resp)})")
         return resp
 
-    def _json(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs) -> Any:
+    def _json(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> dict[str, Any]:
         resp = self.request(method, path, **kwargs)
         if resp.status_code >= 500:
             raise AirflowUnavailable(f"{method} /api/v2{path} answered {resp.status_code}: {_detail(resp)}")
         if resp.status_code not in ok:
             raise AirflowError(f"{method} /api/v2{path} answered {resp.status_code}: {_detail(resp)}")
-        return resp.json()
+        return cast(dict[str, Any], resp.json())
 
-    def dag(self, dag_id: str) -> dict:
+    def dag(self, dag_id: str) -> dict[str, Any]:
         resp = self.request("GET", f"/dags/{quote(dag_id)}")
         if resp.status_code == 404:
             raise AirflowError(
@@ -129,14 +129,14 @@ class AirflowClient:
             )
         if resp.status_code != 200:
             raise AirflowError(f"GET /api/v2/dags/{dag_id} answered {resp.status_code}: {_detail(resp)}")
-        return resp.json()
+        return cast(dict[str, Any], resp.json())
 
     def unpause(self, dag_id: str) -> None:
         self._json("PATCH", f"/dags/{quote(dag_id)}", json={"is_paused": False})
 
-    def trigger(self, dag_id: str, conf: dict, note: str | None = None) -> dict:
+    def trigger(self, dag_id: str, conf: dict[str, Any], note: str | None = None) -> dict[str, Any]:
         """A new manual run; no logical date, so runs of the same DAG never collide on it."""
-        body = {"logical_date": None, "conf": conf}
+        body: dict[str, Any] = {"logical_date": None, "conf": conf}
         if note:
             body["note"] = note
         resp = self.request("POST", f"/dags/{quote(dag_id)}/dagRuns", json=body)
@@ -144,16 +144,16 @@ class AirflowClient:
             raise AirflowError(f"Airflow refused to start {dag_id}: {_detail(resp)}")
         if resp.status_code not in (200, 201):
             raise AirflowError(f"POST /api/v2/dags/{dag_id}/dagRuns answered {resp.status_code}: {_detail(resp)}")
-        return resp.json()
+        return cast(dict[str, Any], resp.json())
 
-    def dag_run(self, dag_id: str, run_id: str) -> dict:
+    def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return self._json("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}")
 
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         body = self._json(
             "GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances", params={"limit": 1000}
         )
-        return body["task_instances"]
+        return cast(list[dict[str, Any]], body["task_instances"])
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         """A task's XCom value (JSON), None when the task pushed none."""
@@ -174,7 +174,7 @@ class AirflowClient:
                 return value
         return value
 
-    def pending_approvals(self, dag_id: str, run_id: str = "~") -> list[dict]:
+    def pending_approvals(self, dag_id: str, run_id: str = "~") -> list[dict[str, Any]]:
         """Human-in-the-loop requests of the run (`~`: of every run of the DAG) still waiting for an answer."""
         body = self._json(
             "GET",
@@ -189,9 +189,9 @@ class AirflowClient:
         run_id: str,
         task_id: str,
         chosen_options: list[str],
-        params_input: dict | None = None,
+        params_input: dict[str, Any] | None = None,
         map_index: int = -1,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Answer a Human-in-the-loop request as the authenticated user (Airflow records who answered)."""
         resp = self.request(
             "PATCH",
@@ -203,7 +203,7 @@ class AirflowClient:
             raise AirflowError(f"{task_id} of run {run_id} was already answered ({_detail(resp)})")
         if resp.status_code != 200:
             raise AirflowError(f"answering {task_id} of run {run_id} failed ({resp.status_code}: {_detail(resp)})")
-        return resp.json()
+        return cast(dict[str, Any], resp.json())
 
     def ui_url(self, dag_id: str, run_id: str, task_id: str | None = None) -> str:
         url = f"{self.base_url}/dags/{quote(dag_id)}/runs/{quote(run_id, safe=':+')}"  # as the UI writes it
@@ -221,7 +221,9 @@ class Outcome:
     steps: list[dict[str, Any]] = field(default_factory=list)
 
 
-def release_conf(model: str, version: str | None, policy: str | None, extra: dict | None = None) -> dict:
+def release_conf(
+    model: str, version: str | None, policy: str | None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The `model_release` conf: its form's params, plus any extra keys the caller adds."""
     if not model or not model.strip():
         raise AirflowError("a model name is required")
@@ -276,7 +278,7 @@ def follow(
     unavailable_since: float | None = None
     printed: set[tuple[str, int]] = set()
     asked: set[str] = set()
-    steps: list[dict] = []
+    steps: list[dict[str, Any]] = []
     while True:
         try:
             run = client.dag_run(dag_id, run_id)
@@ -342,7 +344,7 @@ def follow(
 _YES, _NO = ("Promote", "Approve"), ("Roll back", "Reject")
 
 
-def find_approval(client: AirflowClient, dag_id: str, ref: str, model: str | None = None) -> dict:
+def find_approval(client: AirflowClient, dag_id: str, ref: str, model: str | None = None) -> dict[str, Any]:
     """The one pending approval `ref` names: a run id, or a release id that its request's text mentions."""
     pending = client.pending_approvals(dag_id)
     found = [
@@ -366,7 +368,9 @@ def find_approval(client: AirflowClient, dag_id: str, ref: str, model: str | Non
     return found[0]
 
 
-def answer(client: AirflowClient, dag_id: str, request: dict, *, approve: bool, comment: str | None = None) -> dict:
+def answer(
+    client: AirflowClient, dag_id: str, request: dict[str, Any], *, approve: bool, comment: str | None = None
+) -> dict[str, Any]:
     """Approve or reject one pending request, with the comment where the request takes one."""
     options = request.get("options") or []
     chosen = next((o for o in (_YES if approve else _NO) if o in options), None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +33,7 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _digest(prev_hash: str, row: dict) -> str:
+def _digest(prev_hash: str, row: Mapping[str, Any]) -> str:
     fields = {k: row[k] for k in ("seq", "time", "actor", "action", "model", "version", "release_id", "details")}
     return hashlib.sha256((prev_hash + canonical(fields)).encode()).hexdigest()
 
@@ -124,7 +124,9 @@ def append(
     )
 
 
-def events(*, release_id: str | None = None, model: str | None = None, engine: sa.Engine | None = None) -> list[dict]:
+def events(
+    *, release_id: str | None = None, model: str | None = None, engine: sa.Engine | None = None
+) -> list[dict[str, Any]]:
     query = sa.select(storage.audit).order_by(storage.audit.c.seq)
     if release_id:
         query = query.where(storage.audit.c.release_id == release_id)
@@ -164,19 +166,21 @@ def verify(engine: sa.Engine | None = None) -> ChainReport:
     return ChainReport(True, count, prev, None, f"{count} events, chain intact, head {prev[:16]}")
 
 
-def sign_head(private_key: Path, engine: sa.Engine | None = None) -> dict:
+def sign_head(private_key: Path, engine: sa.Engine | None = None) -> dict[str, str]:
     """The current head, signed with an EC private key (ECDSA P-256, SHA-256)."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     report = verify(engine)
     key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{private_key} is not an EC private key (audit heads are signed with ECDSA P-256)")
     payload = canonical({"seq": report.events, "head": report.head, "chain_ok": report.ok})
     signature = key.sign(payload.encode(), ec.ECDSA(hashes.SHA256()))
     return {"payload": payload, "signature": signature.hex()}
 
 
-def verify_signed_head(signed: dict, public_keys: list[Path], engine: sa.Engine | None = None) -> bool:
+def verify_signed_head(signed: Mapping[str, str], public_keys: list[Path], engine: sa.Engine | None = None) -> bool:
     """True when a signed head was signed by a trusted key and the chain still contains it unchanged."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes, serialization
@@ -185,6 +189,8 @@ def verify_signed_head(signed: dict, public_keys: list[Path], engine: sa.Engine 
     payload = json.loads(signed["payload"])
     for path in public_keys:
         key = serialization.load_pem_public_key(path.read_bytes())
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise TypeError(f"{path} is not an EC public key (audit heads are signed with ECDSA P-256)")
         try:
             key.verify(bytes.fromhex(signed["signature"]), signed["payload"].encode(), ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:

@@ -10,13 +10,19 @@ from __future__ import annotations
 import tempfile
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from releasegate.contract import SUITE_TAG
 from releasegate.errors import describe
 from releasegate.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.models import ModelSignature
+
+    from releasegate.policy import Policy
 
 
 class Level(StrEnum):
@@ -102,7 +108,7 @@ def check_version(
     return CheckReport(model=model, version=version, policy=policy_name, findings=found.items)
 
 
-def _signature(model: str, version: str, tmp: Path, settings: Settings, found: _Findings) -> Any:
+def _signature(model: str, version: str, tmp: Path, settings: Settings, found: _Findings) -> ModelSignature | None:
     from mlflow.models import Model
 
     from releasegate import registry
@@ -113,7 +119,7 @@ def _signature(model: str, version: str, tmp: Path, settings: Settings, found: _
     except Exception as err:
         found.error("model", f"the model directory cannot be read: {describe(err)}")
         return None
-    signature = meta.signature
+    signature: ModelSignature | None = meta.signature  # mlflow leaves the property unannotated
     if signature is None or signature.inputs is None:
         found.error(
             "signature",
@@ -147,7 +153,7 @@ def _signature(model: str, version: str, tmp: Path, settings: Settings, found: _
     return signature
 
 
-def _holdout(model: str, version: str, tmp: Path, settings: Settings, found: _Findings):
+def _holdout(model: str, version: str, tmp: Path, settings: Settings, found: _Findings) -> pd.DataFrame | None:
     import pandas as pd
 
     from releasegate import registry
@@ -184,7 +190,7 @@ def _reference(model: str, version: str, settings: Settings, found: _Findings) -
         )
 
 
-def _label(model: str, holdout, settings: Settings, found: _Findings) -> str | None:
+def _label(model: str, holdout: pd.DataFrame, settings: Settings, found: _Findings) -> str | None:
     from releasegate import evaluation
 
     try:
@@ -196,7 +202,7 @@ def _label(model: str, holdout, settings: Settings, found: _Findings) -> str | N
     return label
 
 
-def _holdout_columns(holdout, signature, label: str | None, found: _Findings) -> None:
+def _holdout_columns(holdout: pd.DataFrame, signature: ModelSignature, label: str | None, found: _Findings) -> None:
     if not signature.inputs.has_input_names():
         return
     required = [s.name for s in signature.inputs.inputs if getattr(s, "required", True)]
@@ -207,7 +213,7 @@ def _holdout_columns(holdout, signature, label: str | None, found: _Findings) ->
         found.error("label", f"the label {label!r} is also a model input: the model would see the answer")
 
 
-def _against_policy(policy, holdout, label: str | None, found: _Findings) -> None:
+def _against_policy(policy: Policy, holdout: pd.DataFrame, label: str | None, found: _Findings) -> None:
     import pandas as pd
 
     if len(holdout) < policy.offline.min_rows:
@@ -240,7 +246,7 @@ def _against_policy(policy, holdout, label: str | None, found: _Findings) -> Non
         found.error("policy", f"policy {policy.name} judges a regressor, but label {label!r} is not numeric")
 
 
-def _contract(model: str, holdout, label: str | None, settings: Settings, found: _Findings) -> None:
+def _contract(model: str, holdout: pd.DataFrame, label: str | None, settings: Settings, found: _Findings) -> None:
     from releasegate import registry, validation
 
     suite = registry.get_model_tags(model, settings=settings).get(SUITE_TAG)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -269,7 +273,7 @@ def abort(release_id: str, reason: str, actor: str) -> None:
     click.echo(json.dumps(pipeline.abort(release_id, reason=reason, actor=actor)))
 
 
-def _airflow_options(command):
+def _airflow_options(command: _Command) -> _Command:
     """Where Airflow's API server is and who calls it: options, or the RELEASEGATE_AIRFLOW_* variables in CI."""
     for option in reversed(
         [
@@ -314,7 +318,19 @@ def _airflow_options(command):
 @click.option("--poll-seconds", default=5.0, show_default=True)
 @click.option("--timeout", default=None, type=float, help="Give up waiting after this many seconds (exit 2).")
 def trigger(
-    model, version, policy, wait, conf_json, dag_id, airflow_url, user, password, token, unpause, poll_seconds, timeout
+    model: str,
+    version: str,
+    policy: str | None,
+    wait: bool,
+    conf_json: str | None,
+    dag_id: str,
+    airflow_url: str,
+    user: str | None,
+    password: str | None,
+    token: str | None,
+    unpause: bool,
+    poll_seconds: float,
+    timeout: float | None,
 ) -> None:
     """Start a release through Airflow's REST API; with --wait exit 0 promoted, 1 not promoted, 2 failed or error."""
     from releasegate import airflow_client as af
@@ -357,7 +373,17 @@ def trigger(
 @click.option("--reject", is_flag=True, help="Roll the release back instead of promoting it.")
 @click.option("--comment", default=None, help="Why: kept in the release's audit log.")
 @_airflow_options
-def approve(release_or_run, model, reject, comment, dag_id, airflow_url, user, password, token) -> None:
+def approve(
+    release_or_run: str,
+    model: str | None,
+    reject: bool,
+    comment: str | None,
+    dag_id: str,
+    airflow_url: str,
+    user: str | None,
+    password: str | None,
+    token: str | None,
+) -> None:
     """Answer a release's pending approval (a release id or an Airflow run id) as the Airflow user."""
     from releasegate import airflow_client as af
 
@@ -395,7 +421,18 @@ def approve(release_or_run, model, reject, comment, dag_id, airflow_url, user, p
     "at random, sent without the --label column.",
 )
 @click.option("--label", default=None, help="With --data: the column posted as feedback after --feedback-delay.")
-def traffic(model, gateway_url, api_key, rps, duration, feedback_delay, drift, seed, data_path, label) -> None:
+def traffic(
+    model: str,
+    gateway_url: str | None,
+    api_key: str | None,
+    rps: float,
+    duration: float,
+    feedback_delay: float,
+    drift: float,
+    seed: int,
+    data_path: Path | None,
+    label: str | None,
+) -> None:
     """Send traffic to the gateway (the demo's, or --data replayed), with delayed feedback labels; prints progress."""
     from releasegate.demo import traffic as demo_traffic
     from releasegate.settings import get_settings

@@ -305,12 +305,12 @@ def report_location(release_id: str, engine: sa.Engine | None = None) -> dict[st
     except release.ReleaseError as err:
         raise NotFound(str(err)) from err
     uri = get_settings().mlflow_tracking_uri
-    version = registry.client().get_model_version(rel.model, rel.candidate_version)
-    location = {"uri": f"runs:/{version.run_id}/releasegate/releases/{rel.release_id}", "ui": None}
+    run_id = registry.source_run(rel.model, rel.candidate_version)
+    location = {"uri": f"runs:/{run_id}/releasegate/releases/{rel.release_id}", "ui": None}
     if uri.startswith(("http://", "https://")):
-        experiment = registry.client().get_run(version.run_id).info.experiment_id
+        experiment = registry.client().get_run(run_id).info.experiment_id
         location["ui"] = (
-            f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{version.run_id}"
+            f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
             f"/artifacts/releasegate/releases/{rel.release_id}"
         )
     return location

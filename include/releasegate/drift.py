@@ -29,15 +29,20 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
     import pandas as pd
+    from evidently import Dataset
+    from evidently.core.report import Snapshot
+
+    from releasegate.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ with warnings.catch_warnings():
         drifted_columns: list[str]
         columns: dict[str, ColumnDrift]
         html: str
-        json: str
+        json: str  # type: ignore[assignment]  # the field deliberately hides pydantic's deprecated json()
         rows_reference: int
         rows_current: int
 
@@ -85,7 +90,7 @@ with warnings.catch_warnings():
         metrics: dict[str, float]
         reference_metrics: dict[str, float] | None
         html: str
-        json: str
+        json: str  # type: ignore[assignment]  # the field deliberately hides pydantic's deprecated json()
         rows_reference: int
         rows_current: int
 
@@ -97,7 +102,7 @@ def read_logged_inputs(
     release_id: str | None = None,
     arm: str | None = None,
     max_rows: int = MAX_ROWS,
-    engine=None,
+    engine: sa.Engine | None = None,
 ) -> pd.DataFrame:
     """The logged inputs of `model` in [since, until), one row per request, a uniform sample of at most `max_rows`.
 
@@ -141,11 +146,13 @@ def read_logged_inputs(
     return frame
 
 
-def _expand_inputs(rows) -> pd.DataFrame:
+def _expand_inputs(rows: Sequence[sa.Row[str, str]]) -> pd.DataFrame:
     import orjson
     import pandas as pd
 
-    ids, records, unreadable = [], [], 0
+    ids: list[str] = []
+    records: list[dict[str, Any]] = []
+    unreadable = 0
     for request_id, text in rows:
         try:
             record = orjson.loads(text)
@@ -210,7 +217,9 @@ def input_drift(
     )
 
 
-def _save(snapshot, result: dict, out_dir: Path, name: str, title: str, extra: dict) -> tuple[Path, Path]:
+def _save(
+    snapshot: Snapshot, result: dict[str, Any], out_dir: Path, name: str, title: str, extra: dict[str, Any]
+) -> tuple[Path, Path]:
     """Write an Evidently snapshot as `<name>.html` (titled) and `<name>.json` (with `extra` on top)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out_dir / f"{name}.html", out_dir / f"{name}.json"
@@ -225,7 +234,12 @@ def _save(snapshot, result: dict, out_dir: Path, name: str, title: str, extra: d
 
 
 def read_shadow_pairs(
-    model: str, since: float, until: float, release_id: str | None = None, max_rows: int = MAX_ROWS, engine=None
+    model: str,
+    since: float,
+    until: float,
+    release_id: str | None = None,
+    max_rows: int = MAX_ROWS,
+    engine: sa.Engine | None = None,
 ) -> pd.DataFrame:
     """Both arms' outputs for the shadowed requests of `model` in [since, until) answered by both, sampled
     like `read_logged_inputs`; columns champion, candidate (scalars) and their versions, indexed by request id."""
@@ -317,7 +331,12 @@ def _as_labels(values: pd.Series) -> pd.Series:
 
 
 def read_labelled(
-    model: str, since: float, until: float, version: str | None = None, max_rows: int = MAX_ROWS, engine=None
+    model: str,
+    since: float,
+    until: float,
+    version: str | None = None,
+    max_rows: int = MAX_ROWS,
+    engine: sa.Engine | None = None,
 ) -> pd.DataFrame:
     """Served answers of `model` (of `version` when given) in [since, until) that have feedback, sampled like
     `read_logged_inputs`; columns target and prediction, indexed by request id."""
@@ -351,7 +370,7 @@ def read_labelled(
             .where(*where, p.c.sample_bucket < buckets)
             .order_by(p.c.id, f.c.id)
         ).all()
-    records = {}
+    records: dict[str, dict[str, Any]] = {}
     for request_id, outputs, truth in rows:
         # First row of a request, latest feedback for it wins (a client may correct a label).
         target = per_row(truth)[0]
@@ -402,7 +421,7 @@ def quality(
         )
         preset = evidently.RegressionPreset()
 
-    def dataset(frame: pd.DataFrame):
+    def dataset(frame: pd.DataFrame) -> Dataset:
         frame = frame[["target", "prediction"]].reset_index(drop=True)
         if is_classification:
             frame = frame.apply(_as_labels).astype(str)
@@ -445,7 +464,7 @@ def _headline(frame: pd.DataFrame, is_classification: bool) -> dict[str, float]:
     return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt((error**2).mean()))}
 
 
-def _scalar_metrics(result: dict) -> dict[str, float]:
+def _scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
     """Evidently's single-number metrics by snake-case name (Accuracy -> accuracy, MeanError -> mean_error)."""
     import re
 
@@ -473,7 +492,13 @@ def _buckets(requests: int, max_rows: int) -> int:
 
 
 def release_drift_report(
-    model: str, release_id: str, candidate_version: str, since: float, until: float, out_dir: Path, settings=None
+    model: str,
+    release_id: str,
+    candidate_version: str,
+    since: float,
+    until: float,
+    out_dir: Path,
+    settings: Settings | None = None,
 ) -> DriftSummary | None:
     """Input drift of the traffic the candidate saw in this release against its reference data; None without traffic."""
     from releasegate import storage
@@ -512,7 +537,8 @@ def _column_kinds(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[list[
             f"reference and current data share no column: reference has {list(reference.columns)}, "
             f"current has {list(current.columns)}"
         )
-    numerical, categorical = [], []
+    numerical: list[str] = []
+    categorical: list[str] = []
     for column in shared:
         ref_numeric, cur_numeric = _is_numeric(reference[column]), _is_numeric(current[column])
         if ref_numeric != cur_numeric:
@@ -531,7 +557,7 @@ def _is_numeric(series: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
 
 
-def _column_drifts(result: dict, numerical: set[str]) -> dict[str, ColumnDrift]:
+def _column_drifts(result: dict[str, Any], numerical: set[str]) -> dict[str, ColumnDrift]:
     """ColumnDrift per column from Evidently's ValueDrift metrics and their pass/fail tests."""
     failed = {
         t["metric_config"]["metric_id"]: t["status"] == "FAIL"

@@ -28,7 +28,7 @@ import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pydantic import BaseModel
 
@@ -37,6 +37,7 @@ from releasegate.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import numpy as np
+    import numpy.typing as npt
     import pandas as pd
 
     from releasegate.policy import Policy
@@ -63,6 +64,18 @@ class Comparison(BaseModel):
     lower: float | None = None  # one-sided confidence bounds of `difference`, each at `level`; None under 2 rows
     upper: float | None = None
     p_value: float | None = None  # Bonferroni-adjusted p of "no worse than the margin": failed iff below alpha
+
+
+class _Measured(TypedDict):
+    """What a Comparison holds whether or not it has the rows for bounds."""
+
+    metric: str
+    candidate: float
+    champion: float
+    difference: float
+    margin: float
+    rows: int
+    level: float
 
 
 class SliceComparison(BaseModel):
@@ -102,35 +115,35 @@ class EvaluationResult(Judgement):
     champion_version: str
 
 
-def score(y_true: Sequence, y_pred: Sequence, metric: str) -> float:
+def score(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, metric: str) -> float:
     """One metric from sklearn.metrics; `y_pred` holds probabilities for log_loss and roc_auc."""
     import numpy as np
     from sklearn import metrics
 
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"unknown metric {metric!r} (known: {', '.join(HIGHER_IS_BETTER)})")
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
+    truth, pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(truth) != len(pred):
+        raise ValueError(f"{len(truth)} labels but {len(pred)} predictions")
     if metric == "accuracy":
-        return float(metrics.accuracy_score(y_true, y_pred))
+        return float(metrics.accuracy_score(truth, pred))
     if metric == "log_loss":
         # A 1-D column is P(class 1); naming both labels keeps a single-class slice scorable.
-        return float(metrics.log_loss(y_true, y_pred, labels=[0, 1] if y_pred.ndim == 1 else None))
+        return float(metrics.log_loss(truth, pred, labels=[0, 1] if pred.ndim == 1 else None))
     if metric == "roc_auc":
-        if y_pred.ndim == 2 and y_pred.shape[1] == 2:
-            y_pred = y_pred[:, 1]
-        multi = "ovr" if y_pred.ndim == 2 else "raise"
-        return float(metrics.roc_auc_score(y_true, y_pred, multi_class=multi))
+        if pred.ndim == 2 and pred.shape[1] == 2:
+            pred = pred[:, 1]
+        multi = "ovr" if pred.ndim == 2 else "raise"
+        return float(metrics.roc_auc_score(truth, pred, multi_class=multi))
     if metric == "mae":
-        return float(metrics.mean_absolute_error(y_true, y_pred))
-    return float(metrics.root_mean_squared_error(y_true, y_pred))
+        return float(metrics.mean_absolute_error(truth, pred))
+    return float(metrics.root_mean_squared_error(truth, pred))
 
 
 def compare_predictions(
-    y_true: Sequence,
-    y_cand: Sequence,
-    y_champ: Sequence,
+    y_true: npt.ArrayLike,
+    y_cand: npt.ArrayLike,
+    y_champ: npt.ArrayLike,
     metric: str,
     margin: float,
     *,
@@ -146,14 +159,15 @@ def compare_predictions(
         raise ValueError(f"margin must be >= 0, got {margin}")
     if not 0 < alpha < 1 or comparisons < 1:
         raise ValueError(f"alpha must be in (0, 1) and comparisons >= 1, got {alpha} and {comparisons}")
-    cand, champ = score(y_true, y_cand, metric), score(y_true, y_champ, metric)
-    difference, rows, level = cand - champ, len(y_true), 1 - alpha / comparisons
-    common = dict(
+    y, y_c, y_h = np.asarray(y_true), np.asarray(y_cand), np.asarray(y_champ)
+    cand, champ = score(y, y_c, metric), score(y, y_h, metric)
+    difference, rows, level = cand - champ, len(y), 1 - alpha / comparisons
+    common = _Measured(
         metric=metric, candidate=cand, champion=champ, difference=difference, margin=margin, rows=rows, level=level
     )
     if rows < 2:  # no spread, no evidence
         return Comparison(**common, passed=True)
-    values = _pseudo_values(np.asarray(y_true), np.asarray(y_cand), np.asarray(y_champ), metric)
+    values = _pseudo_values(y, y_c, y_h, metric)
     se = float(np.std(values, ddof=1)) / math.sqrt(rows)
     z = float(stats.norm.ppf(level))
     improvement = difference if HIGHER_IS_BETTER[metric] else -difference
@@ -169,7 +183,9 @@ def compare_predictions(
     )
 
 
-def judge(y_true: Sequence, y_cand: Sequence, y_champ: Sequence, frame: pd.DataFrame, policy: Policy) -> Judgement:
+def judge(
+    y_true: npt.ArrayLike, y_cand: npt.ArrayLike, y_champ: npt.ArrayLike, frame: pd.DataFrame, policy: Policy
+) -> Judgement:
     """The policy's offline verdict on two models' predictions, overall and per slice of `frame`'s columns."""
     import numpy as np
 
@@ -291,22 +307,28 @@ def compare(
     )
 
 
-def _pseudo_values(y: np.ndarray, cand: np.ndarray, champ: np.ndarray, metric: str) -> np.ndarray:
+def _pseudo_values(
+    y: npt.NDArray[Any], cand: npt.NDArray[Any], champ: npt.NDArray[Any], metric: str
+) -> npt.NDArray[np.float64]:
     """Per-row values whose mean is (about) candidate − champion and whose spread gives its standard error."""
     import numpy as np
 
+    # numpy types arithmetic on arrays of unknown dtype (labels, predictions) as Any.
+    values: npt.NDArray[np.float64]
     if metric == "accuracy":
-        return (cand == y).astype(float) - (champ == y).astype(float)
-    if metric == "mae":
-        return np.abs(y - cand) - np.abs(y - champ)
-    if metric == "log_loss":
-        return _row_log_loss(y, cand) - _row_log_loss(y, champ)
-    if metric == "rmse":
-        return _rmse_influence(y, cand) - _rmse_influence(y, champ)
-    return _auc_influence(y, cand) - _auc_influence(y, champ)
+        values = (cand == y).astype(float) - (champ == y).astype(float)
+    elif metric == "mae":
+        values = np.abs(y - cand) - np.abs(y - champ)
+    elif metric == "log_loss":
+        values = _row_log_loss(y, cand) - _row_log_loss(y, champ)
+    elif metric == "rmse":
+        values = _rmse_influence(y, cand) - _rmse_influence(y, champ)
+    else:
+        values = _auc_influence(y, cand) - _auc_influence(y, champ)
+    return values
 
 
-def _row_log_loss(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+def _row_log_loss(y: npt.NDArray[Any], proba: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     import numpy as np
 
     if proba.ndim == 1:
@@ -314,22 +336,24 @@ def _row_log_loss(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     else:
         classes = np.unique(y)  # the column order sklearn assumes
     eps = np.finfo(float).eps  # sklearn clips at the same machine epsilon
-    p = np.clip(proba.astype(float)[np.arange(len(y)), np.searchsorted(classes, y)], eps, 1 - eps)
+    p: npt.NDArray[np.float64] = np.clip(
+        proba.astype(float)[np.arange(len(y)), np.searchsorted(classes, y)], eps, 1 - eps
+    )
     return -np.log(p)
 
 
-def _rmse_influence(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+def _rmse_influence(y: npt.NDArray[Any], pred: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     import numpy as np
 
-    squared = (y - pred).astype(float) ** 2
-    mse = squared.mean()
+    squared: npt.NDArray[np.float64] = (y - pred).astype(float) ** 2
+    mse = float(squared.mean())
     rmse = math.sqrt(mse)
     if rmse == 0:  # a perfect model: every row's term is 0
         return np.zeros_like(squared)
     return rmse + (squared - mse) / (2 * rmse)
 
 
-def _auc_influence(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def _auc_influence(y: npt.NDArray[Any], scores: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     """AUC + each row's DeLong component: their mean is the AUC; multiclass: macro one-vs-rest, as `score`."""
     import numpy as np
     from scipy.stats import rankdata
@@ -338,7 +362,10 @@ def _auc_influence(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
         scores = scores[:, 1]
     classes = np.unique(y)
     if scores.ndim == 2:
-        return np.mean([_auc_influence((y == c).astype(int), scores[:, k]) for k, c in enumerate(classes)], axis=0)
+        macro: npt.NDArray[np.float64] = np.mean(
+            [_auc_influence((y == c).astype(int), scores[:, k]) for k, c in enumerate(classes)], axis=0
+        )
+        return macro
     positive = y == classes[-1]
     m, n = int(positive.sum()), int((~positive).sum())
     ranks = rankdata(scores)
@@ -369,6 +396,7 @@ def _shortfall(c: Comparison, where: str) -> str:
     """The failed comparison as a sentence with its numbers."""
     higher = HIGHER_IS_BETTER[c.metric]
     side, bound, beyond = ("upper", c.upper, "below") if higher else ("lower", c.lower, "above")
+    assert bound is not None  # a comparison fails only on its bounds
     limit = -c.margin if higher else c.margin
     return (
         f"{where}: candidate {c.metric} {c.candidate:.4f} vs champion {c.champion:.4f} (difference "

@@ -13,6 +13,7 @@ import logging
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -20,6 +21,11 @@ from releasegate import audit, drift
 from releasegate.contract import SUITE_TAG, AuditAction
 from releasegate.evaluation import HOLDOUT_ARTIFACT, label_column
 from releasegate.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from releasegate.policy import Monitoring, Policy
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +42,10 @@ class Evaluation(BaseModel):
     since: float
     until: float
     requests: int
-    input_drift: dict | None = None
-    prediction_drift: dict | None = None
-    contract: dict | None = None
-    quality: dict | None = None
+    input_drift: dict[str, Any] | None = None
+    prediction_drift: dict[str, Any] | None = None
+    contract: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
     artifacts: str | None = None
     reasons: list[str] = []
     note: str = ""
@@ -49,12 +55,12 @@ class Evaluation(BaseModel):
         return bool(self.reasons)
 
 
-def champions(settings: Settings | None = None) -> list[dict]:
+def champions(settings: Settings | None = None) -> list[dict[str, str]]:
     """Every registered model with a `champion` alias, as {"model", "version"} (sorted by model)."""
     from releasegate import registry
 
     client = registry.client(settings)
-    found = []
+    found: list[dict[str, str]] = []
     for rm in client.search_registered_models():
         aliases = getattr(rm, "aliases", None) or {}
         if CHAMPION in aliases:
@@ -63,7 +69,12 @@ def champions(settings: Settings | None = None) -> list[dict]:
 
 
 def evaluate(
-    model: str, version: str, until: float, policy="default", actor: str = "nightly", settings: Settings | None = None
+    model: str,
+    version: str,
+    until: float,
+    policy: str | Policy = "default",
+    actor: str = "nightly",
+    settings: Settings | None = None,
 ) -> Evaluation:
     """Drift, contract and quality reports on `model`'s traffic in the policy's window before `until`."""
     from releasegate import policy as policy_module
@@ -144,7 +155,7 @@ def evaluate(
     return result
 
 
-def alert_message(evaluations: list[dict]) -> str | None:
+def alert_message(evaluations: list[dict[str, Any]]) -> str | None:
     """One sentence per model that needs retraining; None when nothing crossed a limit."""
     alarms = [e for e in evaluations if e.get("reasons")]
     if not alarms:
@@ -154,7 +165,7 @@ def alert_message(evaluations: list[dict]) -> str | None:
     )
 
 
-def notify(evaluations: list[dict], actor: str = "nightly", settings: Settings | None = None) -> str | None:
+def notify(evaluations: list[dict[str, Any]], actor: str = "nightly", settings: Settings | None = None) -> str | None:
     """The alert hook: an audit event per alarm, and a POST to $RELEASEGATE_ALERT_WEBHOOK when set."""
     from releasegate import storage
 
@@ -184,7 +195,7 @@ def notify(evaluations: list[dict], actor: str = "nightly", settings: Settings |
     return message
 
 
-def no_traffic_message(evaluations: list[dict]) -> str:
+def no_traffic_message(evaluations: list[dict[str, Any]]) -> str:
     """What a run says when it evaluated nothing."""
     if not evaluations:
         return "no registered model has a champion alias: nothing to evaluate"
@@ -193,7 +204,9 @@ def no_traffic_message(evaluations: list[dict]) -> str:
     )
 
 
-def _reference_data(model: str, version: str, tmp: Path, settings: Settings):
+def _reference_data(
+    model: str, version: str, tmp: Path, settings: Settings
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The version's reference inputs, and its holdout with labels when it has one."""
     import pandas as pd
 
@@ -210,7 +223,7 @@ def _reference_data(model: str, version: str, tmp: Path, settings: Settings):
     return reference, holdout
 
 
-def _scored_holdout(model: str, version: str, holdout, settings: Settings):
+def _scored_holdout(model: str, version: str, holdout: pd.DataFrame, settings: Settings) -> pd.DataFrame | None:
     """The version's own answers on its holdout (target, prediction): the quality it was released with."""
     import pandas as pd
 
@@ -228,11 +241,12 @@ def _scored_holdout(model: str, version: str, holdout, settings: Settings):
     return pd.DataFrame({"target": holdout[label].to_numpy(), "prediction": list(values)})
 
 
-def _contract(model: str, current, out: Path, settings: Settings) -> dict:
+def _contract(model: str, current: pd.DataFrame, out: Path, settings: Settings) -> dict[str, Any]:
     """The model's expectation suite on the logged inputs, saved as contract.json."""
     from releasegate import registry, validation
 
     suite = registry.get_model_tags(model, settings=settings).get(SUITE_TAG)
+    found: dict[str, Any]
     if not suite:
         found = {
             "suite": None,
@@ -249,7 +263,7 @@ def _contract(model: str, current, out: Path, settings: Settings) -> dict:
     return found
 
 
-def _quality_reasons(report: drift.QualitySummary, limits) -> list[str]:
+def _quality_reasons(report: drift.QualitySummary, limits: Monitoring) -> list[str]:
     if report.task != "classification" or report.rows_current < limits.min_labelled or not report.reference_metrics:
         return []
     live, released = report.metrics.get("accuracy"), report.reference_metrics.get("accuracy")
@@ -261,7 +275,7 @@ def _quality_reasons(report: drift.QualitySummary, limits) -> list[str]:
     ]
 
 
-def _numbers(summary: drift.DriftSummary) -> dict:
+def _numbers(summary: drift.DriftSummary) -> dict[str, Any]:
     return summary.model_dump(exclude={"html", "json"})
 
 

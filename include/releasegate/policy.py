@@ -6,7 +6,7 @@ import hashlib
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,21 +32,23 @@ class Offline(_Strict):
     """Holdout comparison of the candidate with the champion before any traffic."""
 
     metric: Literal["accuracy", "log_loss", "roc_auc", "mae", "rmse"] = "accuracy"
-    margin: float = Field(0.01, ge=0, description="Non-inferiority margin: candidate may be worse by at most this.")
-    min_rows: int = Field(200, ge=1)
+    margin: float = Field(
+        default=0.01, ge=0, description="Non-inferiority margin: candidate may be worse by at most this."
+    )
+    min_rows: int = Field(default=200, ge=1)
 
 
 class Shadow(_Strict):
-    max_window_seconds: float = Field(600, gt=0)
-    min_samples: int = Field(300, ge=1, description="Labelled mirrored requests needed before a decision.")
+    max_window_seconds: float = Field(default=600, gt=0)
+    min_samples: int = Field(default=300, ge=1, description="Labelled mirrored requests needed before a decision.")
     min_agreement: float = Field(
-        0.8,
+        default=0.8,
         ge=0,
         lt=1,
         description="Share of mirrored requests where both arms agree; 0 turns the agreement check off.",
     )
     agreement_tolerance: float | None = Field(
-        None,
+        default=None,
         ge=0,
         description="Regression: two answers agree when they differ by at most this, in target units. "
         "Unset, a regressor's release has no agreement check (exact equality of two "
@@ -56,8 +58,8 @@ class Shadow(_Strict):
 
 class Canary(_Strict):
     steps: list[int] = Field(default_factory=lambda: [5, 25, 50])
-    max_window_seconds: float = Field(600, gt=0)
-    min_samples: int = Field(200, ge=1, description="Labelled requests per arm needed before a decision.")
+    max_window_seconds: float = Field(default=600, gt=0)
+    min_samples: int = Field(default=200, ge=1, description="Labelled requests per arm needed before a decision.")
 
     @field_validator("steps")
     @classmethod
@@ -69,13 +71,13 @@ class Canary(_Strict):
 
 class Guardrails(_Strict):
     error_rate_margin: float = Field(
-        0.01, ge=0, description="Absolute: candidate error rate may exceed the champion's by this."
+        default=0.01, ge=0, description="Absolute: candidate error rate may exceed the champion's by this."
     )
     latency_p99_margin: float = Field(
-        0.5, ge=0, description="Relative: candidate p99 may exceed the champion's by this share."
+        default=0.5, ge=0, description="Relative: candidate p99 may exceed the champion's by this share."
     )
     latency_p99_slack_ms: float = Field(
-        5.0,
+        default=5.0,
         ge=0,
         description="Absolute: a candidate p99 within this many ms of the "
         "champion's is never too slow (at sub-millisecond p99s a relative margin "
@@ -99,7 +101,7 @@ REGRESSION_METRICS = frozenset({"absolute_error", "squared_error", "mae", "rmse"
 class Primary(_Strict):
     metric: Literal["accuracy", "log_loss", "absolute_error", "squared_error"] = "accuracy"
     margin: float = Field(
-        0.02,
+        default=0.02,
         ge=0,
         description="Non-inferiority margin on the feedback-labelled metric "
         "(accuracy: a share; absolute_error, squared_error: target units).",
@@ -108,7 +110,7 @@ class Primary(_Strict):
 
 class Approval(_Strict):
     required: bool = False
-    timeout_seconds: float = Field(3600, gt=0, description="No answer by then rolls the release back.")
+    timeout_seconds: float = Field(default=3600, gt=0, description="No answer by then rolls the release back.")
     approvers: list[str] = Field(
         default_factory=list, description="Airflow user ids who may answer; empty: any user allowed to act on the DAG."
     )
@@ -117,15 +119,17 @@ class Approval(_Strict):
 class Monitoring(_Strict):
     """The nightly evaluation of a champion's logged traffic: when it runs and what raises the alarm."""
 
-    schedule: str = Field("0 3 * * *", description="Cron expression (UTC) of the nightly evaluation.")
-    window_hours: float = Field(24, gt=0, description="How much recent traffic each evaluation reads.")
-    max_drifted_share: float = Field(0.2, ge=0, le=1, description="Alarm above this share of drifted input columns.")
+    schedule: str = Field(default="0 3 * * *", description="Cron expression (UTC) of the nightly evaluation.")
+    window_hours: float = Field(default=24, gt=0, description="How much recent traffic each evaluation reads.")
+    max_drifted_share: float = Field(
+        default=0.2, ge=0, le=1, description="Alarm above this share of drifted input columns."
+    )
     max_accuracy_drop: float = Field(
-        0.05,
+        default=0.05,
         ge=0,
         description="Alarm when labelled live accuracy falls this far below the version's accuracy on its holdout.",
     )
-    min_labelled: int = Field(200, ge=1, description="Labelled requests needed before quality is judged.")
+    min_labelled: int = Field(default=200, ge=1, description="Labelled requests needed before quality is judged.")
 
     @field_validator("schedule")
     @classmethod
@@ -142,9 +146,9 @@ class Policy(_Strict):
 
     name: str
     description: str = ""
-    alpha: float = Field(0.05, gt=0, lt=1, description="Error level of the always-valid bounds.")
-    srm_p_value: float = Field(0.001, gt=0, lt=1, description="Sample-ratio-mismatch alarm level.")
-    poll_seconds: float = Field(5, gt=0)
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="Error level of the always-valid bounds.")
+    srm_p_value: float = Field(default=0.001, gt=0, lt=1, description="Sample-ratio-mismatch alarm level.")
+    poll_seconds: float = Field(default=5, gt=0)
     offline: Offline = Offline()
     shadow: Shadow = Shadow()
     canary: Canary = Canary()
@@ -152,7 +156,7 @@ class Policy(_Strict):
     primary: Primary = Primary()
     slices: list[str] = Field(default_factory=list, description="Categorical features analysed per value.")
     inconclusive: Inconclusive = Inconclusive.extend
-    max_extensions: int = Field(2, ge=0)
+    max_extensions: int = Field(default=2, ge=0)
     approval: Approval = Approval()
     monitoring: Monitoring = Monitoring()
 
@@ -196,9 +200,8 @@ def find(name: str, policy_dirs: Path | list[Path] | None = None) -> Path | None
 
 def load(name_or_path: str | Path, policy_dirs: Path | list[Path] | None = None) -> Policy:
     """Load a policy by name (from the search path) or by path; errors name the offending field."""
-    path: Path | None = Path(name_or_path)
-    if not path.suffix:
-        path = find(str(name_or_path), policy_dirs)
+    given = Path(name_or_path)
+    path = given if given.suffix else find(str(name_or_path), policy_dirs)
     if path is None or not path.is_file():
         folders = ", ".join(str(d) for d in _dirs(policy_dirs))
         raise PolicyError(
@@ -214,7 +217,7 @@ def load(name_or_path: str | Path, policy_dirs: Path | list[Path] | None = None)
     return parse(data, source=path.name)
 
 
-def parse(data: dict, source: str = "policy") -> Policy:
+def parse(data: dict[str, Any], source: str = "policy") -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from releasegate.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import mlflow
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
     from releasegate.signing import VerifiedModel
 
@@ -78,11 +79,13 @@ def delete_alias(model: str, alias: str, settings: Settings | None = None) -> No
     client(settings).delete_registered_model_alias(model, alias.removeprefix("@"))
 
 
-def get_version_tags(model: str, version: str | int, settings: Settings | None = None) -> dict:
+def get_version_tags(model: str, version: str | int, settings: Settings | None = None) -> dict[str, str]:
     return dict(_model_version(model, str(version), settings).tags or {})
 
 
-def set_version_tags(model: str, version: str | int, tags: dict, settings: Settings | None = None) -> None:
+def set_version_tags(
+    model: str, version: str | int, tags: Mapping[str, object], settings: Settings | None = None
+) -> None:
     """Set (or overwrite) version tags; values are stored as strings."""
     version = str(_model_version(model, str(version), settings).version)
     mlflow_client = client(settings)
@@ -90,7 +93,7 @@ def set_version_tags(model: str, version: str | int, tags: dict, settings: Setti
         mlflow_client.set_model_version_tag(model, version, key, str(value))
 
 
-def get_model_tags(model: str, settings: Settings | None = None) -> dict:
+def get_model_tags(model: str, settings: Settings | None = None) -> dict[str, str]:
     return dict(_registered_model(model, settings).tags or {})
 
 
@@ -228,7 +231,7 @@ def _deserialization_allowed() -> Iterator[None]:
                     os.environ[_ALLOW_DESERIALIZATION] = _previous
 
 
-def _registered_model(model: str, settings: Settings | None) -> Any:
+def _registered_model(model: str, settings: Settings | None) -> RegisteredModel:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -239,7 +242,7 @@ def _registered_model(model: str, settings: Settings | None) -> Any:
         raise
 
 
-def _model_version(model: str, version: str, settings: Settings | None) -> Any:
+def _model_version(model: str, version: str, settings: Settings | None) -> ModelVersion:
     from mlflow.exceptions import MlflowException
 
     if not str(version).isdigit():

@@ -39,31 +39,32 @@ class Settings(BaseSettings):
         description="Keys, embedded databases and the model cache (default `./.releasegate`).",
     )
     db_url: str = Field(
-        "",
+        default="",
         description="SQLAlchemy URL of releasegate's own tables (PostgreSQL: "
         "`postgresql+psycopg://user@host/db`); default SQLite in the home.",
     )
     mlflow_tracking_uri: str = Field(
-        "",
+        default="",
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
         description="MLflow tracking and registry; default SQLite in the home.",
     )
     mlflow_artifact_root: Path = Field(
-        _IN_HOME,
+        default=_IN_HOME,
         validation_alias=AliasChoices("RELEASEGATE_MLFLOW_ARTIFACTS"),
         description="Artifact root of experiments releasegate creates (the demo's); default `mlartifacts` in the home.",
     )
-    gateway_url: str = Field("http://127.0.0.1:8765", description="The gateway the `local` backend drives.")
+    gateway_url: str = Field(default="http://127.0.0.1:8765", description="The gateway the `local` backend drives.")
     admin_api_key: str | None = Field(
-        None,
+        default=None,
         validation_alias=AliasChoices("RELEASEGATE_ADMIN_KEY"),
         description="Admin API key the pipeline uses to change routes.",
     )
     backend: str = Field(
-        "local", description="Where models without a `releasegate.backend` tag are served: `local` or `kserve`."
+        default="local", description="Where models without a `releasegate.backend` tag are served: `local` or `kserve`."
     )
     signing_key: Path = Field(
-        _IN_HOME, description="Private key that signs models and audit heads; default `keys/release.key` in the home."
+        default=_IN_HOME,
+        description="Private key that signs models and audit heads; default `keys/release.key` in the home.",
     )
     trusted_keys: PathList = Field(
         default_factory=list,
@@ -80,18 +81,18 @@ class Settings(BaseSettings):
         description="Your expectation-suite folders (`:`-separated), searched before `include/expectations`.",
     )
     model_cache_dir: Path = Field(
-        _IN_HOME,
+        default=_IN_HOME,
         validation_alias=AliasChoices("RELEASEGATE_MODEL_CACHE"),
         description="Verified model downloads; default `models` in the home.",
     )
     apikey_pepper: str | None = Field(
-        None,
+        default=None,
         description="Server pepper of the API key digests; default a file "
         "`keys/apikey.pepper` in the home, made on first use.",
     )
-    alert_webhook: str | None = Field(None, description="URL the nightly evaluation POSTs its alert to (JSON).")
+    alert_webhook: str | None = Field(default=None, description="URL the nightly evaluation POSTs its alert to (JSON).")
     nightly_schedule: str | None = Field(
-        None, description="Cron of the nightly evaluation; default the default policy's `monitoring.schedule`."
+        default=None, description="Cron of the nightly evaluation; default the default policy's `monitoring.schedule`."
     )
 
     @field_validator("trusted_keys", "policy_dirs", "expectation_dirs", mode="before")

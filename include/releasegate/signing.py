@@ -15,10 +15,14 @@ import shutil
 import tempfile
 from dataclasses import InitVar, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from releasegate import registry
 from releasegate.errors import ReleasegateError
 from releasegate.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from model_signing import hashing
 
 BUNDLE = "model.sig"
 BUNDLE_ARTIFACT = f"releasegate/{BUNDLE}"
@@ -78,7 +82,8 @@ def sign_directory(model_dir: str | Path, signature_path: str | Path, private_ke
     if not private_key.is_file():
         raise SignatureError(f"no signing key at {private_key} (create one with `releasegate keys generate`)")
     signature_path.parent.mkdir(parents=True, exist_ok=True)
-    signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(_hashing()).sign(
+    config = signing.Config()  # type: ignore[no-untyped-call]  # model-signing's __init__ lacks "-> None"
+    config.use_elliptic_key_signer(private_key=private_key).set_hashing_config(_hashing()).sign(
         model_dir, signature_path
     )
     return bundle_digest(signature_path)
@@ -100,14 +105,15 @@ def verify_directory(model_dir: str | Path, signature_path: str | Path, trusted_
     hint = _bundle_key_hint(signature_path)
     # The bundle names its key by fingerprint; a bundle without one (older format) is tried with every key.
     candidates = [key for key, print_ in fingerprints.items() if hint is None or print_ == hint]
-    if not candidates:
+    if hint is not None and not candidates:
         raise UntrustedKeyError(
             f"the signing key sha256:{hint[:16]}… is not among the {len(fingerprints)} "
             f"trusted key(s) ({', '.join(key.name for key in fingerprints)})"
         )
-    failures = []
+    failures: list[tuple[Path, str | None]] = []
     for key in candidates:
-        config = verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing())
+        config = verifying.Config()  # type: ignore[no-untyped-call]  # model-signing's __init__ lacks "-> None"
+        config = config.use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing())
         try:
             config.verify(model_dir, signature_path)
             return
@@ -251,12 +257,13 @@ def _path_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def _hashing():
+def _hashing() -> hashing.Config:
     from model_signing import hashing
 
     # model-signing does not skip a bundle inside the model folder by itself. Git files are not skipped
     # either: every file MLflow could load must be covered.
-    return hashing.Config().use_file_serialization().set_ignored_paths(paths=[BUNDLE], ignore_git_paths=False)
+    config = hashing.Config()  # type: ignore[no-untyped-call]  # model-signing's __init__ lacks "-> None"
+    return config.use_file_serialization().set_ignored_paths(paths=[BUNDLE], ignore_git_paths=False)
 
 
 def _fingerprint(public_key: Path) -> str:

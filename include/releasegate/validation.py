@@ -19,6 +19,8 @@ from releasegate.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import pandas as pd
+    from great_expectations.core import ExpectationValidationResult
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
     from releasegate.policy import Policy
 
@@ -50,7 +52,7 @@ class ValidationReport(BaseModel):
     reasons: list[str]
     contract: ContractResult | None
     # `schema` would shadow a BaseModel attribute: stored as schema_, read and written as "schema".
-    schema_: SchemaResult | None = Field(None, alias="schema")
+    schema_: SchemaResult | None = Field(default=None, alias="schema")
     evaluation: EvaluationResult | None
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
@@ -59,7 +61,7 @@ class ValidationReport(BaseModel):
 # --- data contract -----------------------------------------------------------------------------
 
 
-def load_suite(suite_name: str, settings: Settings | None = None) -> dict:
+def load_suite(suite_name: str, settings: Settings | None = None) -> dict[str, Any]:
     """The suite's JSON from the expectation folders (the user's first); a clear error when it does not exist."""
     settings = settings or get_settings()
     folders = settings.expectation_dirs
@@ -78,9 +80,10 @@ def load_suite(suite_name: str, settings: Settings | None = None) -> dict:
             f"own)"
         )
     try:
-        return json.loads(path.read_text())
+        suite: dict[str, Any] = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"expectation suite {path.name} is not valid JSON: {exc}") from exc
+    return suite
 
 
 def run_contract(
@@ -118,16 +121,17 @@ def run_contract(
     suite = gx.ExpectationSuite(name=suite_json.get("name") or suite_name, expectations=expectations)
     result = batch.validate(suite, result_format="SUMMARY")
 
+    expectations_run = [_config(r) for r in result.results]
     missing = {
-        r.expectation_config.kwargs.get("column")
-        for r in result.results
-        if r.expectation_config.type == "expect_column_to_exist" and not r.success
+        ran.kwargs.get("column")
+        for r, ran in zip(result.results, expectations_run, strict=True)
+        if ran.type == "expect_column_to_exist" and not r.success
     }
     failures = []
-    for r in result.results:
-        column = r.expectation_config.kwargs.get("column")
+    for r, ran in zip(result.results, expectations_run, strict=True):
+        column = ran.kwargs.get("column")
         # One line for a missing column, not one per expectation that could not run on it.
-        if r.success or (column in missing and r.expectation_config.type != "expect_column_to_exist"):
+        if r.success or (column in missing and ran.type != "expect_column_to_exist"):
             continue
         failures.append(_describe_failure(r))
     return ContractResult(
@@ -135,8 +139,15 @@ def run_contract(
     )
 
 
-def _describe_failure(r: Any) -> str:
+def _config(r: ExpectationValidationResult) -> ExpectationConfiguration:
+    """The expectation a result is of: a suite's validation sets it on every result."""
     config = r.expectation_config
+    assert config is not None
+    return config
+
+
+def _describe_failure(r: ExpectationValidationResult) -> str:
+    config = _config(r)
     kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column")}
     column = config.kwargs.get("column", "(table)")
     head = f"{column}: {config.type}"
@@ -288,7 +299,7 @@ def validate_candidate(
         passed=not reasons,
         reasons=reasons,
         contract=contract,
-        schema_=schema,
+        schema=schema,
         evaluation=result,
     )
 

@@ -6,11 +6,14 @@ It is what the DAG branches on, what the audit log stores and what the dashboard
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, Field
 
 from releasegate.contract import Arm, Stage
+
+# What a metric guards: a guardrail (errors, latency), the primary metric, or the shadow's agreement.
+MetricKind: TypeAlias = Literal["guardrail", "primary", "agreement"]
 
 
 class Decision(StrEnum):
@@ -46,7 +49,7 @@ class ArmSamples(BaseModel):
 
 class MetricResult(BaseModel):
     name: str
-    kind: Literal["guardrail", "primary", "agreement"]
+    kind: MetricKind
     estimate: float | None  # candidate − champion (or the share, for agreement)
     lower: float | None  # always-valid bounds of the estimate
     upper: float | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
@@ -19,9 +19,15 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from releasegate.backends.kserve import ReadinessState
 from releasegate_airflow import xcom
+from releasegate_airflow.triggers import trigger_event
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+    from releasegate.backends.kserve import KServeBackend
 
 
-def api_client(conn_id: str | None = None):
+def api_client(conn_id: str | None = None) -> ApiClient:
     """A `kubernetes` ApiClient for the cluster the Airflow connection names."""
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
@@ -49,13 +55,13 @@ class InferenceServiceReadyTrigger(BaseTrigger):
     def __init__(
         self,
         namespace: str,
-        targets: list[dict],
+        targets: list[dict[str, Any]],
         conn_id: str,
         timeout: float,
         poll_seconds: float,
         started: float | None = None,
     ):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Airflow leaves BaseTrigger.__init__ unannotated
         self.namespace = namespace
         self.targets = targets
         self.conn_id = conn_id
@@ -76,7 +82,7 @@ class InferenceServiceReadyTrigger(BaseTrigger):
             },
         )
 
-    def _backend(self):
+    def _backend(self) -> KServeBackend:
         from releasegate.backends.kserve import KServeBackend
         from releasegate.k8s import K8sSettings
 
@@ -89,15 +95,15 @@ class InferenceServiceReadyTrigger(BaseTrigger):
             try:
                 ready = await asyncio.to_thread(backend.readiness, self.targets)
             except Exception as err:  # the API itself failing is an answer too: say which
-                yield TriggerEvent({"state": ReadinessState.failed, "message": f"{type(err).__name__}: {err}"})
+                yield trigger_event({"state": ReadinessState.failed, "message": f"{type(err).__name__}: {err}"})
                 return
             if ready.state in (ReadinessState.ready, ReadinessState.failed):
-                yield TriggerEvent(
+                yield trigger_event(
                     {"state": ready.state, "message": ready.message, "status": ready.status, "at": time.time()}
                 )
                 return
             if time.time() - self.started >= self.timeout:
-                yield TriggerEvent(
+                yield trigger_event(
                     {
                         "state": ReadinessState.timeout,
                         "status": ready.status,
@@ -118,7 +124,7 @@ class ReadinessWaitOperator(BaseOperator):
     template_fields = ("release", "route")
     ui_color = "#d6eaf8"
 
-    def __init__(self, *, release: Any, route: Any, **kwargs):
+    def __init__(self, *, release: Any, route: Any, **kwargs: Any):
         super().__init__(**kwargs)
         self.release = release
         self.route = route

@@ -14,6 +14,11 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 FIRST_LOOK_AFTER_SECONDS = 10.0
 
 
+def trigger_event(payload: dict[str, Any]) -> TriggerEvent:
+    """The event a trigger fires, carrying `payload` (JSON) back to the deferred task."""
+    return TriggerEvent(payload)  # type: ignore[no-untyped-call]  # Airflow leaves TriggerEvent.__init__ unannotated
+
+
 class AnalysisTrigger(BaseTrigger):
     """Re-run the analysis every poll interval until it decides or the window (and its extensions) ends.
 
@@ -22,7 +27,7 @@ class AnalysisTrigger(BaseTrigger):
     """
 
     def __init__(self, release_id: str, route: dict[str, Any]):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Airflow leaves BaseTrigger.__init__ unannotated
         self.release_id = release_id
         self.route = route
 
@@ -45,7 +50,7 @@ class AnalysisTrigger(BaseTrigger):
             final = closed and extensions >= route.max_extensions
             verdict = await asyncio.to_thread(pipeline.poll, self.release_id, route.stage, route.since, final)
             if verdict.decision.decisive or final:
-                yield TriggerEvent(verdict.model_copy(update={"extensions": extensions}).model_dump(mode="json"))
+                yield trigger_event(verdict.model_copy(update={"extensions": extensions}).model_dump(mode="json"))
                 return
             if closed:
                 extensions += 1

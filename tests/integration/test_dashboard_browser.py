@@ -80,7 +80,7 @@ def test_dashboard_renders_the_releases_and_a_release_page_in_chromium(served_da
         wait_for_css="#timeline",
         width=1300,
     )
-    assert page.html.count("<svg") >= 2 and 'data-stage="canary-50"' in page.html
+    assert page.html.count("<svg") >= 2 and 'data-stage="canary-2-50pct"' in page.html
     assert page.screenshot.stat().st_size > 20_000  # a real picture, not a blank page
 
     refused = browser.render(f"{served_dashboard}/", cookies={"_token": "not-a-token"})

@@ -427,8 +427,9 @@ def test_feedback_is_stored(gateway):
 
 @pytest.mark.parametrize("role, status", [("unsigned", 422), ("tampered", 422), ("missing", 404)])
 def test_unverifiable_version_is_refused_and_the_old_route_keeps_serving(gateway, role, status):
-    from releasegate.backends import DeploymentError
+    from releasegate.backends import DeploymentError, SignatureRefused
     from releasegate.backends.local import LocalBackend
+    from releasegate.contract import ErrorCode
 
     v = gateway.versions
     assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
@@ -439,9 +440,16 @@ def test_unverifiable_version_is_refused_and_the_old_route_keeps_serving(gateway
     assert f"{MODEL} v{version}" in resp.json()["error"]
     if role != "missing":
         assert "signature verification failed" in resp.json()["error"]
-        with pytest.raises(DeploymentError, match="signature"):
+        assert resp.json()["code"] == ErrorCode.signature_refused  # what the backend tells a refusal by
+        with pytest.raises(SignatureRefused, match="signature"):
             LocalBackend(gateway.url, ADMIN).set_route(MODEL, v["champion"], version, "shadow", 0)
-    assert LocalBackend(gateway.url, ADMIN).get_route(MODEL) == before
+    else:
+        with pytest.raises(DeploymentError) as missing:
+            LocalBackend(gateway.url, ADMIN).set_route(MODEL, v["champion"], version, "shadow", 0)
+        assert not isinstance(missing.value, SignatureRefused)
+    applied = LocalBackend(gateway.url, ADMIN).get_route(MODEL)
+    assert (applied.champion_version, applied.candidate_version, applied.mode, applied.revision) == (
+        before["champion_version"], before["candidate_version"], before["mode"], before["revision"])
     assert gateway.invoke(rows(1)).json()["model_version"] == v["champion"]
 
 

@@ -34,7 +34,8 @@ from releasegate.backends.kserve import ReadinessState
 from releasegate.contract import AuditAction, Mode, RouteChange, Stage
 from releasegate.release import State
 from releasegate.verdict import Decision
-from tests.factories import SHADOW, canary, verdict
+from tests.factories import SHADOW as SHADOW_STAGE
+from tests.factories import canary, verdict
 from tests.integration.conftest import ROOT, Stack, free_port
 from tests.integration.kserve_fake_api import FakeKubernetes
 
@@ -371,7 +372,7 @@ def test_rollback_from_a_shadow_removes_the_mirror_and_the_shadow(kstack):
     rid = _open_to_validating(candidate)
     kstack.fake.calls.clear()
     pipeline.route(rid, 0, actor="test")
-    release.record_verdict(rid, verdict(SHADOW, Decision.rollback), actor="test")
+    release.record_verdict(rid, verdict(SHADOW_STAGE, Decision.rollback), actor="test")
     assert pipeline.rollback(rid, actor="test").state is State.rolled_back
     assert kstack.fake.calls == [*shadow_sequence(champion, candidate), apply_is(champion), apply_vs(), *REMOVE_SHADOW]
 
@@ -383,7 +384,7 @@ def test_rollback_from_a_canary_sets_it_to_zero_then_restores_the_champion(kstac
     rid = _open_to_validating(candidate)
     kstack.fake.calls.clear()
     pipeline.route(rid, 0, actor="test")
-    release.record_verdict(rid, verdict(SHADOW, Decision.promote), actor="test")
+    release.record_verdict(rid, verdict(SHADOW_STAGE, Decision.promote), actor="test")
     pipeline.route(rid, 1, actor="test")
     release.record_verdict(rid, verdict(canary(50, 1), Decision.rollback), actor="test")
     assert pipeline.rollback(rid, actor="test").state is State.rolled_back
@@ -433,7 +434,7 @@ def test_a_failed_revision_is_reported_and_the_champion_restored(kstack):
     champion, candidate = registry.get_alias(MODEL, "champion"), kstack.versions["bad"]
     rid = _open_to_validating(candidate)
     release.transition(rid, State.shadow, actor="test")
-    release.record_verdict(rid, verdict(SHADOW, Decision.promote), actor="test")
+    release.record_verdict(rid, verdict(SHADOW_STAGE, Decision.promote), actor="test")
     kstack.fake.failing_versions.add(candidate)
     kstack.fake.calls.clear()
     try:

@@ -103,6 +103,12 @@ def world(tmp_path_factory, airflow_env):
             if key.startswith("AIRFLOW") or key in ("PYTHONPATH", "PATH"):
                 mp.setenv(key, value)
         _point_env_at(home, mp)
+        from airflow import settings as airflow_settings
+
+        # dag.test() runs in this process: its ORM must be on the session's migrated database, whatever an
+        # earlier module of this process pointed it at.
+        airflow_settings.configure_vars()
+        airflow_settings.reconfigure_orm()
         from releasegate import storage
         from releasegate.demo import models
         from releasegate.settings import get_settings

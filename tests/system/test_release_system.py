@@ -122,7 +122,7 @@ def test_ci_trigger_waits_for_a_person_then_promotes_the_better_candidate(system
     run_id = trigger.run_id()
     request = _pending_approval(stack, run_id)
     assert request["subject"] == f"Promote {MODEL} v{stack.versions['good']} (champion v{stack.versions['champion']})?"
-    assert "| canary-50 | promote |" in request["body"] and "No answer within 1,800 s" in request["body"]
+    assert "| canary 2 (50 %) | promote |" in request["body"] and "No answer within 1,800 s" in request["body"]
     assert request["options"] == ["Promote", "Roll back"] and request["defaults"] == ["Roll back"]
     task = request["task_instance"]["task_id"]
     answer_path = f"/api/v2/dags/model_release/dagRuns/{run_id}/taskInstances/{task}/-1/hitlDetails"

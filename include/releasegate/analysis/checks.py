@@ -15,7 +15,7 @@ import numpy as np
 from releasegate.analysis import sequential
 from releasegate.contract import Arm
 from releasegate.policy import Policy
-from releasegate.verdict import ArmSamples, MetricResult, SliceResult
+from releasegate.verdict import ArmSamples, MetricKind, MetricResult, SliceResult
 
 SLOW_SHARE = 0.01  # p99: the share of requests allowed above the latency limit
 MIN_P99_ROWS = 100  # a p99 from fewer rows is just the maximum
@@ -30,7 +30,7 @@ class CheckName(StrEnum):
 @dataclass(frozen=True)
 class Check:
     name: str
-    kind: str  # guardrail | primary | agreement (MetricResult.kind)
+    kind: MetricKind
     margin: float
     limit: float
     higher_is_better: bool

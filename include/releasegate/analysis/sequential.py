@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TypeAlias, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -45,7 +45,7 @@ class Summary:
     total_sq: float
 
     @classmethod
-    def of(cls, values) -> Summary:
+    def of(cls, values: npt.ArrayLike) -> Summary:
         x = np.asarray(values, dtype=float)
         if not np.all(np.isfinite(x)):
             raise ValueError("sequential statistics got non-finite values")
@@ -95,16 +95,20 @@ def rho2(t_opt: float, alpha: float) -> float:
     return (log_inv + math.log(1 + log_inv)) / t_opt
 
 
-def radius(t: int | np.ndarray, alpha: float, t_opt: float) -> float | np.ndarray:
+@overload
+def radius(t: int, alpha: float, t_opt: float) -> float: ...
+@overload
+def radius(t: npt.NDArray[np.float64], alpha: float, t_opt: float) -> npt.NDArray[np.float64]: ...
+def radius(t: int | npt.NDArray[np.float64], alpha: float, t_opt: float) -> float | npt.NDArray[np.float64]:
     """Half-width of the unit-variance two-sided normal-mixture boundary after t observations."""
     r2 = rho2(t_opt, alpha)
-    t = np.asarray(t, dtype=float)
-    v = t * r2 + 1
-    out = np.sqrt(2 * v / (t**2 * r2) * np.log(np.sqrt(v) / alpha))
+    looks = np.asarray(t, dtype=float)
+    v = looks * r2 + 1
+    out = np.sqrt(2 * v / (looks**2 * r2) * np.log(np.sqrt(v) / alpha))
     return float(out) if out.ndim == 0 else out
 
 
-def confidence_sequence(values, alpha: float, t_opt: float) -> Bound | None:
+def confidence_sequence(values: Values, alpha: float, t_opt: float) -> Bound | None:
     """The always-valid (1 − alpha) interval for the mean of `values` (or their Summary); None below MIN_UNITS."""
     s = summary(values)
     if s.n < MIN_UNITS:
@@ -115,7 +119,9 @@ def confidence_sequence(values, alpha: float, t_opt: float) -> Bound | None:
     return Bound(estimate=mean, lower=mean - half, upper=mean + half, n=s.n, sd=sd, alpha=alpha)
 
 
-def running_bounds(values, alpha: float, t_opt: float) -> tuple[np.ndarray, np.ndarray]:
+def running_bounds(
+    values: npt.ArrayLike, alpha: float, t_opt: float
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Lower and upper bounds after each prefix 1..n (what repeated looks would have seen)."""
     x = np.asarray(values, dtype=float)
     t = np.arange(1, len(x) + 1, dtype=float)
@@ -126,7 +132,7 @@ def running_bounds(values, alpha: float, t_opt: float) -> tuple[np.ndarray, np.n
     return mean - half, mean + half
 
 
-def p_value(values, null: float, worse_if: str, alpha_opt: float, t_opt: float) -> float:
+def p_value(values: Values, null: float, worse_if: str, alpha_opt: float, t_opt: float) -> float:
     """Always-valid p-value against "the mean is on the good side of `null`".
 
     worse_if "below": evidence that the mean < null; "above": that it is > null. It is the α at
@@ -150,7 +156,7 @@ def p_value(values, null: float, worse_if: str, alpha_opt: float, t_opt: float) 
     return float(min(1.0, math.exp(log_p)))
 
 
-def aipw_contrasts(y, treated, propensity: float) -> np.ndarray:
+def aipw_contrasts(y: npt.ArrayLike, treated: npt.ArrayLike, propensity: float) -> npt.NDArray[np.float64]:
     """Per-unit pseudo-outcomes whose mean estimates E[Y | candidate] − E[Y | champion] (time-ordered units).
 
     Augmented IPW with each arm's running mean of the *earlier* units as the predictable plug-in
@@ -161,7 +167,7 @@ def aipw_contrasts(y, treated, propensity: float) -> np.ndarray:
     if not 0 < propensity < 1:
         raise ValueError(f"propensity must be in (0, 1), got {propensity}")
 
-    def earlier(values: np.ndarray) -> np.ndarray:
+    def earlier(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.concatenate([[0.0], np.cumsum(values)[:-1]])
 
     # Before an arm has a unit of its own, the mean of every earlier unit stands in for it (0 before the
@@ -170,7 +176,7 @@ def aipw_contrasts(y, treated, propensity: float) -> np.ndarray:
     pooled_sums, pooled_counts = earlier(y), earlier(np.ones_like(y))
     pooled = np.where(pooled_counts > 0, pooled_sums / np.maximum(pooled_counts, 1), 0.0)
 
-    def predictable_mean(mask: np.ndarray) -> np.ndarray:
+    def predictable_mean(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
         sums, counts = earlier(np.where(mask, y, 0.0)), earlier(mask.astype(float))
         return np.where(counts > 0, sums / np.maximum(counts, 1), pooled)
 

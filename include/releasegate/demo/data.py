@@ -79,7 +79,7 @@ def _current_logit(df: pd.DataFrame) -> np.ndarray:
     premium = (df["plan"] == "premium").to_numpy()
     tenure = df["tenure_months"].to_numpy()
     overage = df["monthly_charges"].to_numpy() - df["plan"].map(_PLAN_PRICE).to_numpy()
-    z = (
+    z: np.ndarray = (
         -1.5
         + 2.4 * np.exp(-tenure / 8.0)
         - 0.02 * tenure  # the first months decide
@@ -96,7 +96,7 @@ def _current_logit(df: pd.DataFrame) -> np.ndarray:
 def _stale_logit(df: pd.DataFrame) -> np.ndarray:
     basic = (df["plan"] == "basic").to_numpy()
     tenure = df["tenure_months"].to_numpy()
-    z = (
+    z: np.ndarray = (
         -1.4
         - 2.0 * np.exp(-tenure / 8.0)  # new customers were on a locked-in intro contract
         + 0.04 * (tenure - 30)  # long-standing customers left for competitors' loyalty deals

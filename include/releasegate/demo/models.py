@@ -12,19 +12,34 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from releasegate.contract import LABEL_TAG, SUITE_TAG
 from releasegate.demo import data
 from releasegate.settings import Settings, get_settings
 from releasegate.training import skops_trusted_types
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 ROLES = ("champion", "good", "bad")
 ROLE_TAG = "releasegate.demo_role"
 EXPERIMENT = "releasegate-demo"
 TRAIN_ROWS, REFERENCE_ROWS, HOLDOUT_ROWS = 20_000, 5_000, 3_000
+
+
+class _Spec(TypedDict):
+    """How one role's version is trained and described."""
+
+    kind: str
+    concept: str
+    train_seed: int
+    holdout_seed: int
+    description: str
+
+
 # Seeds away from the traffic generator's default (7), so live traffic is never the training data.
-_SPECS = {
+_SPECS: dict[str, _Spec] = {
     "champion": {
         "kind": "logistic_regression",
         "concept": "current",
@@ -103,7 +118,7 @@ def build_pipeline(kind: str) -> Any:
     return Pipeline([("features", features), ("model", estimators[kind]())])
 
 
-def register_demo_models(settings: Settings | None = None, model_name: str = "churn") -> dict:
+def register_demo_models(settings: Settings | None = None, model_name: str = "churn") -> dict[str, str]:
     """Train and register champion, good and bad versions (once); returns {"champion": "1", "good": "2", "bad": "3"}."""
     import mlflow
 
@@ -137,7 +152,7 @@ def register_demo_models(settings: Settings | None = None, model_name: str = "ch
     return {role: versions[role] for role in ROLES}
 
 
-def _existing(client: Any, model_name: str) -> dict[str, str]:
+def _existing(client: MlflowClient, model_name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -152,7 +167,7 @@ def _existing(client: Any, model_name: str) -> dict[str, str]:
     return versions
 
 
-def _experiment_id(client: Any, settings: Settings) -> str:
+def _experiment_id(client: MlflowClient, settings: Settings) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
@@ -163,7 +178,7 @@ def _experiment_id(client: Any, settings: Settings) -> str:
     return client.create_experiment(EXPERIMENT, artifact_location=settings.mlflow_artifact_root.resolve().as_uri())
 
 
-def _train_and_register(client: Any, model_name: str, role: str, settings: Settings) -> str:
+def _train_and_register(client: MlflowClient, model_name: str, role: str, settings: Settings) -> str:
     import mlflow
     import numpy as np
     import pandas as pd

@@ -16,14 +16,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import httpx
 
 from releasegate.contract import AuditAction, Stage
 from releasegate.verdict import Verdict
 
+if TYPE_CHECKING:
+    from releasegate.audit import ChainReport
+    from releasegate.release import Release
+
 REPO = Path(__file__).resolve().parents[3]
 MODEL = "churn"
+
+
+class ReleaseRun(TypedDict):
+    """One candidate's release as the demo ran it: the release, its wall time and the DAG run's log."""
+
+    label: str
+    release: Release
+    wall: float
+    log: Path
+    returncode: int | None
 
 
 class Demo:
@@ -31,7 +46,7 @@ class Demo:
         self.workdir = workdir.resolve()
         self.port = port
         self.t0 = time.time()
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.env: dict[str, str] = {}
         self.seen: set[int] = set()  # audit events already printed, across releases
 
@@ -68,7 +83,7 @@ class Demo:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         self.env["PATH"] = os.environ["PATH"]
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "w")
         proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True
@@ -87,7 +102,7 @@ class Demo:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
-    def wait_healthy(self, url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    def wait_healthy(self, url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if proc.poll() is not None:
@@ -101,7 +116,7 @@ class Demo:
         raise RuntimeError(f"gateway did not become healthy in {timeout:.0f}s")
 
     # --- the story ----------------------------------------------------------------------
-    def release(self, version: str, label: str) -> dict:
+    def release(self, version: str, label: str) -> ReleaseRun:
         from releasegate import release as releases
 
         self.step(f"release of the {label} candidate: {MODEL} v{version} (Airflow DAG model_release)")
@@ -193,7 +208,7 @@ def _numbers(verdict: Verdict) -> str:
     return "; ".join(parts)
 
 
-def _summary(demo: Demo, results: list[dict], audit_report) -> str:
+def _summary(demo: Demo, results: list[ReleaseRun], audit_report: ChainReport) -> str:
     from releasegate import pipeline
 
     lines = ["", "=" * 100, "SUMMARY", "=" * 100]
@@ -242,7 +257,9 @@ def _story(demo: Demo) -> int:
     settings = get_settings()
     pol = policy.load("default")
     demo.say(f"policy: {pol.name} (digest {pol.digest[:12]}), the one every release gets by default:")
-    print(policy.find("default", settings.policy_dirs).read_text(), flush=True)
+    policy_path = policy.find("default", settings.policy_dirs)
+    assert policy_path is not None  # policy.load just read it from there
+    print(policy_path.read_text(), flush=True)
     signing.ensure_keys(settings)
     demo.say(f"signing keys: {settings.signing_key} (+ .pub, trusted)")
     from releasegate import storage

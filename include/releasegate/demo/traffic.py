@@ -35,7 +35,7 @@ class ReplayError(ValueError):
 class Rows:
     """What the traffic sends: input records, and the label of each (None: nothing to post as feedback)."""
 
-    records: list[dict]
+    records: list[dict[str, Any]]
     labels: list[Any]
 
 
@@ -97,11 +97,11 @@ class Counters:
 async def _send(
     client: aiohttp.ClientSession,
     model: str,
-    row: dict,
+    row: dict[str, Any],
     key: str,
     counters: Counters,
-    pending: deque,
-    label,
+    pending: deque[tuple[float, dict[str, Any]]],
+    label: Any,
     due: float,
 ) -> None:
     try:
@@ -128,12 +128,12 @@ async def _send(
 
 
 async def _feedback_loop(
-    client: aiohttp.ClientSession, pending: deque, counters: Counters, stop: asyncio.Event
+    client: aiohttp.ClientSession, pending: deque[tuple[float, dict[str, Any]]], counters: Counters, stop: asyncio.Event
 ) -> None:
     """Send each label once its delay has passed (all of them once traffic stops)."""
     while True:
         now = time.time()
-        due = []
+        due: list[dict[str, Any]] = []
         while pending and (stop.is_set() or pending[0][0] <= now):
             due.append(pending.popleft()[1])
         for start in range(0, len(due), 500):
@@ -169,7 +169,8 @@ async def _run(
     progress_every: float,
 ) -> Counters:
     rows, labels = source.records, source.labels
-    counters, pending = Counters(), deque()
+    counters = Counters()
+    pending: deque[tuple[float, dict[str, Any]]] = deque()
     draw = random.Random(seed)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -181,7 +182,7 @@ async def _run(
         base_url=gateway_url, headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=10)
     ) as client:
         feedback = asyncio.create_task(_feedback_loop(client, pending, counters, stop))
-        in_flight: set[asyncio.Task] = set()
+        in_flight: set[asyncio.Task[None]] = set()
         start = last_report = time.time()
         i = 0
         while not stop.is_set() and (duration <= 0 or time.time() - start < duration):

@@ -13,10 +13,12 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypedDict
 from urllib.parse import quote
 
+from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
 
@@ -27,7 +29,9 @@ _templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, UTC).str
 _bearer = HTTPBearer(auto_error=False)
 
 
-async def airflow_user(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)):
+async def airflow_user(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> BaseUser:
     """The Airflow user behind the request's token; 401 without one, 403 for a bad one or no access to the DAG."""
     # Imported here: the plugin module is loaded while Airflow builds its API app.
     from airflow.api_fastapi.app import get_auth_manager
@@ -44,10 +48,11 @@ async def airflow_user(request: Request, credentials: HTTPAuthorizationCredentia
 
 def _airflow_base(request: Request) -> str:
     """Airflow's own root as the browser sees it: the app's mount path without our prefix."""
-    return request.scope.get("root_path", "").removesuffix(MOUNT_PREFIX)
+    root_path: str = request.scope.get("root_path", "")
+    return root_path.removesuffix(MOUNT_PREFIX)
 
 
-def _page(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+def _page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     return _templates.TemplateResponse(
         request, template, {"airflow": _airflow_base(request), **context}, status_code=status_code
     )
@@ -58,14 +63,21 @@ def _refresh(running: bool) -> int | None:
     return 15 if running else None
 
 
-def _charts(page: dict) -> dict:
+class _Charts(TypedDict):
+    """The release page's two SVGs; None where there is nothing to draw yet."""
+
+    traffic_svg: str | None
+    metrics_svg: str | None
+
+
+def _charts(page: dict[str, Any]) -> _Charts:
     """The release page's SVGs; an ended release's are drawn once (matplotlib takes about a second)."""
     end = page["ended_at"] if page["ended_at"] is not None else time.time()
     key = json.dumps([page["traffic"], page["verdicts"], page["started_at"], end], sort_keys=True)
     return _drawn(key) if page["ended_at"] is not None else _draw(key)
 
 
-def _draw(key: str) -> dict:
+def _draw(key: str) -> _Charts:
     from releasegate_airflow.dashboard import charts
 
     traffic, verdicts, started_at, end = json.loads(key)
@@ -80,7 +92,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="releasegate dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(HTTPException)
-    async def refused(request: Request, exc: HTTPException):
+    async def refused(request: Request, exc: HTTPException) -> Response:
         # A person in a browser gets a page that says what to do; API clients get Airflow's JSON shape.
         if "text/html" in request.headers.get("accept", ""):
             return _page(
@@ -89,7 +101,7 @@ def create_app() -> FastAPI:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/", response_class=HTMLResponse)
-    def releases_list(request: Request, user=Depends(airflow_user)):
+    def releases_list(request: Request, user: BaseUser = Depends(airflow_user)) -> HTMLResponse:
         from releasegate import dashboard
 
         releases = dashboard.releases()
@@ -105,7 +117,7 @@ def create_app() -> FastAPI:
         )
 
     @app.get("/releases/{release_id}", response_class=HTMLResponse)
-    def release_detail(request: Request, release_id: str, user=Depends(airflow_user)):
+    def release_detail(request: Request, release_id: str, user: BaseUser = Depends(airflow_user)) -> HTMLResponse:
         from releasegate import dashboard
 
         try:
@@ -125,7 +137,7 @@ def create_app() -> FastAPI:
         )
 
     @app.get("/releases/{release_id}/reports/{stage}/{name}.html")
-    def report(release_id: str, stage: str, name: str, user=Depends(airflow_user)):
+    def report(release_id: str, stage: str, name: str, user: BaseUser = Depends(airflow_user)) -> HTMLResponse:
         from releasegate import dashboard
 
         try:
@@ -134,7 +146,7 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=404, detail=str(err)) from err
 
     @app.get("/releases/{release_id}/mlflow", response_class=HTMLResponse)
-    def artifacts(request: Request, release_id: str, user=Depends(airflow_user)):
+    def artifacts(request: Request, release_id: str, user: BaseUser = Depends(airflow_user)) -> Response:
         """Where the release's artifacts are in MLflow: its UI when it has one, else the runs:/ URI to fetch them."""
         from releasegate import dashboard
 
@@ -147,7 +159,9 @@ def create_app() -> FastAPI:
         return _page(request, "artifacts.html", user=user.get_name(), release_id=release_id, location=location)
 
     @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
-    def run_release(request: Request, dag_id: str, run_id: str, user=Depends(airflow_user)):
+    def run_release(
+        request: Request, dag_id: str, run_id: str, user: BaseUser = Depends(airflow_user)
+    ) -> RedirectResponse:
         """The "Release" tab of a DAG run in Airflow's UI: that run's release page, if it opened one."""
         from releasegate import dashboard
 
@@ -156,14 +170,15 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=404, detail=f"run {run_id} of {dag_id} opened no release")
         return RedirectResponse(f"../../releases/{release_id}", status_code=307)
 
-    @app.get("/api/releases")
-    def releases_json(user=Depends(airflow_user)):
+    # response_model=None: the JSON goes out as FastAPI encodes any dict, not through a schema built from the hint.
+    @app.get("/api/releases", response_model=None)
+    def releases_json(user: BaseUser = Depends(airflow_user)) -> dict[str, Any]:
         from releasegate import dashboard
 
         return {"releases": dashboard.releases(), "audit_chain": dashboard.chain_status()}
 
-    @app.get("/api/releases/{release_id}")
-    def release_json(release_id: str, user=Depends(airflow_user)):
+    @app.get("/api/releases/{release_id}", response_model=None)
+    def release_json(release_id: str, user: BaseUser = Depends(airflow_user)) -> dict[str, Any]:
         from releasegate import dashboard
 
         try:

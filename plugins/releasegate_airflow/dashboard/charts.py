@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING, Any
 
 from releasegate.contract import Mode
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 GOOD, BAD, UNDECIDED, GRID = "#2f855a", "#c53030", "#718096", "#e2e8f0"
 _PERCENT_METRICS = {"error_rate", "latency_p99", "agreement", "accuracy"}
@@ -17,7 +21,7 @@ _MEANING = {
 }
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     # The object API (no pyplot): figures are independent, so concurrent requests cannot share state.
     import matplotlib
 
@@ -35,14 +39,14 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _svg(fig) -> str:
+def _svg(fig: Figure) -> str:
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     text = buffer.getvalue()
     return text[text.index("<svg") :]  # drop the XML prolog and doctype: the SVG is inlined in HTML
 
 
-def traffic_svg(points: list[dict], started_at: float, until: float) -> str | None:
+def traffic_svg(points: list[dict[str, Any]], started_at: float, until: float) -> str | None:
     """The candidate's share of served traffic from the release's start to `until`, as steps; shadow shaded."""
     if not points:
         return None
@@ -73,7 +77,7 @@ def traffic_svg(points: list[dict], started_at: float, until: float) -> str | No
     return _svg(fig)
 
 
-def metrics_svg(verdicts: list[dict]) -> str | None:
+def metrics_svg(verdicts: list[dict[str, Any]]) -> str | None:
     """Per metric, each stage's estimate (candidate − champion) with its always-valid bounds against the limit."""
     names: list[str] = []
     for verdict in verdicts:
