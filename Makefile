@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lock venv clean
+.PHONY: demo test test-fast check lock venv clean
 
 venv: $(STAMP)
 
@@ -18,10 +18,16 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/releasegate demo
 
-test: $(STAMP)
+# Lint, format and types first: a minute, before half an hour of tests.
+check: $(STAMP)
+	$(BIN)/ruff check include plugins dags tests benchmarks examples
+	$(BIN)/ruff format --check include plugins dags tests benchmarks examples
+	$(BIN)/mypy
+
+test: check
 	$(BIN)/python -m pytest -ra
 
-test-fast: $(STAMP)
+test-fast: check
 	$(BIN)/python -m pytest -ra tests/unit tests/dags
 
 lock:

@@ -11,13 +11,16 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import yaml
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from releasegate.contract import StageKind
+
+if TYPE_CHECKING:
+    import jinja2
 
 _INCLUDE = Path(__file__).resolve().parent.parent
 TEMPLATES = _INCLUDE / "k8s"
@@ -43,33 +46,39 @@ class K8sSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RELEASEGATE_K8S_", env_ignore_empty=True, extra="ignore")
 
-    namespace: str = Field("models", description="Namespace of the models' InferenceServices.")
+    namespace: str = Field(default="models", description="Namespace of the models' InferenceServices.")
     sink_url: str = Field(
-        "", description="The logger sink's URL; default the `releasegate-sink` Service's `/events` in the namespace."
+        default="",
+        description="The logger sink's URL; default the `releasegate-sink` Service's `/events` in the namespace.",
     )
-    host: str = Field("{model}.models.example.com", description="Entry host of a model; {model} is its k8s name.")
+    host: str = Field(
+        default="{model}.models.example.com", description="Entry host of a model; {model} is its k8s name."
+    )
     gateway: str = Field(
-        "knative-serving/knative-ingress-gateway", description="The Istio gateway the entry VirtualService binds to."
+        default="knative-serving/knative-ingress-gateway",
+        description="The Istio gateway the entry VirtualService binds to.",
     )
     local_gateway: str = Field(
-        "knative-local-gateway.istio-system.svc.cluster.local",
+        default="knative-local-gateway.istio-system.svc.cluster.local",
         description="Where the champion's Knative route is reached from the mesh.",
     )
     service_account: str | None = Field(
-        None, description="Predictor service account with read access to the artifact store."
+        default=None, description="Predictor service account with read access to the artifact store."
     )
     storage_rewrite: Annotated[tuple[str, str] | None, NoDecode] = Field(
-        None,
+        default=None,
         description="`FROM=TO`: rewrite MLflow artifact URIs into ones the storage initializer reads "
         "(e.g. `mlflow-artifacts:/=s3://mlflow/`).",
     )
-    conn_id: str = Field("kubernetes_default", description="Airflow connection naming the cluster (KubernetesHook).")
-    ready_timeout: float = Field(600.0, description="Seconds a route change may take to become ready.")
-    poll_seconds: float = Field(5.0, description="Seconds between readiness looks.")
-    min_replicas: int = Field(1, description="Predictor replicas kept running.")
-    routing_key_header: str = Field("X-Routing-Key", description="Header the logger keeps as the routing key.")
+    conn_id: str = Field(
+        default="kubernetes_default", description="Airflow connection naming the cluster (KubernetesHook)."
+    )
+    ready_timeout: float = Field(default=600.0, description="Seconds a route change may take to become ready.")
+    poll_seconds: float = Field(default=5.0, description="Seconds between readiness looks.")
+    min_replicas: int = Field(default=1, description="Predictor replicas kept running.")
+    routing_key_header: str = Field(default="X-Routing-Key", description="Header the logger keeps as the routing key.")
     schemas_dir: Path = Field(
-        DEFAULT_SCHEMAS,
+        default=DEFAULT_SCHEMAS,
         validation_alias=AliasChoices("RELEASEGATE_K8S_SCHEMAS"),
         description="The pinned CRD schemas manifests are validated against.",
     )
@@ -127,7 +136,7 @@ class Served:
 
 
 @functools.lru_cache(maxsize=1)
-def _jinja():
+def _jinja() -> jinja2.Environment:
     import jinja2
 
     return jinja2.Environment(
@@ -138,7 +147,7 @@ def _jinja():
     )
 
 
-def render(template: str, **values) -> list[dict]:
+def render(template: str, **values: Any) -> list[dict[str, Any]]:
     """Render include/k8s/<template> with `values` and parse every YAML document in it."""
     text = _jinja().get_template(template).render(**values)
     return [doc for doc in yaml.safe_load_all(text) if doc]
@@ -161,7 +170,7 @@ def inference_service(
     canary_traffic_percent: int | None = None,
     release_id: str | None = None,
     champion_version: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The InferenceService serving `served` (the model's own, or its `-shadow` one in RawDeployment mode).
 
     `champion_version`: the version the rest of a canary's traffic stays on (default: `served`'s).
@@ -192,7 +201,7 @@ def inference_service(
 
 def virtual_service(
     model: str, settings: K8sSettings, *, mirror_percent: float = 0.0, release_id: str | None = None
-) -> dict:
+) -> dict[str, Any]:
     """The entry VirtualService: all traffic to the model's InferenceService, mirrored to the shadow when asked."""
     name = k8s_name(model)
     [doc] = render(
@@ -208,7 +217,7 @@ def virtual_service(
     return doc
 
 
-def destination_rule(model: str, settings: K8sSettings, *, max_requests: int = 100) -> dict:
+def destination_rule(model: str, settings: K8sSettings, *, max_requests: int = 100) -> dict[str, Any]:
     """Connection caps for the mirrored traffic to the shadow InferenceService."""
     [doc] = render(
         "destinationrule.yaml.j2",
@@ -221,7 +230,9 @@ def destination_rule(model: str, settings: K8sSettings, *, max_requests: int = 1
     return doc
 
 
-def sink_manifests(namespace: str, image: str, db_secret: str = "releasegate-db", replicas: int = 2) -> list[dict]:
+def sink_manifests(
+    namespace: str, image: str, db_secret: str = "releasegate-db", replicas: int = 2
+) -> list[dict[str, Any]]:
     """Deployment and Service of the logger sink."""
     return render("sink.yaml.j2", namespace=namespace, image=image, db_secret=db_secret, replicas=replicas)
 
@@ -235,7 +246,7 @@ def schemas_available(schemas_dir: Path | None = None) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _crd_schema(schemas_dir: Path, api_version: str, kind: str) -> dict:
+def _crd_schema(schemas_dir: Path, api_version: str, kind: str) -> dict[str, Any]:
     group, version = api_version.split("/")
     path = schemas_dir / CRD_FILES[(api_version, kind)]
     if not path.is_file():
@@ -250,7 +261,8 @@ def _crd_schema(schemas_dir: Path, api_version: str, kind: str) -> dict:
             ):
                 for v in doc["spec"]["versions"]:
                     if v["name"] == version:
-                        schema = _strict(v["schema"]["openAPIV3Schema"])
+                        # openAPIV3Schema is an object's schema, and _strict keeps a node's kind.
+                        schema = cast("dict[str, Any]", _strict(v["schema"]["openAPIV3Schema"]))
                         # The API server accepts these at the root of every kind, listed in the CRD or not.
                         root = {
                             "apiVersion": {"type": "string"},
@@ -262,7 +274,7 @@ def _crd_schema(schemas_dir: Path, api_version: str, kind: str) -> dict:
     raise ManifestError(f"{path} has no CRD for {kind} {api_version}")
 
 
-def _strict(schema):
+def _strict(schema: object) -> object:
     """The schema with unknown fields refused, as `kubectl apply --validate=strict` refuses them.
 
     The API server would silently prune an unknown (e.g. misspelled) field; a manifest test must catch it.
@@ -282,7 +294,7 @@ def _strict(schema):
     return out
 
 
-def validate(doc: dict, schemas_dir: Path | None = None) -> None:
+def validate(doc: dict[str, Any], schemas_dir: Path | None = None) -> None:
     """Raise ManifestError naming every violation of the kind's schema (CRD openAPIV3Schema or core model)."""
     import jsonschema
 
@@ -303,7 +315,7 @@ def validate(doc: dict, schemas_dir: Path | None = None) -> None:
     _validate_core(doc, where)
 
 
-def _validate_core(doc: dict, where: str) -> None:
+def _validate_core(doc: dict[str, Any], where: str) -> None:
     """Core kinds against the typed models of the `kubernetes` client (generated from the API's OpenAPI spec)."""
     from kubernetes import client
 
@@ -323,10 +335,17 @@ def _validate_core(doc: dict, where: str) -> None:
         raise ManifestError(f"{where} does not match the Kubernetes API: " + "; ".join(problems[:10]))
 
 
-_SCALARS = {"str": str, "int": int, "bool": bool, "float": (int, float), "datetime": str, "date": str}
+_SCALARS: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "int": int,
+    "bool": bool,
+    "float": (int, float),
+    "datetime": str,
+    "date": str,
+}
 
 
-def _check_model(value, type_name: str, path: str, problems: list[str]) -> None:
+def _check_model(value: object, type_name: str, path: str, problems: list[str]) -> None:
     from kubernetes import client
 
     if type_name.startswith("list["):

@@ -134,7 +134,7 @@ def validate(release_id: str, actor: str = "airflow") -> Validated | Skipped:
     A dependency that fails on the way (MLflow down) raises InfrastructureError: the task fails and
     may be retried; the candidate is not rejected for it.
     """
-    from releasegate import registry, validation
+    from releasegate import validation
 
     rel = release.get(release_id)
     if rel.terminal:
@@ -142,8 +142,6 @@ def validate(release_id: str, actor: str = "airflow") -> Validated | Skipped:
     if rel.state not in (State.signing, State.validating):
         return _skip(rel, f"is not at validation ({rel.state.value})")
     release.transition(release_id, State.validating, actor=actor)
-    if rel.champion_version is None:
-        raise registry.RegistryError(f"release {release_id}: {rel.model} has no champion to validate against")
     report = validation.validate_candidate(rel.model, rel.candidate_version, rel.champion_version, _policy(rel))
     summary = report.model_dump(mode="json")
     _store_report(rel, "validation.json", summary)

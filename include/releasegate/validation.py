@@ -47,7 +47,7 @@ class ValidationReport(BaseModel):
 
     model: str
     candidate_version: str
-    champion_version: str
+    champion_version: str | None  # None: the model's first version, with nothing to compare against
     passed: bool
     reasons: list[str]
     contract: ContractResult | None
@@ -241,9 +241,16 @@ def _type(spec: Any) -> str:
 
 
 def validate_candidate(
-    model: str, candidate_version: str, champion_version: str, policy: Policy | str, settings: Settings | None = None
+    model: str,
+    candidate_version: str,
+    champion_version: str | None,
+    policy: Policy | str,
+    settings: Settings | None = None,
 ) -> ValidationReport:
-    """Data contract on the candidate's holdout, schema compatibility and offline comparison with the champion."""
+    """Data contract on the candidate's holdout, schema compatibility and offline comparison with the champion.
+
+    A model's first version (no champion) is held to its data contract only.
+    """
     import pandas as pd
 
     from releasegate import evaluation, registry
@@ -253,7 +260,8 @@ def validate_candidate(
     if isinstance(policy, str):
         policy = policy_module.load(policy, settings.policy_dirs)
     candidate_version = str(registry.resolve_version(model, candidate_version, settings=settings))
-    champion_version = str(registry.resolve_version(model, champion_version, settings=settings))
+    if champion_version is not None:
+        champion_version = str(registry.resolve_version(model, champion_version, settings=settings))
     reasons: list[str] = []
 
     contract = None
@@ -275,11 +283,22 @@ def validate_candidate(
         except (ValueError, LookupError, OSError) as exc:
             reasons.append(f"data contract {suite!r} could not run: {describe(exc)}")
 
+    schema, result = None, None
+    if champion_version is None:
+        return ValidationReport(
+            model=model,
+            candidate_version=candidate_version,
+            champion_version=None,
+            passed=not reasons,
+            reasons=reasons,
+            contract=contract,
+            schema=None,
+            evaluation=None,
+        )
     schema = check_schema_compatibility(model, candidate_version, champion_version, settings=settings)
     if not schema.compatible:
         reasons.append("schema incompatible with the champion: " + "; ".join(schema.problems))
 
-    result = None
     try:
         result = evaluation.compare(model, candidate_version, champion_version, policy, settings=settings)
         if not result.passed:

@@ -449,7 +449,11 @@ def test_unverifiable_version_is_refused_and_the_old_route_keeps_serving(gateway
         assert not isinstance(missing.value, SignatureRefused)
     applied = LocalBackend(gateway.url, ADMIN).get_route(MODEL)
     assert (applied.champion_version, applied.candidate_version, applied.mode, applied.revision) == (
-        before["champion_version"], before["candidate_version"], before["mode"], before["revision"])
+        before["champion_version"],
+        before["candidate_version"],
+        before["mode"],
+        before["revision"],
+    )
     assert gateway.invoke(rows(1)).json()["model_version"] == v["champion"]
 
 

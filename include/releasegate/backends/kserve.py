@@ -23,22 +23,29 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from releasegate import k8s
 from releasegate.backends import Applied, DeploymentError, SignatureRefused
 from releasegate.contract import Mode
 from releasegate.results import ReadinessWait
 
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+    from kubernetes.client.exceptions import ApiException
+
 log = logging.getLogger(__name__)
 
+# A custom resource's (group, version, plural).
+Kind: TypeAlias = tuple[str, str, str]
 FIELD_MANAGER = "releasegate"
-ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
-VS = ("networking.istio.io", "v1", "virtualservices")
-DR = ("networking.istio.io", "v1", "destinationrules")
+ISVC: Kind = ("serving.kserve.io", "v1beta1", "inferenceservices")
+VS: Kind = ("networking.istio.io", "v1", "virtualservices")
+DR: Kind = ("networking.istio.io", "v1", "destinationrules")
 _FAILED_TRANSITIONS = {"BlockedByFailedLoad", "InvalidSpec"}
 
 
@@ -65,12 +72,12 @@ class KServeBackend:
 
     def __init__(
         self,
-        api_client=None,
+        api_client: ApiClient | None = None,
         settings: k8s.K8sSettings | None = None,
         *,
         wait_ready: bool = True,
         validate: bool | None = None,
-    ):
+    ) -> None:
         from kubernetes import client
 
         self.settings = settings or k8s.K8sSettings.from_env()
@@ -104,7 +111,7 @@ class KServeBackend:
         name = k8s.k8s_name(model)
         s = self.settings
         current = self._get(ISVC, name)
-        waits: list[dict] = []
+        waits: list[dict[str, Any]] = []
         if mode is Mode.single:
             champion = self._served(model, champion_version, current)
             on, percent = _serving(current)
@@ -112,6 +119,7 @@ class KServeBackend:
                 # Rollback: traffic back on the previous rolled-out revision now, then restore the champion's
                 # spec at 0 % and move the default only once its revision is ready (the default is the latest
                 # *ready* revision, which until then would be the candidate's).
+                assert on is not None  # releasegate's InferenceServices carry their version's annotation
                 self._apply(
                     ISVC,
                     k8s.inference_service(
@@ -132,6 +140,7 @@ class KServeBackend:
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
         elif mode is Mode.shadow:
+            assert candidate_version is not None  # a shadow or canary route without one was refused above
             champion = self._served(model, champion_version, current)
             candidate = self._served(model, candidate_version, self._get(ISVC, f"{name}-shadow"))
             gen = self._apply(ISVC, k8s.inference_service(model, champion, s, release_id=release_id))
@@ -141,6 +150,7 @@ class KServeBackend:
             self._apply(DR, k8s.destination_rule(model, s))
             self._apply(VS, k8s.virtual_service(model, s, mirror_percent=100, release_id=release_id))
         else:
+            assert candidate_version is not None  # a shadow or canary route without one was refused above
             candidate = self._served(model, candidate_version, current)
             gen = self._apply(
                 ISVC,
@@ -215,9 +225,10 @@ class KServeBackend:
 
     # -- readiness --------------------------------------------------------------------------------------------
 
-    def readiness(self, targets: list[dict]) -> Readiness:
+    def readiness(self, targets: list[dict[str, Any]]) -> Readiness:
         """ready when every target's status is for the applied generation and Ready; failed on a failed revision."""
-        status, pending = {}, []
+        status: dict[str, Any] = {}
+        pending: list[str] = []
         for target in targets:
             obj = self._get(ISVC, target["name"])
             if obj is None:
@@ -242,7 +253,7 @@ class KServeBackend:
             return Readiness(ReadinessState.pending, "; ".join(pending), status)
         return Readiness(ReadinessState.ready, "ready", status)
 
-    def _wait(self, targets: list[dict]) -> Readiness:
+    def _wait(self, targets: list[dict[str, Any]]) -> Readiness:
         deadline = time.monotonic() + self.settings.ready_timeout
         while True:
             ready = self.readiness(targets)
@@ -256,18 +267,19 @@ class KServeBackend:
 
     # -- the API ----------------------------------------------------------------------------------------------
 
-    def _get(self, kind: tuple, name: str) -> dict | None:
+    def _get(self, kind: Kind, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         group, version, plural = kind
         try:
-            return self.custom.get_namespaced_custom_object(group, version, self.settings.namespace, plural, name)
+            obj = self.custom.get_namespaced_custom_object(group, version, self.settings.namespace, plural, name)
+            return cast("dict[str, Any]", obj)
         except ApiException as err:
             if err.status == 404:
                 return None
             raise _error(f"reading {plural}/{name}", err) from err
 
-    def _apply(self, kind: tuple, doc: dict) -> int:
+    def _apply(self, kind: Kind, doc: dict[str, Any]) -> int:
         """Server-side apply; returns the object's generation after it."""
         from kubernetes.client.exceptions import ApiException
 
@@ -294,7 +306,7 @@ class KServeBackend:
             raise _error(f"applying {plural}/{name}", err) from err
         return int((out.get("metadata") or {}).get("generation") or 0)
 
-    def _delete(self, kind: tuple, name: str) -> None:
+    def _delete(self, kind: Kind, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
         group, version, plural = kind
@@ -310,7 +322,7 @@ class KServeBackend:
         if self._get(DR, f"{name}-shadow") is not None:
             self._delete(DR, f"{name}-shadow")
 
-    def _served(self, model: str, version: str, current: dict | None) -> k8s.Served:
+    def _served(self, model: str, version: str, current: dict[str, Any] | None) -> k8s.Served:
         """The version as a manifest names it; verified first unless `current` already serves it (verified then)."""
         on = (current or {}).get("spec", {}).get("predictor", {}).get("model", {})
         annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
@@ -335,16 +347,16 @@ def verified_version(model: str, version: str, settings: k8s.K8sSettings) -> k8s
     return k8s.Served(version, k8s.storage_uri(uri, settings), digest)
 
 
-_api_client_factory = None
+_api_client_factory: Callable[[], ApiClient] | None = None
 
 
-def use_api_client(factory) -> None:
+def use_api_client(factory: Callable[[], ApiClient] | None) -> None:
     """Make `factory()` the source of ApiClients (the Airflow plugin installs KubernetesHook's); None resets."""
     global _api_client_factory
     _api_client_factory = factory
 
 
-def default_api_client():
+def default_api_client() -> ApiClient:
     """The installed factory's ApiClient, else in-cluster service account, else the local kubeconfig."""
     from kubernetes import client, config
 
@@ -357,7 +369,7 @@ def default_api_client():
     return client.ApiClient()
 
 
-def _error(what: str, err) -> DeploymentError:
+def _error(what: str, err: ApiException) -> DeploymentError:
     try:
         message = json.loads(err.body).get("message") or err.reason
     except (TypeError, ValueError, AttributeError):
@@ -370,7 +382,7 @@ def _error(what: str, err) -> DeploymentError:
     return DeploymentError(f"{what} failed ({err.status}): {message}", err.status)
 
 
-def _serving(obj: dict | None) -> tuple[str | None, int | None]:
+def _serving(obj: dict[str, Any] | None) -> tuple[str | None, int | None]:
     """(version in the spec, canaryTrafficPercent or None) of an InferenceService."""
     if obj is None:
         return None, None
@@ -380,14 +392,14 @@ def _serving(obj: dict | None) -> tuple[str | None, int | None]:
     )
 
 
-def _condition(obj: dict, kind: str) -> str | None:
+def _condition(obj: dict[str, Any], kind: str) -> str | None:
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
-            return cond.get("status")
+            return cast("str | None", cond.get("status"))
     return None
 
 
-def _failure(obj: dict) -> str | None:
+def _failure(obj: dict[str, Any]) -> str | None:
     st = obj.get("status") or {}
     model = st.get("modelStatus") or {}
     if model.get("transitionStatus") in _FAILED_TRANSITIONS:
@@ -401,7 +413,7 @@ def _failure(obj: dict) -> str | None:
     return None
 
 
-def _summary(obj: dict) -> dict:
+def _summary(obj: dict[str, Any]) -> dict[str, Any]:
     st = obj.get("status") or {}
     predictor = (st.get("components") or {}).get("predictor") or {}
     return {

@@ -21,12 +21,15 @@ class LocalBackend:
     """Drives the gateway at `gateway_url` (default: settings.gateway_url) with an admin key."""
 
     def __init__(self, gateway_url: str | None = None, api_key: str | None = None, settings: Settings | None = None):
-        if settings is None and (gateway_url is None or api_key is None):
-            from releasegate.settings import get_settings
+        if not (gateway_url and api_key):
+            if settings is None:
+                from releasegate.settings import get_settings
 
-            settings = get_settings()
-        self.gateway_url = (gateway_url or settings.gateway_url).rstrip("/")
-        self.api_key = api_key or settings.admin_api_key
+                settings = get_settings()
+            gateway_url = gateway_url or settings.gateway_url
+            api_key = api_key or settings.admin_api_key
+        self.gateway_url = gateway_url.rstrip("/")
+        self.api_key = api_key
         if not self.api_key:
             raise DeploymentError("no admin API key for the gateway: set RELEASEGATE_ADMIN_KEY or pass api_key")
 

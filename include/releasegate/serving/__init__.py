@@ -10,6 +10,10 @@ import gc
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from releasegate.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ def one_thread_per_call() -> dict[str, str]:
 def run(
     host: str = "127.0.0.1",
     port: int = 8765,
-    settings=None,
+    settings: Settings | None = None,
     *,
     tls_cert: str | None = None,
     tls_key: str | None = None,
@@ -68,7 +72,7 @@ def run(
         log.warning(
             "%s imported before the gateway started: the thread defaults may not apply to it", ", ".join(loaded_early)
         )
-    tls = {}
+    tls: dict[str, Any] = {}  # uvicorn's ssl_* arguments
     if config.tls_cert:
         tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
         if config.tls_client_ca:

@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import orjson
 from pydantic import ValidationError
@@ -15,24 +17,32 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
+from starlette.types import Receive, Scope, Send
 
 from releasegate.serving import payloads
 from releasegate.serving.auth import AuthError
 from releasegate.serving.config import GatewayConfig
-from releasegate.serving.gateway import Active, Gateway, NotFound, Unavailable
+from releasegate.serving.gateway import Active, Answer, Gateway, NotFound, Unavailable
 from releasegate.serving.metrics import Metrics
-from releasegate.serving.payloads import PayloadError
+from releasegate.serving.payloads import PayloadError, Rows, Schema
 from releasegate.serving.routing import RouteSpec
-from releasegate.serving.slots import LoadError, ModelCallError
+from releasegate.serving.slots import LoadError, ModelCallError, Slot
+
+if TYPE_CHECKING:
+    from releasegate.settings import Settings
 
 log = logging.getLogger(__name__)
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+# An endpoint's work once its key is checked, and the Starlette endpoint `_endpoint` makes of it.
+_Handler: TypeAlias = Callable[[Request, Gateway], Awaitable[Response]]
+_Endpoint: TypeAlias = Callable[[Request], Awaitable[Response]]
 
 
 class JSONResponse(Response):
     media_type = "application/json"
 
-    def render(self, content) -> bytes:
+    def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=_JSON_OPTS)
 
 
@@ -41,10 +51,10 @@ def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
 
 
 def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+    return cast("Gateway", request.app.state.gateway)
 
 
-def _parse_json(raw: bytes):
+def _parse_json(raw: bytes) -> object:
     if not raw:
         raise PayloadError("empty body: a JSON document is expected")
     try:
@@ -63,10 +73,11 @@ def _declared_size(declared: str | None, limit: int) -> None:
         raise PayloadError(f"payload of {int(declared):,} bytes exceeds the limit of {limit:,} bytes", 413)
 
 
-async def _read_body(receive, declared: str | None, limit: int) -> bytes:
+async def _read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     """The raw body from the ASGI `receive`, refusing more than `limit` bytes before reading them all."""
     _declared_size(declared, limit)
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -80,7 +91,7 @@ async def _read_body(receive, declared: str | None, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _body(request: Request, limit: int):
+async def _body(request: Request, limit: int) -> object:
     """The parsed JSON body of a Starlette request."""
     return _parse_json(await _read_body(request.receive, request.headers.get("content-length"), limit))
 
@@ -98,10 +109,10 @@ def _failure(err: Exception) -> tuple[int, str] | None:
     return None
 
 
-def _endpoint(name: str, role: str | None):
+def _endpoint(name: str, role: str | None) -> Callable[[_Handler], _Endpoint]:
     """Wrap a handler with the key check and the translation of errors into {"error": ...} answers."""
 
-    def wrap(handler):
+    def wrap(handler: _Handler) -> _Endpoint:
         async def endpoint(request: Request) -> Response:
             gateway = _gateway(request)
             in_flight = gateway.metrics.in_flight_of(name)
@@ -129,6 +140,10 @@ def _endpoint(name: str, role: str | None):
 
 # Generated request ids: 80 random bits per process, then a counter (32 hex characters, like a uuid4's
 # hex, and as unique), without a random read per request.
+_ID_PREFIX: str
+_ID_COUNTER: itertools.count[int]
+
+
 def _new_id_prefix() -> None:
     global _ID_PREFIX, _ID_COUNTER
     _ID_PREFIX, _ID_COUNTER = os.urandom(10).hex(), itertools.count()
@@ -138,7 +153,7 @@ _new_id_prefix()
 os.register_at_fork(after_in_child=_new_id_prefix)  # forked workers must not repeat each other's ids
 
 
-def _request_id(header: str | None, body) -> str:
+def _request_id(header: str | None, body: object) -> str:
     rid = header
     if rid is None and isinstance(body, dict) and isinstance(body.get("id"), str) and body["id"]:
         rid = body["id"]  # the v2 protocol's own request id
@@ -149,12 +164,13 @@ def _request_id(header: str | None, body) -> str:
     return rid
 
 
-def _invocations_answer(model: str, request_id: str, answer) -> dict:
+def _invocations_answer(model: str, request_id: str, answer: Answer) -> dict[str, Any]:
     return {"predictions": answer.outputs, "request_id": request_id, "model_version": answer.version, "arm": answer.arm}
 
 
-def _v2_answer(model: str, request_id: str, answer) -> dict:
+def _v2_answer(model: str, request_id: str, answer: Answer) -> dict[str, Any]:
     values = answer.outputs
+    outputs: list[dict[str, Any]]
     if values and isinstance(values[0], dict):
         outputs = [
             {
@@ -189,8 +205,11 @@ def _v2_answer(model: str, request_id: str, answer) -> dict:
     }
 
 
+# A request body's rows (checked against the champion's schema), and the answer's body.
+_Parser: TypeAlias = Callable[[object, Schema], Rows]
+_Builder: TypeAlias = Callable[[str, str, Answer], dict[str, Any]]
 # The two inference endpoints: (path pattern, metrics endpoint name, payload parser, answer builder).
-_INFERENCE = (
+_INFERENCE: tuple[tuple[re.Pattern[str], str, _Parser, _Builder], ...] = (
     (re.compile(r"/models/(.*)/invocations"), "invocations", payloads.parse_invocations, _invocations_answer),
     (re.compile(r"/v2/models/(.*)/infer"), "v2_infer", payloads.parse_v2, _v2_answer),
 )
@@ -231,14 +250,14 @@ class InferenceApp:
         self.gateway = gateway
         self.state = app.state
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             for pattern, name, parse, build in _INFERENCE:
                 match = pattern.fullmatch(path)
                 if match is None:
                     continue
-                extra = []
+                extra: list[tuple[bytes, bytes]] = []
                 if scope["method"] == "POST":
                     status, content = await self._infer(scope, receive, match.group(1), name, parse, build)
                 else:
@@ -256,7 +275,9 @@ class InferenceApp:
                 return
         await self.app(scope, receive, send)
 
-    async def _infer(self, scope, receive, model: str, name: str, parse, build) -> tuple[int, dict | None]:
+    async def _infer(
+        self, scope: Scope, receive: Receive, model: str, name: str, parse: _Parser, build: _Builder
+    ) -> tuple[int, dict[str, Any] | None]:
         gateway = self.gateway
         in_flight = gateway.metrics.in_flight_of(name)
         in_flight.inc()
@@ -318,7 +339,7 @@ async def put_route(request: Request, gateway: Gateway) -> Response:
     return JSONResponse(route.model_dump())
 
 
-def _v2_tensors(slot) -> list[dict]:
+def _v2_tensors(slot: Slot) -> list[dict[str, Any]]:
     if slot.schema.columns is None:
         return [{"name": "input", "datatype": "BYTES", "shape": [-1]}]
     return [
@@ -327,7 +348,7 @@ def _v2_tensors(slot) -> list[dict]:
     ]
 
 
-def _v2_metadata(model: str, active: Active, slot) -> dict:
+def _v2_metadata(model: str, active: Active, slot: Slot) -> dict[str, Any]:
     return {
         "name": model,
         "versions": [s.version for s in (active.champion, active.candidate) if s],
@@ -409,7 +430,7 @@ async def metrics(request: Request) -> Response:
     return Response(m.render(), media_type=m.content_type)
 
 
-def create_app(settings=None, config: GatewayConfig | None = None) -> InferenceApp:
+def create_app(settings: Settings | None = None, config: GatewayConfig | None = None) -> InferenceApp:
     """The gateway as an ASGI app; its lifespan starts the poller and log writers and flushes them at the end."""
     if settings is None:
         from releasegate.settings import get_settings
@@ -418,7 +439,7 @@ def create_app(settings=None, config: GatewayConfig | None = None) -> InferenceA
     gateway = Gateway(settings, config or GatewayConfig.from_env(), Metrics())
 
     @asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
         try:
             yield

@@ -13,8 +13,12 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+
+if TYPE_CHECKING:
+    from releasegate.settings import Settings
 
 ROLES = ("predict", "feedback", "admin")
 _VERIFIED_MAX = 10_000
@@ -28,7 +32,7 @@ class AuthError(Exception):
         self.status = status
 
 
-def _settings(settings):
+def _settings(settings: Settings | None) -> Settings:
     if settings is None:
         from releasegate.settings import get_settings
 
@@ -36,7 +40,7 @@ def _settings(settings):
     return settings
 
 
-def pepper(settings=None) -> bytes:
+def pepper(settings: Settings | None = None) -> bytes:
     """The server pepper: $RELEASEGATE_APIKEY_PEPPER, else <home>/keys/apikey.pepper (created 0600)."""
     settings = _settings(settings)
     if settings.apikey_pepper:
@@ -67,7 +71,7 @@ def parse_key(key: str) -> str | None:
     return parts[1]
 
 
-def create_key(role: str, settings=None) -> tuple[str, str]:
+def create_key(role: str, settings: Settings | None = None) -> tuple[str, str]:
     """A new key for `role`; returns (key_id, key). The key itself is never stored."""
     from releasegate import storage
 
@@ -85,7 +89,7 @@ def create_key(role: str, settings=None) -> tuple[str, str]:
     return key_id, key
 
 
-def revoke_key(key_id: str, settings=None) -> None:
+def revoke_key(key_id: str, settings: Settings | None = None) -> None:
     """Mark a key revoked; gateways stop accepting it within their poll interval."""
     from releasegate import storage
 
@@ -117,7 +121,7 @@ class KeyStore:
         # refresh, as before) and when it reaches _VERIFIED_MAX headers.
         self._verified: dict[str, str] = {}
 
-    def refresh(self, engine) -> int:
+    def refresh(self, engine: sa.Engine) -> int:
         """Reload the unrevoked keys from the database; returns how many there are."""
         from releasegate import storage
 

@@ -23,33 +23,38 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from releasegate.serving.payloads import Schema
 
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
+
 NUMERIC = frozenset({"boolean", "integer", "long", "float", "double"})
+# A predict on the rows' column lists ({name: [value per row]}): one answer per row.
+Predict: TypeAlias = Callable[[dict[str, list[Any]]], list[Any]]
 
 
 @dataclass
 class Compiled:
     """`predict(columns)` on the rows' column lists, or `predict is None` and `reason` says why not."""
 
-    predict: Callable[[dict[str, list]], list] | None
+    predict: Predict | None
     reason: str
 
 
-def raw_sklearn(pyfunc) -> Any | None:
+def raw_sklearn(pyfunc: PyFuncModel) -> Any | None:
     """The sklearn estimator behind a pyfunc whose predict is the estimator's own `predict`, else None."""
     flavors = pyfunc.metadata.flavors
     if "sklearn" not in flavors or flavors.get("python_function", {}).get("predict_fn", "predict") != "predict":
         return None
     try:
-        return pyfunc.get_raw_model()
+        return pyfunc.get_raw_model()  # type: ignore[no-untyped-call]  # mlflow leaves it unannotated
     except NotImplementedError:
         return None
 
 
-def compile_sklearn(estimator, schema: Schema, parity: Callable[[Callable], str | None]) -> Compiled:
+def compile_sklearn(estimator: Any, schema: Schema, parity: Callable[[Predict], str | None]) -> Compiled:
     """Convert `estimator` for the input `schema`; `parity(predict)` returns None when it agrees, else why not."""
     if estimator is None:
         return Compiled(None, "not a plain sklearn predict")
@@ -84,7 +89,7 @@ def compile_sklearn(estimator, schema: Schema, parity: Callable[[Callable], str 
     label = session.get_outputs()[0].name
     names = [c.name for c in schema.columns]
 
-    def predict(columns: dict[str, list]) -> list:
+    def predict(columns: dict[str, list[Any]]) -> list[Any]:
         feed = {}
         for name, num in zip(names, numeric):
             values = columns[name]
@@ -96,7 +101,8 @@ def compile_sklearn(estimator, schema: Schema, parity: Callable[[Callable], str 
                 column = np.empty((len(values), 1), dtype=object)
                 column[:, 0] = values
                 feed[name] = column
-        return session.run([label], feed)[0].ravel().tolist()
+        labels: list[Any] = session.run([label], feed)[0].ravel().tolist()
+        return labels
 
     problem = parity(predict)
     if problem:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, TypedDict, cast
 
 import orjson
 import sqlalchemy as sa
@@ -19,10 +20,14 @@ from releasegate.contract import Mode
 from releasegate.serving import auth, routing
 from releasegate.serving.config import GatewayConfig
 from releasegate.serving.logprocess import ProcessLogWriter
-from releasegate.serving.logwriter import LogWriter
+from releasegate.serving.logwriter import LogWriter, Row
 from releasegate.serving.payloads import PayloadError, Rows, select
 from releasegate.serving.routing import Route, RouteSpec
 from releasegate.serving.slots import LoadError, ModelCallError, Retried, Slot, load_slot
+
+if TYPE_CHECKING:
+    from releasegate.serving.metrics import Metrics
+    from releasegate.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +55,36 @@ class Active:
             self, "same_schema", self.candidate is not None and self.candidate.schema == self.champion.schema
         )
         names = [s.schema.names for s in (self.champion, self.candidate) if s is not None]
-        object.__setattr__(self, "declared", None if None in names else frozenset().union(*names))
+        known = [n for n in names if n is not None]
+        object.__setattr__(self, "declared", None if None in names else frozenset().union(*known))
 
 
 class Answer(NamedTuple):  # a tuple: built once a request, a frozen dataclass's __init__ cost more
-    outputs: list
+    outputs: list[Any]
     version: str
     arm: str
+
+
+class _CallBase(TypedDict):
+    """A request's values in the prediction log row of each model call it makes."""
+
+    request_id: str
+    model: str
+    mode: Mode
+    release_id: str | None
+    routing_key_hash: str
+    sample_bucket: int
+
+
+# A request mirrored to the shadow candidate: (its route, which has a candidate; the rows the caller sent; the
+# champion's rows; the logged rows; its log values).
+_Mirrored: TypeAlias = tuple[Active, Rows, Rows, Rows, _CallBase]
 
 
 class Gateway:
     """Everything one gateway process serves; the HTTP layer (app.py) is a thin shell around it."""
 
-    def __init__(self, settings, config: GatewayConfig, metrics):
+    def __init__(self, settings: Settings, config: GatewayConfig, metrics: Metrics) -> None:
         self.settings = settings
         self.config = config
         self.metrics = metrics
@@ -72,8 +94,8 @@ class Gateway:
         self.synced = False  # the routes stored at start have been tried once
         self.failures: dict[str, tuple[int, str, float]] = {}  # model -> (revision, error, when)
         self._slots: dict[tuple[str, str], Slot] = {}
-        self._loading: dict[tuple[str, str], asyncio.Task] = {}
-        self._syncing: dict[str, asyncio.Task] = {}  # model -> loading its stored route
+        self._loading: dict[tuple[str, str], asyncio.Task[Slot]] = {}
+        self._syncing: dict[str, asyncio.Task[bool]] = {}  # model -> loading its stored route
         self._load_slots = asyncio.Semaphore(config.load_concurrency)
         self._locks: dict[str, asyncio.Lock] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="predict")
@@ -86,7 +108,7 @@ class Gateway:
             batch_rows=config.log_batch_rows,
             max_buffer=config.log_buffer,
         )
-        self.feedback_log = LogWriter(
+        self.feedback_log: LogWriter[list[Row]] = LogWriter(
             self.engine,
             storage.feedback,
             metrics,
@@ -97,12 +119,12 @@ class Gateway:
         )
         # Mirrored requests waiting for the shadow taker: a deque and a wake-up event, not an asyncio.Queue,
         # whose put/get/task_done bookkeeping cost the request path more than the rest of the mirror.
-        self._shadow: deque = deque()
+        self._shadow: deque[_Mirrored] = deque()
         self._shadow_wake: asyncio.Event | None = None
         self._shadow_busy = 0  # mirrored requests taken and not yet answered
         self._mirror_slots: asyncio.Semaphore | None = None
-        self._mirroring: set[asyncio.Task] = set()
-        self._tasks: list[asyncio.Task] = []
+        self._mirroring: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -244,7 +266,7 @@ class Gateway:
         A route is applied as soon as its own versions are loaded, so a slow model holds no other back. The first
         sync returns once every stored route has been tried (readiness waits for it); later ones do not wait.
         """
-        tasks = []
+        tasks: list[asyncio.Task[bool]] = []
         for route in await asyncio.to_thread(self._read_routes):
             if not self._wanted(route):
                 continue
@@ -252,10 +274,13 @@ class Gateway:
             if task is None:  # else a load is under way; a newer revision is picked up by the next poll
                 task = asyncio.create_task(self._sync_route(route), name=f"sync {route.model}")
                 self._syncing[route.model] = task
-                task.add_done_callback(lambda _, model=route.model: self._syncing.pop(model, None))
+                task.add_done_callback(functools.partial(self._synced, route.model))
             tasks.append(task)
         if not self.synced:
             self.synced = all(await asyncio.gather(*tasks))
+
+    def _synced(self, model: str, _: asyncio.Task[bool]) -> None:
+        self._syncing.pop(model, None)
 
     def _wanted(self, route: Route) -> bool:
         """A stored route newer than the one served, unless its load failed lately (retried after a while)."""
@@ -303,8 +328,8 @@ class Gateway:
             raise NotFound(f"no route for model {model!r}")
         return active.route
 
-    def readiness(self) -> tuple[bool, dict]:
-        models = {m: {"revision": a.route.revision} for m, a in self.routes.items()}
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        models: dict[str, dict[str, int | str]] = {m: {"revision": a.route.revision} for m, a in self.routes.items()}
         for model, (revision, error, _) in self.failures.items():
             models.setdefault(model, {})["failed_revision"] = revision
             models[model]["error"] = error
@@ -336,7 +361,7 @@ class Gateway:
         logged = rows if rows is sent else self._logged(active, sent)
         route = active.route
         digest = routing.key_digest(route.model, routing_key)
-        base = {
+        base: _CallBase = {
             "request_id": request_id,
             "model": route.model,
             "mode": route.mode,
@@ -372,7 +397,7 @@ class Gateway:
         if route.mode is Mode.shadow and active.candidate is not None:
             if len(self._shadow) < self.config.shadow_queue:
                 self._shadow.append((active, sent, rows, logged, base))
-                self._shadow_wake.set()
+                cast("asyncio.Event", self._shadow_wake).set()  # made by start()
             else:
                 self.metrics.shadow_dropped.labels(route.model).inc()
         return Answer(outputs, champion.version, "champion")
@@ -392,13 +417,13 @@ class Gateway:
         return Rows(kept, sent.n)
 
     async def _call_candidate(
-        self, active: Active, sent: Rows, rows: Rows, logged: Rows, base: dict, served: bool
-    ) -> list | None:
+        self, active: Active, sent: Rows, rows: Rows, logged: Rows, base: _CallBase, served: bool
+    ) -> list[Any] | None:
         """The candidate's answer, or None after logging why it has none (error, timeout, wrong shape).
 
         `rows` are the champion's columns: the candidate's own are selected from what the caller `sent`.
         """
-        slot = active.candidate
+        slot = cast("Slot", active.candidate)  # called for routes with a candidate only
         start = time.perf_counter()
         status, error = "ok", None
         try:
@@ -428,10 +453,12 @@ class Gateway:
         """
         wait = self.config.batch_max_wait_ms / 1000
         queue = self._shadow
+        wake, mirror_slots = self._shadow_wake, self._mirror_slots
+        assert wake is not None and mirror_slots is not None  # start() makes them before it starts this task
         while True:
             if not queue:
-                self._shadow_wake.clear()
-                await self._shadow_wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
             if wait > 0:
                 # Nobody waits for a mirrored answer, so wait for more to share the call: a call costs the
@@ -442,17 +469,17 @@ class Gateway:
             try:
                 done = self._mirror_inline(batch)
             except Exception:
-                log.exception("mirrored calls to %s", batch[0][0].candidate.label)
+                log.exception("mirrored calls to %s", cast("Slot", batch[0][0].candidate).label)
                 done = True
             if done:
                 self._shadow_busy -= len(batch)
                 continue
-            await self._mirror_slots.acquire()
+            await mirror_slots.acquire()
             task = asyncio.create_task(self._mirror_each(batch))
             self._mirroring.add(task)
             task.add_done_callback(self._mirroring.discard)
 
-    def _mirror_inline(self, batch: list[tuple[Active, Rows, Rows, Rows, dict]]) -> bool:
+    def _mirror_inline(self, batch: list[_Mirrored]) -> bool:
         """One call of a compiled candidate for the whole batch; False where that does not apply.
 
         A compiled call takes microseconds and cannot hang, so it runs inline, without the per-request
@@ -460,7 +487,7 @@ class Gateway:
         row logs the batch call's own duration as its latency (not its time in the queue): that is what
         the candidate would have cost the request.
         """
-        slot = batch[0][0].candidate
+        slot = cast("Slot", batch[0][0].candidate)
         if not all(a.candidate is slot and a.same_schema for a, _, _, _, _ in batch):
             return False
         start = time.perf_counter()
@@ -478,7 +505,7 @@ class Gateway:
             at += rows.n
         return True
 
-    async def _mirror_each(self, batch: list[tuple[Active, Rows, Rows, Rows, dict]]) -> None:
+    async def _mirror_each(self, batch: list[_Mirrored]) -> None:
         try:
             await asyncio.gather(
                 *(
@@ -487,16 +514,16 @@ class Gateway:
                 )
             )
         except Exception:
-            log.exception("mirrored calls to %s", batch[0][0].candidate.label)
+            log.exception("mirrored calls to %s", cast("Slot", batch[0][0].candidate).label)
         finally:
             self._shadow_busy -= len(batch)
-            self._mirror_slots.release()
+            cast("asyncio.Semaphore", self._mirror_slots).release()  # made by start()
 
     def _log_call(
         self,
-        base: dict,
+        base: _CallBase,
         rows: Rows,
-        outputs: list | None,
+        outputs: list[Any] | None,
         slot: Slot,
         arm: str,
         start: float,
@@ -527,7 +554,7 @@ class Gateway:
 
     # --- feedback -------------------------------------------------------------------------------
 
-    def feedback(self, items) -> int:
+    def feedback(self, items: object) -> int:
         """Queue labels for the `feedback` table; PayloadError names the first bad item."""
         items = items if isinstance(items, list) else [items]
         if not items:

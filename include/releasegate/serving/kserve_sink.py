@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, Required, TypedDict
 
 import orjson
 import sqlalchemy as sa
@@ -35,9 +37,12 @@ from starlette.routing import Route
 from releasegate import storage
 from releasegate.contract import Arm, CallStatus, Mode
 from releasegate.serving import routing
-from releasegate.serving.logwriter import LogWriter, expand_predictions
+from releasegate.serving.logwriter import LogWriter, PredictionEntry, Row, expand_predictions
 from releasegate.serving.metrics import Metrics
 from releasegate.serving.payloads import PayloadError, Rows, Schema, parse_invocations, parse_v2
+
+if TYPE_CHECKING:
+    from releasegate.settings import Settings
 
 log = logging.getLogger(__name__)
 REQUEST = "org.kubeflow.serving.inference.request"
@@ -47,6 +52,17 @@ _ANY = Schema(None)
 
 class EventError(ValueError):
     """A CloudEvent the sink cannot use (400); the message says what is wrong."""
+
+
+class _Half(TypedDict, total=False):
+    """One event of a request/response pair, held until the other arrives."""
+
+    time: Required[float]  # the event's ce-time
+    received: Required[float]
+    model: Required[str]
+    rows: Rows  # a request's
+    routing_key: str | None  # a request's
+    body: object  # a response's JSON
 
 
 class Feedback(BaseModel):
@@ -65,7 +81,7 @@ def _event_time(value: str | None, received: float) -> float:
         raise EventError(f"ce-time {value!r} is not an RFC 3339 time") from err
 
 
-def parse_inputs(body) -> Rows:
+def parse_inputs(body: object) -> Rows:
     """A logged request body: Open Inference Protocol v2 (MLServer's) or an MLflow/v1 payload."""
     if (
         isinstance(body, dict)
@@ -78,7 +94,7 @@ def parse_inputs(body) -> Rows:
     return parse_invocations(body, _ANY)
 
 
-def parse_outputs(body, n: int) -> list:
+def parse_outputs(body: object, n: int) -> list[Any]:
     """One output per input row from a logged response body (v2 `outputs[0].data`, or v1 `predictions`)."""
     if isinstance(body, dict) and isinstance(body.get("outputs"), list) and body["outputs"]:
         data = body["outputs"][0].get("data")
@@ -101,13 +117,17 @@ class Sink:
         self.metrics = Metrics()
         self.pending_seconds = pending_seconds
         self.route_ttl = route_ttl
-        self.predictions = LogWriter(engine, storage.predictions, self.metrics, expand=expand_predictions)
-        self.feedback_log = LogWriter(engine, storage.feedback, self.metrics, expand=lambda rows: rows)
-        self._pending: dict[tuple[str, str], dict] = {}  # (request id, version) -> the half seen first
-        self._routes: dict[str, tuple[float, dict | None]] = {}
+        self.predictions: LogWriter[PredictionEntry] = LogWriter(
+            engine, storage.predictions, self.metrics, expand=expand_predictions
+        )
+        self.feedback_log: LogWriter[list[Row]] = LogWriter(
+            engine, storage.feedback, self.metrics, expand=lambda rows: rows
+        )
+        self._pending: dict[tuple[str, str], _Half] = {}  # (request id, version) -> the half seen first
+        self._routes: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.unpaired = 0
 
-    def route(self, model: str) -> dict | None:
+    def route(self, model: str) -> dict[str, Any] | None:
         cached = self._routes.get(model)
         if cached and time.monotonic() - cached[0] < self.route_ttl:
             return cached[1]
@@ -117,7 +137,9 @@ class Sink:
         self._routes[model] = (time.monotonic(), value)
         return value
 
-    def accept(self, headers, query, body: bytes, received: float | None = None) -> str:
+    def accept(
+        self, headers: Mapping[str, str], query: Mapping[str, str], body: bytes, received: float | None = None
+    ) -> str:
         """Take one CloudEvent; returns "pending" or "written"."""
         received = time.time() if received is None else received
         kind, request_id = headers.get("ce-type"), headers.get("ce-id")
@@ -132,7 +154,7 @@ class Sink:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as err:
             raise EventError(f"the event's data is not JSON: {err}") from err
-        half = {"time": _event_time(headers.get("ce-time"), received), "received": received, "model": model}
+        half: _Half = {"time": _event_time(headers.get("ce-time"), received), "received": received, "model": model}
         if kind == REQUEST:
             try:
                 half["rows"] = parse_inputs(payload)
@@ -164,7 +186,13 @@ class Sink:
         return len(expired)
 
     def _write(
-        self, model: str, version: str, request_id: str, request: dict, outputs: list | None, answered: float | None
+        self,
+        model: str,
+        version: str,
+        request_id: str,
+        request: _Half,
+        outputs: list[Any] | None,
+        answered: float | None,
     ) -> None:
         route = self.route(model) or {}
         arm = Arm.candidate if version == route.get("candidate_version") else Arm.champion
@@ -191,7 +219,7 @@ class Sink:
         }
         self.predictions.put((base, request["rows"], outputs), rows=request["rows"].n)
 
-    def feedback(self, items) -> int:
+    def feedback(self, items: object) -> int:
         items = items if isinstance(items, list) else [items]
         if not items:
             raise EventError("no feedback items")
@@ -232,20 +260,22 @@ def _routing_key(metadata: str | None) -> str | None:
     return None
 
 
-def create_app(settings=None, *, pending_seconds: float = 30.0, sweep_seconds: float = 1.0) -> Starlette:
+def create_app(
+    settings: Settings | None = None, *, pending_seconds: float = 30.0, sweep_seconds: float = 1.0
+) -> Starlette:
     """The sink's ASGI app: POST /events (CloudEvents), POST /feedback, /healthz, /metrics."""
     from releasegate.settings import get_settings
 
     settings = settings or get_settings()
     sink = Sink(storage.engine(settings.db_url), pending_seconds=pending_seconds)
 
-    async def sweep():
+    async def sweep() -> None:
         while True:
             await asyncio.sleep(sweep_seconds)
             sink.expire()
 
     @asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         sink.predictions.start()
         sink.feedback_log.start()
         task = asyncio.create_task(sweep())

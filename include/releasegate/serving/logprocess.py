@@ -26,8 +26,13 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
+
+if TYPE_CHECKING:
+    from releasegate.serving.logwriter import PredictionEntry, Row
+    from releasegate.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +41,11 @@ _FRAME = struct.Struct("!I")  # each frame: its length, then a JSON list of [bas
 _STATUS_EVERY = 0.25
 _RESTART_AFTER = 1.0  # seconds between attempts to restart a child that died
 _CHUNK = 128  # entries per frame: ~0.1 ms of encoding
+# An entry as shipped: (base row, columns, row count, outputs), a PredictionEntry with its Rows taken apart.
+_Shipped: TypeAlias = "tuple[Row, dict[str, list[Any]], int, list[Any] | None]"
 
 
-def _encode(entries: list) -> tuple[bytes, int]:
+def _encode(entries: list[_Shipped]) -> tuple[bytes, int]:
     """The entries as one JSON list, and how many could not be encoded (each on its own, stdlib as fallback)."""
     try:
         return orjson.dumps(entries, option=_JSON_OPTS), 0
@@ -62,24 +69,24 @@ class ProcessLogWriter:
         self,
         db_url: str,
         table: str,
-        metrics,
+        metrics: Metrics,
         *,
         flush_interval: float = 0.2,
         batch_rows: int = 500,
         max_buffer: int = 20_000,
-    ):
+    ) -> None:
         self._db_url = db_url
         self._table = table
         self._flush_interval = flush_interval
         self._batch_rows = batch_rows
         self._max_buffer = max_buffer
-        self._buffer: list = []
+        self._buffer: list[_Shipped] = []
         self._buffered_rows = 0
         self._oldest: float | None = None  # monotonic time of the oldest entry not yet handed over
         self._lock = threading.Lock()  # guards the buffer swap against put() from another thread
         self._wake = threading.Event()
         self._closed = False
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._child_lag = 0.0
         self._child_queued = 0
         self._child_written = 0
@@ -95,7 +102,7 @@ class ProcessLogWriter:
 
     # --- request path ---------------------------------------------------------------------------
 
-    def put(self, entry, rows: int = 1) -> bool:
+    def put(self, entry: PredictionEntry, rows: int = 1) -> bool:
         """Queue an entry (base row, Rows, outputs) without blocking; False (and counted) if the buffer is full."""
         if self._closed:
             self._drop(rows, "closed")
@@ -135,6 +142,7 @@ class ProcessLogWriter:
         self._shipper.join(timeout + 5)
         proc = self._proc
         if proc is not None:
+            assert proc.stdin is not None  # spawned with stdin=PIPE
             try:
                 proc.stdin.close()
             except OSError:
@@ -156,7 +164,7 @@ class ProcessLogWriter:
 
     # --- the child ------------------------------------------------------------------------------
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         self._last_start = time.monotonic()
         env = dict(os.environ, PYTHONUNBUFFERED="1", RELEASEGATE_LOG_DB_URL=self._db_url)  # not in `ps`
         args = [
@@ -173,9 +181,11 @@ class ProcessLogWriter:
         reader = threading.Thread(target=self._read_status, args=(proc,), name=f"logstatus-{self._table}", daemon=True)
         reader.start()
         self._readers.append(reader)
+        return proc
 
-    def _read_status(self, proc: subprocess.Popen) -> None:
+    def _read_status(self, proc: subprocess.Popen[bytes]) -> None:
         """Fold the child's status lines (cumulative counts) into this process's metrics."""
+        assert proc.stdout is not None  # spawned with stdout=PIPE
         for line in proc.stdout:
             try:
                 status = orjson.loads(line)
@@ -211,13 +221,12 @@ class ProcessLogWriter:
             if self._closed and not self._buffer:
                 return
 
-    def _ship(self, entries: list, rows: int) -> None:
+    def _ship(self, entries: list[_Shipped], rows: int) -> None:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             if proc is not None and time.monotonic() - self._last_start > _RESTART_AFTER and not self._closed:
                 log.error("%s log writer process exited (%s); starting another", self._table, proc.returncode)
-                self._spawn()
-                proc = self._proc
+                proc = self._spawn()
             else:
                 self._drop(rows, "writer_down")
                 return
@@ -225,9 +234,11 @@ class ProcessLogWriter:
         if bad:
             self._drop(bad, "encode_error")
         frame = memoryview(_FRAME.pack(len(data)) + data)
+        stdin = proc.stdin
+        assert stdin is not None  # spawned with stdin=PIPE
         try:
             while frame:
-                frame = frame[proc.stdin.write(frame) :]
+                frame = frame[stdin.write(frame) :]
         except (OSError, ValueError):  # the child is gone (broken pipe) or its pipe was closed
             self._drop(rows, "writer_down")
 
@@ -254,11 +265,11 @@ def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int,
     metrics = Metrics()
     table = getattr(storage, table_name)
 
-    def expand(entry):
+    def expand(entry: list[Any]) -> list[Row]:  # a shipped entry, decoded from JSON
         base, columns, n, outputs = entry
         return expand_predictions((base, Rows(columns, n), outputs))
 
-    writer = LogWriter(
+    writer: LogWriter[Any] = LogWriter(
         storage.engine(db_url),
         table,
         metrics,
@@ -271,7 +282,7 @@ def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int,
     stop = threading.Event()
 
     def status() -> bytes:
-        dropped = {}
+        dropped: dict[str, int] = {}
         for metric in metrics.log_dropped.collect():
             for sample in metric.samples:
                 if sample.name.endswith("_total"):

@@ -14,11 +14,25 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeAlias, TypeVar, overload
 
 import orjson
 import sqlalchemy as sa
 
+from releasegate.serving.payloads import Rows
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from releasegate.serving.metrics import Metrics
+
 log = logging.getLogger(__name__)
+
+Row: TypeAlias = dict[str, Any]  # a row of a log table: column -> value
+# A request's prediction log entry: its row's values but inputs and outputs, its input rows, one output per row
+# (None: the call failed).
+PredictionEntry: TypeAlias = tuple[Row, Rows, list[Any] | None]
+Entry = TypeVar("Entry")
 
 # Errors that mean "the database cannot take writes right now" (down, locked, read-only, connection
 # lost): the batch is kept and retried. Any other error means the rows themselves were refused.
@@ -30,7 +44,7 @@ _REPORT_EVERY = 5.0  # seconds between two log lines about dropped rows
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
-def expand_predictions(entry) -> list[dict]:
+def expand_predictions(entry: PredictionEntry) -> list[Row]:
     """A (row values, Rows, outputs) log entry as one `predictions` row per input row, JSON encoded off the request path."""
     base, rows, outputs = entry
     out = []
@@ -42,32 +56,58 @@ def expand_predictions(entry) -> list[dict]:
     return out
 
 
-class LogWriter:
+class LogWriter(Generic[Entry]):
     """A thread that inserts entries into `table` every `flush_interval` s or `batch_rows` rows.
 
-    An entry is whatever `expand` turns into row dicts, so the request path can hand over one
-    object per request and the JSON encoding of inputs happens here, off the event loop.
+    An entry is whatever `expand` turns into row dicts (without `expand`: a row dict), so the request
+    path can hand over one object per request and the JSON encoding of inputs happens here, off the
+    event loop.
     """
 
+    @overload
     def __init__(
-        self,
-        engine,
-        table,
-        metrics,
+        self: LogWriter[Row],
+        engine: sa.Engine,
+        table: sa.Table,
+        metrics: Metrics,
         *,
-        expand: Callable[[object], Iterable[dict]] = lambda e: (e,),
         flush_interval: float = 0.2,
         batch_rows: int = 500,
         max_buffer: int = 20_000,
-    ):
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        engine: sa.Engine,
+        table: sa.Table,
+        metrics: Metrics,
+        *,
+        expand: Callable[[Entry], Iterable[Row]],
+        flush_interval: float = 0.2,
+        batch_rows: int = 500,
+        max_buffer: int = 20_000,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        table: sa.Table,
+        metrics: Metrics,
+        *,
+        expand: Callable[[Any], Iterable[Row]] = lambda e: (e,),
+        flush_interval: float = 0.2,
+        batch_rows: int = 500,
+        max_buffer: int = 20_000,
+    ) -> None:
         self._engine = engine
         self._table = table
-        self._expand = expand
+        self._expand: Callable[[Entry], Iterable[Row]] = expand
         self._flush_interval = flush_interval
         self._batch_rows = batch_rows
-        self._queue: queue.Queue = queue.Queue(maxsize=max_buffer)
+        self._queue: queue.Queue[Entry] = queue.Queue(maxsize=max_buffer)
         self._dropped_metric = metrics.log_dropped
-        self._dropped_children: dict = {}
+        self._dropped_children: dict[str, Counter] = {}
         self._written = metrics.log_written.labels(table.name)
         self._pending_since: float | None = None  # monotonic time of the oldest unwritten entry
         metrics.log_queue.labels(table.name).set_function(self._queue.qsize)
@@ -84,7 +124,7 @@ class LogWriter:
         self._drops_unreported: dict[str, int] = {}
         self._last_report = 0.0
 
-    def start(self) -> LogWriter:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -97,7 +137,7 @@ class LogWriter:
         """Entries waiting to be written."""
         return self._queue.qsize()
 
-    def put(self, entry, rows: int = 1) -> bool:
+    def put(self, entry: Entry, rows: int = 1) -> bool:
         """Queue an entry of `rows` rows without blocking; False (and counted) if the buffer is full."""
         if self._closed:
             self._drop(rows, "closed")
@@ -132,8 +172,8 @@ class LogWriter:
                 return
             self._report()
 
-    def _collect(self) -> list[dict]:
-        rows: list[dict] = []
+    def _collect(self) -> list[Row]:
+        rows: list[Row] = []
         deadline = time.monotonic() + self._flush_interval
         while len(rows) < self._batch_rows:
             try:
@@ -150,7 +190,7 @@ class LogWriter:
                 self._drop(1, "encode_error")
         return rows
 
-    def _write(self, rows: list[dict]) -> None:
+    def _write(self, rows: list[Row]) -> None:
         delay, outage_since = 0.2, None
         while True:
             try:
@@ -194,7 +234,7 @@ class LogWriter:
                 )
             return
 
-    def _insert(self, conn, rows: list[dict]) -> None:
+    def _insert(self, conn: sa.Connection, rows: list[Row]) -> None:
         """One executemany of `rows`: on SQLite straight to the driver, elsewhere through SQLAlchemy.
 
         Why bypass SQLAlchemy on SQLite: its per-row parameter processing cost 10.6 µs a row against

@@ -101,28 +101,31 @@ class Metrics:
             ("endpoint",),
             registry=r,
         )
-        self._children: dict = {}
+        # Label children, cached by their label values (labels() takes a lock and builds a key per call).
+        self._in_flight: dict[str, Gauge] = {}
+        self._http: dict[tuple[str, int], Counter] = {}
+        self._calls: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._ignored: dict[str, Counter] = {}
 
-    def in_flight_of(self, endpoint: str):
-        key = ("in_flight", endpoint)
-        child = self._children.get(key)
+    def in_flight_of(self, endpoint: str) -> Gauge:
+        child = self._in_flight.get(endpoint)
         if child is None:
-            child = self._children[key] = self.in_flight.labels(endpoint)
+            child = self._in_flight[endpoint] = self.in_flight.labels(endpoint)
         return child
 
     def http_response(self, endpoint: str, status: int) -> None:
         """Count one response; label children are cached (labels() takes a lock and builds a key per call)."""
-        key = ("http", endpoint, status)
-        child = self._children.get(key)
+        key = (endpoint, status)
+        child = self._http.get(key)
         if child is None:
-            child = self._children[key] = self.http.labels(endpoint, str(status))
+            child = self._http[key] = self.http.labels(endpoint, str(status))
         child.inc()
 
     def model_call(self, model: str, version: str, arm: str, seconds: float) -> None:
-        key = ("call", model, version, arm)
-        children = self._children.get(key)
+        key = (model, version, arm)
+        children = self._calls.get(key)
         if children is None:
-            children = self._children[key] = (
+            children = self._calls[key] = (
                 self.requests.labels(model, version, arm),
                 self.latency.labels(model, version, arm),
             )
@@ -130,10 +133,9 @@ class Metrics:
         children[1].observe(seconds)
 
     def ignored(self, model: str, columns: int) -> None:
-        key = ("ignored", model)
-        child = self._children.get(key)
+        child = self._ignored.get(model)
         if child is None:
-            child = self._children[key] = self.ignored_columns.labels(model)
+            child = self._ignored[model] = self.ignored_columns.labels(model)
         child.inc(columns)
 
     def render(self) -> bytes:

@@ -7,14 +7,20 @@ requests, not only malformed ones.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from releasegate.serving.payloads import FLOAT32_MAX, INT_RANGE, V2_DATATYPES, Schema
 from releasegate.serving.routing import RouteSpec
+
+if TYPE_CHECKING:
+    from releasegate.serving.gateway import Gateway
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 _JSON = "application/json"
 
 
-def _value(kind: str | None, required: bool) -> dict:
+def _value(kind: str | None, required: bool) -> dict[str, Any]:
+    schema: dict[str, Any]
     if kind in INT_RANGE:
         low, high = INT_RANGE[kind]
         schema = {"type": "integer", "minimum": low, "maximum": high}
@@ -33,7 +39,7 @@ def _value(kind: str | None, required: bool) -> dict:
     return schema
 
 
-def _row(schema: Schema) -> dict:
+def _row(schema: Schema) -> dict[str, Any]:
     if schema.columns is None:
         return {"type": "object", "minProperties": 1}
     # Columns the model does not declare are ignored at run time; the document names only those it uses.
@@ -45,7 +51,7 @@ def _row(schema: Schema) -> dict:
     }
 
 
-def _invocations_body(schema: Schema, max_rows: int) -> dict:
+def _invocations_body(schema: Schema, max_rows: int) -> dict[str, Any]:
     rows = {"type": "array", "minItems": 1, "maxItems": max_rows, "items": _row(schema)}
     records = {
         "type": "object",
@@ -59,7 +65,7 @@ def _invocations_body(schema: Schema, max_rows: int) -> dict:
         "required": ["instances"],
         "properties": {"instances": rows},
     }
-    variants = [records, instances]
+    variants: list[dict[str, Any]] = [records, instances]
     if schema.columns is not None:
         names = [c.name for c in schema.columns]
         row_list = {
@@ -98,7 +104,8 @@ def _invocations_body(schema: Schema, max_rows: int) -> dict:
     return {"oneOf": variants}
 
 
-def _v2_body(schema: Schema) -> dict:
+def _v2_body(schema: Schema) -> dict[str, Any]:
+    tensors: dict[str, Any]
     if schema.columns is None:
         tensors = {"type": "object", "required": ["name", "shape", "datatype", "data"]}
     else:
@@ -128,9 +135,13 @@ def _v2_body(schema: Schema) -> dict:
 
 
 def _op(
-    summary: str, role: str | None, body: dict | None = None, ok: dict | None = None, extra: dict | None = None
-) -> dict:
-    op: dict = {
+    summary: str,
+    role: str | None,
+    body: dict[str, Any] | None = None,
+    ok: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
         "summary": summary,
         "responses": {
             "200": {"description": "OK", "content": {_JSON: {"schema": ok or {"type": "object"}}}},
@@ -154,7 +165,7 @@ def _op(
     return op
 
 
-def document(gateway) -> dict:
+def document(gateway: Gateway) -> dict[str, Any]:
     """OpenAPI 3.1 for this gateway: generic endpoints plus per-model inference paths."""
     from releasegate import __version__
 
@@ -180,7 +191,7 @@ def document(gateway) -> dict:
             "business_value": {"type": ["number", "null"]},
         },
     }
-    paths: dict[str, dict] = {
+    paths: dict[str, dict[str, Any]] = {
         "/feedback": {
             "post": _op(
                 "Ground truth for earlier requests",

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from mlflow.types import Schema as MlflowSchema
 
 _KINDS = {  # MLflow DataType name -> (what the error message calls it, numpy dtype for the batch frame)
     "boolean": ("boolean", "bool"),
@@ -56,12 +61,12 @@ class Schema:
         return [c.name for c in self.columns] if self.columns is not None else None
 
     @cached_property
-    def validators(self) -> tuple:
+    def validators(self) -> tuple[tuple[str, bool, Callable[[Any], bool]], ...]:
         """(name, required, accepts) per column: `accepts(value)` is the quick yes of `_type_ok` + not missing."""
         return tuple((c.name, c.required, _accepts(c.kind)) for c in self.columns or ())
 
     @classmethod
-    def from_mlflow(cls, schema) -> Schema:
+    def from_mlflow(cls, schema: MlflowSchema | None) -> Schema:
         if (
             schema is None
             or not getattr(schema, "inputs", None)
@@ -71,6 +76,7 @@ class Schema:
             return cls(None)
         cols = []
         for spec in schema.inputs:
+            assert spec.name is not None  # MLflow names every input of a schema or none, and these are named
             kind = getattr(getattr(spec, "type", None), "name", None)
             cols.append(Column(spec.name, kind if kind in _KINDS else None, bool(getattr(spec, "required", True))))
         return cls(tuple(cols))
@@ -80,21 +86,22 @@ class Schema:
 class Rows:
     """Input rows held by column: {name: [value per row]}."""
 
-    columns: dict[str, list]
+    columns: dict[str, list[Any]]
     n: int
 
-    def record(self, i: int) -> dict:
+    def record(self, i: int) -> dict[str, Any]:
         return {name: values[i] for name, values in self.columns.items()}
 
 
-def _is_missing(value) -> bool:
+def _is_missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 INT_RANGE = {"long": (-(1 << 63), (1 << 63) - 1), "integer": (-(1 << 31), (1 << 31) - 1)}
 FLOAT32_MAX = 3.4028234663852886e38
-# The v2 protocol's name for each MLflow column type (strings and datetimes travel as BYTES).
-V2_DATATYPES = {
+# The v2 protocol's name for each MLflow column type (strings and datetimes travel as BYTES); looked up
+# by a column's kind, which is None for a column of any type.
+V2_DATATYPES: dict[str | None, str] = {
     "boolean": "BOOL",
     "integer": "INT32",
     "long": "INT64",
@@ -106,7 +113,7 @@ V2_DATATYPES = {
 }
 
 
-def _type_ok(kind: str, value) -> bool:
+def _type_ok(kind: str, value: object) -> bool:
     if kind in ("long", "integer"):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -127,7 +134,7 @@ def _type_ok(kind: str, value) -> bool:
     return True
 
 
-def _accepts(kind: str | None):
+def _accepts(kind: str | None) -> Callable[[Any], bool]:
     """A quick test that says yes for every present, well-typed value JSON can carry (exact types only).
 
     `select` runs it on every value of every request; a no (or a value of another type, like numpy's)
@@ -160,20 +167,20 @@ def select(rows: Rows, schema: Schema, what: str) -> Rows:
         valid = False
     if valid:
         # Every declared value is present and well typed: only extra columns or the order may need fixing.
-        names = schema.names
-        return rows if list(columns) == names else Rows({n: columns[n] for n in names}, rows.n)
-    return _select(rows, schema, what)
+        names = schema.names  # not None: the schema has columns
+        return rows if list(columns) == names else Rows({n: columns[n] for n in cast("list[str]", names)}, rows.n)
+    return _select(rows, schema.columns, what)
 
 
-def _select(rows: Rows, schema: Schema, what: str) -> Rows:
-    missing = [c.name for c in schema.columns if c.required and c.name not in rows.columns]
+def _select(rows: Rows, columns: tuple[Column, ...], what: str) -> Rows:
+    missing = [c.name for c in columns if c.required and c.name not in rows.columns]
     if missing:
-        declared = ", ".join(c.name if c.required else f"{c.name} (optional)" for c in schema.columns)
+        declared = ", ".join(c.name if c.required else f"{c.name} (optional)" for c in columns)
         raise PayloadError(
             f"{what}: missing column(s) {', '.join(repr(c) for c in missing)} (expected {declared})", 422
         )
     selected = {}
-    for col in schema.columns:
+    for col in columns:
         values = rows.columns.get(col.name)
         if values is None:  # an optional column the caller left out: null in every row, as pandas reads it
             selected[col.name] = [None] * rows.n
@@ -205,7 +212,7 @@ def _describe(kind: str) -> str:
     return f"{_KINDS[kind][0]} ({kind})"
 
 
-def _from_records(records: list, where: str) -> Rows:
+def _from_records(records: list[Any], where: str) -> Rows:
     if not records:
         raise PayloadError(f"{where} has no rows")
     first = records[0]
@@ -223,7 +230,7 @@ def _from_records(records: list, where: str) -> Rows:
     return Rows({name: [rec[name] for rec in records] for name in names}, len(records))
 
 
-def _from_lists(data: list, names: list[str] | None, where: str) -> Rows:
+def _from_lists(data: list[Any], names: list[str] | None, where: str) -> Rows:
     if names is None:
         raise PayloadError(f"{where} gives rows without column names, and the model has no input signature")
     for i, row in enumerate(data):
@@ -236,7 +243,7 @@ def _from_lists(data: list, names: list[str] | None, where: str) -> Rows:
     return Rows({name: list(column) for name, column in zip(names, zip(*data))}, len(data))
 
 
-def _from_columns(mapping: dict, where: str) -> Rows:
+def _from_columns(mapping: dict[str, Any], where: str) -> Rows:
     if not mapping:
         raise PayloadError(f"{where} has no columns")
     values = list(mapping.values())
@@ -251,7 +258,7 @@ def _from_columns(mapping: dict, where: str) -> Rows:
     return Rows(dict(mapping), n)
 
 
-def parse_invocations(body, schema: Schema) -> Rows:
+def parse_invocations(body: object, schema: Schema) -> Rows:
     """An MLflow scoring payload: dataframe_split, dataframe_records, instances or inputs."""
     if not isinstance(body, dict):
         raise PayloadError("the body must be a JSON object with one of: " + ", ".join(INVOCATION_KEYS))
@@ -286,13 +293,13 @@ def parse_invocations(body, schema: Schema) -> Rows:
     raise PayloadError(f"{key} must be a non-empty list of rows or an object of columns")
 
 
-def _flatten(data: list, shape: list) -> list:
+def _flatten(data: list[Any], shape: list[int]) -> list[Any]:
     if data and isinstance(data[0], list):
         return [v for row in data for v in (row if isinstance(row, list) else [row])]
     return data
 
 
-def parse_v2(body, schema: Schema) -> Rows:
+def parse_v2(body: object, schema: Schema) -> Rows:
     """An Open Inference Protocol v2 request: one input per column, or one [rows, columns] tensor."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise PayloadError("the body must be an object with a non-empty 'inputs' list (Open Inference Protocol v2)")
@@ -315,7 +322,7 @@ def parse_v2(body, schema: Schema) -> Rows:
                 422,
             )
         return Rows({name: flat[j::k] for j, name in enumerate(names)}, n)
-    columns: dict[str, list] = {}
+    columns: dict[str, list[Any]] = {}
     n = None
     for t in tensors:
         flat = _flatten(t["data"], t["shape"])
@@ -337,7 +344,7 @@ def parse_v2(body, schema: Schema) -> Rows:
     return Rows(columns, n)
 
 
-def v2_datatype(values: list) -> str:
+def v2_datatype(values: list[Any]) -> str:
     """The v2 datatype name for a list of JSON-ready output values."""
     first = next((v for v in values if v is not None), None)
     if isinstance(first, bool):

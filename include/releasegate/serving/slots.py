@@ -14,18 +14,34 @@ import asyncio
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import chain
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 from releasegate.contract import ErrorCode
 from releasegate.serving import compiled
 from releasegate.serving.payloads import V2_DATATYPES, Rows, Schema
 from releasegate.signing import VerifiedModel
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from mlflow.pyfunc import PyFuncModel
+    from mlflow.types import Schema as MlflowSchema
+    from mlflow.types import TensorSpec
+    from numpy.typing import NDArray
+    from pandas import DataFrame
+
+    from releasegate.serving.metrics import Metrics
+    from releasegate.settings import Settings
+
 log = logging.getLogger(__name__)
 
-_PLACEHOLDER = {
+# A warm-up value per column kind (looked up by a column's kind, None for a column of any type).
+_PLACEHOLDER: dict[str | None, bool | int | float | str] = {
     "boolean": False,
     "integer": 0,
     "long": 0,
@@ -49,7 +65,7 @@ class ModelCallError(Exception):
     """A predict call that raised or answered with the wrong shape."""
 
 
-class Retried(list):
+class Retried(list[Any]):
     """A request's answers from a call of its own after its batch call failed; `error` says how that call failed.
 
     A list, so callers use it as any answer; only the log looks at the type (status `retried`).
@@ -57,7 +73,7 @@ class Retried(list):
 
     __slots__ = ("error",)
 
-    def __init__(self, values: list, error: str):
+    def __init__(self, values: list[Any], error: str):
         super().__init__(values)
         self.error = error
 
@@ -65,10 +81,10 @@ class Retried(list):
 @dataclass
 class _Job:
     rows: Rows
-    future: asyncio.Future
+    future: asyncio.Future[list[Any]]
 
 
-def _object_array(values: list):
+def _object_array(values: list[Any]) -> NDArray[Any]:
     import numpy as np
 
     out = np.empty(len(values), dtype=object)  # np.asarray would turn lists in cells into a 2-d array
@@ -76,7 +92,7 @@ def _object_array(values: list):
     return out
 
 
-def _frame(pd, arrays: list, names: list[str]):
+def _frame(pd: ModuleType, arrays: list[NDArray[Any]], names: list[str]) -> DataFrame:
     """A DataFrame of typed column arrays, built without pandas' per-column inference.
 
     The columns were checked against the signature already, yet pd.DataFrame(dict) spent most of
@@ -89,11 +105,12 @@ def _frame(pd, arrays: list, names: list[str]):
         return pd.DataFrame(dict(zip(names, arrays)), columns=names, index=index)
 
 
-def _outputs(result, n: int, label: str) -> list:
+def _outputs(result: object, n: int, label: str) -> list[Any]:
     """One JSON-ready prediction per input row, or ModelCallError."""
     import numpy as np
     import pandas as pd
 
+    values: list[Any]
     if isinstance(result, pd.DataFrame):
         values = result.iloc[:, 0].tolist() if result.shape[1] == 1 else result.to_dict(orient="records")
     elif isinstance(result, (pd.Series, np.ndarray)):
@@ -114,15 +131,15 @@ class Slot:
         self,
         model: str,
         version: str,
-        pyfunc,
+        pyfunc: PyFuncModel,
         schema: Schema,
-        metrics,
+        metrics: Metrics,
         executor: Executor,
         max_rows: int = 64,
         max_wait: float = 0.002,
-        outputs: list[dict] | None = None,
+        outputs: list[dict[str, Any]] | None = None,
         directory: VerifiedModel | None = None,
-    ):
+    ) -> None:
         self.model = model
         self.outputs = outputs or [{"name": "predict", "datatype": "BYTES", "shape": [-1]}]  # v2 metadata
         self.version = version
@@ -131,9 +148,9 @@ class Slot:
         self._pyfunc = pyfunc
         # A plain sklearn predict skips MLflow's own schema enforcement: `payloads.select` already did it.
         estimator = compiled.raw_sklearn(pyfunc)
-        self._predict = estimator.predict if estimator is not None else pyfunc.predict
+        self._predict: Callable[[DataFrame], object] = estimator.predict if estimator is not None else pyfunc.predict
         self._estimator = estimator
-        self._fast = None
+        self._fast: compiled.Predict | None = None
         self._fast_missing: set[str] = set()  # optional columns the graph answers like sklearn when missing
         self.engine = "sklearn" if estimator is not None else "mlflow pyfunc"
         self._executor = executor
@@ -143,20 +160,20 @@ class Slot:
         self._pending: deque[_Job] = deque()
         self._pending_rows = 0
         self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._directory = directory  # removed once the slot has answered its last request
 
     # --- synchronous part, runs in worker threads -------------------------------------------
 
-    def _columns(self, jobs: list[Rows]) -> dict[str, list]:
+    def _columns(self, jobs: list[Rows]) -> dict[str, list[Any]]:
         names = self.schema.names or list(jobs[0].columns)
         return {
             name: jobs[0].columns[name] if len(jobs) == 1 else list(chain.from_iterable(j.columns[name] for j in jobs))
             for name in names
         }
 
-    def call_fast(self, jobs: list[Rows]) -> list | None:
+    def call_fast(self, jobs: list[Rows]) -> list[Any] | None:
         """The compiled graph's answers, or None where it does not apply (no graph; a missing value it may not see)."""
         if self._fast is None:
             return None
@@ -170,7 +187,7 @@ class Slot:
             raise ModelCallError(f"{self.label} predict failed: {type(err).__name__}: {err}") from err
         return _outputs(result, n, self.label)
 
-    def call(self, jobs: list[Rows]) -> list:
+    def call(self, jobs: list[Rows]) -> list[Any]:
         """One predict over the rows of all `jobs` (one DataFrame), answers concatenated."""
         import numpy as np
         import pandas as pd
@@ -211,14 +228,14 @@ class Slot:
             raise LoadError(f"warm-up predict failed for {self.label}: {err}") from err
         self._compile(example, want)
 
-    def _compile(self, example: Rows, want: list) -> None:
+    def _compile(self, example: Rows, want: list[Any]) -> None:
         """Use the ONNX graph of the model if skl2onnx converts it and it agrees with sklearn's `want` on `example`.
 
         An optional numeric column may reach the graph missing only if, with that column blanked on the
         example rows, sklearn answers and the graph agrees with it.
         """
 
-        def agree(got: list, expected: list) -> bool:
+        def agree(got: list[Any], expected: list[Any]) -> bool:
             if got == expected:
                 return True
             # A regressor's values, computed in float32 by the graph.
@@ -227,7 +244,7 @@ class Slot:
                 for g, e in zip(got, expected, strict=True)
             )
 
-        def parity(predict) -> str | None:
+        def parity(predict: compiled.Predict) -> str | None:
             got = _outputs(predict(self._columns([example])), example.n, self.label)
             if not agree(got, want):
                 return f"answers {got[:5]} against sklearn's {want[:5]} on the input example"
@@ -272,26 +289,28 @@ class Slot:
             else:
                 self._task.add_done_callback(lambda _: directory.remove())
 
-    async def predict(self, rows: Rows) -> list:
+    async def predict(self, rows: Rows) -> list[Any]:
         """This request's predictions, one per row, computed in a shared batch."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             values = self.call_fast([rows])
             return values if values is not None else await loop.run_in_executor(self._executor, self.call, [rows])
-        future = loop.create_future()
+        future: asyncio.Future[list[Any]] = loop.create_future()
         self._pending.append(_Job(rows, future))
         self._pending_rows += rows.n
-        self._wake.set()
+        cast("asyncio.Event", self._wake).set()  # made by start(), before the batcher task
         return await future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        wake = self._wake
+        assert wake is not None  # start() makes it before it starts this task
         while True:
             if not self._pending:
                 if self._closing:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
             if self._pending_rows < self._max_rows and self._max_wait > 0 and self._fast is None:
                 # Let requests already on their way join this batch. Not for the compiled graph: its call
@@ -317,7 +336,7 @@ class Slot:
                     if not job.future.done():
                         job.future.set_exception(ModelCallError(f"{self.label}: {err}"))
 
-    async def _answer(self, loop, jobs: list[_Job], rows: int) -> None:
+    async def _answer(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], rows: int) -> None:
         self._batch_rows.observe(rows)
         try:
             # The compiled graph answers in microseconds: a thread hop would cost more than the call.
@@ -346,17 +365,24 @@ class Slot:
             start += job.rows.n
 
 
-def _settle(future: asyncio.Future, value=None, error: Exception | None = None) -> None:
+def _settle(future: asyncio.Future[list[Any]], value: list[Any] | None = None, error: Exception | None = None) -> None:
     if future.done():
         return
     if error is not None:
         future.set_exception(error if isinstance(error, ModelCallError) else ModelCallError(str(error)))
     else:
-        future.set_result(value)
+        future.set_result(cast("list[Any]", value))  # without an error, the caller gives the value
 
 
 def load_slot(
-    model: str, version: str, settings, metrics, executor: Executor, *, max_rows: int = 64, max_wait: float = 0.002
+    model: str,
+    version: str,
+    settings: Settings,
+    metrics: Metrics,
+    executor: Executor,
+    *,
+    max_rows: int = 64,
+    max_wait: float = 0.002,
 ) -> Slot:
     """Fetch + verify (signing.fetch_verified), load from that same directory, warm. Blocking: run in a thread.
 
@@ -380,10 +406,11 @@ def load_slot(
         raise
     try:
         try:
-            pyfunc = registry.load_pyfunc(verified)
+            pyfunc: PyFuncModel = registry.load_pyfunc(verified)
         except Exception as err:
             raise LoadError(f"could not load {label}: {type(err).__name__}: {err}") from err
-        schema = Schema.from_mlflow(pyfunc.metadata.get_input_schema())
+        # mlflow leaves Model.get_input_schema and get_output_schema unannotated.
+        schema = Schema.from_mlflow(pyfunc.metadata.get_input_schema())  # type: ignore[no-untyped-call]
         slot = Slot(
             model,
             version,
@@ -393,7 +420,7 @@ def load_slot(
             executor,
             max_rows=max_rows,
             max_wait=max_wait,
-            outputs=_v2_outputs(pyfunc.metadata.get_output_schema()),
+            outputs=_v2_outputs(pyfunc.metadata.get_output_schema()),  # type: ignore[no-untyped-call]
             directory=verified,
         )
         slot.warm(_example_rows(pyfunc, verified.path))
@@ -417,7 +444,7 @@ _NUMPY_V2 = {
 }
 
 
-def _v2_outputs(schema) -> list[dict] | None:
+def _v2_outputs(schema: MlflowSchema | None) -> list[dict[str, Any]] | None:
     """The v2 `outputs` metadata from an MLflow output signature, where it says enough."""
     if schema is None or not getattr(schema, "inputs", None):
         return None
@@ -425,14 +452,15 @@ def _v2_outputs(schema) -> list[dict] | None:
     for i, spec in enumerate(schema.inputs):
         name = getattr(spec, "name", None) or ("predict" if len(schema.inputs) == 1 else f"output_{i}")
         if schema.is_tensor_spec():
-            dtype, shape = _NUMPY_V2.get(str(spec.type), "BYTES"), list(spec.shape)
+            # A tensor-spec schema holds TensorSpecs only.
+            dtype, shape = _NUMPY_V2.get(str(spec.type), "BYTES"), list(cast("TensorSpec", spec).shape)
         else:
             dtype, shape = V2_DATATYPES.get(getattr(getattr(spec, "type", None), "name", ""), "BYTES"), [-1]
         outputs.append({"name": name, "datatype": dtype, "shape": shape})
     return outputs
 
 
-def _example_rows(pyfunc, model_dir) -> Rows | None:
+def _example_rows(pyfunc: PyFuncModel, model_dir: Path) -> Rows | None:
     import pandas as pd
 
     try:
