@@ -45,16 +45,47 @@ def test_pepper_from_the_environment_wins(settings, monkeypatch):
 
 
 def test_roles_grant_their_endpoints_and_admin_grants_all(settings):
-    keys_by_role = {role: auth.create_key(role, settings)[1] for role in auth.ROLES}
+    made = {role: auth.create_key(role, settings) for role in auth.ROLES}
     keys = store(settings)
-    assert keys.require(f"Bearer {keys_by_role['predict']}", "predict") == "predict"
-    assert keys.require(f"Bearer {keys_by_role['feedback']}", "feedback") == "feedback"
+    for role in (auth.Role.predict, auth.Role.feedback, auth.Role.metrics):
+        key_id, key = made[role]
+        assert keys.require(f"Bearer {key}", role) == auth.Caller(role, key_id)
     for needed in auth.ROLES:
-        assert keys.require(f"Bearer {keys_by_role['admin']}", needed) == "admin"
-        assert keys.require(f"Bearer {settings.admin_api_key}", needed) == "admin"
+        assert keys.require(f"Bearer {made['admin'][1]}", needed) == auth.Caller(auth.Role.admin, made["admin"][0])
+        assert keys.require(f"Bearer {settings.admin_api_key}", needed) == auth.Caller(
+            auth.Role.admin, auth.ADMIN_KEY_ID
+        )
     with pytest.raises(auth.AuthError, match="role 'predict'") as err:
-        keys.require(f"Bearer {keys_by_role['predict']}", "admin")
+        keys.require(f"Bearer {made['predict'][1]}", auth.Role.admin)
     assert err.value.status == 403
+    with pytest.raises(auth.AuthError, match="role 'metrics'"):
+        keys.require(f"Bearer {made['metrics'][1]}", auth.Role.predict)
+
+
+def test_a_metrics_key_from_a_file_reads_metrics_and_nothing_else(settings):
+    keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key, metrics_key="scraper-secret-0123456789")
+    keys.refresh(storage.engine(settings.db_url))
+    caller = keys.require("Bearer scraper-secret-0123456789", auth.Role.metrics)
+    assert caller == auth.Caller(auth.Role.metrics, auth.METRICS_KEY_ID)
+    for role in (auth.Role.predict, auth.Role.feedback, auth.Role.admin):
+        with pytest.raises(auth.AuthError) as err:
+            keys.require("Bearer scraper-secret-0123456789", role)
+        assert err.value.status == 403
+
+
+def test_creating_and_revoking_a_key_are_audited_with_who_did_it(settings):
+    from releasegate import audit
+    from releasegate.contract import AuditAction
+
+    key_id, _ = auth.create_key("predict", settings, actor="apikey:abc")
+    auth.revoke_key(key_id, settings)
+    auth.revoke_key(key_id, settings)  # already revoked: nothing changes, no second event
+    events = [e for e in audit.events(engine=storage.engine(settings.db_url)) if e["action"].startswith("apikey.")]
+    assert [(e["action"], e["actor"], e["details"]) for e in events] == [
+        (AuditAction.apikey_created, "apikey:abc", {"key_id": key_id, "role": "predict"}),
+        (AuditAction.apikey_revoked, auth.local_actor(), {"key_id": key_id, "role": "predict"}),
+    ]
+    assert auth.local_actor().startswith("cli") and audit.verify(storage.engine(settings.db_url)).ok
 
 
 @pytest.mark.parametrize("header", [None, "", "Bearer", "Basic abc", "Bearer rg_nothere_secret", "Bearer garbage"])
@@ -75,9 +106,9 @@ def test_a_key_with_a_wrong_secret_is_refused(settings):
 def test_revoked_key_stops_working_at_the_next_refresh(settings):
     key_id, key = auth.create_key("predict", settings)
     keys = store(settings)
-    assert keys.require(f"Bearer {key}", "predict") == "predict"
+    assert keys.require(f"Bearer {key}", "predict").role == "predict"
     auth.revoke_key(key_id, settings)
-    assert keys.require(f"Bearer {key}", "predict") == "predict"  # the cache until the poller refreshes it
+    assert keys.require(f"Bearer {key}", "predict").role == "predict"  # the cache until the poller refreshes it
     keys.refresh(storage.engine(settings.db_url))
     with pytest.raises(auth.AuthError, match="unknown or revoked") as err:
         keys.require(f"Bearer {key}", "predict")

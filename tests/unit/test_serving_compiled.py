@@ -94,9 +94,9 @@ def test_a_slot_serves_the_graph_and_falls_back_to_sklearn_for_missing_values(fr
 
     async def serve():
         slot.start()
-        answers = await asyncio.gather(*(slot.predict(Rows({k: [v] for k, v in row.items()}, 1)) for row in rows))
+        answers = await asyncio.gather(*(slot.predict(Rows({k: [v] for k, v in row.items()}, 1), 30) for row in rows))
         with pytest.raises(Exception, match="NaN"):  # the sklearn path ran, not the graph
-            await slot.predict(Rows({k: [v] for k, v in missing.items()}, 1))
+            await slot.predict(Rows({k: [v] for k, v in missing.items()}, 1), 30)
         slot.close()
         return answers
 

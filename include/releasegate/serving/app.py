@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import re
@@ -14,19 +13,20 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 import orjson
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
-from releasegate.serving import payloads
-from releasegate.serving.auth import AuthError
+from releasegate.serving import payloads, routing
+from releasegate.serving.auth import AuthError, Caller, Role
 from releasegate.serving.config import GatewayConfig
 from releasegate.serving.gateway import Active, Answer, Gateway, NotFound, Unavailable
 from releasegate.serving.metrics import Metrics
 from releasegate.serving.payloads import PayloadError, Rows, Schema
 from releasegate.serving.routing import RouteSpec
-from releasegate.serving.slots import LoadError, ModelCallError, Slot
+from releasegate.serving.slots import CallTimeout, LoadError, ModelCallError, QueueFull, Slot
 
 if TYPE_CHECKING:
     from releasegate.settings import Settings
@@ -34,9 +34,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
-# An endpoint's work once its key is checked, and the Starlette endpoint `_endpoint` makes of it.
-_Handler: TypeAlias = Callable[[Request, Gateway], Awaitable[Response]]
+# An endpoint's work once its key is checked (the caller, None for an endpoint without a role), and the
+# Starlette endpoint `_endpoint` makes of it.
+_Handler: TypeAlias = Callable[[Request, Gateway, Caller | None], Awaitable[Response]]
 _Endpoint: TypeAlias = Callable[[Request], Awaitable[Response]]
+# How long a client should wait before retrying a 503 (over the in-flight limit, a full queue, still loading).
+RETRY_AFTER = "1"
 
 
 class JSONResponse(Response):
@@ -47,25 +50,19 @@ class JSONResponse(Response):
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": message} | ({"code": code} if code else {}), status_code=status)
+    return JSONResponse(
+        {"error": message} | ({"code": code} if code else {}),
+        status_code=status,
+        headers={"retry-after": RETRY_AFTER} if status == 503 else None,
+    )
 
 
 def _gateway(request: Request) -> Gateway:
     return cast("Gateway", request.app.state.gateway)
 
 
-def _parse_json(raw: bytes) -> object:
-    if not raw:
-        raise PayloadError("empty body: a JSON document is expected")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        try:
-            # NaN/Infinity literals are not JSON, but clients send them; accept them here so the
-            # signature check can say which column may not be NaN.
-            return json.loads(raw)
-        except ValueError:
-            raise PayloadError(f"malformed JSON: {err}") from None
+class OverLimit(Exception):
+    """More requests in flight than RELEASEGATE_GATEWAY_MAX_IN_FLIGHT (503, Retry-After)."""
 
 
 def _declared_size(declared: str | None, limit: int) -> None:
@@ -91,45 +88,59 @@ async def _read_body(receive: Receive, declared: str | None, limit: int) -> byte
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _body(request: Request, limit: int) -> object:
+async def _body(request: Request, gateway: Gateway) -> object:
     """The parsed JSON body of a Starlette request."""
-    return _parse_json(await _read_body(request.receive, request.headers.get("content-length"), limit))
+    config = gateway.config
+    raw = await _read_body(request.receive, request.headers.get("content-length"), config.max_body_bytes)
+    return payloads.parse_json(raw, config.max_json_depth)
 
 
-def _failure(err: Exception) -> tuple[int, str] | None:
-    """The status and message a handler's exception answers with; None for one that is not ours (a bug)."""
+def _failure(err: Exception) -> tuple[int, str]:
+    """The status and message a handler's exception answers with (500 for one that is not ours: a bug)."""
     if isinstance(err, (AuthError, PayloadError, LoadError)):
         return err.status, str(err)
     if isinstance(err, NotFound):
         return 404, str(err)
-    if isinstance(err, Unavailable):
+    if isinstance(err, (Unavailable, QueueFull)):
         return 503, str(err)
+    if isinstance(err, OverLimit):
+        return 503, "too many requests in flight; retry shortly"
+    if isinstance(err, CallTimeout):
+        return 504, str(err)
     if isinstance(err, ModelCallError):
         return 500, str(err)
-    return None
+    log.error("unexpected error answering a request", exc_info=err)
+    return 500, f"internal error: {type(err).__name__}"
 
 
-def _endpoint(name: str, role: str | None) -> Callable[[_Handler], _Endpoint]:
-    """Wrap a handler with the key check and the translation of errors into {"error": ...} answers."""
+def _endpoint(name: str, role: Role | None, *, limited: bool = False) -> Callable[[_Handler], _Endpoint]:
+    """Wrap a handler with the key check and the translation of errors into {"error": ...} answers.
+
+    A `limited` endpoint counts towards RELEASEGATE_GATEWAY_MAX_IN_FLIGHT, as inference does.
+    """
 
     def wrap(handler: _Handler) -> _Endpoint:
         async def endpoint(request: Request) -> Response:
             gateway = _gateway(request)
             in_flight = gateway.metrics.in_flight_of(name)
             in_flight.inc()
+            admitted = False
             try:
-                if role is not None:
-                    gateway.keys.require(request.headers.get("authorization"), role)
-                response = await handler(request, gateway)
+                caller = None if role is None else gateway.keys.require(request.headers.get("authorization"), role)
+                if limited:
+                    if gateway.in_flight >= gateway.config.max_in_flight:
+                        raise OverLimit
+                    gateway.in_flight += 1
+                    admitted = True
+                response = await handler(request, gateway, caller)
             except ClientDisconnect:
                 response = Response(status_code=499)  # nobody to answer; counted, not logged as a crash
             except Exception as err:
-                failure = _failure(err)
-                if failure is None:
-                    raise
-                response = _error(*failure, code=getattr(err, "code", None))
+                response = _error(*_failure(err), code=getattr(err, "code", None))
             finally:
                 in_flight.dec()
+                if admitted:
+                    gateway.in_flight -= 1
             gateway.metrics.http_response(name, response.status_code)
             return response
 
@@ -155,12 +166,16 @@ os.register_at_fork(after_in_child=_new_id_prefix)  # forked workers must not re
 
 def _request_id(header: str | None, body: object) -> str:
     rid = header
-    if rid is None and isinstance(body, dict) and isinstance(body.get("id"), str) and body["id"]:
-        rid = body["id"]  # the v2 protocol's own request id
+    if rid is None and isinstance(body, dict) and "id" in body:  # the v2 protocol's own request id
+        rid = body["id"]
+        if not isinstance(rid, str):
+            raise PayloadError("the body's id must be a string (the request id)")
     if rid is None:
         return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
-    if not 0 < len(rid) <= 64:
-        raise PayloadError("X-Request-Id must have 1-64 characters")
+    if not routing.valid_request_id(rid):
+        raise PayloadError(
+            "the request id (X-Request-Id, or a v2 body's id) must be 1-64 characters, no control characters"
+        )
     return rid
 
 
@@ -234,6 +249,7 @@ class _Headers:
 
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_RETRY_HEADERS = [(b"retry-after", RETRY_AFTER.encode())]
 
 
 class InferenceApp:
@@ -260,6 +276,8 @@ class InferenceApp:
                 extra: list[tuple[bytes, bytes]] = []
                 if scope["method"] == "POST":
                     status, content = await self._infer(scope, receive, match.group(1), name, parse, build)
+                    if status == 503:
+                        extra = _RETRY_HEADERS
                 else:
                     status, content = 405, {"error": f"{scope['method']} is not allowed here; use POST"}
                     extra = [(b"allow", b"POST")]
@@ -279,64 +297,89 @@ class InferenceApp:
         self, scope: Scope, receive: Receive, model: str, name: str, parse: _Parser, build: _Builder
     ) -> tuple[int, dict[str, Any] | None]:
         gateway = self.gateway
+        config = gateway.config
         in_flight = gateway.metrics.in_flight_of(name)
         in_flight.inc()
+        admitted = False
         try:
             headers = _Headers(scope["headers"])
-            gateway.keys.require(headers.authorization, "predict")
+            caller = gateway.keys.require(headers.authorization, Role.predict)
+            if gateway.in_flight >= config.max_in_flight:
+                raise OverLimit
+            gateway.in_flight += 1
+            admitted = True
             active = gateway.active(model)
-            body = _parse_json(await _read_body(receive, headers.content_length, gateway.config.max_body_bytes))
+            raw = await _read_body(receive, headers.content_length, config.max_body_bytes)
+            body = payloads.parse_json(raw, config.max_json_depth)
             rows = parse(body, active.champion.schema)  # lists without column names follow the champion's
-            if rows.n > gateway.config.max_rows:
-                raise PayloadError(f"{rows.n} rows in one request; the limit is {gateway.config.max_rows}", 413)
+            if rows.n > config.max_rows:
+                raise PayloadError(f"{rows.n} rows in one request; the limit is {config.max_rows}", 413)
+            if not rows.n:
+                raise PayloadError("the request has no rows", 422)
             request_id = _request_id(headers.request_id, body)
-            answer = await gateway.infer(active, rows, request_id, headers.routing_key or request_id)
+            answer = await gateway.infer(active, rows, request_id, headers.routing_key or request_id, caller.key_id)
             status, content = 200, build(model, request_id, answer)
         except ClientDisconnect:
             status, content = 499, None  # nobody to answer; counted, not logged as a crash
         except Exception as err:
-            failure = _failure(err)
-            if failure is None:
-                log.exception("%s %s", scope["method"], scope["path"])
-                failure = 500, f"internal error: {type(err).__name__}"
-            status, content = failure[0], {"error": failure[1]}
+            status, message = _failure(err)
+            content = {"error": message}
         finally:
             in_flight.dec()
+            if admitted:
+                gateway.in_flight -= 1
         gateway.metrics.http_response(name, status)
         return status, content
 
 
-@_endpoint("feedback", "feedback")
-async def feedback(request: Request, gateway: Gateway) -> Response:
-    accepted = gateway.feedback(await _body(request, gateway.config.max_body_bytes))
+@_endpoint("feedback", Role.feedback, limited=True)
+async def feedback(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
+    accepted = gateway.feedback(await _body(request, gateway))
     return JSONResponse({"accepted": accepted})
 
 
-@_endpoint("admin_routes", "admin")
-async def list_routes(request: Request, gateway: Gateway) -> Response:
-    return JSONResponse({"routes": [a.route.model_dump() for _, a in sorted(gateway.routes.items())]})
+@_endpoint("admin_routes", Role.admin)
+async def list_routes(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
+    return JSONResponse(
+        {
+            "routes": [a.route.model_dump() for _, a in sorted(gateway.routes.items())],
+            # Why a stored route is not served: only an admin sees load errors (they name files and keys).
+            "failed": [
+                {"model": model, "revision": revision, "error": error}
+                for model, (revision, error, _) in sorted(gateway.failures.items())
+            ],
+        }
+    )
 
 
-@_endpoint("admin_route", "admin")
-async def get_route(request: Request, gateway: Gateway) -> Response:
+async def _get_route(request: Request, gateway: Gateway) -> Response:
     return JSONResponse(gateway.route(request.path_params["model"]).model_dump())
 
 
-@_endpoint("admin_route_put", "admin")
-async def put_route(request: Request, gateway: Gateway) -> Response:
+async def _put_route(request: Request, gateway: Gateway, caller: Caller) -> Response:
     model = request.path_params["model"]
-    if not 0 < len(model) <= 200:
-        raise PayloadError("the model name must have 1-200 characters")
-    if not model.isprintable() or model != model.strip():
-        raise PayloadError(f"the model name {model!r} has control characters or leading/trailing spaces", 422)
-    body = await _body(request, gateway.config.max_body_bytes)
+    if not routing.valid_model_name(model):
+        raise PayloadError(
+            f"the model name {model[:200]!r} must have 1-200 characters, no control characters and no leading "
+            "or trailing spaces",
+            422,
+        )
+    body = await _body(request, gateway)
     try:
         spec = RouteSpec.model_validate(body)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
         raise PayloadError(f"invalid route for {model}: {problems}", 422) from None
-    route = await gateway.put_route(model, spec)
+    route = await gateway.put_route(model, spec, caller)
     return JSONResponse(route.model_dump())
+
+
+@_endpoint("admin_route", Role.admin)
+async def admin_route(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
+    # One route for both methods, so that a 405 for any other lists them both.
+    if request.method == "PUT":
+        return await _put_route(request, gateway, cast("Caller", caller))  # the admin role's: checked
+    return await _get_route(request, gateway)
 
 
 def _v2_tensors(slot: Slot) -> list[dict[str, Any]]:
@@ -359,15 +402,15 @@ def _v2_metadata(model: str, active: Active, slot: Slot) -> dict[str, Any]:
     }
 
 
-@_endpoint("v2_model_metadata", "predict")
-async def v2_model_metadata(request: Request, gateway: Gateway) -> Response:
+@_endpoint("v2_model_metadata", Role.predict)
+async def v2_model_metadata(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     model = request.path_params["model"]
     active = gateway.active(model)
     return JSONResponse(_v2_metadata(model, active, active.champion))
 
 
-@_endpoint("v2_model_version_metadata", "predict")
-async def v2_model_version_metadata(request: Request, gateway: Gateway) -> Response:
+@_endpoint("v2_model_version_metadata", Role.predict)
+async def v2_model_version_metadata(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     model, version = request.path_params["model"], request.path_params["version"]
     active = gateway.active(model)
     slot = next((s for s in (active.champion, active.candidate) if s and s.version == version), None)
@@ -379,55 +422,71 @@ async def v2_model_version_metadata(request: Request, gateway: Gateway) -> Respo
     return JSONResponse(_v2_metadata(model, active, slot))
 
 
-@_endpoint("v2_model_ready", "predict")
-async def v2_model_ready(request: Request, gateway: Gateway) -> Response:
+@_endpoint("v2_model_ready", Role.predict)
+async def v2_model_ready(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     model = request.path_params["model"]
     try:
         active = gateway.active(model)
     except Unavailable as err:
-        return JSONResponse({"name": model, "ready": False, "error": str(err)}, status_code=503)
+        return JSONResponse(
+            {"name": model, "ready": False, "error": str(err)}, status_code=503, headers={"retry-after": RETRY_AFTER}
+        )
     return JSONResponse({"name": model, "ready": True, "version": active.champion.version})
 
 
 @_endpoint("v2_server", None)
-async def v2_server(request: Request, gateway: Gateway) -> Response:
+async def v2_server(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     from releasegate import __version__
 
     return JSONResponse({"name": "releasegate", "version": __version__, "extensions": []})
 
 
 @_endpoint("v2_live", None)
-async def v2_live(request: Request, gateway: Gateway) -> Response:
+async def v2_live(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     return JSONResponse({"live": True})
 
 
+def _ready(gateway: Gateway) -> Response:
+    # Ready or not, and nothing else: which models failed to load, and why, is for an admin (GET /admin/routes).
+    if gateway.ready():
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False}, status_code=503, headers={"retry-after": RETRY_AFTER})
+
+
 @_endpoint("v2_ready", None)
-async def v2_ready(request: Request, gateway: Gateway) -> Response:
-    ready, _ = gateway.readiness()
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+async def v2_ready(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
+    return _ready(gateway)
 
 
-@_endpoint("openapi", None)
-async def openapi(request: Request, gateway: Gateway) -> Response:
+@_endpoint("openapi", Role.predict)
+async def openapi(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     from releasegate.serving.openapi import document
 
     return JSONResponse(document(gateway))
 
 
 @_endpoint("healthz", None)
-async def healthz(request: Request, gateway: Gateway) -> Response:
+async def healthz(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     return JSONResponse({"status": "ok"})
 
 
 @_endpoint("readyz", None)
-async def readyz(request: Request, gateway: Gateway) -> Response:
-    ready, detail = gateway.readiness()
-    return JSONResponse(detail, status_code=200 if ready else 503)
+async def readyz(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
+    return _ready(gateway)
 
 
-async def metrics(request: Request) -> Response:
-    m = _gateway(request).metrics
+@_endpoint("metrics", Role.metrics)
+async def metrics(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
+    m = gateway.metrics
     return Response(m.render(), media_type=m.content_type)
+
+
+async def _http_error(request: Request, err: Exception) -> Response:
+    """Starlette's own answers (no such path, a method not allowed) as JSON errors, like every other answer."""
+    assert isinstance(err, HTTPException)  # registered for it alone
+    response = _error(err.status_code, err.detail)
+    response.headers.update(err.headers or {})
+    return response
 
 
 def create_app(settings: Settings | None = None, config: GatewayConfig | None = None) -> InferenceApp:
@@ -448,6 +507,7 @@ def create_app(settings: Settings | None = None, config: GatewayConfig | None = 
 
     app = Starlette(
         lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
         routes=[
             HttpRoute("/v2/models/{model:path}/versions/{version}", v2_model_version_metadata, methods=["GET"]),
             HttpRoute("/v2/models/{model:path}/ready", v2_model_ready, methods=["GET"]),
@@ -458,8 +518,7 @@ def create_app(settings: Settings | None = None, config: GatewayConfig | None = 
             HttpRoute("/openapi.json", openapi, methods=["GET"]),
             HttpRoute("/feedback", feedback, methods=["POST"]),
             HttpRoute("/admin/routes", list_routes, methods=["GET"]),
-            HttpRoute("/admin/routes/{model:path}", get_route, methods=["GET"]),
-            HttpRoute("/admin/routes/{model:path}", put_route, methods=["PUT"]),
+            HttpRoute("/admin/routes/{model:path}", admin_route, methods=["GET", "PUT"]),
             HttpRoute("/healthz", healthz, methods=["GET"]),
             HttpRoute("/readyz", readyz, methods=["GET"]),
             HttpRoute("/metrics", metrics, methods=["GET"]),

@@ -15,6 +15,45 @@ class GatewayConfig(BaseSettings):
     candidate_timeout: float = Field(
         default=1.0, gt=0, description="Seconds a candidate may take before the champion answers."
     )
+    champion_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds the champion may take before the request is answered 504."
+    )
+    breaker_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Candidate failures or timeouts within `breaker_window` that open its circuit: the champion "
+        "answers alone and each skipped candidate call is logged `skipped`.",
+    )
+    breaker_window: float = Field(
+        default=10.0, gt=0, description="Seconds over which the candidate's failures are counted."
+    )
+    breaker_cooldown: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds an open circuit skips the candidate; then one trial call decides whether it closes.",
+    )
+    slot_queue_rows: int = Field(
+        default=4096,
+        ge=1,
+        description="Rows waiting for one model version; a request that would exceed it fails at once "
+        "(503 for the champion, a failure for the candidate). A lone request of any size is taken.",
+    )
+    max_in_flight: int = Field(
+        default=256,
+        ge=1,
+        description="Inference and feedback requests handled at once; more are answered 503 with Retry-After.",
+    )
+    max_json_depth: int = Field(
+        default=32,
+        ge=4,
+        le=200,
+        description="Deepest nesting of arrays and objects in a request body (400 beyond).",
+    )
+    metrics_key_file: str | None = Field(
+        default=None,
+        description="File holding a key of role `metrics` (a scraper's: `/metrics` only), besides those in "
+        "the database; Prometheus reads the same file (`credentials_file`).",
+    )
     batch_max_rows: int = Field(default=64, ge=1, description="Most rows one predict call answers.")
     batch_max_wait_ms: float = Field(default=2.0, ge=0, description="Milliseconds a micro-batch collects requests.")
     shadow_queue: int = Field(

@@ -6,24 +6,28 @@ import asyncio
 import functools
 import gc
 import logging
+import math
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, TypedDict, cast
 
 import orjson
 import sqlalchemy as sa
 
-from releasegate import storage
-from releasegate.contract import Mode
+from releasegate import audit, storage
+from releasegate.contract import AuditAction, CallStatus, Mode
 from releasegate.serving import auth, routing
+from releasegate.serving.breaker import Breaker
 from releasegate.serving.config import GatewayConfig
 from releasegate.serving.logprocess import ProcessLogWriter
 from releasegate.serving.logwriter import LogWriter, Row
 from releasegate.serving.payloads import PayloadError, Rows, select
 from releasegate.serving.routing import Route, RouteSpec
-from releasegate.serving.slots import LoadError, ModelCallError, Retried, Slot, load_slot
+from releasegate.serving.slots import CallTimeout, LoadError, ModelCallError, QueueFull, Retried, Slot, load_slot
 
 if TYPE_CHECKING:
     from releasegate.serving.metrics import Metrics
@@ -74,6 +78,37 @@ class _CallBase(TypedDict):
     release_id: str | None
     routing_key_hash: str
     sample_bucket: int
+    key_id: str | None
+
+
+def _metrics_key(path: str | None) -> str | None:
+    if not path:
+        return None
+    key = Path(path).read_text().strip()
+    if not key:
+        raise ValueError(f"the metrics key file {path} is empty")
+    return key
+
+
+def disk_use(root: Path) -> int:
+    """Bytes of disk the files under `root` take (as `du` counts them); 0 if it does not exist."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:  # gone meanwhile (a version unloaded), or unreadable
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    else:
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                except OSError:
+                    continue
+    return total
 
 
 # A request mirrored to the shadow candidate: (its route, which has a candidate; the rows the caller sent; the
@@ -89,7 +124,8 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self.engine = storage.engine(settings.db_url)
-        self.keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key)
+        self.keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key, _metrics_key(config.metrics_key_file))
+        self.in_flight = 0  # inference and feedback requests being handled (app.py admits at most max_in_flight)
         self.routes: dict[str, Active] = {}
         self.synced = False  # the routes stored at start have been tried once
         self.failures: dict[str, tuple[int, str, float]] = {}  # model -> (revision, error, when)
@@ -125,6 +161,8 @@ class Gateway:
         self._mirror_slots: asyncio.Semaphore | None = None
         self._mirroring: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._measuring: asyncio.Future[int] | None = None
+        self._measure_again = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -137,6 +175,27 @@ class Gateway:
         self._mirror_slots = asyncio.Semaphore(self.config.shadow_workers)
         self._tasks = [asyncio.create_task(self._shadow_worker(), name="mirror")]
         self._tasks.append(asyncio.create_task(self._poll(), name="poller"))
+        self._measure_cache()
+
+    def _measure_cache(self) -> None:
+        """Measure the model cache's disk use in a thread, for the gauge: after each load and unload, not per scrape."""
+        if self._measuring is not None:  # one walk at a time; one more after it, for what changed meanwhile
+            self._measure_again = True
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # shutting down
+            return
+        self._measure_again = False
+        self._measuring = loop.run_in_executor(None, disk_use, self.settings.model_cache_dir)
+        self._measuring.add_done_callback(self._measured)
+
+    def _measured(self, future: asyncio.Future[int]) -> None:
+        self._measuring = None
+        if not future.cancelled() and future.exception() is None:
+            self.metrics.model_cache_bytes.set(future.result())
+        if self._measure_again:
+            self._measure_cache()
 
     async def stop(self) -> None:
         """Finish mirrored work briefly, then flush the logs (uvicorn calls this on SIGTERM)."""
@@ -182,7 +241,10 @@ class Gateway:
                 self._executor,
                 max_rows=self.config.batch_max_rows,
                 max_wait=self.config.batch_max_wait_ms / 1000,
+                max_queue_rows=self.config.slot_queue_rows,
             )
+            slot.breaker = self._breaker(*key)
+            slot.on_removed = self._measure_cache
             slot.start()
             self._slots[key] = slot
             # The heap now holds MLflow, sklearn, pandas and the model: millions of long-lived objects.
@@ -193,6 +255,30 @@ class Gateway:
             return slot
         finally:
             self._loading.pop(key, None)
+            self._measure_cache()  # a new verified directory, or the one a failed load removed
+
+    def _breaker(self, model: str, version: str) -> Breaker:
+        config = self.config
+        gauge = self.metrics.circuit_open.labels(model, version)
+        opened = self.metrics.circuit_opened.labels(model, version)
+        gauge.set(0)
+
+        def changed(is_open: bool) -> None:
+            gauge.set(1 if is_open else 0)
+            if is_open:
+                opened.inc()
+                log.error(
+                    "%s v%s: %d failures within %gs; its calls are skipped for %gs",
+                    model,
+                    version,
+                    config.breaker_failures,
+                    config.breaker_window,
+                    config.breaker_cooldown,
+                )
+            else:
+                log.warning("%s v%s answered its trial call; its circuit is closed again", model, version)
+
+        return Breaker(config.breaker_failures, config.breaker_window, config.breaker_cooldown, changed)
 
     async def _prepare(self, route: Route) -> Active:
         champion = await self.slot(route.model, route.champion_version)
@@ -222,31 +308,43 @@ class Gateway:
         used = {s.version for s in (active.champion, active.candidate) if s} if active else set()
         for key in [k for k in self._slots if k[0] == model and k[1] not in used]:
             self._slots.pop(key).close()
+            try:
+                self.metrics.circuit_open.remove(*key)
+            except KeyError:
+                pass
 
     def _read_routes(self) -> list[Route]:
         with self.engine.connect() as conn:
             return [Route(**row._mapping) for row in conn.execute(sa.select(storage.routes))]
 
-    def _write_route(self, model: str, spec: RouteSpec) -> Route:
+    def _write_route(self, model: str, spec: RouteSpec, caller: auth.Caller) -> Route:
+        """Store the route (revision + 1) and its `route` audit event, naming the caller's key, in one transaction."""
         table = storage.routes
-        for attempt in range(3):
-            try:
-                with self.engine.begin() as conn:
-                    current = conn.execute(
-                        sa.select(table.c.revision).where(table.c.model == model).with_for_update()
-                    ).scalar()
-                    values = spec.model_dump() | {"updated_at": time.time(), "revision": (current or 0) + 1}
-                    if current is None:
-                        conn.execute(table.insert().values(model=model, **values))
-                    else:
-                        conn.execute(table.update().where(table.c.model == model).values(**values))
-                return Route(model=model, **values)
-            except sa.exc.IntegrityError:  # another replica inserted the first row at the same moment
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
 
-    async def put_route(self, model: str, spec: RouteSpec) -> Route:
+        def write(conn: sa.Connection) -> Route:
+            current = conn.execute(sa.select(table.c.revision).where(table.c.model == model).with_for_update()).scalar()
+            values = spec.model_dump() | {"updated_at": time.time(), "revision": (current or 0) + 1}
+            if current is None:
+                conn.execute(table.insert().values(model=model, **values))
+            else:
+                conn.execute(table.update().where(table.c.model == model).values(**values))
+            # The release id goes in the details, not the event's column: the release's own `route` events (written
+            # by the pipeline) are its timeline, and this one is the gateway's record of who changed the split.
+            audit.append_in(
+                conn,
+                f"apikey:{caller.key_id}",
+                AuditAction.route,
+                model=model,
+                version=spec.candidate_version or spec.champion_version,
+                details=spec.model_dump(mode="json")
+                | {"revision": values["revision"], "via": "gateway admin API", "key_id": caller.key_id},
+            )
+            return Route(model=model, **values)
+
+        # Retried on contention: another replica inserting the first row, or appending to the audit log, at once.
+        return audit.retrying(write, self.engine)
+
+    async def put_route(self, model: str, spec: RouteSpec, caller: auth.Caller) -> Route:
         """Load, verify and warm the versions first; then store the route (revision + 1) and apply it."""
         async with self._lock(model):
             try:
@@ -256,7 +354,7 @@ class Gateway:
                 self.metrics.route_load_failures.labels(model).inc()
                 self._unload_unused(model)
                 raise
-            route = await asyncio.to_thread(self._write_route, model, spec)
+            route = await asyncio.to_thread(self._write_route, model, spec, caller)
             self._apply(Active(route, champion, candidate))
             return route
 
@@ -328,29 +426,27 @@ class Gateway:
             raise NotFound(f"no route for model {model!r}")
         return active.route
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        models: dict[str, dict[str, int | str]] = {m: {"revision": a.route.revision} for m, a in self.routes.items()}
-        for model, (revision, error, _) in self.failures.items():
-            models.setdefault(model, {})["failed_revision"] = revision
-            models[model]["error"] = error
-        ready = self.synced and not any(m not in self.routes for m in self.failures)
-        return ready, {"ready": ready, "models": models}
+    def ready(self) -> bool:
+        """Every stored route has been tried, and each model whose route failed to load still serves an older one."""
+        return self.synced and not any(m not in self.routes for m in self.failures)
 
     # --- predictions ----------------------------------------------------------------------------
 
     def active(self, model: str) -> Active:
+        """The model's served route. The errors name no other model and no load error: a caller learns only
+        about the model it asked for, and the load error is for an admin (GET /admin/routes) and the log."""
         active = self.routes.get(model)
         if active is None:
-            if model in self.failures or not self.synced:
-                raise Unavailable(
-                    f"model {model!r} is not ready: "
-                    + (self.failures[model][1] if model in self.failures else "routes still loading")
-                )
-            known = ", ".join(sorted(self.routes)) or "none"
-            raise NotFound(f"unknown model {model!r} (served models: {known})")
+            if model in self.failures:
+                raise Unavailable(f"model {model!r} is not ready: its route failed to load")
+            if not self.synced:
+                raise Unavailable(f"model {model!r} is not ready: routes still loading")
+            raise NotFound(f"unknown model {model!r}")
         return active
 
-    async def infer(self, active: Active, sent: Rows, request_id: str, routing_key: str) -> Answer:
+    async def infer(
+        self, active: Active, sent: Rows, request_id: str, routing_key: str, key_id: str | None = None
+    ) -> Answer:
         """Route one request (the caller's parsed rows), answer it, log every model call.
 
         Each version gets the columns its own signature declares; the champion's are checked first, so a
@@ -368,6 +464,7 @@ class Gateway:
             "release_id": route.release_id,
             "routing_key_hash": digest[:16],
             "sample_bucket": routing.sample_bucket(request_id),
+            "key_id": key_id,
         }
         fallback = False
         if active.candidate is not None and routing.choose_arm(route, digest) == "candidate":
@@ -378,7 +475,9 @@ class Gateway:
             self.metrics.fallbacks.labels(route.model).inc()
         start = time.perf_counter()
         try:
-            outputs = await champion.predict(rows)
+            outputs = await champion.predict(rows, self.config.champion_timeout)
+        except QueueFull:
+            raise  # not a model call: nothing logged, the caller is told to retry (503)
         except ModelCallError as err:
             self._log_call(
                 base,
@@ -389,7 +488,7 @@ class Gateway:
                 start,
                 served=False,
                 fallback=fallback,
-                status="error",
+                status=CallStatus.timeout if isinstance(err, CallTimeout) else CallStatus.error,
                 error=str(err),
             )
             raise
@@ -424,19 +523,33 @@ class Gateway:
         `rows` are the champion's columns: the candidate's own are selected from what the caller `sent`.
         """
         slot = cast("Slot", active.candidate)  # called for routes with a candidate only
+        breaker = cast("Breaker", slot.breaker)  # every loaded slot has one
+        if not breaker.allow():
+            self._log_call(
+                base,
+                logged,
+                None,
+                slot,
+                "candidate",
+                None,
+                served=False,
+                fallback=False,
+                status=CallStatus.skipped,
+                error=breaker.describe(),
+            )
+            return None
         start = time.perf_counter()
-        status, error = "ok", None
+        status, error = CallStatus.ok, None
         try:
             if not active.same_schema:
                 rows = select(sent, slot.schema, slot.label)
-            # A timeout scope, not wait_for: no extra task per call on the champion's event loop.
-            async with asyncio.timeout(self.config.candidate_timeout):
-                outputs = await slot.predict(rows)
-        except TimeoutError:
-            status, error = "timeout", f"{slot.label} took longer than {self.config.candidate_timeout:g}s"
+            outputs = await slot.predict(rows, self.config.candidate_timeout)
+        except CallTimeout as err:
+            status, error = CallStatus.timeout, str(err)
         except (ModelCallError, PayloadError) as err:
-            status, error = "error", str(err)
-        if status != "ok":
+            status, error = CallStatus.error, str(err)
+        breaker.record(status is CallStatus.ok)
+        if status is not CallStatus.ok:
             self._log_call(
                 base, logged, None, slot, "candidate", start, served=False, fallback=False, status=status, error=error
             )
@@ -490,6 +603,8 @@ class Gateway:
         slot = cast("Slot", batch[0][0].candidate)
         if not all(a.candidate is slot and a.same_schema for a, _, _, _, _ in batch):
             return False
+        if slot.breaker is not None and slot.breaker.is_open:
+            return False  # each request asks the breaker on its own: skipped, or the trial call
         start = time.perf_counter()
         try:
             values = slot.call_fast([rows for _, _, rows, _, _ in batch])
@@ -526,18 +641,19 @@ class Gateway:
         outputs: list[Any] | None,
         slot: Slot,
         arm: str,
-        start: float,
+        start: float | None,
         *,
         served: bool,
         fallback: bool,
-        status: str = "ok",
+        status: CallStatus = CallStatus.ok,
         error: str | None = None,
     ) -> None:
-        elapsed = time.perf_counter() - start
+        """Log one model call (`start` None: a call skipped, which has no latency) and count it."""
+        elapsed = time.perf_counter() - start if start is not None else None
         if type(outputs) is Retried:  # answered, but its batch call failed: that failure is the model's too
-            status, error = "retried", outputs.error
+            status, error = CallStatus.retried, outputs.error
         self.metrics.model_call(slot.model, slot.version, arm, elapsed)
-        if status != "ok":
+        if status is not CallStatus.ok:
             self.metrics.errors.labels(slot.model, slot.version, arm, status).inc()
         row = dict(
             base,
@@ -546,7 +662,7 @@ class Gateway:
             arm=arm,
             served=served,
             fallback=fallback,
-            latency_ms=elapsed * 1000,
+            latency_ms=elapsed * 1000 if elapsed is not None else None,
             status=status,
             error=error,
         )
@@ -555,35 +671,73 @@ class Gateway:
     # --- feedback -------------------------------------------------------------------------------
 
     def feedback(self, items: object) -> int:
-        """Queue labels for the `feedback` table; PayloadError names the first bad item."""
+        """Queue labels for the `feedback` table; PayloadError names the first bad item.
+
+        A label is what the analysis reads (`analysis.labels.per_row`): one JSON scalar (string, number,
+        boolean) for the request, or a list of them, one per input row.
+        """
         items = items if isinstance(items, list) else [items]
         if not items:
-            raise PayloadError("no feedback items")
+            raise PayloadError("no feedback items", 422)
+        if len(items) > MAX_FEEDBACK_ITEMS:
+            raise PayloadError(f"{len(items)} feedback items in one request; the limit is {MAX_FEEDBACK_ITEMS}", 413)
         now = time.time()
         rows = []
         for i, item in enumerate(items):
             where = f"feedback item {i}"
             if not isinstance(item, dict):
-                raise PayloadError(f"{where} must be an object with request_id and ground_truth")
+                raise PayloadError(f"{where} must be an object with request_id and ground_truth", 422)
             extra = set(item) - {"request_id", "ground_truth", "business_value"}
             if extra:
                 raise PayloadError(f"{where} has unexpected field(s) {sorted(extra)}", 422)
             rid = item.get("request_id")
-            if not isinstance(rid, str) or not 0 < len(rid) <= 64:
-                raise PayloadError(f"{where}: request_id must be a string of 1-64 characters", 422)
-            if item.get("ground_truth") is None:
+            if not isinstance(rid, str) or not routing.valid_request_id(rid):
+                raise PayloadError(
+                    f"{where}: request_id must be a string of 1-64 characters, no control characters", 422
+                )
+            truth = item.get("ground_truth")
+            if truth is None:
                 raise PayloadError(f"{where}: ground_truth is required", 422)
+            self._check_label(truth, where)
             value = item.get("business_value")
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise PayloadError(f"{where}: business_value must be a number", 422)
+            if value is not None and not _finite_number(value):
+                raise PayloadError(f"{where}: business_value must be a finite number", 422)
             rows.append(
                 {
                     "request_id": rid,
                     "time": now,
-                    "ground_truth": orjson.dumps(item["ground_truth"]).decode(),
+                    "ground_truth": orjson.dumps(truth).decode(),
                     "business_value": value,
                 }
             )
         if not self.feedback_log.put(rows, rows=len(rows)):
             raise Unavailable("the feedback buffer is full; retry shortly")
         return len(rows)
+
+    def _check_label(self, truth: object, where: str) -> None:
+        if isinstance(truth, list):
+            if not 0 < len(truth) <= self.config.max_rows:
+                raise PayloadError(
+                    f"{where}: a ground_truth list has one label per input row (1 to {self.config.max_rows})", 422
+                )
+            if all(_label(v) for v in truth):
+                return
+        elif _label(truth):
+            return
+        raise PayloadError(
+            f"{where}: ground_truth must be a string, a finite number or a boolean, or a list of them "
+            "(one per input row of the request)",
+            422,
+        )
+
+
+MAX_FEEDBACK_ITEMS = 100
+
+
+def _finite_number(value: object) -> bool:
+    return (type(value) is int) or (type(value) is float and math.isfinite(value))
+
+
+def _label(value: object) -> bool:
+    """A label the analysis can read: a string, a finite number or a boolean."""
+    return type(value) is str or type(value) is bool or _finite_number(value)

@@ -13,6 +13,13 @@ Nothing is dropped silently: rows the gateway cannot hand over (its buffer is fu
 gone) are counted here; rows the child cannot write are counted there and reported back on its
 stdout, one JSON status line at a time, into the same metrics. The child ignores SIGTERM/SIGINT
 (they reach the whole process group): it finishes when its stdin closes, after writing what it holds.
+
+No value kills the writer. The gateway refuses what JSON cannot carry before a request is accepted
+(`payloads.parse_json`), and the log is still built to survive one: an entry orjson cannot encode is
+shipped through the standard library's encoder; a frame the child cannot read with orjson is read
+with the standard library's; a row whose values cannot be encoded is dropped alone (`encode_error`),
+a frame that cannot be read at all is dropped with its rows counted (`bad_frame`, each frame's
+header carries its row count); the rest is written.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-_FRAME = struct.Struct("!I")  # each frame: its length, then a JSON list of [base, columns, n, outputs]
+# Each frame: its length and its rows, then a JSON list of [base, columns, n, outputs].
+_FRAME = struct.Struct("!II")
 _STATUS_EVERY = 0.25
 _RESTART_AFTER = 1.0  # seconds between attempts to restart a child that died
 _CHUNK = 128  # entries per frame: ~0.1 ms of encoding
@@ -46,7 +54,8 @@ _Shipped: TypeAlias = "tuple[Row, dict[str, list[Any]], int, list[Any] | None]"
 
 
 def _encode(entries: list[_Shipped]) -> tuple[bytes, int]:
-    """The entries as one JSON list, and how many could not be encoded (each on its own, stdlib as fallback)."""
+    """The entries as one JSON list, and how many rows could not be encoded (each entry on its own, stdlib as
+    fallback: its text may hold what orjson refuses, like a lone surrogate, and the child sorts that out)."""
     try:
         return orjson.dumps(entries, option=_JSON_OPTS), 0
     except TypeError:  # e.g. an integer beyond 64 bits in a column without a signature
@@ -57,8 +66,8 @@ def _encode(entries: list[_Shipped]) -> tuple[bytes, int]:
             except TypeError:
                 try:
                     parts.append(json.dumps(entry, default=str).encode())
-                except (TypeError, ValueError):
-                    bad += 1
+                except Exception:  # nested too deep for it too (RecursionError), or a circular value
+                    bad += entry[2]
         return b"[" + b",".join(parts) + b"]", bad
 
 
@@ -217,7 +226,12 @@ class ProcessLogWriter:
             # a stall of every request; a full buffer would take ~20), and between frames the loop gets it back.
             for at in range(0, len(entries), _CHUNK):
                 chunk = entries[at : at + _CHUNK]
-                self._ship(chunk, sum(entry[2] for entry in chunk))
+                rows = sum(entry[2] for entry in chunk)
+                try:
+                    self._ship(chunk, rows)
+                except Exception:  # this thread is the only way to the child: it must outlive any frame
+                    log.exception("%s log: a frame of %d rows could not be shipped", self._table, rows)
+                    self._drop(rows, "encode_error")
             if self._closed and not self._buffer:
                 return
 
@@ -233,7 +247,7 @@ class ProcessLogWriter:
         data, bad = _encode(entries)
         if bad:
             self._drop(bad, "encode_error")
-        frame = memoryview(_FRAME.pack(len(data)) + data)
+        frame = memoryview(_FRAME.pack(len(data), rows - bad) + data)
         stdin = proc.stdin
         assert stdin is not None  # spawned with stdin=PIPE
         try:
@@ -250,9 +264,29 @@ class ProcessLogWriter:
 # --- the child process --------------------------------------------------------------------------
 
 
+def _decode(data: bytes) -> list[Any] | None:
+    """A frame's entries: orjson, else the standard library (which reads lone surrogates, big integers and
+    NaN); None if neither can read it."""
+    try:
+        entries = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            entries = json.loads(data.decode("utf-8", "surrogatepass"))
+        except (ValueError, RecursionError):
+            return None
+    return entries if isinstance(entries, list) else None
+
+
+def _entry_rows(entry: object) -> int:
+    """How many rows a shipped entry says it has (1 for one too broken to say)."""
+    if isinstance(entry, list) and len(entry) == 4 and type(entry[2]) is int and entry[2] > 0:
+        return entry[2]
+    return 1
+
+
 def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int, max_buffer: int) -> None:
     from releasegate import storage
-    from releasegate.serving.logwriter import LogWriter, expand_predictions
+    from releasegate.serving.logwriter import LogWriter, expand_predictions_keeping
     from releasegate.serving.metrics import Metrics
     from releasegate.serving.payloads import Rows
 
@@ -264,20 +298,32 @@ def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int,
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the gateway has migrated the database already
     metrics = Metrics()
     table = getattr(storage, table_name)
+    predictions = table_name == "predictions"
 
-    def expand(entry: list[Any]) -> list[Row]:  # a shipped entry, decoded from JSON
-        base, columns, n, outputs = entry
-        return expand_predictions((base, Rows(columns, n), outputs))
+    # Entries arrive expanded into their rows (below): the writer's thread only inserts them.
+    def same(rows: list[Row]) -> list[Row]:
+        return rows
 
-    writer: LogWriter[Any] = LogWriter(
+    writer: LogWriter[list[Row]] = LogWriter(
         storage.engine(db_url),
         table,
         metrics,
-        expand=expand if table_name == "predictions" else (lambda e: (e,)),
+        expand=same,
         flush_interval=flush_interval,
         batch_rows=batch_rows,
         max_buffer=max_buffer,
     ).start()
+
+    def expand(entry: Any) -> tuple[list[Row], int]:  # a shipped entry, decoded from JSON: (rows, rows dropped)
+        if not predictions:
+            return [entry], 0
+        base, columns, n, outputs = entry
+        if not isinstance(base, dict) or not isinstance(columns, dict) or (outputs is not None and len(outputs) != n):
+            raise ValueError("not a prediction entry")
+        if isinstance(base.get("error"), str) and "\x00" in base["error"]:
+            base["error"] = base["error"].replace("\x00", "\ufffd")  # PostgreSQL refuses NUL in text
+        return expand_predictions_keeping((base, Rows(columns, n), outputs))
+
     out = sys.stdout.buffer
     stop = threading.Event()
 
@@ -306,14 +352,28 @@ def _child(db_url: str, table_name: str, flush_interval: float, batch_rows: int,
         head = source.read(_FRAME.size)
         if len(head) < _FRAME.size:
             break
-        (size,) = _FRAME.unpack(head)
+        size, frame_rows = _FRAME.unpack(head)
         data = source.read(size)
         if len(data) < size:
             break
-        # Never blocks: a full queue (a long outage) drops and counts here, so this loop keeps reading
-        # and the gateway never waits on the pipe.
-        for entry in orjson.loads(data):
-            writer.put(entry, rows=entry[2] if table_name == "predictions" else 1)
+        entries = _decode(data)
+        if entries is None:
+            log.error("a frame of %d %s rows could not be read; dropped", frame_rows, table_name)
+            writer.drop(frame_rows, "bad_frame")
+            continue
+        for entry in entries:
+            try:
+                rows, bad = expand(entry)
+            except Exception as err:  # a malformed entry: its rows are counted, the frame's others written
+                log.error("a %s log entry could not be read: %s: %s", table_name, type(err).__name__, err)
+                writer.drop(_entry_rows(entry) if predictions else 1, "encode_error")
+                continue
+            if bad:
+                writer.drop(bad, "encode_error")
+            # Never blocks: a full queue (a long outage) drops and counts here, so this loop keeps reading
+            # and the gateway never waits on the pipe.
+            if rows:
+                writer.put(rows, rows=len(rows))
     writer.close()
     stop.set()
     reporter.join()

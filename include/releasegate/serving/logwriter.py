@@ -56,6 +56,25 @@ def expand_predictions(entry: PredictionEntry) -> list[Row]:
     return out
 
 
+def expand_predictions_keeping(entry: PredictionEntry) -> tuple[list[Row], int]:
+    """`expand_predictions`, keeping the rows that encode: (those rows, how many could not be encoded)."""
+    try:
+        return expand_predictions(entry), 0
+    except (TypeError, ValueError):  # orjson's errors: a lone surrogate, an integer beyond 64 bits, too deep
+        pass
+    base, rows, outputs = entry
+    out, bad = [], 0
+    for i in range(rows.n):
+        try:
+            inputs = orjson.dumps(rows.record(i), option=_JSON_OPTS).decode()
+            output = orjson.dumps(outputs[i], option=_JSON_OPTS).decode() if outputs is not None else None
+        except (TypeError, ValueError, IndexError, KeyError):
+            bad += 1
+            continue
+        out.append(dict(base, inputs=inputs, outputs=output))
+    return out, bad
+
+
 class LogWriter(Generic[Entry]):
     """A thread that inserts entries into `table` every `flush_interval` s or `batch_rows` rows.
 
@@ -137,6 +156,10 @@ class LogWriter(Generic[Entry]):
         """Entries waiting to be written."""
         return self._queue.qsize()
 
+    def drop(self, rows: int, reason: str) -> None:
+        """Count rows that will never be written (the metric, and the next report's log line)."""
+        self._drop(rows, reason)
+
     def put(self, entry: Entry, rows: int = 1) -> bool:
         """Queue an entry of `rows` rows without blocking; False (and counted) if the buffer is full."""
         if self._closed:
@@ -187,10 +210,10 @@ class LogWriter(Generic[Entry]):
                 rows.extend(self._expand(entry))
             except Exception:  # a bad entry must not stop the writer
                 log.exception("could not encode a %s log entry", self._table.name)
-                self._drop(1, "encode_error")
+                self._drop(len(entry) if isinstance(entry, list) else 1, "encode_error")
         return rows
 
-    def _write(self, rows: list[Row]) -> None:
+    def _write(self, rows: list[Row], split: bool = False) -> None:
         delay, outage_since = 0.2, None
         while True:
             try:
@@ -220,9 +243,23 @@ class LogWriter(Generic[Entry]):
                 time.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF)
                 continue
-            except Exception as err:  # the rows themselves were refused: retrying would not help
-                log.error("%s log: %d rows refused by the database: %s", self._table.name, len(rows), _first_line(err))
-                self._drop(len(rows), "db_error")
+            except Exception as err:  # the rows themselves were refused: retrying them all would not help
+                if len(rows) > 1:
+                    # Keep what the database takes: each half in a transaction of its own, down to the rows it refuses.
+                    if not split:
+                        log.error(
+                            "%s log: a batch of %d rows refused by the database (%s); writing it in parts",
+                            self._table.name,
+                            len(rows),
+                            _first_line(err),
+                        )
+                    half = len(rows) // 2
+                    self._write(rows[:half], split=True)
+                    self._write(rows[half:], split=True)
+                    return
+                if not split:
+                    log.error("%s log: a row refused by the database: %s", self._table.name, _first_line(err))
+                self._drop(1, "db_error")
                 return
             self._written.inc(len(rows))
             self._pending_since = None if self._queue.empty() else time.monotonic()

@@ -24,8 +24,31 @@ class Metrics:
         self.errors = Counter(
             "releasegate_gateway_model_errors",
             "Failed model calls, by kind (error | timeout | retried: the request's batch call "
-            "failed and a call of its own answered).",
+            "failed and a call of its own answered | skipped: the candidate's circuit was open).",
             arm + ("kind",),
+            registry=r,
+        )
+        self.circuit_open = Gauge(
+            "releasegate_gateway_circuit_open",
+            "1 while a candidate's circuit breaker is open (its calls skipped, the champion answering), else 0.",
+            ("model", "version"),
+            registry=r,
+        )
+        self.circuit_opened = Counter(
+            "releasegate_gateway_circuit_opened",
+            "Times a candidate's circuit breaker opened.",
+            ("model", "version"),
+            registry=r,
+        )
+        self.slot_queue_rows = Gauge(
+            "releasegate_gateway_slot_queue_rows",
+            "Rows waiting for a predict call of a served version (bounded by RELEASEGATE_GATEWAY_SLOT_QUEUE_ROWS).",
+            ("model", "version"),
+            registry=r,
+        )
+        self.model_cache_bytes = Gauge(
+            "releasegate_gateway_model_cache_bytes",
+            "Disk space of the model cache (RELEASEGATE_MODEL_CACHE), measured after each load and unload.",
             registry=r,
         )
         self.latency = Histogram(
@@ -74,7 +97,9 @@ class Metrics:
         )
         self.log_dropped = Counter(
             "releasegate_gateway_log_dropped_rows",
-            "Log rows not written (buffer full or database error).",
+            "Log rows not written, by reason (buffer_full, closed, writer_down, db_unavailable, db_error, "
+            "encode_error: a row whose values could not be encoded, bad_frame: a shipment the writer "
+            "could not read).",
             ("table", "reason"),
             registry=r,
         )
@@ -121,7 +146,8 @@ class Metrics:
             child = self._http[key] = self.http.labels(endpoint, str(status))
         child.inc()
 
-    def model_call(self, model: str, version: str, arm: str, seconds: float) -> None:
+    def model_call(self, model: str, version: str, arm: str, seconds: float | None) -> None:
+        """Count a model call and observe its latency (None: a call skipped, which took no time of the model's)."""
         key = (model, version, arm)
         children = self._calls.get(key)
         if children is None:
@@ -130,7 +156,8 @@ class Metrics:
                 self.latency.labels(model, version, arm),
             )
         children[0].inc()
-        children[1].observe(seconds)
+        if seconds is not None:
+            children[1].observe(seconds)
 
     def ignored(self, model: str, columns: int) -> None:
         child = self._ignored.get(model)

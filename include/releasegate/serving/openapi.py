@@ -2,21 +2,52 @@
 
 Each served model gets its own inference paths whose request bodies list that model's columns
 and types (from its MLflow signature), so a client generator or a fuzzer can make valid
-requests, not only malformed ones.
+requests, not only malformed ones. Every status an operation can answer is listed with its
+body (and a 503's Retry-After), so the document is the whole contract: the schemathesis test
+checks the gateway against it with every check it has.
+
+Where the gateway takes more than JSON Schema can say (a v2 tensor's shape must match its data),
+the document describes one canonical form of the request and says so.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
+from releasegate.contract import Mode
+from releasegate.serving.auth import Role
 from releasegate.serving.payloads import FLOAT32_MAX, INT_RANGE, V2_DATATYPES, Schema
-from releasegate.serving.routing import RouteSpec
+from releasegate.serving.routing import MODEL_NAME_PATTERN, REQUEST_ID_PATTERN, VERSION_PATTERN
 
 if TYPE_CHECKING:
     from releasegate.serving.gateway import Gateway
 
-_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 _JSON = "application/json"
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+}
+_REQUEST_ID = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": REQUEST_ID_PATTERN}
+_STATUSES = {
+    400: "Malformed: not JSON (or nested too deep, or not Unicode text), or not the shape of a request",
+    401: "Missing, unknown or revoked key",
+    403: "The key's role may not call this",
+    404: "No such model, route or version",
+    413: "Too large: the body, the rows in one request, or the feedback items in one request",
+    422: "Well-formed but unusable: a missing column, a wrong type, a value out of range, no rows",
+    500: "The model failed (or, for a route change, a dependency: the registry or the database)",
+    503: "Not now: over the in-flight limit, the model's queue full, its route still loading or not loadable",
+    504: "The champion did not answer within RELEASEGATE_GATEWAY_CHAMPION_TIMEOUT",
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
 
 
 def _value(kind: str | None, required: bool) -> dict[str, Any]:
@@ -27,7 +58,7 @@ def _value(kind: str | None, required: bool) -> dict[str, Any]:
     elif kind == "float":
         schema = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
     elif kind == "double":
-        schema = {"type": "number"}
+        schema = {"type": "number", "minimum": -sys.float_info.max, "maximum": sys.float_info.max}
     elif kind == "boolean":
         schema = {"type": "boolean"}
     elif kind in ("string", "binary", "datetime"):
@@ -71,6 +102,7 @@ def _invocations_body(schema: Schema, max_rows: int) -> dict[str, Any]:
         row_list = {
             "type": "array",
             "prefixItems": [_value(c.kind, c.required) for c in schema.columns],
+            "items": False,
             "minItems": len(names),
             "maxItems": len(names),
         }
@@ -87,82 +119,142 @@ def _invocations_body(schema: Schema, max_rows: int) -> dict[str, Any]:
                         "properties": {
                             "columns": {"const": names},
                             "data": {"type": "array", "minItems": 1, "maxItems": max_rows, "items": row_list},
+                            "index": {"type": "array", "maxItems": max_rows},
                         },
                     }
                 },
             }
         )
-        one_row = {
-            "type": "object",
-            "additionalProperties": False,
-            "required": [c.name for c in schema.columns if c.required],
-            "properties": {c.name: _value(c.kind, c.required) for c in schema.columns},
-        }
         variants.append(
-            {"type": "object", "additionalProperties": False, "required": ["inputs"], "properties": {"inputs": one_row}}
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["inputs"],
+                "properties": {"inputs": _row(schema) | {"minProperties": 1}},
+            }
         )
     return {"oneOf": variants}
 
 
 def _v2_body(schema: Schema) -> dict[str, Any]:
-    tensors: dict[str, Any]
+    inputs: dict[str, Any]
     if schema.columns is None:
-        tensors = {"type": "object", "required": ["name", "shape", "datatype", "data"]}
+        tensor = {
+            "type": "object",
+            "required": ["name", "shape", "datatype", "data"],
+            "properties": {
+                "name": {"type": "string"},
+                "shape": {"type": "array", "prefixItems": [{"const": 1}], "items": False, "minItems": 1},
+                "datatype": {"type": "string"},
+                "data": {"type": "array", "minItems": 1, "maxItems": 1},
+            },
+        }
+        inputs = {"type": "array", "minItems": 1, "maxItems": 1, "items": tensor}
     else:
-        tensors = {
-            "oneOf": [
+        # The canonical request: one row, one tensor per column in the signature's order (an optional column
+        # may be null). The gateway also takes tensors of [rows] or [rows, 1] in any order, and one [rows,
+        # columns] tensor; a shape's agreement with its data is more than JSON Schema can say.
+        inputs = {
+            "type": "array",
+            "prefixItems": [
                 {
                     "type": "object",
                     "required": ["name", "shape", "datatype", "data"],
                     "properties": {
                         "name": {"const": c.name},
-                        "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2},
+                        "shape": {"const": [1]},
                         "datatype": {"const": V2_DATATYPES.get(c.kind, "BYTES")},
-                        "data": {"type": "array", "items": _value(c.kind, c.required)},
+                        "data": {"type": "array", "minItems": 1, "maxItems": 1, "items": _value(c.kind, c.required)},
                     },
                 }
                 for c in schema.columns
-            ]
+            ],
+            "items": False,
+            "minItems": len(schema.columns),
         }
     return {
         "type": "object",
         "required": ["inputs"],
-        "properties": {
-            "id": {"type": "string", "minLength": 1, "maxLength": 64},
-            "inputs": {"type": "array", "minItems": 1, "items": tensors},
+        "properties": {"id": _REQUEST_ID, "inputs": inputs},
+    }
+
+
+def _route_body() -> dict[str, Any]:
+    """RouteSpec as the mode decides it: a candidate for shadow and canary only, a weight for canary only.
+
+    The one rule left out: the candidate may not be the champion's version (422).
+    """
+    version = {"type": "string", "minLength": 1, "maxLength": 50, "pattern": VERSION_PATTERN}
+    common = {"champion_version": version, "release_id": {"type": ["string", "null"], "maxLength": 64}}
+    single = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["champion_version"],
+        "properties": common
+        | {
+            "mode": {"const": Mode.single.value},
+            "candidate_version": {"type": "null"},
+            "candidate_weight": {"const": 0},
         },
     }
+    shadow = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["champion_version", "candidate_version", "mode"],
+        "properties": common
+        | {"mode": {"const": Mode.shadow.value}, "candidate_version": version, "candidate_weight": {"const": 0}},
+    }
+    canary = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["champion_version", "candidate_version", "mode"],
+        "properties": common
+        | {
+            "mode": {"const": Mode.canary.value},
+            "candidate_version": version,
+            "candidate_weight": {"type": "integer", "minimum": 0, "maximum": 100},
+        },
+    }
+    return {"oneOf": [single, shadow, canary]}
 
 
 def _op(
     summary: str,
-    role: str | None,
+    role: Role | None,
+    errors: tuple[int, ...] = (),
+    *,
     body: dict[str, Any] | None = None,
     ok: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
+    ok_type: str = _JSON,
+    unavailable: dict[str, Any] | None = None,
+    parameters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            "200": {"description": "OK", "content": {_JSON: {"schema": ok or {"type": "object"}}}},
-            "400": {"description": "Bad request: the body says what is wrong", "content": {_JSON: {"schema": _ERROR}}},
-        },
+    """An operation with every status it answers: 200, the `errors`, and 401/403 where a key is needed."""
+    statuses = sorted(set(errors) | ({401, 403} if role is not None else set()))
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {ok_type: {"schema": ok or {"type": "object"}}}},
     }
+    for status in statuses:
+        response: dict[str, Any] = {
+            "description": _STATUSES[status],
+            "content": {_JSON: {"schema": unavailable if status == 503 and unavailable else _ERROR}},
+        }
+        if status == 503:
+            response["headers"] = _RETRY_AFTER
+        responses[str(status)] = response
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
     if role is not None:
         op["security"] = [{"bearer": []}]
         op["description"] = f"Needs an API key of role '{role}' (or 'admin')."
-        op["responses"]["401"] = {
-            "description": "Missing, unknown or revoked key",
-            "content": {_JSON: {"schema": _ERROR}},
-        }
-        op["responses"]["403"] = {
-            "description": "The key's role may not do this",
-            "content": {_JSON: {"schema": _ERROR}},
-        }
     if body is not None:
         op["requestBody"] = {"required": True, "content": {_JSON: {"schema": body}}}
-    op.update(extra or {})
+    if parameters:
+        op["parameters"] = parameters
     return op
+
+
+_READY = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}
+_INFERENCE_ERRORS = (400, 404, 413, 422, 500, 503, 504)
 
 
 def document(gateway: Gateway) -> dict[str, Any]:
@@ -170,7 +262,14 @@ def document(gateway: Gateway) -> dict[str, Any]:
     from releasegate import __version__
 
     max_rows = gateway.config.max_rows
-    model_param = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    model_param = [
+        {
+            "name": "model",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": MODEL_NAME_PATTERN},
+        }
+    ]
     answer = {
         "type": "object",
         "required": ["predictions", "request_id", "model_version", "arm"],
@@ -181,55 +280,89 @@ def document(gateway: Gateway) -> dict[str, Any]:
             "arm": {"enum": ["champion", "candidate"]},
         },
     }
+    finite = {"minimum": -sys.float_info.max, "maximum": sys.float_info.max}
+    scalar = {"type": ["string", "number", "boolean"]} | finite
     feedback_item = {
         "type": "object",
         "additionalProperties": False,
         "required": ["request_id", "ground_truth"],
         "properties": {
-            "request_id": {"type": "string", "minLength": 1, "maxLength": 64},
-            "ground_truth": {"type": ["integer", "number", "string", "boolean"]},
-            "business_value": {"type": ["number", "null"]},
+            "request_id": _REQUEST_ID,
+            # What the analysis reads: one label for the request, or one per input row.
+            "ground_truth": {
+                "oneOf": [scalar, {"type": "array", "minItems": 1, "maxItems": max_rows, "items": scalar}]
+            },
+            "business_value": {"type": ["number", "null"]} | finite,
         },
     }
+    route = {"type": "object"}
     paths: dict[str, dict[str, Any]] = {
         "/feedback": {
             "post": _op(
                 "Ground truth for earlier requests",
-                "feedback",
-                {"oneOf": [feedback_item, {"type": "array", "minItems": 1, "maxItems": 100, "items": feedback_item}]},
+                Role.feedback,
+                (400, 413, 422, 503),
+                body={
+                    "oneOf": [feedback_item, {"type": "array", "minItems": 1, "maxItems": 100, "items": feedback_item}]
+                },
+                ok={"type": "object", "required": ["accepted"], "properties": {"accepted": {"type": "integer"}}},
             )
         },
-        "/admin/routes": {"get": _op("Every route served", "admin")},
+        "/admin/routes": {
+            "get": _op(
+                "Every route served, and the stored routes that failed to load (with why)",
+                Role.admin,
+                ok={"type": "object", "required": ["routes", "failed"]},
+            )
+        },
         "/admin/routes/{model}": {
-            "get": _op("One model's route", "admin", extra={"parameters": model_param}),
+            "get": _op("One model's route", Role.admin, (404,), ok=route, parameters=model_param),
             "put": _op(
                 "Set a route: the versions are loaded, verified and warmed before it applies",
-                "admin",
-                RouteSpec.model_json_schema(),
-                extra={"parameters": model_param},
+                Role.admin,
+                (400, 404, 413, 422, 500),
+                body=_route_body(),
+                ok=route,
+                parameters=model_param,
             ),
         },
         "/healthz": {"get": _op("Liveness", None)},
-        "/readyz": {"get": _op("Readiness: the stored routes are loaded", None)},
+        "/readyz": {"get": _op("Readiness: the stored routes are loaded", None, (503,), ok=_READY, unavailable=_READY)},
+        "/metrics": {"get": _op("Prometheus metrics", Role.metrics, ok={"type": "string"}, ok_type="text/plain")},
+        "/openapi.json": {"get": _op("This document", Role.predict)},
         "/v2": {"get": _op("Open Inference Protocol server metadata", None)},
         "/v2/health/live": {"get": _op("Open Inference Protocol liveness", None)},
-        "/v2/health/ready": {"get": _op("Open Inference Protocol readiness", None)},
+        "/v2/health/ready": {
+            "get": _op("Open Inference Protocol readiness", None, (503,), ok=_READY, unavailable=_READY)
+        },
     }
+    version_param = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}]
     for model, active in sorted(gateway.routes.items()):
         schema = active.champion.schema
         paths[f"/models/{model}/invocations"] = {
             "post": _op(
                 f"Predict with {model} (MLflow scoring payloads)",
-                "predict",
-                _invocations_body(schema, max_rows),
-                answer,
+                Role.predict,
+                _INFERENCE_ERRORS,
+                body=_invocations_body(schema, max_rows),
+                ok=answer,
             )
         }
         paths[f"/v2/models/{model}/infer"] = {
-            "post": _op(f"Predict with {model} (Open Inference Protocol v2)", "predict", _v2_body(schema))
+            "post": _op(
+                f"Predict with {model} (Open Inference Protocol v2)",
+                Role.predict,
+                _INFERENCE_ERRORS,
+                body=_v2_body(schema),
+            )
         }
-        paths[f"/v2/models/{model}"] = {"get": _op(f"{model}: v2 model metadata", "predict")}
-        paths[f"/v2/models/{model}/ready"] = {"get": _op(f"{model}: v2 model readiness", "predict")}
+        paths[f"/v2/models/{model}"] = {"get": _op(f"{model}: v2 model metadata", Role.predict, (404, 503))}
+        paths[f"/v2/models/{model}/versions/{{version}}"] = {
+            "get": _op(f"{model}: one served version's v2 metadata", Role.predict, (404, 503), parameters=version_param)
+        }
+        paths[f"/v2/models/{model}/ready"] = {
+            "get": _op(f"{model}: v2 model readiness", Role.predict, (404, 503), unavailable={"type": "object"})
+        }
     return {
         "openapi": "3.1.0",
         "info": {"title": "releasegate gateway", "version": __version__},

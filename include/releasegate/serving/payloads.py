@@ -8,12 +8,15 @@ pandas is left to the batcher, which builds one DataFrame for many requests.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast
+
+import orjson
 
 if TYPE_CHECKING:
     from mlflow.types import Schema as MlflowSchema
@@ -93,6 +96,84 @@ class Rows:
         return {name: values[i] for name, values in self.columns.items()}
 
 
+# What orjson itself reads and writes: a request whose integers all fit is one the log can always encode.
+_JSON_INT_RANGE = (-(1 << 63), (1 << 64) - 1)
+# The largest integer a float holds exactly: an integral float beyond it may not be the integer the caller sent
+# (`-9223372036854775809` parses as the float -2**63).
+_EXACT_FLOAT_INT = 1 << 53
+
+
+def parse_json(raw: bytes, max_depth: int) -> object:
+    """A request body as JSON, strictly: UTF-8, Unicode text only, integers within 64 bits, `max_depth` deep.
+
+    NaN and Infinity literals are taken (clients send them), so the signature check can say which column
+    may not be NaN. PayloadError (400) says what is wrong. Whatever this accepts, the prediction log can write.
+    """
+    if not raw:
+        raise PayloadError("empty body: a JSON document is expected")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        return _parse_lenient(raw, err, max_depth)
+    # orjson took it, so it is valid UTF-8 with 64-bit integers; only its depth is left to check, and no
+    # document holds more nested containers than it has brackets: most need no walk at all.
+    if raw.count(b"[") + raw.count(b"{") > max_depth:
+        _walk(value, max_depth, strings=False)
+    return value
+
+
+def _parse_lenient(raw: bytes, strict_error: orjson.JSONDecodeError, max_depth: int) -> object:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PayloadError(f"malformed JSON: the body is not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise PayloadError(f"malformed JSON: nested deeper than {max_depth} levels") from None
+    except ValueError:
+        raise PayloadError(f"malformed JSON: {strict_error}") from None
+    _walk(value, max_depth, strings=True)
+    return value
+
+
+def _walk(value: object, max_depth: int, *, strings: bool) -> None:
+    """PayloadError unless `value` nests at most `max_depth` deep (and with `strings`: Unicode text, 64-bit ints)."""
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []
+    if strings:
+        _leaf(value)
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[Any]
+        if depth > max_depth:
+            raise PayloadError(f"malformed JSON: nested deeper than {max_depth} levels")
+        if isinstance(item, dict):
+            if strings:
+                for key in item:
+                    _leaf(key)
+            children = item.values()
+        else:
+            children = item
+        for child in children:
+            if isinstance(child, (list, dict)):
+                stack.append((child, depth + 1))
+            elif strings:
+                _leaf(child)
+
+
+def _leaf(value: object) -> None:
+    if type(value) is str and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as err:
+            code = ord(value[err.start])
+            raise PayloadError(
+                f"malformed JSON: a string holds a lone UTF-16 surrogate (\\u{code:04x}), which is not Unicode text"
+            ) from None
+    elif type(value) is int and not _JSON_INT_RANGE[0] <= value <= _JSON_INT_RANGE[1]:
+        raise PayloadError("malformed JSON: an integer beyond 64 bits")
+
+
 def _is_missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -115,18 +196,15 @@ V2_DATATYPES: dict[str | None, str] = {
 
 def _type_ok(kind: str, value: object) -> bool:
     if kind in ("long", "integer"):
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
             value = int(value)
         low, high = INT_RANGE[kind]
         return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     if kind in ("double", "float"):
         # Infinity is a float the model cannot use (and JSON cannot carry); the batch dtype must hold it too.
-        return (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and (kind == "double" or abs(value) <= FLOAT32_MAX)
-        )
+        # Compared, not converted: float() of an integer beyond the float range raises.
+        limit = FLOAT32_MAX if kind == "float" else sys.float_info.max
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit <= value <= limit
     if kind == "boolean":
         return isinstance(value, bool)
     if kind in ("string", "datetime"):
@@ -214,7 +292,7 @@ def _describe(kind: str) -> str:
 
 def _from_records(records: list[Any], where: str) -> Rows:
     if not records:
-        raise PayloadError(f"{where} has no rows")
+        raise PayloadError(f"{where} has no rows", 422)
     first = records[0]
     if not isinstance(first, dict):
         raise PayloadError(f"{where} must be a list of objects (column -> value)")
@@ -269,10 +347,15 @@ def parse_invocations(body: object, schema: Schema) -> Rows:
             f"{', '.join(given) or ', '.join(map(str, body)) or 'none'}"
         )
     key = given[0]
+    if len(body) > 1:  # e.g. MLflow's `params`: not supported, so not silently ignored either
+        raise PayloadError(f"unexpected field(s) beside {key}: {', '.join(sorted(k for k in body if k != key))}")
     value = body[key]
     if key == "dataframe_split":
         if not isinstance(value, dict) or not isinstance(value.get("data"), list):
             raise PayloadError("dataframe_split must be an object with 'columns' and 'data' (a list of rows)")
+        extra = set(value) - {"columns", "data", "index"}
+        if extra:
+            raise PayloadError(f"dataframe_split has unexpected field(s) {sorted(extra)}")
         columns = value.get("columns", schema.names)
         if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
             raise PayloadError("dataframe_split.columns must be a list of column names")
@@ -340,7 +423,7 @@ def parse_v2(body: object, schema: Schema) -> Rows:
         n = rows
         columns[t["name"]] = flat
     if not n:
-        raise PayloadError("the request has no rows")
+        raise PayloadError("the request has no rows", 422)
     return Rows(columns, n)
 
 

@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from pydantic import BaseModel, Field, model_validator
 
 from releasegate.contract import Mode
 
-_VERSION = r"^@?[A-Za-z0-9_.-]+$"
+# A version number (nine digits are plenty; the registry's database refuses numbers beyond its integers) or an
+# alias ("@champion"), in the characters MLflow allows; the OpenAPI document states the same patterns.
+VERSION_PATTERN = r"^(?:[0-9]{1,9}|@?[A-Za-z0-9_.-]*[A-Za-z_.-][A-Za-z0-9_.-]*)$"
+# A model name in a path: no control characters, no leading or trailing space (1-200 characters, checked apart).
+MODEL_NAME_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
+# A request id a caller gives (1-64 characters): no control characters, NUL above all, which PostgreSQL refuses
+# in text and which would fail the log's insert of every row in its batch.
+REQUEST_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,64}$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+
+
+def valid_request_id(request_id: str) -> bool:
+    return _REQUEST_ID.match(request_id) is not None
+
+
+def valid_model_name(model: str) -> bool:
+    return 0 < len(model) <= 200 and _MODEL_NAME.match(model) is not None
 
 
 class RouteSpec(BaseModel, extra="forbid"):
     """The body of PUT /admin/routes/{model}: which versions serve and how traffic splits."""
 
-    # A version number or an alias ("@champion"): MLflow allows nothing else in either.
-    champion_version: str = Field(min_length=1, max_length=50, pattern=_VERSION)
-    candidate_version: str | None = Field(None, min_length=1, max_length=50, pattern=_VERSION)
+    champion_version: str = Field(min_length=1, max_length=50, pattern=VERSION_PATTERN)
+    candidate_version: str | None = Field(None, min_length=1, max_length=50, pattern=VERSION_PATTERN)
     mode: Mode = Mode.single
     candidate_weight: int = Field(0, ge=0, le=100)
     release_id: str | None = Field(None, max_length=64)

@@ -6,6 +6,10 @@ request's future with its slice of the answer. A plain sklearn model that skl2on
 (and whose graph agrees with it, see `compiled`) predicts on the event loop from the column
 lists, in microseconds and without the GIL; any other model gets one DataFrame per batch and
 predicts in a worker thread.
+
+Pending work is bounded: a request that would put more than `max_queue_rows` rows in the queue
+fails at once (`QueueFull`), and a request not answered by its deadline fails (`CallTimeout`) and
+leaves the queue, whether it was waiting or its batch is stuck in a hanging predict call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from releasegate.contract import ErrorCode
 from releasegate.serving import compiled
+from releasegate.serving.breaker import Breaker
 from releasegate.serving.payloads import V2_DATATYPES, Rows, Schema
 from releasegate.signing import VerifiedModel
 
@@ -65,6 +70,14 @@ class ModelCallError(Exception):
     """A predict call that raised or answered with the wrong shape."""
 
 
+class CallTimeout(ModelCallError):
+    """No answer within the caller's timeout (the model hangs, or its queue is that long)."""
+
+
+class QueueFull(ModelCallError):
+    """The version already holds `max_queue_rows` rows waiting: refused at once instead of queued."""
+
+
 class Retried(list[Any]):
     """A request's answers from a call of its own after its batch call failed; `error` says how that call failed.
 
@@ -78,10 +91,12 @@ class Retried(list[Any]):
         self.error = error
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a job leaves the queue with deque.remove
 class _Job:
     rows: Rows
     future: asyncio.Future[list[Any]]
+    deadline: float  # loop time
+    timeout: float
 
 
 def _object_array(values: list[Any]) -> NDArray[Any]:
@@ -139,6 +154,7 @@ class Slot:
         max_wait: float = 0.002,
         outputs: list[dict[str, Any]] | None = None,
         directory: VerifiedModel | None = None,
+        max_queue_rows: int = 4096,
     ) -> None:
         self.model = model
         self.outputs = outputs or [{"name": "predict", "datatype": "BYTES", "shape": [-1]}]  # v2 metadata
@@ -157,12 +173,20 @@ class Slot:
         self._max_rows = max_rows
         self._max_wait = max_wait
         self._batch_rows = metrics.batch_rows.labels(model, version)
+        self._metrics = metrics
         self._pending: deque[_Job] = deque()
         self._pending_rows = 0
+        self._max_queue_rows = max_queue_rows
+        self._running: list[_Job] = []  # the batch being answered
+        # One timer per slot, not one per request: it fails the jobs past their deadline and re-arms itself.
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = math.inf
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._directory = directory  # removed once the slot has answered its last request
+        self.breaker: Breaker | None = None  # the gateway's, for this version's calls as a candidate
+        self.on_removed: Callable[[], None] | None = None  # called once its directory is deleted
 
     # --- synchronous part, runs in worker threads -------------------------------------------
 
@@ -276,30 +300,104 @@ class Slot:
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher {self.label}")
+        self._metrics.slot_queue_rows.labels(self.model, self.version).set_function(lambda: self._pending_rows)
 
     def close(self) -> None:
         """Stop after the queued requests are answered (requests that hold the slot still get answers)."""
         self._closing = True
         if self._wake is not None:
             self._wake.set()
+        try:
+            self._metrics.slot_queue_rows.remove(self.model, self.version)
+        except KeyError:  # never started
+            pass
         if self._directory is not None:
             directory, self._directory = self._directory, None
-            if self._task is None or self._task.done():
-                directory.remove()
-            else:
-                self._task.add_done_callback(lambda _: directory.remove())
 
-    async def predict(self, rows: Rows) -> list[Any]:
-        """This request's predictions, one per row, computed in a shared batch."""
+            def remove() -> None:
+                directory.remove()
+                if self.on_removed is not None:
+                    self.on_removed()
+
+            if self._task is None or self._task.done():
+                remove()
+            else:
+                self._task.add_done_callback(lambda _: remove())
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a predict call."""
+        return self._pending_rows
+
+    async def predict(self, rows: Rows, timeout: float) -> list[Any]:
+        """This request's predictions, one per row, computed in a shared batch.
+
+        CallTimeout after `timeout` seconds (the request leaves the queue), QueueFull at once if the queue
+        holds `max_queue_rows` rows already; ModelCallError if the model fails.
+        """
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             values = self.call_fast([rows])
-            return values if values is not None else await loop.run_in_executor(self._executor, self.call, [rows])
+            if values is not None:
+                return values
+            try:
+                async with asyncio.timeout(timeout):
+                    return await loop.run_in_executor(self._executor, self.call, [rows])
+            except TimeoutError:
+                raise CallTimeout(f"{self.label} took longer than {timeout:g}s") from None
+        if self._pending_rows and self._pending_rows + rows.n > self._max_queue_rows:
+            raise QueueFull(f"{self.label} has {self._pending_rows} rows waiting (at most {self._max_queue_rows})")
         future: asyncio.Future[list[Any]] = loop.create_future()
-        self._pending.append(_Job(rows, future))
+        job = _Job(rows, future, loop.time() + timeout, timeout)
+        self._pending.append(job)
         self._pending_rows += rows.n
+        if job.deadline < self._watchdog_at:
+            self._arm(loop, job.deadline)
         cast("asyncio.Event", self._wake).set()  # made by start(), before the batcher task
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller went away: its rows leave the queue now
+            self._forget(job)
+            raise
+
+    def _forget(self, job: _Job) -> None:
+        try:
+            self._pending.remove(job)
+        except ValueError:  # already taken by the batcher, or failed by the watchdog
+            return
+        self._pending_rows -= job.rows.n
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = loop.call_at(when, self._sweep)
+        self._watchdog_at = when
+
+    def _sweep(self) -> None:
+        """Fail every job past its deadline (waiting, or in a batch that has not answered); re-arm for the next."""
+        self._watchdog, self._watchdog_at = None, math.inf
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # the loop's clock has millisecond steps
+        earliest = math.inf
+        for job in self._running:
+            if not job.future.done():
+                if job.deadline <= now:
+                    job.future.set_exception(CallTimeout(f"{self.label} took longer than {job.timeout:g}s"))
+                else:
+                    earliest = min(earliest, job.deadline)
+        kept: deque[_Job] = deque()
+        for job in self._pending:
+            if job.future.done():  # its caller is gone
+                self._pending_rows -= job.rows.n
+            elif job.deadline <= now:
+                self._pending_rows -= job.rows.n
+                job.future.set_exception(CallTimeout(f"{self.label} took longer than {job.timeout:g}s"))
+            else:
+                kept.append(job)
+                earliest = min(earliest, job.deadline)
+        self._pending = kept
+        if earliest != math.inf:
+            self._arm(loop, earliest)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -328,6 +426,7 @@ class Slot:
                 rows += job.rows.n
             if not jobs:
                 continue
+            self._running = jobs
             try:
                 await self._answer(loop, jobs, rows)
             except Exception as err:  # never let the batcher die: fail these requests instead
@@ -335,6 +434,8 @@ class Slot:
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(ModelCallError(f"{self.label}: {err}"))
+            finally:
+                self._running = []
 
     async def _answer(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], rows: int) -> None:
         self._batch_rows.observe(rows)
@@ -383,6 +484,7 @@ def load_slot(
     *,
     max_rows: int = 64,
     max_wait: float = 0.002,
+    max_queue_rows: int = 4096,
 ) -> Slot:
     """Fetch + verify (signing.fetch_verified), load from that same directory, warm. Blocking: run in a thread.
 
@@ -402,7 +504,8 @@ def load_slot(
         from mlflow.exceptions import MlflowException
 
         if isinstance(err, MlflowException) and err.error_code == "INVALID_PARAMETER_VALUE":
-            raise LoadError(f"the model registry refuses {label!r}: {err.message}", 422) from err
+            # A name or version the registry refuses is one it cannot hold: as missing as any other.
+            raise LoadError(f"{label} is not in the model registry, which refuses it: {err.message}", 404) from err
         raise
     try:
         try:
@@ -422,6 +525,7 @@ def load_slot(
             max_wait=max_wait,
             outputs=_v2_outputs(pyfunc.metadata.get_output_schema()),  # type: ignore[no-untyped-call]
             directory=verified,
+            max_queue_rows=max_queue_rows,
         )
         slot.warm(_example_rows(pyfunc, verified.path))
     except BaseException:

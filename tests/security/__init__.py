@@ -1,0 +1,1 @@
+"""Security tests: key custody, compose secrets, and the other holes of "Evidence you can trust"."""
