@@ -2,7 +2,8 @@
 
 Manifests are Jinja2 templates rendered from the release (never string concatenation) and parsed
 back into dicts; `validate` checks them against the CRDs' openAPIV3Schema (KServe InferenceService,
-Istio VirtualService / DestinationRule) and core kinds against the Kubernetes client's models.
+Istio VirtualService / DestinationRule / PeerAuthentication / AuthorizationPolicy) and core kinds
+against the Kubernetes client's models.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ CRD_FILES = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "kserve.serving.kserve.io_inferenceservices.yaml",
     ("networking.istio.io/v1", "VirtualService"): "istio.crd-all.gen.yaml",
     ("networking.istio.io/v1", "DestinationRule"): "istio.crd-all.gen.yaml",
+    ("security.istio.io/v1", "PeerAuthentication"): "istio.crd-all.gen.yaml",
+    ("security.istio.io/v1", "AuthorizationPolicy"): "istio.crd-all.gen.yaml",
 }
+# Where the predictor's storage initializer puts the model (KServe's own path, which MLServer reads) and
+# finds the trust material.
+MODEL_DIR = "/mnt/models"
+TRUST_DIR = "/etc/releasegate/trust"
+_ACCOUNT = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
 # KServe derives Service and host names from the InferenceService's, so it must be a DNS-1035 label
 # short enough to take the "-shadow-predictor" suffix.
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -65,6 +73,44 @@ class K8sSettings(BaseSettings):
     service_account: str | None = Field(
         default=None, description="Predictor service account with read access to the artifact store."
     )
+    image: str = Field(
+        default="releasegate:latest",
+        description="The releasegate image: each predictor's storage initializer (download and verify) runs it.",
+    )
+    trust_secret: str = Field(
+        default="releasegate-trust",
+        description="Secret in the namespace holding what predictors verify with: trusted public keys, and "
+        "trusted CA certificates as `*.crt`.",
+    )
+    storage_secret: str | None = Field(
+        default=None,
+        description="Secret whose keys become the storage initializer's environment (e.g. `AWS_ACCESS_KEY_ID`, "
+        "`AWS_SECRET_ACCESS_KEY`, `MLFLOW_S3_ENDPOINT_URL`); none: the service account's own access.",
+    )
+    trust_domain: str = Field(default="cluster.local", description="The mesh's trust domain (Istio SPIFFE identities).")
+    sink_event_accounts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Service accounts (`namespace/name`, comma-separated) whose pods may post logger events to the "
+        "sink; default the predictors' (`RELEASEGATE_K8S_SERVICE_ACCOUNT`, else `default`) in the namespace.",
+    )
+    sink_feedback_accounts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Service accounts (`namespace/name`, comma-separated) that may post labels to the sink's "
+        "`/feedback`; default `releasegate-feedback` in the namespace.",
+    )
+    sink_max_body_bytes: int = Field(
+        default=1_048_576, gt=0, description="Largest event or feedback body the sink takes (larger: 413)."
+    )
+    sink_queue_bytes: int = Field(
+        default=64 * 1_048_576,
+        gt=0,
+        description="Event bytes the sink holds while its database is slow or down (more: 503, counted).",
+    )
+    sink_pending_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds the sink waits for a request's response before writing the request as an error.",
+    )
     storage_rewrite: Annotated[tuple[str, str] | None, NoDecode] = Field(
         default=None,
         description="`FROM=TO`: rewrite MLflow artifact URIs into ones the storage initializer reads "
@@ -92,10 +138,30 @@ class K8sSettings(BaseSettings):
             return tuple(value.split("=", 1))
         return value
 
+    @field_validator("sink_event_accounts", "sink_feedback_accounts", mode="before")
+    @classmethod
+    def _accounts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for account in value if isinstance(value, list) else []:
+            if not isinstance(account, str) or not _ACCOUNT.match(account):
+                raise ValueError(f"a service account must be `namespace/name`, got {account!r}")
+        return value
+
     @model_validator(mode="after")
     def _sink(self) -> K8sSettings:
         self.sink_url = self.sink_url or f"http://releasegate-sink.{self.namespace}.svc.cluster.local/events"
+        self.sink_event_accounts = self.sink_event_accounts or [f"{self.namespace}/{self.service_account or 'default'}"]
+        self.sink_feedback_accounts = self.sink_feedback_accounts or [f"{self.namespace}/releasegate-feedback"]
         return self
+
+    def principals(self, accounts: list[str]) -> list[str]:
+        """Istio principals (`<trust domain>/ns/<namespace>/sa/<name>`) of `namespace/name` service accounts."""
+        out = []
+        for account in accounts:
+            namespace, name = account.split("/", 1)
+            out.append(f"{self.trust_domain}/ns/{namespace}/sa/{name}")
+        return out
 
     @classmethod
     def from_env(cls) -> K8sSettings:
@@ -128,11 +194,12 @@ def storage_uri(download_uri: str, settings: K8sSettings) -> str:
 
 @dataclass(frozen=True)
 class Served:
-    """One version as an InferenceService serves it."""
+    """One version as an InferenceService serves it: its files, and the signature bundle they must verify against."""
 
     version: str
     storage_uri: str
-    digest: str
+    digest: str  # sha256 of the bundle releasegate verified at publication
+    bundle_uri: str
 
 
 @functools.lru_cache(maxsize=1)
@@ -173,10 +240,17 @@ def inference_service(
 ) -> dict[str, Any]:
     """The InferenceService serving `served` (the model's own, or its `-shadow` one in RawDeployment mode).
 
-    `champion_version`: the version the rest of a canary's traffic stays on (default: `served`'s).
+    `champion_version`: the version the rest of a canary's traffic stays on (default: `served`'s). The
+    predictor's storage initializer is releasegate's: it downloads the files and verifies them against
+    the bundle of digest `served.digest`, so a pod serves only what verifies there.
     """
     if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
         raise ManifestError(f"canaryTrafficPercent must be 0-100, got {canary_traffic_percent}")
+    if not served.digest.startswith("sha256:") or not served.bundle_uri:
+        raise ManifestError(
+            f"{model} v{served.version} has no signature bundle to verify against (digest {served.digest!r}, "
+            f"bundle {served.bundle_uri!r}): refusing a predictor that could not verify what it serves"
+        )
     name = k8s_name(model)
     [doc] = render(
         "inferenceservice.yaml.j2",
@@ -195,6 +269,12 @@ def inference_service(
         logger_url=logger_url(settings, model, served.version),
         metadata_headers=[settings.routing_key_header],
         storage_uri=served.storage_uri,
+        bundle_uri=served.bundle_uri,
+        image=settings.image,
+        trust_secret=settings.trust_secret,
+        storage_secret=settings.storage_secret,
+        model_dir=MODEL_DIR,
+        trust_dir=TRUST_DIR,
     )
     return doc
 
@@ -231,10 +311,36 @@ def destination_rule(model: str, settings: K8sSettings, *, max_requests: int = 1
 
 
 def sink_manifests(
-    namespace: str, image: str, db_secret: str = "releasegate-db", replicas: int = 2
+    namespace: str,
+    image: str,
+    db_secret: str = "releasegate-db",
+    replicas: int = 2,
+    settings: K8sSettings | None = None,
 ) -> list[dict[str, Any]]:
-    """Deployment and Service of the logger sink."""
-    return render("sink.yaml.j2", namespace=namespace, image=image, db_secret=db_secret, replicas=replicas)
+    """The logger sink: Deployment and Service, and the Istio policies that let only the models' and the feedback
+    service accounts reach it (STRICT mTLS, then an AuthorizationPolicy per path).
+
+    The sink checks the same accounts itself (its environment is rendered from the same settings).
+    """
+    settings = settings or K8sSettings(namespace=namespace)
+    return render(
+        "sink.yaml.j2",
+        namespace=namespace,
+        image=image,
+        db_secret=db_secret,
+        replicas=replicas,
+        event_principals=settings.principals(settings.sink_event_accounts),
+        feedback_principals=settings.principals(settings.sink_feedback_accounts),
+        env={
+            "RELEASEGATE_K8S_NAMESPACE": namespace,
+            "RELEASEGATE_K8S_TRUST_DOMAIN": settings.trust_domain,
+            "RELEASEGATE_K8S_SINK_EVENT_ACCOUNTS": ",".join(settings.sink_event_accounts),
+            "RELEASEGATE_K8S_SINK_FEEDBACK_ACCOUNTS": ",".join(settings.sink_feedback_accounts),
+            "RELEASEGATE_K8S_SINK_MAX_BODY_BYTES": str(settings.sink_max_body_bytes),
+            "RELEASEGATE_K8S_SINK_QUEUE_BYTES": str(settings.sink_queue_bytes),
+            "RELEASEGATE_K8S_SINK_PENDING_SECONDS": f"{settings.sink_pending_seconds:g}",
+        },
+    )
 
 
 # -- validation ------------------------------------------------------------------------------------------------

@@ -6,14 +6,23 @@ objects), records every request, and plays KServe's controller in a few lines: a
 makes a new revision, a revision becomes ready after a number of reads, and the traffic follows
 canaryTrafficPercent the way KServe documents it. Knobs make it answer not-ready forever, report
 a failed revision, or refuse an apply with 409.
+
+With a `Kubelet`, it also plays the kubelet for each new revision's `storage-initializer`: it runs
+the init container's own command on this machine (volumes mapped to local directories), and the
+revision fails the way KServe reports it (BlockedByFailedLoad / ModelLoadFailed, the container's
+termination message) when that command exits non-zero.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -30,14 +39,62 @@ KINDS = {
 
 @dataclass
 class _Isvc:
-    revisions: list = field(default_factory=list)  # [name, spec key, reads until ready, version]
+    # [name, spec key, reads until ready, version, storage-initializer outcome (None: not run yet)]
+    revisions: list = field(default_factory=list)
     rolled_out: str | None = None
+
+
+@dataclass
+class Kubelet:
+    """Runs a revision's `storage-initializer` here: emptyDir volumes are fresh directories, Secrets the given ones."""
+
+    workdir: Path
+    secrets: dict[str, Path] = field(default_factory=dict)  # Secret name -> a directory of its keys
+    runs: list[dict] = field(default_factory=list)  # every run: revision, exit code, message, files served
+
+    def run(self, revision: str, predictor: dict) -> dict:
+        [container] = [c for c in predictor.get("initContainers", []) if c["name"] == "storage-initializer"]
+        volumes = {v["name"]: v for v in predictor.get("volumes", [])}
+        local: dict[str, Path] = {}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "emptyDir" in volume:
+                local[mount["mountPath"]] = self.workdir / revision / mount["name"]
+                local[mount["mountPath"]].mkdir(parents=True, exist_ok=True)
+            elif volume["secret"]["secretName"] in self.secrets:
+                local[mount["mountPath"]] = self.secrets[volume["secret"]["secretName"]]
+            else:  # a pod whose Secret is missing never starts
+                return {"exit": None, "message": f"secret {volume['secret']['secretName']!r} not found"}
+
+        def here(arg: str) -> str:
+            for path, directory in local.items():
+                if arg == path or arg.startswith(path + "/"):
+                    return str(directory) + arg[len(path) :]
+            return arg
+
+        termination = self.workdir / revision / "termination-log"
+        termination.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable if c == "python" else c for c in container["command"]]
+        out = subprocess.run(
+            [*command, *map(here, container.get("args", [])), "--termination-log", str(termination)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        message = termination.read_text() if termination.exists() else ""
+        if out.returncode and not message:  # terminationMessagePolicy: FallbackToLogsOnError
+            message = "\n".join((out.stdout + out.stderr).splitlines()[-20:])
+        model_dir = local.get("/mnt/models")
+        served = sorted(str(f.relative_to(model_dir)) for f in model_dir.rglob("*") if f.is_file()) if model_dir else []
+        outcome = {"revision": revision, "exit": out.returncode, "message": message, "files": served}
+        self.runs.append(outcome)
+        return outcome
 
 
 class FakeKubernetes:
     """State and request log of the fake API server; `calls` are the mutating requests in order."""
 
-    def __init__(self, ready_after: int = 1):
+    def __init__(self, ready_after: int = 1, kubelet: Kubelet | None = None):
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.isvc: dict[tuple[str, str], _Isvc] = {}
         self.calls: list[tuple] = []
@@ -46,6 +103,7 @@ class FakeKubernetes:
         self.never_ready: set[str] = set()  # InferenceService names that stay not-ready
         self.failing_versions: set[str] = set()  # versions whose revision fails to load
         self.conflicts: set[str] = set()  # object names whose apply answers 409
+        self.kubelet = kubelet
         self.lock = threading.Lock()
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
@@ -61,6 +119,8 @@ class FakeKubernetes:
         p = request.path_params
         key = (p["plural"], p["namespace"], p["name"])
         body = await request.body()
+        if self.kubelet is not None and request.method == "GET" and p["plural"] == "inferenceservices":
+            await asyncio.to_thread(self._start_pods, (p["namespace"], p["name"]))
         with self.lock:
             self.requests.append((request.method, request.url.path))
             if request.method == "GET":
@@ -107,9 +167,34 @@ class FakeKubernetes:
             if not state.revisions or state.revisions[-1][1] != spec_key:
                 name = f"{key[2]}-predictor-{len(state.revisions) + 1:05d}"
                 state.revisions.append(
-                    [name, spec_key, self.ready_after, doc["metadata"]["annotations"].get("releasegate.io/version")]
+                    [
+                        name,
+                        spec_key,
+                        self.ready_after,
+                        doc["metadata"]["annotations"].get("releasegate.io/version"),
+                        None,
+                    ]
                 )
         return self._with_status(key, obj, read=False)
+
+    def _start_pods(self, isvc: tuple[str, str]) -> None:
+        """The kubelet's part: each revision's storage-initializer runs once, before the revision can be ready."""
+        with self.lock:
+            state = self.isvc.get(isvc)
+            todo = [rev for rev in (state.revisions if state else []) if rev[4] is None]
+        for rev in todo:
+            outcome = self.kubelet.run(rev[0], json.loads(rev[1]))
+            with self.lock:
+                rev[4] = outcome
+
+    def _init_failed(self, rev: list) -> str | None:
+        """The storage-initializer's termination message when it failed (KServe reports it as the load failure)."""
+        if self.kubelet is None or rev[4] is None or rev[4]["exit"] in (0, None):
+            return None
+        return rev[4]["message"]
+
+    def _startable(self, rev: list) -> bool:
+        return self.kubelet is None or (rev[4] is not None and rev[4]["exit"] == 0)
 
     def _with_status(self, key, obj: dict, read: bool = True) -> dict:
         if key[0] != "inferenceservices":
@@ -117,12 +202,18 @@ class FakeKubernetes:
         state = self.isvc[(key[1], key[2])]
         name = key[2]
         for rev in state.revisions:
-            if read and rev[2] > 0 and name not in self.never_ready and rev[3] not in self.failing_versions:
+            if (
+                read
+                and rev[2] > 0
+                and name not in self.never_ready
+                and rev[3] not in self.failing_versions
+                and self._startable(rev)
+            ):
                 rev[2] -= 1
         ready = [
             r
             for r in state.revisions
-            if r[2] == 0 and name not in self.never_ready and r[3] not in self.failing_versions
+            if r[2] == 0 and name not in self.never_ready and r[3] not in self.failing_versions and self._startable(r)
         ]
         latest, latest_ready = state.revisions[-1], (ready[-1] if ready else None)
         canary = obj["spec"]["predictor"].get("canaryTrafficPercent")
@@ -151,12 +242,15 @@ class FakeKubernetes:
             },
         }
         is_ready = latest is latest_ready
-        if latest[3] in self.failing_versions:
+        init_failure = self._init_failed(latest)
+        if latest[3] in self.failing_versions or init_failure is not None:
             status["modelStatus"] = {
                 "transitionStatus": "BlockedByFailedLoad",
                 "lastFailureInfo": {
                     "reason": "ModelLoadFailed",
-                    "message": f"revision {latest[0]} could not load the model",
+                    "message": init_failure
+                    if init_failure is not None
+                    else f"revision {latest[0]} could not load the model",
                 },
             }
             status["conditions"] = [

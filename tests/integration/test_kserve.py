@@ -160,7 +160,9 @@ class DataPlane:
                     feedback.append({"request_id": request_id, "ground_truth": int(labels[i])})
                 pending = [self._call(client, version, batch, pd) for version, batch in calls.items()]
                 if feedback:
-                    pending.append(_send(client.post(f"{self.sink_url}/feedback", json=feedback)))
+                    pending.append(
+                        _send(client.post(f"{self.sink_url}/feedback", json=feedback, headers=peer(FEEDBACK_ACCOUNT)))
+                    )
                 for result in await asyncio.gather(*pending):
                     self.sent += 1
                     self.errors += result >= 300
@@ -208,8 +210,22 @@ async def _send(coro) -> int:
         return 599
 
 
+# The service accounts the sink admits by default in namespace `models`: the predictors' and the feedback one.
+PREDICTOR_ACCOUNT, FEEDBACK_ACCOUNT = "models/default", "models/releasegate-feedback"
+
+
+def peer(account: str) -> dict:
+    """The X-Forwarded-Client-Cert the sink's Istio sidecar appends for a caller of this service account."""
+    namespace, name = account.split("/")
+    return {
+        "x-forwarded-client-cert": "By=spiffe://cluster.local/ns/models/sa/releasegate-sink;"
+        f"URI=spiffe://cluster.local/ns/{namespace}/sa/{name}"
+    }
+
+
 def _ce(kind: str, request_id: str, when: float) -> dict:
     return {
+        **peer(PREDICTOR_ACCOUNT),
         "ce-specversion": "1.0",
         "ce-id": request_id,
         "ce-source": "http://localhost:9081/",
@@ -498,7 +514,9 @@ def test_the_readiness_trigger_answers_ready_failed_or_timeout(monkeypatch):
     )
     fake._apply(
         ("inferenceservices", "models", "churn"),
-        k8s.inference_service(MODEL, k8s.Served("2", "s3://mlflow/m", "sha256:0"), k8s.K8sSettings()),
+        k8s.inference_service(
+            MODEL, k8s.Served("2", "s3://mlflow/m", "sha256:0", "s3://mlflow/releasegate/model.sig"), k8s.K8sSettings()
+        ),
     )
 
     def first_event(timeout: float) -> dict:

@@ -22,7 +22,18 @@ def canary(weight: int) -> Stage:
 
 
 SETTINGS = k8s.K8sSettings(namespace="models", sink_url="http://releasegate-sink.models.svc.cluster.local/events")
-CANDIDATE = k8s.Served("3", "s3://mlflow/1/abc/artifacts/model", "sha256:" + "a" * 64)
+CANDIDATE = k8s.Served(
+    "3", "s3://mlflow/1/abc/artifacts/model", "sha256:" + "a" * 64, "s3://mlflow/1/abc/artifacts/releasegate/model.sig"
+)
+# What the sink's Istio sidecar appends to X-Forwarded-Client-Cert for a predictor's and a feedback caller's mTLS.
+PREDICTOR_PEER = {
+    "x-forwarded-client-cert": "By=spiffe://cluster.local/ns/models/sa/releasegate-sink;"
+    "URI=spiffe://cluster.local/ns/models/sa/default"
+}
+FEEDBACK_PEER = {
+    "x-forwarded-client-cert": "By=spiffe://cluster.local/ns/models/sa/releasegate-sink;"
+    "URI=spiffe://cluster.local/ns/models/sa/releasegate-feedback"
+}
 
 
 @pytest.fixture
@@ -58,6 +69,8 @@ def test_every_rendered_manifest_validates_against_the_pinned_schemas(schemas):
         "DestinationRule",
         "Deployment",
         "Service",
+        "PeerAuthentication",
+        "AuthorizationPolicy",
     ]
     for doc in docs:
         k8s.validate(doc, schemas)
@@ -73,6 +86,18 @@ def test_manifests_carry_the_release(schemas):
         "modelFormat": {"name": "mlflow"},
         "protocolVersion": "v2",
         "storageUri": CANDIDATE.storage_uri,
+        "volumeMounts": [{"name": "releasegate-model", "mountPath": "/mnt/models", "readOnly": True}],
+    }
+    # releasegate's storage initializer fills that volume from the same URI and verifies it against the digest.
+    [init] = predictor["initContainers"]
+    assert init["name"] == "storage-initializer" and init["command"][-1] == "releasegate.serving.verify_dir"
+    args = dict(zip(init["args"][::2], init["args"][1::2], strict=True))
+    assert args == {
+        "--storage-uri": CANDIDATE.storage_uri,
+        "--bundle-uri": CANDIDATE.bundle_uri,
+        "--expect-digest": CANDIDATE.digest,
+        "--model-dir": "/mnt/models",
+        "--trust-dir": "/etc/releasegate/trust",
     }
     # The logger URL names model and version, so each revision's events say which version answered.
     assert predictor["logger"]["url"].endswith("/events?model=churn&version=3") and predictor["logger"]["mode"] == "all"
@@ -104,6 +129,15 @@ def test_a_misspelled_or_mistyped_field_is_refused(schemas):
     del service["spec"]["ports"][0]["port"]
     with pytest.raises(k8s.ManifestError, match="port"):
         k8s.validate(service)
+
+
+def test_a_predictor_that_could_not_verify_is_never_rendered():
+    for unsigned in (
+        k8s.Served("3", CANDIDATE.storage_uri, "", CANDIDATE.bundle_uri),
+        k8s.Served("3", CANDIDATE.storage_uri, CANDIDATE.digest, ""),
+    ):
+        with pytest.raises(k8s.ManifestError, match="churn v3 has no signature bundle to verify against"):
+            k8s.inference_service("churn", unsigned, SETTINGS)
 
 
 def test_model_names_map_to_kubernetes_names_or_say_why_not():
@@ -182,6 +216,7 @@ def _event(kind: str, request_id: str, when: float, metadata: dict | None = None
         "ce-time": datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z"),
         "ce-metadata": json.dumps(metadata or {}),
         "content-type": "application/json",
+        **PREDICTOR_PEER,
     }
 
 
@@ -244,21 +279,21 @@ def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
                 headers=_event("request", "req-1", t0, {"X-Routing-Key": ["customer-7"]}),
                 content=json.dumps(V2_REQUEST),
             )
-            assert request.json() == {"accepted": "written"}
+            assert request.status_code == 202 and request.json() == {"accepted": True}
         # A request whose response never comes (KServe logs none for a non-200 answer) becomes an error row.
         client.post(
             "/events?model=churn&version=2", headers=_event("request", "req-2", t0), content=json.dumps(V2_REQUEST)
         )
-        assert client.post("/feedback", json=[{"request_id": "req-1", "ground_truth": [1, 0]}]).json() == {
-            "accepted": 1
-        }
+        assert client.post(
+            "/feedback", json=[{"request_id": "req-1", "ground_truth": [1, 0]}], headers=FEEDBACK_PEER
+        ).json() == {"accepted": 1}
         bad = client.post("/events?model=churn", headers=_event("request", "req-3", t0), content=json.dumps(V2_REQUEST))
         assert bad.status_code == 400 and "version" in bad.json()["error"]
         bad = client.post(
             "/events?model=churn&version=2", headers=_event("request", "req-3", t0), content=json.dumps({"rows": []})
         )
         assert bad.status_code == 400 and "no usable rows" in bad.json()["error"]
-        bad = client.post("/feedback", json=[{"request_id": "req-1"}])
+        bad = client.post("/feedback", json=[{"request_id": "req-1"}], headers=FEEDBACK_PEER)
         assert bad.status_code == 422 and "ground_truth" in bad.json()["error"]
         time.sleep(0.8)
     rows = _rows(storage.engine(settings.db_url))

@@ -13,7 +13,9 @@ provider's KubernetesHook, see plugins/releasegate_airflow/kubernetes.py) with s
 | rollback | canaryTrafficPercent 0 (traffic back on the previous revision at once), then the champion's spec at 0 % until
 its revision is ready, then without canaryTrafficPercent |
 
-A version is verified (signature, trusted key) before its storage URI is published in a manifest.
+A version is verified (signature, trusted key) before its storage URI is published in a manifest, and
+again in every pod: the predictor's storage initializer is releasegate's (`serving.verify_dir`), which
+serves nothing that does not verify against the bundle published here.
 Knative splits traffic per request, so `assignment` is "request": the analysis counts SRM in requests.
 """
 
@@ -323,16 +325,23 @@ class KServeBackend:
             self._delete(DR, f"{name}-shadow")
 
     def _served(self, model: str, version: str, current: dict[str, Any] | None) -> k8s.Served:
-        """The version as a manifest names it; verified first unless `current` already serves it (verified then)."""
+        """The version as a manifest names it; verified first unless `current` already serves it (verified then).
+
+        Either way each pod verifies again what it downloads, against the digest named here.
+        """
         on = (current or {}).get("spec", {}).get("predictor", {}).get("model", {})
         annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
-        if current is not None and annotations.get("releasegate.io/version") == version and on.get("storageUri"):
-            return k8s.Served(version, on["storageUri"], annotations.get("releasegate.io/signature-digest", ""))
+        digest, bundle_uri = (
+            annotations.get("releasegate.io/signature-digest", ""),
+            annotations.get("releasegate.io/signature-uri", ""),
+        )
+        if annotations.get("releasegate.io/version") == version and on.get("storageUri") and digest and bundle_uri:
+            return k8s.Served(version, on["storageUri"], digest, bundle_uri)
         return verified_version(model, version, self.settings)
 
 
 def verified_version(model: str, version: str, settings: k8s.K8sSettings) -> k8s.Served:
-    """Verify the version's signature (as `releasegate verify` does), then name its stored artifacts for KServe.
+    """Verify the version's signature (as `releasegate verify` does), then name its stored files and bundle for KServe.
 
     SignatureRefused for an unsigned, tampered or untrusted version.
     """
@@ -343,8 +352,11 @@ def verified_version(model: str, version: str, settings: k8s.K8sSettings) -> k8s
             digest = signing.fetch_verified(model, version, parent=Path(tmp)).digest
     except signing.SignatureError as err:
         raise SignatureRefused(f"refusing to publish {model} v{version}: {err}") from err
-    uri = registry.client().get_model_version_download_uri(model, version)
-    return k8s.Served(version, k8s.storage_uri(uri, settings), digest)
+    mlflow_client = registry.client()
+    uri = mlflow_client.get_model_version_download_uri(model, version)
+    run_artifacts = mlflow_client.get_run(registry.source_run(model, version)).info.artifact_uri
+    bundle_uri = f"{run_artifacts.rstrip('/')}/{signing.BUNDLE_ARTIFACT}"
+    return k8s.Served(version, k8s.storage_uri(uri, settings), digest, k8s.storage_uri(bundle_uri, settings))
 
 
 _api_client_factory: Callable[[], ApiClient] | None = None
