@@ -34,6 +34,10 @@ class AirflowUnavailable(AirflowError):
     """No answer, or a 5xx: the API server may be restarting, and a long wait should ride it out."""
 
 
+class ApprovalRefused(AirflowError):
+    """An answer releasegate refuses to send: the release's own triggerer approving it under separation of duties."""
+
+
 def _detail(resp: httpx.Response) -> str:
     try:
         detail = resp.json().get("detail")
@@ -205,6 +209,17 @@ class AirflowClient:
             raise AirflowError(f"answering {task_id} of run {run_id} failed ({resp.status_code}: {_detail(resp)})")
         return cast(dict[str, Any], resp.json())
 
+    def whoami(self) -> str | None:
+        """The name Airflow knows the caller by (its UI's own `/ui/auth/me`), else the user logged in as."""
+        if self._token is None:
+            self.login()
+        resp = self._send("GET", "/ui/auth/me", headers={"Authorization": f"Bearer {self._token}"})
+        if resp.status_code == 200:
+            name = resp.json().get("username")
+            if isinstance(name, str) and name:
+                return name
+        return self.username
+
     def ui_url(self, dag_id: str, run_id: str, task_id: str | None = None) -> str:
         url = f"{self.base_url}/dags/{quote(dag_id)}/runs/{quote(run_id, safe=':+')}"  # as the UI writes it
         return f"{url}/tasks/{quote(task_id)}/required_actions" if task_id else url
@@ -368,14 +383,41 @@ def find_approval(client: AirflowClient, dag_id: str, ref: str, model: str | Non
     return found[0]
 
 
+# The XCom key under which the release's decide task (plugins/releasegate_airflow/operators.py) stores its request.
+APPROVAL_REQUEST_XCOM = "approval_request"
+
+
+def self_approval(request_info: dict[str, Any] | None, me: str | None) -> str | None:
+    """Why `me` may not approve the release `request_info` (the decide task's XCom) describes, or None if they may."""
+    if not request_info or not request_info.get("separate_duties"):
+        return None
+    triggered_by = request_info.get("triggered_by")
+    if not me or me != triggered_by:
+        return None
+    return (
+        f"{me} triggered this release and its policy requires someone else to approve it "
+        "(approval.separate_duties); ask another person, or roll it back with --reject"
+    )
+
+
 def answer(
     client: AirflowClient, dag_id: str, request: dict[str, Any], *, approve: bool, comment: str | None = None
 ) -> dict[str, Any]:
-    """Approve or reject one pending request, with the comment where the request takes one."""
+    """Approve or reject one pending request, with the comment where the request takes one.
+
+    An approval by the release's own triggerer, where its policy separates the duties, is refused
+    here with ApprovalRefused (the decide task refuses it too, should it arrive another way).
+    """
     options = request.get("options") or []
     chosen = next((o for o in (_YES if approve else _NO) if o in options), None)
     if chosen is None:
         raise AirflowError(f"the request offers {options}, none of which means {'approve' if approve else 'reject'}")
-    params = {"comment": comment} if comment and "comment" in (request.get("params") or {}) else {}
     ti = request["task_instance"]
+    if approve:
+        info = client.xcom(dag_id, ti["dag_run_id"], ti["task_id"], key=APPROVAL_REQUEST_XCOM)
+        if isinstance(info, dict) and info.get("separate_duties"):
+            refused = self_approval(info, client.whoami())
+            if refused is not None:
+                raise ApprovalRefused(refused)
+    params = {"comment": comment} if comment and "comment" in (request.get("params") or {}) else {}
     return client.respond(dag_id, ti["dag_run_id"], ti["task_id"], [chosen], params, ti.get("map_index", -1))

@@ -142,6 +142,9 @@ def _timeline_entry(event: dict[str, Any], started_at: float) -> dict[str, Any]:
             )
     elif action == AuditAction.signed:
         title, kind, text = "signed", "signed", d.get("digest", "")
+    elif action == AuditAction.approval and d.get("refused"):
+        title, kind, outcome = "approval refused", "approval", False
+        text = f"an approval by {d.get('approver')} did not count: {d['refused']}"
     elif action == AuditAction.approval:
         title, kind = "approval", "approval"
         outcome = bool(d.get("approved"))
@@ -317,13 +320,16 @@ def report_location(release_id: str, engine: sa.Engine | None = None) -> dict[st
 
 
 def chain_status(engine: sa.Engine | None = None) -> dict[str, Any]:
-    """The audit chain recomputed now: intact, or where it breaks."""
+    """The audit chain recomputed now and checked against its anchored signed head: intact, or how it broke."""
     report = audit.verify(engine or storage.engine())
     return {
         "ok": report.ok,
         "status": "intact" if report.ok else "broken",
+        "failure": report.failure.value if report.failure else None,
         "events": report.events,
         "first_bad_seq": report.first_bad_seq,
+        "anchored": report.anchored_seq is not None or report.events == 0,
+        "anchored_seq": report.anchored_seq,
         "message": report.message,
         "head": report.head,
     }

@@ -347,16 +347,28 @@ def decide(release_id: str) -> Branch:
 
 
 class ApprovalRequest(BaseModel):
-    """What the person asked to approve sees, and how long they have."""
+    """What the person asked to approve sees, how long they have, who may answer and who may not."""
 
     subject: str
     body: str
     timeout_seconds: float
+    seconds_left: float  # of the timeout, counted from when the release began to wait (less when asked again)
     approvers: list[str]
+    triggered_by: str | None = None
+    separate_duties: bool = False
 
 
-def request_approval(release_id: str, actor: str = "airflow") -> ApprovalRequest:
-    """Hold the release for a human: state `awaiting_approval`, and the request's text with the evidence."""
+class NoEligibleApprover(Exception):
+    """Separation of duties leaves nobody to approve: the policy's only approver triggered the release."""
+
+
+def request_approval(release_id: str, actor: str = "airflow", *, triggered_by: str | None = None) -> ApprovalRequest:
+    """Hold the release for a human: state `awaiting_approval`, and the request's text with the evidence.
+
+    `triggered_by` is the Airflow user who started the release; under `approval.separate_duties`
+    they are left out of the approvers (and `record_approval` refuses their approval). Asked
+    again, it returns the same request with the time left.
+    """
     rel = release.get(release_id)
     pol = _policy(rel)
     last = rel.last_verdict
@@ -367,12 +379,30 @@ def request_approval(release_id: str, actor: str = "airflow") -> ApprovalRequest
     )
     if rel.state is not State.awaiting_approval:
         rel = release.transition(release_id, State.awaiting_approval, actor=actor, reason=f"awaiting approval: {why}")
+    waiting = AuditAction.moved_to(State.awaiting_approval)
+    since = max((e["time"] for e in audit.events(release_id=release_id) if e["action"] == waiting), default=time.time())
+    separate = pol.approval.separate_duties and triggered_by is not None
+    approvers = [user for user in pol.approval.approvers if not (separate and user == triggered_by)]
+    if pol.approval.approvers and not approvers:
+        reason = (
+            f"policy {pol.name} names only {triggered_by} to approve, who triggered this release: separation of "
+            "duties (approval.separate_duties) leaves nobody to approve it"
+        )
+        _audit_answer(rel, approved=False, approver=None, who="nobody (separation of duties)", comment=reason)
+        raise NoEligibleApprover(reason)
     timeout = pol.approval.timeout_seconds
     lines = [
         f"**Release** `{rel.release_id}`: model **{rel.model}**, candidate v{rel.candidate_version} "
         f"over champion v{rel.champion_version}, policy `{pol.name}`.",
         f"**Why you are asked**: {why}.",
         f"**No answer within {timeout:,.0f} s rolls the release back.**",
+    ]
+    if separate:
+        lines.append(
+            f"**Separation of duties**: {triggered_by} triggered this release, so someone else must approve it "
+            f"({triggered_by} may still roll it back)."
+        )
+    lines += [
         "",
         "| stage | decision | evidence (candidate − champion, always-valid bounds) |",
         "|---|---|---|",
@@ -395,25 +425,58 @@ def request_approval(release_id: str, actor: str = "airflow") -> ApprovalRequest
         subject=f"Promote {rel.model} v{rel.candidate_version} (champion v{rel.champion_version})?",
         body="\n".join(lines),
         timeout_seconds=timeout,
-        approvers=list(pol.approval.approvers),
+        seconds_left=since + timeout - time.time(),
+        approvers=approvers,
+        triggered_by=triggered_by,
+        separate_duties=separate,
     )
 
 
 def record_approval(
-    release_id: str, *, approved: bool, approver: str | None, timed_out: bool = False, comment: str | None = None
+    release_id: str,
+    *,
+    approved: bool,
+    approver: str | None,
+    timed_out: bool = False,
+    comment: str | None = None,
+    triggered_by: str | None = None,
 ) -> Branch:
-    """Write the answer, or the timeout, to the audit log; returns the branch it leads to."""
+    """Write the answer, or the timeout, to the audit log; returns the branch it leads to.
+
+    An approval by the release's own triggerer under `approval.separate_duties` is audited as
+    refused and does not count: the branch is `approve`, ask again.
+    """
     rel = release.get(release_id)
+    if approved and _policy(rel).approval.refuses(approver, triggered_by):
+        refused = f"{approver} triggered this release and may not approve it (separation of duties)"
+        _audit_answer(rel, approved=False, approver=approver, who=str(approver), comment=comment, refused=refused)
+        return Branch.approve
     who = approver or ("nobody (timeout)" if timed_out else "unknown")
+    _audit_answer(rel, approved=approved, approver=approver, who=who, timed_out=timed_out, comment=comment)
+    return Branch.promote if approved else Branch.rollback
+
+
+def _audit_answer(
+    rel: release.Release,
+    *,
+    approved: bool,
+    approver: str | None,
+    who: str,
+    timed_out: bool = False,
+    comment: str | None = None,
+    refused: str | None = None,
+) -> None:
+    details: dict[str, Any] = {"approved": approved, "approver": who, "timed_out": timed_out, "comment": comment}
+    if refused is not None:
+        details["refused"] = refused
     audit.append(
         f"airflow:{approver}" if approver else "airflow",
         AuditAction.approval,
         model=rel.model,
         version=rel.candidate_version,
-        release_id=release_id,
-        details={"approved": approved, "approver": who, "timed_out": timed_out, "comment": comment},
+        release_id=rel.release_id,
+        details=details,
     )
-    return Branch.promote if approved else Branch.rollback
 
 
 def _approval(rel: release.Release) -> dict[str, Any] | None:
@@ -518,8 +581,9 @@ def finish(release_id: str, actor: str = "airflow", *, pipeline_failed: bool = F
     settings = get_settings()
     summary = summarize(rel)
     _store_report(rel, "release.json", summary.model_dump(mode="json"))
-    if settings.signing_key.exists():
-        _store_report(rel, "audit-head.json", audit.sign_head(settings.signing_key))
+    # A copy beside the release's reports; the head `audit.verify` checks is the one anchored at every event.
+    if settings.audit_key.exists():
+        _store_report(rel, "audit-head.json", audit.sign_head(settings.audit_key))
     return summary.model_copy(update={"reports": report_uri(rel)})
 
 

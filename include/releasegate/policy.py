@@ -114,6 +114,14 @@ class Approval(_Strict):
     approvers: list[str] = Field(
         default_factory=list, description="Airflow user ids who may answer; empty: any user allowed to act on the DAG."
     )
+    separate_duties: bool = Field(
+        default=False,
+        description="The Airflow user who triggered the release may not approve it (they may still roll it back).",
+    )
+
+    def refuses(self, approver: str | None, triggered_by: str | None) -> bool:
+        """Whether an approval by `approver` of a release `triggered_by` started breaks the separation of duties."""
+        return self.separate_duties and approver is not None and approver == triggered_by
 
 
 class Monitoring(_Strict):

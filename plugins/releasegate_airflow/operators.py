@@ -8,6 +8,7 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
 from airflow.sdk import BaseOperator, Context, Param
 
+from releasegate.airflow_client import APPROVAL_REQUEST_XCOM
 from releasegate_airflow import xcom
 from releasegate_airflow.triggers import AnalysisTrigger
 
@@ -48,13 +49,18 @@ class AnalysisWaitOperator(BaseOperator):
         return xcom.push(pipeline.record(release.release_id, Verdict.model_validate(event), actor=actor(context)))
 
 
+def triggering_user(context: Context) -> str | None:
+    """The Airflow user who triggered the run; None for a scheduled run."""
+    return getattr(context.get("dag_run"), "triggering_user_name", None) or None
+
+
 def actor(context: Context | None = None) -> str:
     """Who acts in the audit log: `airflow:<the user who triggered the run>`, or `airflow` for a scheduled run."""
     if context is None:
         from airflow.sdk import get_current_context
 
         context = get_current_context()
-    user = getattr(context.get("dag_run"), "triggering_user_name", None)
+    user = triggering_user(context)
     return f"airflow:{user}" if user else "airflow"
 
 
@@ -65,6 +71,10 @@ class ReleaseDecisionOperator(HITLBranchOperator):
     so the decision and the human approval are one task: it asks only when `pipeline.decide` says
     so. The request's text and timeout come from the release's policy when the task runs; no answer
     in time takes the default, roll back. Who answered, or that nobody did, goes to the audit log.
+
+    Under `approval.separate_duties` the run's triggerer is left out of named approvers; Airflow's
+    `assigned_users` can only allow, not exclude, so an approval by the triggerer is also refused
+    when it arrives (audited) and the same request is asked again for the time left.
     """
 
     PROMOTE, ROLL_BACK = "Promote", "Roll back"
@@ -107,25 +117,49 @@ class ReleaseDecisionOperator(HITLBranchOperator):
         }
         if branch is not Branch.approve:
             return self.do_branch(context, tasks[branch])
-        request = pipeline.request_approval(release.release_id, actor=actor(context))
+        return self._ask(context, release.release_id)
+
+    def _ask(self, context: Context, release_id: str) -> Any:
+        """Put the request to a person (again, after a refused self-approval) and wait for the answer."""
+        from releasegate import pipeline
+
+        try:
+            request = pipeline.request_approval(release_id, actor=actor(context), triggered_by=triggering_user(context))
+        except pipeline.NoEligibleApprover as err:
+            self.log.warning("not asking for an approval: %s", err)
+            return self.do_branch(context, self.rollback_task_id)
+        if request.seconds_left <= 0:
+            pipeline.record_approval(release_id, approved=False, approver=None, timed_out=True)
+            return self.do_branch(context, self.rollback_task_id)
+        # `releasegate approve` reads who triggered the release here, to refuse their approval before sending it.
+        context["ti"].xcom_push(key=APPROVAL_REQUEST_XCOM, value=request.model_dump(mode="json"))
         self.subject, self.body = request.subject, request.body
-        self.response_timeout = timedelta(seconds=request.timeout_seconds)
+        self.response_timeout = timedelta(seconds=request.seconds_left)
         if request.approvers:
             self.assigned_users = [{"id": user, "name": user} for user in request.approvers]
+        # Asked again, the request already stored keeps its text; writing it clears the refused answer.
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         from releasegate import pipeline
+        from releasegate.contract import Branch
         from releasegate.results import Opened
 
+        release_id = xcom.pull(Opened, self.release).release_id
         chosen = event.get("chosen_options") or []
         user = event.get("responded_by_user") or {}
         params = event.get("params_input") or {}
-        pipeline.record_approval(
-            xcom.pull(Opened, self.release).release_id,
+        branch = pipeline.record_approval(
+            release_id,
             approved=chosen == [self.PROMOTE],
             approver=user.get("name") or user.get("id"),
             timed_out=bool(event.get("timedout")),
             comment=params.get("comment") or None,
+            triggered_by=triggering_user(context),
         )
+        if branch is Branch.approve:
+            self.log.warning(
+                "an approval by the release's own triggerer is refused (separation of duties); asking again"
+            )
+            return self._ask(context, release_id)
         return super().execute_complete(context, event)

@@ -57,6 +57,10 @@ def test_dashboard_renders_the_releases_and_a_release_page_in_chromium(served_da
     if (missing := browser.available()) is not None:
         # On a laptop without Chromium this skips; CI installs it (.ci/run), so there a missing browser fails.
         require(f"{missing}; .ci/run installs it")
+    from releasegate import signing
+    from releasegate.settings import get_settings
+
+    signing.generate_keys(get_settings().audit_key.parent)  # as a deployment has it: the audit head is anchored
     good, bad = promoted_release(clock), rolled_back_release(clock)
     token = token_for(airflow_auth)
 
@@ -71,7 +75,7 @@ def test_dashboard_renders_the_releases_and_a_release_page_in_chromium(served_da
     assert listing.title == "Releases · releasegate"
     for rel in (good, bad):
         assert f'data-release-id="{rel.release_id}"' in listing.html
-    assert 'data-status="intact"' in listing.html
+    assert 'data-status="intact"' in listing.html and "head not anchored" not in listing.html
 
     page = browser.render(
         f"{served_dashboard}/releases/{good.release_id}",

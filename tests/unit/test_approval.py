@@ -52,7 +52,8 @@ def test_the_approval_request_carries_the_evidence_and_the_policy_timeout(rg_hom
     rel = _release({"approval": {"required": True, "timeout_seconds": 90, "approvers": ["alice"]}}, PASSED)
     request = pipeline.request_approval(rel.release_id, actor="airflow:bob")
     assert release.get(rel.release_id).state is State.awaiting_approval
-    assert request.timeout_seconds == 90 and request.approvers == ["alice"]
+    assert request.timeout_seconds == 90 and request.approvers == ["alice"] and 0 < request.seconds_left <= 90
+    assert not request.separate_duties and "Separation of duties" not in request.body
     assert request.subject == "Promote churn v2 (champion v1)?"
     assert "| canary 3 (50 %) | promote | accuracy +0.031 [+0.004, +0.058] (margin 0.02) |" in request.body
     assert "No answer within 90 s rolls the release back" in request.body

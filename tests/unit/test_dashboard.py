@@ -363,6 +363,38 @@ def test_audit_chain_status_turns_broken_when_a_row_is_edited(client, airflow_au
     assert client.get("/api/releases", cookies=cookies).json()["audit_chain"]["first_bad_seq"] == 3
 
 
+def test_deleting_the_last_events_turns_the_chain_status_broken_as_truncated(client, airflow_auth, clock, settings):
+    from releasegate import signing
+
+    signing.generate_keys(settings.audit_key.parent)
+    promoted_release(clock)
+    cookies = {"_token": token_for(airflow_auth)}
+    html = client.get("/", cookies=cookies).text
+    assert 'data-status="intact"' in html and "head not anchored" not in html
+    with storage.engine().begin() as conn:
+        last = conn.execute(sa.select(sa.func.max(storage.audit.c.seq))).scalar()
+        conn.execute(sa.delete(storage.audit).where(storage.audit.c.seq == last))
+    html = client.get("/", cookies=cookies).text
+    assert 'data-status="broken"' in html and 'data-failure="truncated"' in html
+    assert f"event {last} was deleted" in html
+
+
+def test_a_refused_self_approval_is_shown_on_the_release_page(client, airflow_auth, clock):
+    from releasegate import pipeline
+
+    policy = {"name": "gated", "approval": {"required": True, "separate_duties": True}}
+    rel = release.open_release("churn", "6", "2", policy, airflow_run_id="manual__sod", actor="airflow:alice")
+    for state in (State.signing, State.validating, State.shadow, State.canary, State.awaiting_approval):
+        release.transition(rel.release_id, state, actor="airflow:alice")
+    pipeline.record_approval(rel.release_id, approved=True, approver="alice", triggered_by="alice")
+    pipeline.record_approval(rel.release_id, approved=True, approver="bob", triggered_by="alice", comment="checked")
+    html = client.get(f"/releases/{rel.release_id}", cookies={"_token": token_for(airflow_auth)}).text
+    assert "refused: alice triggered this release and may not approve it (separation of duties)" in html
+    assert "approved by bob: “checked”" in html
+    timeline = html.split('id="timeline"')[1]
+    assert "approval refused" in timeline and "an approval by alice did not count" in timeline
+
+
 def test_verdicts_shown_are_the_audited_ones_and_an_edited_release_row_is_flagged(client, airflow_auth, clock):
     rel = rolled_back_release(clock)
     cookies = {"_token": token_for(airflow_auth)}

@@ -28,6 +28,22 @@ _templates.env.filters["timestamp"] = lambda ts: datetime.fromtimestamp(ts, UTC)
 _templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
 _bearer = HTTPBearer(auto_error=False)
 
+# The dashboard's own pages are server-rendered HTML with inline SVG and styles, and run no script at all.
+PAGE_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+)
+# An Evidently report carries values from logged traffic (any predict-key holder's category strings) inside its
+# own inline <script> blocks, so it is served sandboxed. Its scripts (they draw the charts) run, but without
+# allow-same-origin the page gets an opaque origin: no Airflow session cookie, no same-origin storage, no
+# authenticated calls to Airflow or to this dashboard. connect-src, img-src and form-action leave it no requests
+# either; at most it can navigate its own tab away, taking only what the report itself holds.
+REPORT_CSP = (
+    "sandbox allow-scripts allow-downloads; default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; img-src data: blob:; font-src data:; connect-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+)
+
 
 async def airflow_user(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
@@ -91,6 +107,14 @@ _drawn = functools.lru_cache(maxsize=64)(_draw)
 def create_app() -> FastAPI:
     app = FastAPI(title="releasegate dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy", PAGE_CSP)  # a report sets its own
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
+
     @app.exception_handler(HTTPException)
     async def refused(request: Request, exc: HTTPException) -> Response:
         # A person in a browser gets a page that says what to do; API clients get Airflow's JSON shape.
@@ -141,7 +165,9 @@ def create_app() -> FastAPI:
         from releasegate import dashboard
 
         try:
-            return HTMLResponse(dashboard.report_html(release_id, stage, name))
+            return HTMLResponse(
+                dashboard.report_html(release_id, stage, name), headers={"Content-Security-Policy": REPORT_CSP}
+            )
         except dashboard.NotFound as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
 
