@@ -1,5 +1,6 @@
 # The releasegate image: Airflow's official image, the pinned requirements, the library, the DAGs and plugins.
-# Every service of docker-compose.yaml but PostgreSQL, Prometheus and Grafana runs it.
+# Every service of docker-compose.yaml but PostgreSQL, Prometheus and Grafana runs it. No key, certificate
+# or secret goes into it: compose mounts deploy/secrets/ and reads .env at run time (`make secrets`).
 FROM apache/airflow:3.3.2-python3.11
 
 # Pinned, with Airflow itself held at the image's version (as Airflow's docs ask for extended images).

@@ -30,6 +30,12 @@ test: check
 test-fast: check
 	$(BIN)/python -m pytest -ra tests/unit tests/dags
 
+# docker compose refuses to start without its secrets: this makes them (.env, TLS, the signing key
+# pair under deploy/secrets/), never overwriting one. Needs only openssl, not the venv.
+.PHONY: secrets
+secrets:
+	scripts/make-secrets.sh
+
 lock:
 	uv pip compile requirements.in -o requirements.txt --python-version 3.11
 

@@ -1,12 +1,16 @@
 """Train a churn model and register it in MLflow as releasegate expects, then point `challenger` at it.
 
-What CI runs before `releasegate trigger` (see .github/workflows/release.yml). A version is
-releasable when it has, beside the model: `releasegate/reference.parquet` (a sample of the
-training inputs: drift and contracts compare live traffic with it) and
+What CI runs before `releasegate sign` and `releasegate trigger` (see .github/workflows/release.yml).
+A version is releasable when it has, beside the model: `releasegate/reference.parquet` (a sample of
+the training inputs: drift and contracts compare live traffic with it) and
 `releasegate/holdout.parquet` (labelled evaluation data: the offline comparison with the
 champion). Replace the demo data with your own training; keep those two artifacts.
 
+Then sign it here, where it was built: a deployment in `verify-only` mode holds public keys only and
+rejects an unsigned candidate.
+
     python examples/train_and_register.py --model churn            # prints the new version
+    releasegate sign models:/churn/VERSION                         # with RELEASEGATE_SIGNING_KEY
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def train_and_register(model: str, rows: int, seed: int, alias: str | None) -> s
     if alias:
         mlflow.MlflowClient().set_registered_model_alias(model, alias, version)
     print(f"registered {model} v{version} (holdout accuracy {accuracy:.3f})" + (f", alias {alias}" if alias else ""))
+    print(f"next, sign it where it was built: releasegate sign models:/{model}/{version}")
     return version
 
 
@@ -68,9 +73,9 @@ def main() -> None:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         parser.error("set MLFLOW_TRACKING_URI to the MLflow server the release pipeline reads")
     version = train_and_register(args.model, args.rows, args.seed, args.alias or None)
-    if os.environ.get("GITHUB_OUTPUT"):  # for the next step: steps.<id>.outputs.version
+    if os.environ.get("GITHUB_OUTPUT"):  # for the next steps: steps.<id>.outputs.version, .model_uri
         with open(os.environ["GITHUB_OUTPUT"], "a") as out:
-            out.write(f"version={version}\n")
+            out.write(f"version={version}\nmodel_uri=models:/{args.model}/{version}\n")
 
 
 if __name__ == "__main__":

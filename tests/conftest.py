@@ -19,7 +19,17 @@ def _point_env_at(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
     monkeypatch.setenv("RELEASEGATE_MLFLOW_ARTIFACTS", str(home / "mlartifacts"))
     monkeypatch.setenv("RELEASEGATE_ADMIN_KEY", "rg-test-admin-key-0123456789abcdef")
-    for name in ("RELEASEGATE_SIGNING_KEY", "RELEASEGATE_TRUSTED_KEYS", "RELEASEGATE_GATEWAY_URL"):
+    for name in (
+        "RELEASEGATE_SIGNING_KEY",
+        "RELEASEGATE_TRUSTED_KEYS",
+        "RELEASEGATE_GATEWAY_URL",
+        "RELEASEGATE_SIGNING_MODE",
+        "RELEASEGATE_TRUSTED_CA",
+        "RELEASEGATE_SIGNING_CERTIFICATE",
+        "RELEASEGATE_SIGNING_CERTIFICATE_CHAIN",
+        "RELEASEGATE_POLICIES_DIR",
+        "RELEASEGATE_EXPECTATIONS_DIR",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from releasegate.contract import SUITE_TAG
 from releasegate.errors import describe
-from releasegate.settings import Settings, get_settings
+from releasegate.settings import Settings, SigningMode, get_settings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -300,11 +300,15 @@ def _signing(model: str, version: str, settings: Settings, found: _Findings) -> 
             found.error("signature", f"{err}")
             return
         found.ok("signature", "signed, and the signature verifies with a trusted key")
-    elif settings.signing_key.is_file():
+    elif settings.signing_mode is SigningMode.sign and settings.signing_key.is_file():
         found.ok("signature", f"not signed yet: the release signs it with {settings.signing_key}")
     else:
+        why = (
+            "this deployment only verifies (RELEASEGATE_SIGNING_MODE=verify-only)"
+            if settings.signing_mode is SigningMode.verify_only
+            else f"there is no signing key at {settings.signing_key}"
+        )
         found.error(
             "signature",
-            f"not signed, and there is no signing key at {settings.signing_key}: sign it where "
-            f"it is built (`releasegate sign models:/{model}/{version}`)",
+            f"not signed, and {why}: sign it where it is built (`releasegate sign models:/{model}/{version}`)",
         )

@@ -153,19 +153,62 @@ def _model_ref(ref: str) -> tuple[str, str]:
 
 @main.command()
 @click.argument("model_uri")
-def sign(model_uri: str) -> None:
-    """Sign a registered version (models:/NAME/VERSION); an already signed one is verified instead."""
-    from releasegate import registry, signing
+@click.option(
+    "--private-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The signing key (PEM, elliptic curve). Default: $RELEASEGATE_SIGNING_KEY.",
+)
+@click.option(
+    "--signing-certificate",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Sign in certificate mode: the key's X.509 certificate (PEM), issued for code signing. "
+    "Default: $RELEASEGATE_SIGNING_CERTIFICATE.",
+)
+@click.option(
+    "--certificate-chain",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    multiple=True,
+    help="For the signing certificate: the issuing CA's certificate and any intermediates (PEM; repeatable). "
+    "Default: $RELEASEGATE_SIGNING_CERTIFICATE_CHAIN.",
+)
+def sign(
+    model_uri: str,
+    private_key: Path | None,
+    signing_certificate: Path | None,
+    certificate_chain: tuple[Path, ...],
+) -> None:
+    """Sign a registered version (models:/NAME/VERSION) where it is built; an already signed one is verified instead.
 
+    It must then verify with this machine's trust (RELEASEGATE_TRUSTED_KEYS, or RELEASEGATE_TRUSTED_CA
+    for a certificate): the deployment's. Exit 1 if refused.
+    """
+    from releasegate import registry, signing
+    from releasegate.settings import get_settings
+
+    overrides: dict[str, object] = {}
+    if private_key:
+        overrides["signing_key"] = private_key.resolve()
+    if signing_certificate:
+        overrides["signing_certificate"] = signing_certificate.resolve()
+    if certificate_chain:
+        overrides["signing_certificate_chain"] = [path.resolve() for path in certificate_chain]
+    settings = get_settings().model_copy(update=overrides)
     name, version = _model_ref(model_uri)
-    version = registry.resolve_version(name, version)
-    click.echo(f"{name} v{version} signed: {signing.sign_version(name, version)}")
+    try:
+        version = registry.resolve_version(name, version, settings=settings)
+        digest = signing.sign_version(name, version, settings)
+    except (signing.SignatureError, registry.RegistryError) as err:
+        click.echo(f"REFUSED: {err}", err=True)
+        sys.exit(1)
+    click.echo(f"{name} v{version} signed: {digest}")
 
 
 @main.command()
 @click.argument("model_uri")
 def verify(model_uri: str) -> None:
-    """Verify a registered version's signature against the trusted keys (exit 1 if it fails)."""
+    """Verify a version's signature against the trusted keys, or a certificate against the trusted CA (exit 1 if not)."""
     from releasegate import registry, signing
 
     name, version = _model_ref(model_uri)
@@ -230,12 +273,20 @@ def audit() -> None:
 
 @audit.command("verify")
 def audit_verify() -> None:
-    """Recompute the chain; exit 1 at the first edited, missing or re-linked event."""
+    """Recompute the chain and check it against the signed head anchored outside the database.
+
+    Exit 1 naming the first failure: an event missing, edited, re-linked or reordered; the last
+    events deleted (truncated); the log rewritten; events no key holder signed; the head missing or forged.
+    """
     from releasegate import audit as audit_log
 
     report = audit_log.verify()
-    click.echo(("OK: " if report.ok else "BROKEN: ") + report.message)
-    sys.exit(0 if report.ok else 1)
+    if report.ok:
+        click.echo(f"OK: {report.message}")
+        sys.exit(0)
+    failure = report.failure.value if report.failure else "broken"
+    click.echo(f"BROKEN ({failure}): {report.message}")
+    sys.exit(1)
 
 
 @audit.command("show")
@@ -384,13 +435,19 @@ def approve(
     password: str | None,
     token: str | None,
 ) -> None:
-    """Answer a release's pending approval (a release id or an Airflow run id) as the Airflow user."""
+    """Answer a release's pending approval (a release id or an Airflow run id) as the Airflow user.
+
+    Where the release's policy separates duties, the user who triggered it may not approve it (exit 1).
+    """
     from releasegate import airflow_client as af
 
     try:
         with af.AirflowClient(airflow_url, token=token, username=user, password=password) as client:
             request = af.find_approval(client, dag_id, release_or_run, model)
             answered = af.answer(client, dag_id, request, approve=not reject, comment=comment)
+    except af.ApprovalRefused as err:
+        click.echo(f"REFUSED: {err}", err=True)
+        sys.exit(1)
     except af.AirflowError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(af.EXIT_ERROR)

@@ -107,6 +107,7 @@ class CallStatus(StrEnum):
     error = "error"
     timeout = "timeout"
     retried = "retried"  # its micro-batch call failed; the request's own retry answered
+    skipped = "skipped"  # not called: the candidate's circuit breaker was open after repeated failures
 
 
 class RouteChange(StrEnum):
@@ -164,6 +165,8 @@ class AuditAction(StrEnum):
     validation = "validation"
     signed = "signed"
     route = "route"
+    apikey_created = "apikey.created"
+    apikey_revoked = "apikey.revoked"
     serving_ready = "serving.ready"
     serving_not_ready = "serving.not_ready"
     verdict = "verdict"

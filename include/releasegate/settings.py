@@ -9,6 +9,7 @@ one place. docs/operations.md's configuration table is generated from them (`rel
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +26,13 @@ SHIPPED_EXPECTATIONS = _INCLUDE / "expectations"
 
 PathList = Annotated[list[Path], NoDecode]  # os.pathsep-separated in the environment, not JSON
 _IN_HOME = Path()  # a path default that the home decides, once the home is known
+
+
+class SigningMode(StrEnum):
+    """Whether this deployment may sign a candidate, or only verifies what was signed where it was built."""
+
+    sign = "sign"
+    verify_only = "verify-only"
 
 
 class Settings(BaseSettings):
@@ -70,6 +78,35 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Public keys a model may be signed with (`:`-separated); default `keys/release.pub`.",
     )
+    signing_mode: SigningMode = Field(
+        default=SigningMode.sign,
+        description="`sign`: a release signs an unsigned candidate with the signing key; `verify-only`: never signs "
+        "(models are signed where they are built), an unsigned candidate is rejected.",
+    )
+    signing_certificate: Path | None = Field(
+        default=None,
+        description="X.509 certificate (PEM) of the signing key: sign in certificate mode instead of with a bare key.",
+    )
+    signing_certificate_chain: PathList = Field(
+        default_factory=list,
+        description="Intermediate CA certificates (PEM, `:`-separated) put in the bundle beside the signing certificate.",
+    )
+    trusted_ca: PathList = Field(
+        default_factory=list,
+        description="CA certificates (PEM, `:`-separated) a certificate-signed model must chain to; "
+        "its certificate must allow code signing.",
+    )
+    audit_head: Path = Field(
+        default=_IN_HOME,
+        description="File the audit log's signed head is anchored in, outside the database, moved forward at every "
+        "event; default `audit/head.json` in the home. Keep it where the database's users cannot write.",
+    )
+    audit_key: Path = Field(
+        default=_IN_HOME,
+        description="Private key (P-256) that signs the audit head; checking needs only the `.pub` beside it. "
+        "Default the signing key; with `verify-only`, `keys/audit.key` in the home (`releasegate keys generate "
+        "--name audit`).",
+    )
     policy_dirs: PathList = Field(
         default_factory=list,
         validation_alias=AliasChoices("RELEASEGATE_POLICIES_DIR"),
@@ -102,6 +139,11 @@ class Settings(BaseSettings):
             return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
         return value
 
+    @field_validator("signing_certificate_chain", "trusted_ca", mode="before")
+    @classmethod
+    def _split_certificates(cls, value: Any) -> Any:
+        return cls._split(value)
+
     @model_validator(mode="after")
     def _defaults_in_home(self) -> Settings:
         home = self.home = self.home.expanduser().resolve()
@@ -112,6 +154,12 @@ class Settings(BaseSettings):
         if self.signing_key == _IN_HOME:
             self.signing_key = home / "keys" / "release.key"
         self.trusted_keys = self.trusted_keys or [home / "keys" / "release.pub"]
+        if self.audit_head == _IN_HOME:
+            self.audit_head = home / "audit" / "head.json"
+        if self.audit_key == _IN_HOME:
+            # A verify-only deployment holds no signing key, so its audit head has a key of its own.
+            verify_only = self.signing_mode is SigningMode.verify_only
+            self.audit_key = home / "keys" / "audit.key" if verify_only else self.signing_key
         if self.model_cache_dir == _IN_HOME:
             self.model_cache_dir = home / "models"
         # The user's folders first, then the shipped one: a file of the same name in theirs wins.

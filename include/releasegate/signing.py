@@ -1,11 +1,16 @@
 """Model signing with OpenSSF model-signing and an elliptic-curve (P-256) key pair; several trusted keys (rotation).
 
+Or, for an organisation with a CA, model-signing's certificate mode: the bundle carries the signing
+certificate and its chain, and a model verifies when that chain ends at a trusted CA
+(`RELEASEGATE_TRUSTED_CA`). In `verify-only` mode (`RELEASEGATE_SIGNING_MODE`) nothing here signs.
+
 The bundle is kept beside the model, not inside it: MLflow artifact `releasegate/model.sig` of the
 version's source run, its sha256 in the version tag `releasegate.signature_digest`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -15,13 +20,14 @@ import shutil
 import tempfile
 from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from releasegate import registry
 from releasegate.errors import ReleasegateError
-from releasegate.settings import Settings, get_settings
+from releasegate.settings import Settings, SigningMode, get_settings
 
 if TYPE_CHECKING:
+    from cryptography import x509
     from model_signing import hashing
 
 BUNDLE = "model.sig"
@@ -47,6 +53,10 @@ class SignatureMismatchError(SignatureError):
     """A trusted key made the bundle, but the files (or the bundle) changed since."""
 
 
+class UntrustedCertificateError(UntrustedKeyError):
+    """The bundle's certificate does not chain to a trusted CA, or may not sign code."""
+
+
 def generate_keys(out_dir: str | Path, name: str = "release") -> tuple[Path, Path]:
     """Write `<name>.key` (private PEM, mode 0600) and `<name>.pub` (public PEM); refuses to overwrite either."""
     out_dir = Path(out_dir)
@@ -57,6 +67,12 @@ def ensure_keys(settings: Settings | None = None) -> tuple[Path, Path]:
     """The settings' key pair (settings.signing_key and its `.pub`), created if absent."""
     settings = settings or get_settings()
     private, public = settings.signing_key, settings.signing_key.with_suffix(".pub")
+    if settings.signing_mode is SigningMode.verify_only:
+        # A deployment that only verifies holds public keys; a private key made here would be one to guard.
+        raise SignatureError(
+            "RELEASEGATE_SIGNING_MODE=verify-only: this deployment makes no signing key; make the pair where "
+            "models are built (`releasegate keys generate`) and trust its public key here (RELEASEGATE_TRUSTED_KEYS)"
+        )
     if private.exists():
         return private, public
     if public.exists():
@@ -89,8 +105,13 @@ def sign_directory(model_dir: str | Path, signature_path: str | Path, private_ke
     return bundle_digest(signature_path)
 
 
-def verify_directory(model_dir: str | Path, signature_path: str | Path, trusted_keys: list[Path]) -> None:
-    """Pass if any trusted public key verifies `model_dir` against the bundle; else a SignatureError saying why."""
+def verify_directory(
+    model_dir: str | Path, signature_path: str | Path, trusted_keys: list[Path], trusted_ca: list[Path] | None = None
+) -> None:
+    """Pass if any trusted public key verifies `model_dir` against the bundle; else a SignatureError saying why.
+
+    A bundle made in certificate mode is verified against `trusted_ca` instead (verify_directory_with_ca).
+    """
     from cryptography.exceptions import InvalidSignature
     from model_signing import verifying
 
@@ -99,6 +120,9 @@ def verify_directory(model_dir: str | Path, signature_path: str | Path, trusted_
         raise NotSignedError(f"no signature bundle at {signature_path}")
     if not model_dir.is_dir():
         raise SignatureError(f"cannot verify {model_dir}: not a directory")
+    if _bundle_certificates(signature_path):
+        verify_directory_with_ca(model_dir, signature_path, trusted_ca or [])
+        return
     if not trusted_keys:
         raise SignatureError("no trusted public keys are configured (RELEASEGATE_TRUSTED_KEYS)")
     fingerprints = {Path(key): _fingerprint(Path(key)) for key in trusted_keys}
@@ -130,6 +154,94 @@ def verify_directory(model_dir: str | Path, signature_path: str | Path, trusted_
     raise SignatureMismatchError(
         f"the bundle's signature does not verify with {candidates[0].name} (the bundle was altered)"
     )
+
+
+def sign_directory_with_certificate(
+    model_dir: str | Path,
+    signature_path: str | Path,
+    private_key: str | Path,
+    signing_certificate: str | Path,
+    certificate_chain: list[Path] | None = None,
+) -> str:
+    """Sign `model_dir` in certificate mode: the bundle carries `signing_certificate` and its chain; returns its digest.
+
+    The key must be the certificate's (elliptic curve); the chain is the issuing CA's certificate and
+    any intermediates (model-signing needs at least one).
+    """
+    from model_signing import signing
+
+    model_dir, signature_path = Path(model_dir), Path(signature_path)
+    private_key, signing_certificate = Path(private_key), Path(signing_certificate)
+    chain = [Path(c) for c in certificate_chain or []]
+    if not model_dir.is_dir():
+        raise SignatureError(f"cannot sign {model_dir}: not a directory")
+    for what, path in (("signing key", private_key), ("signing certificate", signing_certificate)):
+        if not path.is_file():
+            raise SignatureError(f"no {what} at {path}")
+    if not chain:
+        raise SignatureError(
+            "certificate mode needs the certificate chain: the issuing CA's certificate and any intermediates"
+        )
+    for path in chain:
+        if not path.is_file():
+            raise SignatureError(f"certificate chain file {path} does not exist")
+    signature_path.parent.mkdir(parents=True, exist_ok=True)
+    config = signing.Config()  # type: ignore[no-untyped-call]  # model-signing's __init__ lacks "-> None"
+    try:
+        config.use_certificate_signer(
+            private_key=private_key, signing_certificate=signing_certificate, certificate_chain=chain
+        )
+    except (ValueError, TypeError) as err:  # a key that is not the certificate's, not EC, or not PEM
+        raise SignatureError(f"cannot sign with {signing_certificate.name} and {private_key.name}: {err}") from err
+    config.set_hashing_config(_hashing()).sign(model_dir, signature_path)
+    return bundle_digest(signature_path)
+
+
+def verify_directory_with_ca(model_dir: str | Path, signature_path: str | Path, trusted_ca: list[Path]) -> None:
+    """Pass if the bundle's certificate chains to a trusted CA, may sign code, and its key signed `model_dir`."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from model_signing import verifying
+    from OpenSSL import crypto
+
+    model_dir, signature_path = Path(model_dir), Path(signature_path)
+    if not signature_path.is_file():
+        raise NotSignedError(f"no signature bundle at {signature_path}")
+    # model-signing falls back to the operating system's web roots when given no CA: never let it.
+    if not trusted_ca:
+        raise SignatureError(
+            "the model is signed with a certificate, but no trusted CA is configured (RELEASEGATE_TRUSTED_CA)"
+        )
+    for ca in trusted_ca:
+        if not Path(ca).is_file():
+            raise SignatureError(f"trusted CA file {ca} does not exist")
+    chain = _bundle_certificates(signature_path)
+    if not chain:
+        raise UntrustedCertificateError("the bundle carries no certificate (it was signed with a bare key)")
+    try:
+        leaf = x509.load_der_x509_certificate(chain[0])
+    except ValueError as err:
+        raise SignatureMismatchError(f"the bundle's signing certificate is not readable: {err}") from err
+    subject = leaf.subject.rfc4514_string()
+    _require_code_signing(leaf, subject)
+    config = verifying.Config()  # type: ignore[no-untyped-call]  # model-signing's __init__ lacks "-> None"
+    try:
+        config.use_certificate_verifier(certificate_chain=[Path(ca) for ca in trusted_ca])
+    except ValueError as err:
+        raise SignatureError(f"a trusted CA file is not PEM certificates: {err}") from err
+    try:
+        config.set_hashing_config(_hashing()).verify(model_dir, signature_path)
+    except crypto.X509StoreContextError as err:
+        raise UntrustedCertificateError(
+            f"the signing certificate {subject} does not chain to a trusted CA "
+            f"({', '.join(Path(ca).name for ca in trusted_ca)}): {err}"
+        ) from err
+    except InvalidSignature as err:
+        raise SignatureMismatchError(
+            f"the bundle's signature does not verify with its certificate {subject} (the bundle was altered)"
+        ) from err
+    except Exception as err:  # the library reports a file mismatch as ValueError, a broken bundle otherwise
+        raise SignatureMismatchError(_describe(err)) from err
 
 
 def bundle_digest(signature_path: str | Path) -> str:
@@ -194,11 +306,11 @@ def _download_and_verify(model: str, version: str, dst: Path, settings: Settings
             bundle = registry.download_artifact(model, version, BUNDLE_ARTIFACT, dst=tmp, settings=settings)
             registry.download_model(model, version, dst, settings=settings)
             try:
-                verify_directory(dst, bundle, settings.trusted_keys)
+                verify_directory(dst, bundle, settings.trusted_keys, settings.trusted_ca)
             except NotSignedError as err:
                 raise NotSignedError(f"{label} is not signed") from err
-            except UntrustedKeyError as err:
-                raise UntrustedKeyError(f"{label} is signed by a key that is not trusted: {err}") from err
+            except UntrustedKeyError as err:  # or UntrustedCertificateError, kept as such
+                raise type(err)(f"{label} is signed by a key that is not trusted: {err}") from err
             except SignatureMismatchError as err:
                 raise SignatureMismatchError(
                     f"signature verification failed for {label} (artifact changed after signing?): {err}"
@@ -216,7 +328,8 @@ def sign_version(model: str, version: str | int, settings: Settings | None = Non
 
     Never re-signs: signing again would launder an artifact changed after the first signature, and
     a version that was signed once (its digest tag says so) but lost its bundle is refused, not signed
-    anew.
+    anew. In `verify-only` mode an unsigned version is refused, whatever key files exist; with
+    `signing_certificate` set it is signed in certificate mode.
     """
     settings = settings or get_settings()
     version = registry.resolve_version(model, version, settings=settings)
@@ -231,16 +344,31 @@ def sign_version(model: str, version: str | int, settings: Settings | None = Non
                 f"refusing to sign it again, since its files may have changed since"
             )
         else:
+            sign_where_built = f"sign it where the model is built (`releasegate sign models:/{model}/{version}`)"
+            if settings.signing_mode is SigningMode.verify_only:
+                raise NotSignedError(
+                    f"{label} is not signed, and this deployment only verifies (RELEASEGATE_SIGNING_MODE="
+                    f"verify-only): {sign_where_built}, then release it again"
+                )
             if not settings.signing_key.is_file():
-                raise SignatureError(
-                    f"cannot sign {label}: no signing key at {settings.signing_key} "
-                    f"(create one with `releasegate keys generate`)"
+                raise NotSignedError(
+                    f"{label} is not signed, and there is no signing key at {settings.signing_key}: "
+                    f"{sign_where_built}, then release it again"
                 )
             model_dir = registry.download_model(model, version, Path(tmp) / "model", settings=settings)
             bundle = Path(tmp) / BUNDLE
-            digest = sign_directory(model_dir, bundle, settings.signing_key)
+            if settings.signing_certificate:
+                digest = sign_directory_with_certificate(
+                    model_dir,
+                    bundle,
+                    settings.signing_key,
+                    settings.signing_certificate,
+                    settings.signing_certificate_chain,
+                )
+            else:
+                digest = sign_directory(model_dir, bundle, settings.signing_key)
             try:
-                verify_directory(model_dir, bundle, settings.trusted_keys)
+                verify_directory(model_dir, bundle, settings.trusted_keys, settings.trusted_ca)
             except SignatureError as err:
                 # Caught now rather than at deployment: a bundle nobody trusts must not be stored as "signed".
                 raise SignatureError(
@@ -280,13 +408,41 @@ def _fingerprint(public_key: Path) -> str:
     return hashlib.sha256(pem).hexdigest()
 
 
-def _bundle_key_hint(signature_path: Path) -> str | None:
+def _bundle_material(signature_path: Path) -> dict[str, Any]:
     try:
         bundle = json.loads(signature_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise SignatureMismatchError(f"the signature bundle {signature_path.name} is not readable: {err}") from err
     material = bundle.get("verificationMaterial", {}) if isinstance(bundle, dict) else {}
-    return (material.get("publicKey") or {}).get("hint") or None
+    return material if isinstance(material, dict) else {}
+
+
+def _bundle_key_hint(signature_path: Path) -> str | None:
+    return (_bundle_material(signature_path).get("publicKey") or {}).get("hint") or None
+
+
+def _bundle_certificates(signature_path: Path) -> list[bytes]:
+    """The DER certificates of a certificate-mode bundle, signing certificate first; [] for a key-mode bundle."""
+    chain = _bundle_material(signature_path).get("x509CertificateChain") or {}
+    try:
+        return [base64.b64decode(cert["rawBytes"]) for cert in chain.get("certificates") or []]
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # a bundle edited into another shape
+        raise SignatureMismatchError(f"the signature bundle's certificate chain is not readable: {err}") from err
+
+
+def _require_code_signing(certificate: x509.Certificate, subject: str) -> None:
+    """model-signing accepts any certificate with digitalSignature; a CA's TLS certificates must not sign models."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None
+    if usages is None or ExtendedKeyUsageOID.CODE_SIGNING not in usages:
+        raise UntrustedCertificateError(
+            f"the signing certificate {subject} is not for code signing (extended key usage)"
+        )
 
 
 def _describe(err: Exception) -> str:

@@ -50,8 +50,10 @@ predictions = sa.Table(
     sa.Column("inputs", sa.Text),  # JSON object: column -> value
     sa.Column("outputs", sa.Text),  # JSON: the prediction for this row
     sa.Column("latency_ms", sa.Float),
-    sa.Column("status", sa.String(10), nullable=False),  # ok | error | timeout | retried (batch failed, retry answered)
+    # ok | error | timeout | retried (batch failed, retry answered) | skipped (candidate's circuit open)
+    sa.Column("status", sa.String(10), nullable=False),
     sa.Column("error", sa.Text),
+    sa.Column("key_id", sa.String(32)),  # the API key that called (auth.Caller.key_id)
     sa.Index("ix_predictions_model_time", "model", "time"),
     sa.Index("ix_predictions_release", "release_id", "time"),
     sa.Index("ix_predictions_request", "request_id"),
@@ -110,6 +112,29 @@ api_keys = sa.Table(
     sa.Column("revoked_at", sa.Float),
 )
 
+# The KServe logger sink's request/response pairing (releasegate.serving.kserve_sink). One row per
+# (request id, version) while its two events arrive, maybe at different sink replicas; a pair is
+# claimed once (state pending -> paired, or -> expired after the pending window) in the transaction
+# that writes its `predictions` rows. The claimed row stays a while as a tombstone, so a late or
+# repeated event cannot write a second row.
+sink_pairs = sa.Table(
+    "sink_pairs",
+    metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(50), primary_key=True),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(10), nullable=False),  # pending | paired | expired
+    sa.Column("received", sa.Float, nullable=False),  # when the first of the two events reached a sink
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("request_time", sa.Float),  # the request event's ce-time
+    sa.Column("request_body", sa.Text),  # JSON, as logged
+    sa.Column("routing_key", sa.Text),
+    sa.Column("response_time", sa.Float),
+    sa.Column("response_body", sa.Text),
+    sa.Index("ix_sink_pairs_state_received", "state", "received"),
+    sa.Index("ix_sink_pairs_updated", "updated_at"),
+)
+
 _engines: dict[str, sa.Engine] = {}
 _lock = threading.Lock()
 
@@ -152,7 +177,8 @@ def migrate(eng: sa.Engine) -> None:
     cfg.set_main_option("sqlalchemy.url", eng.url.render_as_string(hide_password=False))
     with eng.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        # Every head: migrations written side by side may each revise the same parent until they are chained.
+        command.upgrade(cfg, "heads")
 
 
 def dispose_all() -> None:

@@ -72,9 +72,12 @@ RELEASEGATE_ENV = {
     "RELEASEGATE_HOME": "{releasegate_home}",
     "RELEASEGATE_DB_URL": "postgresql+psycopg://{releasegate_db}",
     "MLFLOW_TRACKING_URI": "http://{mlflow_host}:{mlflow_port}",
-    "RELEASEGATE_GATEWAY_URL": "http://{gateway_host}:{gateway_port}",
+    "RELEASEGATE_GATEWAY_URL": "{gateway_scheme}://{gateway_host}:{gateway_port}",  # compose: https
     "RELEASEGATE_ADMIN_KEY": "{}",
-    "RELEASEGATE_SIGNING_KEY": "{keys_dir}/release.key",
+    # Here the pipeline signs (`sign`, the key beside the home); compose only verifies (`verify-only`) and
+    # mounts the signing folder into no worker.
+    "RELEASEGATE_SIGNING_MODE": "{signing_mode}",
+    "RELEASEGATE_SIGNING_KEY": "{signing_dir}/release.key",
     "RELEASEGATE_TRUSTED_KEYS": "{keys_dir}/release.pub",
 }
 _AIRFLOW_TASKS_ENV = {**AIRFLOW_ENV, **RELEASEGATE_ENV}
@@ -244,6 +247,7 @@ class Stack:
             "airflow_public_host": "127.0.0.1",
             "mlflow_host": "127.0.0.1",
             "gateway_host": "127.0.0.1",
+            "gateway_scheme": "http",
             "airflow_db": self.db.url("airflow"),
             "mlflow_db": self.db.url("mlflow"),
             "releasegate_db": self.db.url("releasegate"),
@@ -254,6 +258,8 @@ class Stack:
             "mlflow_allowed_hosts": ",".join(f"{h}:{self.ports['mlflow_port']}" for h in ("127.0.0.1", "localhost")),
             "releasegate_home": str(home),
             "keys_dir": str(home / "keys"),
+            "signing_dir": str(home / "keys"),
+            "signing_mode": "sign",
             "traffic_rps": str(traffic_rps),
         }
         self._secrets = {

@@ -1,15 +1,22 @@
 """docker-compose.yaml runs what the system test runs; Prometheus and Grafana query metrics the gateway exports.
 
-No Docker engine runs here, so the compose file is parsed and checked against `SERVICES` in
-tests/system/stack.py (the processes the system test really starts), and the monitoring files
-against the gateway's own metrics registry (promtool runs the alert rules in tests/integration).
+No Docker engine runs here, so the compose file is parsed, interpolated as `docker compose` does
+with the .env `make secrets` writes, and checked against `SERVICES` in tests/system/stack.py (the
+processes the system test really starts), and the monitoring files against the gateway's own
+metrics registry (promtool runs the alert rules in tests/integration).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -17,7 +24,21 @@ import yaml
 from tests.system.stack import SERVICES, extract
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+COMPOSE_FILE = ROOT / "docker-compose.yaml"
+COMPOSE_RAW = yaml.safe_load(COMPOSE_FILE.read_text())
+MAKE_SECRETS = ROOT / "scripts" / "make-secrets.sh"
+# Every secret of the stack: each must be `${VAR:?message}`, so compose refuses to start without it.
+SECRETS = {
+    "POSTGRES_PASSWORD",
+    "AIRFLOW_JWT_SECRET",
+    "AIRFLOW_API_SECRET_KEY",
+    "AIRFLOW_FERNET_KEY",
+    "RELEASEGATE_ADMIN_KEY",
+    "AIRFLOW_ADMIN_PASSWORD",
+    "AIRFLOW_OPERATOR_PASSWORD",
+    "AIRFLOW_VIEWER_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD",
+}
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
 ALERTS = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
@@ -26,18 +47,99 @@ DATASOURCES = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources
 DUMB_INIT = ["/usr/bin/dumb-init", "--"]
 
 
-def _interpolate(value: object) -> str:
-    """Compose's `${VAR:-default}` as it comes out with nothing set (the file's own defaults)."""
-
-    def default(m: re.Match) -> str:
-        if m.group(2) is None:
-            raise AssertionError(f"{m.group(0)} has no default: `docker compose up` would need it set")
-        return m.group(2)
-
-    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", default, str(value))
+class MissingVariable(AssertionError):
+    """`${VAR:?message}` with VAR unset or empty: `docker compose` stops with the message."""
 
 
-def _argv(service: dict) -> list[str]:
+_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:-|-|:\?|\?)([^}]*))?\}|\$(\w+)")
+
+
+def interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """Compose's interpolation of a value (recursively): `$$`, `${VAR}`, `${VAR:-default}`, `${VAR:?message}`."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, operator, argument = m.group(1) or m.group(4), m.group(2), m.group(3)
+        given, unset_or_empty = env.get(name), not env.get(name)
+        if operator in (":?", "?") and (unset_or_empty if operator == ":?" else given is None):
+            raise MissingVariable(f"required variable {name} is missing a value: {argument}")
+        if operator in (":-", "-") and (unset_or_empty if operator == ":-" else given is None):
+            return argument
+        return given or ""
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=value lines of an .env file (as compose reads the ones make-secrets writes: no quotes)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def make_secrets(directory: Path) -> subprocess.CompletedProcess:
+    """Run `scripts/make-secrets.sh DIRECTORY` (what `make secrets` runs for the repository)."""
+    return subprocess.run([str(MAKE_SECRETS), str(directory)], capture_output=True, text=True, check=True, timeout=120)
+
+
+@functools.cache
+def generated_env() -> dict[str, str]:
+    """The .env a fresh `make secrets` writes."""
+    directory = Path(tempfile.mkdtemp(prefix="rg-compose-"))
+    try:
+        make_secrets(directory)
+        return read_dotenv(directory / ".env")
+    finally:
+        shutil.rmtree(directory)
+
+
+@functools.cache
+def compose() -> dict[str, Any]:
+    """docker-compose.yaml as `docker compose` reads it beside the .env that `make secrets` writes."""
+    return interpolate(COMPOSE_RAW, generated_env())
+
+
+def mounts(service: dict[str, Any]) -> list[str]:
+    """A service's volumes as `source:target[:ro]`, from the short or the long syntax."""
+    found = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            volume = f"{volume['source']}:{volume['target']}" + (":ro" if volume.get("read_only") else "")
+        found.append(volume)
+    return found
+
+
+def test_every_secret_is_required_and_has_no_default():
+    text = COMPOSE_FILE.read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required == SECRETS, f"required without a default: {sorted(required)}; the secrets: {sorted(SECRETS)}"
+    for name in SECRETS:
+        uses = re.findall(r"\$\{" + name + r"(\W?[^}]*)\}", text)
+        assert uses and all(use.startswith(":?") for use in uses), f"${{{name}}} is used as {uses}"
+        without = {key: value for key, value in generated_env().items() if key != name}
+        with pytest.raises(MissingVariable, match=f"^required variable {name} is missing a value: run make secrets$"):
+            interpolate(COMPOSE_RAW, without)
+
+
+def test_the_env_make_secrets_writes_satisfies_every_variable():
+    env = generated_env()
+    assert set(env) >= SECRETS, f"make-secrets writes no {sorted(SECRETS - set(env))}"
+    # Any variable without a default comes from the .env: none would be left empty.
+    references = _VARIABLE.findall(COMPOSE_FILE.read_text())
+    unset = {
+        braced or bare for braced, operator, _, bare in references if (braced or bare) and operator not in (":-", "-")
+    }
+    assert unset <= set(env), f"no default and not in the generated .env: {sorted(unset - set(env))}"
+    assert compose()["services"]["gateway"]["environment"]["RELEASEGATE_ADMIN_KEY"] == env["RELEASEGATE_ADMIN_KEY"]
+
+
+def _argv(service: dict[str, Any]) -> list[str]:
     """What the container runs: Airflow's image entrypoint runs its arguments as `airflow ...`."""
     command = [str(part) for part in service["command"]]
     entrypoint = service.get("entrypoint")
@@ -50,16 +152,16 @@ def _argv(service: dict) -> list[str]:
 def _port_of(name: str) -> str:
     """The port the compose service listens on, read from its command where SERVICES puts it."""
     spec = SERVICES[name]
-    return _argv(COMPOSE["services"][name])[spec.argv.index("{" + spec.port + "}")]
+    return _argv(compose()["services"][name])[spec.argv.index("{" + spec.port + "}")]
 
 
 def _fields(name: str) -> dict[str, str]:
     """Every `{field}` value of one compose service (argv and environment) against SERVICES' templates."""
-    spec, service = SERVICES[name], COMPOSE["services"][name]
+    spec, service = SERVICES[name], compose()["services"][name]
     found: dict[str, str] = {}
     for template, value in zip(spec.argv, _argv(service)):
         found.update(extract(template, value) or {})
-    env = {k: _interpolate(v) for k, v in (service.get("environment") or {}).items()}
+    env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
     for var, template in spec.env.items():
         found.update(extract(template, env.get(var, "")) or {})
     return found
@@ -68,13 +170,13 @@ def _fields(name: str) -> dict[str, str]:
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_compose_service_runs_the_command_and_environment_the_system_test_runs(name):
     spec = SERVICES[name]
-    assert name in COMPOSE["services"], f"docker-compose.yaml has no service {name!r}"
-    service = COMPOSE["services"][name]
+    assert name in compose()["services"], f"docker-compose.yaml has no service {name!r}"
+    service = compose()["services"][name]
     argv = _argv(service)
     assert len(argv) == len(spec.argv) and all(extract(t, v) is not None for t, v in zip(spec.argv, argv)), (
         f"{name}: compose runs {argv}, the system test {list(spec.argv)}"
     )
-    env = {k: _interpolate(v) for k, v in (service.get("environment") or {}).items()}
+    env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
     for var, template in spec.env.items():
         assert var in env, f"{name}: compose does not set {var}"
         assert extract(template, env[var]) is not None, f"{name}: {var}={env[var]!r}, the system test {template!r}"
@@ -89,7 +191,7 @@ def test_compose_service_runs_the_command_and_environment_the_system_test_runs(n
 
 def test_compose_urls_point_at_the_services_that_listen_there():
     """Each URL in a service's environment names the compose service and the port that service listens on."""
-    services = COMPOSE["services"]
+    services = compose()["services"]
     databases = {services["postgres"]["environment"]["POSTGRES_DB"]} | set(
         re.findall(r"CREATE DATABASE (\w+)", (DEPLOY / "postgres" / "init.sql").read_text())
     )
@@ -152,9 +254,27 @@ def test_prometheus_scrapes_the_gateway_service_on_its_port():
     gateway = jobs["releasegate-gateway"]
     assert gateway.get("metrics_path", "/metrics") == "/metrics"
     assert gateway["static_configs"][0]["targets"] == [f"gateway:{_port_of('gateway')}"]
-    mounted = " ".join(COMPOSE["services"]["prometheus"]["volumes"])
+    mounted = " ".join(mounts(compose()["services"]["prometheus"]))
     for rule_file in PROMETHEUS["rule_files"]:
         assert f":{rule_file}:" in mounted, f"{rule_file} is not mounted into the prometheus service"
+
+
+def test_prometheus_scrapes_the_gateway_over_the_https_it_serves():
+    gateway = compose()["services"]["gateway"]["environment"]
+    job = {job["job_name"]: job for job in PROMETHEUS["scrape_configs"]}["releasegate-gateway"]
+    assert gateway.get("RELEASEGATE_GATEWAY_TLS_CERT"), "the gateway serves HTTPS in compose"
+    assert job.get("scheme") == "https", "Prometheus scrapes the gateway over HTTP, which it does not serve"
+    ca_file = job["tls_config"]["ca_file"]
+    mounted = {m.split(":")[1] for m in mounts(compose()["services"]["prometheus"])}
+    assert str(Path(ca_file).parent) in mounted, f"{ca_file} is not mounted into the prometheus service"
+    # /metrics wants a key of role `metrics`: the gateway reads it from the file Prometheus sends.
+    credentials = job["authorization"]["credentials_file"]
+    assert str(Path(credentials).parent) in mounted, f"{credentials} is not mounted into the prometheus service"
+    gateway_mounts = {m.split(":")[1]: m.split(":")[0] for m in mounts(compose()["services"]["gateway"])}
+    prometheus_mounts = {m.split(":")[1]: m.split(":")[0] for m in mounts(compose()["services"]["prometheus"])}
+    key_file = Path(gateway["RELEASEGATE_GATEWAY_METRICS_KEY_FILE"])
+    assert gateway_mounts[str(key_file.parent)] == prometheus_mounts[str(Path(credentials).parent)]
+    assert key_file.name == Path(credentials).name
 
 
 def test_alert_rules_and_dashboard_query_metrics_the_gateway_exports():
@@ -175,10 +295,9 @@ def test_alert_rules_and_dashboard_query_metrics_the_gateway_exports():
 def test_grafana_provisions_the_prometheus_datasource_the_dashboard_uses():
     (source,) = DATASOURCES["datasources"]
     assert source["url"] == "http://prometheus:9090"
-    assert "9090:9090" in COMPOSE["services"]["prometheus"]["ports"]
+    assert any(str(p).endswith(":9090:9090") for p in compose()["services"]["prometheus"]["ports"])
     uids = {panel["datasource"]["uid"] for panel in DASHBOARD["panels"]}
     assert uids == {source["uid"]}
-    mounts = COMPOSE["services"]["grafana"]["volumes"]
-    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts(compose()["services"]["grafana"])
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "releasegate.yaml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
