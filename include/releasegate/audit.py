@@ -147,13 +147,23 @@ def append(
 
 
 def events(
-    *, release_id: str | None = None, model: str | None = None, engine: sa.Engine | None = None
+    *,
+    release_id: str | None = None,
+    model: str | None = None,
+    version: str | None = None,
+    action: str | None = None,
+    engine: sa.Engine | None = None,
 ) -> list[dict[str, Any]]:
+    """The events that match every filter given, oldest first, their details parsed."""
     query = sa.select(storage.audit).order_by(storage.audit.c.seq)
     if release_id:
         query = query.where(storage.audit.c.release_id == release_id)
     if model:
         query = query.where(storage.audit.c.model == model)
+    if version:
+        query = query.where(storage.audit.c.version == version)
+    if action:
+        query = query.where(storage.audit.c.action == action)
     with (engine or storage.engine()).connect() as conn:
         return [dict(r._mapping) | {"details": json.loads(r.details)} for r in conn.execute(query)]
 

@@ -113,8 +113,13 @@ def sign(release_id: str, actor: str = "airflow") -> Signed | Rejected | Skipped
     if rel.state not in (State.pending, State.signing):
         return _skip(rel, f"is past signing ({rel.state.value})")
     release.transition(release_id, State.signing, actor=actor)
+    # What an earlier release recorded: the audit log is anchored, so deleting the version's bundle and
+    # its digest tag in the registry does not make a signed version signable again.
+    earlier = audit.events(model=rel.model, version=rel.candidate_version, action=AuditAction.signed)
     try:
-        digest = signing.sign_version(rel.model, rel.candidate_version)
+        digest = signing.sign_version(
+            rel.model, rel.candidate_version, signed_before=earlier[-1]["details"].get("digest") if earlier else None
+        )
     except signing.SignatureError as err:
         return _reject(rel, f"signature check failed: {err}", actor)
     audit.append(

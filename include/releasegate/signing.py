@@ -317,24 +317,35 @@ def _download_and_verify(model: str, version: str, dst: Path, settings: Settings
                 ) from err
             except SignatureError as err:
                 raise SignatureError(f"cannot verify {label}: {err}") from err
-            return bundle_digest(bundle)
+            digest = bundle_digest(bundle)
+            recorded = registry.get_version_tags(model, version, settings=settings).get(DIGEST_TAG)
+            if recorded and recorded != digest:
+                # A bundle that verifies, but not this version's: another version's files and bundle copied here.
+                raise SignatureMismatchError(
+                    f"{label}'s signature bundle ({digest}) is not the one recorded when it was signed ({recorded}): "
+                    "its files were replaced, maybe by another signed version's"
+                )
+            return digest
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
         raise
 
 
-def sign_version(model: str, version: str | int, settings: Settings | None = None) -> str:
+def sign_version(
+    model: str, version: str | int, settings: Settings | None = None, *, signed_before: str | None = None
+) -> str:
     """Sign a registered version and store the bundle; returns its digest. A signed version is verified instead.
 
     Never re-signs: signing again would launder an artifact changed after the first signature, and
-    a version that was signed once (its digest tag says so) but lost its bundle is refused, not signed
-    anew. In `verify-only` mode an unsigned version is refused, whatever key files exist; with
+    a version that was signed once (its digest tag says so, or `signed_before`: the digest the audit
+    log recorded, which survives someone deleting the tag too) but lost its bundle is refused, not
+    signed anew. In `verify-only` mode an unsigned version is refused, whatever key files exist; with
     `signing_certificate` set it is signed in certificate mode.
     """
     settings = settings or get_settings()
     version = registry.resolve_version(model, version, settings=settings)
     label = f"{model} v{version}"
-    recorded = registry.get_version_tags(model, version, settings=settings).get(DIGEST_TAG)
+    recorded = registry.get_version_tags(model, version, settings=settings).get(DIGEST_TAG) or signed_before
     with tempfile.TemporaryDirectory(prefix="rg-sign-") as tmp:
         if is_signed(model, version, settings):
             digest = _download_and_verify(model, version, Path(tmp) / "model", settings)
@@ -376,7 +387,12 @@ def sign_version(model: str, version: str | int, settings: Settings | None = Non
                 ) from err
             registry.log_artifact(model, version, bundle, artifact_path="releasegate", settings=settings)
             log.info("signed %s (bundle %s)", label, digest)
-    if recorded != digest:
+    if signed_before and signed_before != digest:
+        raise SignatureMismatchError(
+            f"{label} was signed as {signed_before} (the audit log says so), but its signature now is {digest}: "
+            "refusing a version whose signature was replaced"
+        )
+    if recorded != digest:  # no tag yet (a version signed before tags were kept, or just now)
         registry.set_version_tags(model, version, {DIGEST_TAG: digest}, settings=settings)
     return digest
 
