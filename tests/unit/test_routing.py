@@ -79,3 +79,11 @@ def test_sample_bucket_is_uniform():
 def test_inconsistent_route_is_refused_with_the_reason(body, message):
     with pytest.raises(ValueError, match=message):
         RouteSpec.model_validate(body)
+
+
+@pytest.mark.parametrize("value", ["abc\n", "abc\r\n", "\nabc", ""])
+def test_a_request_id_or_model_name_with_a_line_break_is_refused(value):
+    """A trailing newline used to pass (`re.match` with `$`): it would reach the log and a header unescaped."""
+    assert not routing.valid_request_id(value)
+    assert not routing.valid_model_name(value)
+    assert routing.valid_request_id(value.strip()) == bool(value.strip())

@@ -707,7 +707,9 @@ class Gateway:
                     "request_id": rid,
                     "time": now,
                     "ground_truth": orjson.dumps(truth).decode(),
-                    "business_value": value,
+                    # A float, as its column is: an integer JSON carries (up to 2**64 - 1) may not fit SQLite's
+                    # INTEGER, and the database would refuse the row after the caller was told it was accepted.
+                    "business_value": float(value) if value is not None else None,
                 }
             )
         if not self.feedback_log.put(rows, rows=len(rows)):

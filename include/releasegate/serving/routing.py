@@ -22,11 +22,11 @@ _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 def valid_request_id(request_id: str) -> bool:
-    return _REQUEST_ID.match(request_id) is not None
+    return _REQUEST_ID.fullmatch(request_id) is not None  # not match: its `$` passes a trailing newline
 
 
 def valid_model_name(model: str) -> bool:
-    return 0 < len(model) <= 200 and _MODEL_NAME.match(model) is not None
+    return 0 < len(model) <= 200 and _MODEL_NAME.fullmatch(model) is not None
 
 
 class RouteSpec(BaseModel, extra="forbid"):
