@@ -25,7 +25,7 @@ check: $(STAMP)
 	$(BIN)/mypy
 
 test: check
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 test-fast: check
 	$(BIN)/python -m pytest -ra tests/unit tests/dags

@@ -35,11 +35,17 @@ class Hanging:
 
     def predict(self, context, model_input, params=None):
         gate, deadline = os.environ.get("GW_SECURITY_HANG"), time.time() + 20
-        if gate and os.path.exists(gate):
-            with open(gate + ".calls", "a") as calls:  # a test waits on this to know a call hangs now
-                calls.write("hang\n")
-        while gate and os.path.exists(gate) and time.time() < deadline:
-            time.sleep(0.02)
+        if not (gate and os.path.exists(gate)):
+            return [1] * len(model_input)
+        # Tests wait on these: `.calls` has a line per call that began to hang, `.ended` per one that returned.
+        with open(gate + ".calls", "a") as calls:
+            calls.write("hang\n")
+        try:
+            while os.path.exists(gate) and time.time() < deadline:
+                time.sleep(0.02)
+        finally:
+            with open(gate + ".ended", "a") as ended:
+                ended.write("ended\n")
         return [1] * len(model_input)
 
 

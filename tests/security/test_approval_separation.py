@@ -18,10 +18,7 @@ from releasegate import airflow_client as af
 from releasegate import audit, pipeline, release
 from releasegate import policy as policies
 from releasegate.cli import main
-from releasegate.contract import AuditAction, Branch
 from releasegate.release import State
-from releasegate.verdict import Decision
-from tests.factories import SHADOW, canary, verdict
 from tests.unit.mlflow_store import migrated_mlflow_db, store  # noqa: F401  (fixtures)
 
 RUN = "manual__2026-12-01T09:00:00+00:00"
@@ -29,6 +26,9 @@ RUN = "manual__2026-12-01T09:00:00+00:00"
 
 def _awaiting(policy_name: str = "gated", model: str = "churn", **approval) -> release.Release:
     """A release under a shipped policy whose evidence passed every stage: it waits for a person."""
+    from releasegate.verdict import Decision
+    from tests.factories import SHADOW, canary, verdict
+
     pol = policies.load(policy_name)
     if approval:
         pol = pol.model_copy(update={"approval": pol.approval.model_copy(update=approval)})
@@ -42,11 +42,13 @@ def _awaiting(policy_name: str = "gated", model: str = "churn", **approval) -> r
 
 
 def _approvals(release_id: str) -> list[dict]:
-    return [e for e in audit.events(release_id=release_id) if e["action"] == AuditAction.approval]
+    return [e for e in audit.events(release_id=release_id) if e["action"] == "approval"]
 
 
 def test_a_triggerer_cannot_approve_their_own_release_under_the_gated_policy(store):
     assert policies.load("gated").approval.separate_duties and not policies.load("default").approval.separate_duties
+    from releasegate.contract import Branch
+
     rel = _awaiting()
     assert pipeline.decide(rel.release_id) is Branch.approve
     request = pipeline.request_approval(rel.release_id, actor="airflow:alice", triggered_by="alice")
@@ -83,6 +85,8 @@ def test_a_triggerer_cannot_approve_their_own_release_under_the_gated_policy(sto
 
 
 def test_the_default_policy_lets_the_triggerer_approve(store):
+    from releasegate.contract import Branch
+
     rel = _awaiting("default", required=True)
     request = pipeline.request_approval(rel.release_id, triggered_by="alice")
     assert not request.separate_duties and "Separation of duties" not in request.body

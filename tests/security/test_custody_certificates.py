@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 from releasegate import signing
 from releasegate.cli import main
-from releasegate.settings import SigningMode
 from tests.unit.mlflow_store import (  # noqa: F401  (fixtures)
     MODEL,
     classifier,
@@ -109,6 +108,8 @@ def _signer(settings, pki: Path, leaf: str, ca: str):
 
 def _deployment(settings, pki: Path, tmp_path: Path):
     """Verify-only, no private key, trusting the organisation's CA."""
+    from releasegate.settings import SigningMode
+
     return settings.model_copy(
         update={
             "signing_mode": SigningMode.verify_only,

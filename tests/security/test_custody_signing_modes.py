@@ -13,34 +13,35 @@ from click.testing import CliRunner
 from releasegate import pipeline, registry, release, signing
 from releasegate.cli import main
 from releasegate.release import State
-from releasegate.results import Rejected, Signed
-from releasegate.settings import Settings, SigningMode, get_settings, variables
+from releasegate.settings import Settings, get_settings
 from tests.unit.mlflow_store import MODEL, classifier, migrated_mlflow_db, register, store  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGN_WHERE_BUILT = r"sign it where the model is built \(`releasegate sign models:/churn/1`\), then release it again"
 
 
-def _verify_only(settings):
-    return settings.model_copy(update={"signing_mode": SigningMode.verify_only})
+def _verify_only(monkeypatch) -> Settings:
+    """This home's settings as a verify-only deployment reads them: RELEASEGATE_SIGNING_MODE=verify-only."""
+    monkeypatch.setenv("RELEASEGATE_SIGNING_MODE", "verify-only")
+    return get_settings()
 
 
-def _ci_key(settings, tmp_path):
+def _ci_key(settings, tmp_path, monkeypatch):
     """A key pair made where models are built: the deployment trusts its public key, holds no private key."""
     private, public = signing.generate_keys(tmp_path / "ci")
     ci = settings.model_copy(update={"signing_key": private, "trusted_keys": [public]})
-    deployment = _verify_only(settings).model_copy(
+    deployment = _verify_only(monkeypatch).model_copy(
         update={"signing_key": tmp_path / "absent" / "release.key", "trusted_keys": [public]}
     )
     return ci, deployment
 
 
-def test_verify_only_never_signs_even_with_a_key_file_present(store, classifier):
+def test_verify_only_never_signs_even_with_a_key_file_present(store, classifier, monkeypatch):
     version = register(store, classifier)
     key = store.signing_key.read_bytes()  # the store fixture made a usable key pair in the home
 
     with pytest.raises(signing.NotSignedError) as refused:
-        signing.sign_version(MODEL, version, _verify_only(store))
+        signing.sign_version(MODEL, version, _verify_only(monkeypatch))
 
     assert str(refused.value) == (
         "churn v1 is not signed, and this deployment only verifies (RELEASEGATE_SIGNING_MODE=verify-only): "
@@ -59,18 +60,20 @@ def test_a_release_in_verify_only_mode_rejects_an_unsigned_candidate_with_the_se
 
     result = pipeline.sign(opened.release_id)
 
+    assert release.get(opened.release_id).state is State.rejected
+    assert not signing.is_signed(MODEL, version, store)
+    from releasegate.results import Rejected
+
     assert isinstance(result, Rejected)
     assert "this deployment only verifies" in result.reason
     assert result.reason.endswith(
         "sign it where the model is built (`releasegate sign models:/churn/1`), then release it again"
     )
-    assert release.get(opened.release_id).state is State.rejected
-    assert not signing.is_signed(MODEL, version, store)
 
 
 def test_verify_only_releases_a_candidate_signed_where_it_was_built(store, classifier, tmp_path, monkeypatch):
     version = register(store, classifier)
-    ci, deployment = _ci_key(store, tmp_path)
+    ci, deployment = _ci_key(store, tmp_path, monkeypatch)
     digest = signing.sign_version(MODEL, version, ci)  # `releasegate sign` in CI
 
     # The deployment verifies the CI's signature with the public key alone, and signs nothing.
@@ -84,6 +87,8 @@ def test_verify_only_releases_a_candidate_signed_where_it_was_built(store, class
     }.items():
         monkeypatch.setenv(name, value)
     result = pipeline.sign(pipeline.start(MODEL, version).release_id)
+    from releasegate.results import Signed
+
     assert result == Signed(digest=digest)
 
 
@@ -96,9 +101,9 @@ def test_sign_mode_without_a_key_says_to_sign_where_the_model_is_built(store, cl
     assert not signing.is_signed(MODEL, version, store)
 
 
-def test_a_verify_only_deployment_makes_no_key_pair(settings):
+def test_a_verify_only_deployment_makes_no_key_pair(settings, monkeypatch):
     with pytest.raises(signing.SignatureError, match="verify-only: this deployment makes no signing key"):
-        signing.ensure_keys(_verify_only(settings))
+        signing.ensure_keys(_verify_only(monkeypatch))
     assert not settings.signing_key.exists() and not settings.signing_key.with_suffix(".pub").exists()
 
 
@@ -106,11 +111,17 @@ def test_releasegate_sign_is_refused_in_verify_only_mode_and_signs_where_the_mod
     store, classifier, tmp_path, monkeypatch
 ):
     version = register(store, classifier)
-    ci, _ = _ci_key(store, tmp_path)
+    ci, _ = _ci_key(store, tmp_path, monkeypatch)
     runner = CliRunner()
     monkeypatch.setenv("RELEASEGATE_SIGNING_MODE", "verify-only")
-    monkeypatch.setenv("RELEASEGATE_TRUSTED_KEYS", str(ci.trusted_keys[0]))
 
+    # The home's key file is there (the store fixture made it): the deployment still signs nothing.
+    refused = runner.invoke(main, ["sign", f"models:/{MODEL}/{version}"])
+    assert refused.exit_code == 1, refused.output
+    assert "REFUSED: churn v1 is not signed, and this deployment only verifies" in refused.output
+    assert not signing.is_signed(MODEL, version, store)
+
+    monkeypatch.setenv("RELEASEGATE_TRUSTED_KEYS", str(ci.trusted_keys[0]))
     refused = runner.invoke(main, ["sign", f"models:/{MODEL}/{version}", "--private-key", str(ci.signing_key)])
     assert refused.exit_code == 1
     assert "REFUSED: churn v1 is not signed, and this deployment only verifies" in refused.output
@@ -121,6 +132,8 @@ def test_releasegate_sign_is_refused_in_verify_only_mode_and_signs_where_the_mod
     assert signed.exit_code == 0, signed.output
     assert signed.output.startswith("churn v1 signed: sha256:")
     monkeypatch.setenv("RELEASEGATE_SIGNING_MODE", "verify-only")
+    from releasegate.settings import SigningMode
+
     assert get_settings().signing_mode is SigningMode.verify_only
     verified = runner.invoke(main, ["verify", f"models:/{MODEL}/{version}"])
     assert verified.exit_code == 0 and verified.output.startswith("OK: churn v1 verified"), verified.output
@@ -131,7 +144,9 @@ def test_the_ci_example_signs_where_the_model_is_built_and_forgets_the_key_befor
     runs = [step.get("run", "") for step in steps]
 
     def index(text: str) -> int:
-        return next(i for i, run in enumerate(runs) if text in run)
+        found = [i for i, run in enumerate(runs) if text in run]
+        assert found, f"no step of the CI example runs {text}"
+        return found[0]
 
     register, sign, forget, trigger = (
         index("train_and_register.py"),
@@ -144,6 +159,8 @@ def test_the_ci_example_signs_where_the_model_is_built_and_forgets_the_key_befor
     assert "model_uri=models:/" in (ROOT / "examples/train_and_register.py").read_text()
     assert steps[forget].get("if") == "always()"
     # The key setup exports only variables releasegate reads.
+    from releasegate.settings import variables
+
     exported = set(re.findall(r"write \S+ \"\$\w+\" (RELEASEGATE_\w+)", "\n".join(runs)))
     known = {name for name, _, _ in variables(Settings)}
     assert exported and exported <= known, exported - known

@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import html
 import json
+import socket
+import threading
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from releasegate import audit, release
+from releasegate.release import State
 from tests import browser
-from tests.integration.test_dashboard_browser import served_dashboard  # noqa: F401  (fixture)
 from tests.require import require
-from tests.unit.test_dashboard import (  # noqa: F401  (fixtures)
-    airflow_auth,
-    client,
-    clock,
-    promoted_release,
-    token_for,
-)
+
+try:
+    from releasegate.contract import AuditAction
+
+    DRIFT = AuditAction.drift
+except ImportError:  # 674b38f, whose dashboard these tests are also run against (issue 12), took the action's string
+    DRIFT = "drift"
+
+# The dashboard's app and its Airflow tokens as tests/unit/test_dashboard.py and test_dashboard_browser.py set them
+# up, repeated here because those modules build their releases with names 674b38f does not have.
+JWT_SECRET = "releasegate-dashboard-test-secret-" + "0123456789abcdef" * 2
 
 # What a predict-key holder sends as a category value. It closes Evidently's <script>, then tries what an
 # attacker wants from an operator's browser: the Airflow session cookie and the dashboard's API (same origin).
@@ -50,9 +58,72 @@ def _evidently_report(out, name: str, regions: list[str]) -> None:
     drift.input_drift(reference, current, out, name=name)
 
 
+@pytest.fixture(scope="module")
+def airflow_auth(airflow_env):
+    """Airflow's auth manager in this process, on the session's migrated metadata DB, with a known JWT secret."""
+    from airflow import settings as airflow_settings
+    from airflow.api_fastapi.app import create_auth_manager
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{airflow_env['AIRFLOW_HOME']}/airflow.db")
+        mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", JWT_SECRET)
+        airflow_settings.configure_vars()
+        airflow_settings.reconfigure_orm()
+        manager = create_auth_manager()
+        type(manager)._get_token_validator.__func__.cache_clear()  # built with this secret, not an earlier one
+        yield manager
+        type(manager)._get_token_validator.__func__.cache_clear()
+    airflow_settings.configure_vars()
+    airflow_settings.reconfigure_orm()
+
+
+def token_for(manager, username: str = "alice", role: str | None = "viewer") -> str:
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    return manager.generate_jwt(SimpleAuthManagerUser(username=username, role=role))
+
+
 @pytest.fixture
-def stored_reports(settings, clock, tmp_path):
-    """A promoted release whose shadow stored two reports in MLflow: one carries the planted value, one is clean."""
+def client(rg_home, airflow_auth):
+    from fastapi.testclient import TestClient
+
+    from releasegate_airflow.dashboard import create_app
+
+    return TestClient(create_app())
+
+
+@pytest.fixture
+def served_dashboard(rg_home, airflow_auth):
+    """The plugin app under /releasegate of a root app (like Airflow's API server), on a free loopback port."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from releasegate_airflow.dashboard import MOUNT_PREFIX, create_app
+
+    root = FastAPI()
+    root.mount(MOUNT_PREFIX, create_app())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(root, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}{MOUNT_PREFIX}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def stored_reports(settings, tmp_path):
+    """A release whose shadow stored two reports in MLflow: one carries the planted value, one is clean.
+
+    Written with calls 674b38f has too: the release opens, its shadow's drift event names the reports (by the
+    stage's plain name, as events did before stages were typed), and an operator stops it.
+    """
     from releasegate import registry
 
     mlflow_client = registry.client(settings)
@@ -61,15 +132,29 @@ def stored_reports(settings, clock, tmp_path):
     mlflow_client.create_registered_model("churn")
     for _ in range(2):
         mlflow_client.create_model_version("churn", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
-    rel = promoted_release(clock)
+    rel = release.open_release("churn", "2", "1", {"name": "default"}, airflow_run_id="manual__xss", actor="airflow")
+    rid = rel.release_id
     shadow = tmp_path / "shadow"
     _evidently_report(shadow, "input_drift", ["north", "south", PLANTED])
     _evidently_report(shadow, "prediction_drift", ["north", "south", "east"])
     assert PLANTED in (shadow / "input_drift.html").read_text()  # the report embeds it as sent
     for leftover in shadow.glob("*.json"):
         leftover.unlink()
-    registry.log_artifact("churn", "2", shadow, artifact_path=f"releasegate/releases/{rel.release_id}/shadow")
-    return rel
+    registry.log_artifact("churn", "2", shadow, artifact_path=f"releasegate/releases/{rid}/shadow")
+    audit.append(
+        "airflow",
+        DRIFT,
+        model="churn",
+        version="2",
+        release_id=rid,
+        details={
+            "stage": "shadow",
+            "reports": f"releasegate/releases/{rid}/shadow",
+            "input_drift": {"drifted_columns": ["region"], "drifted_share": 0.5, "rows_current": 400},
+            "prediction_drift": {"drifted": [], "rows": 400},
+        },
+    )
+    return release.transition(rid, State.aborted, actor="airflow:alice", reason="the reports were read")
 
 
 def test_a_planted_script_in_a_report_does_not_run_on_the_dashboards_origin(
@@ -87,7 +172,7 @@ def test_a_planted_script_in_a_report_does_not_run_on_the_dashboards_origin(
     found = report.html.split('<pre id="planted-result">')[1].split("</pre>")[0]
     stolen = json.loads(html.unescape(found))
     # It ran: the payload is real. It ran in an opaque origin, not the dashboard's (Airflow's).
-    assert stolen["ran"] is True and stolen["origin"] == "null"
+    assert stolen["ran"] is True and stolen["origin"] == "null", stolen
     assert "cookie" not in stolen and stolen["cookie_error"] == "SecurityError"
     assert "api" not in stolen and stolen["api_error"] == "TypeError"
     assert "storage" not in stolen and stolen["storage_error"] == "SecurityError"
@@ -102,20 +187,25 @@ def test_a_planted_script_in_a_report_does_not_run_on_the_dashboards_origin(
     assert clean.html.count("<svg") >= 2 and "Dataset Drift" in clean.html
 
 
-def test_reports_are_served_sandboxed_and_pages_allow_no_script(client, stored_reports, airflow_auth):
+def test_reports_are_served_sandboxed_and_pages_allow_no_script(client, stored_reports, airflow_auth, monkeypatch):
     cookies = {"_token": token_for(airflow_auth)}
     rel = stored_reports
     report = client.get(f"/releases/{rel.release_id}/reports/shadow/input_drift.html", cookies=cookies)
-    assert report.status_code == 200
-    csp = [d.strip() for d in report.headers["content-security-policy"].split(";")]
-    assert (
-        "sandbox allow-scripts allow-downloads" in csp
-        and "allow-same-origin" not in report.headers["content-security-policy"]
-    )
+    assert report.status_code == 200 and PLANTED in report.text
+    policy = report.headers.get("content-security-policy", "")
+    csp = [d.strip() for d in policy.split(";")]
+    assert "sandbox allow-scripts allow-downloads" in csp and "allow-same-origin" not in policy, report.headers
     assert "connect-src 'none'" in csp and "form-action 'none'" in csp
     assert report.headers["x-content-type-options"] == "nosniff"
 
-    for path in ("/", f"/releases/{rel.release_id}"):
+    # A release page with every kind of evidence (verdicts, routes, charts), as tests/unit/test_dashboard.py draws it.
+    from tests.unit.test_dashboard import Clock, promoted_release
+
+    clock = Clock(time.time())
+    monkeypatch.setattr(release, "time", clock)
+    monkeypatch.setattr(audit, "time", clock)
+    full = promoted_release(clock)
+    for path in ("/", f"/releases/{rel.release_id}", f"/releases/{full.release_id}"):
         page = client.get(path, cookies=cookies)
         assert page.status_code == 200
         policy = page.headers["content-security-policy"]

@@ -13,7 +13,6 @@ import pytest
 import sqlalchemy as sa
 
 from releasegate import storage
-from releasegate.contract import CallStatus
 from tests.integration.test_gateway import ADMIN, MODEL, rows
 from tests.waiting import wait_until
 
@@ -26,11 +25,19 @@ def hang(security_gateway):
     security_gateway.hang.touch()
     yield
     security_gateway.hang.unlink(missing_ok=True)
+    # Until every call that hung has returned: else the next test's `hang` could close the gate again on a call
+    # still hanging from this one, and its version's next batch would wait behind it.
+    wait_until(
+        lambda: _hanging_calls(security_gateway, "ended") == _hanging_calls(security_gateway),
+        timeout=30,
+        what="the hanging calls to return",
+    )
 
 
-def _hanging_calls(gw) -> int:
-    calls = gw.hang.with_name(gw.hang.name + ".calls")
-    return len(calls.read_text().splitlines()) if calls.exists() else 0
+def _hanging_calls(gw, kind: str = "calls") -> int:
+    """How many calls of the hanging version began to hang (`calls`), or returned after hanging (`ended`)."""
+    counted = gw.hang.with_name(f"{gw.hang.name}.{kind}")
+    return len(counted.read_text().splitlines()) if counted.exists() else 0
 
 
 def _post(gw, request_id: str, timeout: float = 30) -> tuple[httpx.Response, float]:
@@ -57,7 +64,7 @@ def test_a_hanging_candidate_trips_its_breaker_and_each_skipped_call_is_logged_a
     )
     assert resp.status_code == 200, resp.text
     skipped_before = gw.metric(
-        "releasegate_gateway_model_errors_total", model=MODEL, version=v["hanging"], kind=CallStatus.skipped
+        "releasegate_gateway_model_errors_total", model=MODEL, version=v["hanging"], kind="skipped"
     )
     timings = []
     for i in range(10):
@@ -69,8 +76,8 @@ def test_a_hanging_candidate_trips_its_breaker_and_each_skipped_call_is_logged_a
     expected = 10 * 2  # a candidate row and the champion's fallback row per request
     logged = wait_until(lambda: len(rows_ := _logged(gw, "breaker-")) == expected and rows_, timeout=20, what="logs")
     candidate = [r.status for r in logged if r.arm == "candidate"]
-    assert candidate == [CallStatus.timeout] * 3 + [CallStatus.skipped] * 7
-    skipped = [r for r in logged if r.status == CallStatus.skipped]
+    assert candidate == ["timeout"] * 3 + ["skipped"] * 7
+    skipped = [r for r in logged if r.status == "skipped"]
     assert all(r.latency_ms is None and "circuit open after 3 failures" in r.error for r in skipped)
     assert all(r.fallback and r.served for r in logged if r.arm == "champion")
     assert gw.metric("releasegate_gateway_circuit_open", model=MODEL, version=v["hanging"]) == 1
@@ -110,7 +117,7 @@ def test_a_hanging_champion_is_answered_504_with_a_clear_error(security_gateway,
     assert resp.json()["error"] == f"{MODEL} v{gw.versions['hanging']} took longer than 1s"
     assert 1.0 <= took < 3
     [row] = wait_until(lambda: _logged(gw, "champion-hangs"), timeout=20, what="the call logged")
-    assert (row.arm, row.status, row.served) == ("champion", CallStatus.timeout, False)
+    assert (row.arm, row.status, row.served) == ("champion", "timeout", False)
 
 
 def test_timed_out_requests_leave_a_hanging_versions_queue_and_a_full_queue_fails_fast(security_gateway, hang):

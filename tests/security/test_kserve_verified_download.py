@@ -20,8 +20,7 @@ import pytest
 
 from releasegate import k8s, registry, signing
 from releasegate.backends import DeploymentError
-from releasegate.backends.kserve import KServeBackend, ReadinessState
-from releasegate.contract import Mode
+from releasegate.backends.kserve import KServeBackend
 from tests.integration.kserve_fake_api import FakeKubernetes, Kubelet
 from tests.unit.mlflow_store import MODEL, classifier, migrated_mlflow_db, register, store  # noqa: F401  (fixtures)
 
@@ -30,12 +29,11 @@ def _local(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path))
 
 
-def _signed_version(settings, classifier) -> tuple[str, Path, Path, str]:
-    """A new signed version: (version, its stored model directory, its stored bundle, the bundle's digest)."""
+def _signed_version(settings, classifier) -> tuple[str, k8s.Served, str]:
+    """A new signed version: (version, where it is published, the bundle's digest)."""
     version = register(settings, classifier)
     digest = signing.sign_version(MODEL, version, settings)
-    served = _published(version)
-    return version, _local(served.storage_uri), _local(served.bundle_uri), digest
+    return version, _published(version), digest
 
 
 def _published(version: str) -> k8s.Served:
@@ -66,7 +64,7 @@ def _verify_dir(*args: str | Path, termination_log: Path) -> subprocess.Complete
 @pytest.fixture
 def signed(store, classifier, tmp_path):
     """A signed version downloaded as a pod would get it: (model directory, bundle, digest, trust directory)."""
-    version, _, _, digest = _signed_version(store, classifier)
+    version, _, digest = _signed_version(store, classifier)
     model_dir = registry.download_model(MODEL, version, tmp_path / "model", settings=store)
     bundle = registry.download_artifact(
         MODEL, version, signing.BUNDLE_ARTIFACT, dst=tmp_path / "bundle", settings=store
@@ -138,9 +136,10 @@ def test_the_storage_initializer_refuses_a_key_it_does_not_trust(signed, tmp_pat
 def test_another_signed_versions_files_and_bundle_are_refused(store, classifier, tmp_path):
     """Whoever can write the bucket can copy an older signed version over the published one: both verify, but
     the bundle is not the one the InferenceService names."""
-    _, old_dir, old_bundle, _ = _signed_version(store, classifier)
-    _, _, _, published_digest = _signed_version(store, classifier)
+    _, old, _ = _signed_version(store, classifier)
+    _, _, published_digest = _signed_version(store, classifier)
     trust = _trust_secret(store, tmp_path / "trust")
+    old_dir, old_bundle = _local(old.storage_uri), _local(old.bundle_uri)
     out = _verify_dir(
         "--model-dir", old_dir, "--bundle", old_bundle, "--expect-digest", published_digest, "--trust-dir", trust,
         termination_log=tmp_path / "termination-log",
@@ -153,7 +152,8 @@ def test_a_download_tampered_after_publication_never_becomes_ready(store, classi
     """The release verified v2 and published it; then its stored pickle changed. The pod's storage initializer
     refuses the files it downloaded, the revision fails, the readiness wait fails the release, nothing stays."""
     champion, *_ = _signed_version(store, classifier)
-    candidate, candidate_dir, _, _ = _signed_version(store, classifier)
+    candidate, published, _ = _signed_version(store, classifier)
+    candidate_dir = _local(published.storage_uri)
     kubelet = Kubelet(tmp_path / "kubelet", secrets={"releasegate-trust": _trust_secret(store, tmp_path / "trust")})
     fake = FakeKubernetes(ready_after=1, kubelet=kubelet).start()
     settings = k8s.K8sSettings(namespace="models", poll_seconds=0.05, ready_timeout=120)
@@ -164,12 +164,12 @@ def test_a_download_tampered_after_publication_never_becomes_ready(store, classi
         assert kubelet.runs[-1]["exit"] == 0 and "MLmodel" in kubelet.runs[-1]["files"]
 
         deferred = KServeBackend(fake.api_client(), settings, wait_ready=False)
-        applied = deferred.set_route(MODEL, champion, candidate, Mode.canary, 50)  # verified at publication
+        applied = deferred.set_route(MODEL, champion, candidate, "canary", 50)  # verified at publication
         storage_uri = _published(candidate).storage_uri
         changed = _flip_a_byte(candidate_dir)  # ... then its stored model changed
         ready = deferred.readiness(applied.readiness.targets)  # the new revision's pod starts
 
-        assert ready.state is ReadinessState.failed
+        assert ready.state == "failed"
         assert ready.message.startswith("InferenceService churn: BlockedByFailedLoad: ModelLoadFailed - ")
         # The storage initializer's own termination message.
         assert f"refusing to serve {storage_uri}: {changed}" in ready.message
@@ -181,6 +181,6 @@ def test_a_download_tampered_after_publication_never_becomes_ready(store, classi
             {"revision": ready.status["churn"]["latestReadyRevision"], "percent": 100}
         ]
         with pytest.raises(DeploymentError, match=f"BlockedByFailedLoad: ModelLoadFailed - .*{changed}"):
-            backend.set_route(MODEL, champion, candidate, Mode.canary, 50)
+            backend.set_route(MODEL, champion, candidate, "canary", 50)
     finally:
         fake.stop()
