@@ -35,5 +35,9 @@ def test_every_service_answers_and_the_release_dag_can_be_unpaused(system_stack)
 
     ready = httpx.get(f"{stack.gateway_url}/readyz", timeout=10)
     assert ready.status_code == 200, ready.text
-    metrics = httpx.get(f"{stack.gateway_url}/metrics", timeout=10).text
-    assert f'model="{MODEL}"' in metrics
+    assert httpx.get(f"{stack.gateway_url}/metrics", timeout=10).status_code == 401  # a scraper needs its key
+    metrics = httpx.get(
+        f"{stack.gateway_url}/metrics", headers={"authorization": f"Bearer {stack.admin_key}"}, timeout=10
+    )
+    assert metrics.status_code == 200, metrics.text
+    assert f'model="{MODEL}"' in metrics.text

@@ -97,3 +97,28 @@ def test_a_parsed_request_with_an_extra_column_serves_both_arms():
     assert list(select(sent, CHAMPION, "gw v1").columns) == ["age", "income", "region"]
     assert list(select(sent, NARROW, "gw v2").columns) == ["age", "income"]
     assert select(sent, WIDE, "gw v3").columns["tenure"] == [None]
+
+
+@pytest.mark.parametrize(
+    ("value", "taken"),
+    [
+        (17976931348623157 * 10**292, True),  # the documented maximum, 1.7976931348623157e308, as an integer
+        (-(17976931348623157 * 10**292) - 1, False),  # past it, though a double would round it to its maximum
+        (1.7976931348623157e308, True),
+        (10**400, False),
+        (math.inf, False),
+        (math.nan, False),
+        (True, False),
+    ],
+)
+def test_a_double_takes_numbers_within_the_bounds_the_openapi_document_states(value, taken):
+    """schemathesis sent (documented minimum − 1) as an integer; the gateway took it, against its own document."""
+    from releasegate.serving.payloads import finite_double
+
+    assert finite_double(value) is taken
+    sent = _sent(age=[1], income=[value], region=["x"])
+    if taken:
+        assert select(sent, CHAMPION, "gw v1").columns["income"] == [value]
+    else:
+        with pytest.raises(PayloadError, match="income"):
+            select(sent, CHAMPION, "gw v1")

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import gc
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -25,7 +24,7 @@ from releasegate.serving.breaker import Breaker
 from releasegate.serving.config import GatewayConfig
 from releasegate.serving.logprocess import ProcessLogWriter
 from releasegate.serving.logwriter import LogWriter, Row
-from releasegate.serving.payloads import PayloadError, Rows, select
+from releasegate.serving.payloads import PayloadError, Rows, finite_double, select
 from releasegate.serving.routing import Route, RouteSpec
 from releasegate.serving.slots import CallTimeout, LoadError, ModelCallError, QueueFull, Retried, Slot, load_slot
 
@@ -737,7 +736,8 @@ MAX_FEEDBACK_ITEMS = 100
 
 
 def _finite_number(value: object) -> bool:
-    return (type(value) is int) or (type(value) is float and math.isfinite(value))
+    """A number the feedback columns (floats) hold: within the bounds the OpenAPI document states."""
+    return finite_double(value)
 
 
 def _label(value: object) -> bool:
