@@ -103,6 +103,12 @@ def test_a_slot_serves_the_graph_and_falls_back_to_sklearn_for_missing_values(fr
     answers = asyncio.run(serve())
     assert [a[0] for a in answers] == pipe.predict(live[data.FEATURES].head(40)).tolist()
 
+    # A double beyond float32's range would be infinite in the graph: sklearn (float64) answers it instead.
+    huge = dict(rows[1], total_charges=1e300)
+    assert slot.call_fast([Rows({k: [v] for k, v in huge.items()}, 1)]) is None
+    expected = pipe.predict(live[data.FEATURES].head(2).tail(1).assign(total_charges=1e300)).tolist()
+    assert slot.call([Rows({k: [v] for k, v in huge.items()}, 1)]) == expected
+
 
 def _slot_of(pipe, example, tmp_path, name: str, signature=None) -> Slot:
     """A real MLflow model directory, loaded and warmed as the gateway loads one."""

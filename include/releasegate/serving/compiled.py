@@ -43,6 +43,10 @@ class Compiled:
     reason: str
 
 
+class BeyondFloat32(ValueError):
+    """A value of a double column the float32 graph cannot hold: the caller predicts with sklearn instead."""
+
+
 def raw_sklearn(pyfunc: PyFuncModel) -> Any | None:
     """The sklearn estimator behind a pyfunc whose predict is the estimator's own `predict`, else None."""
     flavors = pyfunc.metadata.flavors
@@ -96,7 +100,12 @@ def compile_sklearn(estimator: Any, schema: Schema, parity: Callable[[Predict], 
             if num:
                 if None in values:
                     values = [np.nan if v is None else v for v in values]
-                feed[name] = np.asarray(values, dtype=np.float32).reshape(-1, 1)
+                try:
+                    with np.errstate(over="raise"):
+                        feed[name] = np.asarray(values, dtype=np.float32).reshape(-1, 1)
+                except (FloatingPointError, OverflowError):
+                    # The graph computes in float32; sklearn, in float64, decides what such a value means.
+                    raise BeyondFloat32(name) from None
             else:
                 column = np.empty((len(values), 1), dtype=object)
                 column[:, 0] = values

@@ -207,6 +207,8 @@ class Slot:
         n = sum(j.n for j in jobs)
         try:
             result = self._fast(columns)
+        except compiled.BeyondFloat32:
+            return None
         except Exception as err:
             raise ModelCallError(f"{self.label} predict failed: {type(err).__name__}: {err}") from err
         return _outputs(result, n, self.label)
