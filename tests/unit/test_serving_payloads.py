@@ -122,3 +122,13 @@ def test_a_double_takes_numbers_within_the_bounds_the_openapi_document_states(va
     else:
         with pytest.raises(PayloadError, match="income"):
             select(sent, CHAMPION, "gw v1")
+
+
+def test_an_integer_literal_past_the_documented_double_bound_is_refused_though_orjson_would_round_it():
+    """orjson reads (documented minimum − 1) as the double's minimum; schemathesis under CI sent it as a label."""
+    from releasegate.serving.payloads import DOUBLE_INT_LIMIT, parse_json
+
+    with pytest.raises(PayloadError, match="beyond the range of a double"):
+        parse_json(b'{"ground_truth": [%d]}' % (-DOUBLE_INT_LIMIT - 1), 32)
+    assert parse_json(b'{"ground_truth": [%d]}' % DOUBLE_INT_LIMIT, 32) == {"ground_truth": [1.7976931348623157e308]}
+    assert parse_json(b'{"id": "%s"}' % (b"9" * 400), 32) == {"id": "9" * 400}  # digits in a string are text

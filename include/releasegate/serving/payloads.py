@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ _EXACT_FLOAT_INT = 1 << 53
 # 1.7976931348623157e308, read as a decimal. The double's true maximum is a little larger, so an integer in
 # between would be a value the document says is out of range yet accepted (schemathesis found one).
 DOUBLE_INT_LIMIT = 17976931348623157 * 10**292
+_LONG_INTEGER = re.compile(rb'(?<![0-9.eE+"-])-?[0-9]{309,}(?![0-9.eE"])')
 
 
 def finite_double(value: object) -> bool:
@@ -126,7 +128,13 @@ def parse_json(raw: bytes, max_depth: int) -> object:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         return _parse_lenient(raw, err, max_depth)
-    # orjson took it, so it is valid UTF-8 with 64-bit integers; only its depth is left to check, and no
+    # orjson reads an integer beyond 64 bits as the nearest double, so one past the documented bound of a
+    # double (1.7976931348623157e308 read as a decimal, 309 digits) would pass as that bound: refuse it.
+    if len(raw) > 308:
+        for literal in _LONG_INTEGER.findall(raw):
+            if abs(int(literal)) > DOUBLE_INT_LIMIT:
+                raise PayloadError("malformed JSON: a number beyond the range of a double")
+    # orjson took it, so it is valid UTF-8 (integers past 64 bits became doubles); its depth is left to check, and no
     # document holds more nested containers than it has brackets: most need no walk at all.
     if raw.count(b"[") + raw.count(b"{") > max_depth:
         _walk(value, max_depth, strings=False)
