@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from releasegate import storage
 from releasegate.serving import auth, routing
-from tests.waiting import wait_until
+from tests.waiting import gateway_ready, wait_until
 
 pytestmark = pytest.mark.integration
 MODEL = "gw"
@@ -267,16 +267,7 @@ def gateway(tmp_path_factory):
             )
         gw = Gateway(f"http://127.0.0.1:{port}", proc, log, versions, settings)
         try:  # the process is stopped however the start-up ends
-            deadline = time.time() + 60
-            while True:
-                assert proc.poll() is None, gw.log()
-                try:
-                    if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.time() < deadline, "gateway did not start:\n" + gw.log()
-                time.sleep(0.2)
+            gateway_ready(gw.url, proc, gw.log)
             # The first load imports MLflow and sklearn in the gateway: slow on a busy machine.
             resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]}, timeout=180)
             assert resp.status_code == 200, resp.text
@@ -848,16 +839,8 @@ def test_a_second_replica_follows_the_database_and_serves_the_old_split_until_re
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180  # its first load imports MLflow and sklearn: slow on a busy machine
-        while True:
-            assert replica.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.2)
+        # Its first load imports MLflow and sklearn: slow on a busy machine.
+        gateway_ready(url, replica, log.read_text, timeout=180)
         with Load(url, clients=1) as load:
             time.sleep(0.3)
             changed = time.time()

@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.waiting import gateway_ready
+
 LIMITS = {
     "RELEASEGATE_GATEWAY_POLL_INTERVAL": "0.2",
     "RELEASEGATE_GATEWAY_CANDIDATE_TIMEOUT": "0.3",
@@ -155,16 +157,7 @@ def security_gateway(tmp_path_factory):
             )
         gw = SecurityGateway(f"http://127.0.0.1:{port}", proc, log, versions, settings, hang)
         try:
-            deadline = time.time() + 60
-            while True:
-                assert proc.poll() is None, gw.log()
-                try:
-                    if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.time() < deadline, "gateway did not start:\n" + gw.log()
-                time.sleep(0.2)
+            gateway_ready(gw.url, proc, gw.log)
             resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]}, timeout=180)
             assert resp.status_code == 200, resp.text
             yield gw
