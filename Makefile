@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast check lock venv clean
 
-venv: $(STAMP)
+CLIENTS := .venv-clients
+CLIENTS_STAMP := $(CLIENTS)/.installed
+
+venv: $(STAMP) $(CLIENTS_STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +17,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.txt
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
+
+# The Open Inference Protocol clients the gateway is tested with (tests/integration/test_oip_clients.py), in their
+# own environment: kserve's pins cannot be resolved together with Airflow's.
+$(CLIENTS_STAMP): tests/clients/requirements.txt $(STAMP)
+	test -x $(CLIENTS)/bin/python || $(PYTHON) -m venv $(CLIENTS)
+	$(BIN)/uv pip install --quiet --python $(CLIENTS)/bin/python -r tests/clients/requirements.txt
+	touch $(CLIENTS_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/releasegate demo
@@ -24,7 +34,7 @@ check: $(STAMP)
 	$(BIN)/ruff format --check include plugins dags tests benchmarks examples
 	$(BIN)/mypy
 
-test: check
+test: check $(CLIENTS_STAMP)
 	$(BIN)/python -m pytest -ra --durations=25
 
 test-fast: check
@@ -38,6 +48,7 @@ secrets:
 
 lock:
 	uv pip compile requirements.in -o requirements.txt --python-version 3.11
+	uv pip compile tests/clients/requirements.in -o tests/clients/requirements.txt --python-version 3.11
 
 clean:
-	rm -rf $(VENV) .releasegate
+	rm -rf $(VENV) $(CLIENTS) .releasegate

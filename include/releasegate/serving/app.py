@@ -164,30 +164,38 @@ _new_id_prefix()
 os.register_at_fork(after_in_child=_new_id_prefix)  # forked workers must not repeat each other's ids
 
 
-def _request_id(header: str | None, body: object) -> str:
-    rid = header
-    if rid is None and isinstance(body, dict) and "id" in body:  # the v2 protocol's own request id
+def _request_id(header: str | None, body: object) -> tuple[str, str]:
+    """The request's id as the answer echoes it, and as it is logged (`routing.logged_request_id`).
+
+    X-Request-Id is ours: 1-64 characters without control characters, else 400. A v2 body's `id` is the
+    protocol's, any string: echoed as sent, logged under its `logged_request_id`.
+    """
+    if header is None and isinstance(body, dict) and "id" in body:
         rid = body["id"]
         if not isinstance(rid, str):
             raise PayloadError("the body's id must be a string (the request id)")
-    if rid is None:
-        return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
-    if not routing.valid_request_id(rid):
-        raise PayloadError(
-            "the request id (X-Request-Id, or a v2 body's id) must be 1-64 characters, no control characters"
-        )
-    return rid
+        return rid, routing.logged_request_id(rid)
+    if header is None:
+        rid = f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+    elif not routing.valid_request_id(header):
+        raise PayloadError("the request id (X-Request-Id) must be 1-64 characters, no control characters")
+    else:
+        rid = header
+    return rid, rid
 
 
-def _invocations_answer(model: str, request_id: str, answer: Answer) -> dict[str, Any]:
-    return {"predictions": answer.outputs, "request_id": request_id, "model_version": answer.version, "arm": answer.arm}
+def _invocations_answer(model: str, ids: tuple[str, str], answer: Answer, body: object) -> tuple[Any, bytes]:
+    return {
+        "predictions": answer.outputs,
+        "request_id": ids[1],
+        "model_version": answer.version,
+        "arm": answer.arm,
+    }, b""
 
 
-def _v2_answer(model: str, request_id: str, answer: Answer) -> dict[str, Any]:
-    values = answer.outputs
-    outputs: list[dict[str, Any]]
+def _v2_outputs(values: list[Any]) -> list[dict[str, Any]]:
     if values and isinstance(values[0], dict):
-        outputs = [
+        return [
             {
                 "name": str(k),
                 "shape": [len(values)],
@@ -196,9 +204,9 @@ def _v2_answer(model: str, request_id: str, answer: Answer) -> dict[str, Any]:
             }
             for k in values[0]
         ]
-    elif values and isinstance(values[0], list):
+    if values and isinstance(values[0], list):
         flat = [x for v in values for x in v]
-        outputs = [
+        return [
             {
                 "name": "predict",
                 "shape": [len(values), len(values[0])],
@@ -206,37 +214,76 @@ def _v2_answer(model: str, request_id: str, answer: Answer) -> dict[str, Any]:
                 "data": flat,
             }
         ]
-    else:
-        outputs = [
-            {"name": "predict", "shape": [len(values)], "datatype": payloads.v2_datatype(values), "data": values}
-        ]
-    return {
+    return [{"name": "predict", "shape": [len(values)], "datatype": payloads.v2_datatype(values), "data": values}]
+
+
+def _v2_answer(model: str, ids: tuple[str, str], answer: Answer, body: object) -> tuple[Any, bytes]:
+    """The v2 answer: the outputs asked for (all when the request names none), each in binary when asked
+    (the binary tensor data extension: `binary_data_output`, or an output's `binary_data`) and encodable."""
+    outputs = _v2_outputs(answer.outputs)
+    binary = payloads.requested_outputs(body)
+    if binary.named:
+        names = [o["name"] for o in outputs]
+        missing = [name for name in binary.named if name not in names]
+        if missing:
+            raise PayloadError(f"output(s) {', '.join(map(repr, missing))} not among the model's: {', '.join(names)}")
+        outputs = [o for o in outputs if o["name"] in binary.named]
+    tail = []
+    for output in outputs:
+        raw = payloads.binary_output(output) if binary.binary(output["name"]) else None
+        if raw is not None:
+            output["parameters"] = {"binary_data_size": len(raw)}
+            del output["data"]
+            tail.append(raw)
+    content = {
         "model_name": model,
         "model_version": answer.version,
-        "id": request_id,
-        "request_id": request_id,
+        "id": ids[0],
+        "request_id": ids[1],
         "arm": answer.arm,
         "outputs": outputs,
     }
+    return content, b"".join(tail)
 
 
-# A request body's rows (checked against the champion's schema), and the answer's body.
+# A request's body from its bytes (the headers may say how to read them, and the size limit of JSON's depth);
+# its rows (checked against the champion's schema); the answer's body (JSON, then any binary data).
+_Reader: TypeAlias = Callable[[bytes, "_Headers", int], object]
 _Parser: TypeAlias = Callable[[object, Schema], Rows]
-_Builder: TypeAlias = Callable[[str, str, Answer], dict[str, Any]]
-# The two inference endpoints: (path pattern, metrics endpoint name, payload parser, answer builder).
-_INFERENCE: tuple[tuple[re.Pattern[str], str, _Parser, _Builder], ...] = (
-    (re.compile(r"/models/(.*)/invocations"), "invocations", payloads.parse_invocations, _invocations_answer),
-    (re.compile(r"/v2/models/(.*)/infer"), "v2_infer", payloads.parse_v2, _v2_answer),
+_Builder: TypeAlias = Callable[[str, tuple[str, str], Answer, object], tuple[Any, bytes]]
+
+
+def _read_json(raw: bytes, headers: _Headers, max_depth: int) -> object:
+    return payloads.parse_json(raw, max_depth)
+
+
+def _read_v2(raw: bytes, headers: _Headers, max_depth: int) -> object:
+    return payloads.v2_request(raw, headers.inference_header, max_depth)
+
+
+# The inference endpoints: (path pattern, metrics endpoint name, reader, payload parser, answer builder). A
+# pattern's groups are the model and, for the v2 protocol's version endpoint, the version asked for.
+_INFERENCE: tuple[tuple[re.Pattern[str], str, _Reader, _Parser, _Builder], ...] = (
+    (
+        re.compile(r"/models/(.*)/invocations"),
+        "invocations",
+        _read_json,
+        payloads.parse_invocations,
+        _invocations_answer,
+    ),
+    (re.compile(r"/v2/models/(.*)/versions/([^/]+)/infer"), "v2_infer", _read_v2, payloads.parse_v2, _v2_answer),
+    (re.compile(r"/v2/models/(.*)/infer"), "v2_infer", _read_v2, payloads.parse_v2, _v2_answer),
 )
 
 
 class _Headers:
     """The few request headers inference reads, picked out of the ASGI scope in one pass."""
 
-    __slots__ = ("authorization", "content_length", "request_id", "routing_key")
+    __slots__ = ("authorization", "content_length", "inference_header", "request_id", "routing_key")
 
     def __init__(self, raw: list[tuple[bytes, bytes]]):
         self.authorization = self.content_length = self.request_id = self.routing_key = None
+        self.inference_header = None
         for name, value in raw:
             if name == b"authorization":
                 self.authorization = value.decode("latin-1")
@@ -246,9 +293,12 @@ class _Headers:
                 self.request_id = value.decode("latin-1")
             elif name == b"x-routing-key":
                 self.routing_key = value.decode("latin-1")
+            elif name == b"inference-header-content-length":
+                self.inference_header = value.decode("latin-1")
 
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_BINARY_HEADERS = [(b"content-type", b"application/octet-stream")]
 _RETRY_HEADERS = [(b"retry-after", RETRY_AFTER.encode())]
 
 
@@ -269,24 +319,30 @@ class InferenceApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            for pattern, name, parse, build in _INFERENCE:
+            for pattern, name, read, parse, build in _INFERENCE:
                 match = pattern.fullmatch(path)
                 if match is None:
                     continue
-                extra: list[tuple[bytes, bytes]] = []
+                headers = _JSON_HEADERS
                 if scope["method"] == "POST":
-                    status, content = await self._infer(scope, receive, match.group(1), name, parse, build)
+                    version = match.group(2) if pattern.groups > 1 else None
+                    status, content, tail = await self._infer(
+                        scope, receive, match.group(1), version, name, read, parse, build
+                    )
                     if status == 503:
-                        extra = _RETRY_HEADERS
+                        headers = headers + _RETRY_HEADERS
                 else:
-                    status, content = 405, {"error": f"{scope['method']} is not allowed here; use POST"}
-                    extra = [(b"allow", b"POST")]
+                    status, content, tail = 405, {"error": f"{scope['method']} is not allowed here; use POST"}, b""
+                    headers = headers + [(b"allow", b"POST")]
                 body = orjson.dumps(content, option=_JSON_OPTS) if content is not None else b""
+                if tail:  # binary outputs after the JSON (the v2 protocol's binary tensor data extension)
+                    headers = _BINARY_HEADERS + [(b"inference-header-content-length", str(len(body)).encode())]
+                    body += tail
                 await send(
                     {
                         "type": "http.response.start",
                         "status": status,
-                        "headers": _JSON_HEADERS + extra + [(b"content-length", str(len(body)).encode())],
+                        "headers": headers + [(b"content-length", str(len(body)).encode())],
                     }
                 )
                 await send({"type": "http.response.body", "body": body})
@@ -294,13 +350,22 @@ class InferenceApp:
         await self.app(scope, receive, send)
 
     async def _infer(
-        self, scope: Scope, receive: Receive, model: str, name: str, parse: _Parser, build: _Builder
-    ) -> tuple[int, dict[str, Any] | None]:
+        self,
+        scope: Scope,
+        receive: Receive,
+        model: str,
+        version: str | None,
+        name: str,
+        read: _Reader,
+        parse: _Parser,
+        build: _Builder,
+    ) -> tuple[int, Any, bytes]:
         gateway = self.gateway
         config = gateway.config
         in_flight = gateway.metrics.in_flight_of(name)
         in_flight.inc()
         admitted = False
+        tail = b""
         try:
             headers = _Headers(scope["headers"])
             caller = gateway.keys.require(headers.authorization, Role.predict)
@@ -310,15 +375,19 @@ class InferenceApp:
             admitted = True
             active = gateway.active(model)
             raw = await _read_body(receive, headers.content_length, config.max_body_bytes)
-            body = payloads.parse_json(raw, config.max_json_depth)
+            body = read(raw, headers, config.max_json_depth)
             rows = parse(body, active.champion.schema)  # lists without column names follow the champion's
             if rows.n > config.max_rows:
                 raise PayloadError(f"{rows.n} rows in one request; the limit is {config.max_rows}", 413)
             if not rows.n:
                 raise PayloadError("the request has no rows", 422)
-            request_id = _request_id(headers.request_id, body)
-            answer = await gateway.infer(active, rows, request_id, headers.routing_key or request_id, caller.key_id)
-            status, content = 200, build(model, request_id, answer)
+            ids = _request_id(headers.request_id, body)
+            if version is None:
+                answer = await gateway.infer(active, rows, ids[1], headers.routing_key or ids[1], caller.key_id)
+            else:
+                answer = await gateway.infer_version(active, rows, version, ids[1], caller.key_id)
+            content, tail = build(model, ids, answer, body)
+            status = 200
         except ClientDisconnect:
             status, content = 499, None  # nobody to answer; counted, not logged as a crash
         except Exception as err:
@@ -329,7 +398,7 @@ class InferenceApp:
             if admitted:
                 gateway.in_flight -= 1
         gateway.metrics.http_response(name, status)
-        return status, content
+        return status, content, tail
 
 
 @_endpoint("feedback", Role.feedback, limited=True)
@@ -434,11 +503,26 @@ async def v2_model_ready(request: Request, gateway: Gateway, caller: Caller | No
     return JSONResponse({"name": model, "ready": True, "version": active.champion.version})
 
 
+@_endpoint("v2_model_version_ready", Role.predict)
+async def v2_model_version_ready(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
+    """A served version is ready (its route serves it, loaded and verified); one not served is a 404."""
+    model, version = request.path_params["model"], request.path_params["version"]
+    active = gateway.active(model)
+    served = [s.version for s in (active.champion, active.candidate) if s]
+    if version not in served:
+        raise NotFound(f"version {version!r} of {model!r} is not served (served: {', '.join(served)})")
+    return JSONResponse({"name": model, "ready": True, "version": version})
+
+
+# The Open Inference Protocol extensions served (named as Triton names them, which clients check).
+EXTENSIONS = ["binary_tensor_data"]
+
+
 @_endpoint("v2_server", None)
 async def v2_server(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     from releasegate import __version__
 
-    return JSONResponse({"name": "releasegate", "version": __version__, "extensions": []})
+    return JSONResponse({"name": "releasegate", "version": __version__, "extensions": EXTENSIONS})
 
 
 @_endpoint("v2_live", None)
@@ -509,6 +593,7 @@ def create_app(settings: Settings | None = None, config: GatewayConfig | None = 
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
         routes=[
+            HttpRoute("/v2/models/{model:path}/versions/{version}/ready", v2_model_version_ready, methods=["GET"]),
             HttpRoute("/v2/models/{model:path}/versions/{version}", v2_model_version_metadata, methods=["GET"]),
             HttpRoute("/v2/models/{model:path}/ready", v2_model_ready, methods=["GET"]),
             HttpRoute("/v2/models/{model:path}", v2_model_metadata, methods=["GET"]),
@@ -524,5 +609,7 @@ def create_app(settings: Settings | None = None, config: GatewayConfig | None = 
             HttpRoute("/metrics", metrics, methods=["GET"]),
         ],
     )
+    # No redirect to the path with a slash added: `GET /v2/models` answered 307 to `/v2/models/`, a model named ''.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     return InferenceApp(app, gateway)

@@ -472,26 +472,7 @@ class Gateway:
                 return Answer(outputs, active.candidate.version, "candidate")
             fallback = True
             self.metrics.fallbacks.labels(route.model).inc()
-        start = time.perf_counter()
-        try:
-            outputs = await champion.predict(rows, self.config.champion_timeout)
-        except QueueFull:
-            raise  # not a model call: nothing logged, the caller is told to retry (503)
-        except ModelCallError as err:
-            self._log_call(
-                base,
-                logged,
-                None,
-                champion,
-                "champion",
-                start,
-                served=False,
-                fallback=fallback,
-                status=CallStatus.timeout if isinstance(err, CallTimeout) else CallStatus.error,
-                error=str(err),
-            )
-            raise
-        self._log_call(base, logged, outputs, champion, "champion", start, served=True, fallback=fallback)
+        outputs = await self._call_served(base, rows, logged, champion, "champion", fallback)
         if route.mode is Mode.shadow and active.candidate is not None:
             if len(self._shadow) < self.config.shadow_queue:
                 self._shadow.append((active, sent, rows, logged, base))
@@ -499,6 +480,62 @@ class Gateway:
             else:
                 self.metrics.shadow_dropped.labels(route.model).inc()
         return Answer(outputs, champion.version, "champion")
+
+    async def infer_version(
+        self, active: Active, sent: Rows, version: str, request_id: str, key_id: str | None = None
+    ) -> Answer:
+        """A request for one served version by number (the v2 protocol's `/versions/{v}/infer`): that version
+        answers, whatever the route's split, or NotFound names the versions served.
+
+        The caller chose the arm, so the call is no exposure of a release: it is logged with no release and
+        mode `single`, and never enters a canary's comparison (which reads its release's rows).
+        """
+        arms = [(slot, arm) for slot, arm in ((active.champion, "champion"), (active.candidate, "candidate")) if slot]
+        found = next(((slot, arm) for slot, arm in arms if slot.version == version), None)
+        model = active.route.model
+        if found is None:
+            raise NotFound(
+                f"version {version!r} of {model!r} is not served (served: {', '.join(s.version for s, _ in arms)})"
+            )
+        slot, arm = found
+        rows = select(sent, slot.schema, slot.label)
+        logged = rows if rows is sent else self._logged(active, sent)
+        base: _CallBase = {
+            "request_id": request_id,
+            "model": model,
+            "mode": Mode.single,
+            "release_id": None,
+            "routing_key_hash": routing.key_digest(model, request_id)[:16],
+            "sample_bucket": routing.sample_bucket(request_id),
+            "key_id": key_id,
+        }
+        return Answer(await self._call_served(base, rows, logged, slot, arm, False), slot.version, arm)
+
+    async def _call_served(
+        self, base: _CallBase, rows: Rows, logged: Rows, slot: Slot, arm: str, fallback: bool
+    ) -> list[Any]:
+        """The answer of the version that serves the request, its call logged; a failure raises to the caller."""
+        start = time.perf_counter()
+        try:
+            outputs = await slot.predict(rows, self.config.champion_timeout)
+        except QueueFull:
+            raise  # not a model call: nothing logged, the caller is told to retry (503)
+        except ModelCallError as err:
+            self._log_call(
+                base,
+                logged,
+                None,
+                slot,
+                arm,
+                start,
+                served=False,
+                fallback=fallback,
+                status=CallStatus.timeout if isinstance(err, CallTimeout) else CallStatus.error,
+                error=str(err),
+            )
+            raise
+        self._log_call(base, logged, outputs, slot, arm, start, served=True, fallback=fallback)
+        return outputs
 
     def _logged(self, active: Active, sent: Rows) -> Rows:
         """The request's inputs as logged: the caller's values of every column a served version declares.
@@ -690,10 +727,9 @@ class Gateway:
             if extra:
                 raise PayloadError(f"{where} has unexpected field(s) {sorted(extra)}", 422)
             rid = item.get("request_id")
-            if not isinstance(rid, str) or not routing.valid_request_id(rid):
-                raise PayloadError(
-                    f"{where}: request_id must be a string of 1-64 characters, no control characters", 422
-                )
+            if not isinstance(rid, str):
+                raise PayloadError(f"{where}: request_id must be a string (the id the prediction was given)", 422)
+            rid = routing.logged_request_id(rid)  # as the prediction was logged under it
             truth = item.get("ground_truth")
             if truth is None:
                 raise PayloadError(f"{where}: ground_truth is required", 422)

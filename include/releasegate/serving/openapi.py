@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from releasegate.contract import Mode
 from releasegate.serving.auth import Role
-from releasegate.serving.payloads import FLOAT32_MAX, INT_RANGE, V2_DATATYPES, Schema
+from releasegate.serving.payloads import FLOAT32_MAX, INT_RANGE, V2_ALL_DATATYPES, V2_DATATYPES, Schema
 from releasegate.serving.routing import MODEL_NAME_PATTERN, REQUEST_ID_PATTERN, VERSION_PATTERN
 
 if TYPE_CHECKING:
@@ -30,6 +30,13 @@ _ERROR = {
     "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
 }
 _REQUEST_ID = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": REQUEST_ID_PATTERN}
+# The Open Inference Protocol's request id (a v2 body's `id`, and so a feedback item's): any string, echoed as
+# sent, logged under routing.logged_request_id.
+_ANY_ID = {
+    "type": "string",
+    "description": "Any string; ids past 64 characters or with control characters are "
+    "logged (and joined with feedback) under a digest of them",
+}
 _STATUSES = {
     400: "Malformed: not JSON (or nested too deep, or not Unicode text), or not the shape of a request",
     401: "Missing, unknown or revoked key",
@@ -145,7 +152,7 @@ def _v2_body(schema: Schema) -> dict[str, Any]:
             "properties": {
                 "name": {"type": "string"},
                 "shape": {"type": "array", "prefixItems": [{"const": 1}], "items": False, "minItems": 1},
-                "datatype": {"type": "string"},
+                "datatype": {"enum": list(V2_ALL_DATATYPES)},
                 "data": {"type": "array", "minItems": 1, "maxItems": 1},
             },
         }
@@ -175,7 +182,7 @@ def _v2_body(schema: Schema) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["inputs"],
-        "properties": {"id": _REQUEST_ID, "inputs": inputs},
+        "properties": {"id": _ANY_ID, "inputs": inputs},
     }
 
 
@@ -287,7 +294,7 @@ def document(gateway: Gateway) -> dict[str, Any]:
         "additionalProperties": False,
         "required": ["request_id", "ground_truth"],
         "properties": {
-            "request_id": _REQUEST_ID,
+            "request_id": _ANY_ID,
             # What the analysis reads: one label for the request, or one per input row.
             "ground_truth": {
                 "oneOf": [scalar, {"type": "array", "minItems": 1, "maxItems": max_rows, "items": scalar}]
@@ -354,6 +361,23 @@ def document(gateway: Gateway) -> dict[str, Any]:
                 Role.predict,
                 _INFERENCE_ERRORS,
                 body=_v2_body(schema),
+            )
+        }
+        paths[f"/v2/models/{model}/versions/{{version}}/infer"] = {
+            "post": _op(
+                f"Predict with one served version of {model}, whatever the route's split (not a release exposure)",
+                Role.predict,
+                _INFERENCE_ERRORS,
+                body=_v2_body(schema),
+                parameters=version_param,
+            )
+        }
+        paths[f"/v2/models/{model}/versions/{{version}}/ready"] = {
+            "get": _op(
+                f"{model}: one version's readiness (404: not served)",
+                Role.predict,
+                (404, 503),
+                parameters=version_param,
             )
         }
         paths[f"/v2/models/{model}"] = {"get": _op(f"{model}: v2 model metadata", Role.predict, (404, 503))}

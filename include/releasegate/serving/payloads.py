@@ -408,6 +408,7 @@ def parse_v2(body: object, schema: Schema) -> Rows:
     """An Open Inference Protocol v2 request: one input per column, or one [rows, columns] tensor."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise PayloadError("the body must be an object with a non-empty 'inputs' list (Open Inference Protocol v2)")
+    requested_outputs(body)  # a malformed `outputs` is refused before the model is called
     tensors = body["inputs"]
     for i, t in enumerate(tensors):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("data"), list):
@@ -418,6 +419,7 @@ def parse_v2(body: object, schema: Schema) -> Rows:
     names = schema.names
     if len(tensors) == 1 and len(tensors[0]["shape"]) == 2 and names and tensors[0]["name"] not in names:
         t = tensors[0]
+        _check_datatype(t, None)  # one datatype for columns of several: each value is checked by its column
         n, k = t["shape"]
         flat = _flatten(t["data"], t["shape"])
         if k != len(names) or len(flat) != n * k:
@@ -429,7 +431,9 @@ def parse_v2(body: object, schema: Schema) -> Rows:
         return Rows({name: flat[j::k] for j, name in enumerate(names)}, n)
     columns: dict[str, list[Any]] = {}
     n = None
+    declared = {c.name: c for c in schema.columns or ()}
     for t in tensors:
+        _check_datatype(t, declared.get(t["name"]))
         flat = _flatten(t["data"], t["shape"])
         rows = t["shape"][0]
         if len(flat) != rows or any(d != 1 for d in t["shape"][1:]):
@@ -447,6 +451,175 @@ def parse_v2(body: object, schema: Schema) -> Rows:
     if not n:
         raise PayloadError("the request has no rows", 422)
     return Rows(columns, n)
+
+
+# The Open Inference Protocol's tensor datatypes, and the ones a column of each MLflow kind takes without loss:
+# its own, and those whose every value it holds exactly (an INT32 tensor for a long column, an FP32 for a double).
+V2_ALL_DATATYPES = (
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BF16",
+    "BYTES",
+)  # fmt: skip
+_SMALL_INTS = ("UINT8", "UINT16", "INT8", "INT16")
+V2_WIDENINGS: dict[str, frozenset[str]] = {
+    "boolean": frozenset({"BOOL"}),
+    "integer": frozenset({"INT32", *_SMALL_INTS}),
+    "long": frozenset({"INT64", "INT32", "UINT32", *_SMALL_INTS}),
+    "float": frozenset({"FP32", "FP16", *_SMALL_INTS}),
+    "double": frozenset({"FP64", "FP32", "FP16", "INT32", "UINT32", *_SMALL_INTS}),
+    "string": frozenset({"BYTES"}),
+    "binary": frozenset({"BYTES"}),
+    "datetime": frozenset({"BYTES"}),
+}
+# The binary tensor data extension: each datatype's little-endian numpy dtype (BYTES: 4-byte length, then bytes).
+_BINARY_DTYPES = {
+    "BOOL": "|b1", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1", "INT16": "<i2",
+    "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
+}  # fmt: skip
+BINARY_HEADER = "inference-header-content-length"
+
+
+def v2_request(raw: bytes, header_length: str | None, max_depth: int) -> object:
+    """A v2 request body, with the binary tensor data extension: when the Inference-Header-Content-Length
+    header is sent, that many bytes of JSON, then each input with a `binary_data_size` parameter's raw data in
+    input order. Each such input is returned with its `data` decoded, so the rest of the path sees one form.
+    """
+    if header_length is None:
+        return parse_json(raw, max_depth)
+    if not header_length.isdigit() or not 0 < int(header_length) <= len(raw):
+        raise PayloadError(
+            f"Inference-Header-Content-Length must be the JSON header's size in bytes (1 to {len(raw)}), "
+            f"got {header_length[:40]!r}"
+        )
+    split = int(header_length)
+    body = parse_json(raw[:split], max_depth)
+    tail = memoryview(raw)[split:]
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    at = 0
+    for i, tensor in enumerate(inputs if isinstance(inputs, list) else ()):
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is None:
+            continue
+        if type(size) is not int or size < 0 or at + size > len(tail):
+            raise PayloadError(
+                f"inputs[{i}]: binary_data_size {size!r} runs past the {len(tail) - at} bytes of binary data left"
+            )
+        if "data" in tensor:
+            raise PayloadError(f"inputs[{i}] has both 'data' and binary data (binary_data_size)")
+        tensor["data"] = _binary_values(tensor.get("datatype"), tail[at : at + size], i)
+        at += size
+    if at != len(tail):
+        raise PayloadError(f"{len(tail) - at} bytes after the JSON header belong to no input's binary_data_size")
+    return body
+
+
+def _binary_values(datatype: object, data: memoryview, i: int) -> list[Any]:
+    """One input's values from its raw bytes (row-major, little-endian; BYTES elements as UTF-8 text)."""
+    if datatype == "BYTES":
+        values, at = [], 0
+        while at < len(data):
+            if at + 4 > len(data):
+                raise PayloadError(f"inputs[{i}]: a BYTES element's 4-byte length is cut off")
+            size = int.from_bytes(data[at : at + 4], "little")
+            if at + 4 + size > len(data):
+                raise PayloadError(f"inputs[{i}]: a BYTES element of {size} bytes runs past its input's data")
+            try:
+                values.append(str(data[at + 4 : at + 4 + size], "utf-8"))
+            except UnicodeDecodeError:
+                raise PayloadError(f"inputs[{i}]: BYTES element {len(values)} is not UTF-8 text") from None
+            at += 4 + size
+        return values
+    dtype = _BINARY_DTYPES.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
+        raise PayloadError(
+            f"inputs[{i}]: binary data of datatype {str(datatype)[:20]!r} cannot be read (one of "
+            f"{', '.join(V2_ALL_DATATYPES[:-2])} or BYTES is expected)"
+        )
+    import numpy as np  # loaded already in the gateway (its batches are DataFrames)
+
+    width = np.dtype(dtype).itemsize
+    if len(data) % width:
+        raise PayloadError(f"inputs[{i}]: {len(data)} bytes of {datatype} is not a whole number of {width}-byte values")
+    array = np.frombuffer(data, dtype="<u1" if datatype == "BOOL" else dtype)
+    if datatype == "BOOL":
+        if (array > 1).any():
+            raise PayloadError(f"inputs[{i}]: a BOOL value is a byte of 0 or 1")
+        return [bool(v) for v in array.tolist()]
+    return cast("list[Any]", array.tolist())
+
+
+def _check_datatype(tensor: dict[str, Any], column: Column | None) -> None:
+    """PayloadError unless the tensor's datatype is one of the protocol's and, for a declared column, one that
+    column takes without loss (422, naming both)."""
+    datatype = tensor.get("datatype")
+    if datatype not in V2_ALL_DATATYPES:
+        raise PayloadError(
+            f"input {tensor['name']!r}: datatype {str(datatype)[:20]!r} is not one of the Open Inference Protocol's "
+            f"({', '.join(V2_ALL_DATATYPES)})"
+        )
+    if column is not None and column.kind is not None and datatype not in V2_WIDENINGS[column.kind]:
+        raise PayloadError(
+            f"input {tensor['name']!r}: datatype {datatype} does not fit the model's {V2_DATATYPES[column.kind]} "
+            f"column (it takes {', '.join(sorted(V2_WIDENINGS[column.kind]))})",
+            422,
+        )
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """The outputs a v2 request asks for (none named: all) and which of them in binary."""
+
+    named: dict[str, bool | None]  # output name -> its `binary_data` parameter (None: not given)
+    binary_all: bool  # the request's `binary_data_output` parameter
+
+    def binary(self, name: str) -> bool:
+        wanted = self.named.get(name)
+        return self.binary_all if wanted is None else wanted
+
+
+_ALL_AS_JSON = OutputRequest({}, False)
+
+
+def requested_outputs(body: object) -> OutputRequest:
+    """A v2 request's `outputs` and `parameters.binary_data_output`; PayloadError (400) if `outputs` is malformed."""
+    if not isinstance(body, dict) or ("outputs" not in body and "parameters" not in body):
+        return _ALL_AS_JSON
+    parameters = body.get("parameters")
+    binary_all = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
+    named: dict[str, bool | None] = {}
+    requested = body.get("outputs")
+    if requested is not None:
+        if not isinstance(requested, list):
+            raise PayloadError("'outputs' must be a list of objects with a 'name' (and optional 'parameters')")
+        for i, output in enumerate(requested):
+            if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+                raise PayloadError(f"outputs[{i}] must be an object with a 'name' (a string)")
+            flag = output["parameters"].get("binary_data") if isinstance(output.get("parameters"), dict) else None
+            named[output["name"]] = flag if isinstance(flag, bool) else None
+    return OutputRequest(named, binary_all)
+
+
+def binary_output(output: dict[str, Any]) -> bytes | None:
+    """An output tensor's data in the binary tensor data extension's form; None when a value does not fit its
+    datatype (a null, say): that output is answered as JSON, which clients read either way."""
+    datatype, data = output["datatype"], output["data"]
+    if datatype == "BYTES":
+        if not all(type(v) is str for v in data):
+            return None
+        try:
+            encoded = [v.encode() for v in data]
+        except UnicodeEncodeError:
+            return None
+        return b"".join(len(b).to_bytes(4, "little") + b for b in encoded)
+    if datatype == "BOOL":
+        return bytes(data) if all(type(v) is bool for v in data) else None
+    import numpy as np  # loaded already in the gateway
+
+    if datatype == "INT64" and all(type(v) is int and INT_RANGE["long"][0] <= v <= INT_RANGE["long"][1] for v in data):
+        return np.array(data, dtype="<i8").tobytes()
+    if datatype == "FP64" and all(type(v) is float or type(v) is int for v in data):
+        return np.array(data, dtype="<f8").tobytes()
+    return None
 
 
 def v2_datatype(values: list[Any]) -> str:

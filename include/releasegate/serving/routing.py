@@ -25,6 +25,20 @@ def valid_request_id(request_id: str) -> bool:
     return _REQUEST_ID.fullmatch(request_id) is not None  # not match: its `$` passes a trailing newline
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def logged_request_id(request_id: str) -> str:
+    """The id a request is logged, and its feedback joined, under: the caller's own when it is a valid one; else
+    (an Open Inference Protocol body's id may be any string) its first 16 characters without control characters,
+    `#`, and 32 hex digits of its SHA-256, so the same id always logs the same way and a person can still find it.
+    """
+    if _REQUEST_ID.fullmatch(request_id) is not None:
+        return request_id
+    digest = hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{_CONTROL.sub('', request_id)[:16]}#{digest}"
+
+
 def valid_model_name(model: str) -> bool:
     return 0 < len(model) <= 200 and _MODEL_NAME.fullmatch(model) is not None
 
