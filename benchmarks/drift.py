@@ -81,7 +81,7 @@ def write_traffic(db_url: str, rows: int, until: float, seed: int) -> float:
                     "arm": "champion",
                     "mode": "single",
                     "release_id": None,
-                    "routing_key_hash": routing_key_hash(MODEL, request_id),
+                    "routing_key_hash": routing_key_hash(MODEL, request_id, b"benchmark"),
                     "sample_bucket": sample_bucket(request_id),
                     "served": True,
                     "fallback": False,

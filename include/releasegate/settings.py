@@ -9,6 +9,7 @@ one place. docs/operations.md's configuration table is generated from them (`rel
 from __future__ import annotations
 
 import os
+import secrets
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -127,6 +128,12 @@ class Settings(BaseSettings):
         description="Server pepper of the API key digests; default a file "
         "`keys/apikey.pepper` in the home, made on first use.",
     )
+    routing_secret: str | None = Field(
+        default=None,
+        description="Deployment secret keying the routing-key hash (arm assignment and `predictions.routing_key_hash`), "
+        "so a logged hash of a customer id cannot be reversed by hashing candidates; default a file "
+        "`keys/routing.secret` in the home, made on first use.",
+    )
     alert_webhook: str | None = Field(default=None, description="URL the nightly evaluation POSTs its alert to (JSON).")
     nightly_schedule: str | None = Field(
         default=None, description="Cron of the nightly evaluation; default the default policy's `monitoring.schedule`."
@@ -212,3 +219,21 @@ def markdown_table() -> str:
     for model in (Settings, GatewayConfig, K8sSettings):
         lines += [f"| `{var}` | {default} | {meaning} |" for var, default, meaning in variables(model)]
     return "\n".join(lines)
+
+
+def home_secret(settings: Settings, value: str | None, name: str) -> bytes:
+    """A deployment secret: `value` when set, else the file `keys/<name>` in the home, made (0600, 256 random
+    bits) by the first process that needs it; a process that loses the race to make it reads the winner's."""
+    if value:
+        return value.encode()
+    path = settings.home / "keys" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32))
+    return path.read_text().strip().encode()

@@ -316,7 +316,9 @@ def test_single_mode_answers_both_protocols_and_logs_every_row(gateway):
     assert all(r.served and not r.fallback and r.status == "ok" and r.mode == "single" for r in logged)
     assert {r.key_id for r in logged} == {auth.ADMIN_KEY_ID}  # who called: the admin key of the environment
     assert first[0].sample_bucket == routing.sample_bucket("single-split")
-    assert first[0].routing_key_hash == routing.routing_key_hash(MODEL, "single-split")
+    assert first[0].routing_key_hash == routing.routing_key_hash(
+        MODEL, "single-split", routing.routing_secret(gateway.settings)
+    )
 
 
 def test_shadow_writes_two_rows_per_request_and_serves_only_the_champion(gateway):
@@ -352,10 +354,11 @@ def test_canary_split_follows_the_weight_and_is_sticky(gateway):
     assert resp.status_code == 200, resp.text
     sample = rows(1)
     arms = {}
+    secret = routing.routing_secret(gateway.settings)  # the gateway's, made in its home
     for i in range(300):
         key = f"customer-{i}"
         arm = gateway.invoke(sample, **{"x-routing-key": key}).json()["arm"]
-        assert arm == ("candidate" if routing.bucket(MODEL, key) < 30 else "champion")
+        assert arm == ("candidate" if routing.bucket(MODEL, key, secret) < 30 else "champion")
         arms[key] = arm
     share = sum(a == "candidate" for a in arms.values()) / len(arms)
     assert 0.2 < share < 0.4

@@ -52,7 +52,7 @@ def log_traffic(
             "model": MODEL,
             "mode": "shadow" if i < shadowed else "single",
             "release_id": None,
-            "routing_key_hash": routing_key_hash(MODEL, request_id),
+            "routing_key_hash": routing_key_hash(MODEL, request_id, b"test"),
             "sample_bucket": sample_bucket(request_id),
             "fallback": False,
             "inputs": orjson.dumps(record).decode(),

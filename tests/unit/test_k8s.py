@@ -308,7 +308,9 @@ def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
     assert [json.loads(r["outputs"]) for r in ok[:2]] == [1, 0]
     assert ok[0]["latency_ms"] == pytest.approx(4.0, abs=0.01) and ok[2]["latency_ms"] == pytest.approx(9.0, abs=0.01)
     assert ok[0]["time"] == pytest.approx(t0, abs=1e-3)
-    assert ok[0]["routing_key_hash"] == routing.routing_key_hash("churn", "customer-7")
+    assert ok[0]["routing_key_hash"] == routing.routing_key_hash(
+        "churn", "customer-7", routing.routing_secret(settings)
+    )
     assert ok[0]["sample_bucket"] == routing.sample_bucket("req-1")
     errors = [r for r in rows if r["request_id"] == "req-2"]
     assert len(errors) == 2 and all(r["status"] == "error" and "no response" in r["error"] for r in errors)

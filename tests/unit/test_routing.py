@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import uuid
 
 import pytest
@@ -15,15 +16,37 @@ def canary(weight: int) -> RouteSpec:
     return RouteSpec(champion_version="1", candidate_version="2", mode="canary", candidate_weight=weight)
 
 
+SECRET = b"deployment-secret"
+
+
 def arm(route: RouteSpec, key: str, model: str = "churn") -> str:
-    return routing.choose_arm(route, routing.key_digest(model, key))
+    return routing.choose_arm(route, routing.key_digest(model, key, SECRET))
 
 
-def test_bucket_is_the_documented_hash():
-    digest = hashlib.sha256(b"churn:customer-42").hexdigest()
-    assert routing.bucket("churn", "customer-42") == int(digest, 16) % 100
-    assert routing.routing_key_hash("churn", "customer-42") == digest[:16]
+def test_bucket_is_the_documented_keyed_hash():
+    digest = hmac.new(SECRET, b"churn:customer-42", hashlib.sha256).hexdigest()
+    assert routing.bucket("churn", "customer-42", SECRET) == int(digest, 16) % 100
+    assert routing.routing_key_hash("churn", "customer-42", SECRET) == digest[:16]
     assert routing.sample_bucket("req-1") == int(hashlib.sha256(b"req-1").hexdigest()[:8], 16) % 1000
+
+
+def test_without_the_secret_a_logged_hash_cannot_be_matched_by_hashing_candidate_keys():
+    """The unkeyed hash of every candidate phone number no longer finds the logged one; another deployment's
+    secret gives other hashes; the deployment's own secret is made once in the home and kept."""
+    phone = "+971501234567"
+    logged = routing.routing_key_hash("churn", phone, SECRET)
+    assert logged != hashlib.sha256(f"churn:{phone}".encode()).hexdigest()[:16]
+    assert logged != routing.routing_key_hash("churn", phone, b"another deployment")
+
+
+def test_the_routing_secret_is_made_once_in_the_home_unless_set(tmp_path):
+    from releasegate.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    made = routing.routing_secret(settings)
+    assert len(made) >= 40 and routing.routing_secret(Settings(home=tmp_path)) == made
+    assert oct((tmp_path / "keys" / "routing.secret").stat().st_mode & 0o777) == "0o600"
+    assert routing.routing_secret(Settings(home=tmp_path, routing_secret="from-env")) == b"from-env"
 
 
 def test_a_routing_key_stays_on_its_arm_while_the_weight_grows():

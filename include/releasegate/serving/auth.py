@@ -10,12 +10,10 @@ from __future__ import annotations
 import getpass
 import hashlib
 import hmac
-import os
 import secrets
 import threading
 import time
 from enum import StrEnum
-from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 import sqlalchemy as sa
@@ -65,20 +63,10 @@ def _settings(settings: Settings | None) -> Settings:
 
 def pepper(settings: Settings | None = None) -> bytes:
     """The server pepper: $RELEASEGATE_APIKEY_PEPPER, else <home>/keys/apikey.pepper (created 0600)."""
+    from releasegate.settings import home_secret
+
     settings = _settings(settings)
-    if settings.apikey_pepper:
-        return settings.apikey_pepper.encode()
-    path = Path(settings.home) / "keys" / "apikey.pepper"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it first; use theirs
-            pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip().encode()
+    return home_secret(settings, settings.apikey_pepper, "apikey.pepper")
 
 
 def digest(key: str, pepper_bytes: bytes) -> str:

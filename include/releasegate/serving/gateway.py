@@ -121,6 +121,7 @@ class Gateway:
     def __init__(self, settings: Settings, config: GatewayConfig, metrics: Metrics) -> None:
         self.settings = settings
         self.config = config
+        self.routing_secret = routing.routing_secret(settings)
         self.metrics = metrics
         self.engine = storage.engine(settings.db_url)
         self.keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key, _metrics_key(config.metrics_key_file))
@@ -455,7 +456,7 @@ class Gateway:
         rows = select(sent, champion.schema, champion.label)
         logged = rows if rows is sent else self._logged(active, sent)
         route = active.route
-        digest = routing.key_digest(route.model, routing_key)
+        digest = routing.key_digest(route.model, routing_key, self.routing_secret)
         base: _CallBase = {
             "request_id": request_id,
             "model": route.model,
@@ -505,7 +506,7 @@ class Gateway:
             "model": model,
             "mode": Mode.single,
             "release_id": None,
-            "routing_key_hash": routing.key_digest(model, request_id)[:16],
+            "routing_key_hash": routing.routing_key_hash(model, request_id, self.routing_secret),
             "sample_bucket": routing.sample_bucket(request_id),
             "key_id": key_id,
         }

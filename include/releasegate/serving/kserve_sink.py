@@ -215,8 +215,10 @@ class Sink:
         max_queue_bytes: int = 64 * 1_048_576,
         batch_events: int = 500,
         flush_interval: float = 0.05,
+        routing_secret: bytes,
     ) -> None:
         self.engine = engine
+        self.routing_secret = routing_secret  # keys the logged routing-key hash, as the gateway's does
         self.pending_seconds = pending_seconds
         # A claimed pair is kept this long, so a repeated or late event finds it and writes nothing.
         self.retention_seconds = max(10 * pending_seconds, 600.0)
@@ -513,7 +515,7 @@ class Sink:
             "arm": arm,
             "mode": mode,
             "release_id": route.get("release_id"),
-            "routing_key_hash": routing.routing_key_hash(model, pair["routing_key"] or request_id),
+            "routing_key_hash": routing.routing_key_hash(model, pair["routing_key"] or request_id, self.routing_secret),
             "sample_bucket": routing.sample_bucket(request_id),
             "served": not (arm is Arm.candidate and mode is Mode.shadow),
             "fallback": False,
@@ -627,6 +629,7 @@ def create_app(
         storage.engine(settings.db_url),
         pending_seconds=k8s_settings.sink_pending_seconds if pending_seconds is None else pending_seconds,
         max_queue_bytes=k8s_settings.sink_queue_bytes,
+        routing_secret=routing.routing_secret(settings),
     )
     identities = Identities(k8s_settings)
     max_body = k8s_settings.sink_max_body_bytes

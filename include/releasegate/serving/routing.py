@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import hmac
 import re
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, model_validator
 
 from releasegate.contract import Mode
+from releasegate.settings import home_secret
+
+if TYPE_CHECKING:
+    from releasegate.settings import Settings
 
 # A version number (nine digits are plenty; the registry's database refuses numbers beyond its integers) or an
 # alias ("@champion"), in the characters MLflow allows; the OpenAPI document states the same patterns.
@@ -82,19 +89,33 @@ class Route(RouteSpec):
         return [v for v in (self.champion_version, self.candidate_version) if v is not None]
 
 
-def key_digest(model: str, routing_key: str) -> str:
-    """sha256 hex of "<model>:<routing key>": the one hash both the bucket and the logged key hash come from."""
-    return hashlib.sha256(f"{model}:{routing_key}".encode()).hexdigest()
+def routing_secret(settings: Settings) -> bytes:
+    """The deployment's routing secret ($RELEASEGATE_ROUTING_SECRET, else `keys/routing.secret` in the home)."""
+    return home_secret(settings, settings.routing_secret, "routing.secret")
 
 
-def bucket(model: str, routing_key: str) -> int:
+@functools.lru_cache(maxsize=8)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    return hmac.new(secret, digestmod=hashlib.sha256)  # copied per key: the key schedule is done once
+
+
+def key_digest(model: str, routing_key: str, secret: bytes) -> str:
+    """HMAC-SHA256 of "<model>:<routing key>" under the deployment's routing secret, hex: the one hash both the
+    arm bucket and the logged key hash come from. Keyed, so that the logged hash of a phone or ID number cannot
+    be reversed by hashing every candidate number; uniform all the same, so the buckets split as before."""
+    keyed = _keyed(secret).copy()
+    keyed.update(f"{model}:{routing_key}".encode())
+    return keyed.hexdigest()
+
+
+def bucket(model: str, routing_key: str, secret: bytes) -> int:
     """0-99, fixed for a (model, routing key): the same customer always lands on the same arm."""
-    return int(key_digest(model, routing_key), 16) % 100
+    return int(key_digest(model, routing_key, secret), 16) % 100
 
 
-def routing_key_hash(model: str, routing_key: str) -> str:
+def routing_key_hash(model: str, routing_key: str, secret: bytes) -> str:
     """What the prediction log stores instead of the key itself (16 hex chars)."""
-    return key_digest(model, routing_key)[:16]
+    return key_digest(model, routing_key, secret)[:16]
 
 
 def sample_bucket(request_id: str) -> int:
