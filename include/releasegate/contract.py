@@ -12,10 +12,12 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-# Registered-model tags releasegate reads: the expectation suite, the holdout's label column, the backend.
+# Registered-model tags releasegate reads: the expectation suite, the holdout's label column, the backend, the
+# regions the model's data may be processed and stored in (comma-separated; none: anywhere).
 SUITE_TAG = "releasegate.expectation_suite"
 LABEL_TAG = "releasegate.label"
 BACKEND_TAG = "releasegate.backend"
+REGIONS_TAG = "releasegate.regions"
 
 # The asset the nightly evaluation emits an event on when a champion needs retraining.
 RETRAINING_ASSET = "releasegate://retraining-needed"
@@ -149,6 +151,7 @@ class AuditAction(StrEnum):
     """Every kind of event the audit log holds."""
 
     release_opened = "release.opened"
+    release_refused = "release.refused"  # not opened: e.g. it would put the model's data outside its regions
     # A release's move into each state (release.State), written by release.transition.
     release_validating = "release.validating"
     release_signing = "release.signing"

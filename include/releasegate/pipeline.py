@@ -60,6 +60,19 @@ def _skip(rel: release.Release, why: str) -> Skipped:
     return Skipped(reason=f"release {rel.release_id} {why}", state=rel.state)
 
 
+def _check_residency(model: str, candidate: str, actor: str) -> None:
+    """Refuse, before anything is opened, routed or logged, a release that would put the model's data outside
+    the regions it allows; the refusal is an audit event naming the part and both regions."""
+    from releasegate import registry, residency
+    from releasegate.settings import get_settings
+
+    try:
+        residency.check(model, registry.get_model_tags(model), backend_kind(model), get_settings())
+    except residency.ResidencyRefused as err:
+        audit.append(actor, AuditAction.release_refused, model=model, version=candidate, details={"reason": str(err)})
+        raise
+
+
 def start(
     model: str,
     version: str | None = None,
@@ -77,6 +90,7 @@ def start(
     champion = registry.get_alias(model, "champion")
     if champion == candidate:
         raise release.ReleaseError(f"{model} v{candidate} is already the champion: nothing to release")
+    _check_residency(model, candidate, actor)
 
     def close_stale(stale: release.Release) -> None:
         if stale.champion_version:

@@ -134,6 +134,21 @@ class Settings(BaseSettings):
         "so a logged hash of a customer id cannot be reversed by hashing candidates; default a file "
         "`keys/routing.secret` in the home, made on first use.",
     )
+    region: str = Field(
+        default="local",
+        description="The region this deployment's parts are in, unless one of the `*_REGION` variables says "
+        "otherwise; a model tagged `releasegate.regions` is released only where every part it uses is allowed.",
+    )
+    gateway_region: str | None = Field(
+        default=None, description="Region of the gateway (local backend); default REGION."
+    )
+    kserve_region: str | None = Field(default=None, description="Region of the KServe cluster; default REGION.")
+    db_region: str | None = Field(
+        default=None, description="Region of releasegate's database (prediction log, feedback); default REGION."
+    )
+    artifact_region: str | None = Field(
+        default=None, description="Region of the MLflow artifact store (reports, reference data); default REGION."
+    )
     alert_webhook: str | None = Field(default=None, description="URL the nightly evaluation POSTs its alert to (JSON).")
     nightly_schedule: str | None = Field(
         default=None, description="Cron of the nightly evaluation; default the default policy's `monitoring.schedule`."
