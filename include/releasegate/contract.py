@@ -18,6 +18,8 @@ SUITE_TAG = "releasegate.expectation_suite"
 LABEL_TAG = "releasegate.label"
 BACKEND_TAG = "releasegate.backend"
 REGIONS_TAG = "releasegate.regions"
+# The classes of the model's input columns: what the prediction log may hold of each (releasegate.privacy).
+CLASSIFICATION_TAG = "releasegate.classification"
 
 # The asset the nightly evaluation emits an event on when a champion needs retraining.
 RETRAINING_ASSET = "releasegate://retraining-needed"

@@ -182,6 +182,11 @@ def input_drift(
     `<name>.html` and `<name>.json` in out_dir."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+    from releasegate import privacy
+
+    # Logged traffic holds classified columns in their logged form: the reference is put in the same form
+    # (its values' tokens; an encrypted column is left out of both), so like is compared with like.
+    reference, current = privacy.align(reference, current)
     numerical, categorical = _column_kinds(reference, current)
     columns = numerical + categorical
     evidently = _import_evidently()

@@ -134,6 +134,17 @@ class Settings(BaseSettings):
         "so a logged hash of a customer id cannot be reversed by hashing candidates; default a file "
         "`keys/routing.secret` in the home, made on first use.",
     )
+    pii_pepper: str | None = Field(
+        default=None,
+        description="Pepper of the `pseudonymise` tokens of classified input columns; default a file "
+        "`keys/pii.pepper` in the home, made on first use.",
+    )
+    data_key_id: str = Field(
+        default="k1",
+        pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        description="Id of the data key `encrypt` columns are sealed with (`keys/data-<id>.key`, made on first use); "
+        "a new id rotates the key, old rows keep theirs.",
+    )
     region: str = Field(
         default="local",
         description="The region this deployment's parts are in, unless one of the `*_REGION` variables says "

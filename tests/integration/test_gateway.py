@@ -284,6 +284,16 @@ def rows(n: int, seed: int = 2) -> list[dict]:
     return _frame(n, seed)[0].to_dict(orient="records")
 
 
+def logged_form(settings, records: list[dict]) -> list[dict]:
+    """The records as the log holds them under the default classification: text pseudonymised, numbers as sent."""
+    from releasegate.privacy import Classification, Protector
+    from releasegate.serving.payloads import Rows
+
+    columns = {name: [r[name] for r in records] for name in records[0]}
+    logged = Protector.of(settings).rows(Rows(columns, len(records)), Classification()).columns
+    return [{name: values[i] for name, values in logged.items()} for i in range(len(records))]
+
+
 def test_single_mode_answers_both_protocols_and_logs_every_row(gateway):
     sent = rows(3)
     resp = gateway.client.post(
@@ -311,7 +321,8 @@ def test_single_mode_answers_both_protocols_and_logs_every_row(gateway):
     logged = gateway.predictions(["single-split", out["request_id"]], expected=5)
     assert len(logged) == 5
     first = [r for r in logged if r.request_id == "single-split"]
-    assert [orjson.loads(r.inputs) for r in first] == sent
+    assert [orjson.loads(r.inputs) for r in first] == logged_form(gateway.settings, sent)
+    assert all(orjson.loads(r.inputs)["region"].startswith("p:") for r in logged)  # text: pseudonymised by default
     assert [orjson.loads(r.outputs) for r in first] == body["predictions"]
     assert all(r.served and not r.fallback and r.status == "ok" and r.mode == "single" for r in logged)
     assert {r.key_id for r in logged} == {auth.ADMIN_KEY_ID}  # who called: the admin key of the environment
@@ -319,6 +330,42 @@ def test_single_mode_answers_both_protocols_and_logs_every_row(gateway):
     assert first[0].routing_key_hash == routing.routing_key_hash(
         MODEL, "single-split", routing.routing_secret(gateway.settings)
     )
+
+
+def test_a_models_classification_decides_what_the_log_holds_of_each_column(gateway):
+    """The registered-model tag, read when the route is applied: a dropped column is not logged, an encrypted one
+    only as ciphertext the deployment's key opens, a public one as sent; a malformed tag is refused (422) and the
+    route served before stays."""
+    from releasegate import registry
+    from releasegate.contract import CLASSIFICATION_TAG
+    from releasegate.privacy import Protector
+
+    client = registry.client(gateway.settings)
+    champion = gateway.versions["champion"]
+    client.set_registered_model_tag(
+        MODEL, CLASSIFICATION_TAG, '{"columns": {"age": "drop", "income": "encrypt"}, "strings": "public"}'
+    )
+    try:
+        assert gateway.put_route(champion_version=champion, mode="single").status_code == 200
+        sent = rows(3, seed=31)
+        ids = [f"classified-{i}" for i in range(len(sent))]
+        for rid, row in zip(ids, sent):
+            assert gateway.invoke([row], **{"x-request-id": rid}).status_code == 200
+        logged = {r.request_id: orjson.loads(r.inputs) for r in gateway.predictions(ids, expected=len(ids))}
+        protector = Protector.of(gateway.settings)
+        for rid, row in zip(ids, sent):
+            assert set(logged[rid]) == {"income", "region"} and logged[rid]["region"] == row["region"]
+            assert (
+                logged[rid]["income"].startswith("e:k1:") and protector.decrypt(logged[rid]["income"]) == row["income"]
+            )
+
+        client.set_registered_model_tag(MODEL, CLASSIFICATION_TAG, '{"columns": {"age": "hide"}}')
+        refused = gateway.put_route(champion_version=champion, mode="single")
+        assert refused.status_code == 422 and CLASSIFICATION_TAG in refused.json()["error"], refused.text
+        assert gateway.client.get(f"/admin/routes/{MODEL}").json()["champion_version"] == champion
+    finally:
+        client.delete_registered_model_tag(MODEL, CLASSIFICATION_TAG)
+        assert gateway.put_route(champion_version=champion, mode="single").status_code == 200
 
 
 def test_shadow_writes_two_rows_per_request_and_serves_only_the_champion(gateway):
@@ -537,7 +584,9 @@ def test_the_champion_ignores_a_column_it_does_not_declare(gateway):
     assert extra.status_code == 200, extra.text
     assert extra.json()["predictions"] == plain.json()["predictions"]
     [logged] = gateway.predictions(["extra-zip"], expected=1)
-    assert logged.status == "ok" and orjson.loads(logged.inputs) == good  # ignored: not logged either
+    assert (
+        logged.status == "ok" and orjson.loads(logged.inputs) == logged_form(gateway.settings, [good])[0]
+    )  # ignored: not logged either
     assert _ignored_columns(gateway) == before + 1
 
 
@@ -558,7 +607,9 @@ def test_a_candidate_that_dropped_a_column_serves_while_callers_still_send_it(ga
         logged = gateway.predictions(ids, expected=2 * len(ids) if mode == "shadow" else len(ids))
         candidate = [r for r in logged if r.arm == "candidate"]
         assert len(candidate) == len(ids) and {(r.version, r.status) for r in candidate} == {(v["narrow"], "ok")}
-        assert [orjson.loads(r.inputs) for r in candidate] == sent  # region too: the champion declares it
+        assert [orjson.loads(r.inputs) for r in candidate] == logged_form(
+            gateway.settings, sent
+        )  # region too: the champion declares it
     # The champion's columns are the request's contract, whichever arm answers.
     resp = gateway.invoke([{"age": 30, "income": 1.0}])
     assert resp.status_code == 422 and "missing column(s) 'region'" in resp.json()["error"]
@@ -585,7 +636,8 @@ def test_a_candidate_with_a_new_optional_column_serves_whether_callers_send_it_o
             candidate = [r for r in logged if r.arm == "candidate"]
             assert len(candidate) == len(ids) and {(r.version, r.status) for r in candidate} == {(v["wide"], "ok")}
             # Logged as sent, by both arms: tenure where the caller gave it, nothing where it did not.
-            assert all(orjson.loads(r.inputs) == batch[ids.index(r.request_id)] for r in logged)
+            expected = logged_form(gateway.settings, batch)
+            assert all(orjson.loads(r.inputs) == expected[ids.index(r.request_id)] for r in logged)
     assert _ignored_columns(gateway) == before  # tenure is the candidate's: used, not ignored
 
 

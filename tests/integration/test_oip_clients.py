@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from releasegate import storage
 from releasegate.serving import routing
 from tests.integration.conftest import ROOT, free_port
+from tests.integration.test_gateway import logged_form
 from tests.require import require
 from tests.waiting import gateway_ready, wait_until
 
@@ -165,7 +166,7 @@ def test_tritonclient_with_its_defaults_health_metadata_and_binary_inference(ser
     # The binary inputs were logged as the model saw them; a pinned call is no exposure of the release.
     logged = served.logged(pinned["id"])
     assert len(logged) == len(served.rows)
-    assert [json.loads(r.inputs) for r in logged] == served.rows
+    assert [json.loads(r.inputs) for r in logged] == logged_form(served.settings, served.rows)
     assert {(r.version, r.arm, r.mode, r.release_id, r.served) for r in logged} == {
         (candidate, "candidate", "single", None, True)
     }

@@ -132,3 +132,15 @@ def test_an_integer_literal_past_the_documented_double_bound_is_refused_though_o
         parse_json(b'{"ground_truth": [%d]}' % (-DOUBLE_INT_LIMIT - 1), 32)
     assert parse_json(b'{"ground_truth": [%d]}' % DOUBLE_INT_LIMIT, 32) == {"ground_truth": [1.7976931348623157e308]}
     assert parse_json(b'{"id": "%s"}' % (b"9" * 400), 32) == {"id": "9" * 400}  # digits in a string are text
+
+
+def test_a_dataframe_split_index_is_a_list_within_the_row_limit_or_refused():
+    """Found by schemathesis: an index that was not a list, or longer than the document's maxItems, was taken."""
+    body = {"dataframe_split": {"columns": ["age", "income", "region"], "data": [[30, 1.5, "north"]]}}
+    assert parse_invocations({"dataframe_split": body["dataframe_split"] | {"index": [7]}}, CHAMPION, 10).n == 1
+    with pytest.raises(PayloadError, match="index must be a list") as err:
+        parse_invocations({"dataframe_split": body["dataframe_split"] | {"index": -3.9e16}}, CHAMPION, 10)
+    assert err.value.status == 400
+    with pytest.raises(PayloadError, match="index has 11 labels; the limit is 10 rows") as err:
+        parse_invocations({"dataframe_split": body["dataframe_split"] | {"index": [None] * 11}}, CHAMPION, 10)
+    assert err.value.status == 413

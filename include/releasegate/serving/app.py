@@ -249,7 +249,7 @@ def _v2_answer(model: str, ids: tuple[str, str], answer: Answer, body: object) -
 # A request's body from its bytes (the headers may say how to read them, and the size limit of JSON's depth);
 # its rows (checked against the champion's schema); the answer's body (JSON, then any binary data).
 _Reader: TypeAlias = Callable[[bytes, "_Headers", int], object]
-_Parser: TypeAlias = Callable[[object, Schema], Rows]
+_Parser: TypeAlias = Callable[[object, Schema, int], Rows]
 _Builder: TypeAlias = Callable[[str, tuple[str, str], Answer, object], tuple[Any, bytes]]
 
 
@@ -376,7 +376,7 @@ class InferenceApp:
             active = gateway.active(model)
             raw = await _read_body(receive, headers.content_length, config.max_body_bytes)
             body = read(raw, headers, config.max_json_depth)
-            rows = parse(body, active.champion.schema)  # lists without column names follow the champion's
+            rows = parse(body, active.champion.schema, config.max_rows)  # lists without names: the champion's columns
             if rows.n > config.max_rows:
                 raise PayloadError(f"{rows.n} rows in one request; the limit is {config.max_rows}", 413)
             if not rows.n:

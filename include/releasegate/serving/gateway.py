@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, TypedDict, cast
 import orjson
 import sqlalchemy as sa
 
-from releasegate import audit, storage
+from releasegate import audit, registry, storage
 from releasegate.contract import AuditAction, CallStatus, Mode
+from releasegate.privacy import Classification, ClassificationError, Protector
 from releasegate.serving import auth, routing
 from releasegate.serving.breaker import Breaker
 from releasegate.serving.config import GatewayConfig
@@ -50,6 +51,7 @@ class Active:
     route: Route
     champion: Slot
     candidate: Slot | None
+    classification: Classification = field(default_factory=Classification)  # what the log may hold of each column
     same_schema: bool = field(init=False)  # the candidate takes the champion's selected rows as they are
     declared: frozenset[str] | None = field(init=False)  # columns a served version declares; None: one takes all
 
@@ -122,6 +124,7 @@ class Gateway:
         self.settings = settings
         self.config = config
         self.routing_secret = routing.routing_secret(settings)
+        self.protector = Protector.of(settings)
         self.metrics = metrics
         self.engine = storage.engine(settings.db_url)
         self.keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key, _metrics_key(config.metrics_key_file))
@@ -283,7 +286,13 @@ class Gateway:
     async def _prepare(self, route: Route) -> Active:
         champion = await self.slot(route.model, route.champion_version)
         candidate = await self.slot(route.model, route.candidate_version) if route.candidate_version else None
-        return Active(route, champion, candidate)
+        return Active(route, champion, candidate, await self._classification(route.model))
+
+    async def _classification(self, model: str) -> Classification:
+        """The model's classification, read with each route change: a malformed one keeps the route from being
+        applied (nothing is logged under a policy the gateway cannot read)."""
+        tags = await asyncio.to_thread(registry.get_model_tags, model, self.settings)
+        return Classification.from_tags(model, tags)
 
     def _apply(self, active: Active) -> bool:
         current = self.routes.get(active.route.model)
@@ -350,12 +359,15 @@ class Gateway:
             try:
                 champion = await self.slot(model, spec.champion_version)
                 candidate = await self.slot(model, spec.candidate_version) if spec.candidate_version else None
-            except LoadError:
+                classification = await self._classification(model)
+            except (LoadError, ClassificationError) as err:
                 self.metrics.route_load_failures.labels(model).inc()
                 self._unload_unused(model)
+                if isinstance(err, ClassificationError):
+                    raise PayloadError(str(err), 422) from None
                 raise
             route = await asyncio.to_thread(self._write_route, model, spec, caller)
-            self._apply(Active(route, champion, candidate))
+            self._apply(Active(route, champion, candidate, classification))
             return route
 
     async def sync_routes(self) -> None:
@@ -454,7 +466,7 @@ class Gateway:
         """
         champion = active.champion
         rows = select(sent, champion.schema, champion.label)
-        logged = rows if rows is sent else self._logged(active, sent)
+        logged = self.protector.rows(rows if rows is sent else self._logged(active, sent), active.classification)
         route = active.route
         digest = routing.key_digest(route.model, routing_key, self.routing_secret)
         base: _CallBase = {
@@ -500,7 +512,7 @@ class Gateway:
             )
         slot, arm = found
         rows = select(sent, slot.schema, slot.label)
-        logged = rows if rows is sent else self._logged(active, sent)
+        logged = self.protector.rows(rows if rows is sent else self._logged(active, sent), active.classification)
         base: _CallBase = {
             "request_id": request_id,
             "model": model,

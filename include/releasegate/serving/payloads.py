@@ -358,7 +358,7 @@ def _from_columns(mapping: dict[str, Any], where: str) -> Rows:
     return Rows(dict(mapping), n)
 
 
-def parse_invocations(body: object, schema: Schema) -> Rows:
+def parse_invocations(body: object, schema: Schema, max_rows: int | None = None) -> Rows:
     """An MLflow scoring payload: dataframe_split, dataframe_records, instances or inputs."""
     if not isinstance(body, dict):
         raise PayloadError("the body must be a JSON object with one of: " + ", ".join(INVOCATION_KEYS))
@@ -383,6 +383,11 @@ def parse_invocations(body: object, schema: Schema) -> Rows:
             raise PayloadError("dataframe_split.columns must be a list of column names")
         if len(set(columns or [])) != len(columns or []):
             raise PayloadError("dataframe_split.columns has duplicate names")
+        index = value.get("index")
+        if index is not None and not isinstance(index, list):
+            raise PayloadError("dataframe_split.index must be a list (row labels, which the gateway does not use)")
+        if index is not None and max_rows is not None and len(index) > max_rows:
+            raise PayloadError(f"dataframe_split.index has {len(index)} labels; the limit is {max_rows} rows", 413)
         return _from_lists(value["data"], columns, "dataframe_split.data")
     if key == "dataframe_records":
         if not isinstance(value, list):
@@ -404,7 +409,7 @@ def _flatten(data: list[Any], shape: list[int]) -> list[Any]:
     return data
 
 
-def parse_v2(body: object, schema: Schema) -> Rows:
+def parse_v2(body: object, schema: Schema, max_rows: int | None = None) -> Rows:
     """An Open Inference Protocol v2 request: one input per column, or one [rows, columns] tensor."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise PayloadError("the body must be an object with a non-empty 'inputs' list (Open Inference Protocol v2)")

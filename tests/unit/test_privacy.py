@@ -1,0 +1,88 @@
+"""Personal data in the log: each column in the form its class allows, keys that rotate, reports that compare
+like with like."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from releasegate import privacy
+from releasegate.contract import CLASSIFICATION_TAG
+from releasegate.privacy import Classification, DataClass, Protector
+from releasegate.serving.payloads import Rows
+from releasegate.settings import Settings
+
+EMIRATES_ID = "784-1985-1234567-1"
+EMAIL = "fatima@example.ae"
+
+
+def _rows() -> Rows:
+    return Rows(
+        {
+            "age": [41, 29],
+            "region": ["north", "north"],
+            "emirates_id": [EMIRATES_ID, None],
+            "email": [EMAIL, "omar@example.ae"],
+            "notes": ["call back", "vip"],
+        },
+        2,
+    )
+
+
+CLASSES = Classification(
+    columns={"emirates_id": DataClass.pseudonymise, "email": DataClass.encrypt, "notes": DataClass.drop}
+)
+
+
+def test_each_column_is_logged_in_the_form_its_class_allows(tmp_path):
+    protector = Protector.of(Settings(home=tmp_path))
+    rows = _rows()
+    logged = protector.rows(rows, CLASSES)
+    assert logged.columns["age"] == [41, 29]  # a number, unclassified: public by default
+    region = logged.columns["region"]  # text, unclassified: pseudonymised by default, and still one category
+    assert region[0] == region[1] and region[0].startswith("p:") and len(region[0]) == 34
+    assert logged.columns["emirates_id"][0].startswith("p:") and logged.columns["emirates_id"][1] is None
+    assert all(v.startswith("e:k1:") for v in logged.columns["email"])
+    assert "notes" not in logged.columns
+    assert EMIRATES_ID not in repr(logged.columns) and EMAIL not in repr(logged.columns)
+    assert rows.columns["emirates_id"][0] == EMIRATES_ID  # what the model gets is untouched
+    assert [protector.decrypt(v) for v in logged.columns["email"]] == rows.columns["email"]
+
+
+def test_a_pseudonym_is_stable_per_deployment_and_useless_without_its_pepper(tmp_path):
+    ours = Protector.of(Settings(home=tmp_path))
+    assert ours.pseudonym(EMIRATES_ID) == Protector.of(Settings(home=tmp_path)).pseudonym(EMIRATES_ID)
+    theirs = Protector.of(Settings(home=tmp_path / "other"))
+    assert ours.pseudonym(EMIRATES_ID) != theirs.pseudonym(EMIRATES_ID)
+    assert ours.pseudonym("1") != ours.pseudonym(1)  # typed: a string and a number are different values
+
+
+def test_a_new_data_key_seals_new_rows_and_old_rows_keep_theirs(tmp_path):
+    old = Protector.of(Settings(home=tmp_path)).encrypt(EMAIL)
+    rotated = Protector.of(Settings(home=tmp_path, data_key_id="k2"))
+    new = rotated.encrypt(EMAIL)
+    assert old.startswith("e:k1:") and new.startswith("e:k2:")
+    assert rotated.decrypt(old) == rotated.decrypt(new) == EMAIL
+    with pytest.raises(KeyError):  # a deployment without the key reads nothing
+        Protector.of(Settings(home=tmp_path / "elsewhere")).decrypt(new)
+
+
+def test_a_malformed_classification_tag_names_the_problem():
+    assert Classification.from_tags("churn", {}) == Classification()
+    tags = {CLASSIFICATION_TAG: '{"columns": {"email": "hide"}}'}
+    with pytest.raises(privacy.ClassificationError, match=r"churn's releasegate.classification tag .*columns.email"):
+        Classification.from_tags("churn", tags)
+    assert Classification.from_tags("churn", {CLASSIFICATION_TAG: '{"strings": "public"}'}).strings is DataClass.public
+
+
+def test_reference_data_is_compared_in_the_form_the_traffic_was_logged(tmp_path):
+    protector = Protector.of(Settings(home=tmp_path))
+    logged = protector.rows(_rows(), CLASSES)
+    current = pd.DataFrame(logged.columns)
+    reference = pd.DataFrame({k: v for k, v in _rows().columns.items() if k != "notes"})
+    ref, cur = privacy.align(reference, current, protector)
+    assert "email" not in ref.columns and "email" not in cur.columns  # encrypted: in no report
+    assert ref["region"].tolist() == cur["region"].tolist()  # the same tokens for the same values
+    assert ref["age"].tolist() == [41, 29]
+    raw, same = privacy.align(reference, reference, protector)  # traffic logged raw (another writer): as it was
+    assert raw is reference and same is reference
