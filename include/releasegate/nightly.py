@@ -255,8 +255,14 @@ def _contract(model: str, current: pd.DataFrame, out: Path, settings: Settings) 
             "note": f"registered model {model!r} has no {SUITE_TAG} tag: no contract to check",
         }
     else:
+        from releasegate import privacy
+
         found = validation.run_contract(
-            current.reset_index(drop=True), suite, settings=settings, features_only=True
+            current.reset_index(drop=True),
+            suite,
+            settings=settings,
+            features_only=True,
+            logged=privacy.logged_classes(current),
         ).model_dump()
     out.mkdir(parents=True, exist_ok=True)
     (out / "contract.json").write_text(json.dumps(found, indent=2))

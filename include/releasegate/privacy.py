@@ -185,6 +185,17 @@ def _logged_as(values: pd.Series, prefix: str) -> bool:
     return values.dtype == object and len(present) > 0 and bool(present.map(lambda v: str(v).startswith(prefix)).all())
 
 
+def logged_classes(current: pd.DataFrame) -> dict[str, DataClass]:
+    """The columns of logged inputs held as tokens or ciphertexts, read from the values themselves."""
+    found = {}
+    for column in current.columns:
+        if _logged_as(current[column], PSEUDONYM_PREFIX):
+            found[column] = DataClass.pseudonymise
+        elif _logged_as(current[column], ENCRYPTED_PREFIX):
+            found[column] = DataClass.encrypt
+    return found
+
+
 def align(
     reference: pd.DataFrame, current: pd.DataFrame, protector: Protector | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:

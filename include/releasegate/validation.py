@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
     from releasegate.policy import Policy
+    from releasegate.privacy import DataClass
 
 
 class ContractResult(BaseModel):
@@ -33,6 +34,8 @@ class ContractResult(BaseModel):
     failures: list[str]
     evaluated: int
     rows: int
+    # Checks of values the data holds only as tokens or ciphertexts (logged traffic of classified columns).
+    skipped: list[str] = []
 
 
 class SchemaResult(BaseModel):
@@ -87,14 +90,23 @@ def load_suite(suite_name: str, settings: Settings | None = None) -> dict[str, A
 
 
 def run_contract(
-    df: pd.DataFrame, suite_name: str, settings: Settings | None = None, features_only: bool = False
+    df: pd.DataFrame,
+    suite_name: str,
+    settings: Settings | None = None,
+    features_only: bool = False,
+    logged: dict[str, DataClass] | None = None,
 ) -> ContractResult:
     """Run an expectation suite on a dataframe; `features_only` skips expectations marked `meta.label`
-    (logged traffic has no label)."""
+    (logged traffic has no label). `logged` names the columns the data holds in a protected form
+    (`privacy.logged_classes`): a pseudonymised column's value set is checked on its tokens, an encrypted
+    one's values not at all, and the other checks of their values are listed as skipped."""
     suite_json = load_suite(suite_name, settings)
     expectations = [
         e for e in suite_json.get("expectations", []) if not (features_only and (e.get("meta") or {}).get("label"))
     ]
+    skipped: list[str] = []
+    if logged:
+        expectations, skipped = _in_logged_form(expectations, logged, settings)
     if not expectations:
         raise ValueError(f"expectation suite {suite_name!r} has no expectations to run")
 
@@ -135,8 +147,42 @@ def run_contract(
             continue
         failures.append(_describe_failure(r))
     return ContractResult(
-        suite=suite.name, success=not failures, failures=failures, evaluated=len(result.results), rows=len(df)
+        suite=suite.name,
+        success=not failures,
+        failures=failures,
+        evaluated=len(result.results),
+        rows=len(df),
+        skipped=skipped,
     )
+
+
+# Expectations about a column that hold whatever form its values are in.
+_FORM_FREE = ("expect_column_to_exist", "expect_column_values_to_not_be_null")
+_SETS = ("expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set")
+
+
+def _in_logged_form(
+    expectations: list[dict[str, Any]], logged: dict[str, DataClass], settings: Settings | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The expectations as they apply to protected columns: value sets of pseudonymised columns as tokens;
+    other checks of protected values dropped, and named."""
+    from releasegate.privacy import DataClass, Protector
+    from releasegate.settings import get_settings
+
+    protector = Protector.of(settings or get_settings())
+    kept, skipped = [], []
+    for e in expectations:
+        kwargs = e.get("kwargs") or {}
+        cls = logged.get(str(kwargs.get("column")))
+        if cls is None or e.get("type") in _FORM_FREE:
+            kept.append(e)
+        elif cls is DataClass.pseudonymise and e.get("type") in _SETS:
+            tokens = [protector.pseudonym(v) for v in kwargs.get("value_set", [])]
+            kept.append(e | {"kwargs": kwargs | {"value_set": tokens}})
+        else:
+            form = "pseudonymised" if cls is DataClass.pseudonymise else "encrypted"
+            skipped.append(f"{kwargs.get('column')}: {e.get('type')} (its values are logged {form})")
+    return kept, skipped
 
 
 def _config(r: ExpectationValidationResult) -> ExpectationConfiguration:

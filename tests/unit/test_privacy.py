@@ -86,3 +86,26 @@ def test_reference_data_is_compared_in_the_form_the_traffic_was_logged(tmp_path)
     assert ref["age"].tolist() == [41, 29]
     raw, same = privacy.align(reference, reference, protector)  # traffic logged raw (another writer): as it was
     assert raw is reference and same is reference
+
+
+def test_a_data_contract_checks_logged_traffic_in_the_form_it_was_logged(settings):
+    """The nightly contract on logged inputs: a pseudonymised column's value set is checked on its tokens (so a
+    planted unknown category still fails it), checks its tokens cannot answer are named as skipped."""
+    from releasegate import validation
+
+    protector = Protector.of(settings)
+    regions = ["north", "south", "east", "west"]
+    logged = pd.DataFrame({"region": [protector.pseudonym(r) for r in regions + ["mars"]], "age": [30] * 5})
+    expectations = [
+        {"type": "expect_column_to_exist", "kwargs": {"column": "region"}},
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "region", "value_set": regions}},
+        {"type": "expect_column_value_lengths_to_be_between", "kwargs": {"column": "region", "max_value": 9}},
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "age", "min_value": 18}},
+    ]
+    classes = privacy.logged_classes(logged)
+    assert classes == {"region": DataClass.pseudonymise}
+    kept, skipped = validation._in_logged_form(expectations, classes, settings)
+    assert [e["type"] for e in kept] == [expectations[i]["type"] for i in (0, 1, 3)]
+    in_set = set(kept[1]["kwargs"]["value_set"])
+    assert set(logged["region"][:4]) <= in_set and logged["region"][4] not in in_set
+    assert skipped == ["region: expect_column_value_lengths_to_be_between (its values are logged pseudonymised)"]
