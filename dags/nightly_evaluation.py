@@ -15,6 +15,10 @@ for each registered model with a `champion` alias:
    retraining DAG can be scheduled on it; skipped otherwise.
 4. **alert**: fails the run with the reasons (after calling the notifier hook) when any
    champion crossed a limit; a window without traffic ends green, saying so.
+5. **purge** (after the evaluations, whatever they found): predictions, feedback and nightly
+   reports older than each model's retention (tag `releasegate.retention`; default 90 days of
+   predictions, 365 of feedback and reports) are deleted in batches; the counts go to the
+   audit log (`data.purged`).
 
 Each task is one call into `releasegate.nightly`.
 """
@@ -34,6 +38,7 @@ CHAMPIONS = "champions"
 EVALUATE = "evaluate"
 FLAG_RETRAINING = "flag_retraining"
 ALERT = "alert"
+PURGE = "purge"
 
 RETRAINING_NEEDED = Asset(RETRAINING_ASSET)
 DEFAULT_SCHEDULE = "0 3 * * *"
@@ -130,10 +135,18 @@ def nightly_evaluation():
         log.info(summary)
         return summary
 
+    @task(task_id=PURGE, trigger_rule=TriggerRule.ALL_DONE)
+    def purge() -> list[dict]:
+        """Delete what is older than each model's retention, in batches; audit the counts."""
+        from releasegate import retention
+
+        return [done.model_dump(mode="json") for done in retention.purge(actor="airflow:nightly_evaluation")]
+
     found = champions()
     evaluated = evaluate.expand(champion=found)
     flagged = flag_retraining.expand(result=evaluated)
     chain(found, evaluated, flagged, alert(evaluated))
+    chain(evaluated, purge())
 
 
 nightly_evaluation()

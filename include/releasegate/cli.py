@@ -324,6 +324,81 @@ def abort(release_id: str, reason: str, actor: str) -> None:
     click.echo(json.dumps(pipeline.abort(release_id, reason=reason, actor=actor)))
 
 
+@main.command("purge")
+@click.option("--no-reports", is_flag=True, help="Only the database: leave the nightly reports in MLflow.")
+@click.option("--actor", default="cli", show_default=True)
+def purge_command(no_reports: bool, actor: str) -> None:
+    """Delete predictions, feedback and nightly reports past each model's retention (what the nightly run does)."""
+    from releasegate import retention
+
+    try:
+        purged = retention.purge(actor=actor, reports=not no_reports)
+    except retention.RetentionError as err:
+        raise click.ClickException(str(err)) from None
+    for done in purged:
+        click.echo(
+            f"{done.model}: {done.predictions} predictions, {done.feedback} feedback rows, "
+            f"{len(done.reports)} nightly reports deleted"
+        )
+
+
+@main.group()
+def subject() -> None:
+    """Data-subject requests: export or erase every logged row of one person (by their routing key)."""
+
+
+def _subject_options(command: _Command) -> _Command:
+    for option in reversed(
+        [
+            click.option(
+                "--key",
+                prompt="Subject's routing key",
+                hide_input=True,
+                help="The key the person's requests were routed by (asked for when left out: kept out of the "
+                "shell's history). Never stored: the audit log names the subject by a keyed digest.",
+            ),
+            click.option("--reference", required=True, help="The request's reference (ticket), kept in the audit log."),
+            click.option("--actor", default="cli", show_default=True),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@subject.command("export")
+@_subject_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Default: stdout.")
+@click.option("--no-decrypt", is_flag=True, help="Leave encrypted columns encrypted.")
+def subject_export(key: str, reference: str, actor: str, out: Path | None, no_decrypt: bool) -> None:
+    """Every logged row of the subject as JSON: predictions (inputs decrypted), feedback, unpaired KServe events."""
+    from releasegate import subjects
+
+    document = subjects.export(key, reference=reference, decrypt=not no_decrypt, actor=actor)
+    text = json.dumps(document, indent=2, default=str)
+    if out is None:
+        click.echo(text)
+        return
+    out.touch(mode=0o600)
+    out.write_text(text)
+    click.echo(f"{len(document['predictions'])} predictions, {len(document['feedback'])} feedback rows -> {out}")
+
+
+@subject.command("erase")
+@_subject_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def subject_erase(key: str, reference: str, actor: str, yes: bool) -> None:
+    """Delete every logged row of the subject: predictions, their feedback, unpaired KServe events."""
+    from releasegate import subjects
+
+    if not yes:
+        click.confirm("Erase every logged row of this subject? This cannot be undone", abort=True)
+    erased = subjects.erase(key, reference=reference, actor=actor)
+    click.echo(
+        f"subject {erased.subject}: {erased.predictions} predictions, {erased.feedback} feedback rows, "
+        f"{erased.sink_events} KServe events erased"
+    )
+
+
 def _airflow_options(command: _Command) -> _Command:
     """Where Airflow's API server is and who calls it: options, or the RELEASEGATE_AIRFLOW_* variables in CI."""
     for option in reversed(

@@ -20,6 +20,11 @@ BACKEND_TAG = "releasegate.backend"
 REGIONS_TAG = "releasegate.regions"
 # The classes of the model's input columns: what the prediction log may hold of each (releasegate.privacy).
 CLASSIFICATION_TAG = "releasegate.classification"
+# How long the model's predictions, feedback and nightly reports are kept (releasegate.retention).
+RETENTION_TAG = "releasegate.retention"
+
+# Where the nightly evaluation stores a champion version's reports (under the version's source run).
+NIGHTLY_REPORTS = "releasegate/reports/nightly"
 
 # The asset the nightly evaluation emits an event on when a champion needs retraining.
 RETRAINING_ASSET = "releasegate://retraining-needed"
@@ -181,6 +186,9 @@ class AuditAction(StrEnum):
     nightly_evaluated = "nightly.evaluated"
     nightly_no_traffic = "nightly.no_traffic"
     nightly_alert = "nightly.alert"
+    data_purged = "data.purged"  # rows and reports past the model's retention
+    subject_exported = "subject.exported"  # a data subject's rows, exported on request
+    subject_erased = "subject.erased"  # a data subject's rows, erased on request
 
     @classmethod
     def moved_to(cls, state: StrEnum) -> AuditAction:

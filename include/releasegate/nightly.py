@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from releasegate import audit, drift
-from releasegate.contract import SUITE_TAG, AuditAction
+from releasegate.contract import NIGHTLY_REPORTS, SUITE_TAG, AuditAction
 from releasegate.evaluation import HOLDOUT_ARTIFACT, label_column
 from releasegate.settings import Settings, get_settings
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-REPORTS = "releasegate/reports/nightly"
+REPORTS = NIGHTLY_REPORTS
 # A webhook that gets the alert as JSON; without it the alert is the audit event and the failed task.
 
 

@@ -57,6 +57,7 @@ predictions = sa.Table(
     sa.Index("ix_predictions_model_time", "model", "time"),
     sa.Index("ix_predictions_release", "release_id", "time"),
     sa.Index("ix_predictions_request", "request_id"),
+    sa.Index("ix_predictions_routing_key_hash", "routing_key_hash"),  # a data subject's rows (subjects.py)
 )
 
 feedback = sa.Table(

@@ -63,5 +63,11 @@ def test_model_release_has_the_release_steps_and_form_params(airflow_env):
 
 def test_nightly_evaluation_maps_over_champions_and_flags_retraining(airflow_env):
     result = _parse(airflow_env)
-    assert result["dags"]["nightly_evaluation"] == ["champions", "evaluate", "flag_retraining", "alert"]
+    assert result["dags"]["nightly_evaluation"] == ["champions", "evaluate", "flag_retraining", "alert", "purge"]
     assert set(result["params"]["nightly_evaluation"]) == {"policy"}
+
+
+def test_data_subject_request_takes_the_key_the_request_and_its_reference(airflow_env):
+    result = _parse(airflow_env)
+    assert result["dags"]["data_subject_request"] == ["fulfil"]
+    assert set(result["params"]["data_subject_request"]) == {"subject_key", "request_type", "reference", "decrypt"}
