@@ -5,7 +5,8 @@ Cases, each on the demo's churn models (champion v1, better candidate v2) with o
 
     bare          a bare Starlette echo app on uvicorn (httptools, uvloop): the ceiling
     mlflow_serve  `mlflow models serve` of the champion
-    single        the gateway, champion only, prediction log on (SQLite)
+    single        the gateway, champion only, prediction log on (SQLite), every column logged as sent
+    single_pii    the same under a classification: region pseudonymised, plan encrypted, channel dropped
     shadow        the gateway mirroring every request to the candidate, both arms logged
     canary        the gateway splitting 50 % to the candidate
 
@@ -37,7 +38,10 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "churn"
-CASES = ("bare", "mlflow_serve", "single", "shadow", "canary")
+CASES = ("bare", "mlflow_serve", "single", "single_pii", "shadow", "canary")
+# The classifications of the gateway cases (docs/operations.md, "Personal data"): only single_pii protects columns.
+PUBLIC = {"strings": "public"}
+PII = {"columns": {"region": "pseudonymise", "plan": "encrypt", "channel": "drop"}}
 
 # wrk's Lua hooks: POSTs cycling through BENCH_BODIES (one JSON body a line, so no answer can be
 # cached); done() prints the summary as one JSON line (latencies in µs).
@@ -320,7 +324,7 @@ def benchmark(args, cases: list[str]) -> dict:
             results["mlflow_serve"] = bench.measure(f"http://127.0.0.1:{port}/invocations", body)
             bench.stop(proc)
 
-        gateway_cases = [c for c in ("single", "shadow", "canary") if c in cases]
+        gateway_cases = [c for c in ("single", "single_pii", "shadow", "canary") if c in cases]
         if gateway_cases:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -334,6 +338,7 @@ def benchmark(args, cases: list[str]) -> dict:
             champion, candidate = versions["champion"], versions["good"]
             specs = {
                 "single": {"champion_version": champion, "mode": "single"},
+                "single_pii": {"champion_version": champion, "mode": "single"},
                 "shadow": {"champion_version": champion, "candidate_version": candidate, "mode": "shadow"},
                 "canary": {
                     "champion_version": champion,
@@ -342,7 +347,12 @@ def benchmark(args, cases: list[str]) -> dict:
                     "candidate_weight": 50,
                 },
             }
+            from releasegate import registry
+            from releasegate.contract import CLASSIFICATION_TAG
+
             for case in gateway_cases:
+                classes = PII if case == "single_pii" else PUBLIC  # read by the gateway when the route is put
+                registry.client(settings).set_registered_model_tag(MODEL, CLASSIFICATION_TAG, json.dumps(classes))
                 resp = admin.put(f"/admin/routes/{MODEL}", json=specs[case])
                 if resp.status_code != 200:
                     raise RuntimeError(f"route {specs[case]} refused: {resp.status_code} {resp.text}")
@@ -383,11 +393,15 @@ def print_table(results: dict) -> None:
             continue
         notes = f"mirrored {r['mirrored_fraction']:.1%}" if "mirrored_fraction" in r else ""
         print(f"{case:<14}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}  {notes}")
-    single, bare, mlf, shadow = (results.get(c) for c in ("single", "bare", "mlflow_serve", "shadow"))
+    single, bare, mlf, shadow, pii = (
+        results.get(c) for c in ("single", "bare", "mlflow_serve", "shadow", "single_pii")
+    )
     if single and mlf and mlf["rps"]:
         print(f"single / mlflow_serve rps: {single['rps'] / mlf['rps']:.1f}x (target >= 25x)")
     if single and bare and bare["rps"]:
         print(f"single / bare rps:         {single['rps'] / bare['rps']:.2f}x (target >= 0.5x)")
+    if single and pii and single["rps"]:
+        print(f"single_pii / single rps:   {pii['rps'] / single['rps']:.2f}x (target >= 0.8x)")
     if single and shadow and single["p99_ms"]:
         print(
             f"shadow / single p99:       {shadow['p99_ms'] / single['p99_ms']:.2f}x (target <= 1.1x), "

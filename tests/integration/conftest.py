@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +23,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gateway_process(home: Path, port: int, timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`python -m releasegate.serving` on loopback with this process's environment, its output in
+    `home/gateway.log`; yields once /readyz answers, and stops the process group however the block ends."""
+    from tests.waiting import gateway_ready
+
+    log = home / "gateway.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+            start_new_session=True,
+        )
+    try:
+        gateway_ready(f"http://127.0.0.1:{port}", proc, lambda: log.read_text()[-4000:], timeout=timeout)
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 class Stack:

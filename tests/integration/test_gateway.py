@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from releasegate import storage
 from releasegate.serving import auth, routing
+from tests.integration.conftest import gateway_process
 from tests.waiting import gateway_ready, wait_until
 
 pytestmark = pytest.mark.integration
@@ -256,27 +257,19 @@ def gateway(tmp_path_factory):
         settings = get_settings()
         signing.ensure_keys(settings)
         versions = _register(settings)
-        log = home / "gateway.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ),
-                start_new_session=True,
-            )
-        gw = Gateway(f"http://127.0.0.1:{port}", proc, log, versions, settings)
-        try:  # the process is stopped however the start-up ends
-            gateway_ready(gw.url, proc, gw.log)
-            # The first load imports MLflow and sklearn in the gateway: slow on a busy machine.
-            resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]}, timeout=180)
-            assert resp.status_code == 200, resp.text
-            yield gw
+        try:
+            with gateway_process(home, port) as (proc, log):
+                gw = Gateway(f"http://127.0.0.1:{port}", proc, log, versions, settings)
+                try:
+                    # The first load imports MLflow and sklearn in the gateway: slow on a busy machine.
+                    resp = gw.client.put(
+                        f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]}, timeout=180
+                    )
+                    assert resp.status_code == 200, resp.text
+                    yield gw
+                finally:
+                    gw.client.close()
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            gw.client.close()
             storage.dispose_all()
 
 

@@ -3,8 +3,9 @@
 Each release is `airflow dags test` (which runs `dag.test()`) in its own process, as the demo
 runs it: Airflow's in-process execution API then never shares a SQLite lock with the test.
 
-The tests run in file order on one stack: the better candidate is promoted, then the worse
-one is rolled back against the new champion, then the refusals.
+The tests run in file order on one stack: marker values are planted in classified columns, the
+better candidate is promoted, then the worse one is rolled back against the new champion, then the
+refusals; last, every byte the releases left behind is searched for the markers.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ from releasegate.backends import SignatureRefused
 from releasegate.backends.local import LocalBackend
 from releasegate.contract import AuditAction, Mode, Stage
 from releasegate.verdict import Decision
+from tests.unit.test_dashboard import airflow_auth  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "churn"
 pytestmark = pytest.mark.integration
+
+
+# A customer's identity, sent in three classified columns and as the routing key (docs/operations.md, "Personal data").
+EMAIL = "marker.person@example.ae"  # region: pseudonymise
+EMIRATES_ID = "784-1987-1234567-1"  # plan: encrypt
+CHANNEL = "marker-channel-5521"  # channel: drop
+ROUTING_KEY = "784-1990-7654321-2"
+MARKERS = [EMAIL, EMIRATES_ID, CHANNEL, ROUTING_KEY]
+CLASSES = {"columns": {"region": "pseudonymise", "plan": "encrypt", "channel": "drop"}}
 
 
 def run_release(version: str, policy: str = "default") -> str:
@@ -45,6 +56,51 @@ def run_release(version: str, policy: str = "default") -> str:
 
 def newest_release(version: str) -> release.Release:
     return next(r for r in release.list_releases(MODEL) if r.candidate_version == version)
+
+
+def test_marker_values_are_logged_only_in_their_classified_form(stack):
+    """Before the releases: the churn model's classification names an encrypted and a dropped column besides the
+    pseudonymised region; requests carrying the markers are logged with none of them in the clear."""
+    import json
+
+    import httpx
+    import orjson
+    import sqlalchemy as sa
+
+    from releasegate import storage
+    from releasegate.contract import CLASSIFICATION_TAG
+    from releasegate.demo import data
+    from releasegate.privacy import Protector
+    from releasegate.settings import get_settings
+    from tests.waiting import wait_until
+
+    settings = get_settings()
+    registry.client().set_registered_model_tag(MODEL, CLASSIFICATION_TAG, json.dumps(CLASSES))
+    LocalBackend().set_route(MODEL, stack.versions["champion"])  # a route change: the gateway reads the tag again
+    rows = data.generate(40, seed=11).drop(columns=[data.LABEL]).to_dict(orient="records")
+    marked = [row | {"region": EMAIL, "plan": EMIRATES_ID, "channel": CHANNEL} for row in rows]
+    table = storage.predictions
+    sent: list[str] = []
+    with httpx.Client(base_url=settings.gateway_url, timeout=30) as client:
+
+        def logged_encrypted() -> list:
+            """Send the marked rows again; the logged ones once any request's rows were logged encrypted."""
+            resp = client.post(
+                f"/models/{MODEL}/invocations",
+                json={"dataframe_records": marked[:2]},
+                headers={"authorization": f"Bearer {settings.admin_api_key}", "x-routing-key": ROUTING_KEY},
+            )
+            assert resp.status_code == 200, resp.text
+            sent.append(resp.json()["request_id"])
+            with storage.engine().connect() as conn:
+                found = conn.execute(sa.select(table.c.inputs).where(table.c.request_id.in_(sent)))
+                return [orjson.loads(v) for v in found.scalars() if '"e:' in v]
+
+        logged = wait_until(logged_encrypted, timeout=60, every=0.5, what="the new classification applied")
+    protector = Protector.of(settings)
+    assert all("channel" not in row for row in logged)
+    assert {protector.decrypt(row["plan"]) for row in logged} == {EMIRATES_ID}
+    assert {row["region"] for row in logged} == {protector.pseudonym(EMAIL)}
 
 
 def test_better_candidate_is_promoted(stack):
@@ -171,3 +227,34 @@ def test_second_release_is_refused_while_one_runs_and_a_dead_run_does_not_block(
     assert release.get(holder).state is release.State.failed
     assert "gone or failed" in release.get(holder).reasons[-1]
     assert newest_release(candidate).release_id != holder
+
+
+def test_no_marker_in_any_byte_the_releases_left(stack, airflow_env, airflow_auth):
+    """After the releases: the SQLite log and its WAL, MLflow's database and every artifact (the releases' Evidently
+    reports among them), every process's log, Airflow's database and task logs, and every dashboard page."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from releasegate_airflow.dashboard import create_app
+    from tests.unit.test_dashboard import token_for
+
+    stored = [p for root in (stack.home, Path(airflow_env["AIRFLOW_HOME"])) for p in root.rglob("*") if p.is_file()]
+    names = {p.name for p in stored}
+    assert {"releasegate.db", "releasegate.db-wal", "mlflow.db"} <= names, sorted(names)[:40]
+    assert any(p.suffix == ".html" and "releases" in str(p) for p in stored), "the releases' reports were stored"
+    holding = {str(p): [m for m in MARKERS if m.encode() in p.read_bytes()] for p in stored}
+    assert {path: found for path, found in holding.items() if found} == {}
+
+    client = TestClient(create_app(), headers={"Authorization": f"Bearer {token_for(airflow_auth)}"})
+    pages = ["/"] + [f"/releases/{rel.release_id}" for rel in release.list_releases(MODEL)]
+    seen = []
+    while pages:
+        path = pages.pop()
+        page = client.get(path)
+        assert page.status_code == 200, (path, page.text[:300])
+        seen.append(path)
+        assert [m for m in MARKERS if m in page.text] == [], path
+        reports = re.findall(r'href="(rel-[0-9a-f]+/reports/[^"]+\.html)"', page.text)  # relative to /releases/
+        pages += [f"/releases/{link}" for link in reports if f"/releases/{link}" not in seen + pages]
+    assert any("/reports/" in path for path in seen), seen

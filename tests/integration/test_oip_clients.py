@@ -7,10 +7,7 @@ pins cannot be resolved together with Airflow's.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 
 import httpx
 import pytest
@@ -18,10 +15,10 @@ import sqlalchemy as sa
 
 from releasegate import storage
 from releasegate.serving import routing
-from tests.integration.conftest import ROOT, free_port
+from tests.integration.conftest import ROOT, free_port, gateway_process
 from tests.integration.test_gateway import logged_form
 from tests.require import require
-from tests.waiting import gateway_ready, wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 MODEL = "churn"
@@ -98,32 +95,20 @@ def served(tmp_path_factory):
         }
         # The two versions answer these rows differently, so an answer shows which one gave it.
         assert expected[versions["champion"]] != expected[versions["candidate"]]
-        log = home / "gateway.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ),
-                start_new_session=True,
-            )
         gw = Served(f"http://127.0.0.1:{port}", versions, rows, expected, settings)
         try:
-            gateway_ready(gw.url, proc, lambda: log.read_text()[-4000:])
-            route = {
-                "champion_version": versions["champion"],
-                "candidate_version": versions["candidate"],
-                "mode": "canary",
-                "candidate_weight": 50,
-                "release_id": "rel-oip",
-            }
-            resp = gw.client.put(f"/admin/routes/{MODEL}", json=route, timeout=180)  # loads: slow on a busy machine
-            assert resp.status_code == 200, resp.text
-            yield gw
+            with gateway_process(home, port):
+                route = {
+                    "champion_version": versions["champion"],
+                    "candidate_version": versions["candidate"],
+                    "mode": "canary",
+                    "candidate_weight": 50,
+                    "release_id": "rel-oip",
+                }
+                resp = gw.client.put(f"/admin/routes/{MODEL}", json=route, timeout=180)  # loads: slow when busy
+                assert resp.status_code == 200, resp.text
+                yield gw
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
             gw.client.close()
             storage.dispose_all()
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
-import sys
 import uuid
 
 import httpx
@@ -23,8 +21,8 @@ from click.testing import CliRunner
 from releasegate import audit, retention, storage
 from releasegate.contract import CLASSIFICATION_TAG, RETENTION_TAG, AuditAction
 from releasegate.serving import routing
-from tests.integration.conftest import free_port
-from tests.waiting import gateway_ready, wait_until
+from tests.integration.conftest import free_port, gateway_process
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -117,30 +115,18 @@ def served(tmp_path_factory, airflow_env):
         settings = get_settings()
         signing.ensure_keys(settings)
         version = _register(settings)
-        log = home / "gateway.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ),
-                start_new_session=True,
-            )
         client = httpx.Client(
             base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"authorization": f"Bearer {ADMIN}"}
         )
         try:
-            gateway_ready(str(client.base_url), proc, lambda: log.read_text()[-4000:], timeout=120)
-            resp = client.put(f"/admin/routes/{MODEL}", json={"champion_version": version}, timeout=180)
-            assert resp.status_code == 200, resp.text
-            ids = _send_traffic(client)
-            wait_until(lambda: _count(settings) >= ids["rows"], timeout=60, what="every row logged")
-            yield {"settings": settings, "database": database, "home": home, "ids": ids, "log": log}
+            with gateway_process(home, port, timeout=120) as (_, log):
+                resp = client.put(f"/admin/routes/{MODEL}", json={"champion_version": version}, timeout=180)
+                assert resp.status_code == 200, resp.text
+                ids = _send_traffic(client)
+                wait_until(lambda: _count(settings) >= ids["rows"], timeout=60, what="every row logged")
+                yield {"settings": settings, "database": database, "home": home, "ids": ids, "log": log}
         finally:
             client.close()
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
             storage.dispose_all()
 
 

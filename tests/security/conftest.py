@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,8 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests.waiting import gateway_ready
 
 LIMITS = {
     "RELEASEGATE_GATEWAY_POLL_INTERVAL": "0.2",
@@ -129,6 +126,7 @@ class SecurityGateway:
 def security_gateway(tmp_path_factory):
     from releasegate import storage
     from tests.conftest import _point_env_at
+    from tests.integration.conftest import gateway_process
     from tests.integration.test_gateway import MODEL, _free_port, _register
 
     home = tmp_path_factory.mktemp("security-gateway")
@@ -146,25 +144,17 @@ def security_gateway(tmp_path_factory):
         signing.ensure_keys(settings)
         versions = _register(settings)
         versions["hanging"] = _register_hanging(settings)
-        log = home / "gateway.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "releasegate.serving", "--port", str(port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ),
-                start_new_session=True,
-            )
-        gw = SecurityGateway(f"http://127.0.0.1:{port}", proc, log, versions, settings, hang)
         try:
-            gateway_ready(gw.url, proc, gw.log)
-            resp = gw.client.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]}, timeout=180)
-            assert resp.status_code == 200, resp.text
-            yield gw
+            with gateway_process(home, port) as (proc, log):
+                gw = SecurityGateway(f"http://127.0.0.1:{port}", proc, log, versions, settings, hang)
+                try:
+                    resp = gw.client.put(
+                        f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]}, timeout=180
+                    )
+                    assert resp.status_code == 200, resp.text
+                    yield gw
+                finally:
+                    hang.unlink(missing_ok=True)  # a call still hanging returns before the gateway is stopped
+                    gw.client.close()
         finally:
-            hang.unlink(missing_ok=True)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            gw.client.close()
             storage.dispose_all()

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from releasegate import k8s, storage
 from releasegate.serving.kserve_sink import create_app
+from tests.unit.mlflow_store import migrated_mlflow_db, store  # noqa: F401  (fixtures)
 from tests.waiting import wait_until
 
 # Long enough that no half of the burst below is still on its way when the window ends (the halves are
@@ -157,3 +158,27 @@ def test_a_request_alone_is_written_once_and_late_or_repeated_events_write_nothi
     ]
     assert _states(settings) == {"answered": "paired", "unanswered": "expired"}
     assert 'releasegate_sink_events_total{outcome="late"}' in late
+
+
+def test_the_sink_logs_inputs_in_the_form_the_models_classification_allows(store):
+    """KServe path, same policy as the gateway's: the registered model's tag (a real MLflow store) decides; a
+    dropped column never reaches the log, an encrypted one only as ciphertext, text is pseudonymised."""
+    from starlette.testclient import TestClient
+
+    from releasegate import registry
+    from releasegate.contract import CLASSIFICATION_TAG
+    from releasegate.privacy import Protector
+
+    registry.client(store).create_registered_model(
+        "churn", tags={CLASSIFICATION_TAG: '{"columns": {"tenure": "encrypt", "region": "drop"}}'}
+    )
+    with TestClient(create_app(store, k8s_settings=K8S, pending_seconds=PENDING, sweep_seconds=0.1)) as sink:
+        t0 = time.time()
+        _post(sink, "request", "classified", t0)
+        _post(sink, "response", "classified", t0 + 0.01)
+        wait_until(lambda: len(_rows(store)) == 2, timeout=60, what="the pair written")
+    with storage.engine(store.db_url).connect() as conn:
+        logged = [json.loads(v) for v in conn.execute(sa.select(storage.predictions.c.inputs)).scalars()]
+    protector = Protector.of(store)
+    assert [set(row) for row in logged] == [{"tenure"}, {"tenure"}]  # region: dropped
+    assert [protector.decrypt(row["tenure"]) for row in logged] == [3.0, 40.0]

@@ -10,11 +10,12 @@ All three convert to ONNX, so the gateway serves them on its compiled path (serv
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from releasegate.contract import LABEL_TAG, SUITE_TAG
+from releasegate.contract import CLASSIFICATION_TAG, LABEL_TAG, SUITE_TAG
 from releasegate.demo import data
 from releasegate.settings import Settings, get_settings
 from releasegate.training import skops_trusted_types
@@ -140,6 +141,11 @@ def register_demo_models(settings: Settings | None = None, model_name: str = "ch
         client.set_registered_model_tag(model_name, SUITE_TAG, "churn")
     if not registry.get_model_tags(model_name, settings=settings).get(LABEL_TAG):
         client.set_registered_model_tag(model_name, LABEL_TAG, data.LABEL)
+    # What the log may hold of each column (docs/operations.md, "Personal data"): where the customer lives only as
+    # a token, so its slices are still reported; other text as tokens too, numbers as sent.
+    if not registry.get_model_tags(model_name, settings=settings).get(CLASSIFICATION_TAG):
+        classes = {"columns": {"region": "pseudonymise"}, "strings": "pseudonymise", "others": "public"}
+        client.set_registered_model_tag(model_name, CLASSIFICATION_TAG, json.dumps(classes))
     # Only a fresh registry gets the starting aliases: a rerun after a promotion must not undo it.
     if registry.get_alias(model_name, "champion", settings=settings) is None:
         registry.set_alias(model_name, "champion", versions["champion"], settings=settings)

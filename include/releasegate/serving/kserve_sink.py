@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,6 +53,7 @@ from starlette.routing import Route
 
 from releasegate import storage
 from releasegate.contract import Arm, CallStatus, Mode
+from releasegate.privacy import Classification, DataClass, Protector
 from releasegate.serving import routing
 from releasegate.serving.logwriter import LogWriter, PredictionEntry, Row, expand_predictions
 from releasegate.serving.metrics import Metrics
@@ -216,9 +217,17 @@ class Sink:
         batch_events: int = 500,
         flush_interval: float = 0.05,
         routing_secret: bytes,
+        protector: Protector | None = None,
+        classification: Callable[[str], Classification] | None = None,
+        classification_ttl: float = 60.0,
     ) -> None:
         self.engine = engine
         self.routing_secret = routing_secret  # keys the logged routing-key hash, as the gateway's does
+        # Inputs are logged in the form the model's classification allows, as the gateway logs them.
+        self.protector = protector
+        self.classification_of = classification or (lambda model: Classification())
+        self.classification_ttl = classification_ttl
+        self._classes: dict[str, tuple[float, Classification]] = {}
         self.pending_seconds = pending_seconds
         # A claimed pair is kept this long, so a repeated or late event finds it and writes nothing.
         self.retention_seconds = max(10 * pending_seconds, 600.0)
@@ -523,7 +532,29 @@ class Sink:
             "status": CallStatus.ok if outputs is not None else CallStatus.error,
             "error": error,
         }
+        if self.protector is not None:
+            rows = self.protector.rows(rows, self.classification(model))
         return (base, rows, outputs)
+
+    def classification(self, model: str) -> Classification:
+        """The model's classification, read again after `classification_ttl`. When it cannot be read (registry
+        down, tag malformed) the last one read holds; with none read yet, nothing is logged raw: text is
+        pseudonymised and every other column dropped."""
+        cached = self._classes.get(model)
+        if cached and time.monotonic() - cached[0] < self.classification_ttl:
+            return cached[1]
+        try:
+            found = self.classification_of(model)
+        except Exception as err:  # any failure to read it: fail closed, below
+            log.warning(
+                "sink: %s's classification cannot be read (%s); logging under %s",
+                model,
+                err,
+                "the last one read" if cached else "text pseudonymised, other columns dropped",
+            )
+            found = cached[1] if cached else Classification(others=DataClass.drop)
+        self._classes[model] = (time.monotonic(), found)
+        return found
 
     def route(self, model: str) -> dict[str, Any] | None:
         cached = self._routes.get(model)
@@ -612,6 +643,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _registered_classification(model: str, settings: Settings) -> Classification:
+    """The registered-model tag's classification; the defaults for a model the registry does not have."""
+    from releasegate import registry
+
+    try:
+        tags = registry.get_model_tags(model, settings)
+    except registry.RegistryError:
+        return Classification()
+    return Classification.from_tags(model, tags)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -630,6 +672,8 @@ def create_app(
         pending_seconds=k8s_settings.sink_pending_seconds if pending_seconds is None else pending_seconds,
         max_queue_bytes=k8s_settings.sink_queue_bytes,
         routing_secret=routing.routing_secret(settings),
+        protector=Protector.of(settings),
+        classification=lambda model: _registered_classification(model, settings),
     )
     identities = Identities(k8s_settings)
     max_body = k8s_settings.sink_max_body_bytes
