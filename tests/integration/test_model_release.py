@@ -243,6 +243,8 @@ def test_no_marker_in_any_byte_the_releases_left(stack, airflow_env, airflow_aut
     names = {p.name for p in stored}
     assert {"releasegate.db", "releasegate.db-wal", "mlflow.db"} <= names, sorted(names)[:40]
     assert any(p.suffix == ".html" and "releases" in str(p) for p in stored), "the releases' reports were stored"
+    newest = release.list_releases(MODEL)[0].release_id.encode()  # the search reads what was written: it finds this
+    assert any(newest in p.read_bytes() for p in stored if p.name.startswith("releasegate.db"))
     holding = {str(p): [m for m in MARKERS if m.encode() in p.read_bytes()] for p in stored}
     assert {path: found for path, found in holding.items() if found} == {}
 

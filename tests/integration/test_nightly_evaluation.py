@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -178,6 +179,27 @@ def test_a_quiet_day_raises_no_alarm(world):
 
 
 def test_a_drifted_day_flags_retraining_and_fails_the_run(world):
+    """And its purge runs all the same: under a five-day retention the quiet day's rows and report go."""
+    import sqlalchemy as sa
+
+    from releasegate import storage
+    from releasegate.contract import RETENTION_TAG
+
+    registry.client().set_registered_model_tag(
+        MODEL, RETENTION_TAG, '{"predictions_days": 5, "feedback_days": 5, "reports_days": 5}'
+    )
+    p, f, cutoff = storage.predictions, storage.feedback, NOW - 5 * DAY
+
+    def counts() -> tuple[int, int, int]:
+        with storage.engine().connect() as conn:
+            return (
+                conn.execute(sa.select(sa.func.count()).where(p.c.time < cutoff)).scalar_one(),
+                conn.execute(sa.select(sa.func.count()).where(f.c.time < cutoff)).scalar_one(),
+                conn.execute(sa.select(sa.func.count()).select_from(p)).scalar_one(),
+            )
+
+    old_rows, old_labels, rows = counts()
+    assert old_rows >= 2000 and old_labels == 600  # the quiet day's
     run = run_nightly(DRIFTED_DAY)
 
     assert str(run.state) == "failed"
@@ -186,7 +208,14 @@ def test_a_drifted_day_flags_retraining_and_fails_the_run(world):
         "evaluate": "success",
         "flag_retraining": "success",
         "alert": "failed",
+        "purge": "success",
     }
+    assert counts() == (0, 0, rows - old_rows)  # the quiet day's rows and labels purged, the drifted day's kept
+    [purged] = [e["details"] for e in audit.events(model=MODEL) if e["action"] == "data.purged"]
+    assert (purged["predictions"], purged["feedback"]) == (old_rows, old_labels)
+    assert [r.rsplit("/", 1)[1] for r in purged["reports"]] == [
+        datetime.fromtimestamp(QUIET_DAY + 2 * 3600, UTC).strftime("%Y%m%dT%H%M%SZ")
+    ]
     [extra] = retraining_events()
     assert extra["model"] == MODEL and extra["version"] == world["champion"]
     assert any(r.startswith("input drift in") for r in extra["reasons"])
