@@ -13,6 +13,7 @@ from releasegate import k8s
 from releasegate.contract import Stage, StageKind
 from releasegate.verdict import Decision
 from tests.require import require
+from tests.waiting import wait_until
 
 SHADOW = Stage.shadow()
 
@@ -250,6 +251,7 @@ def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
     from releasegate.backends import Applied
     from releasegate.backends.kserve import _record_route
     from releasegate.contract import Mode
+    from releasegate.privacy import Protector
     from releasegate.serving import routing
     from releasegate.serving.kserve_sink import create_app
 
@@ -295,15 +297,21 @@ def test_sink_writes_the_gateways_prediction_rows_from_logger_events(settings):
         assert bad.status_code == 400 and "no usable rows" in bad.json()["error"]
         bad = client.post("/feedback", json=[{"request_id": "req-1"}], headers=FEEDBACK_PEER)
         assert bad.status_code == 422 and "ground_truth" in bad.json()["error"]
-        time.sleep(0.8)
+        # req-2's response never comes: once its pending window (0.5 s) is past, the sweep writes its error rows.
+        wait_until(
+            lambda: sum(r["request_id"] == "req-2" for r in _rows(storage.engine(settings.db_url))) == 2,
+            timeout=60,
+            what="req-2's error rows",
+        )
     rows = _rows(storage.engine(settings.db_url))
     ok = [r for r in rows if r["request_id"] == "req-1"]
     assert [(r["version"], r["arm"], r["served"], r["mode"], r["release_id"]) for r in ok] == [
         ("2", "champion", True, "shadow", "rel-1")
     ] * 2 + [("3", "candidate", False, "shadow", "rel-1")] * 2
+    pseudonym = Protector.of(settings).pseudonym  # as the gateway logs it: text pseudonymised unless declared public
     assert [json.loads(r["inputs"]) for r in ok[:2]] == [
-        {"tenure": 3.0, "region": "north"},
-        {"tenure": 40.0, "region": "south"},
+        {"tenure": 3.0, "region": pseudonym("north")},
+        {"tenure": 40.0, "region": pseudonym("south")},
     ]
     assert [json.loads(r["outputs"]) for r in ok[:2]] == [1, 0]
     assert ok[0]["latency_ms"] == pytest.approx(4.0, abs=0.01) and ok[2]["latency_ms"] == pytest.approx(9.0, abs=0.01)
