@@ -175,7 +175,8 @@ def migrate(eng: sa.Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", eng.url.render_as_string(hide_password=False))
+    # Alembic's config is a ConfigParser: a `%` (a password's, or a URL-encoded `sslrootcert=` path's) is doubled.
+    cfg.set_main_option("sqlalchemy.url", eng.url.render_as_string(hide_password=False).replace("%", "%%"))
     with eng.begin() as conn:
         cfg.attributes["connection"] = conn
         # Every head: migrations written side by side may each revise the same parent until they are chained.

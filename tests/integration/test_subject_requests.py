@@ -2,15 +2,20 @@
 (a pseudonymised, an encrypted and a dropped column, each holding a marker value), then the customer's data is
 exported (`releasegate subject export`), erased (the `data_subject_request` DAG through `airflow dags test`), and
 the log purged past its retention. A `pg_dump` of the database never holds a marker, nor the customer's key.
+
+Every connection to PostgreSQL here is TLS, verified (`sslmode=verify-full`): the module turns TLS on in the
+machine's PostgreSQL server (a throwaway CA, `ALTER SYSTEM`, a reload) and back off when it ends.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import stat
 import subprocess
 import uuid
+from pathlib import Path
 
 import httpx
 import orjson
@@ -22,6 +27,7 @@ from releasegate import audit, retention, storage
 from releasegate.contract import CLASSIFICATION_TAG, RETENTION_TAG, AuditAction
 from releasegate.serving import routing
 from tests.integration.conftest import free_port, gateway_process
+from tests.require import require
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -88,8 +94,68 @@ def _row(i: int, customer: str, emirates_id: str, email: str) -> dict:
     }
 
 
+TLS_DIR = Path("/var/lib/postgresql/releasegate-test-tls")  # where the server (user postgres) can read it
+
+
+def _server_can_take_tls() -> str | None:
+    if os.geteuid() != 0:
+        return "turning TLS on in PostgreSQL needs root (to hand the server its key)"
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "no postgres user: PostgreSQL is not on this machine"
+    return None if TLS_DIR.parent.is_dir() else f"{TLS_DIR.parent} does not exist"
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, airflow_env):
+def pg_tls(tmp_path_factory) -> Path:
+    """PostgreSQL serving TLS with a certificate for 127.0.0.1 from a throwaway CA; yields the CA's file."""
+    import psycopg
+
+    from tests.integration.test_gateway_tls import _cert, _key, _write
+
+    require(_server_can_take_tls())
+    ca_dir = tmp_path_factory.mktemp("pg-ca")
+    ca_key = _key()
+    _write(ca_dir / "ca", _cert("releasegate-test-ca", ca_key, "releasegate-test-ca", ca_key, ca=True))
+    TLS_DIR.mkdir(mode=0o700, exist_ok=True)
+    server_key = _key()
+    server_cert = _cert("127.0.0.1", server_key, "releasegate-test-ca", ca_key, ca=False, server=True)
+    _write(TLS_DIR / "server", server_cert, server_key)
+    postgres = pwd.getpwnam("postgres")
+    for path in (TLS_DIR, TLS_DIR / "server.crt", TLS_DIR / "server.key"):
+        os.chown(path, postgres.pw_uid, postgres.pw_gid)
+    (TLS_DIR / "server.key").chmod(0o600)
+
+    def configure(*statements: str) -> None:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("SELECT pg_reload_conf()")
+
+    configure(
+        f"ALTER SYSTEM SET ssl_cert_file = '{TLS_DIR / 'server.crt'}'",
+        f"ALTER SYSTEM SET ssl_key_file = '{TLS_DIR / 'server.key'}'",
+        "ALTER SYSTEM SET ssl = on",
+    )
+    verified = f"{PG_ADMIN}?sslmode=verify-full&sslrootcert={ca_dir / 'ca.crt'}"
+
+    def answers_over_tls() -> bool:
+        try:
+            with psycopg.connect(verified, connect_timeout=5) as conn:
+                return bool(conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0])
+        except psycopg.OperationalError:
+            return False  # the reload is asynchronous
+
+    try:
+        wait_until(answers_over_tls, timeout=30, every=0.2, what="PostgreSQL serving TLS")
+        yield ca_dir / "ca.crt"
+    finally:
+        configure("ALTER SYSTEM RESET ssl", "ALTER SYSTEM RESET ssl_cert_file", "ALTER SYSTEM RESET ssl_key_file")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, airflow_env, pg_tls):
     """The model served by a gateway logging to a fresh PostgreSQL database; the subject's and others' traffic sent."""
     import psycopg
 
@@ -105,10 +171,8 @@ def served(tmp_path_factory, airflow_env):
             if key.startswith("AIRFLOW") or key in ("PYTHONPATH", "PATH"):
                 mp.setenv(key, value)
         _point_env_at(home, mp)
-        mp.setenv(
-            "RELEASEGATE_DB_URL",
-            f"{PG_ADMIN.rsplit('/', 1)[0].replace('postgresql:', 'postgresql+psycopg:')}/{database}",
-        )
+        server = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql:", "postgresql+psycopg:")
+        mp.setenv("RELEASEGATE_DB_URL", f"{server}/{database}?sslmode=verify-full&sslrootcert={pg_tls}")
         from releasegate import signing
         from releasegate.settings import get_settings
 
@@ -194,6 +258,14 @@ def test_the_database_holds_each_marker_only_in_its_declared_form(served):
     assert len(logged) == 11
     assert all(set(row) == {"age", "income", "customer", "emirates_id"} for row in logged)  # email: dropped
     assert all(row["customer"].startswith("p:") and row["emirates_id"].startswith("e:") for row in logged)
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, connect_timeout=5) as conn:
+        sessions = conn.execute(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = %s",
+            (served["database"],),
+        ).fetchall()
+    assert sessions and all(ssl for (ssl,) in sessions), "the gateway and the log writer reach PostgreSQL over TLS"
     dump = _pg_dump(served["database"])
     assert b"subject-0" in dump, "the dump holds the log (a request id is found in it)"
     assert [m for m in MARKERS if m.encode() in dump] == []
