@@ -154,14 +154,12 @@ def _signature(model: str, version: str, tmp: Path, settings: Settings, found: _
 
 
 def _holdout(model: str, version: str, tmp: Path, settings: Settings, found: _Findings) -> pd.DataFrame | None:
-    import pandas as pd
 
     from releasegate import registry
     from releasegate.evaluation import HOLDOUT_ARTIFACT
 
     try:
-        path = registry.download_artifact(model, version, HOLDOUT_ARTIFACT, dst=tmp / "holdout", settings=settings)
-        holdout = pd.read_parquet(path)
+        holdout = registry.read_frame(model, version, HOLDOUT_ARTIFACT, dst=tmp / "holdout", settings=settings)
     except registry.RegistryError:
         found.error(
             "holdout",

@@ -520,13 +520,11 @@ def release_drift_report(
             until,
         )
         return None
-    import pandas as pd
 
     from releasegate import registry  # MLflow is slow to import; a window without traffic never needs it
 
     with tempfile.TemporaryDirectory(prefix="releasegate-reference-") as tmp:
-        path = registry.download_artifact(model, candidate_version, REFERENCE_ARTIFACT, dst=tmp, settings=settings)
-        reference = pd.read_parquet(path)
+        reference = registry.read_frame(model, candidate_version, REFERENCE_ARTIFACT, dst=tmp, settings=settings)
     title = f"Input drift: {model} v{candidate_version}, release {release_id}"
     return input_drift(reference, current, Path(out_dir), title=title)
 

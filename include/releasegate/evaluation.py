@@ -279,16 +279,13 @@ def compare(
     model: str, candidate_version: str, champion_version: str, policy: Policy, settings: Settings | None = None
 ) -> EvaluationResult:
     """Score both versions on the candidate's holdout.parquet and judge them per the policy (`judge`)."""
-    import pandas as pd
 
     from releasegate import registry, signing
 
     settings = settings or get_settings()
     with tempfile.TemporaryDirectory(prefix="rg-eval-") as tmp:
-        holdout = pd.read_parquet(
-            registry.download_artifact(
-                model, candidate_version, HOLDOUT_ARTIFACT, dst=Path(tmp) / "data", settings=settings
-            )
+        holdout = registry.read_frame(
+            model, candidate_version, HOLDOUT_ARTIFACT, dst=Path(tmp) / "data", settings=settings
         )
         label = label_column(model, holdout.columns, settings)
         features = holdout.drop(columns=[label])

@@ -208,18 +208,13 @@ def _reference_data(
     model: str, version: str, tmp: Path, settings: Settings
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The version's reference inputs, and its holdout with labels when it has one."""
-    import pandas as pd
 
     from releasegate import registry
 
-    reference = pd.read_parquet(
-        registry.download_artifact(model, version, drift.REFERENCE_ARTIFACT, dst=tmp / "reference", settings=settings)
-    )
+    reference = registry.read_frame(model, version, drift.REFERENCE_ARTIFACT, dst=tmp / "reference", settings=settings)
     holdout = None
     if registry.has_artifact(model, version, HOLDOUT_ARTIFACT, settings):
-        holdout = pd.read_parquet(
-            registry.download_artifact(model, version, HOLDOUT_ARTIFACT, dst=tmp / "holdout", settings=settings)
-        )
+        holdout = registry.read_frame(model, version, HOLDOUT_ARTIFACT, dst=tmp / "holdout", settings=settings)
     return reference, holdout
 
 

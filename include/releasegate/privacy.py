@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 
 PSEUDONYM_PREFIX = "p:"
 ENCRYPTED_PREFIX = "e:"
+SEALED = b"releasegate-sealed:v1\n"  # how a sealed file (a version's reference or holdout data) begins
+
+
+def is_sealed(data: bytes) -> bool:
+    return data.startswith(SEALED)
 
 
 class DataClass(StrEnum):
@@ -127,6 +132,30 @@ class Protector:
         kid, _, payload = token.removeprefix(ENCRYPTED_PREFIX).partition(":")
         raw = base64.b64decode(payload)
         return orjson.loads(AESGCM(self._keys[kid]).decrypt(raw[:12], raw[12:], kid.encode()))
+
+    def seal(self, data: bytes) -> bytes:
+        """A file's bytes sealed under the current data key (AES-256-GCM; the key id in the clear, bound in)."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        nonce = os.urandom(12)
+        kid = self._current.encode()
+        return SEALED + kid + b"\n" + nonce + AESGCM(self._keys[self._current]).encrypt(nonce, data, SEALED + kid)
+
+    def unseal(self, blob: bytes) -> bytes:
+        """The bytes `seal` sealed; ClassificationError naming the key when it is not held or the bytes were changed."""
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        kid, _, rest = blob.removeprefix(SEALED).partition(b"\n")
+        name = kid.decode(errors="replace")
+        if name not in self._keys:
+            raise ClassificationError(f"sealed with data key {name!r}, which this deployment does not hold")
+        try:
+            return AESGCM(self._keys[name]).decrypt(rest[:12], rest[12:], SEALED + kid)
+        except InvalidTag:
+            raise ClassificationError(
+                f"sealed data does not open with data key {name!r}: changed, or another key"
+            ) from None
 
     def value(self, cls: DataClass, value: Any) -> Any:
         if value is None or cls is DataClass.public:

@@ -19,6 +19,7 @@ from releasegate.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import mlflow
+    import pandas as pd
     from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
     from releasegate.signing import VerifiedModel
@@ -158,6 +159,23 @@ def download_artifact(
             f"could not download {artifact_path!r} of {model} v{version} (run {run_id}): {err.message}"
         ) from err
     return Path(local)
+
+
+def read_frame(
+    model: str, version: str | int, artifact_path: str, dst: str | Path, settings: Settings | None = None
+) -> pd.DataFrame:
+    """A version's data artifact (e.g. "releasegate/holdout.parquet") as a DataFrame, opened first when it was
+    logged sealed (RELEASEGATE_ENCRYPT_DATA_ARTIFACTS)."""
+    import io
+
+    import pandas as pd
+
+    from releasegate import privacy
+
+    data = download_artifact(model, version, artifact_path, dst=dst, settings=settings).read_bytes()
+    if privacy.is_sealed(data):
+        data = privacy.Protector.of(settings or get_settings()).unseal(data)
+    return pd.read_parquet(io.BytesIO(data))
 
 
 def download_model(model: str, version: str | int, dst: str | Path, settings: Settings | None = None) -> Path:

@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         description="Id of the data key `encrypt` columns are sealed with (`keys/data-<id>.key`, made on first use); "
         "a new id rotates the key, old rows keep theirs.",
     )
+    encrypt_data_artifacts: bool = Field(
+        default=False,
+        description="Seal the reference and holdout data a version logs (`training.log_release_data`) with the "
+        "current data key (AES-256-GCM), for an artifact store without encryption at rest (the local one); "
+        "releasegate opens them wherever it holds the key. Where the store encrypts (S3 SSE-KMS, GCS CMEK), leave off.",
+    )
     region: str = Field(
         default="local",
         description="The region this deployment's parts are in, unless one of the `*_REGION` variables says "

@@ -29,14 +29,25 @@ def skops_trusted_types(estimator: Any) -> list[str]:
     return list(skops.io.get_untrusted_types(data=skops.io.dumps(estimator)))
 
 
-def log_release_data(reference: pd.DataFrame, holdout: pd.DataFrame) -> None:
-    """Log the training-input sample (drift's reference) and the labelled holdout into the active MLflow run."""
+def log_release_data(reference: pd.DataFrame, holdout: pd.DataFrame, *, encrypt: bool | None = None) -> None:
+    """Log the training-input sample (drift's reference) and the labelled holdout into the active MLflow run;
+    sealed with the deployment's data key when `encrypt` (default: RELEASEGATE_ENCRYPT_DATA_ARTIFACTS)."""
     import mlflow
 
+    from releasegate.settings import get_settings
+
+    settings = get_settings()
+    protector = None
+    if settings.encrypt_data_artifacts if encrypt is None else encrypt:
+        from releasegate.privacy import Protector
+
+        protector = Protector.of(settings)
     with tempfile.TemporaryDirectory(prefix="rg-release-data-") as tmp:
         for name, frame in (("reference", reference), ("holdout", holdout)):
             path = Path(tmp) / f"{name}.parquet"
             frame.reset_index(drop=True).to_parquet(path)
+            if protector is not None:
+                path.write_bytes(protector.seal(path.read_bytes()))
             mlflow.log_artifact(str(path), artifact_path="releasegate")
 
 

@@ -297,7 +297,6 @@ def validate_candidate(
 
     A model's first version (no champion) is held to its data contract only.
     """
-    import pandas as pd
 
     from releasegate import evaluation, registry
     from releasegate import policy as policy_module
@@ -317,10 +316,7 @@ def validate_candidate(
     else:
         try:
             with tempfile.TemporaryDirectory(prefix="rg-holdout-") as tmp:
-                path = registry.download_artifact(
-                    model, candidate_version, HOLDOUT_ARTIFACT, dst=tmp, settings=settings
-                )
-                holdout = pd.read_parquet(path)
+                holdout = registry.read_frame(model, candidate_version, HOLDOUT_ARTIFACT, dst=tmp, settings=settings)
             contract = run_contract(holdout, suite, settings=settings)
             if not contract.success:
                 reasons.append(

@@ -11,14 +11,12 @@ All three convert to ONNX, so the gateway serves them on its compiled path (serv
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from releasegate.contract import CLASSIFICATION_TAG, LABEL_TAG, SUITE_TAG
 from releasegate.demo import data
 from releasegate.settings import Settings, get_settings
-from releasegate.training import skops_trusted_types
+from releasegate.training import log_release_data, skops_trusted_types
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -229,13 +227,7 @@ def _train_and_register(client: MlflowClient, model_name: str, role: str, settin
             serialization_format="skops",
             skops_trusted_types=skops_trusted_types(pipeline),
         )
-        with tempfile.TemporaryDirectory(prefix="rg-demo-") as tmp:
-            reference = Path(tmp) / "reference.parquet"
-            x.sample(REFERENCE_ROWS, random_state=spec["train_seed"]).reset_index(drop=True).to_parquet(reference)
-            evaluation = Path(tmp) / "holdout.parquet"
-            holdout.to_parquet(evaluation)
-            mlflow.log_artifact(str(reference), artifact_path="releasegate")
-            mlflow.log_artifact(str(evaluation), artifact_path="releasegate")
+        log_release_data(x.sample(REFERENCE_ROWS, random_state=spec["train_seed"]), holdout)
 
     version = str(info.registered_model_version)
     client.set_model_version_tag(model_name, version, ROLE_TAG, role)
