@@ -65,10 +65,11 @@ from releasegate.verdict import Decision, MetricResult, Verdict
 from tests.integration import own_models as om
 from tests.integration.conftest import Stack, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 
 FLEET_CONCURRENCY = int(os.environ.get("RELEASEGATE_FLEET_CONCURRENCY", "5"))
-FLEET_DEADLINE_SECONDS = 1200
+# A deadline for a hang, not a speed target: on a machine found 2-3x slower (2026-12-01) the fleet needed ~25 min.
+FLEET_DEADLINE_SECONDS = 2700
 RELEASE_DEADLINE_SECONDS = 900
 AA_MODELS = [f"aa-{i}" for i in range(10)]
 RATE = 150  # requests/s of each model's traffic while its releases run
