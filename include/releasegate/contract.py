@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 # Registered-model tags releasegate reads: the expectation suite, the holdout's label column, the backend, the
 # regions the model's data may be processed and stored in (comma-separated; none: anywhere).
@@ -194,3 +194,20 @@ class AuditAction(StrEnum):
     def moved_to(cls, state: StrEnum) -> AuditAction:
         """The event of a release's move into `state`."""
         return cls(f"release.{state.value}")
+
+
+_Tagged = TypeVar("_Tagged", bound=BaseModel)
+
+
+def from_tag(
+    kind: type[_Tagged], model: str, tags: dict[str, str], tag: str, error: type[Exception], what: str
+) -> _Tagged:
+    """A registered-model tag's JSON as `kind` (its defaults when the tag is absent); `error` naming each problem."""
+    value = tags.get(tag)
+    if value is None:
+        return kind()
+    try:
+        return kind.model_validate_json(value)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'tag'}: {e['msg']}" for e in err.errors())
+        raise error(f"{model}'s {tag} tag is not {what}: {problems}") from None

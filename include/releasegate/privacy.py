@@ -29,9 +29,9 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from releasegate.contract import CLASSIFICATION_TAG
+from releasegate.contract import CLASSIFICATION_TAG, from_tag
 from releasegate.errors import ReleasegateError
 
 if TYPE_CHECKING:
@@ -71,16 +71,7 @@ class Classification(BaseModel):
 
     @classmethod
     def from_tags(cls, model: str, tags: dict[str, str]) -> Classification:
-        value = tags.get(CLASSIFICATION_TAG)
-        if value is None:
-            return cls()
-        try:
-            return cls.model_validate_json(value)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'tag'}: {e['msg']}" for e in err.errors())
-            raise ClassificationError(
-                f"{model}'s {CLASSIFICATION_TAG} tag is not a classification: {problems}"
-            ) from None
+        return from_tag(cls, model, tags, CLASSIFICATION_TAG, ClassificationError, "a classification")
 
     def of(self, column: str, values: list[Any]) -> DataClass:
         """The class of a column, from its declaration or, undeclared, the type of its first present value."""

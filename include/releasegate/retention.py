@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from releasegate import audit, storage
-from releasegate.contract import NIGHTLY_REPORTS, RETENTION_TAG, AuditAction
+from releasegate.contract import NIGHTLY_REPORTS, RETENTION_TAG, AuditAction, from_tag
 from releasegate.errors import ReleasegateError
 
 if TYPE_CHECKING:
@@ -47,14 +47,7 @@ class Retention(BaseModel):
 
     @classmethod
     def from_tags(cls, model: str, tags: dict[str, str]) -> Retention:
-        value = tags.get(RETENTION_TAG)
-        if value is None:
-            return cls()
-        try:
-            return cls.model_validate_json(value)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'tag'}: {e['msg']}" for e in err.errors())
-            raise RetentionError(f"{model}'s {RETENTION_TAG} tag is not a retention: {problems}") from None
+        return from_tag(cls, model, tags, RETENTION_TAG, RetentionError, "a retention")
 
 
 class Purged(BaseModel):
