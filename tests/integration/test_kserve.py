@@ -89,8 +89,10 @@ def _policy(tmp: Path) -> Path:
     pol["shadow"].update({"max_window_seconds": 400, "min_samples": 150, "min_agreement": 0.7})
     pol["canary"].update({"steps": [50], "max_window_seconds": 400, "min_samples": 150})
     pol["primary"]["margin"] = 0.06
-    # The played data plane times whole batches on a shared machine: latency is not what these tests judge.
+    # The played data plane times whole batches on a shared machine: latency is not what these tests judge (a CI run
+    # on a busy machine rolled back on it even at 6x the champion's p99), so no candidate request is ever too slow.
     pol["guardrails"]["latency_p99_margin"] = 5.0
+    pol["guardrails"]["latency_p99_slack_ms"] = 600_000.0
     (policies / "kserve-test.yaml").write_text(yaml.safe_dump(pol))
     return policies
 
@@ -360,7 +362,10 @@ def test_release_dag_promotes_on_kserve_with_the_exact_applies(kstack):
 
 
 def test_release_dag_rolls_back_on_kserve_with_the_exact_applies(kstack):
-    bad, champion = kstack.versions["bad"], kstack.versions["good"]
+    from releasegate import registry
+
+    # Against whichever version is champion now (the promotion test's candidate, unless that release failed).
+    bad, champion = kstack.versions["bad"], registry.get_alias(MODEL, "champion")
     kstack.fake.calls.clear()
     with DataPlane(kstack.fake, kstack.sink_url):
         run_release(bad)
