@@ -177,16 +177,19 @@ def input_drift(
     title: str = "Input drift",
     alpha: float = DRIFT_ALPHA,
     name: str = "input_drift",
+    decrypt: frozenset[str] = frozenset(),
 ) -> DriftSummary:
     """Evidently's DataDriftPreset (K-S / chi-square at alpha/columns) over the shared columns; writes
-    `<name>.html` and `<name>.json` in out_dir."""
+    `<name>.html` and `<name>.json` in out_dir. Encrypted columns are left out unless `decrypt` names them
+    (the model's `decrypt_in_reports`)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
     from releasegate import privacy
 
     # Logged traffic holds classified columns in their logged form: the reference is put in the same form
-    # (its values' tokens; an encrypted column is left out of both), so like is compared with like.
-    reference, current = privacy.align(reference, current)
+    # (its values' tokens; an encrypted column is opened if allowed, else left out of both), so like is compared
+    # with like.
+    reference, current = privacy.align(reference, current, decrypt=decrypt)
     numerical, categorical = _column_kinds(reference, current)
     columns = numerical + categorical
     evidently = _import_evidently()
@@ -342,9 +345,12 @@ def read_labelled(
     version: str | None = None,
     max_rows: int = MAX_ROWS,
     engine: sa.Engine | None = None,
+    decrypt_labels: bool = False,
 ) -> pd.DataFrame:
     """Served answers of `model` (of `version` when given) in [since, until) that have feedback, sampled like
-    `read_logged_inputs`; columns target and prediction, indexed by request id."""
+    `read_logged_inputs`; columns target and prediction, indexed by request id. Encrypted labels are opened
+    with `decrypt_labels` (the model's `decrypt_in_reports` names `ground_truth`), else their requests are left
+    out and counted in attrs["encrypted_labels"]."""
     import pandas as pd
 
     from releasegate import storage
@@ -375,8 +381,14 @@ def read_labelled(
             .where(*where, p.c.sample_bucket < buckets)
             .order_by(p.c.id, f.c.id)
         ).all()
+    from releasegate.privacy import ENCRYPTED_PREFIX, open_truths
+
     records: dict[str, dict[str, Any]] = {}
-    for request_id, outputs, truth in rows:
+    encrypted = set() if decrypt_labels else {r[0] for r in rows if r[2].startswith('"' + ENCRYPTED_PREFIX)}
+    if encrypted:
+        rows = [row for row in rows if row[0] not in encrypted]
+    truths = open_truths(row[2] for row in rows)
+    for (request_id, outputs, _), truth in zip(rows, truths, strict=True):
         # First row of a request, latest feedback for it wins (a client may correct a label).
         target = per_row(truth)[0]
         if request_id in records:
@@ -386,7 +398,13 @@ def read_labelled(
     frame = pd.DataFrame.from_dict(records, orient="index", columns=["target", "prediction"]).dropna()
     frame.index.name = "request_id"
     frame = frame.sort_index().head(max_rows)
-    frame.attrs.update({"requests_in_window": int(requests), "sampled_fraction": buckets / BUCKETS})
+    frame.attrs.update(
+        {
+            "requests_in_window": int(requests),
+            "sampled_fraction": buckets / BUCKETS,
+            "encrypted_labels": len(encrypted),
+        }
+    )
     return frame
 
 
@@ -526,7 +544,10 @@ def release_drift_report(
     with tempfile.TemporaryDirectory(prefix="releasegate-reference-") as tmp:
         reference = registry.read_frame(model, candidate_version, REFERENCE_ARTIFACT, dst=tmp, settings=settings)
     title = f"Input drift: {model} v{candidate_version}, release {release_id}"
-    return input_drift(reference, current, Path(out_dir), title=title)
+    from releasegate import privacy
+
+    allowed = privacy.report_allowance(model, settings)
+    return input_drift(reference, current, Path(out_dir), title=title, decrypt=allowed)
 
 
 def _column_kinds(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[list[str], list[str]]:

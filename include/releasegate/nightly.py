@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from releasegate import audit, drift
+from releasegate import audit, drift, privacy
 from releasegate.contract import NIGHTLY_REPORTS, SUITE_TAG, AuditAction
 from releasegate.evaluation import HOLDOUT_ARTIFACT, label_column
 from releasegate.settings import Settings, get_settings
@@ -109,7 +109,8 @@ def evaluate(
         reference, holdout = _reference_data(model, version, Path(tmp), settings)
         title = f"{model} v{version}, {_iso(since)} to {_iso(until)}"
 
-        inputs = drift.input_drift(reference, current, out, title=f"Input drift: {title}")
+        allowed = privacy.report_allowance(model, settings)  # encrypted fields the reports may show
+        inputs = drift.input_drift(reference, current, out, title=f"Input drift: {title}", decrypt=allowed)
         result.input_drift = _numbers(inputs)
         if inputs.drifted_share > limits.max_drifted_share:
             result.reasons.append(
@@ -131,7 +132,14 @@ def evaluate(
                 + "; ".join(result.contract["failures"])
             )
 
-        labelled = drift.read_labelled(model, since, until, version=version, engine=engine)
+        labelled = drift.read_labelled(
+            model, since, until, version=version, engine=engine, decrypt_labels="ground_truth" in allowed
+        )
+        if labelled.attrs.get("encrypted_labels"):
+            result.note = (
+                f"{labelled.attrs['encrypted_labels']} labelled requests left out of the quality report: their "
+                "labels are encrypted and the classification's decrypt_in_reports does not name ground_truth"
+            )
         if not labelled.empty:
             scored = _scored_holdout(model, version, holdout, settings) if holdout is not None else None
             report = drift.quality(labelled, out, title=f"Quality: {title}", reference=scored)
@@ -250,8 +258,6 @@ def _contract(model: str, current: pd.DataFrame, out: Path, settings: Settings) 
             "note": f"registered model {model!r} has no {SUITE_TAG} tag: no contract to check",
         }
     else:
-        from releasegate import privacy
-
         found = validation.run_contract(
             current.reset_index(drop=True),
             suite,

@@ -14,8 +14,14 @@ log writer, so the raw value of a non-public column never reaches the database, 
 - `drop`: never leaves the gateway.
 
 Unclassified columns follow the model's defaults: `strings` (default `pseudonymise`) for a column of text,
-`others` (default `public`) for the rest. A model without the tag gets those defaults. See docs/operations.md,
-"Personal data".
+`others` (default `public`) for the rest. A model without the tag gets those defaults.
+
+Feedback fields are classified too (`feedback` in the tag): `ground_truth` is `public` or `encrypt` (stored as
+a ciphertext, opened only where a verdict or a quality report compares it with the answers: a label is what
+they measure), `business_value` is `public` or `drop`. A feedback item names only its request, so the gateway
+and the KServe sink remember which model each request of a model with protected feedback went to
+(`FeedbackGuard`); an item for a request they do not remember gets the strictest classes any model they serve
+declares. See docs/operations.md, "Personal data".
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import functools
 import hashlib
 import hmac
 import os
+from collections import OrderedDict
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from releasegate.contract import CLASSIFICATION_TAG, from_tag
 from releasegate.errors import ReleasegateError
@@ -60,6 +68,53 @@ class ClassificationError(ReleasegateError):
     """A `releasegate.classification` tag that is not a valid classification."""
 
 
+class FeedbackClasses(BaseModel):
+    """The classes of a model's feedback fields. A label cannot be pseudonymised (a token is not comparable with
+    the answer it judges) nor dropped (it is what feedback is for); a business value is a number in a number
+    column: kept or dropped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ground_truth: DataClass = DataClass.public
+    business_value: DataClass = DataClass.public
+
+    @field_validator("ground_truth")
+    @classmethod
+    def _a_label_is_kept(cls, value: DataClass) -> DataClass:
+        if value not in (DataClass.public, DataClass.encrypt):
+            raise ValueError(
+                f"a label is public or encrypt, not {value}: a token cannot be compared with the answer it "
+                "judges, and a dropped label judges nothing"
+            )
+        return value
+
+    @field_validator("business_value")
+    @classmethod
+    def _a_value_is_a_number(cls, value: DataClass) -> DataClass:
+        if value not in (DataClass.public, DataClass.drop):
+            raise ValueError(f"a business value is public or drop, not {value}: it is summed as a number")
+        return value
+
+    @property
+    def protected(self) -> bool:
+        return self.ground_truth is not DataClass.public or self.business_value is not DataClass.public
+
+    @classmethod
+    def strictest(cls, declared: Iterable[FeedbackClasses]) -> FeedbackClasses:
+        found = list(declared)
+        return cls(
+            ground_truth=DataClass.encrypt
+            if any(c.ground_truth is DataClass.encrypt for c in found)
+            else DataClass.public,
+            business_value=DataClass.drop
+            if any(c.business_value is DataClass.drop for c in found)
+            else DataClass.public,
+        )
+
+
+PUBLIC_FEEDBACK = FeedbackClasses()
+
+
 class Classification(BaseModel):
     """The classes of a model's input columns (the tag's JSON), with the defaults for the others."""
 
@@ -68,6 +123,11 @@ class Classification(BaseModel):
     columns: dict[str, DataClass] = {}
     strings: DataClass = DataClass.pseudonymise  # an unclassified column of text
     others: DataClass = DataClass.public  # any other unclassified column
+    feedback: FeedbackClasses = PUBLIC_FEEDBACK
+    # Encrypted fields a report may show opened (the Evidently drift and quality reports releasegate stores in
+    # MLflow): input columns, and `ground_truth` for the quality report's labels. A verdict always opens labels
+    # (they are what it measures) and keeps only aggregates.
+    decrypt_in_reports: frozenset[str] = frozenset()
 
     @classmethod
     def from_tags(cls, model: str, tags: dict[str, str]) -> Classification:
@@ -158,6 +218,12 @@ class Protector:
         except TypeError:  # a list or an object (a model without a signature takes any): not cacheable
             return self._pseudonym(value)
 
+    def feedback(self, truth: Any, value: float | None, classes: FeedbackClasses) -> tuple[str, float | None]:
+        """A feedback item's label (as the JSON text the log holds) and business value, in their logged form."""
+        if classes.ground_truth is DataClass.encrypt:
+            truth = self.encrypt(truth)
+        return orjson.dumps(truth).decode(), None if classes.business_value is DataClass.drop else value
+
     def rows(self, rows: Rows, classification: Classification) -> Rows:
         """The rows as the log may hold them (a new Rows; `rows` itself is what the model gets)."""
         from releasegate.serving.payloads import Rows
@@ -183,6 +249,57 @@ class Protector:
             elif cls is DataClass.pseudonymise:
                 out[name] = [None if _missing(v) else self.pseudonym(_plain(v)) for v in values]
         return out
+
+
+class FeedbackGuard:
+    """Which feedback classes apply to a request: those of the model it was served by, remembered (for the
+    latest `capacity` requests of models whose feedback is protected); for a request not remembered (older,
+    served before a restart or by another replica), the strictest classes of the models declared to it."""
+
+    def __init__(self, capacity: int = 200_000):
+        self.capacity = capacity
+        self._served: OrderedDict[str, FeedbackClasses] = OrderedDict()
+        self._declared: dict[str, FeedbackClasses] = {}
+        self._unknown = PUBLIC_FEEDBACK
+
+    def declare(self, model: str, classification: Classification) -> None:
+        """A model served (or about to be), with its classification as just read."""
+        self._declared[model] = classification.feedback
+        self._unknown = FeedbackClasses.strictest(self._declared.values())
+
+    def served(self, request_id: str, classification: Classification) -> None:
+        feedback = classification.feedback
+        if feedback.ground_truth is not DataClass.public or feedback.business_value is not DataClass.public:
+            self._served[request_id] = feedback
+            if len(self._served) > self.capacity:
+                self._served.popitem(last=False)
+
+    def classes(self, request_id: str) -> FeedbackClasses:
+        return self._served.get(request_id, self._unknown)
+
+
+def open_truths(texts: Iterable[str], protector: Protector | None = None) -> list[str]:
+    """Logged labels (JSON text) as the analysis reads them: an encrypted one opened with the data key it names."""
+    opened = []
+    for text in texts:
+        if text.startswith('"' + ENCRYPTED_PREFIX):
+            if protector is None:
+                from releasegate.settings import get_settings
+
+                protector = Protector.of(get_settings())
+            from cryptography.exceptions import InvalidTag
+
+            token = orjson.loads(text)
+            kid = token.removeprefix(ENCRYPTED_PREFIX).partition(":")[0]
+            try:
+                text = orjson.dumps(protector.decrypt(token)).decode()
+            except (KeyError, InvalidTag):
+                raise ClassificationError(
+                    f"a label is encrypted with data key {kid!r}, which this deployment does not hold "
+                    "(or the label was changed)"
+                ) from None
+        opened.append(text)
+    return opened
 
 
 def _data_key(settings: Settings, kid: str) -> bytes:
@@ -216,16 +333,37 @@ def logged_classes(current: pd.DataFrame) -> dict[str, DataClass]:
     return found
 
 
+def report_allowance(model: str, settings: Settings | None = None) -> frozenset[str]:
+    """The encrypted fields `model`'s classification lets its reports show opened (`decrypt_in_reports`)."""
+    from releasegate import registry
+
+    return Classification.from_tags(model, registry.get_model_tags(model, settings)).decrypt_in_reports
+
+
 def align(
-    reference: pd.DataFrame, current: pd.DataFrame, protector: Protector | None = None
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    protector: Protector | None = None,
+    decrypt: frozenset[str] = frozenset(),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Reference data (raw, from the model's artifacts) and logged traffic in one form, read from the traffic
     itself, so it holds however each row was logged (by the gateway, or raw by another writer): a column logged
-    as tokens is tokenised in the reference; one logged encrypted is left out of both (reports never show it)."""
+    as tokens is tokenised in the reference; one logged encrypted is opened when `decrypt` names it (the model's
+    `decrypt_in_reports`), else left out of both."""
     encrypted = [c for c in current.columns if _logged_as(current[c], ENCRYPTED_PREFIX)]
     tokens = [c for c in current.columns if c in reference.columns and _logged_as(current[c], PSEUDONYM_PREFIX)]
     if not encrypted and not tokens:
         return reference, current
+    opened = [c for c in encrypted if c in decrypt]
+    if opened:
+        if protector is None:
+            from releasegate.settings import get_settings
+
+            protector = Protector.of(get_settings())
+        current = current.copy()
+        for column in opened:
+            current[column] = [None if _missing(v) else protector.decrypt(v) for v in current[column]]
+        encrypted = [c for c in encrypted if c not in decrypt]
     reference = reference.drop(columns=[c for c in encrypted if c in reference.columns])
     current = current.drop(columns=encrypted)
     if tokens:

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from releasegate import audit, storage
 from releasegate.contract import AuditAction
-from releasegate.privacy import ENCRYPTED_PREFIX, Protector
+from releasegate.privacy import ENCRYPTED_PREFIX, ClassificationError, Protector, open_truths
 from releasegate.serving import routing
 
 if TYPE_CHECKING:
@@ -66,6 +66,16 @@ def _matching(conn: sa.Connection, key: str, settings: Settings, protector: Prot
     return sa.or_(*by_key, *as_input)
 
 
+def _label(text: str, protector: Protector | None) -> str:
+    """A logged label (JSON) opened when `protector` is given and holds its key; else as stored."""
+    if protector is None:
+        return text
+    try:
+        return open_truths([text], protector)[0]
+    except ClassificationError:  # a key no longer held: exported as stored, as the document's note says
+        return text
+
+
 def export(
     key: str,
     *,
@@ -90,7 +100,7 @@ def export(
         predictions = [_readable(dict(row), protector if decrypt else None) for row in rows]
         request_ids = sorted({row["request_id"] for row in predictions})
         feedback = [
-            dict(row) | {"ground_truth": orjson.loads(row["ground_truth"])}
+            dict(row) | {"ground_truth": orjson.loads(_label(row["ground_truth"], protector if decrypt else None))}
             for row in conn.execute(sa.select(f).where(f.c.request_id.in_(request_ids)).order_by(f.c.time)).mappings()
         ]
         events = [

@@ -462,6 +462,42 @@ def test_feedback_is_stored(gateway):
     assert bad.status_code == 422 and "ground_truth is required" in bad.json()["error"]
 
 
+def test_feedback_is_stored_in_the_form_its_requests_model_declares(gateway):
+    """A model whose classification encrypts labels and drops business values: its requests' feedback is stored
+    so; feedback for a request this gateway never served gets the strictest classes of the models it serves
+    (fail closed); the label opens with the deployment's key, as a verdict reads it."""
+    from releasegate import registry
+    from releasegate.contract import CLASSIFICATION_TAG
+    from releasegate.privacy import Protector, open_truths
+
+    client = registry.client(gateway.settings)
+    champion = gateway.versions["champion"]
+    tag = '{"feedback": {"ground_truth": "encrypt", "business_value": "drop"}}'
+    client.set_registered_model_tag(MODEL, CLASSIFICATION_TAG, tag)
+    try:
+        assert gateway.put_route(champion_version=champion, mode="single").status_code == 200
+        assert gateway.invoke(rows(1, seed=41), **{"x-request-id": "labelled-encrypted"}).status_code == 200
+        sent = [
+            {"request_id": "labelled-encrypted", "ground_truth": 1, "business_value": 30.0},
+            {"request_id": "never-served-here", "ground_truth": "churned", "business_value": 7.5},
+        ]
+        assert gateway.client.post("/feedback", json=sent).json() == {"accepted": 2}
+        table = storage.feedback
+        ids = [item["request_id"] for item in sent]
+
+        def stored() -> list:
+            with storage.engine(gateway.settings.db_url).connect() as conn:
+                found = conn.execute(sa.select(table).where(table.c.request_id.in_(ids)).order_by(table.c.id)).all()
+            return found if len(found) == 2 else []
+
+        logged = wait_until(stored, timeout=10, every=0.1, what="both feedback items stored")
+        assert all(r.ground_truth.startswith('"e:k1:') and r.business_value is None for r in logged), logged
+        assert open_truths([r.ground_truth for r in logged], Protector.of(gateway.settings)) == ["1", '"churned"']
+    finally:
+        client.delete_registered_model_tag(MODEL, CLASSIFICATION_TAG)
+        assert gateway.put_route(champion_version=champion, mode="single").status_code == 200
+
+
 @pytest.mark.parametrize("role, status", [("unsigned", 422), ("tampered", 422), ("missing", 404)])
 def test_unverifiable_version_is_refused_and_the_old_route_keeps_serving(gateway, role, status):
     from releasegate.backends import DeploymentError, SignatureRefused

@@ -18,7 +18,7 @@ import pytest
 from releasegate import audit, pipeline, registry, release, signing
 from releasegate.backends import SignatureRefused
 from releasegate.backends.local import LocalBackend
-from releasegate.contract import AuditAction, Mode, Stage
+from releasegate.contract import Arm, AuditAction, Mode, Stage
 from releasegate.verdict import Decision
 from tests.unit.test_dashboard import airflow_auth  # noqa: F401  (fixture)
 
@@ -33,7 +33,11 @@ EMIRATES_ID = "784-1987-1234567-1"  # plan: encrypt
 CHANNEL = "marker-channel-5521"  # channel: drop
 ROUTING_KEY = "784-1990-7654321-2"
 MARKERS = [EMAIL, EMIRATES_ID, CHANNEL, ROUTING_KEY]
-CLASSES = {"columns": {"region": "pseudonymise", "plan": "encrypt", "channel": "drop"}}
+# Its labels encrypted at rest too: the releases below must still judge accuracy on them.
+CLASSES = {
+    "columns": {"region": "pseudonymise", "plan": "encrypt", "channel": "drop"},
+    "feedback": {"ground_truth": "encrypt"},
+}
 
 
 def run_release(version: str, policy: str = "default") -> str:
@@ -117,6 +121,22 @@ def test_better_candidate_is_promoted(stack):
     assert set(decisions[1:-1]) <= {Decision.promote, Decision.continue_}, decisions
     assert registry.get_alias(MODEL, "champion") == good
     assert registry.get_alias(MODEL, "previous") == champion
+    # Its labels were logged encrypted (CLASSES' feedback) and the verdicts opened them: accuracy was measured.
+    import sqlalchemy as sa
+
+    from releasegate import storage
+
+    p, f = storage.predictions, storage.feedback
+    of_release = sa.select(p.c.request_id).where(p.c.release_id == rel.release_id)
+    with storage.engine().connect() as conn:
+        labels = conn.execute(sa.select(f.c.ground_truth).where(f.c.request_id.in_(of_release))).scalars().all()
+    assert labels and all(label.startswith('"e:k1:') for label in labels), labels[:3]
+    from releasegate.analysis.window import read_window
+
+    shadow = rel.verdicts[0].window
+    _, read = read_window(MODEL, rel.release_id, shadow.stage.kind, shadow.start, shadow.end)
+    assert len(read) and set(read["ground_truth"]) <= {"0", "1"}  # what the shadow's verdict judged: churn's labels
+    assert rel.verdicts[0].samples[Arm.champion].labelled > 0
     route = LocalBackend().get_route(MODEL)
     assert route.champion_version == good and route.mode is Mode.single
     assert registry.get_version_tags(MODEL, good)["releasegate.state"] == "promoted"

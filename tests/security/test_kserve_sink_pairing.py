@@ -69,6 +69,12 @@ def _rows(settings) -> list[tuple[str, str, str | None]]:
     return [tuple(r) for r in rows]
 
 
+def _labels(settings) -> list[tuple[str, float | None]]:
+    with storage.engine(settings.db_url).connect() as conn:
+        found = conn.execute(sa.select(storage.feedback.c.ground_truth, storage.feedback.c.business_value)).all()
+    return [tuple(r) for r in found]
+
+
 def _states(settings) -> dict[str, str]:
     with storage.engine(settings.db_url).connect() as conn:
         return dict(conn.execute(sa.select(storage.sink_pairs.c.request_id, storage.sink_pairs.c.state)).all())
@@ -162,23 +168,37 @@ def test_a_request_alone_is_written_once_and_late_or_repeated_events_write_nothi
 
 def test_the_sink_logs_inputs_in_the_form_the_models_classification_allows(store):
     """KServe path, same policy as the gateway's: the registered model's tag (a real MLflow store) decides; a
-    dropped column never reaches the log, an encrypted one only as ciphertext, text is pseudonymised."""
+    dropped column never reaches the log, an encrypted one only as ciphertext, text is pseudonymised; the
+    request's label is stored encrypted and its business value dropped, as the tag's feedback classes say."""
     from starlette.testclient import TestClient
 
     from releasegate import registry
     from releasegate.contract import CLASSIFICATION_TAG
-    from releasegate.privacy import Protector
+    from releasegate.privacy import Protector, open_truths
 
     registry.client(store).create_registered_model(
-        "churn", tags={CLASSIFICATION_TAG: '{"columns": {"tenure": "encrypt", "region": "drop"}}'}
+        "churn",
+        tags={
+            CLASSIFICATION_TAG: '{"columns": {"tenure": "encrypt", "region": "drop"}, '
+            '"feedback": {"ground_truth": "encrypt", "business_value": "drop"}}'
+        },
     )
     with TestClient(create_app(store, k8s_settings=K8S, pending_seconds=PENDING, sweep_seconds=0.1)) as sink:
         t0 = time.time()
         _post(sink, "request", "classified", t0)
         _post(sink, "response", "classified", t0 + 0.01)
         wait_until(lambda: len(_rows(store)) == 2, timeout=60, what="the pair written")
+        feedback = {
+            "x-forwarded-client-cert": PREDICTOR["x-forwarded-client-cert"].replace("default", "releasegate-feedback")
+        }
+        label = {"request_id": "classified", "ground_truth": [1, 0], "business_value": 12.0}
+        assert sink.post("/feedback", json=[label], headers=feedback).json() == {"accepted": 1}
+        wait_until(lambda: _labels(store), timeout=60, what="the label written")
     with storage.engine(store.db_url).connect() as conn:
         logged = [json.loads(v) for v in conn.execute(sa.select(storage.predictions.c.inputs)).scalars()]
+    [(truth, value)] = _labels(store)
+    assert truth.startswith('"e:k1:') and value is None
+    assert json.loads(open_truths([truth], Protector.of(store))[0]) == [1, 0]
     protector = Protector.of(store)
     assert [set(row) for row in logged] == [{"tenure"}, {"tenure"}]  # region: dropped
     assert [protector.decrypt(row["tenure"]) for row in logged] == [3.0, 40.0]

@@ -264,3 +264,27 @@ def test_feedback_labels_give_a_quality_report_against_the_reference(rg_home, tm
     assert summary.reference_metrics == {"accuracy": 1.0}
     assert {"precision", "recall", "f1_score"} <= set(summary.metrics)
     assert (tmp_path / "quality.html").exists() and (tmp_path / "quality.json").exists()
+
+
+def test_encrypted_labels_reach_a_quality_report_only_where_the_classification_allows(rg_home):
+    from releasegate.privacy import Protector
+    from releasegate.settings import get_settings
+
+    protector = Protector.of(get_settings())
+    _log([_row(f"e-{i}", T0 + i, {"age": 40}) | {"outputs": json.dumps([i % 2])} for i in range(10)])
+    _log([_row(f"p-{i}", T0 + 20 + i, {"age": 40}) | {"outputs": json.dumps([1])} for i in range(4)])
+    with storage.engine().begin() as conn:
+        conn.execute(
+            storage.feedback.insert(),
+            [  # six labels stored encrypted (their model's feedback classes), four in the clear (before the change)
+                {"request_id": f"e-{i}", "time": T0 + i + 1, "ground_truth": json.dumps(protector.encrypt(i % 2))}
+                for i in range(6)
+            ]
+            + [{"request_id": f"p-{i}", "time": T0 + 21 + i, "ground_truth": "1"} for i in range(4)],
+        )
+
+    kept_out = drift.read_labelled("churn", T0, T0 + 100)
+    assert sorted(kept_out.index) == [f"p-{i}" for i in range(4)] and kept_out.attrs["encrypted_labels"] == 6
+    opened = drift.read_labelled("churn", T0, T0 + 100, decrypt_labels=True)
+    assert len(opened) == 10 and opened.attrs["encrypted_labels"] == 0
+    assert (opened["target"] == opened["prediction"]).all()  # the opened labels are the values sent

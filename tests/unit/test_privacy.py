@@ -88,6 +88,51 @@ def test_reference_data_is_compared_in_the_form_the_traffic_was_logged(tmp_path)
     assert raw is reference and same is reference
 
 
+def test_an_encrypted_column_is_opened_in_reports_only_where_the_classification_allows(tmp_path):
+    protector = Protector.of(Settings(home=tmp_path))
+    current = pd.DataFrame(protector.rows(_rows(), CLASSES).columns)
+    reference = pd.DataFrame({k: v for k, v in _rows().columns.items() if k != "notes"})
+    allowed = Classification.model_validate_json('{"decrypt_in_reports": ["email"]}').decrypt_in_reports
+    ref, cur = privacy.align(reference, current, protector, decrypt=allowed)
+    assert cur["email"].tolist() == ref["email"].tolist() == [EMAIL, "omar@example.ae"]  # opened, like for like
+    assert all(v.startswith("e:") for v in current["email"])  # the logged frame itself is untouched
+
+
+def test_feedback_is_logged_in_the_form_its_model_declares(tmp_path):
+    protector = Protector.of(Settings(home=tmp_path))
+    declared = Classification.from_tags(
+        "loans", {CLASSIFICATION_TAG: '{"feedback": {"ground_truth": "encrypt", "business_value": "drop"}}'}
+    )
+    truth, value = protector.feedback("defaulted", 1250.0, declared.feedback)
+    assert truth.startswith('"e:k1:') and "defaulted" not in truth and value is None
+    assert privacy.open_truths([truth, '"paid"'], protector) == ['"defaulted"', '"paid"']  # what a verdict reads
+    assert protector.feedback("paid", 80.0, Classification().feedback) == ('"paid"', 80.0)  # the default: public
+    with pytest.raises(privacy.ClassificationError, match="encrypted with data key 'k1'"):
+        privacy.open_truths([truth], Protector.of(Settings(home=tmp_path / "elsewhere")))
+    for field, value_ in (("ground_truth", "pseudonymise"), ("ground_truth", "drop"), ("business_value", "encrypt")):
+        tag = {CLASSIFICATION_TAG: f'{{"feedback": {{"{field}": "{value_}"}}}}'}
+        with pytest.raises(privacy.ClassificationError, match=f"feedback.{field}: .*not {value_}"):
+            Classification.from_tags("loans", tag)
+
+
+def test_a_feedback_item_gets_its_requests_model_classes_and_the_strictest_when_unknown():
+    loans = Classification(feedback=privacy.FeedbackClasses(ground_truth=DataClass.encrypt))
+    sales = Classification(feedback=privacy.FeedbackClasses(business_value=DataClass.drop))
+    guard = privacy.FeedbackGuard(capacity=2)
+    guard.declare("churn", Classification())
+    assert guard.classes("r-unknown") == privacy.PUBLIC_FEEDBACK  # no served model protects its feedback
+    guard.declare("loans", loans)
+    guard.declare("sales", sales)
+    guard.served("r1", loans)
+    guard.served("r2", Classification())  # public feedback: not remembered, nothing to protect
+    guard.served("r3", sales)
+    assert guard.classes("r3") == sales.feedback
+    assert guard.classes("r1") == loans.feedback
+    guard.served("r4", loans)  # beyond capacity: the oldest is forgotten ...
+    forgotten = guard.classes("r1")  # ... and gets the strictest of every declared model's classes
+    assert forgotten.ground_truth is DataClass.encrypt and forgotten.business_value is DataClass.drop
+
+
 def test_a_data_contract_checks_logged_traffic_in_the_form_it_was_logged(settings):
     """The nightly contract on logged inputs: a pseudonymised column's value set is checked on its tokens (so a
     planted unknown category still fails it), checks its tokens cannot answer are named as skipped."""

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import pandas as pd
 import sqlalchemy as sa
 
-from releasegate import storage
+from releasegate import privacy, storage
 from releasegate.analysis import decide, rows, srm
 from releasegate.analysis.canary import CanaryAnalysis, CanaryStats, canary_stats, carry
 from releasegate.analysis.shadow import ShadowAnalysis
@@ -152,6 +152,9 @@ def read_window(
     with (engine or storage.engine()).connect() as conn:
         preds = pd.DataFrame(conn.execute(preds_q).all(), columns=[c.name for c in columns])
         feedback = pd.DataFrame(conn.execute(feedback_q).all(), columns=list(rows.FEEDBACK_COLUMNS))
+    if len(feedback):
+        # Labels a model's classification encrypts are opened here, for the comparison they exist for.
+        feedback["ground_truth"] = privacy.open_truths(feedback["ground_truth"])
     return preds, feedback
 
 

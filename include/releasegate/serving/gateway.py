@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, TypedDict, cast
 
-import orjson
 import sqlalchemy as sa
 
 from releasegate import audit, registry, storage
 from releasegate.contract import AuditAction, CallStatus, Mode
-from releasegate.privacy import Classification, ClassificationError, Protector
+from releasegate.privacy import Classification, ClassificationError, FeedbackGuard, Protector
 from releasegate.serving import auth, routing
 from releasegate.serving.breaker import Breaker
 from releasegate.serving.config import GatewayConfig
@@ -125,6 +124,7 @@ class Gateway:
         self.config = config
         self.routing_secret = routing.routing_secret(settings)
         self.protector = Protector.of(settings)
+        self.feedback_guard = FeedbackGuard()  # which model's feedback classes a feedback item's request falls under
         self.metrics = metrics
         self.engine = storage.engine(settings.db_url)
         self.keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key, _metrics_key(config.metrics_key_file))
@@ -292,7 +292,9 @@ class Gateway:
         """The model's classification, read with each route change: a malformed one keeps the route from being
         applied (nothing is logged under a policy the gateway cannot read)."""
         tags = await asyncio.to_thread(registry.get_model_tags, model, self.settings)
-        return Classification.from_tags(model, tags)
+        classification = Classification.from_tags(model, tags)
+        self.feedback_guard.declare(model, classification)
+        return classification
 
     def _apply(self, active: Active) -> bool:
         current = self.routes.get(active.route.model)
@@ -467,6 +469,7 @@ class Gateway:
         champion = active.champion
         rows = select(sent, champion.schema, champion.label)
         logged = self.protector.rows(rows if rows is sent else self._logged(active, sent), active.classification)
+        self.feedback_guard.served(request_id, active.classification)
         route = active.route
         digest = routing.key_digest(route.model, routing_key, self.routing_secret)
         base: _CallBase = {
@@ -513,6 +516,7 @@ class Gateway:
         slot, arm = found
         rows = select(sent, slot.schema, slot.label)
         logged = self.protector.rows(rows if rows is sent else self._logged(active, sent), active.classification)
+        self.feedback_guard.served(request_id, active.classification)
         base: _CallBase = {
             "request_id": request_id,
             "model": model,
@@ -750,16 +754,12 @@ class Gateway:
             value = item.get("business_value")
             if value is not None and not _finite_number(value):
                 raise PayloadError(f"{where}: business_value must be a finite number", 422)
-            rows.append(
-                {
-                    "request_id": rid,
-                    "time": now,
-                    "ground_truth": orjson.dumps(truth).decode(),
-                    # A float, as its column is: an integer JSON carries (up to 2**64 - 1) may not fit SQLite's
-                    # INTEGER, and the database would refuse the row after the caller was told it was accepted.
-                    "business_value": float(value) if value is not None else None,
-                }
+            # A float, as its column is: an integer JSON carries (up to 2**64 - 1) may not fit SQLite's INTEGER, and
+            # the database would refuse the row after the caller was told it was accepted.
+            logged_truth, logged_value = self.protector.feedback(
+                truth, float(value) if value is not None else None, self.feedback_guard.classes(rid)
             )
+            rows.append({"request_id": rid, "time": now, "ground_truth": logged_truth, "business_value": logged_value})
         if not self.feedback_log.put(rows, rows=len(rows)):
             raise Unavailable("the feedback buffer is full; retry shortly")
         return len(rows)

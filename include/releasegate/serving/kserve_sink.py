@@ -53,7 +53,7 @@ from starlette.routing import Route
 
 from releasegate import storage
 from releasegate.contract import Arm, CallStatus, Mode
-from releasegate.privacy import Classification, DataClass, Protector
+from releasegate.privacy import Classification, DataClass, FeedbackClasses, FeedbackGuard, Protector
 from releasegate.serving import routing
 from releasegate.serving.logwriter import LogWriter, PredictionEntry, Row, expand_predictions
 from releasegate.serving.metrics import Metrics
@@ -64,6 +64,10 @@ if TYPE_CHECKING:
     from releasegate.settings import Settings
 
 log = logging.getLogger(__name__)
+# What the sink logs under for a model whose classification it has never been able to read.
+FAIL_CLOSED = Classification(
+    others=DataClass.drop, feedback=FeedbackClasses(ground_truth=DataClass.encrypt, business_value=DataClass.drop)
+)
 REQUEST = "org.kubeflow.serving.inference.request"
 RESPONSE = "org.kubeflow.serving.inference.response"
 XFCC = "x-forwarded-client-cert"
@@ -225,6 +229,7 @@ class Sink:
         self.routing_secret = routing_secret  # keys the logged routing-key hash, as the gateway's does
         # Inputs are logged in the form the model's classification allows, as the gateway logs them.
         self.protector = protector
+        self.feedback_guard = FeedbackGuard()
         self.classification_of = classification or (lambda model: Classification())
         self.classification_ttl = classification_ttl
         self._classes: dict[str, tuple[float, Classification]] = {}
@@ -533,13 +538,15 @@ class Sink:
             "error": error,
         }
         if self.protector is not None:
-            rows = self.protector.rows(rows, self.classification(model))
+            classification = self.classification(model)
+            rows = self.protector.rows(rows, classification)
+            self.feedback_guard.served(request_id, classification)
         return (base, rows, outputs)
 
     def classification(self, model: str) -> Classification:
         """The model's classification, read again after `classification_ttl`. When it cannot be read (registry
         down, tag malformed) the last one read holds; with none read yet, nothing is logged raw: text is
-        pseudonymised and every other column dropped."""
+        pseudonymised, every other column dropped, labels encrypted and business values dropped."""
         cached = self._classes.get(model)
         if cached and time.monotonic() - cached[0] < self.classification_ttl:
             return cached[1]
@@ -550,10 +557,11 @@ class Sink:
                 "sink: %s's classification cannot be read (%s); logging under %s",
                 model,
                 err,
-                "the last one read" if cached else "text pseudonymised, other columns dropped",
+                "the last one read" if cached else "text pseudonymised, other columns dropped, labels encrypted",
             )
-            found = cached[1] if cached else Classification(others=DataClass.drop)
+            found = cached[1] if cached else FAIL_CLOSED
         self._classes[model] = (time.monotonic(), found)
+        self.feedback_guard.declare(model, found)
         return found
 
     def route(self, model: str) -> dict[str, Any] | None:
@@ -583,14 +591,13 @@ class Sink:
                 ) from err
             if fb.ground_truth is None:
                 raise EventError(f"feedback item {i}: ground_truth is required")
-            rows.append(
-                {
-                    "request_id": fb.request_id,
-                    "time": now,
-                    "ground_truth": orjson.dumps(fb.ground_truth).decode(),
-                    "business_value": fb.business_value,
-                }
-            )
+            if self.protector is not None:
+                truth, value = self.protector.feedback(
+                    fb.ground_truth, fb.business_value, self.feedback_guard.classes(fb.request_id)
+                )
+            else:
+                truth, value = orjson.dumps(fb.ground_truth).decode(), fb.business_value
+            rows.append({"request_id": fb.request_id, "time": now, "ground_truth": truth, "business_value": value})
         self.feedback_log.put(rows, rows=len(rows))
         return len(rows)
 
