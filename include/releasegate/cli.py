@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -340,6 +341,105 @@ def purge_command(no_reports: bool, actor: str) -> None:
             f"{done.model}: {done.predictions} predictions, {done.feedback} feedback rows, "
             f"{len(done.reports)} nightly reports deleted"
         )
+
+
+@main.group("incidents")
+def incidents_group() -> None:
+    """Incidents: opened by rollbacks, failed or invalid releases, emergency rollbacks and alarms; owned, resolved
+    and closed here (every move audited and sent to RELEASEGATE_INCIDENT_WEBHOOK)."""
+
+
+@incidents_group.command("list")
+@click.option("--state", type=click.Choice(["open", "acknowledged", "resolved", "closed"]), default=None)
+@click.option("--model", default=None)
+def incidents_list(state: str | None, model: str | None) -> None:
+    """Incidents, newest first."""
+    from datetime import UTC, datetime
+
+    from releasegate import incidents
+
+    found = incidents.list_incidents(incidents.IncidentState(state) if state else None, model)
+    for i in found:
+        opened = datetime.fromtimestamp(i.opened_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        owner = f"  owner {i.owner}" if i.owner else ""
+        click.echo(f"#{i.id}  {opened}  {i.state.value:12s} {i.severity.value:8s} {i.title}{owner}")
+    if not found:
+        click.echo("no incidents")
+
+
+@incidents_group.command("show")
+@click.argument("incident_id", type=int)
+def incidents_show(incident_id: int) -> None:
+    """One incident with its timeline (JSON)."""
+    from releasegate import incidents
+
+    try:
+        click.echo(incidents.get(incident_id).model_dump_json(indent=2))
+    except incidents.IncidentError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _move(
+    incident_id: int,
+    to: str,
+    actor: str,
+    note: str = "",
+    owner: str | None = None,
+    resolution: str | None = None,
+    review_url: str | None = None,
+) -> None:
+    from releasegate import incidents
+
+    try:
+        moved = incidents.move(
+            incident_id,
+            incidents.IncidentState(to),
+            actor=actor,
+            note=note,
+            owner=owner,
+            resolution=resolution,
+            review_url=review_url,
+        )
+    except incidents.IncidentError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"#{moved.id} {moved.state.value}: {moved.title}")
+
+
+@incidents_group.command("ack")
+@click.argument("incident_id", type=int)
+@click.option("--owner", default=None, help="Who owns it from now (default: the actor).")
+@click.option("--note", default="")
+@click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+def incidents_ack(incident_id: int, owner: str | None, note: str, actor: str) -> None:
+    """Acknowledge an open incident: someone owns it."""
+    _move(incident_id, "acknowledged", actor, owner=owner, note=note)
+
+
+@incidents_group.command("resolve")
+@click.argument("incident_id", type=int)
+@click.option("--resolution", required=True, help="What was done (kept in the incident and the audit log).")
+@click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+def incidents_resolve(incident_id: int, resolution: str, actor: str) -> None:
+    """Resolve an incident: service restored, the cause dealt with."""
+    _move(incident_id, "resolved", actor, resolution=resolution)
+
+
+@incidents_group.command("close")
+@click.argument("incident_id", type=int)
+@click.option("--review", "review_url", default=None, help="Link to the post-incident review.")
+@click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+def incidents_close(incident_id: int, review_url: str | None, actor: str) -> None:
+    """Close a resolved incident, with its post-incident review."""
+    _move(incident_id, "closed", actor, review_url=review_url)
+
+
+@incidents_group.command("reopen")
+@click.argument("incident_id", type=int)
+@click.option("--note", required=True, help="Why it is not over.")
+@click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+def incidents_reopen(incident_id: int, note: str, actor: str) -> None:
+    """Reopen a resolved incident."""
+    _move(incident_id, "open", actor, note=note)
 
 
 @main.group()

@@ -189,6 +189,12 @@ class AuditAction(StrEnum):
     data_purged = "data.purged"  # rows and reports past the model's retention
     subject_exported = "subject.exported"  # a data subject's rows, exported on request
     subject_erased = "subject.erased"  # a data subject's rows, erased on request
+    # An incident's lifecycle (releasegate.incidents): opened, then each move.
+    incident_opened = "incident.opened"
+    incident_acknowledged = "incident.acknowledged"
+    incident_resolved = "incident.resolved"
+    incident_closed = "incident.closed"
+    incident_reopened = "incident.reopened"
 
     @classmethod
     def moved_to(cls, state: StrEnum) -> AuditAction:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from releasegate import audit, drift, privacy
+from releasegate import audit, drift, incidents, privacy
 from releasegate.contract import NIGHTLY_REPORTS, SUITE_TAG, AuditAction
 from releasegate.evaluation import HOLDOUT_ARTIFACT, label_column
 from releasegate.settings import Settings, get_settings
@@ -191,6 +191,15 @@ def notify(evaluations: list[dict[str, Any]], actor: str = "nightly", settings: 
             version=e["version"],
             details={"reasons": e["reasons"], "artifacts": e.get("artifacts")},
             engine=engine,
+        )
+        incidents.open_incident(
+            actor=actor,
+            source=AuditAction.nightly_alert.value,
+            severity=incidents.Severity.medium,
+            title=f"{e['model']} v{e['version']}: {'; '.join(e['reasons'])}",
+            model=e["model"],
+            engine=engine,
+            settings=settings,
         )
     url = settings.alert_webhook
     if url:

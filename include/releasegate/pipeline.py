@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from releasegate import audit, release
+from releasegate import audit, incidents, release
 from releasegate import policy as policies
 from releasegate.backends import Applied, Backend, BackendKind, backend_kind
 from releasegate.contract import AuditAction, Branch, Mode, Outcome, RouteChange, Stage, StageKind
@@ -777,6 +777,14 @@ def emergency_rollback(
             "category": category,
             "aborted_release": aborted.model_dump(mode="json") if aborted else None,
         },
+    )
+    incidents.open_incident(
+        actor=actor,
+        source=AuditAction.emergency_rollback.value,
+        severity=incidents.Severity.critical,
+        title=f"{model}: emergency rollback from v{champion} to v{previous} by {actor}: {reason}",
+        model=model,
+        release_id=aborted.release_id if aborted else None,
     )
     return EmergencyRollback(
         model=model,

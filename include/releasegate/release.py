@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel
 
-from releasegate import audit, storage
+from releasegate import audit, incidents, storage
 from releasegate.contract import AuditAction, Outcome
 from releasegate.errors import ReleasegateError, TransientStorageError
 from releasegate.verdict import Verdict
@@ -39,6 +39,14 @@ class State(StrEnum):
 
 
 TERMINAL = frozenset({State.promoted, State.rejected, State.rolled_back, State.invalid, State.aborted, State.failed})
+# The ends that open an incident (releasegate.incidents), and how severe: a rollback or a failure left traffic
+# on the champion with its cause unknown; an invalid release harmed nothing but its evidence. A rejection or
+# an abort is a person's decision, not an incident.
+INCIDENT_SEVERITY = {
+    State.rolled_back: incidents.Severity.high,
+    State.failed: incidents.Severity.high,
+    State.invalid: incidents.Severity.medium,
+}
 _ENDINGS = {State.aborted, State.failed}
 MOVES: dict[State, frozenset[State]] = {
     # Signed first: validation runs the candidate, and only verified bytes are ever loaded.
@@ -232,13 +240,13 @@ def transition(
     """
     eng = engine or storage.engine()
 
-    def work(conn: sa.Connection) -> bool:
+    def work(conn: sa.Connection) -> tuple[int, str] | None:
         row = conn.execute(sa.select(storage.releases).where(storage.releases.c.release_id == release_id)).first()
         if row is None:
             raise ReleaseError(f"release {release_id} does not exist")
         current = State(row.state)
         if current == to:
-            return False
+            return None
         if to not in MOVES.get(current, frozenset()):
             raise ReleaseError(f"release {release_id} cannot move from {current.value} to {to.value}")
         now = time.time()
@@ -265,9 +273,23 @@ def transition(
             release_id=release_id,
             details={"from": current.value, "to": to.value, "reason": reason, **(details or {})},
         )
-        return True
+        severity = INCIDENT_SEVERITY.get(to)
+        if severity is None:
+            return None
+        # Opened with the move, in its transaction: an ended release never lacks its incident.
+        return incidents.open_in(
+            conn,
+            actor=actor,
+            source=AuditAction.moved_to(to).value,
+            severity=severity,
+            title=f"{row.model} v{row.candidate_version}: release {to.value}" + (f": {reason}" if reason else ""),
+            model=row.model,
+            release_id=release_id,
+        )
 
-    audit.retrying(work, eng)
+    opened = audit.retrying(work, eng)
+    if opened is not None:
+        incidents.notify(incidents.get(opened[0], eng), opened[1])
     return get(release_id, eng)
 
 

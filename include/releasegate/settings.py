@@ -167,6 +167,13 @@ class Settings(BaseSettings):
         default=None, description="Region of the MLflow artifact store (reports, reference data); default REGION."
     )
     alert_webhook: str | None = Field(default=None, description="URL the nightly evaluation POSTs its alert to (JSON).")
+    incident_webhook: str | None = Field(
+        default=None,
+        description="URL every incident event is POSTed to (JSON `releasegate.incident/v1`, docs/operations.md).",
+    )
+    incident_webhook_token: str | None = Field(
+        default=None, description="Bearer token sent to the incident webhook, if it wants one."
+    )
     nightly_schedule: str | None = Field(
         default=None, description="Cron of the nightly evaluation; default the default policy's `monitoring.schedule`."
     )

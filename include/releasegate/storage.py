@@ -136,6 +136,39 @@ sink_pairs = sa.Table(
     sa.Index("ix_sink_pairs_updated", "updated_at"),
 )
 
+# Incidents (releasegate.incidents): one row per incident, its timeline in incident_events (append-only).
+incidents = sa.Table(
+    "incidents",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("state", sa.String(20), nullable=False),  # open | acknowledged | resolved | closed
+    sa.Column("severity", sa.String(10), nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("source", sa.String(64), nullable=False),  # what opened it: an audit action, or `alert`
+    sa.Column("model", sa.String(200), index=True),
+    sa.Column("release_id", sa.String(64)),
+    sa.Column("alert", sa.Text),  # JSON: the alert that opened it
+    sa.Column("owner", sa.String(200)),
+    sa.Column("resolution", sa.Text),
+    sa.Column("review_url", sa.Text),
+    sa.Column("dedup_key", sa.String(300), nullable=False),  # model and source: a repeat joins the active one
+    sa.Column("opened_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_incidents_dedup_state", "dedup_key", "state"),
+)
+
+incident_events = sa.Table(
+    "incident_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("incident_id", sa.Integer, sa.ForeignKey("incidents.id"), nullable=False, index=True),
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("event", sa.String(20), nullable=False),  # opened | repeated | acknowledged | resolved | ...
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("details", sa.Text, nullable=False),  # JSON
+)
+
 _engines: dict[str, sa.Engine] = {}
 _lock = threading.Lock()
 

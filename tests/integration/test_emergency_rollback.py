@@ -143,6 +143,12 @@ def test_dag_puts_the_previous_champion_back_and_aborts_the_open_release(promote
     assert event["details"]["reason"] == REASON and event["details"]["category"] == "wrong predictions"
     assert (event["details"]["from_version"], event["details"]["to_version"]) == (v2, v1)
     assert event["details"]["aborted_release"]["release_id"] == rel_id
+    from releasegate import incidents
+
+    # A critical incident, opened by the rollback, naming the release it stopped and why.
+    [incident] = [i for i in incidents.list_incidents(model=MODEL) if i.source == AuditAction.emergency_rollback]
+    assert incident.severity is incidents.Severity.critical and incident.release_id == rel_id
+    assert REASON in incident.title and incident.state is incidents.IncidentState.open
     assert audit.verify().ok
     assert answered_by(promoted_with_canary) == {v1}
 
