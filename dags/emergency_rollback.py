@@ -6,7 +6,8 @@ waiting for a release's evidence:
 
 1. **roll_back**: all traffic to the previous champion (the gateway loads and verifies it
    first); an open release of the model is closed as `aborted`; the `champion` alias moves
-   back to the previous version; who triggered it and why go to the audit log.
+   back to the previous version; who triggered it and why go to the audit log, and a critical
+   incident is opened (or, when an Alertmanager alert triggered it, recorded in the alert's).
 
 Use it when the live champion is hurting users. It always goes one champion back; to stop
 only a release still in shadow or canary, keeping the champion, use `releasegate abort`.
@@ -23,7 +24,7 @@ from releasegate_airflow import xcom
 from releasegate_airflow.operators import actor
 
 ROLL_BACK = "roll_back"
-CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "security incident", "other"]
+CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "security incident", "alert", "other"]
 
 
 @dag(
@@ -63,6 +64,20 @@ CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "securi
             title="Release (optional)",
             description="The release this is about (rel-…); an open release of the model is aborted either way.",
         ),
+        "incident": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Incident (optional)",
+            description="The incident this rollback answers (`releasegate incidents list`); the alert receiver "
+            "sets it. Without one, the rollback opens a critical incident.",
+        ),
+        "alert": Param(
+            None,
+            type=["null", "object"],
+            title="Alert (set by the alert receiver)",
+            description="The Alertmanager alert that triggered this run: kept in the audit event.",
+        ),
     },
     default_args={"retries": 0},
 )
@@ -80,6 +95,8 @@ def emergency_rollback():
                 actor(),
                 release_id=params.get("release_id") or None,
                 category=params.get("category"),
+                incident=params.get("incident"),
+                alert=params.get("alert"),
             )
         )
 

@@ -9,6 +9,7 @@
 #   deploy/secrets/ca/ca.pem       a throwaway CA (its key is deleted once it signed the gateway's certificate)
 #   deploy/secrets/gateway/        the gateway's TLS certificate (gateway, localhost, 127.0.0.1) and key
 #   deploy/secrets/metrics/        metrics.key: the key of role `metrics` Prometheus scrapes /metrics with
+#   deploy/secrets/alerts/         alerts.key: the key of role `alerts` Alertmanager posts to /alerts with
 #   deploy/secrets/trusted/        release.pub: the public key the stack verifies models with
 #   deploy/secrets/signing/        release.key: its private key, for where models are built (the demo
 #                                  profile's demo-models, CI); move it there and delete it here
@@ -119,6 +120,18 @@ else
     # Readable by Prometheus' own user: the key opens /metrics and nothing else.
     chmod 755 "$METRICS" && chmod 644 "$METRICS/metrics.key"
     say "metrics: $METRICS/metrics.key (the gateway's /metrics key, for Prometheus)"
+fi
+
+# --- Alertmanager's key: role `alerts`, POST /alerts only ---------------------------------------------
+ALERTS="$SECRETS/alerts"
+if [ -e "$ALERTS/alerts.key" ]; then
+    say "alerts: $ALERTS/alerts.key exists, left as it is"
+else
+    mkdir -p "$ALERTS"
+    hex >"$ALERTS/alerts.key"
+    # Readable by Alertmanager's own user: the key opens POST /alerts and nothing else.
+    chmod 755 "$ALERTS" && chmod 644 "$ALERTS/alerts.key"
+    say "alerts: $ALERTS/alerts.key (the gateway's /alerts key, for Alertmanager)"
 fi
 
 # --- the signing key pair ---------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def routes_show(model: str) -> None:
 
 
 @apikeys.command("create")
-@click.option("--role", type=click.Choice(["predict", "feedback", "admin"]), required=True)
+@click.option("--role", type=click.Choice(["predict", "feedback", "alerts", "admin"]), required=True)
 def apikeys_create(role: str) -> None:
     """Create a key; the secret is printed once and stored only as a digest."""
     from releasegate.serving import auth

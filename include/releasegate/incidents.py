@@ -56,6 +56,7 @@ MOVES: dict[IncidentState, frozenset[IncidentState]] = {
     IncidentState.closed: frozenset(),
 }
 ACTIVE = (IncidentState.open, IncidentState.acknowledged)  # a repeat of the cause joins these
+_RANK = {Severity.critical: 0, Severity.high: 1, Severity.medium: 2, Severity.low: 3}
 
 
 class IncidentError(ReleasegateError):
@@ -242,6 +243,57 @@ def move(
     found = get(incident_id, eng)
     notify(found, event, settings)
     return found
+
+
+def record(
+    incident_id: int,
+    *,
+    actor: str,
+    event: str,
+    note: str = "",
+    details: dict[str, Any] | None = None,
+    severity: Severity | None = None,
+    engine: sa.Engine | None = None,
+    settings: Settings | None = None,
+) -> Incident:
+    """Add an entry to an incident's timeline (what was done about it, or what its alert did), raising its
+    severity to `severity` when that is more severe; told to the webhook."""
+    eng = engine or storage.engine(settings.db_url if settings else None)
+    t = storage.incidents
+
+    def work(conn: sa.Connection) -> None:
+        row = conn.execute(sa.select(t).where(t.c.id == incident_id)).first()
+        if row is None:
+            raise IncidentError(f"incident {incident_id} does not exist")
+        now = time.time()
+        values: dict[str, Any] = {"updated_at": now}
+        if severity is not None and _RANK[severity] < _RANK[Severity(row.severity)]:
+            values["severity"] = severity.value
+        conn.execute(t.update().where(t.c.id == incident_id).values(**values))
+        _entry(conn, incident_id, now, actor, event, note, details)
+
+    audit.retrying(work, eng)
+    found = get(incident_id, eng)
+    notify(found, event, settings)
+    return found
+
+
+def record_on_active(
+    source: str, model: str | None, *, actor: str, event: str, note: str = "", settings: Settings | None = None
+) -> int | None:
+    """`record` on the active incident of `model` and `source`, if there is one; its id."""
+    eng = storage.engine(settings.db_url if settings else None)
+    t = storage.incidents
+    with eng.connect() as conn:
+        row = conn.execute(
+            sa.select(t.c.id)
+            .where(t.c.dedup_key == f"{model or '-'}:{source}", t.c.state.in_([s.value for s in ACTIVE]))
+            .order_by(t.c.id)
+        ).first()
+    if row is None:
+        return None
+    record(row.id, actor=actor, event=event, note=note, engine=eng, settings=settings)
+    return int(row.id)
 
 
 def get(incident_id: int, engine: sa.Engine | None = None) -> Incident:

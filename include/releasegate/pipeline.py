@@ -708,12 +708,19 @@ class EmergencyRollback(BaseModel):
 
 
 def emergency_rollback(
-    model: str, reason: str, actor: str, release_id: str | None = None, category: str | None = None
+    model: str,
+    reason: str,
+    actor: str,
+    release_id: str | None = None,
+    category: str | None = None,
+    incident: int | None = None,
+    alert: dict[str, Any] | None = None,
 ) -> EmergencyRollback:
     """Back to the `previous` champion at once: route first, then an open release aborted, then the aliases; audited.
 
     `previous` is left where it is, so running this twice is a no-op rather than a jump back to
-    the version just rolled away from.
+    the version just rolled away from. A critical incident is opened, or, when the rollback answers one
+    (`incident`: an alert's, from the alert receiver), recorded in it; the `alert` goes to the audit event.
     """
     from releasegate import registry
 
@@ -776,16 +783,29 @@ def emergency_rollback(
             "reason": reason,
             "category": category,
             "aborted_release": aborted.model_dump(mode="json") if aborted else None,
+            "incident": incident,
+            "alert": alert,
         },
     )
-    incidents.open_incident(
-        actor=actor,
-        source=AuditAction.emergency_rollback.value,
-        severity=incidents.Severity.critical,
-        title=f"{model}: emergency rollback from v{champion} to v{previous} by {actor}: {reason}",
-        model=model,
-        release_id=aborted.release_id if aborted else None,
-    )
+    what = f"{model}: emergency rollback from v{champion} to v{previous} by {actor}: {reason}"
+    if incident is not None:
+        incidents.record(
+            incident,
+            actor=actor,
+            event="rolled_back",
+            note=what,
+            details={"from_version": champion, "to_version": previous, "audit_seq": event.get("seq")},
+            severity=incidents.Severity.critical,
+        )
+    else:
+        incidents.open_incident(
+            actor=actor,
+            source=AuditAction.emergency_rollback.value,
+            severity=incidents.Severity.critical,
+            title=what,
+            model=model,
+            release_id=aborted.release_id if aborted else None,
+        )
     return EmergencyRollback(
         model=model,
         champion=previous,

@@ -167,6 +167,13 @@ class Settings(BaseSettings):
         default=None, description="Region of the MLflow artifact store (reports, reference data); default REGION."
     )
     alert_webhook: str | None = Field(default=None, description="URL the nightly evaluation POSTs its alert to (JSON).")
+    airflow_url: str = Field(
+        default="http://127.0.0.1:8080",
+        description="Airflow's API server, for the gateway's alert receiver (and `releasegate trigger`).",
+    )
+    airflow_user: str | None = Field(default=None, description="Airflow user the alert receiver triggers runs as.")
+    airflow_password: str | None = Field(default=None, description="That user's password.")
+    airflow_token: str | None = Field(default=None, description="An Airflow API token, instead of user and password.")
     incident_webhook: str | None = Field(
         default=None,
         description="URL every incident event is POSTed to (JSON `releasegate.incident/v1`, docs/operations.md).",

@@ -721,10 +721,11 @@ PROTECTED = [  # method, path, body, the role it needs (admin may do everything)
     ("GET", f"/admin/routes/{MODEL}", None, "admin"),
     ("PUT", f"/admin/routes/{MODEL}", "champion-single", "admin"),
     ("GET", "/metrics", None, "metrics"),
+    ("POST", "/alerts", {"version": "4", "status": "firing", "alerts": []}, "alerts"),
     ("GET", "/openapi.json", None, "predict"),
 ]
 PUBLIC = ["/healthz", "/readyz", "/v2", "/v2/health/live", "/v2/health/ready"]
-KEY_KINDS = ["missing", "wrong", "malformed", "revoked", "predict", "feedback", "metrics", "admin"]
+KEY_KINDS = ["missing", "wrong", "malformed", "revoked", "predict", "feedback", "metrics", "alerts", "admin"]
 
 
 @pytest.mark.parametrize("key_kind", KEY_KINDS)

@@ -81,6 +81,13 @@ RELEASEGATE_ENV = {
     "RELEASEGATE_TRUSTED_KEYS": "{keys_dir}/release.pub",
 }
 _AIRFLOW_TASKS_ENV = {**AIRFLOW_ENV, **RELEASEGATE_ENV}
+# The gateway's alert receiver triggers emergency_rollback through Airflow's REST API, as the operator user.
+GATEWAY_ENV = {
+    **RELEASEGATE_ENV,
+    "RELEASEGATE_AIRFLOW_URL": "http://{airflow_host}:{airflow_port}",
+    "RELEASEGATE_AIRFLOW_USER": "operator",
+    "RELEASEGATE_AIRFLOW_PASSWORD": "{}",
+}
 
 SERVICES: dict[str, Service] = {
     "airflow-apiserver": Service(
@@ -117,7 +124,7 @@ SERVICES: dict[str, Service] = {
     ),
     "gateway": Service(
         ("python", "-m", "releasegate.serving", "--host", "{bind_host}", "--port", "{gateway_port}"),
-        RELEASEGATE_ENV,
+        GATEWAY_ENV,
         port="gateway_port",
         health="/readyz",
     ),
@@ -267,6 +274,7 @@ class Stack:
             "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
             "AIRFLOW__CORE__FERNET_KEY": _fernet_key(),
             "RELEASEGATE_ADMIN_KEY": "rg-system-admin-" + secrets.token_urlsafe(24),
+            "RELEASEGATE_AIRFLOW_PASSWORD": self.passwords["operator"],
         }
         self.env = self._environment()
         self._tokens: dict[str, str] = {}
@@ -324,7 +332,7 @@ class Stack:
         for name in list(env):  # the outer test run's own Airflow and releasegate settings must not leak in
             if name.startswith(("AIRFLOW", "RELEASEGATE_", "MLFLOW_")):
                 del env[name]
-        for name, template in {**AIRFLOW_ENV, **RELEASEGATE_ENV}.items():
+        for name, template in {**AIRFLOW_ENV, **GATEWAY_ENV}.items():
             env[name] = self.env_value(name, template)
         bin_dir = str(Path(sys.executable).parent)
         env.update(

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from tests.require import require
 from tests.system.stack import MODEL, ROOT
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.system]
 RELEASEGATE = str(Path(sys.executable).parent / "releasegate")
@@ -202,3 +203,113 @@ def test_dashboard_lists_the_releases_in_headless_chromium(system_stack, tmp_pat
     assert shot.stat().st_size > 10_000
     anonymous = httpx.get(f"{stack.airflow_url}/releasegate/", timeout=10)
     assert anonymous.status_code in (401, 403)
+
+
+def _alertmanager_notification(status: str, labels: dict[str, str], summary: str) -> dict:
+    """A notification as Alertmanager's webhook receiver POSTs it (payload version 4)."""
+    alert = {
+        "status": status,
+        "labels": labels,
+        "annotations": {"summary": summary},
+        "startsAt": "2026-12-01T10:00:00Z",
+        "endsAt": "0001-01-01T00:00:00Z" if status == "firing" else "2026-12-01T10:05:00Z",
+        "generatorURL": "http://prometheus:9090/graph",
+        "fingerprint": "c0ffee" + labels["alertname"][:6].lower(),
+    }
+    return {
+        "version": "4",
+        "groupKey": "{}:{alertname}",
+        "status": status,
+        "receiver": "releasegate",
+        "groupLabels": {"alertname": labels["alertname"]},
+        "commonLabels": labels,
+        "commonAnnotations": alert["annotations"],
+        "externalURL": "http://alertmanager:9093",
+        "truncatedAlerts": 0,
+        "alerts": [alert],
+    }
+
+
+def test_an_actionable_alert_rolls_the_champion_back_through_airflow_once(system_stack):
+    """Last, as it changes the champion: Alertmanager's notifications to the gateway's /alerts (an `alerts` key).
+    A warning opens an incident only; a critical `action: rollback` alert for the model triggers one
+    emergency_rollback run through Airflow's REST API (traffic back on `previous`, the alert in the audit event,
+    the run recorded in the alert's incident, now critical); its repeat triggers nothing; its resolution is noted."""
+    import json
+
+    stack = system_stack
+    made = stack.run([RELEASEGATE, "apikeys", "create", "--role", "alerts"], timeout=120)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout.strip().splitlines()[-1])["key"]
+    gateway = httpx.Client(base_url=stack.gateway_url, headers={"authorization": f"Bearer {key}"}, timeout=60)
+    champion, previous = stack.versions["good"], stack.versions["champion"]  # the first test promoted `good`
+    rollback = {"alertname": "ReleasegateChampionErrors", "model": MODEL, "severity": "critical", "action": "rollback"}
+    with stack.airflow("admin") as airflow:
+        airflow.patch("/api/v2/dags/emergency_rollback", json={"is_paused": False}).raise_for_status()
+
+        def post(status: str, labels: dict[str, str], summary: str) -> list[dict]:
+            def answered() -> httpx.Response | None:
+                resp = gateway.post("/alerts", json=_alertmanager_notification(status, labels, summary))
+                return None if resp.status_code == 401 else resp  # the gateway polls new keys every second
+
+            resp = wait_until(answered, timeout=30, every=0.5, what="the alerts key seen by the gateway")
+            assert resp.status_code == 200, resp.text
+            return resp.json()["alerts"]
+
+        [warned] = post(
+            "firing", {"alertname": "ReleasegateLatencyHigh", "model": MODEL, "severity": "warning"}, "p99 up"
+        )
+        assert warned["outcome"] == "incident" and "dag_run_id" not in warned
+        [fired] = post("firing", rollback, "20 % of churn's requests fail")
+        assert fired["outcome"] == "rollback_triggered", fired
+        [repeat] = post("firing", rollback, "20 % of churn's requests fail")
+        assert repeat["outcome"] == "rollback_already_triggered" and repeat["incident"] == fired["incident"]
+        run_path = f"/api/v2/dags/emergency_rollback/dagRuns/{fired['dag_run_id']}"
+        deadline = time.monotonic() + 600
+        while (state := airflow.get(run_path).json()["state"]) in ("queued", "running"):
+            assert time.monotonic() < deadline, "emergency_rollback did not finish in 10 minutes"
+            time.sleep(2)
+        assert state == "success", stack.log_tail("airflow-scheduler")
+        runs = airflow.get("/api/v2/dags/emergency_rollback/dagRuns").json()["dag_runs"]
+        assert [r["dag_run_id"] for r in runs] == [fired["dag_run_id"]]  # one run for the alert and its repeat
+    [resolved] = post("resolved", rollback, "errors back to normal")
+    assert resolved["outcome"] == "resolved_noted" and resolved["incident"] == fired["incident"]
+
+    route = httpx.get(
+        f"{stack.gateway_url}/admin/routes/{MODEL}", timeout=10, headers={"authorization": f"Bearer {stack.admin_key}"}
+    ).json()
+    assert (route["champion_version"], route["mode"]) == (previous, "single"), (champion, route)
+    with _releases_db(stack).connect() as db:
+        incidents = {
+            row.id: row
+            for row in db.execute(
+                sa.text("select id, severity, source, state, alert from incidents where model = :m"), {"m": MODEL}
+            )
+        }
+        timeline = (
+            db.execute(
+                sa.text("select event from incident_events where incident_id = :i order by id"),
+                {"i": fired["incident"]},
+            )
+            .scalars()
+            .all()
+        )
+        event = db.execute(
+            sa.text("select details from audit where action = 'emergency_rollback' order by seq desc limit 1")
+        ).scalar_one()
+    assert incidents[warned["incident"]].severity == "medium" and incidents[warned["incident"]].source == (
+        "alert.ReleasegateLatencyHigh"
+    )
+    alerted = incidents[fired["incident"]]
+    assert (alerted.severity, alerted.source, alerted.state) == ("critical", "alert.rollback", "open")
+    assert json.loads(alerted.alert)["labels"] == rollback
+    assert timeline == ["opened", "rollback_triggered", "repeated", "rolled_back", "alert_resolved"] or timeline == [
+        "opened",
+        "rollback_triggered",
+        "rolled_back",
+        "repeated",
+        "alert_resolved",
+    ], timeline
+    details = json.loads(event)
+    assert details["incident"] == fired["incident"] and details["alert"]["labels"] == rollback
+    assert (details["from_version"], details["to_version"]) == (champion, previous)

@@ -62,14 +62,19 @@ def test_roles_grant_their_endpoints_and_admin_grants_all(settings):
         keys.require(f"Bearer {made['metrics'][1]}", auth.Role.predict)
 
 
-def test_a_metrics_key_from_a_file_reads_metrics_and_nothing_else(settings):
-    keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key, metrics_key="scraper-secret-0123456789")
+@pytest.mark.parametrize(
+    "role, key_id", [(auth.Role.metrics, auth.METRICS_KEY_ID), (auth.Role.alerts, auth.ALERTS_KEY_ID)]
+)
+def test_a_key_from_a_file_does_its_roles_work_and_nothing_else(settings, role, key_id):
+    """Prometheus' key (metrics) and Alertmanager's (alerts), each read from a file both sides share."""
+    secret = f"{role}-secret-0123456789"
+    files = {"metrics_key": secret} if role is auth.Role.metrics else {"alerts_key": secret}
+    keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key, **files)
     keys.refresh(storage.engine(settings.db_url))
-    caller = keys.require("Bearer scraper-secret-0123456789", auth.Role.metrics)
-    assert caller == auth.Caller(auth.Role.metrics, auth.METRICS_KEY_ID)
-    for role in (auth.Role.predict, auth.Role.feedback, auth.Role.admin):
+    assert keys.require(f"Bearer {secret}", role) == auth.Caller(role, key_id)
+    for other in set(auth.Role) - {role}:
         with pytest.raises(auth.AuthError) as err:
-            keys.require("Bearer scraper-secret-0123456789", role)
+            keys.require(f"Bearer {secret}", other)
         assert err.value.status == 403
 
 

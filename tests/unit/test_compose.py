@@ -42,6 +42,7 @@ SECRETS = {
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
 ALERTS = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+ALERTMANAGER = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "releasegate-gateway.json").read_text())
 DATASOURCES = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())
 DUMB_INIT = ["/usr/bin/dumb-init", "--"]
@@ -275,6 +276,26 @@ def test_prometheus_scrapes_the_gateway_over_the_https_it_serves():
     key_file = Path(gateway["RELEASEGATE_GATEWAY_METRICS_KEY_FILE"])
     assert gateway_mounts[str(key_file.parent)] == prometheus_mounts[str(Path(credentials).parent)]
     assert key_file.name == Path(credentials).name
+
+
+def test_alertmanager_posts_to_the_gateways_alerts_endpoint_with_the_key_the_gateway_reads():
+    services = compose()["services"]
+    assert PROMETHEUS["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    assert any(str(p).endswith(":9093:9093") for p in services["alertmanager"]["ports"])
+    (receiver,) = ALERTMANAGER["receivers"]
+    (hook,) = receiver["webhook_configs"]
+    assert hook["url"] == f"https://gateway:{_port_of('gateway')}/alerts" and hook["send_resolved"] is True
+    alertmanager_mounts = {m.split(":")[1]: m.split(":")[0] for m in mounts(services["alertmanager"])}
+    gateway_mounts = {m.split(":")[1]: m.split(":")[0] for m in mounts(services["gateway"])}
+    credentials = Path(hook["http_config"]["authorization"]["credentials_file"])
+    key_file = Path(services["gateway"]["environment"]["RELEASEGATE_GATEWAY_ALERTS_KEY_FILE"])
+    assert gateway_mounts[str(key_file.parent)] == alertmanager_mounts[str(credentials.parent)]
+    assert key_file.name == credentials.name
+    assert str(Path(hook["http_config"]["tls_config"]["ca_file"]).parent) in alertmanager_mounts
+    assert f":{'/etc/alertmanager/alertmanager.yml'}:" in " ".join(mounts(services["alertmanager"]))
+    # The actionable rule carries the labels the receiver acts on.
+    rules = {rule["alert"]: rule for group in ALERTS["groups"] for rule in group["rules"]}
+    assert rules["ReleasegateChampionFailing"]["labels"] == {"severity": "critical", "action": "rollback"}
 
 
 def test_alert_rules_and_dashboard_query_metrics_the_gateway_exports():

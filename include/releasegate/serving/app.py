@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -407,6 +408,20 @@ async def feedback(request: Request, gateway: Gateway, caller: Caller | None) ->
     return JSONResponse({"accepted": accepted})
 
 
+@_endpoint("alerts", Role.alerts)
+async def alerts(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
+    """Alertmanager's webhook: incidents, and emergency rollbacks for actionable alerts (serving/alerts.py)."""
+    from releasegate.serving.alerts import RollbackNotTriggered
+
+    body = await _body(request, gateway)
+    actor = f"alertmanager:{caller.key_id}" if caller else "alertmanager"
+    try:
+        done = await asyncio.to_thread(gateway.alerts.receive, body, actor)
+    except RollbackNotTriggered as err:
+        return _error(503, str(err))
+    return JSONResponse({"alerts": done})
+
+
 @_endpoint("admin_routes", Role.admin)
 async def list_routes(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     return JSONResponse(
@@ -602,6 +617,7 @@ def create_app(settings: Settings | None = None, config: GatewayConfig | None = 
             HttpRoute("/v2", v2_server, methods=["GET"]),
             HttpRoute("/openapi.json", openapi, methods=["GET"]),
             HttpRoute("/feedback", feedback, methods=["POST"]),
+            HttpRoute("/alerts", alerts, methods=["POST"]),
             HttpRoute("/admin/routes", list_routes, methods=["GET"]),
             HttpRoute("/admin/routes/{model:path}", admin_route, methods=["GET", "PUT"]),
             HttpRoute("/healthz", healthz, methods=["GET"]),

@@ -29,12 +29,14 @@ class Role(StrEnum):
     feedback = "feedback"  # POST /feedback
     admin = "admin"  # routes, load errors, and everything above
     metrics = "metrics"  # GET /metrics only: a Prometheus scraper's key
+    alerts = "alerts"  # POST /alerts only: Alertmanager's key
 
 
 ROLES = tuple(Role)
 # The key ids of the keys that are not in `api_keys`: RELEASEGATE_ADMIN_KEY and the metrics key file.
 ADMIN_KEY_ID = "env:admin"
 METRICS_KEY_ID = "file:metrics"
+ALERTS_KEY_ID = "file:alerts"
 _VERIFIED_MAX = 10_000
 
 
@@ -148,7 +150,13 @@ def revoke_key(key_id: str, settings: Settings | None = None, *, actor: str | No
 class KeyStore:
     """The live keys in memory; `refresh()` re-reads `api_keys`, `caller()` checks a bearer key."""
 
-    def __init__(self, pepper_bytes: bytes, admin_key: str | None = None, metrics_key: str | None = None):
+    def __init__(
+        self,
+        pepper_bytes: bytes,
+        admin_key: str | None = None,
+        metrics_key: str | None = None,
+        alerts_key: str | None = None,
+    ):
         self._pepper = pepper_bytes
         # Keys outside the table, each with its caller: compared in constant time, in this order.
         self._static = [
@@ -156,6 +164,7 @@ class KeyStore:
             for key, role, key_id in (
                 (admin_key, Role.admin, ADMIN_KEY_ID),
                 (metrics_key, Role.metrics, METRICS_KEY_ID),
+                (alerts_key, Role.alerts, ALERTS_KEY_ID),
             )
             if key
         ]

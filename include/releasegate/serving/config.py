@@ -54,6 +54,11 @@ class GatewayConfig(BaseSettings):
         description="File holding a key of role `metrics` (a scraper's: `/metrics` only), besides those in "
         "the database; Prometheus reads the same file (`credentials_file`).",
     )
+    alerts_key_file: str | None = Field(
+        default=None,
+        description="File holding a key of role `alerts` (Alertmanager's: `POST /alerts` only), besides those "
+        "in the database; Alertmanager reads the same file (`credentials_file`).",
+    )
     batch_max_rows: int = Field(default=64, ge=1, description="Most rows one predict call answers.")
     batch_max_wait_ms: float = Field(default=2.0, ge=0, description="Milliseconds a micro-batch collects requests.")
     shadow_queue: int = Field(

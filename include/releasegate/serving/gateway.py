@@ -20,6 +20,7 @@ from releasegate import audit, registry, storage
 from releasegate.contract import AuditAction, CallStatus, Mode
 from releasegate.privacy import Classification, ClassificationError, FeedbackGuard, Protector
 from releasegate.serving import auth, routing
+from releasegate.serving.alerts import AlertReceiver
 from releasegate.serving.breaker import Breaker
 from releasegate.serving.config import GatewayConfig
 from releasegate.serving.logprocess import ProcessLogWriter
@@ -81,12 +82,12 @@ class _CallBase(TypedDict):
     key_id: str | None
 
 
-def _metrics_key(path: str | None) -> str | None:
+def _key_file(path: str | None, role: str) -> str | None:
     if not path:
         return None
     key = Path(path).read_text().strip()
     if not key:
-        raise ValueError(f"the metrics key file {path} is empty")
+        raise ValueError(f"the {role} key file {path} is empty")
     return key
 
 
@@ -125,9 +126,15 @@ class Gateway:
         self.routing_secret = routing.routing_secret(settings)
         self.protector = Protector.of(settings)
         self.feedback_guard = FeedbackGuard()  # which model's feedback classes a feedback item's request falls under
+        self.alerts = AlertReceiver(settings)  # Alertmanager's notifications: incidents, emergency rollbacks
         self.metrics = metrics
         self.engine = storage.engine(settings.db_url)
-        self.keys = auth.KeyStore(auth.pepper(settings), settings.admin_api_key, _metrics_key(config.metrics_key_file))
+        self.keys = auth.KeyStore(
+            auth.pepper(settings),
+            settings.admin_api_key,
+            _key_file(config.metrics_key_file, "metrics"),
+            _key_file(config.alerts_key_file, "alerts"),
+        )
         self.in_flight = 0  # inference and feedback requests being handled (app.py admits at most max_in_flight)
         self.routes: dict[str, Active] = {}
         self.synced = False  # the routes stored at start have been tried once
