@@ -34,6 +34,9 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "
                   "no_reason": refused({}), "short": refused({"reason": "bad"}),
                   "bad_category": refused({"reason": "error rate at 30%", "category": "boredom"}),
                   "bad_release": refused({"reason": "error rate at 30%", "release_id": "42"}),
+                  "bad_incident": refused({"reason": "error rate at 30%", "incident": "first"}),
+                  "from_alert": refused({"reason": "alert ChampionFailing", "category": "alert", "incident": 7,
+                                         "alert": {"labels": {"alertname": "ChampionFailing"}}}),
                   "ok": refused({"reason": "error rate at 30%", "release_id": "rel-0123456789ab"})}))
 """
 
@@ -55,9 +58,10 @@ def test_emergency_rollback_form_needs_a_reason_and_offers_categories(airflow_en
     assert result["errors"] == {} and result["heavy"] == []
     assert result["tasks"] == ["roll_back"]
     schema = result["schema"]
-    assert set(schema) == {"model_name", "reason", "category", "release_id"}
+    assert set(schema) == {"model_name", "reason", "category", "release_id", "incident", "alert"}
     assert all(s.get("title") and s.get("description") for s in schema.values())
     assert "errors" in schema["category"]["enum"] and schema["reason"]["minLength"] == 10
     # The form refuses what the rollback could not record properly, and accepts a proper request.
     assert result["no_reason"] and result["short"] and result["bad_category"] and result["bad_release"]
-    assert result["ok"] is None
+    assert result["bad_incident"]
+    assert result["ok"] is None and result["from_alert"] is None  # what the alert receiver sends is accepted
