@@ -110,29 +110,21 @@ EOF
     say "TLS: $CA/ca.pem (throwaway CA, key discarded), $GATEWAY/tls.crt for $names"
 fi
 
-# --- the scraper's key: role `metrics`, /metrics only -------------------------------------------------
-METRICS="$SECRETS/metrics"
-if [ -e "$METRICS/metrics.key" ]; then
-    say "metrics: $METRICS/metrics.key exists, left as it is"
-else
-    mkdir -p "$METRICS"
-    hex >"$METRICS/metrics.key"
-    # Readable by Prometheus' own user: the key opens /metrics and nothing else.
-    chmod 755 "$METRICS" && chmod 644 "$METRICS/metrics.key"
-    say "metrics: $METRICS/metrics.key (the gateway's /metrics key, for Prometheus)"
-fi
-
-# --- Alertmanager's key: role `alerts`, POST /alerts only ---------------------------------------------
-ALERTS="$SECRETS/alerts"
-if [ -e "$ALERTS/alerts.key" ]; then
-    say "alerts: $ALERTS/alerts.key exists, left as it is"
-else
-    mkdir -p "$ALERTS"
-    hex >"$ALERTS/alerts.key"
-    # Readable by Alertmanager's own user: the key opens POST /alerts and nothing else.
-    chmod 755 "$ALERTS" && chmod 644 "$ALERTS/alerts.key"
-    say "alerts: $ALERTS/alerts.key (the gateway's /alerts key, for Alertmanager)"
-fi
+# --- the gateway's file keys, each for one reader (readable by that container's own user) ------------
+# file_key NAME WHAT: deploy/secrets/NAME/NAME.key, a key of role NAME, unless it exists.
+file_key() {
+    local dir="$SECRETS/$1"
+    if [ -e "$dir/$1.key" ]; then
+        say "$1: $dir/$1.key exists, left as it is"
+    else
+        mkdir -p "$dir"
+        hex >"$dir/$1.key"
+        chmod 755 "$dir" && chmod 644 "$dir/$1.key"  # the key opens its one endpoint and nothing else
+        say "$1: $dir/$1.key ($2)"
+    fi
+}
+file_key metrics "the gateway's /metrics key, for Prometheus"
+file_key alerts "the gateway's /alerts key, for Alertmanager"
 
 # --- the signing key pair ---------------------------------------------------------------------------
 TRUSTED="$SECRETS/trusted"

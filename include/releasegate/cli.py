@@ -343,6 +343,10 @@ def purge_command(no_reports: bool, actor: str) -> None:
         )
 
 
+# Who moves an incident: a person, by default the shell's user.
+_person = click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+
+
 @main.group("incidents")
 def incidents_group() -> None:
     """Incidents: opened by rollbacks, failed or invalid releases, emergency rollbacks and alarms; owned, resolved
@@ -409,7 +413,7 @@ def _move(
 @click.argument("incident_id", type=int)
 @click.option("--owner", default=None, help="Who owns it from now (default: the actor).")
 @click.option("--note", default="")
-@click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+@_person
 def incidents_ack(incident_id: int, owner: str | None, note: str, actor: str) -> None:
     """Acknowledge an open incident: someone owns it."""
     _move(incident_id, "acknowledged", actor, owner=owner, note=note)
@@ -418,7 +422,7 @@ def incidents_ack(incident_id: int, owner: str | None, note: str, actor: str) ->
 @incidents_group.command("resolve")
 @click.argument("incident_id", type=int)
 @click.option("--resolution", required=True, help="What was done (kept in the incident and the audit log).")
-@click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+@_person
 def incidents_resolve(incident_id: int, resolution: str, actor: str) -> None:
     """Resolve an incident: service restored, the cause dealt with."""
     _move(incident_id, "resolved", actor, resolution=resolution)
@@ -427,7 +431,7 @@ def incidents_resolve(incident_id: int, resolution: str, actor: str) -> None:
 @incidents_group.command("close")
 @click.argument("incident_id", type=int)
 @click.option("--review", "review_url", default=None, help="Link to the post-incident review.")
-@click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+@_person
 def incidents_close(incident_id: int, review_url: str | None, actor: str) -> None:
     """Close a resolved incident, with its post-incident review."""
     _move(incident_id, "closed", actor, review_url=review_url)
@@ -436,7 +440,7 @@ def incidents_close(incident_id: int, review_url: str | None, actor: str) -> Non
 @incidents_group.command("reopen")
 @click.argument("incident_id", type=int)
 @click.option("--note", required=True, help="Why it is not over.")
-@click.option("--actor", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+@_person
 def incidents_reopen(incident_id: int, note: str, actor: str) -> None:
     """Reopen a resolved incident."""
     _move(incident_id, "open", actor, note=note)
