@@ -16,8 +16,11 @@ Takes one registered MLflow model version from the registry to production, or ba
 6. **decide**: branch to **promote** or **rollback**; where the policy requires it (or the
    evidence stays inconclusive under `inconclusive: approve`), first ask a person through
    Airflow's Human-in-the-loop (Required Actions), showing the verdicts: a rejection or no
-   answer before the policy's timeout rolls back. **finish** stores the reports and the
-   signed audit head in MLflow, and marks a run that errored as `failed`.
+   answer before the policy's timeout rolls back.
+7. **watch**: where the policy sets `watch.seconds`, the promoted version is watched against what its
+   own canary showed, with the previous champion kept loaded; a crossed limit rolls back ("after
+   promotion"). **finish** stores the reports and the signed audit head in MLflow, and marks a run
+   that errored as `failed`.
 
 Every task is one call into `releasegate.pipeline`, so the CLI and the tests run the same code.
 """
@@ -32,7 +35,12 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from releasegate_airflow import xcom
 from releasegate_airflow.kubernetes import ReadinessWaitOperator
-from releasegate_airflow.operators import AnalysisWaitOperator, ReleaseDecisionOperator, actor
+from releasegate_airflow.operators import (
+    AnalysisWaitOperator,
+    PostPromotionWatchOperator,
+    ReleaseDecisionOperator,
+    actor,
+)
 
 OPEN_RELEASE = "open_release"
 VALIDATE = "validate"
@@ -40,6 +48,7 @@ SIGN = "sign"
 SHADOW = "shadow"
 DECIDE = "decide"
 PROMOTE = "promote"
+WATCH = "watch"
 ROLLBACK = "rollback"
 FINISH = "finish"
 
@@ -227,8 +236,15 @@ def model_release():
         "approval: a rejection or no answer in time rolls back.",
     )
     promoted, rolled_back, finished = promote(release), rollback(release), finish(release)
+    watched = PostPromotionWatchOperator(
+        task_id=WATCH,
+        release=release,
+        doc_md="Deferred: the promoted version against its own canary for the policy's watch; "
+        "a crossed limit rolls back to the previous champion.",
+    )
 
     chain(validated, *stages, decision, [promoted, rolled_back], finished)
+    chain(promoted, watched, finished)
     decision >> finished
 
 

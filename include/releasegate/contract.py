@@ -33,6 +33,7 @@ RETRAINING_ASSET = "releasegate://retraining-needed"
 class StageKind(StrEnum):
     shadow = "shadow"  # the candidate answers a mirror of every request; callers get the champion's answer
     canary = "canary"  # the candidate answers a share of the requests itself
+    watch = "watch"  # after promotion: the new champion answers everything, watched against its own canary
 
 
 class Stage(BaseModel):
@@ -56,6 +57,10 @@ class Stage(BaseModel):
     def canary(cls, step: int, weight: int) -> Self:
         return cls(kind=StageKind.canary, step=step, weight=weight)
 
+    @classmethod
+    def watch(cls) -> Self:
+        return cls(kind=StageKind.watch)
+
     @model_validator(mode="before")
     @classmethod
     def _from_text(cls, data: Any) -> Any:
@@ -72,8 +77,8 @@ class Stage(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.kind is StageKind.shadow and (self.step or self.weight):
-            raise ValueError("the shadow stage has no step and no weight")
+        if self.kind is not StageKind.canary and (self.step or self.weight):
+            raise ValueError(f"the {self.kind.value} stage has no step and no weight")
         if self.kind is StageKind.canary and not 0 < self.weight < 100:
             raise ValueError(f"a canary weight is a percentage between 1 and 99, got {self.weight}")
         return self
@@ -85,9 +90,11 @@ class Stage(BaseModel):
     @property
     def slug(self) -> str:
         """A name for files and folders: `shadow`, `canary-2-25pct` (step 2 at 25 %)."""
-        return "shadow" if self.is_shadow else f"canary-{self.step}-{self.weight}pct"
+        return self.kind.value if self.kind is not StageKind.canary else f"canary-{self.step}-{self.weight}pct"
 
     def __str__(self) -> str:
+        if self.kind is StageKind.watch:
+            return "watch after promotion"
         if self.is_shadow:
             return "shadow"
         return f"canary {self.step} ({self.weight} %)" if self.step else f"canary {self.weight} %"
@@ -125,6 +132,7 @@ class RouteChange(StrEnum):
     serve = "serve"  # an operator put a version on the model's route (`releasegate routes set`)
     stage = "stage"  # a release's shadow or canary step; the event's `stage` says which
     promotion = "promotion"
+    watch_ended = "watch_ended"  # the watch after a promotion passed: the previous champion is unloaded
     rollback = "rollback"
     emergency_rollback = "emergency_rollback"
 
@@ -166,6 +174,7 @@ class AuditAction(StrEnum):
     release_canary = "release.canary"
     release_awaiting_approval = "release.awaiting_approval"
     release_promoting = "release.promoting"
+    release_watching = "release.watching"
     release_promoted = "release.promoted"
     release_rejected = "release.rejected"
     release_rolled_back = "release.rolled_back"

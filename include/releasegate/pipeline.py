@@ -93,7 +93,9 @@ def start(
     _check_residency(model, candidate, actor)
 
     def close_stale(stale: release.Release) -> None:
-        if stale.champion_version:
+        if stale.state is State.watching:
+            _undo_promotion(stale, actor)
+        elif stale.champion_version:
             _restore_champion(stale)
 
     rel = release.open_release(
@@ -508,10 +510,16 @@ def promote(release_id: str, actor: str = "airflow") -> Ended:
     from releasegate import registry
 
     rel = release.get(release_id)
-    if rel.state is State.promoted:
+    if rel.state in (State.promoted, State.watching):
         return Ended(state=rel.state, reason=rel.reasons[-1] if rel.reasons else None)
+    watch = _policy(rel).watch
+    watched = watch.seconds > 0 and rel.champion_version is not None
     release.transition(release_id, State.promoting, actor=actor)
-    _backend(rel.model).set_route(rel.model, rel.candidate_version, None, Mode.single, 0, release_id=release_id)
+    # Under a watch the single route keeps the release's id: its requests are the watch's evidence, and the
+    # gateway keeps the previous champion loaded until the route changes again (docs/decisions.md, "After promotion").
+    _backend(rel.model).set_route(
+        rel.model, rel.candidate_version, None, Mode.single, 0, release_id=release_id if watched else None
+    )
     audit.append(
         actor,
         AuditAction.route,
@@ -535,9 +543,106 @@ def promote(release_id: str, actor: str = "airflow") -> Ended:
     if answer is not None:
         note = f": {answer['comment']}" if answer.get("comment") else ""
         reason = f"approved by {answer['approver']}{note} ({reason})"
+    if watched:
+        rel = release.transition(
+            release_id,
+            State.watching,
+            actor=actor,
+            reason=f"promoted ({reason}); watched for {watch.seconds:g} s with v{rel.champion_version} kept loaded",
+        )
+        _tag(rel, state=State.watching.value)
+        return Ended(state=rel.state, reason=rel.reasons[-1])
     rel = release.transition(release_id, State.promoted, actor=actor, reason=reason, decision=Outcome.promote)
     _tag(rel, state=State.promoted.value, reasons=reason[:4000])
     return Ended(state=rel.state, reason=reason)
+
+
+class Watching(BaseModel):
+    """What the watch after promotion follows: from when, for how long, against which canary step."""
+
+    release_id: str
+    since: float
+    seconds: float
+    poll_seconds: float
+
+
+def watch_started(release_id: str) -> Watching | None:
+    """The release's watch, or None when it has none to keep (not promoted under a watch, or ended already)."""
+    rel = release.get(release_id)
+    if rel.state is not State.watching:
+        return None
+    pol = _policy(rel)
+    [moved] = audit.events(release_id=release_id, action=AuditAction.release_watching)
+    return Watching(
+        release_id=release_id, since=moved["time"], seconds=pol.watch.seconds, poll_seconds=pol.poll_seconds
+    )
+
+
+def watch_poll(release_id: str, since: float, window_closed: bool) -> Verdict:
+    """One look at the new champion's requests since promotion, against its last canary step."""
+    from releasegate.analysis import watch
+
+    rel = release.get(release_id)
+    canary = [v for v in rel.verdicts if v.window.stage.kind is StageKind.canary]
+    if not canary:
+        raise release.ReleaseError(f"release {release_id} has no canary verdict for its watch to compare with")
+    baseline = canary[-1].window
+    return watch.analyse(rel.model, release_id, _policy(rel), baseline, since, time.time(), window_closed)
+
+
+def end_watch(release_id: str, verdict: Verdict, actor: str = "airflow") -> Ended:
+    """The watch's verdict: the promotion stands (previous champion unloaded), or it is undone and rolled back."""
+    rel = release.get(release_id)
+    if rel.state is not State.watching:
+        return Ended(state=rel.state, reason=rel.reasons[-1] if rel.reasons else None)
+    release.record_verdict(release_id, verdict, actor=actor)
+    if verdict.decision is Decision.rollback:
+        _undo_promotion(rel, actor)
+        rel = release.transition(
+            release_id, State.rolled_back, actor=actor, reason=verdict.reason, decision=Outcome.rollback
+        )
+        _tag(rel, state=State.rolled_back.value, reasons=verdict.reason[:4000])
+        return Ended(state=rel.state, reason=verdict.reason)
+    _backend(rel.model).set_route(rel.model, rel.candidate_version, None, Mode.single, 0, release_id=None)
+    audit.append(
+        actor,
+        AuditAction.route,
+        model=rel.model,
+        version=rel.candidate_version,
+        release_id=release_id,
+        details={
+            "change": RouteChange.watch_ended.value,
+            "mode": Mode.single.value,
+            "candidate_weight": 0,
+            "champion_version": rel.candidate_version,
+        },
+    )
+    reason = f"{_last_reason(rel) or 'promoted'}; {verdict.reason}"
+    rel = release.transition(release_id, State.promoted, actor=actor, reason=reason, decision=Outcome.promote)
+    _tag(rel, state=State.promoted.value, reasons=reason[:4000])
+    return Ended(state=rel.state, reason=reason)
+
+
+def _undo_promotion(rel: release.Release, actor: str) -> None:
+    """Traffic and the `champion` alias back on the release's champion; the candidate keeps its tags."""
+    from releasegate import registry
+
+    _restore_champion(rel)
+    audit.append(
+        actor,
+        AuditAction.route,
+        model=rel.model,
+        version=rel.champion_version,
+        release_id=rel.release_id,
+        details={
+            "change": RouteChange.rollback.value,
+            "mode": Mode.single.value,
+            "candidate_weight": 0,
+            "champion_version": rel.champion_version,
+        },
+    )
+    assert rel.champion_version is not None  # a watch needs a champion to go back to
+    registry.set_alias(rel.model, "champion", rel.champion_version)
 
 
 def rollback(release_id: str, actor: str = "airflow") -> Ended:
@@ -587,7 +692,10 @@ def finish(release_id: str, actor: str = "airflow", *, pipeline_failed: bool = F
     if not rel.terminal:
         if rel.champion_version:
             try:
-                _restore_champion(rel)
+                if rel.state is State.watching:  # failed after promotion: the aliases go back with the traffic
+                    _undo_promotion(rel, actor)
+                else:
+                    _restore_champion(rel)
             except Exception as err:  # the failure we report is the pipeline's, not this one
                 log.error("could not restore the champion route for %s: %s", rel.model, err)
         reason = (

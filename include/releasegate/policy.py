@@ -124,6 +124,19 @@ class Approval(_Strict):
         return self.separate_duties and approver is not None and approver == triggered_by
 
 
+class Watch(_Strict):
+    """The watch after promotion (docs/decisions.md, "After promotion"): the new champion against its own canary."""
+
+    seconds: float = Field(
+        default=0,
+        ge=0,
+        description="How long the previous champion stays loaded while the new one is watched; 0: no watch.",
+    )
+    min_requests: int = Field(
+        default=200, ge=30, description="Requests the new champion answers before a limit can be judged crossed."
+    )
+
+
 class Monitoring(_Strict):
     """The nightly evaluation of a champion's logged traffic: when it runs and what raises the alarm."""
 
@@ -166,6 +179,7 @@ class Policy(_Strict):
     inconclusive: Inconclusive = Inconclusive.extend
     max_extensions: int = Field(default=2, ge=0)
     approval: Approval = Approval()
+    watch: Watch = Watch()
     monitoring: Monitoring = Monitoring()
 
     @model_validator(mode="after")

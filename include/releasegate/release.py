@@ -30,6 +30,7 @@ class State(StrEnum):
     canary = "canary"
     awaiting_approval = "awaiting_approval"
     promoting = "promoting"
+    watching = "watching"  # promoted, the previous champion kept loaded while the watch looks for a crossed limit
     promoted = "promoted"
     rejected = "rejected"  # failed validation or signature; never routed traffic
     rolled_back = "rolled_back"  # a verdict or a human said no
@@ -59,7 +60,9 @@ MOVES: dict[State, frozenset[State]] = {
     | _ENDINGS,
     State.canary: frozenset({State.awaiting_approval, State.promoting, State.rolled_back, State.invalid}) | _ENDINGS,
     State.awaiting_approval: frozenset({State.promoting, State.rolled_back}) | _ENDINGS,
-    State.promoting: frozenset({State.promoted, State.failed}),
+    State.promoting: frozenset({State.promoted, State.watching, State.failed}),
+    # The watch after promotion: passed, or a crossed limit puts the previous champion back.
+    State.watching: frozenset({State.promoted, State.rolled_back}) | _ENDINGS,
 }
 # Outcome of a release for `releasegate trigger --wait` and CI.
 EXIT_CODES = {

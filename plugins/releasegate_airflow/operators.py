@@ -1,4 +1,5 @@
-"""The release's own operators: the analysis wait (defers to AnalysisTrigger) and the human approval."""
+"""The release's own operators: the analysis wait (defers to AnalysisTrigger), the watch after promotion
+(defers to WatchTrigger) and the human approval."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from airflow.sdk import BaseOperator, Context, Param
 
 from releasegate.airflow_client import APPROVAL_REQUEST_XCOM
 from releasegate_airflow import xcom
-from releasegate_airflow.triggers import AnalysisTrigger
+from releasegate_airflow.triggers import AnalysisTrigger, WatchTrigger
 
 
 class AnalysisWaitOperator(BaseOperator):
@@ -47,6 +48,38 @@ class AnalysisWaitOperator(BaseOperator):
 
         release = xcom.pull(Opened, self.release)
         return xcom.push(pipeline.record(release.release_id, Verdict.model_validate(event), actor=actor(context)))
+
+
+class PostPromotionWatchOperator(BaseOperator):
+    """Watch the promoted version for the policy's `watch.seconds`; a crossed limit puts the previous one back."""
+
+    template_fields = ("release",)
+    ui_color = "#d9ead3"
+
+    def __init__(self, *, release: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.release = release
+
+    def execute(self, context: Context) -> None:
+        from releasegate import pipeline
+        from releasegate.release import get
+        from releasegate.results import Opened, Skipped
+
+        release = xcom.pull(Opened, self.release)
+        watching = pipeline.watch_started(release.release_id)
+        if watching is None:
+            state = get(release.release_id).state
+            xcom.push(Skipped(reason="the policy has no watch after promotion", state=state))
+            return
+        self.defer(trigger=WatchTrigger(watching=watching.model_dump(mode="json")), method_name="execute_complete")
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        from releasegate import pipeline
+        from releasegate.results import Opened
+        from releasegate.verdict import Verdict
+
+        release = xcom.pull(Opened, self.release)
+        return xcom.push(pipeline.end_watch(release.release_id, Verdict.model_validate(event), actor=actor(context)))
 
 
 def triggering_user(context: Context) -> str | None:

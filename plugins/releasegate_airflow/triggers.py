@@ -1,4 +1,4 @@
-"""The deferrable wait: polls releasegate's analysis in the triggerer, holding no worker slot."""
+"""The deferrable waits: poll releasegate's analysis in the triggerer, holding no worker slot."""
 
 from __future__ import annotations
 
@@ -61,3 +61,31 @@ class AnalysisTrigger(BaseTrigger):
             else:
                 self.log.info("%s: %s", route.stage, verdict.reason)
             await asyncio.sleep(route.poll_seconds)
+
+
+class WatchTrigger(BaseTrigger):
+    """Re-run the watch's analysis every poll interval until a limit is crossed or the watch ends.
+
+    `watching` is pipeline.Watching as JSON (from when, for how long, how often).
+    """
+
+    def __init__(self, watching: dict[str, Any]):
+        super().__init__()  # type: ignore[no-untyped-call]  # Airflow leaves BaseTrigger.__init__ unannotated
+        self.watching = watching
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}", {"watching": self.watching})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from releasegate import pipeline
+
+        watch = pipeline.Watching.model_validate(self.watching)
+        deadline = watch.since + watch.seconds
+        while True:
+            final = time.time() >= deadline
+            verdict = await asyncio.to_thread(pipeline.watch_poll, watch.release_id, watch.since, final)
+            if verdict.decision.decisive or final:
+                yield trigger_event(verdict.model_dump(mode="json"))
+                return
+            self.log.info("watch: %s", verdict.reason)
+            await asyncio.sleep(min(watch.poll_seconds, max(deadline - time.time(), 0.0)))

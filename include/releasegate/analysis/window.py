@@ -139,7 +139,8 @@ def read_window(
     """The predictions of the window (only the columns the analysis uses) and the feedback on them."""
     p, f = storage.predictions, storage.feedback
     columns = [p.c.id, *(p.c[name] for name in rows.PREDICTION_COLUMNS)] + ([p.c.inputs] if with_inputs else [])
-    mode = Mode.shadow if kind is StageKind.shadow else Mode.canary
+    # After promotion (the watch) the release's version serves alone, on a single route carrying the release's id.
+    mode = {StageKind.shadow: Mode.shadow, StageKind.canary: Mode.canary, StageKind.watch: Mode.single}[kind]
     in_window = sa.and_(
         p.c.release_id == release_id, p.c.model == model, p.c.mode == mode, p.c.time >= since, p.c.time <= until
     )

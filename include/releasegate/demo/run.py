@@ -182,6 +182,8 @@ class Demo:
                     )
                     + (f"; error: {details['error']}" if details.get("error") else "")
                 )
+            elif action == AuditAction.incident_opened:
+                text = f"incident #{details['incident']} opened ({details['severity']}): {details['title']}"
             elif action == AuditAction.validation:
                 text = "validation " + (
                     "passed" if details.get("passed") else "failed: " + "; ".join(details.get("reasons", []))
@@ -230,6 +232,13 @@ def _summary(demo: Demo, results: list[ReleaseRun], audit_report: ChainReport) -
             lines.append(f"{'':<18}  reports: {pipeline.report_uri(rel)}")
         except Exception as err:  # the summary must still print
             lines.append(f"{'':<18}  reports: unavailable ({err})")
+    from releasegate import incidents
+
+    for incident in incidents.list_incidents(model=MODEL):
+        lines.append(
+            f"incident #{incident.id} ({incident.severity.value}, {incident.state.value}): {incident.title[:120]}"
+            f"   see: releasegate incidents show {incident.id}"
+        )
     lines += [
         "-" * 100,
         f"reports (MLflow artifacts): {demo.workdir / 'mlartifacts'}   MLflow store: {demo.workdir / 'mlflow.db'}",

@@ -64,6 +64,16 @@ class Active:
         object.__setattr__(self, "declared", None if None in names else frozenset().union(*known))
 
 
+def _standby(previous: Active | None, new: Active) -> str | None:
+    """The version to keep loaded though the new route does not use it: a promotion under a watch (a single
+    route still carrying the release's id) keeps the previous champion ready for a rollback, until the route
+    changes again (docs/decisions.md, "After promotion")."""
+    if previous is None or previous.candidate is None or new.route.mode is not Mode.single:
+        return None
+    promoted = new.route.release_id is not None and new.route.release_id == previous.route.release_id
+    return previous.champion.version if promoted and previous.candidate.version == new.champion.version else None
+
+
 class Answer(NamedTuple):  # a tuple: built once a request, a frozen dataclass's __init__ cost more
     outputs: list[Any]
     version: str
@@ -316,14 +326,15 @@ class Gateway:
             active.route.revision,
             active.route.model_dump(exclude={"model", "revision", "updated_at"}),
         )
-        self._unload_unused(active.route.model)
+        self._unload_unused(active.route.model, keep=_standby(current, active))
         return True
 
-    def _unload_unused(self, model: str) -> None:
-        """Close `model`'s slots its route does not use. Only under the model's lock: other models may be
-        loading at the same moment, and their slots are in no route yet."""
+    def _unload_unused(self, model: str, keep: str | None = None) -> None:
+        """Close `model`'s slots its route does not use (but `keep`). Only under the model's lock: other models
+        may be loading at the same moment, and their slots are in no route yet."""
         active = self.routes.get(model)
         used = {s.version for s in (active.champion, active.candidate) if s} if active else set()
+        used |= {keep} if keep else set()
         for key in [k for k in self._slots if k[0] == model and k[1] not in used]:
             self._slots.pop(key).close()
             try:
