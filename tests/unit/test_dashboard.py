@@ -592,7 +592,13 @@ def incident_story(clock: Clock) -> dict[str, int]:
     incidents.move(hostile, IncidentState.acknowledged, actor="bo")
     clock.advance(120)
     latency = alert({"alertname": "ReleasegateDriftAlarm", "model": "churn", "severity": "warning"}, "input drift")
+    clock.advance(300)  # now: five minutes after the last alert
     return {"release": release_incident.id, "rollback": rollback, "hostile": hostile, "latency": latency}
+
+
+def _text(html: str) -> str:
+    """What a person reads in a piece of the page: its text without the tags."""
+    return re.sub(r"<[^>]+>", "", html)
 
 
 def _incident_rows(html: str) -> list[tuple[str, str]]:
@@ -613,15 +619,18 @@ def test_incidents_page_lists_open_ones_first_with_age_owner_and_release_link(cl
     rows = {int(m[0]): m[1] for m in re.findall(r'data-incident-id="(\d+)"(.*?)</tr>', html, re.S)}
     release_id = incidents_release(ids["release"])
     assert f'href="/releases/{release_id}"' in rows[ids["release"]]
-    assert "release.rolled_back" in rows[ids["release"]] and ">high<" in rows[ids["release"]]
-    # 5,670 s since the release's incident opened; the emergency rollback's took 90 min from open to resolved.
-    assert "open 1 h 34 min" in rows[ids["release"]] and "nobody yet" in rows[ids["release"]]
+    assert "release.rolled_back" in _text(rows[ids["release"]]) and ">high<" in rows[ids["release"]]
+    # 5,970 s since the release's incident opened; the emergency rollback's took 90 min from open to resolved.
+    assert "open 1 h 39 min" in rows[ids["release"]] and "nobody yet" in rows[ids["release"]]
     assert "resolved in 1 h 30 min" in rows[ids["rollback"]] and "ml-oncall" in rows[ids["rollback"]]
     assert ">critical<" in rows[ids["rollback"]] and "emergency_rollback" in rows[ids["rollback"]]
-    assert "bo" in rows[ids["hostile"]] and "alert.ReleasegateModelLatencyP99High" in rows[ids["hostile"]]
-    # The releases page leads here, and this page's release link leads to the release.
+    assert "open 5 min 0 s" in rows[ids["latency"]]
+    assert "<td>bo</td>" in rows[ids["hostile"]] and "alert.ReleasegateModelLatencyP99High" in _text(
+        rows[ids["hostile"]]
+    )
+    # The releases page leads here, and the release link names a release the dashboard has.
     assert '<a href="/incidents">Incidents</a>' in client.get("/", cookies=cookies).text
-    assert client.get(f"/releases/{release_id}", cookies=cookies).status_code == 200
+    assert client.get(f"/api/releases/{release_id}", cookies=cookies).json()["state"] == "rolled_back"
 
 
 def incidents_release(incident_id: int) -> str:

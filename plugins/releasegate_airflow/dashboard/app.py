@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 MOUNT_PREFIX = "/releasegate"
 _templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 _templates.env.filters["timestamp"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+_templates.env.filters["minute"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 _templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
 _bearer = HTTPBearer(auto_error=False)
 
