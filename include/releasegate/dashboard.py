@@ -342,25 +342,29 @@ def chain_status(engine: sa.Engine | None = None) -> dict[str, Any]:
 
 
 def incidents_page(
-    state: IncidentState | None = None, model: str | None = None, engine: sa.Engine | None = None
+    state: IncidentState | None = None,
+    model: str | None = None,
+    limit: int = 500,
+    engine: sa.Engine | None = None,
 ) -> dict[str, Any]:
-    """The incidents page: the incidents (open first, then acknowledged, resolved, closed; newest first within
-    each), and what its filters offer (how many are in each state, the models that have incidents)."""
+    """The incidents page: the first `limit` incidents (open first, then acknowledged, resolved, closed; newest
+    first within each), and what its filters offer (how many are in each state, the models with incidents)."""
     eng = engine or storage.engine()
     t = storage.incidents
-    found = incidents.list_incidents(state, model, eng)
-    with eng.connect() as conn:
-        resolved_at = _resolved_at(conn, [i.id for i in found])
-        counts: dict[str, int] = dict(
-            conn.execute(sa.select(t.c.state, sa.func.count()).group_by(t.c.state)).tuples().all()
-        )
-        models = conn.execute(sa.select(t.c.model).where(t.c.model.is_not(None)).distinct()).scalars().all()
-    rows = sorted(
-        (_incident_summary(i, resolved_at.get(i.id)) for i in found),
-        key=lambda r: (_INCIDENT_ORDER[IncidentState(r["state"])], -r["opened_at"], -r["id"]),
+    found = sorted(
+        incidents.list_incidents(state, model, eng), key=lambda i: (_INCIDENT_ORDER[i.state], -i.opened_at, -i.id)
     )
+    shown = found[:limit]
+    per_state = sa.select(t.c.state, sa.func.count()).group_by(t.c.state)
+    if model is not None:
+        per_state = per_state.where(t.c.model == model)
+    with eng.connect() as conn:
+        resolved_at = _resolved_at(conn, [i.id for i in shown])
+        counts: dict[str, int] = dict(conn.execute(per_state).tuples().all())
+        models = conn.execute(sa.select(t.c.model).where(t.c.model.is_not(None)).distinct()).scalars().all()
     return {
-        "incidents": rows,
+        "incidents": [_incident_summary(i, resolved_at.get(i.id)) for i in shown],
+        "total": len(found),
         "state": state.value if state else None,
         "model": model,
         "counts": {s.value: counts.get(s.value, 0) for s in IncidentState},

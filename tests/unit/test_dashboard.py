@@ -642,6 +642,8 @@ def incidents_release(incident_id: int) -> str:
 
 
 def test_incidents_page_filters_by_state_and_model(client, airflow_auth, incident_clock):
+    from releasegate import dashboard
+
     ids = incident_story(incident_clock)
     cookies = {"_token": token_for(airflow_auth)}
     html = client.get("/incidents?state=open", cookies=cookies).text
@@ -650,10 +652,13 @@ def test_incidents_page_filters_by_state_and_model(client, airflow_auth, inciden
     assert 'data-state="closed">closed (1)</a>' in html and 'class="current">open (2)</a>' in html
     html = client.get("/incidents?model=fraud", cookies=cookies).text
     assert _incident_rows(html) == [(str(ids["hostile"]), "acknowledged")]
+    assert 'data-state="open">open (0)</a>' in html and 'data-state="acknowledged">acknowledged (1)</a>' in html
     html = client.get("/incidents?state=resolved&model=churn", cookies=cookies).text
     assert _incident_rows(html) == [] and "No incident matches these filters." in html
     refused = client.get("/incidents?state=burning", cookies=cookies, headers={"Accept": "text/html"})
     assert refused.status_code == 400 and "no incident state &#39;burning&#39;" in refused.text
+    first_two = dashboard.incidents_page(limit=2)
+    assert [i["id"] for i in first_two["incidents"]] == [ids["latency"], ids["release"]] and first_two["total"] == 4
     api = client.get("/api/incidents", params={"state": "closed", "model": "churn"}, cookies=cookies).json()
     assert [i["id"] for i in api["incidents"]] == [ids["rollback"]] and api["models"] == ["churn", "fraud"]
 
