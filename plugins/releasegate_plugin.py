@@ -1,4 +1,5 @@
-"""Registers releasegate with Airflow: the release dashboard (a FastAPI app in the API server), its nav entry and run tab.
+"""Registers releasegate with Airflow: the release dashboard (a FastAPI app in the API server), its nav entries
+(Releases, Incidents) and run tab.
 
 The package `releasegate_airflow` is imported from here (plugins/ is on Airflow's sys.path);
 `.airflowignore` keeps Airflow's plugin scan from importing its files a second time as loose modules.
@@ -22,6 +23,13 @@ class ReleasegatePlugin(AirflowPlugin):
             "name": "Releases",
             "href": f"{MOUNT_PREFIX}/",  # served by the app above, shown in an iframe inside Airflow's UI
             "url_route": "releasegate",
+            "destination": "nav",
+            "category": "browse",
+        },
+        {
+            "name": "Incidents",
+            "href": f"{MOUNT_PREFIX}/incidents",
+            "url_route": "releasegate-incidents",
             "destination": "nav",
             "category": "browse",
         },

@@ -1,4 +1,5 @@
-"""The release dashboard's read model: releases, their timelines, traffic, verdicts and reports as plain dicts.
+"""The release dashboard's read model: releases, their timelines, traffic, verdicts and reports, and incidents,
+as plain dicts.
 
 The Airflow plugin (plugins/releasegate_airflow/dashboard) only renders what these return;
 every query lives here, beside the tables it reads.
@@ -14,8 +15,9 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from releasegate import audit, release, storage
+from releasegate import audit, incidents, release, storage
 from releasegate.contract import AuditAction, Mode, RouteChange, Stage
+from releasegate.incidents import IncidentState
 from releasegate.release import State
 from releasegate.verdict import Decision, Verdict
 
@@ -34,8 +36,12 @@ _GOOD = {
 }
 
 
+# The incidents page lists what needs a person first: the lifecycle's order, then the newest first.
+_INCIDENT_ORDER = {state: rank for rank, state in enumerate(IncidentState)}
+
+
 class NotFound(LookupError):
-    """A release, or a report of it, that does not exist."""
+    """A release, a report of it, or an incident that does not exist."""
 
 
 def releases(limit: int = 200, engine: sa.Engine | None = None) -> list[dict[str, Any]]:
@@ -332,4 +338,98 @@ def chain_status(engine: sa.Engine | None = None) -> dict[str, Any]:
         "anchored_seq": report.anchored_seq,
         "message": report.message,
         "head": report.head,
+    }
+
+
+def incidents_page(
+    state: IncidentState | None = None,
+    model: str | None = None,
+    limit: int = 500,
+    engine: sa.Engine | None = None,
+) -> dict[str, Any]:
+    """The incidents page: the first `limit` incidents (open first, then acknowledged, resolved, closed; newest
+    first within each), and what its filters offer (how many are in each state, the models with incidents)."""
+    eng = engine or storage.engine()
+    t = storage.incidents
+    found = sorted(
+        incidents.list_incidents(state, model, eng), key=lambda i: (_INCIDENT_ORDER[i.state], -i.opened_at, -i.id)
+    )
+    shown = found[:limit]
+    per_state = sa.select(t.c.state, sa.func.count()).group_by(t.c.state)
+    if model is not None:
+        per_state = per_state.where(t.c.model == model)
+    with eng.connect() as conn:
+        resolved_at = _resolved_at(conn, [i.id for i in shown])
+        counts: dict[str, int] = dict(conn.execute(per_state).tuples().all())
+        models = conn.execute(sa.select(t.c.model).where(t.c.model.is_not(None)).distinct()).scalars().all()
+    return {
+        "incidents": [_incident_summary(i, resolved_at.get(i.id)) for i in shown],
+        "total": len(found),
+        "state": state.value if state else None,
+        "model": model,
+        "counts": {s.value: counts.get(s.value, 0) for s in IncidentState},
+        "models": sorted(models),
+    }
+
+
+def incident_page(incident_id: int, engine: sa.Engine | None = None) -> dict[str, Any]:
+    """Everything an incident's page shows: the incident, its alert's labels and annotations, its timeline."""
+    eng = engine or storage.engine()
+    try:
+        incident = incidents.get(incident_id, eng)
+    except incidents.IncidentError as err:
+        raise NotFound(str(err)) from err
+    resolved = [e.time for e in incident.timeline if e.event == IncidentState.resolved.value]
+    alert = incident.alert or {}
+    return {
+        **_incident_summary(incident, resolved[-1] if resolved else None),
+        "resolution": incident.resolution,
+        "review_url": incident.review_url,
+        "updated_at": incident.updated_at,
+        "alert": incident.alert,
+        "alert_labels": sorted((alert.get("labels") or {}).items()),
+        "alert_annotations": sorted((alert.get("annotations") or {}).items()),
+        "timeline": [
+            {
+                "time": e.time,
+                "offset_seconds": round(e.time - incident.opened_at, 1),
+                "event": e.event,
+                "actor": e.actor,
+                "note": e.note,
+                "details": e.details,
+            }
+            for e in incident.timeline
+        ],
+    }
+
+
+def _resolved_at(conn: sa.Connection, ids: list[int]) -> dict[int, float]:
+    """When each of these incidents was last resolved (a reopened one may be resolved more than once)."""
+    e = storage.incident_events
+    query = (
+        sa.select(e.c.incident_id, sa.func.max(e.c.time))
+        .where(e.c.event == IncidentState.resolved.value, e.c.incident_id.in_(ids))
+        .group_by(e.c.incident_id)
+    )
+    return dict(conn.execute(query).tuples().all())
+
+
+def _incident_summary(incident: incidents.Incident, resolved_at: float | None) -> dict[str, Any]:
+    active = incident.state in incidents.ACTIVE
+    took = None if active or resolved_at is None else round(resolved_at - incident.opened_at, 1)
+    return {
+        "id": incident.id,
+        "severity": incident.severity.value,
+        "state": incident.state.value,
+        "active": active,
+        "title": incident.title,
+        "source": incident.source,
+        "model": incident.model,
+        "release_id": incident.release_id,
+        "owner": incident.owner,
+        "opened_at": incident.opened_at,
+        # An active incident's age; a resolved or closed one's time to resolve (to its last resolve, if reopened).
+        "age_seconds": round(time.time() - incident.opened_at, 1) if active else None,
+        "resolved_at": None if active else resolved_at,
+        "time_to_resolve_seconds": took,
     }

@@ -15,6 +15,8 @@ from tests.require import require
 from tests.unit.test_dashboard import (  # noqa: F401  (fixtures shared with the TestClient tests)
     airflow_auth,
     clock,
+    incident_clock,
+    incident_story,
     promoted_release,
     rolled_back_release,
     token_for,
@@ -89,3 +91,21 @@ def test_dashboard_renders_the_releases_and_a_release_page_in_chromium(served_da
 
     refused = browser.render(f"{served_dashboard}/", cookies={"_token": "not-a-token"})
     assert "Not allowed" in refused.html and "data-release-id" not in refused.html
+
+
+def test_incidents_page_shows_an_incident_in_chromium(served_dashboard, airflow_auth, incident_clock, tmp_path):
+    if (missing := browser.available()) is not None:
+        require(f"{missing}; .ci/run installs it")
+    ids = incident_story(incident_clock)
+    page = browser.render(
+        f"{served_dashboard}/incidents",
+        token=token_for(airflow_auth),
+        screenshot=_shots(tmp_path) / "dashboard-incidents.png",
+        wait_for_css="#incidents",
+        width=1400,
+        height=420,
+    )
+    assert page.title == "Incidents · releasegate"
+    assert f'data-incident-id="{ids["release"]}" data-state="open"' in page.html
+    assert f'href="/releasegate/incidents/{ids["release"]}"' in page.html  # links under Airflow's mount
+    assert "<img" not in page.html  # an alert summary carrying markup stays text in a real browser's DOM

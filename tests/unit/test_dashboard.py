@@ -468,6 +468,7 @@ def test_a_release_recorded_before_stages_were_typed_still_renders(client, airfl
 def test_anonymous_request_is_refused(client):
     assert client.get("/").status_code == 401
     assert client.get("/api/releases").json() == {"detail": "Not authenticated"}
+    assert client.get("/incidents").status_code == client.get("/api/incidents/1").status_code == 401
     page = client.get("/", headers={"Accept": "text/html"})
     assert page.status_code == 401 and "Sign in to Airflow first" in page.text
 
@@ -534,3 +535,178 @@ def test_a_model_release_runs_tab_leads_to_its_release(client, airflow_auth, clo
     assert client.get(f"/runs/model_release/{RUN_ID}", cookies=cookies).url.path == f"/releases/{rel.release_id}"
     assert client.get(f"/runs/nightly_evaluation/{RUN_ID}", cookies=cookies).status_code == 404
     assert client.get("/runs/model_release/manual__never", cookies=cookies).status_code == 404
+
+
+HOSTILE = "<script>alert('label')</script>"
+
+
+@pytest.fixture
+def incident_clock(clock, monkeypatch) -> Clock:
+    """The same wall clock for incidents and for the dashboard's ages, so an incident's durations are a story's."""
+    from releasegate import dashboard, incidents
+
+    monkeypatch.setattr(incidents, "time", clock)
+    monkeypatch.setattr(dashboard, "time", clock)
+    return clock
+
+
+def incident_story(clock: Clock) -> dict[str, int]:
+    """Four incidents as the library opens them: a rolled-back release's (still open), an emergency rollback's
+    (acknowledged, resolved after 90 minutes, closed with its review), and two alerts through the real alert
+    receiver, one of them acknowledged and carrying a hostile label."""
+    from releasegate import incidents
+    from releasegate.incidents import IncidentState, Severity
+    from releasegate.serving.alerts import AlertReceiver
+    from releasegate.settings import get_settings
+
+    def alert(labels: dict[str, str], summary: str) -> int:
+        notification = {
+            "version": "4",
+            "status": "firing",
+            "alerts": [{"status": "firing", "labels": labels, "annotations": {"summary": summary}, "fingerprint": "f"}],
+        }
+        [done] = AlertReceiver(get_settings()).receive(notification, "alertmanager")
+        return int(done["incident"])
+
+    rolled_back_release(clock)  # opens incident 1
+    [release_incident] = incidents.list_incidents()
+    clock.advance(60)
+    rollback = incidents.open_incident(
+        actor="airflow:amal",
+        source=AuditAction.emergency_rollback.value,
+        severity=Severity.critical,
+        title="churn: emergency rollback from v3 to v2 by amal: error spike",
+        model="churn",
+    ).id
+    clock.advance(600)
+    incidents.move(rollback, IncidentState.acknowledged, actor="amal", note="looking", owner="ml-oncall")
+    clock.advance(4800)
+    incidents.move(rollback, IncidentState.resolved, actor="amal", resolution="bad feature join; fixed upstream")
+    clock.advance(60)
+    incidents.move(rollback, IncidentState.closed, actor="amal", review_url="https://wiki.example/pir/2")
+    clock.advance(30)
+    hostile = alert(
+        {"alertname": "ReleasegateModelLatencyP99High", "model": "fraud", "severity": "warning", "team": HOSTILE},
+        "p99 <img src=x onerror=alert(1)> ms",
+    )
+    incidents.move(hostile, IncidentState.acknowledged, actor="bo")
+    clock.advance(120)
+    latency = alert({"alertname": "ReleasegateDriftAlarm", "model": "churn", "severity": "warning"}, "input drift")
+    clock.advance(300)  # now: five minutes after the last alert
+    return {"release": release_incident.id, "rollback": rollback, "hostile": hostile, "latency": latency}
+
+
+def _text(html: str) -> str:
+    """What a person reads in a piece of the page: its text without the tags."""
+    return re.sub(r"<[^>]+>", "", html)
+
+
+def _incident_rows(html: str) -> list[tuple[str, str]]:
+    return re.findall(r'<tr class="incident" data-incident-id="(\d+)" data-state="([^"]+)"', html)
+
+
+def test_incidents_page_lists_open_ones_first_with_age_owner_and_release_link(client, airflow_auth, incident_clock):
+    ids = incident_story(incident_clock)
+    cookies = {"_token": token_for(airflow_auth)}
+    html = client.get("/incidents", cookies=cookies).text
+    # Open (newest first), then acknowledged, then closed: not simply newest first.
+    assert _incident_rows(html) == [
+        (str(ids["latency"]), "open"),
+        (str(ids["release"]), "open"),
+        (str(ids["hostile"]), "acknowledged"),
+        (str(ids["rollback"]), "closed"),
+    ]
+    rows = {int(m[0]): m[1] for m in re.findall(r'data-incident-id="(\d+)"(.*?)</tr>', html, re.S)}
+    release_id = incidents_release(ids["release"])
+    assert f'href="/releases/{release_id}"' in rows[ids["release"]]
+    assert "release.rolled_back" in _text(rows[ids["release"]]) and ">high<" in rows[ids["release"]]
+    # 5,970 s since the release's incident opened; the emergency rollback's took 90 min from open to resolved.
+    assert "open 1 h 39 min" in rows[ids["release"]] and "nobody yet" in rows[ids["release"]]
+    assert "resolved in 1 h 30 min" in rows[ids["rollback"]] and "ml-oncall" in rows[ids["rollback"]]
+    assert ">critical<" in rows[ids["rollback"]] and "emergency_rollback" in rows[ids["rollback"]]
+    assert "open 5 min 0 s" in rows[ids["latency"]]
+    assert "<td>bo</td>" in rows[ids["hostile"]] and "alert.ReleasegateModelLatencyP99High" in _text(
+        rows[ids["hostile"]]
+    )
+    # The releases page leads here, and the release link names a release the dashboard has.
+    assert '<a href="/incidents">Incidents</a>' in client.get("/", cookies=cookies).text
+    assert client.get(f"/api/releases/{release_id}", cookies=cookies).json()["state"] == "rolled_back"
+
+
+def incidents_release(incident_id: int) -> str:
+    from releasegate import incidents
+
+    release_id = incidents.get(incident_id).release_id
+    assert release_id is not None
+    return release_id
+
+
+def test_incidents_page_filters_by_state_and_model(client, airflow_auth, incident_clock):
+    from releasegate import dashboard
+
+    ids = incident_story(incident_clock)
+    cookies = {"_token": token_for(airflow_auth)}
+    html = client.get("/incidents?state=open", cookies=cookies).text
+    assert [i for i, _ in _incident_rows(html)] == [str(ids["latency"]), str(ids["release"])]
+    assert '<a href="/incidents?state=open&amp;model=fraud" data-model="fraud">fraud</a>' in html
+    assert 'data-state="closed">closed (1)</a>' in html and 'class="current">open (2)</a>' in html
+    html = client.get("/incidents?model=fraud", cookies=cookies).text
+    assert _incident_rows(html) == [(str(ids["hostile"]), "acknowledged")]
+    assert 'data-state="open">open (0)</a>' in html and 'data-state="acknowledged">acknowledged (1)</a>' in html
+    html = client.get("/incidents?state=resolved&model=churn", cookies=cookies).text
+    assert _incident_rows(html) == [] and "No incident matches these filters." in html
+    refused = client.get("/incidents?state=burning", cookies=cookies, headers={"Accept": "text/html"})
+    assert refused.status_code == 400 and "no incident state &#39;burning&#39;" in refused.text
+    first_two = dashboard.incidents_page(limit=2)
+    assert [i["id"] for i in first_two["incidents"]] == [ids["latency"], ids["release"]] and first_two["total"] == 4
+    api = client.get("/api/incidents", params={"state": "closed", "model": "churn"}, cookies=cookies).json()
+    assert [i["id"] for i in api["incidents"]] == [ids["rollback"]] and api["models"] == ["churn", "fraud"]
+
+
+def test_incident_page_shows_its_timeline_resolution_and_review(client, airflow_auth, incident_clock):
+    ids = incident_story(incident_clock)
+    cookies = {"_token": token_for(airflow_auth)}
+    html = client.get(f"/incidents/{ids['rollback']}", cookies=cookies).text
+    timeline = re.findall(
+        r'<tr class="event" data-event="([^"]+)">.*?<td class="muted actor">([^<]*)</td>\s*<td class="note">([^<]*)</td>',
+        html,
+        re.S,
+    )
+    assert timeline == [
+        ("opened", "airflow:amal", "churn: emergency rollback from v3 to v2 by amal: error spike"),
+        ("acknowledged", "amal", "looking"),
+        ("resolved", "amal", ""),
+        ("closed", "amal", ""),
+    ]
+    assert "owner: ml-oncall" in html and "1 h 31 min" in html  # the close, 91 minutes after the opening
+    assert '<dd id="resolution">bad feature join; fixed upstream</dd>' in html
+    assert 'href="https://wiki.example/pir/2"' in html and "resolved in 1 h 30 min" in html
+    assert 'id="alert"' not in html  # no alert opened this one
+    release_id = incidents_release(ids["release"])
+    assert (
+        f'<a class="mono release" href="/releases/{release_id}">'
+        in client.get(f"/incidents/{ids['release']}", cookies=cookies).text
+    )
+    missing = client.get("/incidents/999", cookies=cookies, headers={"Accept": "text/html"})
+    assert missing.status_code == 404 and "incident 999 does not exist" in missing.text
+
+
+def test_an_alerts_hostile_label_and_summary_are_shown_as_text(client, airflow_auth, incident_clock):
+    from releasegate import incidents
+
+    ids = incident_story(incident_clock)
+    incidents.move(ids["hostile"], incidents.IncidentState.resolved, actor="bo", resolution="<b>fixed</b>")
+    incidents.move(ids["hostile"], incidents.IncidentState.closed, actor="bo", review_url="javascript:alert(1)")
+    cookies = {"_token": token_for(airflow_auth)}
+    for html in (
+        client.get("/incidents", cookies=cookies).text,
+        client.get(f"/incidents/{ids['hostile']}", cookies=cookies).text,
+    ):
+        assert "<script>" not in html and "<img" not in html and "<b>fixed" not in html
+    html = client.get(f"/incidents/{ids['hostile']}", cookies=cookies).text
+    label = html.split('data-label="team">')[1].split("</tr>")[0]
+    assert "&lt;script&gt;alert(&#39;label&#39;)&lt;/script&gt;" in label
+    assert "p99 &lt;img src=x onerror=alert(1)&gt; ms" in html
+    assert 'data-label="severity"><td class="mono">severity</td><td>warning</td>' in html
+    # A review "link" that is not http(s) is shown, never made a link.
+    assert '<dd id="review">javascript:alert(1)</dd>' in html and 'href="javascript:' not in html

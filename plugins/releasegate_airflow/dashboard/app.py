@@ -13,8 +13,8 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypedDict
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, TypedDict
+from urllib.parse import quote, urlencode
 
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -22,9 +22,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
 
+if TYPE_CHECKING:
+    from releasegate.incidents import IncidentState
+
 MOUNT_PREFIX = "/releasegate"
 _templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 _templates.env.filters["timestamp"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+_templates.env.filters["minute"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 _templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
 _bearer = HTTPBearer(auto_error=False)
 
@@ -69,9 +73,30 @@ def _airflow_base(request: Request) -> str:
 
 
 def _page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    # `base`: this app's own root as the browser sees it, for the navigation that every page has.
+    base = request.scope.get("root_path", "")
     return _templates.TemplateResponse(
-        request, template, {"airflow": _airflow_base(request), **context}, status_code=status_code
+        request, template, {"airflow": _airflow_base(request), "base": base, **context}, status_code=status_code
     )
+
+
+def _incident_state(state: str | None) -> IncidentState | None:
+    """The `state` filter of the incidents page as its enum; 400 for one the lifecycle does not have."""
+    from releasegate.incidents import IncidentState
+
+    if not state:
+        return None
+    try:
+        return IncidentState(state)
+    except ValueError:
+        known = ", ".join(s.value for s in IncidentState)
+        raise HTTPException(status_code=400, detail=f"no incident state {state!r} (one of {known})") from None
+
+
+def _filter_href(base: str, state: str | None, model: str | None) -> str:
+    """The incidents page with these filters (None: that filter off)."""
+    query = urlencode({k: v for k, v in (("state", state), ("model", model)) if v})
+    return f"{base}/incidents" + (f"?{query}" if query else "")
 
 
 def _refresh(running: bool) -> int | None:
@@ -133,6 +158,7 @@ def create_app() -> FastAPI:
             request,
             "releases.html",
             user=user.get_name(),
+            section="releases",
             releases=releases,
             chain=dashboard.chain_status(),
             dag_id=dashboard.DAG_ID,
@@ -152,6 +178,7 @@ def create_app() -> FastAPI:
             request,
             "release.html",
             user=user.get_name(),
+            section="releases",
             r=page,
             chain=dashboard.chain_status(),
             refresh_seconds=_refresh(not page["terminal"]),
@@ -196,6 +223,34 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=404, detail=f"run {run_id} of {dag_id} opened no release")
         return RedirectResponse(f"../../releases/{release_id}", status_code=307)
 
+    @app.get("/incidents", response_class=HTMLResponse)
+    def incidents_list(
+        request: Request, state: str | None = None, model: str | None = None, user: BaseUser = Depends(airflow_user)
+    ) -> HTMLResponse:
+        """Incidents, open first; read-only (they are moved with `releasegate incidents`, which audits it)."""
+        from releasegate import dashboard
+
+        page = dashboard.incidents_page(_incident_state(state), model or None)
+        base = request.scope.get("root_path", "")
+        return _page(
+            request,
+            "incidents.html",
+            user=user.get_name(),
+            section="incidents",
+            p=page,
+            href=functools.partial(_filter_href, base),
+        )
+
+    @app.get("/incidents/{incident_id}", response_class=HTMLResponse)
+    def incident_detail(request: Request, incident_id: int, user: BaseUser = Depends(airflow_user)) -> HTMLResponse:
+        from releasegate import dashboard
+
+        try:
+            page = dashboard.incident_page(incident_id)
+        except dashboard.NotFound as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+        return _page(request, "incident.html", user=user.get_name(), section="incidents", i=page)
+
     # response_model=None: the JSON goes out as FastAPI encodes any dict, not through a schema built from the hint.
     @app.get("/api/releases", response_model=None)
     def releases_json(user: BaseUser = Depends(airflow_user)) -> dict[str, Any]:
@@ -209,6 +264,23 @@ def create_app() -> FastAPI:
 
         try:
             return dashboard.release_page(release_id)
+        except dashboard.NotFound as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+
+    @app.get("/api/incidents", response_model=None)
+    def incidents_json(
+        state: str | None = None, model: str | None = None, user: BaseUser = Depends(airflow_user)
+    ) -> dict[str, Any]:
+        from releasegate import dashboard
+
+        return dashboard.incidents_page(_incident_state(state), model or None)
+
+    @app.get("/api/incidents/{incident_id}", response_model=None)
+    def incident_json(incident_id: int, user: BaseUser = Depends(airflow_user)) -> dict[str, Any]:
+        from releasegate import dashboard
+
+        try:
+            return dashboard.incident_page(incident_id)
         except dashboard.NotFound as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
 
