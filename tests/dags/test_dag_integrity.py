@@ -18,7 +18,7 @@ heavy = sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'evidently', 
 print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
                   "dags": {d: [t.task_id for t in dag.tasks] for d, dag in bag.dags.items()},
                   "params": {d: list(dag.params.keys()) for d, dag in bag.dags.items()},
-                  "schedules": {d: getattr(dag.timetable, "_expression", None) for d, dag in bag.dags.items()},
+                  "schedules": {d: str(dag.schedule) for d, dag in bag.dags.items()},
                   "heavy": heavy, "seconds": time.time() - start}))
 """
 
