@@ -12,8 +12,9 @@ Every five minutes (cron: the default policy's `monitoring.watch.schedule`, or
    active); a new one calls the alert hook.
 2. **flag_retraining** (mapped): for a new alarm, an event on the asset
    `releasegate://retraining-needed`, as the nightly evaluation emits it; skipped otherwise.
-3. **alert**: fails the run with the reasons when it raised a new alarm; a shift that persists
-   adds to its incident and leaves later runs green.
+3. **alert**: fails the run with the reasons when it raised a new alarm, or when a model could
+   not be watched (no reference data, say: the others are watched all the same); a shift that
+   persists adds to its incident and leaves later runs green.
 
 The nightly evaluation still makes the full reports (docs/drift.md, "Near-real-time watch"). Each task is one
 call into `releasegate.drift_watch`.
@@ -109,7 +110,7 @@ def drift_watch():
 
     @task(task_id=ALERT, trigger_rule=TriggerRule.NONE_FAILED)
     def alert(results: list[dict]) -> str:
-        """Fail the run with the reasons when it raised a new alarm."""
+        """Fail the run with the reasons when it raised a new alarm or could not watch a model."""
         from releasegate import drift_watch as watcher
 
         results = list(results or [])

@@ -46,6 +46,7 @@ class Watched(BaseModel):
     incident: int | None = None
     new_alarm: bool = False  # this run opened the incident: alert and flag retraining
     note: str = ""
+    error: str | None = None  # why the model could not be watched (no reference, data that cannot be compared)
     seconds: float = 0.0
 
     @property
@@ -76,7 +77,14 @@ def watch(
     if isinstance(policy, str):
         policy = policy_module.load(policy, settings.policy_dirs)
     engine = storage.engine(settings.db_url)
-    results = [check(model, version, until, policy, actor, settings, engine) for model, version in champions(engine)]
+    results = []
+    for model, version in champions(engine):
+        try:
+            results.append(check(model, version, until, policy, actor, settings, engine))
+        except (LookupError, ValueError) as err:  # one model's missing reference must not blind the watch to the rest
+            log.error("drift watch of %s v%s: %s", model, version, err)
+            since = until - policy.monitoring.watch.window_minutes * 60
+            results.append(Watched(model=model, version=version, since=since, until=until, error=str(err)))
     new = [r.model_dump(mode="json") for r in results if r.new_alarm]
     if new:
         from releasegate import nightly
@@ -160,13 +168,20 @@ def _raise_alarm(result: Watched, actor: str, settings: Settings, engine: sa.Eng
 
 
 def alert_message(results: list[dict[str, Any]]) -> str | None:
-    """One sentence per new alarm; None when this run raised none."""
+    """One sentence per new alarm and per model that could not be watched; None when there is neither."""
     new = [r for r in results if r.get("new_alarm")]
-    if not new:
-        return None
-    return "input drift: " + " | ".join(
-        f"{r['model']} v{r['version']}: {'; '.join(r['reasons'])} (incident {r['incident']})" for r in new
-    )
+    failed = [r for r in results if r.get("error")]
+    parts = []
+    if new:
+        parts.append(
+            "input drift: "
+            + " | ".join(
+                f"{r['model']} v{r['version']}: {'; '.join(r['reasons'])} (incident {r['incident']})" for r in new
+            )
+        )
+    if failed:
+        parts.append("not watched: " + " | ".join(f"{r['model']} v{r['version']}: {r['error']}" for r in failed))
+    return " || ".join(parts) or None
 
 
 def summary(results: list[dict[str, Any]]) -> str:
