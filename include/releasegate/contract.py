@@ -195,6 +195,7 @@ class AuditAction(StrEnum):
     nightly_evaluated = "nightly.evaluated"
     nightly_no_traffic = "nightly.no_traffic"
     nightly_alert = "nightly.alert"
+    drift_watch_alarm = "drift_watch.alarm"  # the near-real-time watch found input drift
     data_purged = "data.purged"  # rows and reports past the model's retention
     subject_exported = "subject.exported"  # a data subject's rows, exported on request
     subject_erased = "subject.erased"  # a data subject's rows, erased on request

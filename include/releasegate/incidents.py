@@ -1,8 +1,8 @@
 """Incidents (ITIL): what went wrong with a model in production, who owns it, how it ended.
 
 An incident is opened, in the same transaction as its cause, when a release ends `rolled_back`, `failed`
-or `invalid`, on an emergency rollback, and on a nightly alarm; `open_incident` opens one for anything
-else (an alert). A cause that repeats while an incident with its key (model and source) is still open adds
+or `invalid`, on an emergency rollback, and on a nightly or drift-watch alarm; `open_incident` opens one for
+anything else (an alert). A cause that repeats while an incident with its key (model and source) is still open adds
 to that incident's timeline instead of opening another. Its lifecycle:
 
     open -> acknowledged -> resolved -> closed        (resolved -> open: reopened)

@@ -201,6 +201,12 @@ def notify(evaluations: list[dict[str, Any]], actor: str = "nightly", settings: 
             engine=engine,
             settings=settings,
         )
+    post_alert(message, alarms, settings)
+    return message
+
+
+def post_alert(message: str, alarms: list[dict[str, Any]], settings: Settings) -> None:
+    """POST {"text", "alarms"} to $RELEASEGATE_ALERT_WEBHOOK when set; a failure is logged, never raised."""
     url = settings.alert_webhook
     if url:
         import httpx
@@ -209,7 +215,6 @@ def notify(evaluations: list[dict[str, Any]], actor: str = "nightly", settings: 
             httpx.post(url, json={"text": message, "alarms": alarms}, timeout=10).raise_for_status()
         except httpx.HTTPError as err:  # the red run still tells people; a dead webhook must not hide that
             log.error("alert webhook %s failed: %s", url, err)
-    return message
 
 
 def no_traffic_message(evaluations: list[dict[str, Any]]) -> str:

@@ -137,6 +137,22 @@ class Watch(_Strict):
     )
 
 
+class DriftWatch(_Strict):
+    """The near-real-time drift watch: the nightly's drift tests on each champion's last minutes of traffic."""
+
+    schedule: str = Field(default="*/5 * * * *", description="Cron expression (UTC) of the drift watch.")
+    window_minutes: float = Field(default=15, gt=0, description="How much recent traffic each watch reads.")
+    max_rows: int = Field(default=5000, ge=1, description="Requests sampled from the window at most.")
+    min_rows: int = Field(
+        default=200, ge=1, description="Requests a window needs before it is tested; fewer and the model is skipped."
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, schedule: str) -> str:
+        return _valid_cron(schedule)
+
+
 class Monitoring(_Strict):
     """The nightly evaluation of a champion's logged traffic: when it runs and what raises the alarm."""
 
@@ -151,15 +167,20 @@ class Monitoring(_Strict):
         description="Alarm when labelled live accuracy falls this far below the version's accuracy on its holdout.",
     )
     min_labelled: int = Field(default=200, ge=1, description="Labelled requests needed before quality is judged.")
+    watch: DriftWatch = DriftWatch()
 
     @field_validator("schedule")
     @classmethod
     def _cron(cls, schedule: str) -> str:
-        from croniter import croniter
+        return _valid_cron(schedule)
 
-        if not croniter.is_valid(schedule):
-            raise ValueError(f"not a cron expression: {schedule!r}")
-        return schedule
+
+def _valid_cron(schedule: str) -> str:
+    from croniter import croniter
+
+    if not croniter.is_valid(schedule):
+        raise ValueError(f"not a cron expression: {schedule!r}")
+    return schedule
 
 
 class Policy(_Strict):

@@ -166,7 +166,9 @@ class Settings(BaseSettings):
     artifact_region: str | None = Field(
         default=None, description="Region of the MLflow artifact store (reports, reference data); default REGION."
     )
-    alert_webhook: str | None = Field(default=None, description="URL the nightly evaluation POSTs its alert to (JSON).")
+    alert_webhook: str | None = Field(
+        default=None, description="URL the nightly evaluation and the drift watch POST their alerts to (JSON)."
+    )
     airflow_url: str = Field(
         default="http://127.0.0.1:8080",
         description="Airflow's API server, for the gateway's alert receiver (and `releasegate trigger`).",
@@ -183,6 +185,10 @@ class Settings(BaseSettings):
     )
     nightly_schedule: str | None = Field(
         default=None, description="Cron of the nightly evaluation; default the default policy's `monitoring.schedule`."
+    )
+    drift_watch_schedule: str | None = Field(
+        default=None,
+        description="Cron of the drift watch; default the default policy's `monitoring.watch.schedule`.",
     )
 
     @field_validator("trusted_keys", "policy_dirs", "expectation_dirs", mode="before")

@@ -18,6 +18,7 @@ heavy = sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'evidently', 
 print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
                   "dags": {d: [t.task_id for t in dag.tasks] for d, dag in bag.dags.items()},
                   "params": {d: list(dag.params.keys()) for d, dag in bag.dags.items()},
+                  "schedules": {d: str(dag.schedule) for d, dag in bag.dags.items()},
                   "heavy": heavy, "seconds": time.time() - start}))
 """
 
@@ -37,7 +38,13 @@ def _parse(airflow_env) -> dict:
 def test_dags_parse_without_errors_or_heavy_imports(airflow_env):
     result = _parse(airflow_env)
     assert result["errors"] == {}
-    assert {"model_release", "nightly_evaluation"} <= set(result["dags"])
+    assert set(result["dags"]) == {
+        "model_release",
+        "nightly_evaluation",
+        "drift_watch",
+        "emergency_rollback",
+        "data_subject_request",
+    }
     assert result["heavy"] == [], f"parsing dags/ imported {result['heavy']}"
 
 
@@ -65,6 +72,13 @@ def test_nightly_evaluation_maps_over_champions_and_flags_retraining(airflow_env
     result = _parse(airflow_env)
     assert result["dags"]["nightly_evaluation"] == ["champions", "evaluate", "flag_retraining", "alert", "purge"]
     assert set(result["params"]["nightly_evaluation"]) == {"policy"}
+
+
+def test_drift_watch_watches_then_flags_retraining_per_model_every_five_minutes(airflow_env):
+    result = _parse(airflow_env)
+    assert result["dags"]["drift_watch"] == ["watch", "flag_retraining", "alert"]
+    assert set(result["params"]["drift_watch"]) == {"policy"}
+    assert result["schedules"]["drift_watch"] == "*/5 * * * *"
 
 
 def test_data_subject_request_takes_the_key_the_request_and_its_reference(airflow_env):

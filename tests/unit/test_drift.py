@@ -288,3 +288,30 @@ def test_encrypted_labels_reach_a_quality_report_only_where_the_classification_a
     opened = drift.read_labelled("churn", T0, T0 + 100, decrypt_labels=True)
     assert len(opened) == 10 and opened.attrs["encrypted_labels"] == 0
     assert (opened["target"] == opened["prediction"]).all()  # the opened labels are the values sent
+
+
+def test_the_cheap_statistics_are_evidentlys_numbers_without_its_report(tmp_path):
+    """What the near-real-time watch computes equals the nightly report's per-column verdicts, p-values and all."""
+    reference = _customers(3000, seed=1)
+    current = _customers(2000, seed=2, charges_shift_sd=0.5, regions=(0.10, 0.40, 0.25, 0.25))
+    current.loc[current.index[:40], "age"] = np.nan  # missing values are left out by both
+    current.loc[current.index[40:50], "monthly_charges"] = np.inf
+
+    report = drift.input_drift(reference, current, tmp_path)
+    cheap = drift.input_drift_statistics(reference, current)
+
+    assert cheap.drifted_columns == report.drifted_columns == ["monthly_charges", "region"]
+    assert cheap.drifted_share == report.drifted_share
+    assert set(cheap.columns) == set(report.columns)
+    for column, found in cheap.columns.items():
+        expected = report.columns[column]
+        assert (found.method, found.kind, found.drifted) == (expected.method, expected.kind, expected.drifted)
+        assert found.threshold == pytest.approx(expected.threshold)
+        assert found.score == pytest.approx(expected.score, rel=1e-9, abs=1e-300), column
+    assert (cheap.rows_reference, cheap.rows_current) == (3000, 2000)
+
+
+def test_the_cheap_statistics_refuse_a_column_without_values():
+    reference = _customers(100, seed=1)
+    with pytest.raises(ValueError, match="column 'age' has no values in the current data"):
+        drift.input_drift_statistics(reference, reference.assign(age=np.nan))

@@ -37,3 +37,12 @@ def test_missing_policy_lists_the_known_ones():
 def test_digest_changes_with_any_threshold():
     base = policy.parse({"name": "x"})
     assert base.digest != policy.parse({"name": "x", "primary": {"margin": 0.03}}).digest
+
+
+def test_the_drift_watch_defaults_and_its_bad_values_are_named():
+    watch = policy.load("default").monitoring.watch
+    assert (watch.schedule, watch.window_minutes, watch.max_rows, watch.min_rows) == ("*/5 * * * *", 15, 5000, 200)
+    with pytest.raises(policy.PolicyError, match=r"monitoring\.watch\.schedule"):
+        policy.parse({"name": "x", "monitoring": {"watch": {"schedule": "every five minutes"}}})
+    with pytest.raises(policy.PolicyError, match=r"monitoring\.watch\.window_minutes"):
+        policy.parse({"name": "x", "monitoring": {"watch": {"window_minutes": 0}}})
