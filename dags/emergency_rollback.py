@@ -20,7 +20,9 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from releasegate.notifications import Event
 from releasegate_airflow import xcom
+from releasegate_airflow.notifier import RunNotifier
 from releasegate_airflow.operators import actor
 
 ROLL_BACK = "roll_back"
@@ -80,6 +82,8 @@ CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "securi
         ),
     },
     default_args={"retries": 0},
+    on_success_callback=RunNotifier(Event.rollback),
+    on_failure_callback=RunNotifier(Event.rollback, failed=True),
 )
 def emergency_rollback():
     @task(task_id=ROLL_BACK)

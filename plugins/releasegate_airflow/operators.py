@@ -49,6 +49,15 @@ class AnalysisWaitOperator(BaseOperator):
         return xcom.push(pipeline.record(release.release_id, Verdict.model_validate(event), actor=actor(context)))
 
 
+def _tell_approval_requested(context: Context, release_id: str, approvers: list[str], seconds_left: float) -> None:
+    """Tell the notification targets that the release waits for a person (docs/operations.md, "Notifications")."""
+    from releasegate import notifications, release
+
+    links = notifications.links(context["dag"].dag_id, context["run_id"], release_id)
+    note = notifications.approval_requested(release.get(release_id), approvers, seconds_left, links, actor(context))
+    notifications.send(note)
+
+
 def triggering_user(context: Context) -> str | None:
     """The Airflow user who triggered the run; None for a scheduled run."""
     return getattr(context.get("dag_run"), "triggering_user_name", None) or None
@@ -131,6 +140,7 @@ class ReleaseDecisionOperator(HITLBranchOperator):
         if request.seconds_left <= 0:
             pipeline.record_approval(release_id, approved=False, approver=None, timed_out=True)
             return self.do_branch(context, self.rollback_task_id)
+        _tell_approval_requested(context, release_id, request.approvers, request.seconds_left)
         # `releasegate approve` reads who triggered the release here, to refuse their approval before sending it.
         context["ti"].xcom_push(key=APPROVAL_REQUEST_XCOM, value=request.model_dump(mode="json"))
         self.subject, self.body = request.subject, request.body
