@@ -19,6 +19,9 @@ Takes one registered MLflow model version from the registry to production, or ba
    answer before the policy's timeout rolls back. **finish** stores the reports and the
    signed audit head in MLflow, and marks a run that errored as `failed`.
 
+How the release ended, and an approval request, are sent to the notification targets
+(`RELEASEGATE_NOTIFY_WEBHOOK`, Apprise URLs) as the run ends and as `decide` asks.
+
 Every task is one call into `releasegate.pipeline`, so the CLI and the tests run the same code.
 """
 

@@ -150,7 +150,7 @@ def rollback(model: str, links: Links, failure: str | None = None, engine: sa.En
     if failure is not None:
         return Notification(
             event=Event.rollback,
-            title=f"{model}: emergency rollback failed, the champion is unchanged as far as releasegate knows",
+            title=f"{model}: emergency rollback failed",
             model=model,
             state=State.failed.value,
             reasons=[failure],

@@ -11,10 +11,11 @@ from releasegate.notifications import Event
 
 
 class RunNotifier(BaseNotifier):
-    """A DAG's `on_success_callback` / `on_failure_callback`: the outcome of the run's release or rollback.
+    """A DAG's or a task's `on_success_callback` / `on_failure_callback`: the outcome of the run's release or rollback.
 
     The outcome is read from releasegate's own records (the release row `finish` closed, the
     `emergency_rollback` audit event), not from the run, so the notification says what releasegate says.
+    Nothing it meets is raised: the run has ended, and a notification cannot change how.
     """
 
     def __init__(self, event: Event, *, failed: bool = False):
@@ -23,13 +24,24 @@ class RunNotifier(BaseNotifier):
             raise ValueError(f"a DAG run tells a release outcome or a rollback, not {event.value}")
         self.event, self.failed = event, failed
 
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        """Nothing is templated; and the DAG `dag.test()` hands a DAG callback cannot render (it is serialized)."""
+
     def notify(self, context: Any) -> None:
+        try:
+            self._notify(context)
+        except Exception:
+            self.log.exception("releasegate could not tell the %s of run %s", self.event.value, context.get("run_id"))
+
+    def _notify(self, context: Any) -> None:
         from releasegate import notifications
         from releasegate import release as releases
 
         dag_id, run_id = context["dag"].dag_id, context.get("run_id")
         model = _model(context)
-        why = f"the Airflow run failed ({context.get('reason') or 'see its tasks'})" if self.failed else None
+        why = None
+        if self.failed:  # a task's callback has the exception; a DAG's, the reason the run failed
+            why = f"the Airflow run failed: {context.get('exception') or context.get('reason') or 'see its tasks'}"
         if self.event is Event.rollback:
             note = notifications.rollback(model or "?", notifications.links(dag_id, run_id), failure=why)
         else:

@@ -137,3 +137,42 @@ def test_airflows_notifier_tells_the_outcome_its_run_left_in_the_release_row(sin
     failed = sink.bodies(Event.release_outcome)[-1]
     assert (failed["model"], failed["release_id"], failed["state"]) == ("churn", None, "failed")
     assert "task_failure" in failed["reasons"][0]
+
+
+def test_airflows_notifier_tells_a_failed_rollback_with_its_error(sink):
+    from airflow.sdk import DAG
+
+    from releasegate_airflow.notifier import RunNotifier
+
+    context = {
+        "dag": DAG("emergency_rollback", schedule=None),
+        "run_id": "manual__r3",
+        "params": {"model_name": "fraud"},
+        "exception": ValueError("fraud has no `previous` alias"),
+    }
+    RunNotifier(Event.rollback, failed=True)(context)
+    [body] = sink.bodies(Event.rollback)
+    assert (body["model"], body["state"]) == ("fraud", "failed")
+    assert "no `previous` alias" in body["reasons"][0]
+
+
+def test_an_approval_request_is_told_with_who_may_answer_and_for_how_long(sink):
+    from types import SimpleNamespace
+
+    from airflow.sdk import DAG
+
+    from releasegate_airflow.operators import _tell_approval_requested
+
+    rel = _open(run_id="manual__r4")
+    for state in (State.signing, State.validating, State.shadow, State.awaiting_approval):
+        rel = release.transition(rel.release_id, state, actor="test", reason="awaiting approval: policy asks")
+    context = {
+        "dag": DAG("model_release", schedule=None),
+        "run_id": "manual__r4",
+        "dag_run": SimpleNamespace(triggering_user_name="carol"),
+    }
+    _tell_approval_requested(context, rel.release_id, ["alice", "bob"], 5400)  # what `decide` does as it asks
+    [body] = sink.bodies(Event.approval_requested)
+    assert (body["release_id"], body["state"], body["actor"]) == (rel.release_id, "awaiting_approval", "airflow:carol")
+    assert "alice, bob" in body["title"] and "1 h 30 min" in body["title"]
+    assert body["reasons"] == ["awaiting approval: policy asks"]
