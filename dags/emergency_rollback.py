@@ -23,7 +23,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from releasegate.notifications import Event
+from releasegate.contract import NotificationEvent
 from releasegate_airflow import xcom
 from releasegate_airflow.notifier import RunNotifier
 from releasegate_airflow.operators import actor
@@ -90,8 +90,8 @@ def emergency_rollback():
     # The run is its one task, so the task's callbacks tell its outcome, from the worker that has the settings.
     @task(
         task_id=ROLL_BACK,
-        on_success_callback=RunNotifier(Event.rollback),
-        on_failure_callback=RunNotifier(Event.rollback, failed=True),
+        on_success_callback=RunNotifier(NotificationEvent.rollback),
+        on_failure_callback=RunNotifier(NotificationEvent.rollback, failed=True),
     )
     def roll_back() -> dict[str, Any]:
         """Route, open release and champion alias back to the previous champion; who and why audited."""

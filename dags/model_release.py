@@ -33,7 +33,7 @@ import pendulum
 from airflow.sdk import Param, TriggerRule, chain, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException
 
-from releasegate.notifications import Event
+from releasegate.contract import NotificationEvent
 from releasegate_airflow import xcom
 from releasegate_airflow.kubernetes import ReadinessWaitOperator
 from releasegate_airflow.notifier import RunNotifier
@@ -128,8 +128,8 @@ def _run_alive(run_id: str | None) -> bool:
         ),
     },
     default_args={"retries": 0},
-    on_success_callback=RunNotifier(Event.release_outcome),
-    on_failure_callback=RunNotifier(Event.release_outcome, failed=True),
+    on_success_callback=RunNotifier(NotificationEvent.release_outcome),
+    on_failure_callback=RunNotifier(NotificationEvent.release_outcome, failed=True),
 )
 def model_release():
     @task(task_id=OPEN_RELEASE)

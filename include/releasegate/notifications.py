@@ -1,6 +1,6 @@
 """Notifications: the moments people are told about, sent to the targets the settings name.
 
-Four events (`Event`): a release's outcome, an approval requested, an emergency rollback, an incident
+Four events (`contract.NotificationEvent`): a release's outcome, an approval requested, an emergency rollback, an incident
 opened. Each is a `Notification`, sent as the JSON `payload` builds (`releasegate.notification/v1`,
 docs/operations.md, "Notifications") to RELEASEGATE_NOTIFY_WEBHOOK, and as a title and a text to every
 RELEASEGATE_NOTIFY_APPRISE_URLS target when the `apprise` package is installed. Sending never raises:
@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel
 
-from releasegate.contract import AuditAction
+from releasegate.contract import AuditAction, NotificationEvent
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -30,13 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEMA = "releasegate.notification/v1"  # the payload's `schema`; a change of shape gets a new version
-
-
-class Event(StrEnum):
-    release_outcome = "release_outcome"  # a release ended: promoted, rolled back, rejected, invalid, aborted, failed
-    approval_requested = "approval_requested"  # a release waits for a person
-    rollback = "rollback"  # an emergency rollback ran (or failed)
-    incident_opened = "incident_opened"  # a new incident, not a repeat of an open one
 
 
 class Channel(StrEnum):
@@ -52,7 +45,7 @@ class Links(BaseModel):
 class Notification(BaseModel):
     """What happened, to which model and release, how it ended and why, and where to look."""
 
-    event: Event
+    event: NotificationEvent
     title: str  # one sentence: a chat message, a mail's subject
     model: str | None = None
     release_id: str | None = None
@@ -93,7 +86,7 @@ def release_outcome(rel: Release, links: Links) -> Notification:
     """How a release ended (or where it stands, when its run failed before it ended), from its row."""
     how = rel.state.value if rel.terminal else f"left {rel.state.value}: its run ended before it did"
     return Notification(
-        event=Event.release_outcome,
+        event=NotificationEvent.release_outcome,
         title=f"{rel.model} v{rel.candidate_version}: release {rel.release_id} {how}",
         model=rel.model,
         release_id=rel.release_id,
@@ -111,7 +104,7 @@ def run_failed(model: str | None, reason: str, links: Links) -> Notification:
     from releasegate.release import State
 
     return Notification(
-        event=Event.release_outcome,
+        event=NotificationEvent.release_outcome,
         title=f"{model or 'a model'}: release run failed before a release was opened",
         model=model,
         state=State.failed.value,
@@ -127,7 +120,7 @@ def approval_requested(
     """A release that waits for a person, who may answer, and for how long."""
     who = ", ".join(approvers) if approvers else "anyone allowed to approve in Airflow"
     return Notification(
-        event=Event.approval_requested,
+        event=NotificationEvent.approval_requested,
         title=f"{rel.model} v{rel.candidate_version}: release {rel.release_id} awaits approval "
         f"({who}) within {_duration(seconds_left)}",
         model=rel.model,
@@ -149,7 +142,7 @@ def rollback(model: str, links: Links, failure: str | None = None, engine: sa.En
 
     if failure is not None:
         return Notification(
-            event=Event.rollback,
+            event=NotificationEvent.rollback,
             title=f"{model}: emergency rollback failed",
             model=model,
             state=State.failed.value,
@@ -164,7 +157,7 @@ def rollback(model: str, links: Links, failure: str | None = None, engine: sa.En
     details = event["details"]
     aborted = details.get("aborted_release") or {}
     return Notification(
-        event=Event.rollback,
+        event=NotificationEvent.rollback,
         title=f"{model}: emergency rollback from v{details.get('from_version')} to v{details.get('to_version')}",
         model=model,
         release_id=aborted.get("release_id"),
@@ -182,7 +175,7 @@ def incident_opened(incident: Incident, settings: Settings | None = None) -> Not
     """A new incident: its severity, what opened it, and the release it is about."""
     link = links("model_release", None, incident.release_id, settings) if incident.release_id else Links()
     return Notification(
-        event=Event.incident_opened,
+        event=NotificationEvent.incident_opened,
         title=f"incident {incident.id} ({incident.severity.value}): {incident.title}"[:500],
         model=incident.model,
         release_id=incident.release_id,

@@ -7,7 +7,7 @@ from typing import Any
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
-from releasegate.notifications import Event
+from releasegate.contract import NotificationEvent
 
 
 class RunNotifier(BaseNotifier):
@@ -18,9 +18,9 @@ class RunNotifier(BaseNotifier):
     Nothing it meets is raised: the run has ended, and a notification cannot change how.
     """
 
-    def __init__(self, event: Event, *, failed: bool = False):
+    def __init__(self, event: NotificationEvent, *, failed: bool = False):
         super().__init__()
-        if event not in (Event.release_outcome, Event.rollback):
+        if event not in (NotificationEvent.release_outcome, NotificationEvent.rollback):
             raise ValueError(f"a DAG run tells a release outcome or a rollback, not {event.value}")
         self.event, self.failed = event, failed
 
@@ -42,7 +42,7 @@ class RunNotifier(BaseNotifier):
         why = None
         if self.failed:  # a task's callback has the exception; a DAG's, the reason the run failed
             why = f"the Airflow run failed: {context.get('exception') or context.get('reason') or 'see its tasks'}"
-        if self.event is Event.rollback:
+        if self.event is NotificationEvent.rollback:
             note = notifications.rollback(model or "?", notifications.links(dag_id, run_id), failure=why)
         else:
             rel = releases.of_run(run_id) if run_id else None

@@ -10,7 +10,8 @@ import socket
 import pytest
 
 from releasegate import incidents, notifications, release
-from releasegate.notifications import Channel, Event
+from releasegate.contract import NotificationEvent
+from releasegate.notifications import Channel
 from releasegate.release import State
 from tests.unit.test_release import _open
 from tests.webhook_sink import webhook_sink
@@ -38,7 +39,7 @@ def test_a_release_outcome_reaches_the_webhook_in_the_documented_shape(sink):
 
     assert notifications.send(notifications.release_outcome(rel, links)) == [Channel.webhook]
 
-    [body] = sink.bodies(Event.release_outcome)
+    [body] = sink.bodies(NotificationEvent.release_outcome)
     assert sink.received[-1][0] == "Bearer n0tify"
     assert body["schema"] == "releasegate.notification/v1"
     assert (body["model"], body["release_id"], body["version"], body["from_version"], body["state"]) == (
@@ -57,7 +58,7 @@ def test_a_release_outcome_reaches_the_webhook_in_the_documented_shape(sink):
 
 def test_an_opened_incident_is_told_once_and_its_repeats_are_not(sink):
     _rolled_back()  # a rolled-back release opens a high incident in the move's transaction
-    first = sink.bodies(Event.incident_opened)
+    first = sink.bodies(NotificationEvent.incident_opened)
     assert len(first) == 1
     [opened] = incidents.list_incidents()
     assert (first[0]["incident"], first[0]["severity"], first[0]["state"]) == (opened.id, "high", "open")
@@ -67,9 +68,9 @@ def test_an_opened_incident_is_told_once_and_its_repeats_are_not(sink):
         incidents.open_incident(
             actor="test", source="release.rolled_back", severity=incidents.Severity.high, title="again", model="churn"
         )
-    assert len(sink.bodies(Event.incident_opened)) == 1
+    assert len(sink.bodies(NotificationEvent.incident_opened)) == 1
     incidents.open_incident(actor="test", source="alert", severity=incidents.Severity.low, title="other", model="churn")
-    assert len(sink.bodies(Event.incident_opened)) == 2
+    assert len(sink.bodies(NotificationEvent.incident_opened)) == 2
 
 
 def test_a_failing_or_unreachable_target_fails_nothing(sink, monkeypatch, caplog):
@@ -79,7 +80,7 @@ def test_a_failing_or_unreachable_target_fails_nothing(sink, monkeypatch, caplog
         assert rel.state is State.rolled_back and incidents.list_incidents()
         links = notifications.links("model_release", "run-1", rel.release_id)
         assert notifications.send(notifications.release_outcome(rel, links)) == []
-    assert sink.bodies(Event.release_outcome) and "500" in caplog.text
+    assert sink.bodies(NotificationEvent.release_outcome) and "500" in caplog.text
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -125,16 +126,18 @@ def test_airflows_notifier_tells_the_outcome_its_run_left_in_the_release_row(sin
 
     rel = _rolled_back(run_id="manual__r1")
     dag = DAG("model_release", schedule=None)
-    RunNotifier(Event.release_outcome)({"dag": dag, "run_id": "manual__r1", "params": {"model_name": "churn"}})
-    [body] = sink.bodies(Event.release_outcome)
+    RunNotifier(NotificationEvent.release_outcome)(
+        {"dag": dag, "run_id": "manual__r1", "params": {"model_name": "churn"}}
+    )
+    [body] = sink.bodies(NotificationEvent.release_outcome)
     assert (body["release_id"], body["state"]) == (rel.release_id, "rolled_back")
     assert body["links"]["airflow_run"].endswith("/dags/model_release/runs/manual__r1")
 
     # A failed run that never opened a release (another one held the model) is told as failed.
-    RunNotifier(Event.release_outcome, failed=True)(
+    RunNotifier(NotificationEvent.release_outcome, failed=True)(
         {"dag": dag, "run_id": "manual__r2", "params": {"model_name": "churn"}, "reason": "task_failure"}
     )
-    failed = sink.bodies(Event.release_outcome)[-1]
+    failed = sink.bodies(NotificationEvent.release_outcome)[-1]
     assert (failed["model"], failed["release_id"], failed["state"]) == ("churn", None, "failed")
     assert "task_failure" in failed["reasons"][0]
 
@@ -150,8 +153,8 @@ def test_airflows_notifier_tells_a_failed_rollback_with_its_error(sink):
         "params": {"model_name": "fraud"},
         "exception": ValueError("fraud has no `previous` alias"),
     }
-    RunNotifier(Event.rollback, failed=True)(context)
-    [body] = sink.bodies(Event.rollback)
+    RunNotifier(NotificationEvent.rollback, failed=True)(context)
+    [body] = sink.bodies(NotificationEvent.rollback)
     assert (body["model"], body["state"]) == ("fraud", "failed")
     assert "no `previous` alias" in body["reasons"][0]
 
@@ -172,7 +175,7 @@ def test_an_approval_request_is_told_with_who_may_answer_and_for_how_long(sink):
         "dag_run": SimpleNamespace(triggering_user_name="carol"),
     }
     _tell_approval_requested(context, rel.release_id, ["alice", "bob"], 5400)  # what `decide` does as it asks
-    [body] = sink.bodies(Event.approval_requested)
+    [body] = sink.bodies(NotificationEvent.approval_requested)
     assert (body["release_id"], body["state"], body["actor"]) == (rel.release_id, "awaiting_approval", "airflow:carol")
     assert "alice, bob" in body["title"] and "1 h 30 min" in body["title"]
     assert body["reasons"] == ["awaiting approval: policy asks"]
