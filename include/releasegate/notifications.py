@@ -1,8 +1,9 @@
 """Notifications: the moments people are told about, sent to the targets the settings name.
 
-Four events (`contract.NotificationEvent`): a release's outcome, an approval requested, an emergency rollback, an incident
-opened. Each is a `Notification`, sent as the JSON `payload` builds (`releasegate.notification/v1`,
-docs/operations.md, "Notifications") to RELEASEGATE_NOTIFY_WEBHOOK, and as a title and a text to every
+Four events (`contract.NotificationEvent`): a release's outcome, an approval requested, an emergency
+rollback, an incident opened. Each is a `Notification`, sent as the JSON `payload` builds
+(`releasegate.notification/v1`, docs/operations.md, "Notifications") to RELEASEGATE_NOTIFY_WEBHOOK, and as a
+title and a text to every
 RELEASEGATE_NOTIFY_APPRISE_URLS target when the `apprise` package is installed. Sending never raises:
 what it tells of has already happened, and a dead target must not fail it. The DAGs send theirs from
 Airflow callbacks (`releasegate_airflow.notifier`); an incident is told by `incidents.notify`.
@@ -75,11 +76,18 @@ def text(note: Notification) -> str:
 def links(dag_id: str, run_id: str | None, release_id: str | None = None, settings: Settings | None = None) -> Links:
     """The Airflow run's page and the release's dashboard page, at the address people reach Airflow by."""
     settings = _settings(settings)
-    base = (settings.notify_links_url or settings.airflow_url).rstrip("/")
     return Links(
-        airflow_run=f"{base}/dags/{quote(dag_id)}/runs/{quote(run_id, safe='')}" if run_id else None,
-        dashboard=f"{base}/releasegate/releases/{quote(release_id)}" if release_id else None,
+        airflow_run=f"{_base(settings)}/dags/{quote(dag_id)}/runs/{quote(run_id, safe='')}" if run_id else None,
+        dashboard=_dashboard(release_id, settings) if release_id else None,
     )
+
+
+def _dashboard(release_id: str, settings: Settings | None = None) -> str:
+    return f"{_base(_settings(settings))}/releasegate/releases/{quote(release_id)}"
+
+
+def _base(settings: Settings) -> str:
+    return (settings.notify_links_url or settings.airflow_url).rstrip("/")
 
 
 def release_outcome(rel: Release, links: Links) -> Notification:
@@ -166,7 +174,7 @@ def rollback(model: str, links: Links, failure: str | None = None, engine: sa.En
         state=State.rolled_back.value,
         reasons=[details.get("reason") or ""],
         actor=event["actor"],
-        links=links.model_copy(update={"dashboard": None}) if not aborted else links,
+        links=links.model_copy(update={"dashboard": _dashboard(aborted["release_id"]) if aborted else None}),
         time=time.time(),
     )
 

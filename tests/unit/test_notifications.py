@@ -179,3 +179,32 @@ def test_an_approval_request_is_told_with_who_may_answer_and_for_how_long(sink):
     assert (body["release_id"], body["state"], body["actor"]) == (rel.release_id, "awaiting_approval", "airflow:carol")
     assert "alice, bob" in body["title"] and "1 h 30 min" in body["title"]
     assert body["reasons"] == ["awaiting approval: policy asks"]
+
+
+def test_a_rollback_is_told_from_its_audit_event_with_the_release_it_stopped(sink):
+    from releasegate import audit
+    from releasegate.contract import AuditAction
+
+    audit.append(
+        "airflow:dana",
+        AuditAction.emergency_rollback,
+        model="fraud",
+        version="1",
+        release_id="rel-0123456789ab",
+        details={
+            "from_version": "2",
+            "to_version": "1",
+            "reason": "v2 answers wrong",
+            "aborted_release": {"release_id": "rel-0123456789ab", "state": "aborted", "candidate": "3"},
+        },
+    )
+    note = notifications.rollback("fraud", notifications.links("emergency_rollback", "manual__r5"))
+    assert (note.from_version, note.version, note.release_id, note.state) == (
+        "2",
+        "1",
+        "rel-0123456789ab",
+        "rolled_back",
+    )
+    assert (note.reasons, note.actor) == (["v2 answers wrong"], "airflow:dana")
+    assert note.links.dashboard == "https://airflow.example/releasegate/releases/rel-0123456789ab"
+    assert note.links.airflow_run == "https://airflow.example/dags/emergency_rollback/runs/manual__r5"
