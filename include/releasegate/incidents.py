@@ -15,7 +15,6 @@ RELEASEGATE_INCIDENT_WEBHOOK (ServiceNow, Jira, PagerDuty through their inbound 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -29,8 +28,6 @@ from releasegate.errors import ReleasegateError
 
 if TYPE_CHECKING:
     from releasegate.settings import Settings
-
-log = logging.getLogger(__name__)
 
 SCHEMA = "releasegate.incident/v1"  # the webhook payload's `schema`; a change of shape gets a new version
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -53,9 +54,12 @@ def _tell_approval_requested(context: Context, release_id: str, approvers: list[
     """Tell the notification targets that the release waits for a person (docs/operations.md, "Notifications")."""
     from releasegate import notifications, release
 
-    links = notifications.links(context["dag"].dag_id, context["run_id"], release_id)
-    note = notifications.approval_requested(release.get(release_id), approvers, seconds_left, links, actor(context))
-    notifications.send(note)
+    try:
+        links = notifications.links(context["dag"].dag_id, context["run_id"], release_id)
+        rel = release.get(release_id)
+        notifications.send(notifications.approval_requested(rel, approvers, seconds_left, links, actor(context)))
+    except Exception:  # the request stands whether or not anyone was told of it
+        logging.getLogger(__name__).exception("could not tell that release %s awaits approval", release_id)
 
 
 def triggering_user(context: Context) -> str | None:
