@@ -9,6 +9,9 @@ waiting for a release's evidence:
    back to the previous version; who triggered it and why go to the audit log, and a critical
    incident is opened (or, when an Alertmanager alert triggered it, recorded in the alert's).
 
+When the run ends, the rollback (or its failure) is sent to the notification targets
+(`RELEASEGATE_NOTIFY_WEBHOOK`, Apprise URLs).
+
 Use it when the live champion is hurting users. It always goes one champion back; to stop
 only a release still in shadow or canary, keeping the champion, use `releasegate abort`.
 """
@@ -20,7 +23,9 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from releasegate.contract import NotificationEvent
 from releasegate_airflow import xcom
+from releasegate_airflow.notifier import RunNotifier
 from releasegate_airflow.operators import actor
 
 ROLL_BACK = "roll_back"
@@ -82,7 +87,12 @@ CATEGORIES = ["errors", "latency", "wrong predictions", "data incident", "securi
     default_args={"retries": 0},
 )
 def emergency_rollback():
-    @task(task_id=ROLL_BACK)
+    # The run is its one task, so the task's callbacks tell its outcome, from the worker that has the settings.
+    @task(
+        task_id=ROLL_BACK,
+        on_success_callback=RunNotifier(NotificationEvent.rollback),
+        on_failure_callback=RunNotifier(NotificationEvent.rollback, failed=True),
+    )
     def roll_back() -> dict[str, Any]:
         """Route, open release and champion alias back to the previous champion; who and why audited."""
         from releasegate import pipeline

@@ -22,6 +22,9 @@ Takes one registered MLflow model version from the registry to production, or ba
    promotion"). **finish** stores the reports and the signed audit head in MLflow, and marks a run
    that errored as `failed`.
 
+How the release ended, and an approval request, are sent to the notification targets
+(`RELEASEGATE_NOTIFY_WEBHOOK`, Apprise URLs) as the run ends and as `decide` asks.
+
 Every task is one call into `releasegate.pipeline`, so the CLI and the tests run the same code.
 """
 
@@ -33,8 +36,10 @@ import pendulum
 from airflow.sdk import Param, TriggerRule, chain, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException
 
+from releasegate.contract import NotificationEvent
 from releasegate_airflow import xcom
 from releasegate_airflow.kubernetes import ReadinessWaitOperator
+from releasegate_airflow.notifier import RunNotifier
 from releasegate_airflow.operators import (
     AnalysisWaitOperator,
     PostPromotionWatchOperator,
@@ -132,6 +137,8 @@ def _run_alive(run_id: str | None) -> bool:
         ),
     },
     default_args={"retries": 0},
+    on_success_callback=RunNotifier(NotificationEvent.release_outcome),
+    on_failure_callback=RunNotifier(NotificationEvent.release_outcome, failed=True),
 )
 def model_release():
     @task(task_id=OPEN_RELEASE)

@@ -162,6 +162,15 @@ class Branch(StrEnum):
     finish = "finish"  # the release already ended: only the closing task runs
 
 
+class NotificationEvent(StrEnum):
+    """What people are told about (releasegate.notifications)."""
+
+    release_outcome = "release_outcome"  # a release ended: promoted, rolled back, rejected, invalid, aborted, failed
+    approval_requested = "approval_requested"  # a release waits for a person
+    rollback = "rollback"  # an emergency rollback ran (or failed)
+    incident_opened = "incident_opened"  # a new incident, not a repeat of an open one
+
+
 class AuditAction(StrEnum):
     """Every kind of event the audit log holds."""
 

@@ -15,7 +15,6 @@ RELEASEGATE_INCIDENT_WEBHOOK (ServiceNow, Jira, PagerDuty through their inbound 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -29,8 +28,6 @@ from releasegate.errors import ReleasegateError
 
 if TYPE_CHECKING:
     from releasegate.settings import Settings
-
-log = logging.getLogger(__name__)
 
 SCHEMA = "releasegate.incident/v1"  # the webhook payload's `schema`; a change of shape gets a new version
 
@@ -338,21 +335,21 @@ def payload(incident: Incident, event: str) -> dict[str, Any]:
 
 
 def notify(incident: Incident, event: str, settings: Settings | None = None) -> bool:
-    """POST the event to RELEASEGATE_INCIDENT_WEBHOOK (bearer RELEASEGATE_INCIDENT_WEBHOOK_TOKEN when set).
-    A failure is logged, never raised: the incident is already recorded, and its cause must not fail with it."""
+    """POST the event to RELEASEGATE_INCIDENT_WEBHOOK (bearer RELEASEGATE_INCIDENT_WEBHOOK_TOKEN when set), and tell
+    the notification targets of a newly opened one (a repeat is not news). A failure is logged, never raised: the
+    incident is already recorded, and its cause must not fail with it."""
+    from releasegate import notifications
     from releasegate.settings import get_settings
 
     settings = settings or get_settings()
+    if event == "opened":
+        notifications.send(notifications.incident_opened(incident, settings), settings)
     url = settings.incident_webhook
     if not url:
         return False
-    import httpx
-
-    token = settings.incident_webhook_token
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    try:
-        httpx.post(url, json=payload(incident, event), headers=headers, timeout=10).raise_for_status()
-    except httpx.HTTPError as err:
-        log.error("incident webhook %s failed for incident %d (%s): %s", url, incident.id, event, err)
-        return False
-    return True
+    return notifications.post_json(
+        url,
+        payload(incident, event),
+        token=settings.incident_webhook_token,
+        what=f"incident webhook (incident {incident.id}, {event})",
+    )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from releasegate import audit, drift, incidents, privacy
+from releasegate import audit, drift, incidents, notifications, privacy
 from releasegate.contract import NIGHTLY_REPORTS, SUITE_TAG, AuditAction
 from releasegate.evaluation import HOLDOUT_ARTIFACT, label_column
 from releasegate.settings import Settings, get_settings
@@ -207,14 +207,8 @@ def notify(evaluations: list[dict[str, Any]], actor: str = "nightly", settings: 
 
 def post_alert(message: str, alarms: list[dict[str, Any]], settings: Settings) -> None:
     """POST {"text", "alarms"} to $RELEASEGATE_ALERT_WEBHOOK when set; a failure is logged, never raised."""
-    url = settings.alert_webhook
-    if url:
-        import httpx
-
-        try:
-            httpx.post(url, json={"text": message, "alarms": alarms}, timeout=10).raise_for_status()
-        except httpx.HTTPError as err:  # the red run still tells people; a dead webhook must not hide that
-            log.error("alert webhook %s failed: %s", url, err)
+    if settings.alert_webhook:  # a dead webhook is logged: the red run still tells people
+        notifications.post_json(settings.alert_webhook, {"text": message, "alarms": alarms}, what="alert webhook")
 
 
 def no_traffic_message(evaluations: list[dict[str, Any]]) -> str:

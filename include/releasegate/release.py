@@ -134,6 +134,14 @@ def list_releases(model: str | None = None, engine: sa.Engine | None = None, lim
         return [Release.from_row(r) for r in conn.execute(query)]
 
 
+def of_run(airflow_run_id: str, engine: sa.Engine | None = None) -> Release | None:
+    """The release an Airflow run opened, if it opened one."""
+    query = sa.select(storage.releases).where(storage.releases.c.airflow_run_id == airflow_run_id)
+    with (engine or storage.engine()).connect() as conn:
+        row = conn.execute(query.order_by(storage.releases.c.started_at.desc())).first()
+    return Release.from_row(row) if row else None
+
+
 def active(model: str, engine: sa.Engine | None = None) -> Release | None:
     """The model's release in a non-terminal state, if any: it holds the model's release lock."""
     query = (

@@ -26,6 +26,7 @@ SHIPPED_POLICIES = _INCLUDE / "policies"
 SHIPPED_EXPECTATIONS = _INCLUDE / "expectations"
 
 PathList = Annotated[list[Path], NoDecode]  # os.pathsep-separated in the environment, not JSON
+SpaceList = Annotated[list[str], NoDecode]  # space-separated in the environment (an Apprise URL may hold commas)
 _IN_HOME = Path()  # a path default that the home decides, once the home is known
 
 
@@ -183,6 +184,25 @@ class Settings(BaseSettings):
     incident_webhook_token: str | None = Field(
         default=None, description="Bearer token sent to the incident webhook, if it wants one."
     )
+    notify_webhook: str | None = Field(
+        default=None,
+        description="URL every notification is POSTed to (JSON `releasegate.notification/v1`: a release's outcome, "
+        'an approval requested, an emergency rollback, an incident opened; docs/operations.md, "Notifications").',
+    )
+    notify_webhook_token: str | None = Field(
+        default=None, description="Bearer token sent to the notification webhook, if it wants one."
+    )
+    notify_apprise_urls: SpaceList = Field(
+        default_factory=list,
+        description="Apprise URLs (space-separated: `slack://…`, `msteams://…`, `mailtos://…`) every notification is "
+        "also sent to; needs the `apprise` package (`pip install apache-airflow-providers-apprise`).",
+    )
+    notify_timeout: float = Field(default=10.0, gt=0, description="Seconds a notification target may take to answer.")
+    notify_links_url: str | None = Field(
+        default=None,
+        description="Airflow's address as people reach it, for the run and dashboard links in notifications; "
+        "default RELEASEGATE_AIRFLOW_URL.",
+    )
     nightly_schedule: str | None = Field(
         default=None, description="Cron of the nightly evaluation; default the default policy's `monitoring.schedule`."
     )
@@ -197,6 +217,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
         return value
+
+    @field_validator("notify_apprise_urls", mode="before")
+    @classmethod
+    def _split_spaces(cls, value: Any) -> Any:
+        return value.split() if isinstance(value, str) else value
 
     @field_validator("signing_certificate_chain", "trusted_ca", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -80,6 +81,18 @@ class PostPromotionWatchOperator(BaseOperator):
 
         release = xcom.pull(Opened, self.release)
         return xcom.push(pipeline.end_watch(release.release_id, Verdict.model_validate(event), actor=actor(context)))
+
+
+def _tell_approval_requested(context: Context, release_id: str, approvers: list[str], seconds_left: float) -> None:
+    """Tell the notification targets that the release waits for a person (docs/operations.md, "Notifications")."""
+    from releasegate import notifications, release
+
+    try:
+        links = notifications.links(context["dag"].dag_id, context["run_id"], release_id)
+        rel = release.get(release_id)
+        notifications.send(notifications.approval_requested(rel, approvers, seconds_left, links, actor(context)))
+    except Exception:  # the request stands whether or not anyone was told of it
+        logging.getLogger(__name__).exception("could not tell that release %s awaits approval", release_id)
 
 
 def triggering_user(context: Context) -> str | None:
@@ -164,6 +177,7 @@ class ReleaseDecisionOperator(HITLBranchOperator):
         if request.seconds_left <= 0:
             pipeline.record_approval(release_id, approved=False, approver=None, timed_out=True)
             return self.do_branch(context, self.rollback_task_id)
+        _tell_approval_requested(context, release_id, request.approvers, request.seconds_left)
         # `releasegate approve` reads who triggered the release here, to refuse their approval before sending it.
         context["ti"].xcom_push(key=APPROVAL_REQUEST_XCOM, value=request.model_dump(mode="json"))
         self.subject, self.body = request.subject, request.body

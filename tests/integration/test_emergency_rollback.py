@@ -19,6 +19,7 @@ from releasegate import audit, pipeline, registry, release, signing, storage
 from releasegate.backends.local import LocalBackend
 from releasegate.contract import AuditAction, Mode
 from tests.integration.conftest import Stack, free_port
+from tests.webhook_sink import webhook_sink
 
 MODEL = "fraud"
 REASON = "v2 answers 30% of one region wrong since 09:00"
@@ -117,19 +118,29 @@ def answered_by(ctx: dict, n: int = 20) -> set[str]:
         }
 
 
-def test_dag_puts_the_previous_champion_back_and_aborts_the_open_release(promoted_with_canary):
+def test_dag_puts_the_previous_champion_back_aborts_the_open_release_and_tells_the_webhook(promoted_with_canary):
     v1, v2 = promoted_with_canary["v1"], promoted_with_canary["v2"]
     rel_id = promoted_with_canary["release_id"]
     assert answered_by(promoted_with_canary, 40) == {v2, promoted_with_canary["v3"]}  # the canary is live
     conf = {"model_name": MODEL, "reason": REASON, "category": "wrong predictions", "release_id": rel_id}
-    out = subprocess.run(
-        ["airflow", "dags", "test", "emergency_rollback", "-c", json.dumps(conf)],
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    with webhook_sink() as sink:
+        out = subprocess.run(
+            ["airflow", "dags", "test", "emergency_rollback", "-c", json.dumps(conf)],
+            env={**os.environ, "RELEASEGATE_NOTIFY_WEBHOOK": sink.url, "RELEASEGATE_NOTIFY_WEBHOOK_TOKEN": "n0tify"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert "state=success" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
+    # The DAG's success callback (Airflow's notifier) told the rollback; the library told the incident it opened.
+    [told] = sink.bodies("rollback")
+    assert (told["schema"], told["model"], told["state"]) == ("releasegate.notification/v1", MODEL, "rolled_back")
+    assert (told["from_version"], told["version"], told["release_id"]) == (v2, v1, rel_id)
+    assert told["reasons"] == [REASON] and told["actor"].startswith("airflow")
+    assert "/dags/emergency_rollback/runs/" in told["links"]["airflow_run"]
+    [opened] = sink.bodies("incident_opened")
+    assert (opened["model"], opened["severity"], opened["release_id"]) == (MODEL, "critical", rel_id)
+    assert {auth for auth, _ in sink.received} == {"Bearer n0tify"}
 
     route = LocalBackend().get_route(MODEL)
     assert (route.champion_version, route.candidate_version, route.mode) == (v1, None, Mode.single)

@@ -21,6 +21,7 @@ from releasegate.backends.local import LocalBackend
 from releasegate.contract import Arm, AuditAction, Mode, Stage
 from releasegate.verdict import Decision
 from tests.unit.test_dashboard import airflow_auth  # noqa: F401  (fixture)
+from tests.webhook_sink import webhook_sink
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "churn"
@@ -40,7 +41,7 @@ CLASSES = {
 }
 
 
-def run_release(version: str, policy: str = "default") -> str:
+def run_release(version: str, policy: str = "default", env: dict[str, str] | None = None) -> str:
     """One model_release run through `airflow dags test` (dag.test()); returns its output's last lines."""
     import json
     import os
@@ -48,7 +49,7 @@ def run_release(version: str, policy: str = "default") -> str:
     conf = json.dumps({"model_name": MODEL, "version": version, "policy": policy})
     out = subprocess.run(
         ["airflow", "dags", "test", "model_release", "-c", conf],
-        env=dict(os.environ),
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=1200,
@@ -193,7 +194,7 @@ def _tamper(version: str) -> None:
         path.write_bytes(path.read_bytes() + b"\0")
 
 
-def test_tampered_model_is_refused_by_gateway_and_release_is_rejected(stack, tmp_path):
+def test_tampered_model_is_refused_by_gateway_and_release_is_rejected_and_told(stack, tmp_path):
     version = _new_signed_version(tmp_path)
     _tamper(version)
     champion = registry.resolve_version(MODEL, "champion")
@@ -201,10 +202,20 @@ def test_tampered_model_is_refused_by_gateway_and_release_is_rejected(stack, tmp
         LocalBackend().set_route(MODEL, champion, version, Mode.shadow, 0)
     assert LocalBackend().get_route(MODEL).candidate_version is None
 
-    run_release(version)
+    with webhook_sink() as sink:
+        run_release(version, env={"RELEASEGATE_NOTIFY_WEBHOOK": sink.url})
     rel = newest_release(version)
     assert rel.state is release.State.rejected
     assert "signature" in rel.reasons[-1]
+    # The DAG's success callback (Airflow's notifier) told the outcome from the release row.
+    [told] = sink.bodies("release_outcome")
+    assert (told["release_id"], told["version"], told["from_version"], told["state"]) == (
+        rel.release_id,
+        version,
+        champion,
+        "rejected",
+    )
+    assert told["reasons"] == rel.reasons and told["links"]["dashboard"].endswith(rel.release_id)
     assert LocalBackend().get_route(MODEL).champion_version == champion
 
 
