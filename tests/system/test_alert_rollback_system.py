@@ -91,6 +91,20 @@ def _promote_faulty(stack: Stack, switch: Path) -> dict[str, str]:
     return versions
 
 
+def _remove_faulty(stack: Stack) -> None:
+    """FAULTY out of the registry again: later tests (the nightly evaluation of every champion) see only churn."""
+    from mlflow.exceptions import MlflowException
+
+    from releasegate import registry
+    from releasegate.settings import get_settings
+
+    with stack.in_env():
+        try:
+            registry.client(get_settings()).delete_registered_model(FAULTY)
+        except MlflowException:  # never registered: the test failed before
+            pass
+
+
 def _traffic_argv(stack: Stack) -> list[str]:
     """The stack's traffic service, sending to FAULTY at TRAFFIC_RPS."""
     argv = stack.argv("traffic")
@@ -168,12 +182,12 @@ def test_a_failing_champion_is_rolled_back_by_its_alert_and_the_time_to_restore_
     switch = tmp_path / "fault.on"
     with stack.airflow("admin") as airflow:
         airflow.patch("/api/v2/dags/emergency_rollback", json={"is_paused": False}).raise_for_status()
-    versions = _promote_faulty(stack, switch)
     admin = httpx.Client(base_url=stack.gateway_url, headers={"authorization": f"Bearer {stack.admin_key}"}, timeout=10)
     monitoring = Monitoring(stack, tmp_path)
-    stack.start_process("traffic-faulty", _traffic_argv(stack))
     legs: dict[str, Any] = {}
     try:
+        versions = _promote_faulty(stack, switch)
+        stack.start_process("traffic-faulty", _traffic_argv(stack))
         monitoring.start()
         # A baseline first: the target up, and a rate of the champion's calls to divide the errors by.
         calls = f'sum(rate(releasegate_gateway_model_calls_total{{model="{FAULTY}",arm="champion"}}[1m])) > 0'
@@ -291,3 +305,4 @@ def test_a_failing_champion_is_rolled_back_by_its_alert_and_the_time_to_restore_
         monitoring.stop()
         stack.stop_processes("traffic-faulty")
         admin.close()
+        _remove_faulty(stack)
