@@ -82,8 +82,11 @@ RELEASEGATE_ENV = {
 }
 _AIRFLOW_TASKS_ENV = {**AIRFLOW_ENV, **RELEASEGATE_ENV}
 # The gateway's alert receiver triggers emergency_rollback through Airflow's REST API, as the operator user.
+# Prometheus and Alertmanager send the keys in the files the gateway reads (tests/system/monitoring.py).
 GATEWAY_ENV = {
     **RELEASEGATE_ENV,
+    "RELEASEGATE_GATEWAY_METRICS_KEY_FILE": "{metrics_key_file}",
+    "RELEASEGATE_GATEWAY_ALERTS_KEY_FILE": "{alerts_key_file}",
     "RELEASEGATE_AIRFLOW_URL": "http://{airflow_host}:{airflow_port}",
     "RELEASEGATE_AIRFLOW_USER": "operator",
     "RELEASEGATE_AIRFLOW_PASSWORD": "{}",
@@ -268,6 +271,8 @@ class Stack:
             "signing_dir": str(home / "keys"),
             "signing_mode": "sign",
             "traffic_rps": str(traffic_rps),
+            "metrics_key_file": str(workdir / "secrets" / "metrics.key"),
+            "alerts_key_file": str(workdir / "secrets" / "alerts.key"),
         }
         self._secrets = {
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
@@ -434,6 +439,10 @@ class Stack:
         self.db.create("airflow", "mlflow", "releasegate")
         (self.workdir / "airflow").mkdir(exist_ok=True)
         Path(self.values["airflow_passwords_file"]).write_text(json.dumps(self.passwords))
+        for role in ("metrics", "alerts"):  # as `make secrets` writes them for compose
+            key_file = Path(self.values[f"{role}_key_file"])
+            key_file.parent.mkdir(exist_ok=True)
+            key_file.write_text(f"rg-system-{role}-{secrets.token_urlsafe(24)}\n")
         self.start_process("airflow-db-migrate", ["airflow", "db", "migrate"])
         self._airflow_boot = threading.Thread(target=self._boot_airflow, args=(dag_ids, timeout, mark), daemon=True)
         self._airflow_boot.start()
@@ -500,8 +509,8 @@ class Stack:
         except StackError as err:
             self._airflow_error = str(err)
 
-    def _in_env(self):
-        """This process's environment pointed at the stack, for the library calls the fixture makes itself."""
+    def in_env(self):
+        """This process's environment pointed at the stack, for the library calls the fixture and tests make."""
         import contextlib
 
         import pytest
@@ -520,7 +529,7 @@ class Stack:
         from releasegate import signing, storage
         from releasegate.settings import get_settings
 
-        with self._in_env():
+        with self.in_env():
             storage.engine()
             signing.ensure_keys(get_settings())
 
@@ -530,7 +539,7 @@ class Stack:
         from releasegate.demo import models
         from releasegate.settings import get_settings
 
-        with self._in_env():
+        with self.in_env():
             settings = get_settings()
             self.versions = models.register_demo_models(settings, model_name=MODEL)
             signing.sign_version(MODEL, self.versions["champion"])
@@ -539,7 +548,7 @@ class Stack:
         from releasegate.backends.local import LocalBackend
         from releasegate.settings import get_settings
 
-        with self._in_env():
+        with self.in_env():
             LocalBackend(settings=get_settings()).set_route(MODEL, self.versions["champion"])
 
     def _traffic_logged(self) -> bool:
