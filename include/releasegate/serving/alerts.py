@@ -31,6 +31,7 @@ ROLLBACK_DAG = "emergency_rollback"
 ACTION = Decision.rollback.value  # the `action` label of an alert that asks for a rollback
 ROLLBACK_SOURCE = "alert.rollback"  # one active incident (and one rollback) per model, whichever alert fired
 TRIGGERED = "rollback_triggered"  # the timeline event of a successful trigger
+FAILED = "failed"  # Airflow's state of a run that ended in error
 SEVERITIES = {
     "critical": incidents.Severity.critical,
     "page": incidents.Severity.critical,
@@ -118,7 +119,11 @@ class AlertReceiver:
         done["incident"] = incident.id
         if not alert.actionable:
             return done | {"outcome": "incident"}
-        if any(entry.event == TRIGGERED for entry in incident.timeline):
+        triggered = [entry for entry in incident.timeline if entry.event == TRIGGERED]
+        retry_of = triggered[-1].details.get("dag_run_id") if triggered else None
+        # Once per incident, unless the run it triggered failed: Alertmanager repeats a firing alert
+        # (the rollback route's repeat_interval), and the repeat then tries again.
+        if triggered and self._run_state(str(retry_of)) != FAILED:
             return done | {"outcome": "rollback_already_triggered"}
         assert model is not None  # actionable alerts name their model
         run_id = self._trigger(model, alert, incident.id)
@@ -126,11 +131,25 @@ class AlertReceiver:
             incident.id,
             actor=actor,
             event=TRIGGERED,
-            note=f"{ROLLBACK_DAG} run {run_id}",
-            details={"dag_run_id": run_id},
+            note=f"{ROLLBACK_DAG} run {run_id}" + (f", again: run {retry_of} failed" if retry_of else ""),
+            details={"dag_run_id": run_id, "retry_of": retry_of},
             settings=self.settings,
         )
-        return done | {"outcome": TRIGGERED, "dag_run_id": run_id}
+        return done | {"outcome": TRIGGERED, "dag_run_id": run_id} | ({"retry_of": retry_of} if retry_of else {})
+
+    def _run_state(self, run_id: str) -> str | None:
+        """The state of an emergency_rollback run as Airflow reports it; None when Airflow cannot say."""
+        from releasegate import airflow_client as af
+
+        s = self.settings
+        try:
+            with af.AirflowClient(
+                s.airflow_url, token=s.airflow_token, username=s.airflow_user, password=s.airflow_password
+            ) as client:
+                return str(client.dag_run(ROLLBACK_DAG, run_id).get("state"))
+        except (af.AirflowError, OSError) as err:  # unknown is not failed: the run may still be going
+            log.warning("state of %s run %s unknown: %s", ROLLBACK_DAG, run_id, err)
+            return None
 
     def _trigger(self, model: str, alert: Alert, incident_id: int) -> str:
         from releasegate import airflow_client as af
