@@ -8,6 +8,7 @@ against it. A `{name}` in a template stands for a value that differs between her
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tests.webhook_sink import webhook_sink
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "churn"
@@ -245,6 +248,8 @@ class Stack:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.db = Databases(admin_url, f"rgsys_{uuid.uuid4().hex[:10]}")
         self.procs: dict[str, subprocess.Popen] = {}
+        self._closing = contextlib.ExitStack()
+        self.notifications = self._closing.enter_context(webhook_sink())  # what the stack told people
         self.timings: dict[str, float] = {}
         self.versions: dict[str, str] = {}
         self.ports = {"airflow_port": free_port(), "mlflow_port": free_port(), "gateway_port": free_port()}
@@ -347,6 +352,9 @@ class Stack:
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "plugins"), os.environ.get("PYTHONPATH")])),
                 "GIT_PYTHON_REFRESH": "quiet",
                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                # Compose passes the deployer's target through (empty: nobody is told); here every process that
+                # tells people something (DAG and task callbacks, the gateway's incidents) tells this one sink.
+                "RELEASEGATE_NOTIFY_WEBHOOK": self.notifications.url,
             }
         )
         return env
@@ -570,6 +578,7 @@ class Stack:
         self.stop_processes(*reversed(list(self.procs)))
         storage.dispose_all()
         self.db.drop()
+        self._closing.close()
 
 
 def _fernet_key() -> str:

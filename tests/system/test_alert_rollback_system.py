@@ -300,6 +300,21 @@ def test_a_failing_champion_is_rolled_back_by_its_alert_and_the_time_to_restore_
         details = json.loads(rolled.details)
         assert (details["from_version"], details["to_version"]) == (versions["faulty"], versions["previous"])
         assert details["incident"] == incident.id and details["alert"]["labels"]["alertname"] == RULE
+
+        # People were told (docs/operations.md, "Notifications"): by the gateway as it opened the incident, and by
+        # the emergency_rollback run's callback once it ended.
+        def told(event: str) -> list[dict[str, Any]]:
+            return [b for b in stack.notifications.bodies(event) if b.get("model") == FAULTY]
+
+        stack.wait_for("the rollback told to the webhook", lambda: bool(told("rollback")), (), 120)
+        [opened] = told("incident_opened")
+        assert (opened["incident"], opened["severity"]) == (incident.id, "critical"), opened
+        [rollback] = told("rollback")
+        assert (rollback["from_version"], rollback["version"], rollback["state"]) == (
+            versions["faulty"],
+            versions["previous"],
+            "rolled_back",
+        ), rollback
     finally:
         switch.unlink(missing_ok=True)
         monitoring.stop()
