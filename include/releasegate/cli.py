@@ -301,6 +301,69 @@ def audit_show(release_id: str | None, model: str | None) -> None:
         click.echo(json.dumps(event, default=str))
 
 
+@main.command("plan")
+@click.option("--model", default=None, help="Read the model's traffic rate from its prediction log (last hour).")
+@click.option("--rps", type=float, default=None, help="Requests per second instead of the log's rate.")
+@click.option("--metric", "kind", type=click.Choice(["proportion", "mean"]), default="proportion", show_default=True)
+@click.option("--baseline", type=float, required=True, help="The control's proportion (e.g. 0.05) or mean.")
+@click.option("--sd", type=float, default=None, help="The metric's standard deviation (a mean's).")
+@click.option("--mde", type=float, required=True, help="Minimum detectable effect, in the metric's units.")
+@click.option("--relative", is_flag=True, help="--mde is relative to the baseline (0.05: 5 %).")
+@click.option("--alpha", type=float, default=0.05, show_default=True)
+@click.option("--power", type=float, default=0.8, show_default=True)
+@click.option("--weights", default="50,50", show_default=True, help="Traffic shares of the arms, the control first.")
+def plan_command(
+    model: str | None,
+    rps: float | None,
+    kind: str,
+    baseline: float,
+    sd: float | None,
+    mde: float,
+    relative: bool,
+    alpha: float,
+    power: float,
+    weights: str,
+) -> None:
+    """Requests and time a comparison needs: fixed-horizon and sequential (always-valid) designs."""
+    from pydantic import ValidationError
+
+    from releasegate import planning
+
+    try:
+        design = planning.Design(
+            kind=planning.MetricKind(kind),
+            baseline=baseline,
+            sd=sd,
+            mde=mde * abs(baseline) if relative else mde,
+            alpha=alpha,
+            power=power,
+            weights=[float(w) for w in weights.split(",")],
+        )
+    except (ValidationError, ValueError) as err:
+        why = "; ".join(e["msg"] for e in err.errors()) if isinstance(err, ValidationError) else str(err)
+        raise click.UsageError(why) from None
+    if rps is None and model:
+        rps = planning.traffic_rate(model)
+        if rps is None:
+            click.echo(f"{model} has no logged requests in the last hour: durations need --rps", err=True)
+    result = planning.plan(design, rps)
+
+    def line(what: str, requests: int) -> str:
+        seconds = result.seconds(requests)
+        when = f"  ≈ {seconds / 3600:.1f} h at {rps:.1f} requests/s" if seconds is not None and rps else ""
+        return f"  {what:<44}{requests:>12,} requests{when}"
+
+    k = len(design.weights)
+    click.echo(
+        f"{k} arms (shares {', '.join(f'{w:.0%}' for w in design.weights)}), {kind} {baseline:g}, "
+        f"effect {design.mde:+g}, alpha {alpha:g} (each of {k - 1} comparisons: {design.alpha_each:.4g}), "
+        f"power {power:g}"
+    )
+    click.echo(line("fixed horizon (one look)", result.fixed_requests))
+    click.echo(line(f"sequential, decided with probability {power:g}", result.sequential_requests))
+    click.echo(line("sequential, median", result.sequential_median_requests))
+
+
 @main.command("releases")
 @click.option("--model", default=None)
 def releases_list(model: str | None) -> None:
