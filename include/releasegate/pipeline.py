@@ -50,6 +50,31 @@ def _restore_champion(rel: release.Release) -> None:
     _backend(rel.model).set_route(rel.model, rel.champion_version, None, Mode.single, 0, release_id=None)
 
 
+def _serve_alone(
+    model: str,
+    version: str,
+    change: RouteChange,
+    actor: str,
+    release_id: str | None = None,
+    *,
+    keeps_release: bool = False,
+) -> Applied:
+    """All of `model`'s traffic to `version`, audited as `change` (of `release_id`); the route itself carries the
+    release's id only while the watch after promotion reads its requests (`keeps_release`)."""
+    applied = _backend(model).set_route(
+        model, version, None, Mode.single, 0, release_id=release_id if keeps_release else None
+    )
+    audit.append(
+        actor,
+        AuditAction.route,
+        model=model,
+        version=version,
+        release_id=release_id,
+        details={"change": change.value, "mode": Mode.single.value, "candidate_weight": 0, "champion_version": version},
+    )
+    return applied
+
+
 def _tag(rel: release.Release, **tags: str) -> None:
     from releasegate import registry
 
@@ -517,22 +542,7 @@ def promote(release_id: str, actor: str = "airflow") -> Ended:
     release.transition(release_id, State.promoting, actor=actor)
     # Under a watch the single route keeps the release's id: its requests are the watch's evidence, and the
     # gateway keeps the previous champion loaded until the route changes again (docs/decisions.md, "After promotion").
-    _backend(rel.model).set_route(
-        rel.model, rel.candidate_version, None, Mode.single, 0, release_id=release_id if watched else None
-    )
-    audit.append(
-        actor,
-        AuditAction.route,
-        model=rel.model,
-        version=rel.candidate_version,
-        release_id=release_id,
-        details={
-            "change": RouteChange.promotion.value,
-            "mode": Mode.single.value,
-            "candidate_weight": 0,
-            "champion_version": rel.candidate_version,
-        },
-    )
+    _serve_alone(rel.model, rel.candidate_version, RouteChange.promotion, actor, release_id, keeps_release=watched)
     if rel.champion_version:
         registry.set_alias(rel.model, "previous", rel.champion_version)
     registry.set_alias(rel.model, "champion", rel.candidate_version)
@@ -603,20 +613,7 @@ def end_watch(release_id: str, verdict: Verdict, actor: str = "airflow") -> Ende
         )
         _tag(rel, state=State.rolled_back.value, reasons=verdict.reason[:4000])
         return Ended(state=rel.state, reason=verdict.reason)
-    _backend(rel.model).set_route(rel.model, rel.candidate_version, None, Mode.single, 0, release_id=None)
-    audit.append(
-        actor,
-        AuditAction.route,
-        model=rel.model,
-        version=rel.candidate_version,
-        release_id=release_id,
-        details={
-            "change": RouteChange.watch_ended.value,
-            "mode": Mode.single.value,
-            "candidate_weight": 0,
-            "champion_version": rel.candidate_version,
-        },
-    )
+    _serve_alone(rel.model, rel.candidate_version, RouteChange.watch_ended, actor, release_id)
     reason = f"{_last_reason(rel) or 'promoted'}; {verdict.reason}"
     rel = release.transition(release_id, State.promoted, actor=actor, reason=reason, decision=Outcome.promote)
     _tag(rel, state=State.promoted.value, reasons=reason[:4000])
@@ -627,21 +624,8 @@ def _undo_promotion(rel: release.Release, actor: str) -> None:
     """Traffic and the `champion` alias back on the release's champion; the candidate keeps its tags."""
     from releasegate import registry
 
-    _restore_champion(rel)
-    audit.append(
-        actor,
-        AuditAction.route,
-        model=rel.model,
-        version=rel.champion_version,
-        release_id=rel.release_id,
-        details={
-            "change": RouteChange.rollback.value,
-            "mode": Mode.single.value,
-            "candidate_weight": 0,
-            "champion_version": rel.champion_version,
-        },
-    )
     assert rel.champion_version is not None  # a watch needs a champion to go back to
+    _serve_alone(rel.model, rel.champion_version, RouteChange.rollback, actor, rel.release_id)
     registry.set_alias(rel.model, "champion", rel.champion_version)
 
 
@@ -650,20 +634,8 @@ def rollback(release_id: str, actor: str = "airflow") -> Ended:
     rel = release.get(release_id)
     if rel.terminal:
         return Ended(state=rel.state, reason=rel.reasons[-1] if rel.reasons else None)
-    _restore_champion(rel)
-    audit.append(
-        actor,
-        AuditAction.route,
-        model=rel.model,
-        version=rel.champion_version,
-        release_id=release_id,
-        details={
-            "change": RouteChange.rollback.value,
-            "mode": Mode.single.value,
-            "candidate_weight": 0,
-            "champion_version": rel.champion_version,
-        },
-    )
+    assert rel.champion_version is not None  # a release without a champion is promoted, never rolled back
+    _serve_alone(rel.model, rel.champion_version, RouteChange.rollback, actor, release_id)
     last = rel.last_verdict.decision if rel.last_verdict is not None else None
     to = State.invalid if last is Decision.invalid else State.rolled_back
     reason = _last_reason(rel) or "no verdict was reached"
@@ -771,21 +743,9 @@ def serve_champion(model: str, version: str, actor: str = "cli") -> Applied:
     """
     from releasegate import registry
 
-    applied = _backend(model).set_route(model, version, None, Mode.single, 0, release_id=None)
+    applied = _serve_alone(model, version, RouteChange.serve, actor)
     if registry.get_alias(model, "champion") is None:
         registry.set_alias(model, "champion", version)
-    audit.append(
-        actor,
-        AuditAction.route,
-        model=model,
-        version=version,
-        details={
-            "change": RouteChange.serve.value,
-            "mode": Mode.single.value,
-            "candidate_weight": 0,
-            "champion_version": version,
-        },
-    )
     return applied
 
 
@@ -848,19 +808,7 @@ def emergency_rollback(
         if named.model != model:
             raise release.ReleaseError(f"release {release_id} is a release of {named.model}, not of {model}")
     # Traffic first: that is the emergency. Nothing else has changed if the serving platform refuses.
-    _backend(model).set_route(model, previous, None, Mode.single, 0, release_id=None)
-    audit.append(
-        actor,
-        AuditAction.route,
-        model=model,
-        version=previous,
-        details={
-            "change": RouteChange.emergency_rollback.value,
-            "mode": Mode.single.value,
-            "candidate_weight": 0,
-            "champion_version": previous,
-        },
-    )
+    _serve_alone(model, previous, RouteChange.emergency_rollback, actor)
     aborted: ClosedRelease | None = None
     if open_rel is not None:
         why = f"emergency rollback of {model} to v{previous} by {actor}: {reason}"
