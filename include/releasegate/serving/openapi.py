@@ -126,7 +126,8 @@ def _invocations_body(schema: Schema, max_rows: int) -> dict[str, Any]:
                         "properties": {
                             "columns": {"const": names},
                             "data": {"type": "array", "minItems": 1, "maxItems": max_rows, "items": row_list},
-                            "index": {"type": "array", "maxItems": max_rows},
+                            # Row labels, unused; null as pandas' `orient="split"` writers may send it.
+                            "index": {"type": ["array", "null"], "maxItems": max_rows},
                         },
                     }
                 },
