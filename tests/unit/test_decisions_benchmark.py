@@ -100,3 +100,21 @@ def test_benchmark_writes_the_figures_in_the_issue_shape(bench, tmp_path):
         for scenario in entry["scenarios"].values():
             assert 0 <= scenario["miss_rate"] <= 1
             assert "median_samples_to_rollback" in scenario
+
+
+def test_experiments_section_writes_the_figures_in_the_issue_shape(bench, tmp_path):
+    out = tmp_path / "experiments.json"
+    bench.main(["--only-experiments", "--experiments", "2", "--workers", "1", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    methods = {"releasegate", "fixed_horizon"} | ({"gbstats"} if bench.GBSTATS_PYTHON.exists() else set())
+    assert set(figures["experiments"]) == methods
+    assert "methods" not in figures  # the canary section was skipped
+    for entry in figures["experiments"].values():
+        assert set(entry) == {s.name for s in bench.EXP_SCENARIOS}
+        for scenario in entry.values():
+            assert 0 <= scenario["false_winner"] <= scenario["false_winner"] + scenario["correct_winner"] <= 1
+            assert scenario["median_samples"] > 0
+    assert (
+        figures["experiments"]["fixed_horizon"]["A/A/A/A"]["median_samples"]
+        >= figures["experiments_setup"]["fixed_horizon_samples"]
+    )
