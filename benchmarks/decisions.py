@@ -13,6 +13,8 @@ labelled by feedback before the next look. Baselines: error rate 1 %, latency lo
 The shadow stage is not simulated: all three methods start at the first canary step.
 
 Run: `nice -n 10 .venv/bin/python benchmarks/decisions.py --json decisions.json` (2 workers, ~5 min).
+A/B/n experiments (docs/decisions.md, "Experiments (A/B/n)"): `--experiments 300` adds them (~4 min),
+`--only-experiments` skips the canary releases; GrowthBook's engine runs only when .venv-gbstats exists.
 """
 
 from __future__ import annotations
