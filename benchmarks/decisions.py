@@ -743,12 +743,10 @@ def _gbstats(cases: list[list]) -> list[float]:
     return json.loads(done.stdout)["chance_to_win"]
 
 
-def gbstats_experiments(data: dict[str, np.ndarray], step: int) -> ExpOutcomes:
-    """GrowthBook's Bayesian engine at every EXP_GBSTATS_EVERY-th look: a winner at chance to win ≥ 95 % on conversion
-    with the CPU guardrail not failing (its chance to win > 5 %); no winner once every arm has ≤ 5 % or fails it."""
-    looks, e = data["n"].shape[:2]
-    at = list(range(EXP_GBSTATS_EVERY - 1, looks, EXP_GBSTATS_EVERY))
-    # Every look's chances in one call (the engine's start-up is seconds); the rule is applied look by look below.
+def gbstats_chances(data: dict[str, np.ndarray], at: list[int]) -> np.ndarray:
+    """GrowthBook's chance to win at each look in `at`, shape (looks, experiments, arms − 1, [conversion, cpu])."""
+    e = data["n"].shape[1]
+    # Every look's chances in one call (the engine's start-up is seconds); the rules are applied look by look.
     cases = [
         [kind, inverse] + [float(data[k][look, i, j]) for j in (0, arm) for k in ("n", key, sq)]
         for look in at
@@ -756,8 +754,14 @@ def gbstats_experiments(data: dict[str, np.ndarray], step: int) -> ExpOutcomes:
         for arm in range(1, EXP_ARMS)
         for kind, key, sq, inverse in (("proportion", "conv", "conv", False), ("mean", "cpu", "cpu_sq", True))
     ]
-    chances = np.asarray(_gbstats(cases)).reshape(len(at), e, EXP_ARMS - 1, 2)
-    winner, samples = np.full(e, -1), np.full(e, looks * step)
+    return np.asarray(_gbstats(cases)).reshape(len(at), e, EXP_ARMS - 1, 2)
+
+
+def gbstats_experiments(chances: np.ndarray, at: list[int], step: int, horizon: int) -> ExpOutcomes:
+    """GrowthBook's rule read at the looks `at`: a winner at chance to win ≥ 95 % on conversion with the CPU
+    guardrail not failing (its chance to win > 5 %); no winner once every arm has ≤ 5 % or fails it, or at `horizon`."""
+    e = chances.shape[1]
+    winner, samples = np.full(e, -1), np.full(e, horizon)
     decided, cpu_flagged = np.zeros(e, bool), np.zeros(e, bool)
     flagged_at = np.full(e, np.nan)
     for look, ctw in zip(at, chances, strict=True):
@@ -788,7 +792,14 @@ def experiment_job(job: tuple[int, int, int]) -> dict[str, ExpOutcomes]:
         "fixed_horizon": fixed_horizon_experiments(data, step, EXP_LOOKS_PER_DESIGN - 1),
     }
     if GBSTATS_PYTHON.exists():
-        out["gbstats"] = gbstats_experiments(data, step)
+        looks = EXP_LOOKS_PER_DESIGN * EXP_MAX_DESIGNS
+        at = list(range(EXP_GBSTATS_EVERY - 1, looks, EXP_GBSTATS_EVERY))
+        chances = gbstats_chances(data, at)
+        out["gbstats"] = gbstats_experiments(chances, at, step, looks * step)
+        # The same rule read once, at the fixed design's size (a look in `at`): what it gives without peeking.
+        once = at.index(EXP_LOOKS_PER_DESIGN - 1)
+        planned = EXP_LOOKS_PER_DESIGN * step
+        out["gbstats_once"] = gbstats_experiments(chances[once : once + 1], at[once : once + 1], step, planned)
     return out
 
 
