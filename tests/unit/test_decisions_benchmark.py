@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from releasegate import planning
 from releasegate import policy as policies
-from releasegate.analysis import analyse_frames, verdict_from_stats
+from releasegate.analysis import analyse_frames, sequential, verdict_from_stats
+from releasegate.analysis.experiment import ArmStats, ArmStatus, Experiment, RatioSummary, decide
 from releasegate.contract import Stage, StageKind
 from releasegate.verdict import Window
 
@@ -100,3 +103,67 @@ def test_benchmark_writes_the_figures_in_the_issue_shape(bench, tmp_path):
         for scenario in entry["scenarios"].values():
             assert 0 <= scenario["miss_rate"] <= 1
             assert "median_samples_to_rollback" in scenario
+
+
+def test_experiments_section_writes_the_figures_in_the_issue_shape(bench, tmp_path, monkeypatch):
+    """Without gbstats' venv (as in CI): the method is skipped and the setup says so."""
+    monkeypatch.setattr(bench, "GBSTATS_PYTHON", tmp_path / "absent" / "python")
+    out = tmp_path / "experiments.json"
+    bench.main(["--only-experiments", "--experiments", "2", "--workers", "1", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert set(figures["experiments"]) == {"releasegate", "fixed_horizon"}
+    assert figures["experiments_setup"]["gbstats"].startswith("skipped")
+    assert "methods" not in figures  # the canary section was skipped
+    for entry in figures["experiments"].values():
+        assert set(entry) == {s.name for s in bench.EXP_SCENARIOS}
+        for scenario in entry.values():
+            assert 0 <= scenario["false_winner"] <= scenario["false_winner"] + scenario["correct_winner"] <= 1
+            assert scenario["median_samples"] > 0
+    assert (
+        figures["experiments"]["fixed_horizon"]["A/A/A/A"]["median_samples"]
+        >= figures["experiments_setup"]["fixed_horizon_samples"]
+    )
+
+
+@pytest.mark.skipif(
+    not (ROOT / ".venv-gbstats" / "bin" / "python").exists(), reason="gbstats' own venv (docs/benchmarks.md) absent"
+)
+def test_gbstats_chance_to_win_follows_the_data(bench):
+    """One call into GrowthBook's engine: a clear win, a tie and a clear loss on conversion; CPU equal."""
+    n = np.full((1, 3, bench.EXP_ARMS), 10_000.0)
+    conv = np.array([[[500.0, 600.0, 500.0, 400.0]]]).repeat(3, axis=1)
+    data = {"n": n, "conv": conv, "cpu": n * 0.05, "cpu_sq": n * 0.0026}
+    chances = bench.gbstats_chances(data, [0])
+    assert chances.shape == (1, 3, bench.EXP_ARMS - 1, 2)
+    win, tie, loss = chances[0, 0, :, 0]
+    assert win > 0.99 and 0.4 < tie < 0.6 and loss < 0.01
+    assert np.allclose(chances[0, :, :, 1], 0.5, atol=0.01)
+
+
+def _arm_stats(bench, data, look: int, experiment_index: int, arm: int):
+    metrics = {}
+    for m in bench.experiment_metrics():
+        s = {k: float(v[experiment_index]) for k, v in bench._metric_stats(data, m.name, look, arm).items()}
+        n = int(s.pop("n"))
+        metrics[m.name] = RatioSummary(n=n, **s) if "num" in s else sequential.Summary(n, s["total"], s["total_sq"])
+    return ArmStats(name=str(arm), share=1 / bench.EXP_ARMS, metrics=metrics)
+
+
+# +5 % conversion (arm 1 should win) and 2x CPU (arm 1 stopped on its CPU guard at once).
+@pytest.mark.parametrize("scenario_index", [1, 3])
+def test_benchmark_experiment_decisions_are_what_decide_says_on_the_same_sums(bench, scenario_index):
+    fixed = planning.fixed_horizon(bench.experiment_design())
+    step, looks, count = math.ceil(fixed / bench.EXP_LOOKS_PER_DESIGN), 40, 4
+    data = bench.simulate_experiments(bench.EXP_SCENARIOS[scenario_index], count, step, looks, seed=0)
+    got = bench.releasegate_experiments(data, step, t_opt=fixed)
+    spec = Experiment(metrics=bench.experiment_metrics(), t_opt=fixed)
+    for i in range(count):
+        look = int(got.samples[i]) // step - 1
+        arms = [_arm_stats(bench, data, look, i, a) for a in range(bench.EXP_ARMS)]
+        result = decide(spec, arms[0], arms[1:])
+        assert result.winner == (str(got.winner[i]) if got.winner[i] >= 0 else None)
+        if scenario_index == 3:
+            assert got.cpu_flagged[i] and result.arms[0].status is ArmStatus.stopped
+            assert "cpu" in result.arms[0].reason
+        else:
+            assert result.winner == "1"
