@@ -175,7 +175,8 @@ def retraining_events() -> list[dict]:
         rows = session.execute(
             sa.select(AssetEvent.extra)
             .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-            .where(AssetModel.name == RETRAINING_ASSET)
+            # The session's Airflow database is shared: the other DAG emits on the same asset.
+            .where(AssetModel.name == RETRAINING_ASSET, AssetEvent.source_dag_id == "drift_watch")
             .order_by(AssetEvent.id)
         ).all()
     return [r.extra for r in rows]
