@@ -122,7 +122,8 @@ def _invocations_body(schema: Schema, max_rows: int) -> dict[str, Any]:
                     "dataframe_split": {
                         "type": "object",
                         "additionalProperties": False,
-                        "required": ["columns", "data"],
+                        # Without `columns`, the data's columns are the signature's, in its order.
+                        "required": ["data"],
                         "properties": {
                             "columns": {"const": names},
                             "data": {"type": "array", "minItems": 1, "maxItems": max_rows, "items": row_list},
