@@ -30,6 +30,7 @@ from airflow.sdk import Asset, Param, TriggerRule, chain, dag, get_current_conte
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from releasegate.contract import RETRAINING_ASSET
+from releasegate_airflow.operators import window_end
 
 WATCH = "watch"
 FLAG_RETRAINING = "flag_retraining"
@@ -54,13 +55,6 @@ def _schedule() -> str:
         return policy.load("default").monitoring.watch.schedule
     except policy.PolicyError:
         return DEFAULT_SCHEDULE
-
-
-def _until() -> float:
-    """The end of the watched window: the run's logical date (its cron time), else now."""
-    ctx = get_current_context()
-    moment = ctx.get("logical_date") or ctx["dag_run"].run_after
-    return moment.timestamp()
 
 
 @dag(
@@ -89,7 +83,7 @@ def drift_watch():
         from releasegate import drift_watch as watcher
 
         params = get_current_context()["params"]
-        results = watcher.watch(until=_until(), policy=params["policy"], actor=ACTOR)
+        results = watcher.watch(until=window_end(), policy=params["policy"], actor=ACTOR)
         return [r.model_dump(mode="json") for r in results]
 
     @task(task_id=FLAG_RETRAINING, outlets=[RETRAINING_NEEDED], map_index_template="{{ result['model'] }}")

@@ -33,6 +33,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from releasegate.contract import RETRAINING_ASSET
 from releasegate_airflow import xcom
+from releasegate_airflow.operators import window_end
 
 CHAMPIONS = "champions"
 EVALUATE = "evaluate"
@@ -58,13 +59,6 @@ def _schedule() -> str:
         return policy.load("default").monitoring.schedule
     except policy.PolicyError:
         return DEFAULT_SCHEDULE
-
-
-def _until() -> float:
-    """The end of the evaluated window: the run's logical date (its cron time), else now."""
-    ctx = get_current_context()
-    moment = ctx.get("logical_date") or ctx["dag_run"].run_after
-    return moment.timestamp()
 
 
 @dag(
@@ -102,7 +96,7 @@ def nightly_evaluation():
         result = nightly.evaluate(
             champion["model"],
             champion["version"],
-            until=_until(),
+            until=window_end(),
             policy=params["policy"],
             actor="airflow:nightly_evaluation",
         )

@@ -95,6 +95,15 @@ def _tell_approval_requested(context: Context, release_id: str, approvers: list[
         logging.getLogger(__name__).exception("could not tell that release %s awaits approval", release_id)
 
 
+def window_end() -> float:
+    """The end of a scheduled run's window of traffic: the run's logical date (its cron time), else now."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    moment = ctx.get("logical_date") or ctx["dag_run"].run_after
+    return float(moment.timestamp())
+
+
 def triggering_user(context: Context) -> str | None:
     """The Airflow user who triggered the run; None for a scheduled run."""
     return getattr(context.get("dag_run"), "triggering_user_name", None) or None
