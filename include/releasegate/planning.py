@@ -21,7 +21,7 @@ import time
 from enum import StrEnum
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.stats import norm
 
 from releasegate import storage
@@ -36,6 +36,7 @@ class MetricKind(StrEnum):
 class Design(BaseModel):
     """What is compared, and how sure the answer must be."""
 
+    model_config = ConfigDict(allow_inf_nan=False)  # a NaN or infinite figure plans nothing
     kind: MetricKind
     baseline: float = Field(description="The control's proportion or mean.")
     sd: float | None = Field(default=None, gt=0, description="The metric's standard deviation (a mean's only).")
