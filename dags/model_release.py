@@ -84,32 +84,6 @@ def _release_id(release: dict[str, Any]) -> str:
     return xcom.pull(Opened, release).release_id
 
 
-def _run_alive(run_id: str | None) -> bool:
-    """Is the Airflow run that holds a release still going? (asked through the Task SDK).
-
-    Only an answer that the run does not exist means it is gone; any other error fails the task
-    rather than closing a release whose run may be alive.
-    """
-    from airflow.sdk.api.client import ServerResponseError
-    from airflow.sdk.exceptions import AirflowRuntimeError
-    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-    if not run_id:
-        return False
-    try:
-        state = RuntimeTaskInstance.get_dagrun_state(dag_id="model_release", run_id=run_id)
-    except AirflowRuntimeError as err:  # a worker: the supervisor relays the API server's answer
-        detail = err.error.detail if isinstance(err.error.detail, dict) else {}
-        if detail.get("status_code") == 404:
-            return False
-        raise
-    except ServerResponseError as err:  # `dag.test()`: the API's answer arrives in this process as it is
-        if err.response.status_code == 404:
-            return False
-        raise
-    return str(state).lower().rsplit(".", 1)[-1] in {"queued", "running"}
-
-
 @dag(
     dag_id="model_release",
     doc_md=__doc__,
@@ -145,6 +119,7 @@ def model_release():
     def open_release() -> dict[str, Any]:
         """Resolve candidate and champion, take the model's release lock, store the policy."""
         from releasegate import pipeline
+        from releasegate_airflow.run_state import run_alive
 
         ctx = get_current_context()
         params = ctx["params"]
@@ -155,7 +130,7 @@ def model_release():
                 params["policy"],
                 airflow_run_id=ctx["run_id"],
                 actor=actor(),
-                is_run_alive=_run_alive,
+                is_run_alive=run_alive,
             )
         )
 

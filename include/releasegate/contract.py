@@ -114,6 +114,7 @@ class Mode(StrEnum):
     single = "single"  # the champion alone
     shadow = "shadow"
     canary = "canary"
+    experiment = "experiment"  # A/B/n: the champion (control) and up to 5 arms, each with its weight
 
 
 class CallStatus(StrEnum):
@@ -135,6 +136,8 @@ class RouteChange(StrEnum):
     watch_ended = "watch_ended"  # the watch after a promotion passed: the previous champion is unloaded
     rollback = "rollback"
     emergency_rollback = "emergency_rollback"
+    experiment = "experiment"  # an experiment's arms share the traffic (or one arm stopped)
+    experiment_ended = "experiment_ended"  # the champion alone again after an experiment
 
 
 class ErrorCode(StrEnum):
@@ -151,6 +154,7 @@ class Outcome(StrEnum):
     rollback = "rollback"  # a verdict or a person said no
     abort = "abort"  # an operator stopped it
     fail = "fail"  # the pipeline itself errored
+    conclude = "conclude"  # an experiment reached its result (a winner or none)
 
 
 class Branch(StrEnum):
@@ -190,6 +194,11 @@ class AuditAction(StrEnum):
     release_invalid = "release.invalid"
     release_aborted = "release.aborted"
     release_failed = "release.failed"
+    release_experimenting = "release.experimenting"
+    release_concluded = "release.concluded"
+    experiment_look = "experiment.look"  # one look at an experiment's evidence that changed something
+    experiment_arm_stopped = "experiment.arm_stopped"  # a guard crossed: the arm's traffic back to the control
+    experiment_decided = "experiment.decided"  # the experiment's result: its winner, or none
     validation = "validation"
     signed = "signed"
     route = "route"

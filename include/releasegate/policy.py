@@ -236,6 +236,11 @@ def available(policy_dirs: Path | list[Path] | None = None) -> list[str]:
     return sorted({p.stem for folder in _dirs(policy_dirs) for p in folder.glob("*.yaml")})
 
 
+def experiment_designs(policy_dirs: Path | list[Path] | None = None) -> list[str]:
+    """Names of the experiment designs (`experiments/<name>.yaml` in each policies folder; releasegate.experiments)."""
+    return sorted({p.stem for folder in _dirs(policy_dirs) for p in (folder / "experiments").glob("*.yaml")})
+
+
 def find(name: str, policy_dirs: Path | list[Path] | None = None) -> Path | None:
     """The first `<name>.yaml` on the search path."""
     return next((folder / f"{name}.yaml" for folder in _dirs(policy_dirs) if (folder / f"{name}.yaml").is_file()), None)

@@ -37,9 +37,14 @@ class State(StrEnum):
     invalid = "invalid"  # sample ratio mismatch: the experiment itself is broken
     aborted = "aborted"  # an operator stopped it
     failed = "failed"  # the pipeline itself errored; traffic restored to the champion
+    # An experiment (releasegate.experiments) holds the same lock: its arms are signed, then share the traffic.
+    experimenting = "experimenting"
+    concluded = "concluded"  # the experiment ended with its result (a winner or none); traffic back to the champion
 
 
-TERMINAL = frozenset({State.promoted, State.rejected, State.rolled_back, State.invalid, State.aborted, State.failed})
+TERMINAL = frozenset(
+    {State.promoted, State.rejected, State.rolled_back, State.invalid, State.aborted, State.failed, State.concluded}
+)
 # The ends that open an incident (releasegate.incidents), and how severe: a rollback or a failure left traffic
 # on the champion with its cause unknown; an invalid release harmed nothing but its evidence. A rejection or
 # an abort is a person's decision, not an incident.
@@ -52,7 +57,7 @@ _ENDINGS = {State.aborted, State.failed}
 MOVES: dict[State, frozenset[State]] = {
     # Signed first: validation runs the candidate, and only verified bytes are ever loaded.
     State.pending: frozenset({State.signing}) | _ENDINGS,
-    State.signing: frozenset({State.validating, State.rejected}) | _ENDINGS,
+    State.signing: frozenset({State.validating, State.experimenting, State.rejected}) | _ENDINGS,
     State.validating: frozenset({State.shadow, State.awaiting_approval, State.promoting, State.rejected}) | _ENDINGS,
     State.shadow: frozenset(
         {State.canary, State.awaiting_approval, State.promoting, State.rolled_back, State.invalid, State.rejected}
@@ -63,10 +68,12 @@ MOVES: dict[State, frozenset[State]] = {
     State.promoting: frozenset({State.promoted, State.watching, State.failed}),
     # The watch after promotion: passed, or a crossed limit puts the previous champion back.
     State.watching: frozenset({State.promoted, State.rolled_back}) | _ENDINGS,
+    State.experimenting: frozenset({State.concluded, State.invalid}) | _ENDINGS,
 }
 # Outcome of a release for `releasegate trigger --wait` and CI.
 EXIT_CODES = {
     State.promoted: 0,
+    State.concluded: 0,
     State.rejected: 1,
     State.rolled_back: 1,
     State.invalid: 1,

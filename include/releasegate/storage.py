@@ -25,9 +25,10 @@ routes = sa.Table(
     sa.Column("model", sa.String(200), primary_key=True),
     sa.Column("champion_version", sa.String(50), nullable=False),
     sa.Column("candidate_version", sa.String(50)),
-    sa.Column("mode", sa.String(10), nullable=False, default="single"),  # single | shadow | canary
+    sa.Column("mode", sa.String(10), nullable=False, default="single"),  # single | shadow | canary | experiment
     sa.Column("candidate_weight", sa.Integer, nullable=False, default=0),  # 0-100
-    sa.Column("release_id", sa.String(64)),
+    sa.Column("release_id", sa.String(64)),  # the release's or the experiment's id
+    sa.Column("arms", sa.JSON),  # an experiment's arms besides the champion: [{version, weight, stopped}]
     sa.Column("revision", sa.Integer, nullable=False, default=1),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
@@ -40,7 +41,7 @@ predictions = sa.Table(
     sa.Column("time", sa.Float, nullable=False),
     sa.Column("model", sa.String(200), nullable=False),
     sa.Column("version", sa.String(50), nullable=False),
-    sa.Column("arm", sa.String(10), nullable=False),  # champion | candidate
+    sa.Column("arm", sa.String(10), nullable=False),  # champion | candidate (an experiment's arms: by version)
     sa.Column("mode", sa.String(10), nullable=False),
     sa.Column("release_id", sa.String(64)),
     sa.Column("routing_key_hash", sa.String(32), nullable=False),
@@ -50,6 +51,7 @@ predictions = sa.Table(
     sa.Column("inputs", sa.Text),  # JSON object: column -> value
     sa.Column("outputs", sa.Text),  # JSON: the prediction for this row
     sa.Column("latency_ms", sa.Float),
+    sa.Column("cpu_ms", sa.Float),  # CPU time of the model call, per row (its batch's CPU time / rows)
     # ok | error | timeout | retried (batch failed, retry answered) | skipped (candidate's circuit open)
     sa.Column("status", sa.String(10), nullable=False),
     sa.Column("error", sa.Text),

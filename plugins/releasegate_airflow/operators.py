@@ -1,5 +1,5 @@
 """The release's own operators: the analysis wait (defers to AnalysisTrigger), the watch after promotion
-(defers to WatchTrigger) and the human approval."""
+(defers to WatchTrigger), the human approval, and an experiment's wait (defers to ExperimentTrigger)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from airflow.sdk import BaseOperator, Context, Param
 
 from releasegate.airflow_client import APPROVAL_REQUEST_XCOM
 from releasegate_airflow import xcom
-from releasegate_airflow.triggers import AnalysisTrigger, WatchTrigger
+from releasegate_airflow.triggers import AnalysisTrigger, ExperimentTrigger, WatchTrigger
 
 
 class AnalysisWaitOperator(BaseOperator):
@@ -81,6 +81,27 @@ class PostPromotionWatchOperator(BaseOperator):
 
         release = xcom.pull(Opened, self.release)
         return xcom.push(pipeline.end_watch(release.release_id, Verdict.model_validate(event), actor=actor(context)))
+
+
+class ExperimentWaitOperator(BaseOperator):
+    """Let the experiment run until it is decided or its time is up; returns the last look (experiments.Look)."""
+
+    template_fields = ("started",)
+    ui_color = "#e4d7f5"
+
+    def __init__(self, *, started: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.started = started
+
+    def execute(self, context: Context) -> dict[str, Any] | None:
+        from releasegate import experiments
+
+        started = xcom.pull(experiments.Started, self.started)
+        self.defer(trigger=ExperimentTrigger(started=started.model_dump(mode="json")), method_name="execute_complete")
+        return None
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        return event
 
 
 def _tell_approval_requested(context: Context, release_id: str, approvers: list[str], seconds_left: float) -> None:

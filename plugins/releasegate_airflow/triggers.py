@@ -89,3 +89,29 @@ class WatchTrigger(BaseTrigger):
                 return
             self.log.info("watch: %s", verdict.reason)
             await asyncio.sleep(min(watch.poll_seconds, max(deadline - time.time(), 0.0)))
+
+
+class ExperimentTrigger(BaseTrigger):
+    """Look at an experiment's evidence every poll interval (stopping the arms a guard shows clearly worse) until
+    it is decided or its time is up. `started` is experiments.Started as JSON."""
+
+    def __init__(self, started: dict[str, Any]):
+        super().__init__()  # type: ignore[no-untyped-call]  # Airflow leaves BaseTrigger.__init__ unannotated
+        self.started = started
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}", {"started": self.started})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from releasegate import experiments
+
+        started = experiments.Started.model_validate(self.started)
+        await asyncio.sleep(min(started.poll_seconds, max(started.deadline - time.time(), 0.0)))
+        while True:
+            final = time.time() >= started.deadline
+            look = await asyncio.to_thread(experiments.look, started.experiment_id, final)
+            if look.done:
+                yield trigger_event(look.model_dump(mode="json"))
+                return
+            self.log.info("experiment %s: %s", started.experiment_id, look.decision.reason)
+            await asyncio.sleep(min(started.poll_seconds, max(started.deadline - time.time(), 0.0)))

@@ -40,6 +40,7 @@ def test_dags_parse_without_errors_or_heavy_imports(airflow_env):
     assert result["errors"] == {}
     assert set(result["dags"]) == {
         "model_release",
+        "model_experiment",
         "nightly_evaluation",
         "drift_watch",
         "emergency_rollback",

@@ -293,11 +293,13 @@ def srm_check(arms: list[ArmStats], alarm_below: float) -> SRMCheck:
     return SRMCheck(counts=counts, expected=expected, p_value=p, alarm=p < alarm_below)
 
 
-def decide(experiment: Experiment, control: ArmStats, candidates: list[ArmStats]) -> ExperimentResult:
+def decide(
+    experiment: Experiment, control: ArmStats, candidates: list[ArmStats], srm_arms: list[ArmStats] | None = None
+) -> ExperimentResult:
     """Every candidate arm against the control at α / (k − 1); a crossed guard stops an arm; the best cleared wins.
 
-    The SRM test counts the arms given (so give only arms whose shares have not changed since their counts
-    began); an SRM alarm voids the comparison: no winner and no stop.
+    The SRM test counts the arms given, or `srm_arms` (the same arms counted since their shares last changed:
+    after an arm stops, the control's share grows); an SRM alarm voids the comparison: no winner and no stop.
     """
     if not candidates:
         raise ValueError("an experiment needs at least one candidate arm besides the control")
@@ -308,7 +310,7 @@ def decide(experiment: Experiment, control: ArmStats, candidates: list[ArmStats]
             raise ValueError(f"arm {each.name!r} has no statistics for {sorted(missing)}")
     alpha_each = experiment.alpha_each(len(arms))
     requests = sum(each.requests for each in arms)
-    check = srm_check(arms, experiment.srm_alarm_below)
+    check = srm_check(arms if srm_arms is None else srm_arms, experiment.srm_alarm_below)
     deciding = experiment.deciding
     results: list[ArmResult] = []
     scores: dict[str, float] = {}

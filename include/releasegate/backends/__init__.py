@@ -11,7 +11,7 @@ from releasegate.contract import BACKEND_TAG, Mode
 from releasegate.errors import DeploymentError, SignatureRefused
 from releasegate.results import ReadinessWait
 
-__all__ = ["Applied", "Backend", "BackendKind", "DeploymentError", "SignatureRefused", "backend_kind"]
+__all__ = ["Applied", "ArmWeight", "Backend", "BackendKind", "DeploymentError", "SignatureRefused", "backend_kind"]
 
 
 class BackendKind(StrEnum):
@@ -28,9 +28,19 @@ class Applied(BaseModel):
     mode: Mode
     candidate_weight: int
     release_id: str | None
+    arms: list[ArmWeight] | None = None  # an experiment's arms besides the champion
     revision: int | str | None = None
     readiness: ReadinessWait | None = None
     status: dict[str, Any] | None = None
+
+
+class ArmWeight(BaseModel):
+    """An experiment's arm besides the control: its version, its percent of the traffic, whether it is stopped
+    (its traffic back to the control)."""
+
+    version: str
+    weight: int
+    stopped: bool = False
 
 
 @runtime_checkable
@@ -45,8 +55,10 @@ class Backend(Protocol):
         mode: Mode = Mode.single,
         candidate_weight: int = 0,
         release_id: str | None = None,
+        arms: list[ArmWeight] | None = None,
     ) -> Applied:
         """Apply the split; returns once traffic follows it (or with a readiness), else DeploymentError.
+        An experiment (mode `experiment`) gives its `arms` besides the champion and its id as `release_id`.
 
         A candidate refused for its signature raises SignatureRefused.
         """

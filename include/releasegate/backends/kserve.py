@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from releasegate import k8s
-from releasegate.backends import Applied, DeploymentError, SignatureRefused
+from releasegate.backends import Applied, ArmWeight, DeploymentError, SignatureRefused
 from releasegate.contract import Mode
 from releasegate.results import ReadinessWait
 
@@ -99,9 +99,15 @@ class KServeBackend:
         mode: Mode = Mode.single,
         candidate_weight: int = 0,
         release_id: str | None = None,
+        arms: list[ArmWeight] | None = None,
     ) -> Applied:
         """Apply the split; with wait_ready, return once the InferenceServices are ready, else a `readiness` to wait on."""
         mode = Mode(mode)
+        if mode is Mode.experiment or arms:
+            # Not built yet: per-arm InferenceServices behind an Istio VirtualService's weights (docs/experiments.md).
+            raise DeploymentError(
+                f"the kserve backend does not run experiments yet: serve {model} from the local gateway to run one"
+            )
         if mode is not Mode.single and candidate_version is None:
             raise DeploymentError(f"a {mode.value} route needs a candidate version")
         if mode is Mode.canary and not 0 < int(candidate_weight) < 100:

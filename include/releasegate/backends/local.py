@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from releasegate.backends import Applied, DeploymentError, SignatureRefused
+from releasegate.backends import Applied, ArmWeight, DeploymentError, SignatureRefused
 from releasegate.contract import ErrorCode, Mode
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class LocalBackend:
         mode: Mode = Mode.single,
         candidate_weight: int = 0,
         release_id: str | None = None,
+        arms: list[ArmWeight] | None = None,
     ) -> Applied:
         """PUT the route; returns it once the gateway serves it, DeploymentError with the gateway's reason if not."""
         body = {
@@ -67,6 +68,7 @@ class LocalBackend:
             "mode": Mode(mode).value,
             "candidate_weight": int(candidate_weight),
             "release_id": release_id,
+            "arms": None if arms is None else [a.model_dump() for a in arms],
         }
         resp = self._request("PUT", f"/admin/routes/{model}", _PUT_TIMEOUT, json=body)
         if resp.status_code != 200:
@@ -96,5 +98,6 @@ def _applied(route: dict[str, Any]) -> Applied:
         mode=Mode(route["mode"]),
         candidate_weight=route.get("candidate_weight", 0),
         release_id=route.get("release_id"),
+        arms=route.get("arms"),
         revision=route.get("revision"),
     )

@@ -478,7 +478,7 @@ def _v2_tensors(slot: Slot) -> list[dict[str, Any]]:
 def _v2_metadata(model: str, active: Active, slot: Slot) -> dict[str, Any]:
     return {
         "name": model,
-        "versions": [s.version for s in (active.champion, active.candidate) if s],
+        "versions": [s.version for s in active.slots],
         "platform": "mlflow_pyfunc",
         "inputs": _v2_tensors(slot),
         "outputs": slot.outputs,
@@ -497,12 +497,9 @@ async def v2_model_metadata(request: Request, gateway: Gateway, caller: Caller |
 async def v2_model_version_metadata(request: Request, gateway: Gateway, caller: Caller | None) -> Response:
     model, version = request.path_params["model"], request.path_params["version"]
     active = gateway.active(model)
-    slot = next((s for s in (active.champion, active.candidate) if s and s.version == version), None)
+    slot = next((s for s in active.slots if s.version == version), None)
     if slot is None:
-        raise NotFound(
-            f"{model} v{version} is not served (served: "
-            f"{', '.join(s.version for s in (active.champion, active.candidate) if s)})"
-        )
+        raise NotFound(f"{model} v{version} is not served (served: {', '.join(s.version for s in active.slots)})")
     return JSONResponse(_v2_metadata(model, active, slot))
 
 
@@ -523,7 +520,7 @@ async def v2_model_version_ready(request: Request, gateway: Gateway, caller: Cal
     """A served version is ready (its route serves it, loaded and verified); one not served is a 404."""
     model, version = request.path_params["model"], request.path_params["version"]
     active = gateway.active(model)
-    served = [s.version for s in (active.champion, active.candidate) if s]
+    served = [s.version for s in active.slots]
     if version not in served:
         raise NotFound(f"version {version!r} of {model!r} is not served (served: {', '.join(served)})")
     return JSONResponse({"name": model, "ready": True, "version": version})

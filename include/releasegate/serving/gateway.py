@@ -52,6 +52,7 @@ class Active:
     champion: Slot
     candidate: Slot | None
     classification: Classification = field(default_factory=Classification)  # what the log may hold of each column
+    arms: tuple[Slot, ...] = ()  # an experiment's arms besides the champion, in route.arms' order
     same_schema: bool = field(init=False)  # the candidate takes the champion's selected rows as they are
     declared: frozenset[str] | None = field(init=False)  # columns a served version declares; None: one takes all
 
@@ -59,9 +60,14 @@ class Active:
         object.__setattr__(
             self, "same_schema", self.candidate is not None and self.candidate.schema == self.champion.schema
         )
-        names = [s.schema.names for s in (self.champion, self.candidate) if s is not None]
+        names = [s.schema.names for s in self.slots]
         known = [n for n in names if n is not None]
         object.__setattr__(self, "declared", None if None in names else frozenset().union(*known))
+
+    @property
+    def slots(self) -> list[Slot]:
+        """Every version the route serves: the champion, the candidate, an experiment's arms."""
+        return [s for s in (self.champion, self.candidate, *self.arms) if s is not None]
 
 
 def _standby(previous: Active | None, new: Active) -> str | None:
@@ -303,7 +309,8 @@ class Gateway:
     async def _prepare(self, route: Route) -> Active:
         champion = await self.slot(route.model, route.champion_version)
         candidate = await self.slot(route.model, route.candidate_version) if route.candidate_version else None
-        return Active(route, champion, candidate, await self._classification(route.model))
+        arms = tuple([await self.slot(route.model, arm.version) for arm in route.arms or ()])
+        return Active(route, champion, candidate, await self._classification(route.model), arms)
 
     async def _classification(self, model: str) -> Classification:
         """The model's classification, read with each route change: a malformed one keeps the route from being
@@ -333,7 +340,7 @@ class Gateway:
         """Close `model`'s slots its route does not use (but `keep`). Only under the model's lock: other models
         may be loading at the same moment, and their slots are in no route yet."""
         active = self.routes.get(model)
-        used = {s.version for s in (active.champion, active.candidate) if s} if active else set()
+        used = {s.version for s in active.slots} if active else set()
         used |= {keep} if keep else set()
         for key in [k for k in self._slots if k[0] == model and k[1] not in used]:
             self._slots.pop(key).close()
@@ -379,6 +386,7 @@ class Gateway:
             try:
                 champion = await self.slot(model, spec.champion_version)
                 candidate = await self.slot(model, spec.candidate_version) if spec.candidate_version else None
+                arms = tuple([await self.slot(model, arm.version) for arm in spec.arms or ()])
                 classification = await self._classification(model)
             except (LoadError, ClassificationError) as err:
                 self.metrics.route_load_failures.labels(model).inc()
@@ -387,7 +395,7 @@ class Gateway:
                     raise PayloadError(str(err), 422) from None
                 raise
             route = await asyncio.to_thread(self._write_route, model, spec, caller)
-            self._apply(Active(route, champion, candidate, classification))
+            self._apply(Active(route, champion, candidate, classification, arms))
             return route
 
     async def sync_routes(self) -> None:
@@ -500,7 +508,17 @@ class Gateway:
             "key_id": key_id,
         }
         fallback = False
-        if active.candidate is not None and routing.choose_arm(route, digest) == "candidate":
+        if active.arms:
+            salted = routing.key_digest(routing.salted(route, route.model), routing_key, self.routing_secret)
+            index = routing.choose_experiment_arm(route, salted)
+            if index is not None:
+                arm = active.arms[index]
+                outputs = await self._call_candidate(active, sent, rows, logged, base, served=True, slot=arm)
+                if outputs is not None:
+                    return Answer(outputs, arm.version, "candidate")
+                fallback = True
+                self.metrics.fallbacks.labels(route.model).inc()
+        elif active.candidate is not None and routing.choose_arm(route, digest) == "candidate":
             outputs = await self._call_candidate(active, sent, rows, logged, base, served=True)
             if outputs is not None:
                 return Answer(outputs, active.candidate.version, "candidate")
@@ -524,7 +542,7 @@ class Gateway:
         The caller chose the arm, so the call is no exposure of a release: it is logged with no release and
         mode `single`, and never enters a canary's comparison (which reads its release's rows).
         """
-        arms = [(slot, arm) for slot, arm in ((active.champion, "champion"), (active.candidate, "candidate")) if slot]
+        arms = [(slot, "champion" if slot is active.champion else "candidate") for slot in active.slots]
         found = next(((slot, arm) for slot, arm in arms if slot.version == version), None)
         model = active.route.model
         if found is None:
@@ -587,13 +605,22 @@ class Gateway:
         return Rows(kept, sent.n)
 
     async def _call_candidate(
-        self, active: Active, sent: Rows, rows: Rows, logged: Rows, base: _CallBase, served: bool
+        self,
+        active: Active,
+        sent: Rows,
+        rows: Rows,
+        logged: Rows,
+        base: _CallBase,
+        served: bool,
+        slot: Slot | None = None,
     ) -> list[Any] | None:
-        """The candidate's answer, or None after logging why it has none (error, timeout, wrong shape).
+        """The candidate's (or `slot`'s: an experiment's arm) answer, or None after logging why it has none (error,
+        timeout, wrong shape).
 
         `rows` are the champion's columns: the candidate's own are selected from what the caller `sent`.
         """
-        slot = cast("Slot", active.candidate)  # called for routes with a candidate only
+        same_schema = active.same_schema if slot is None else slot.schema == active.champion.schema
+        slot = cast("Slot", active.candidate) if slot is None else slot  # called for routes with a candidate only
         breaker = cast("Breaker", slot.breaker)  # every loaded slot has one
         if not breaker.allow():
             self._log_call(
@@ -612,7 +639,7 @@ class Gateway:
         start = time.perf_counter()
         status, error = CallStatus.ok, None
         try:
-            if not active.same_schema:
+            if not same_schema:
                 rows = select(sent, slot.schema, slot.label)
             outputs = await slot.predict(rows, self.config.candidate_timeout)
         except CallTimeout as err:
@@ -734,6 +761,7 @@ class Gateway:
             served=served,
             fallback=fallback,
             latency_ms=elapsed * 1000 if elapsed is not None else None,
+            cpu_ms=getattr(outputs, "cpu_ms", None),  # slots.Measured
             status=status,
             error=error,
         )

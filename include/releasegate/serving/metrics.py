@@ -46,6 +46,20 @@ class Metrics:
             ("model", "version"),
             registry=r,
         )
+        self.model_cpu = Counter(
+            "releasegate_gateway_model_cpu_seconds",
+            "CPU time of a version's predict calls (thread CPU time around each call): with model_calls, the CPU "
+            "per call an experiment compares across arms.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_memory = Gauge(
+            "releasegate_gateway_model_memory_bytes",
+            "Resident memory the process grew by while loading and warming a version (its peak cost, approximate "
+            "when versions load at once).",
+            ["model", "version"],
+            registry=r,
+        )
         self.model_cache_bytes = Gauge(
             "releasegate_gateway_model_cache_bytes",
             "Disk space of the model cache (RELEASEGATE_MODEL_CACHE), measured after each load and unload.",

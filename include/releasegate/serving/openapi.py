@@ -13,12 +13,12 @@ the document describes one canonical form of the request and says so.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from releasegate.contract import Mode
 from releasegate.serving.auth import Role
 from releasegate.serving.payloads import FLOAT32_MAX, INT_RANGE, V2_ALL_DATATYPES, V2_DATATYPES, Schema
-from releasegate.serving.routing import MODEL_NAME_PATTERN, REQUEST_ID_PATTERN, VERSION_PATTERN
+from releasegate.serving.routing import MAX_ARMS, MODEL_NAME_PATTERN, REQUEST_ID_PATTERN, VERSION_PATTERN
 
 if TYPE_CHECKING:
     from releasegate.serving.gateway import Gateway
@@ -189,9 +189,11 @@ def _v2_body(schema: Schema) -> dict[str, Any]:
 
 
 def _route_body() -> dict[str, Any]:
-    """RouteSpec as the mode decides it: a candidate for shadow and canary only, a weight for canary only.
+    """RouteSpec as the mode decides it: a candidate for shadow and canary only, a weight for canary only, arms
+    (and the experiment's id) for an experiment only.
 
-    The one rule left out: the candidate may not be the champion's version (422).
+    The rules left out (422): the candidate may not be the champion's version; an experiment's versions differ and
+    its arms' weights add up to less than 100.
     """
     version = {"type": "string", "minLength": 1, "maxLength": 50, "pattern": VERSION_PATTERN}
     common = {"champion_version": version, "release_id": {"type": ["string", "null"], "maxLength": 64}}
@@ -224,7 +226,32 @@ def _route_body() -> dict[str, Any]:
             "candidate_weight": {"type": "integer", "minimum": 0, "maximum": 100},
         },
     }
-    return {"oneOf": [single, shadow, canary]}
+    arm = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["version", "weight"],
+        "properties": {
+            "version": version,
+            "weight": {"type": "integer", "minimum": 1, "maximum": 99},
+            "stopped": {"type": "boolean"},
+        },
+    }
+    experiment = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["champion_version", "mode", "arms", "release_id"],
+        "properties": common
+        | {
+            "mode": {"const": Mode.experiment.value},
+            "release_id": {"type": "string", "minLength": 1, "maxLength": 64},
+            "candidate_version": {"type": "null"},
+            "candidate_weight": {"const": 0},
+            "arms": {"type": "array", "minItems": 1, "maxItems": MAX_ARMS, "items": arm},
+        },
+    }
+    for each in (single, shadow, canary):
+        each["properties"] = cast("dict[str, Any]", each["properties"]) | {"arms": {"type": "null"}}
+    return {"oneOf": [single, shadow, canary, experiment]}
 
 
 def _op(

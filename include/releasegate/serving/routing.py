@@ -50,6 +50,22 @@ def valid_model_name(model: str) -> bool:
     return 0 < len(model) <= 200 and _MODEL_NAME.fullmatch(model) is not None
 
 
+# An experiment's arms besides the control (the champion): the issue's "champion and up to 5 candidates".
+MAX_ARMS = 5
+
+
+class ArmSpec(BaseModel, extra="forbid"):
+    """One arm of an experiment route besides the control: its version and its percent of the traffic.
+
+    A stopped arm keeps its place in the bucket ranges, so that no other customer changes arm; its
+    requests go to the control (docs/decisions.md, "Experiments (A/B/n)").
+    """
+
+    version: str = Field(min_length=1, max_length=50, pattern=VERSION_PATTERN)
+    weight: int = Field(ge=1, le=99)
+    stopped: bool = False
+
+
 class RouteSpec(BaseModel, extra="forbid"):
     """The body of PUT /admin/routes/{model}: which versions serve and how traffic splits."""
 
@@ -58,9 +74,14 @@ class RouteSpec(BaseModel, extra="forbid"):
     mode: Mode = Mode.single
     candidate_weight: int = Field(0, ge=0, le=100)
     release_id: str | None = Field(None, max_length=64)
+    arms: list[ArmSpec] | None = Field(None, min_length=1, max_length=MAX_ARMS)
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteSpec:
+        if self.mode is Mode.experiment:
+            return self._experiment()
+        if self.arms is not None:
+            raise ValueError(f"arms apply to mode '{Mode.experiment}' only, got them with mode '{self.mode}'")
         if self.mode is Mode.single and self.candidate_version is not None:
             raise ValueError(
                 f"mode '{Mode.single}' takes no candidate_version (use '{Mode.shadow}' or '{Mode.canary}')"
@@ -76,6 +97,26 @@ class RouteSpec(BaseModel, extra="forbid"):
             raise ValueError(f"candidate_version equals champion_version ({self.champion_version})")
         return self
 
+    def _experiment(self) -> RouteSpec:
+        if not self.arms:
+            raise ValueError(f"mode '{Mode.experiment}' needs arms (1-{MAX_ARMS} besides the champion)")
+        if self.candidate_version is not None or self.candidate_weight != 0:
+            raise ValueError(f"mode '{Mode.experiment}' takes arms, not candidate_version or candidate_weight")
+        if not self.release_id:
+            raise ValueError(f"mode '{Mode.experiment}' needs the experiment's id as release_id (it salts the split)")
+        versions = [self.champion_version, *(a.version for a in self.arms)]
+        if len(set(versions)) != len(versions):
+            raise ValueError(f"an experiment's versions must differ, got {versions}")
+        total = sum(a.weight for a in self.arms)
+        if total >= 100:
+            raise ValueError(f"the arms' weights add up to {total}: the control (champion) needs some traffic")
+        return self
+
+    @property
+    def control_weight(self) -> int:
+        """The champion's percent of the traffic in an experiment, stopped arms' shares included."""
+        return 100 - sum(a.weight for a in self.arms or () if not a.stopped)
+
 
 class Route(RouteSpec):
     """A stored route: the spec plus its model, revision and write time."""
@@ -86,7 +127,8 @@ class Route(RouteSpec):
 
     @property
     def versions(self) -> list[str]:
-        return [v for v in (self.champion_version, self.candidate_version) if v is not None]
+        arms = [a.version for a in self.arms or ()]
+        return [v for v in (self.champion_version, self.candidate_version, *arms) if v is not None]
 
 
 def routing_secret(settings: Settings) -> bytes:
@@ -106,6 +148,12 @@ def key_digest(model: str, routing_key: str, secret: bytes) -> str:
     keyed = _keyed(secret).copy()
     keyed.update(f"{model}:{routing_key}".encode())
     return keyed.hexdigest()
+
+
+def salted(route: RouteSpec, model: str) -> str:
+    """What the assignment hash is salted with: the model, and in an experiment also the experiment's id, so that
+    the customers of one experiment's candidate arm are not again the candidate arm of the next one."""
+    return f"{model}#{route.release_id}" if route.mode is Mode.experiment else model
 
 
 def bucket(model: str, routing_key: str, secret: bytes) -> int:
@@ -128,3 +176,16 @@ def choose_arm(route: RouteSpec, digest: str) -> str:
     if route.mode is Mode.canary and int(digest, 16) % 100 < route.candidate_weight:
         return "candidate"
     return "champion"
+
+
+def choose_experiment_arm(route: RouteSpec, digest: str) -> int | None:
+    """The index in route.arms of the arm a request whose (experiment-salted) key_digest is `digest` goes to, or
+    None for the control. Arm i holds the buckets after the arms before it, stopped or not, so that stopping
+    one arm moves only its own customers (to the control)."""
+    point = int(digest, 16) % 100
+    start = 0
+    for index, arm in enumerate(route.arms or ()):
+        if start <= point < start + arm.weight:
+            return None if arm.stopped else index
+        start += arm.weight
+    return None

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import chain
@@ -78,16 +79,31 @@ class QueueFull(ModelCallError):
     """The version already holds `max_queue_rows` rows waiting: refused at once instead of queued."""
 
 
-class Retried(list[Any]):
+class Measured(list[Any]):
+    """A request's answers with the CPU time of the model call that made them, per row, in milliseconds: the
+    thread CPU time around the predict call over its batch's rows (a model that spreads its work over threads
+    of its own is undercounted; docs/architecture.md, "Resource use per arm").
+
+    A list, so callers use it as any answer; the log reads `cpu_ms`.
+    """
+
+    __slots__ = ("cpu_ms",)
+
+    def __init__(self, values: Iterable[Any], cpu_ms: float | None):
+        super().__init__(values)
+        self.cpu_ms = cpu_ms
+
+
+class Retried(Measured):
     """A request's answers from a call of its own after its batch call failed; `error` says how that call failed.
 
-    A list, so callers use it as any answer; only the log looks at the type (status `retried`).
+    Only the log looks at the type (status `retried`).
     """
 
     __slots__ = ("error",)
 
     def __init__(self, values: list[Any], error: str):
-        super().__init__(values)
+        super().__init__(values, getattr(values, "cpu_ms", None))
         self.error = error
 
 
@@ -173,6 +189,7 @@ class Slot:
         self._max_rows = max_rows
         self._max_wait = max_wait
         self._batch_rows = metrics.batch_rows.labels(model, version)
+        self._cpu_seconds = metrics.model_cpu.labels(model, version)
         self._metrics = metrics
         self._pending: deque[_Job] = deque()
         self._pending_rows = 0
@@ -205,13 +222,18 @@ class Slot:
         if any(None in values and name not in self._fast_missing for name, values in columns.items()):
             return None  # sklearn decides what this missing value means
         n = sum(j.n for j in jobs)
+        cpu = time.thread_time()  # the graph runs on this thread (one intra-op thread, compiled.py)
         try:
             result = self._fast(columns)
         except compiled.BeyondFloat32:
             return None
         except Exception as err:
             raise ModelCallError(f"{self.label} predict failed: {type(err).__name__}: {err}") from err
-        return _outputs(result, n, self.label)
+        return self._measured(_outputs(result, n, self.label), time.thread_time() - cpu, n)
+
+    def _measured(self, values: list[Any], cpu_seconds: float, rows: int) -> Measured:
+        self._cpu_seconds.inc(cpu_seconds)
+        return Measured(values, cpu_seconds * 1000 / rows if rows else None)
 
     def call(self, jobs: list[Rows]) -> list[Any]:
         """One predict over the rows of all `jobs` (one DataFrame), answers concatenated."""
@@ -232,11 +254,12 @@ class Slot:
                 arrays.append(_object_array(values) if dtype == "object" else np.asarray(values, dtype=dtype))
             frame = _frame(pd, arrays, names)
         n = len(frame)
+        cpu = time.thread_time()
         try:
             result = self._predict(frame)
         except Exception as err:
             raise ModelCallError(f"{self.label} predict failed: {type(err).__name__}: {err}") from err
-        return _outputs(result, n, self.label)
+        return self._measured(_outputs(result, n, self.label), time.thread_time() - cpu, n)
 
     def warm(self, example: Rows | None) -> None:
         """One predict before the slot takes traffic (the input example, else a row from the signature)."""
@@ -463,8 +486,9 @@ class Slot:
                     _settle(job.future, Retried(values, batch_error))
             return
         start = 0
+        cpu_ms = getattr(values, "cpu_ms", None)
         for job in jobs:
-            _settle(job.future, values[start : start + job.rows.n])
+            _settle(job.future, Measured(values[start : start + job.rows.n], cpu_ms))
             start += job.rows.n
 
 
@@ -496,6 +520,7 @@ def load_slot(
     from releasegate import registry, signing
 
     label = f"{model} v{version}"
+    resident = _resident_bytes()
     try:
         verified = signing.fetch_verified(model, version, settings)
     except signing.SignatureError as err:
@@ -533,7 +558,14 @@ def load_slot(
     except BaseException:
         verified.remove()
         raise
+    metrics.model_memory.labels(model, version).set(max(0, _resident_bytes() - resident))
     return slot
+
+
+def _resident_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 _NUMPY_V2 = {
