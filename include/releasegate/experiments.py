@@ -473,30 +473,20 @@ def arm_stats(requests: pd.DataFrame, version: str, share: float, design: Design
     return engine.ArmStats(name=version, share=share, metrics=stats)
 
 
-def look(experiment_id: str, final: bool = False, actor: str = "airflow") -> Look:
-    """One look: each running arm against the control; an arm a guard shows clearly worse is stopped now (its
-    traffic back to the control, audited). Done when the engine decided, the SRM alarm rang, or `final`."""
-    rel = release.get(experiment_id)
-    record = Record.of(rel)
+def assess(rel: release.Release, record: Record, until: float) -> engine.ExperimentResult:
+    """The evidence up to `until`: each running arm against the control (no side effects; the dashboard's view)."""
     design = record.design
-    assert rel.champion_version is not None
-    now = time.time()
+    assert rel.champion_version is not None  # an experiment opens with its champion
     since = float(record.started_at or rel.started_at)
-    preds, feedback = read_requests(rel.model, experiment_id, since, now)
+    preds, feedback = read_requests(rel.model, rel.release_id, since, until)
     sources = {m.source for m in design.metrics}
     requests = per_request(preds, feedback, rel.champion_version, sources)
     running = [a for a in record.arms if not a.stopped]
     control_share = 100 - sum(a.weight for a in running)
     control = arm_stats(requests, rel.champion_version, control_share, design)
     arms = [arm_stats(requests, a.version, a.weight, design) for a in running]
-    ready = bool(running) and all(a.requests >= design.min_requests_per_arm for a in (control, *arms))
-    # The split is tested only since the shares last changed: before a stop, the control had less traffic.
-    recent = requests[requests["time"] >= (record.shares_since or since)] if len(requests) else requests
-    srm_counts = [arm_stats(recent, a.name, a.share, design) for a in (control, *arms)]
-    if running:
-        result = engine.decide(design.experiment(), control, arms, srm_arms=srm_counts)
-    else:
-        result = engine.ExperimentResult(
+    if not running:
+        return engine.ExperimentResult(
             control=control.name,
             alpha_each=design.experiment().alpha_each(len(record.arms) + 1),
             arms=[],
@@ -505,15 +495,29 @@ def look(experiment_id: str, final: bool = False, actor: str = "airflow") -> Loo
             decided=True,
             reason="every arm stopped",
         )
-    if not ready and running:
-        result = result.model_copy(
-            update={
-                "winner": None,
-                "decided": False,
-                "reason": f"collecting: {design.min_requests_per_arm} requests per arm before any judgement",
-                "arms": [r.model_copy(update={"status": engine.ArmStatus.running}) for r in result.arms],
-            }
-        )
+    # The split is tested only since the shares last changed: before a stop, the control had less traffic.
+    recent = requests[requests["time"] >= (record.shares_since or since)] if len(requests) else requests
+    srm_counts = [arm_stats(recent, a.name, a.share, design) for a in (control, *arms)]
+    result = engine.decide(design.experiment(), control, arms, srm_arms=srm_counts)
+    if all(a.requests >= design.min_requests_per_arm for a in (control, *arms)):
+        return result
+    return result.model_copy(
+        update={
+            "winner": None,
+            "decided": False,
+            "reason": f"collecting: {design.min_requests_per_arm} requests per arm before any judgement",
+            "arms": [r.model_copy(update={"status": engine.ArmStatus.running}) for r in result.arms],
+        }
+    )
+
+
+def look(experiment_id: str, final: bool = False, actor: str = "airflow") -> Look:
+    """One look: each running arm against the control; an arm a guard shows clearly worse is stopped now (its
+    traffic back to the control, audited). Done when the engine decided, the SRM alarm rang, or `final`."""
+    rel = release.get(experiment_id)
+    record = Record.of(rel)
+    now = time.time()
+    result = assess(rel, record, now)
     stop = [r for r in result.arms if r.status is engine.ArmStatus.stopped]
     if stop:
         stopped_versions = {r.arm for r in stop}
@@ -538,7 +542,7 @@ def look(experiment_id: str, final: bool = False, actor: str = "airflow") -> Loo
             )
     left = [a for a in record.arms if not a.stopped]
     invalid = result.srm.alarm
-    done = invalid or final or (ready and result.decided) or not left
+    done = invalid or final or result.decided or not left
     return Look(
         experiment_id=experiment_id,
         at=now,

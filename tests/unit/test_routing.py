@@ -110,3 +110,75 @@ def test_a_request_id_or_model_name_with_a_line_break_is_refused(value):
     assert not routing.valid_request_id(value)
     assert not routing.valid_model_name(value)
     assert routing.valid_request_id(value.strip()) == bool(value.strip())
+
+
+def experiment(release_id: str = "exp-1", stopped: tuple[str, ...] = ()) -> RouteSpec:
+    arms = [{"version": v, "weight": 25, "stopped": v in stopped} for v in ("2", "3")]
+    return RouteSpec(champion_version="1", mode="experiment", arms=arms, release_id=release_id)
+
+
+def experiment_arm(route: RouteSpec, key: str, model: str = "churn") -> str:
+    index = routing.choose_experiment_arm(route, routing.key_digest(routing.salted(route, model), key, SECRET))
+    return route.champion_version if index is None else (route.arms or [])[index].version
+
+
+def test_an_experiment_splits_by_its_weights_and_keeps_each_customer_on_one_arm():
+    keys = [f"c{i}" for i in range(20_000)]
+    first = [experiment_arm(experiment(), k) for k in keys]
+    assert first == [experiment_arm(experiment(), k) for k in keys]  # sticky
+    shares = {v: first.count(v) / len(keys) for v in ("1", "2", "3")}
+    assert abs(shares["1"] - 0.5) < 0.02 and abs(shares["2"] - 0.25) < 0.02 and abs(shares["3"] - 0.25) < 0.02
+
+
+def test_each_experiment_draws_its_own_customers_for_its_arms():
+    """Salted per experiment: the customers of one experiment's candidate arms are not again those of the next."""
+    keys = [f"c{i}" for i in range(4000)]
+    one = {k for k in keys if experiment_arm(experiment("exp-1"), k) != "1"}
+    two = {k for k in keys if experiment_arm(experiment("exp-2"), k) != "1"}
+    overlap = len(one & two) / len(one)
+    assert 0.4 < overlap < 0.6, overlap  # independent draws at 50 %: about half, not all
+
+
+def test_a_stopped_arm_sends_its_customers_to_the_control_and_moves_nobody_else():
+    keys = [f"c{i}" for i in range(4000)]
+    before = {k: experiment_arm(experiment(), k) for k in keys}
+    after = {k: experiment_arm(experiment(stopped=("2",)), k) for k in keys}
+    assert all(after[k] == ("1" if before[k] == "2" else before[k]) for k in keys)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"champion_version": "1", "mode": "experiment", "release_id": "e"}, "needs arms"),
+        (
+            {"champion_version": "1", "mode": "experiment", "arms": [{"version": "2", "weight": 60}]},
+            "needs the experiment's id",
+        ),
+        (
+            {
+                "champion_version": "1",
+                "mode": "experiment",
+                "release_id": "e",
+                "arms": [{"version": "2", "weight": 60}, {"version": "3", "weight": 40}],
+            },
+            "control",
+        ),
+        (
+            {"champion_version": "1", "mode": "experiment", "release_id": "e", "arms": [{"version": "1", "weight": 9}]},
+            "must differ",
+        ),
+        ({"champion_version": "1", "arms": [{"version": "2", "weight": 9}]}, "apply to mode 'experiment' only"),
+        (
+            {
+                "champion_version": "1",
+                "mode": "experiment",
+                "release_id": "e",
+                "arms": [{"version": str(v), "weight": 1} for v in range(2, 8)],
+            },
+            "at most 5",
+        ),
+    ],
+)
+def test_an_inconsistent_experiment_route_is_refused_with_the_reason(body, message):
+    with pytest.raises(ValueError, match=message):
+        RouteSpec.model_validate(body)

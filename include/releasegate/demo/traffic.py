@@ -1,5 +1,10 @@
 """Traffic: one-row requests at a steady rate, each labelled after a delay, with progress lines.
 
+With its label each answer gets a simulated business outcome (`business_value`) for experiments to judge:
+a churner the model flagged took the retention offer and stayed (its revenue, lognormal around 30: a
+conversion), a loyal customer flagged got the offer's discount for nothing (-2), anyone else 0. A better
+model converts more, so an A/B/n experiment on business value agrees with accuracy (docs/experiments.md).
+
 The rows are the demo's churn data, or any table of your own (`replay`: a holdout replayed as live
 traffic, its label column sent as feedback). A customer id is the routing key, so a customer stays
 on one arm (sticky assignment). aiohttp rather than httpx: the load generator shares two cores with
@@ -25,6 +30,17 @@ _CUSTOMERS = 20_000
 # Rows and customers are drawn independently at random: tying a row to a customer would give each
 # canary arm a fixed subset of rows, repeated, which a drift test rightly flags as different.
 _POOL = 100_000
+# The simulated business outcome (see above): a kept churner's revenue, lognormal (median e^3.3 ≈ 27).
+_REVENUE_MU, _REVENUE_SIGMA, _DISCOUNT = 3.3, 0.4, -2.0
+
+
+def business_value(prediction: Any, label: Any, draw: random.Random) -> float:
+    """What the answer earned: a flagged churner's revenue, a flagged loyal customer's discount, else 0."""
+    if prediction != 1:
+        return 0.0
+    if label == 1:
+        return round(draw.lognormvariate(_REVENUE_MU, _REVENUE_SIGMA), 2)
+    return _DISCOUNT
 
 
 class ReplayError(ValueError):
@@ -92,6 +108,7 @@ class Counters:
     label_errors: int = 0
     arms: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
+    draw: random.Random = field(default_factory=lambda: random.Random(17))  # the business outcomes' draws
 
 
 async def _send(
@@ -124,7 +141,9 @@ async def _send(
     counters.ok += 1
     counters.arms[body.get("arm", "?")] = counters.arms.get(body.get("arm", "?"), 0) + 1
     if label is not None:  # an unlabelled row is traffic without feedback
-        pending.append((due, {"request_id": body["request_id"], "ground_truth": label}))
+        predictions = body.get("predictions") or [None]
+        value = business_value(predictions[0], label, counters.draw)
+        pending.append((due, {"request_id": body["request_id"], "ground_truth": label, "business_value": value}))
 
 
 async def _feedback_loop(
