@@ -498,7 +498,7 @@ def assess(rel: release.Release, record: Record, until: float) -> engine.Experim
     # The split is tested only since the shares last changed: before a stop, the control had less traffic.
     recent = requests[requests["time"] >= (record.shares_since or since)] if len(requests) else requests
     srm_counts = [arm_stats(recent, a.name, a.share, design) for a in (control, *arms)]
-    result = engine.decide(design.experiment(), control, arms, srm_arms=srm_counts)
+    result = engine.decide(design.experiment(), control, arms, srm_arms=srm_counts, comparisons=len(record.arms))
     if all(a.requests >= design.min_requests_per_arm for a in (control, *arms)):
         return result
     return result.model_copy(
@@ -570,7 +570,12 @@ def conclude(experiment_id: str, last: Look, actor: str = "airflow") -> Conclude
             model=rel.model,
             version=rel.champion_version,
             release_id=experiment_id,
-            details={"change": RouteChange.experiment_ended.value, "mode": Mode.single.value},
+            details={
+                "change": RouteChange.experiment_ended.value,
+                "mode": Mode.single.value,
+                "candidate_weight": 0,
+                "champion_version": rel.champion_version,
+            },
         )
     winner = None if last.invalid else result.winner
     audit.append(

@@ -24,33 +24,11 @@ from releasegate.contract import AuditAction, Mode
 MODEL = "churn"
 pytestmark = pytest.mark.integration
 
-# Small enough to decide in a couple of minutes of the stack's 300 requests/s, on this machine's two cores.
-QUICK = {
-    "name": "quick",
-    "description": "conversion decides; revenue, CPU, latency and errors guard",
-    "poll_seconds": 3,
-    "max_seconds": 420,
-    "sample_size": 20000,
-    "min_requests_per_arm": 300,
-    "metrics": [
-        {"name": "conversion", "source": "conversion", "goal": "increase", "mde": 0.01, "role": "decide",
-         "test": "superiority"},
-        {"name": "revenue_per_request", "source": "revenue", "goal": "increase", "mde": 0.5, "role": "guard",
-         "test": "non_inferiority"},
-        {"name": "revenue_per_conversion", "source": "revenue_per_conversion", "goal": "increase", "mde": 10.0,
-         "role": "guard", "test": "non_inferiority"},
-        {"name": "cpu_ms_per_row", "source": "cpu_ms", "goal": "decrease", "mde": 1.0, "role": "guard",
-         "test": "non_inferiority"},
-        {"name": "error_rate", "source": "error", "goal": "decrease", "mde": 0.02, "role": "guard",
-         "test": "non_inferiority"},
-    ],
-}  # fmt: skip
 
-
-def run_experiment(conf: dict, policies: Path) -> str:
+def run_experiment(conf: dict) -> str:
     out = subprocess.run(
         ["airflow", "dags", "test", "model_experiment", "-c", json.dumps(conf)],
-        env={**os.environ, "RELEASEGATE_POLICIES_DIR": str(policies)},
+        env=dict(os.environ),
         capture_output=True,
         text=True,
         timeout=1200,
@@ -60,17 +38,14 @@ def run_experiment(conf: dict, policies: Path) -> str:
     return out.stdout + out.stderr
 
 
-def test_three_arm_experiment_finds_the_best_arm_and_hands_it_to_the_release(stack, tmp_path):
+def test_three_arm_experiment_finds_the_best_arm_and_hands_it_to_the_release(stack):
     """The good arm wins on conversion, the bad one is stopped by a guard (its traffic back to the control),
     the champion serves alone afterwards, the result is audited and stored in MLflow, and the winner is the
     `challenger` for a model_release run the experiment triggered."""
-    (tmp_path / "experiments").mkdir()
-    (tmp_path / "experiments" / "quick.yaml").write_text(json.dumps(QUICK))  # JSON is YAML
     good, bad, champion = stack.versions["good"], stack.versions["bad"], stack.versions["champion"]
     registry.set_alias(MODEL, "challenger", champion)  # not the winner yet: the experiment must move it
-    log = run_experiment(
-        {"model_name": MODEL, "arms": f"{good},{bad}", "weights": "33,33", "design": "quick"}, tmp_path
-    )
+    # The shipped design the demo runs (include/policies/experiments/quick.yaml).
+    log = run_experiment({"model_name": MODEL, "arms": f"{good},{bad}", "weights": "33,33", "design": "quick"})
 
     exp = next(r for r in release.list_releases(MODEL) if experiments.is_experiment(r))
     assert exp.state is release.State.concluded, (exp.reasons, log[-3000:], stack.log("gateway")[-3000:])
@@ -94,6 +69,7 @@ def test_three_arm_experiment_finds_the_best_arm_and_hands_it_to_the_release(sta
         ).all()
     served = {v: sum(1 for r in rows if r.version == v) for v in (champion, good, bad)}
     assert all(served.values()), served
+    print(f"experiment {exp.release_id}: {exp.ended_at - exp.started_at:.0f} s, requests per version {served}")
     good_keys = {r.routing_key_hash for r in rows if r.version == good}
     keys_elsewhere = {r.routing_key_hash for r in rows if r.version in (champion, bad)}
     assert good_keys and not good_keys & keys_elsewhere, "a customer of the good arm was served by another arm"
@@ -113,7 +89,7 @@ def test_three_arm_experiment_finds_the_best_arm_and_hands_it_to_the_release(sta
     assert {Path(a.path).name for a in report} == {"experiment.json", "experiment.html"}
 
 
-def test_a_second_experiment_is_refused_while_a_release_holds_the_lock(stack, tmp_path):
+def test_a_second_experiment_is_refused_while_a_release_holds_the_lock(stack):
     """One release or experiment per model at a time: the model's lock is the releases table's."""
     opened = release.open_release(
         MODEL, stack.versions["good"], stack.versions["champion"], {"name": "default"}, airflow_run_id="r1", actor="t"

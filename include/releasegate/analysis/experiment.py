@@ -294,12 +294,18 @@ def srm_check(arms: list[ArmStats], alarm_below: float) -> SRMCheck:
 
 
 def decide(
-    experiment: Experiment, control: ArmStats, candidates: list[ArmStats], srm_arms: list[ArmStats] | None = None
+    experiment: Experiment,
+    control: ArmStats,
+    candidates: list[ArmStats],
+    srm_arms: list[ArmStats] | None = None,
+    comparisons: int | None = None,
 ) -> ExperimentResult:
     """Every candidate arm against the control at α / (k − 1); a crossed guard stops an arm; the best cleared wins.
 
     The SRM test counts the arms given, or `srm_arms` (the same arms counted since their shares last changed:
     after an arm stops, the control's share grows); an SRM alarm voids the comparison: no winner and no stop.
+    `comparisons`: how many arms were ever compared with the control (stopped ones too: their looks were spent),
+    the Bonferroni divisor; default the candidates given.
     """
     if not candidates:
         raise ValueError("an experiment needs at least one candidate arm besides the control")
@@ -308,7 +314,7 @@ def decide(
         missing = {m.name for m in experiment.metrics} - set(each.metrics)
         if missing:
             raise ValueError(f"arm {each.name!r} has no statistics for {sorted(missing)}")
-    alpha_each = experiment.alpha_each(len(arms))
+    alpha_each = experiment.alpha_each(1 + (comparisons or len(candidates)))
     requests = sum(each.requests for each in arms)
     check = srm_check(arms if srm_arms is None else srm_arms, experiment.srm_alarm_below)
     deciding = experiment.deciding

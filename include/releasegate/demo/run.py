@@ -1,8 +1,9 @@
 """`releasegate demo`: the whole release story on one machine, with progress and a summary.
 
 Starts MLflow's store (SQLite), the gateway and traffic on loopback, registers a champion, a
-better and a worse candidate, runs the real `model_release` DAG for both candidates under
-the default policy, prints a summary table, and stops everything it started.
+better and a worse candidate, runs a short A/B/n experiment of all three (the `model_experiment`
+DAG, design `quick`) whose winner becomes the challenger, runs the real `model_release` DAG for
+both candidates under the default policy, prints a summary table, and stops everything it started.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import httpx
 
@@ -123,9 +124,38 @@ class Demo:
         conf = json.dumps({"model_name": MODEL, "version": version, "policy": "default"})
         log_path = self.workdir / f"airflow-release-v{version}.log"
         started = time.time()
+        returncode = self.dag_run("model_release", conf, log_path)
+        rel = next((r for r in releases.list_releases(MODEL) if r.candidate_version == version), None)
+        if rel is None:
+            raise RuntimeError(f"the DAG run did not open a release; see {log_path}")
+        return {
+            "label": label,
+            "release": rel,
+            "wall": time.time() - started,
+            "log": log_path,
+            "returncode": returncode,
+        }
+
+    def experiment(self, arms: list[str]) -> Release:
+        """A 3-arm experiment (the champion and `arms`, a third of the traffic each) run to its result."""
+        from releasegate import experiments
+        from releasegate import release as releases
+
+        self.step(f"experiment: {MODEL}'s champion against v{', v'.join(arms)} (Airflow DAG model_experiment)")
+        # release_winner off: without a scheduler the triggered run would only queue; the demo releases it next.
+        conf: dict[str, Any] = {"model_name": MODEL, "arms": ",".join(arms), "weights": "33,33", "design": "quick"}
+        conf["release_winner"] = False
+        self.dag_run("model_experiment", json.dumps(conf), self.workdir / "airflow-experiment.log")
+        found = next((r for r in releases.list_releases(MODEL) if experiments.is_experiment(r)), None)
+        if found is None:
+            raise RuntimeError(f"the DAG run did not open an experiment; see {self.workdir / 'airflow-experiment.log'}")
+        return found
+
+    def dag_run(self, dag_id: str, conf: str, log_path: Path) -> int | None:
+        """`airflow dags test` of one DAG run, printing its audit events as they happen."""
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "airflow"), "dags", "test", "model_release", "-c", conf],
+                [str(Path(sys.executable).parent / "airflow"), "dags", "test", dag_id, "-c", conf],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=os.environ.copy(),
@@ -140,16 +170,7 @@ class Demo:
                     self.say(f"   … {self.traffic_status()}")
                 time.sleep(1)
             self.print_new_events(self.seen)
-        rel = next((r for r in releases.list_releases(MODEL) if r.candidate_version == version), None)
-        if rel is None:
-            raise RuntimeError(f"the DAG run did not open a release; see {log_path}")
-        return {
-            "label": label,
-            "release": rel,
-            "wall": time.time() - started,
-            "log": log_path,
-            "returncode": proc.returncode,
-        }
+        return proc.returncode
 
     def print_new_events(self, seen: set[int]) -> None:
         from releasegate import audit
@@ -159,11 +180,23 @@ class Demo:
                 continue
             seen.add(event["seq"])
             details, action = event["details"], event["action"]
+            if action == AuditAction.route and details.get("via"):
+                continue  # the gateway's own record of the same change the pipeline records
             if action == AuditAction.verdict:
                 verdict = Verdict.model_validate(details)
                 text = f"verdict {verdict.window.stage} {verdict.decision.value}: {verdict.reason}"
+            elif action == AuditAction.route and details.get("arms"):
+                arms = ", ".join(
+                    f"v{a['version']} {'stopped' if a.get('stopped') else str(a['weight']) + ' %'}"
+                    for a in details["arms"]
+                )
+                text = f"traffic: experiment, the champion and {arms}"
             elif action == AuditAction.route:
                 text = f"traffic: {details.get('mode')} (candidate weight {details.get('candidate_weight')} %)"
+            elif action == AuditAction.experiment_arm_stopped:
+                text = f"arm v{event['version']} stopped (its traffic back to the champion): {details.get('reason')}"
+            elif action == AuditAction.experiment_decided:
+                text = f"experiment decided: {_experiment_numbers(details['result'])}"
             elif action == AuditAction.release_opened:
                 text = f"release {event['release_id']} opened (champion v{details.get('champion')}, policy {details.get('policy')})"
             elif action.startswith("release."):
@@ -198,6 +231,21 @@ class Demo:
         return lines[-1] if lines else "traffic starting"
 
 
+def _experiment_numbers(result: dict[str, Any]) -> str:
+    """The result's reason, then per arm its status, requests and the deciding metric's bounds."""
+    parts = [result["reason"]]
+    for arm in result["arms"]:
+        deciding = next((m for m in arm["metrics"] if m["role"] == "decide"), None)
+        bounds = ""
+        if deciding and deciding["difference"] is not None and deciding["lower"] is not None:
+            bounds = (
+                f", {deciding['name']} {deciding['difference']:+.4f} "
+                f"[{deciding['lower']:+.4f}, {deciding['upper']:+.4f}] against the champion"
+            )
+        parts.append(f"v{arm['arm']} {arm['status']} on {arm['requests']:,} requests{bounds}")
+    return "; ".join(parts)
+
+
 def _numbers(verdict: Verdict) -> str:
     parts = []
     for m in verdict.metrics:
@@ -210,10 +258,19 @@ def _numbers(verdict: Verdict) -> str:
     return "; ".join(parts)
 
 
-def _summary(demo: Demo, results: list[ReleaseRun], audit_report: ChainReport) -> str:
-    from releasegate import pipeline
+def _summary(demo: Demo, experiment: Release, results: list[ReleaseRun], audit_report: ChainReport) -> str:
+    from releasegate import audit, pipeline
 
     lines = ["", "=" * 100, "SUMMARY", "=" * 100]
+    decided = audit.events(release_id=experiment.release_id, action=AuditAction.experiment_decided)
+    duration = f"{(experiment.ended_at or time.time()) - experiment.started_at:.0f}s"
+    lines.append(
+        f"experiment {experiment.release_id}: v{experiment.champion_version} (champion) against "
+        f"v{experiment.candidate_version.replace(',', ', v')}: {experiment.state.value} in {duration}"
+    )
+    if decided:
+        lines.append(f"   {_experiment_numbers(decided[-1]['details']['result'])}")
+    lines.append("")
     header = f"{'release':<18}{'candidate':<14}{'outcome':<13}{'duration':>9}  reasons"
     lines += [header, "-" * 100]
     for res in results:
@@ -315,16 +372,21 @@ def _story(demo: Demo) -> int:
     time.sleep(3)
     demo.say(demo.traffic_status())
 
+    from releasegate import registry
+
+    experiment = demo.experiment([versions["good"], versions["bad"]])
+    winner = registry.get_alias(MODEL, "challenger")
+    demo.say(f"experiment {experiment.state.value}; the challenger (what model_release takes) is now v{winner}")
     results = [demo.release(versions["good"], "better"), demo.release(versions["bad"], "worse")]
     report = audit.verify()
-    print(_summary(demo, results, report), flush=True)
+    print(_summary(demo, experiment, results, report), flush=True)
     good, bad = results[0]["release"].state.value, results[1]["release"].state.value
-    ok = good == "promoted" and bad == "rolled_back" and report.ok
+    ok = good == "promoted" and bad == "rolled_back" and report.ok and winner == versions["good"]
     print(
         (
-            "DEMO OK: the better candidate was promoted, the worse one rolled back"
+            "DEMO OK: the experiment found the better candidate, which was promoted; the worse one rolled back"
             if ok
-            else f"DEMO FAILED: better candidate {good}, worse candidate {bad}"
+            else f"DEMO FAILED: experiment winner v{winner}, better candidate {good}, worse candidate {bad}"
         ),
         flush=True,
     )

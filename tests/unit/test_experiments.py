@@ -1,0 +1,75 @@
+"""An experiment's evidence from the prediction log: which arm a request counts for, and each source's value."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from releasegate import experiments
+from releasegate.experiments import Source
+
+
+def calls(*rows: tuple) -> pd.DataFrame:
+    columns = ["request_id", "time", "version", "arm", "served", "status", "latency_ms", "cpu_ms", "outputs"]
+    return pd.DataFrame([dict(zip(columns, r, strict=True)) for r in rows], columns=columns)
+
+
+def test_a_failed_arm_call_answered_by_the_control_is_the_arms_error():
+    preds = calls(
+        ("r1", 1.0, "1", "champion", True, "ok", 2.0, 0.1, "1"),
+        ("r2", 1.1, "2", "candidate", True, "ok", 3.0, 0.3, "1"),
+        ("r3", 1.2, "2", "candidate", False, "error", None, None, None),
+        ("r3", 1.2, "1", "champion", True, "ok", 2.0, 0.1, "0"),  # the fallback
+    )
+    feedback = pd.DataFrame(
+        {"request_id": ["r1", "r2"], "time": [2.0, 2.0], "ground_truth": ["1", "0"], "business_value": [25.0, -2.0]}
+    )
+    out = experiments.per_request(preds, feedback, "1", {Source.conversion, Source.accuracy}).set_index("request_id")
+    assert out.loc["r3", "version"] == "2" and out.loc["r3", "error"] == 1.0
+    assert out.loc["r1", "conversion"] == 1.0 and out.loc["r1", "revenue"] == 25.0
+    assert out.loc["r2", "conversion"] == 0.0 and out.loc["r2", "revenue"] == -2.0  # a discount is no conversion
+    assert out.loc["r3", "revenue"] == 0.0  # no feedback: nothing earned
+    assert out.loc["r1", "accuracy"] == 1.0 and out.loc["r2", "accuracy"] == 0.0
+    assert out.loc["r2", "cpu_ms"] == pytest.approx(0.3)
+
+
+def test_arm_statistics_follow_the_declared_sources():
+    design = experiments.load_design("quick")
+    requests = pd.DataFrame(
+        {
+            "request_id": ["a", "b", "c", "d"],
+            "version": ["1", "1", "2", "2"],
+            "time": [1.0] * 4,
+            "conversion": [1.0, 0.0, 1.0, 1.0],
+            "revenue": [30.0, 0.0, 20.0, 40.0],
+            "cpu_ms": [0.1, 0.2, 0.4, None],
+            "error": [0.0, 0.0, 0.0, 0.0],
+        }
+    )
+    stats = experiments.arm_stats(requests, "2", 33, design)
+    assert stats.metrics["conversion"].n == 2 and stats.metrics["conversion"].total == 2.0
+    ratio = stats.metrics["revenue_per_conversion"]
+    assert ratio.num == 60.0 and ratio.den == 2.0  # Σ revenue / Σ conversions
+    assert stats.metrics["cpu_ms_per_row"].n == 1  # a call without a CPU figure is left out, not zero
+
+
+def test_the_forms_arms_and_weights_are_checked():
+    assert experiments.parse_arms("3, 4", "") == [("3", 33), ("4", 33)]
+    assert experiments.parse_arms("3,4", "20,30") == [("3", 20), ("4", 30)]
+    with pytest.raises(experiments.DesignError, match="2 arms but 1 weights"):
+        experiments.parse_arms("3,4", "20")
+    with pytest.raises(experiments.DesignError, match="under 100"):
+        experiments.parse_arms("3,4", "50,50")
+    with pytest.raises(experiments.DesignError, match="1-5 arms"):
+        experiments.parse_arms("2,3,4,5,6,7", "")
+
+
+def test_a_design_without_one_deciding_metric_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "broken.yaml").write_text(
+        "metrics:\n  - {name: cpu, source: cpu_ms, goal: decrease, mde: 1, role: guard, test: non_inferiority}\n"
+    )
+    with pytest.raises(experiments.DesignError, match="exactly one deciding metric"):
+        experiments.load_design("broken", [tmp_path])
+    with pytest.raises(experiments.DesignError, match="not found"):
+        experiments.load_design("missing", [tmp_path])
