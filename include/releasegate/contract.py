@@ -108,6 +108,10 @@ class Arm(StrEnum):
 ARMS = (Arm.champion, Arm.candidate)
 
 
+# Feedback items one POST /feedback may carry (a larger request is refused with 413); senders chunk by it.
+MAX_FEEDBACK_ITEMS = 100
+
+
 class Mode(StrEnum):
     """How a model's route splits its traffic."""
 

@@ -26,6 +26,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from releasegate.contract import MAX_FEEDBACK_ITEMS
+
 _CUSTOMERS = 20_000
 # Rows and customers are drawn independently at random: tying a row to a customer would give each
 # canary arm a fixed subset of rows, repeated, which a drift test rightly flags as different.
@@ -155,8 +157,8 @@ async def _feedback_loop(
         due: list[dict[str, Any]] = []
         while pending and (stop.is_set() or pending[0][0] <= now):
             due.append(pending.popleft()[1])
-        for start in range(0, len(due), 500):
-            chunk = due[start : start + 500]
+        for start in range(0, len(due), MAX_FEEDBACK_ITEMS):
+            chunk = due[start : start + MAX_FEEDBACK_ITEMS]
             try:
                 async with client.post(
                     "/feedback", data=orjson.dumps(chunk), headers={"content-type": "application/json"}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, TypedDict, cast
 import sqlalchemy as sa
 
 from releasegate import audit, registry, storage
-from releasegate.contract import AuditAction, CallStatus, Mode
+from releasegate.contract import MAX_FEEDBACK_ITEMS, AuditAction, CallStatus, Mode
 from releasegate.privacy import Classification, ClassificationError, FeedbackGuard, Protector
 from releasegate.serving import auth, routing
 from releasegate.serving.alerts import AlertReceiver
@@ -825,9 +825,6 @@ class Gateway:
             "(one per input row of the request)",
             422,
         )
-
-
-MAX_FEEDBACK_ITEMS = 100
 
 
 def _finite_number(value: object) -> bool:
