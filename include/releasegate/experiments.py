@@ -425,7 +425,8 @@ def per_request(preds: pd.DataFrame, feedback: pd.DataFrame, control: str, sourc
     the arm's error. Requests without feedback have converted nothing; quality counts labelled rows only.
     """
     if preds.empty:
-        return pd.DataFrame(columns=["request_id", "version", *sorted(sources)])
+        computed = ["error", "latency_ms", "cpu_ms", "revenue", "conversion", *(s.value for s in _QUALITY)]
+        return pd.DataFrame(columns=["request_id", "version", "time", *computed])
     calls = preds.copy()
     calls["request_id"] = calls["request_id"].astype(str)
     arm_calls = calls[calls["arm"] != "champion"]
@@ -518,6 +519,8 @@ def look(experiment_id: str, final: bool = False, actor: str = "airflow") -> Loo
     record = Record.of(rel)
     now = time.time()
     result = assess(rel, record, now)
+    if rel.terminal:  # aborted (an operator, an emergency rollback) while it ran: nothing more to change
+        return Look(experiment_id=experiment_id, at=now, done=True, invalid=False, decision=result, stopped=[])
     stop = [r for r in result.arms if r.status is engine.ArmStatus.stopped]
     if stop:
         stopped_versions = {r.arm for r in stop}

@@ -73,3 +73,16 @@ def test_a_design_without_one_deciding_metric_is_refused_with_the_reason(tmp_pat
         experiments.load_design("broken", [tmp_path])
     with pytest.raises(experiments.DesignError, match="not found"):
         experiments.load_design("missing", [tmp_path])
+
+
+def test_an_experiment_with_no_traffic_yet_is_collecting(rg_home):
+    """Right after the route is set nothing is logged: the look says so rather than failing."""
+    from releasegate import release
+
+    design = experiments.load_design("quick")
+    record = experiments.Record(
+        name=design.name, design=design, arms=[experiments.ArmWeight(version="2", weight=30)], started_at=1.0
+    )
+    rel = release.open_release("churn", "2", "1", record.model_dump(mode="json"), airflow_run_id="r", actor="t")
+    result = experiments.assess(rel, record, until=2.0)
+    assert not result.decided and result.winner is None and "collecting" in result.reason
