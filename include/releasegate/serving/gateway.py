@@ -27,7 +27,16 @@ from releasegate.serving.logprocess import ProcessLogWriter
 from releasegate.serving.logwriter import LogWriter, Row
 from releasegate.serving.payloads import PayloadError, Rows, finite_double, select
 from releasegate.serving.routing import Route, RouteSpec
-from releasegate.serving.slots import CallTimeout, LoadError, ModelCallError, QueueFull, Retried, Slot, load_slot
+from releasegate.serving.slots import (
+    CallTimeout,
+    LoadError,
+    Measured,
+    ModelCallError,
+    QueueFull,
+    Retried,
+    Slot,
+    load_slot,
+)
 
 if TYPE_CHECKING:
     from releasegate.serving.metrics import Metrics
@@ -710,11 +719,10 @@ class Gateway:
             return False  # one call each attributes the error to its request
         if values is None:
             return False
-        at = 0
+        at, cpu_ms = 0, getattr(values, "cpu_ms", None)
         for _, _, rows, logged, base in batch:
-            self._log_call(
-                base, logged, values[at : at + rows.n], slot, "candidate", start, served=False, fallback=False
-            )
+            outputs = Measured(values[at : at + rows.n], cpu_ms)
+            self._log_call(base, logged, outputs, slot, "candidate", start, served=False, fallback=False)
             at += rows.n
         return True
 
