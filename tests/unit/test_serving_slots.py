@@ -13,7 +13,7 @@ import pytest
 
 from releasegate.serving.metrics import Metrics
 from releasegate.serving.payloads import Rows, Schema
-from releasegate.serving.slots import ModelCallError, Retried, Slot
+from releasegate.serving.slots import Measured, ModelCallError, Retried, Slot
 
 
 class Poisoned(mlflow.pyfunc.PythonModel):
@@ -61,9 +61,10 @@ def _batch(slot: Slot, xs: list[int]) -> list:
     return asyncio.run(serve())
 
 
-def test_a_batch_that_answers_gives_plain_answers(slot):
+def test_a_batch_that_answers_gives_plain_answers_with_their_cpu_time(slot):
     answers = _batch(slot, [1, 2, 3])
-    assert answers == [[2], [4], [6]] and all(type(a) is list for a in answers)
+    assert answers == [[2], [4], [6]] and all(type(a) is Measured for a in answers)  # not Retried: status ok
+    assert len({a.cpu_ms for a in answers}) == 1 and answers[0].cpu_ms > 0  # the batch's CPU time, per row
 
 
 def test_a_poisoned_request_fails_alone_and_its_neighbours_answers_carry_the_failed_call(slot):
