@@ -905,7 +905,8 @@ def test_an_ended_experiment_page_shows_the_audited_result_and_the_stopped_arms_
     log_experiment_traffic(rel.release_id, clock.now)
     bad, final = conclude_experiment_row(rel, clock)
     assert final.winner == "2" and [a.arm for a in final.arms] == ["2"]
-    # Requests logged after the decision (none converts) change what a recomputation would show, not the result.
+    # Rows logged after the decision (a late flush of the gateway's log; none converts) would change what a
+    # recomputation shows, not the audited result.
     log_experiment_traffic(rel.release_id, clock.now + 100, per_arm=300, prefix="late")
     with storage.engine().begin() as conn:
         conn.execute(sa.delete(storage.feedback).where(storage.feedback.c.request_id.like("late-%")))
