@@ -1,5 +1,5 @@
-"""The release dashboard's read model: releases, their timelines, traffic, verdicts and reports, and incidents,
-as plain dicts.
+"""The release dashboard's read model: releases, their timelines, traffic, verdicts and reports, experiments, and
+incidents, as plain dicts.
 
 The Airflow plugin (plugins/releasegate_airflow/dashboard) only renders what these return;
 every query lives here, beside the tables it reads.
@@ -15,13 +15,15 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from releasegate import audit, incidents, release, storage
-from releasegate.contract import AuditAction, Mode, RouteChange, Stage
+from releasegate import audit, experiments, incidents, release, storage
+from releasegate.analysis.experiment import ArmResult, ArmStatus, ExperimentResult
+from releasegate.contract import Arm, AuditAction, Mode, RouteChange, Stage
 from releasegate.incidents import IncidentState
 from releasegate.release import State
 from releasegate.verdict import Decision, Verdict
 
 DAG_ID = "model_release"
+EXPERIMENT_DAG_ID = "model_experiment"  # its runs open the experiments (releasegate.experiments)
 # Reports a stage may have (drift.input_drift / drift.prediction_drift file names), and their titles.
 REPORTS = {"input_drift": "Input drift", "prediction_drift": "Prediction drift"}
 # Report folders: a stage's slug, or a canary's weight in the events written before stages were typed.
@@ -33,6 +35,7 @@ _GOOD = {
     State.invalid: False,
     State.failed: False,
     State.aborted: False,
+    State.concluded: True,
 }
 
 
@@ -41,7 +44,7 @@ _INCIDENT_ORDER = {state: rank for rank, state in enumerate(IncidentState)}
 
 
 class NotFound(LookupError):
-    """A release, a report of it, or an incident that does not exist."""
+    """A release, an experiment, a report of either, or an incident that does not exist."""
 
 
 def releases(limit: int = 200, engine: sa.Engine | None = None) -> list[dict[str, Any]]:
@@ -59,10 +62,15 @@ def _stage(value: Any) -> Stage | None:
 
 def _summary(rel: release.Release) -> dict[str, Any]:
     end = rel.ended_at if rel.ended_at is not None else time.time()
+    experiment = experiments.is_experiment(rel)
     return {
         "release_id": rel.release_id,
+        # An experiment's row holds its arms' versions as the candidate, and its design as the policy.
+        "experiment": experiment,
+        "dag_id": EXPERIMENT_DAG_ID if experiment else DAG_ID,
         "model": rel.model,
         "candidate": rel.candidate_version,
+        "arms": rel.candidate_version.split(",") if experiment else [],
         "champion": rel.champion_version,
         "state": rel.state.value,
         "terminal": rel.terminal,
@@ -116,6 +124,112 @@ def release_page(release_id: str, engine: sa.Engine | None = None) -> dict[str, 
     }
 
 
+def experiment_page(experiment_id: str, engine: sa.Engine | None = None) -> dict[str, Any]:
+    """Everything an experiment's page shows: its arms with their status and exposures, and per metric each arm's
+    estimate against the control with its always-valid interval (docs/decisions.md, "Experiments (A/B/n)").
+
+    The evidence is the audited result once the experiment decided; before that it is computed now from the logged
+    requests by `experiments.assess`, which changes nothing. A stopped arm's evidence is the one it was stopped on.
+    """
+    eng = engine or storage.engine()
+    try:
+        rel = release.get(experiment_id, eng)
+        record = experiments.Record.of(rel)
+    except (release.ReleaseError, experiments.DesignError) as err:
+        raise NotFound(str(err)) from err
+    events = audit.events(release_id=experiment_id, engine=eng)
+    result, evidence = _experiment_result(rel, record, events)
+    stopped = {
+        e["version"]: ArmResult.model_validate(e["details"])
+        for e in events
+        if e["action"] == AuditAction.experiment_arm_stopped
+    }
+    judged = {a.arm: a for a in result.arms} if result else {}
+    exposures = _exposures(rel, eng)
+    arms: list[dict[str, Any]] = []
+    for arm in record.arms:
+        found = (stopped.get(arm.version) if arm.stopped else None) or judged.get(arm.version)
+        status = ArmStatus.stopped if arm.stopped else found.status if found else ArmStatus.running
+        arms.append(
+            {
+                "version": arm.version,
+                "weight": arm.weight,
+                "stopped": arm.stopped,
+                "status": status.value,
+                "reason": found.reason if found else None,
+                "judged_requests": found.requests if found else None,
+                "exposures": exposures.get(arm.version, 0),
+                "bounds": {b.name: b.model_dump(mode="json") for b in found.metrics} if found else {},
+            }
+        )
+    control = rel.champion_version
+    metrics = [
+        {
+            **spec.model_dump(mode="json"),
+            "arms": [
+                # "arm" (the arm's estimate) and "control" are the bound's; the arm is named by its version.
+                {"version": a["version"], "status": a["status"], **(a["bounds"].get(spec.name) or _NO_BOUND)}
+                for a in arms
+            ],
+        }
+        for spec in record.design.metrics
+    ]
+    return {
+        **_summary(rel),
+        "control": {
+            "version": control,
+            "weight": 100 - sum(a.weight for a in record.arms if not a.stopped),
+            "exposures": exposures.get(control or "", 0),
+        },
+        "design": record.design.model_dump(mode="json", exclude={"metrics"}),
+        "traffic_started_at": record.started_at,
+        "arm_results": [{k: v for k, v in a.items() if k != "bounds"} for a in arms],
+        "metrics": metrics,
+        "evidence": evidence,
+        "winner": result.winner if result else None,
+        "decided": result.decided if result else False,
+        "verdict": result.reason if result else None,
+        "alpha_each": result.alpha_each if result else None,
+        "srm": result.srm.model_dump(mode="json") if result else None,
+        "report_stored": evidence == "audited",  # experiments.conclude stores the report after auditing it
+        "timeline": [_timeline_entry(e, rel.started_at) for e in events],
+    }
+
+
+# An arm with no evidence yet (its traffic has not started), shaped as analysis.experiment.MetricBound's fields.
+_NO_BOUND = {k: None for k in ("control", "arm", "difference", "lower", "upper")} | {"cleared": False, "crossed": False}
+
+
+def _experiment_result(
+    rel: release.Release, record: experiments.Record, events: list[dict[str, Any]]
+) -> tuple[ExperimentResult | None, str]:
+    """The experiment's result and where it comes from: `audited` (its decision), `at_end` (it ended undecided,
+    e.g. failed: the evidence up to then), `live` (running: the evidence now), or `none` (no traffic yet)."""
+    decided = [e for e in events if e["action"] == AuditAction.experiment_decided]
+    if decided:
+        return ExperimentResult.model_validate(decided[-1]["details"]["result"]), "audited"
+    if record.started_at is None or rel.champion_version is None:
+        return None, "none"
+    if rel.terminal:
+        return experiments.assess(rel, record, rel.ended_at or rel.updated_at), "at_end"
+    return experiments.assess(rel, record, time.time()), "live"
+
+
+def _exposures(rel: release.Release, engine: sa.Engine) -> dict[str, int]:
+    """Requests per version as the gateway logged them: an arm's are those it was called for (a failed call that
+    the control answered included, as the analysis counts it); the control's, the rest."""
+    p = storage.predictions
+    where = sa.and_(p.c.release_id == rel.release_id, p.c.model == rel.model, p.c.mode == Mode.experiment.value)
+    requests = sa.func.count(sa.distinct(p.c.request_id))
+    per_arm = sa.select(p.c.version, requests).where(where, p.c.arm != Arm.champion.value).group_by(p.c.version)
+    with engine.connect() as conn:
+        counts: dict[str, int] = dict(conn.execute(per_arm).tuples().all())
+        total = int(conn.execute(sa.select(requests).where(where)).scalar() or 0)
+    if rel.champion_version is not None:
+        counts[rel.champion_version] = total - sum(counts.values())
+    return counts
+
+
 def _timeline_entry(event: dict[str, Any], started_at: float) -> dict[str, Any]:
     action, d = event["action"], event["details"]
     outcome = None  # True: good news, False: bad news, None: neither
@@ -127,7 +241,15 @@ def _timeline_entry(event: dict[str, Any], started_at: float) -> dict[str, Any]:
         outcome = _GOOD.get(state)
     elif action == AuditAction.route:
         title, kind = "traffic", "route"
-        text = _route_text(d)
+        text = _route_text(d, event.get("version"))
+    elif action == AuditAction.experiment_arm_stopped:
+        title, kind, outcome = f"arm v{event.get('version')} stopped", "experiment", False
+        text = d.get("reason") or ""
+    elif action == AuditAction.experiment_decided:
+        winner = d.get("winner")
+        title, kind = (f"winner v{winner}" if winner else "no winner"), "experiment"
+        outcome = False if d.get("invalid") else (True if winner else None)
+        text = (d.get("result") or {}).get("reason") or ""
     elif action == AuditAction.verdict:
         verdict = Verdict.model_validate(d)
         title, kind = f"verdict {verdict.window.stage}: {verdict.decision.value}", "verdict"
@@ -172,13 +294,21 @@ def _timeline_entry(event: dict[str, Any], started_at: float) -> dict[str, Any]:
     }
 
 
-def _route_text(d: dict[str, Any]) -> str:
+def _route_text(d: dict[str, Any], version: str | None = None) -> str:
     stage = _stage(d.get("stage"))
     if d.get("mode") == Mode.shadow:
         return "shadow: the candidate answers a mirror of every request; the champion serves them all"
     if d.get("mode") == Mode.canary:
         return f"{stage or 'canary'}: {d.get('candidate_weight')}% of requests served by the candidate"
-    return f"{_change(d)}: all traffic to v{d.get('champion_version')}"
+    if d.get("mode") == Mode.experiment:
+        arms = [a for a in d.get("arms") or [] if not a.get("stopped")]
+        control = 100 - sum(int(a.get("weight") or 0) for a in arms)
+        split = ", ".join(f"v{a.get('version')} {a.get('weight')}%" for a in arms)
+        stopped = [f"v{a.get('version')}" for a in d.get("arms") or [] if a.get("stopped")]
+        return f"experiment: control v{version} {control}%, {split or 'no arm'}" + (
+            f" ({', '.join(stopped)} stopped: back to the control)" if stopped else ""
+        )
+    return f"{_change(d)}: all traffic to v{d.get('champion_version') or version}"
 
 
 _CHANGES = {
@@ -186,6 +316,7 @@ _CHANGES = {
     RouteChange.promotion: "promoted",
     RouteChange.rollback: "rolled back",
     RouteChange.emergency_rollback: "emergency rollback",
+    RouteChange.experiment_ended: "experiment ended",
 }
 
 
@@ -314,14 +445,19 @@ def report_location(release_id: str, engine: sa.Engine | None = None) -> dict[st
     except release.ReleaseError as err:
         raise NotFound(str(err)) from err
     uri = get_settings().mlflow_tracking_uri
-    run_id = registry.source_run(rel.model, rel.candidate_version)
-    location = {"uri": f"runs:/{run_id}/releasegate/releases/{rel.release_id}", "ui": None}
+    # A release's artifacts are on its candidate's run; an experiment's report on its control's (the champion).
+    if experiments.is_experiment(rel) and rel.champion_version is not None:
+        version, folder = rel.champion_version, f"releasegate/experiments/{rel.release_id}"
+    else:
+        version, folder = rel.candidate_version, f"releasegate/releases/{rel.release_id}"
+    try:
+        run_id = registry.source_run(rel.model, version)
+    except registry.RegistryError as err:
+        raise NotFound(str(err)) from err
+    location = {"uri": f"runs:/{run_id}/{folder}", "ui": None}
     if uri.startswith(("http://", "https://")):
         experiment = registry.client().get_run(run_id).info.experiment_id
-        location["ui"] = (
-            f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
-            f"/artifacts/releasegate/releases/{rel.release_id}"
-        )
+        location["ui"] = f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}/artifacts/{folder}"
     return location
 
 

@@ -15,8 +15,11 @@ from tests.require import require
 from tests.unit.test_dashboard import (  # noqa: F401  (fixtures shared with the TestClient tests)
     airflow_auth,
     clock,
+    conclude_experiment_row,
     incident_clock,
     incident_story,
+    log_experiment_traffic,
+    open_experiment_row,
     promoted_release,
     rolled_back_release,
     token_for,
@@ -109,3 +112,24 @@ def test_incidents_page_shows_an_incident_in_chromium(served_dashboard, airflow_
     assert f'data-incident-id="{ids["release"]}" data-state="open"' in page.html
     assert f'href="/releasegate/incidents/{ids["release"]}"' in page.html  # links under Airflow's mount
     assert "<img" not in page.html  # an alert summary carrying markup stays text in a real browser's DOM
+
+
+def test_experiment_page_shows_its_arms_and_intervals_in_chromium(served_dashboard, airflow_auth, clock, tmp_path):
+    if (missing := browser.available()) is not None:
+        require(f"{missing}; .ci/run installs it")
+    rel = open_experiment_row(clock)
+    log_experiment_traffic(rel.release_id, clock.now)
+    conclude_experiment_row(rel, clock)
+    page = browser.render(
+        f"{served_dashboard}/experiments/{rel.release_id}",
+        token=token_for(airflow_auth),
+        screenshot=_shots(tmp_path) / "dashboard-experiment.png",
+        wait_for_css="#timeline",
+        width=1300,
+    )
+    assert page.title == f"{rel.release_id} · releasegate"
+    assert (
+        'data-version="2" data-status="winner"' in page.html and 'data-version="3" data-status="stopped"' in page.html
+    )
+    assert "<svg" in page.html and "v3 (stopped)" in page.html
+    assert page.screenshot.stat().st_size > 20_000  # a real picture, not a blank page

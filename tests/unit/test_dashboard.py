@@ -710,3 +710,271 @@ def test_an_alerts_hostile_label_and_summary_are_shown_as_text(client, airflow_a
     assert 'data-label="severity"><td class="mono">severity</td><td>warning</td>' in html
     # A review "link" that is not http(s) is shown, never made a link.
     assert '<dd id="review">javascript:alert(1)</dd>' in html and 'href="javascript:' not in html
+
+
+# --- experiments ---------------------------------------------------------------------------------------------
+
+EXPERIMENT_RUN = "manual__experiment"
+QUICK_DESIGN = {
+    "name": "quick",
+    "sample_size": 3000,
+    "min_requests_per_arm": 100,
+    "metrics": [
+        {"name": "conversion", "source": "conversion", "goal": "increase", "mde": 0.02, "role": "decide",
+         "test": "superiority"},
+        {"name": "error_rate", "source": "error", "goal": "decrease", "mde": 0.02, "role": "guard",
+         "test": "non_inferiority"},
+        {"name": "cpu_ms_per_row", "source": "cpu_ms", "goal": "decrease", "mde": 1.0, "role": "guard",
+         "test": "non_inferiority"},
+    ],
+}  # fmt: skip
+
+
+def open_experiment_row(clock: Clock) -> release.Release:
+    """A 3-arm experiment on churn (control v1, arms v2 and v3 at 33 % each) whose traffic has started, as
+    experiments.open_experiment and start write it (the gateway's route and the registry are not involved)."""
+    from releasegate import experiments
+    from releasegate.backends import ArmWeight
+
+    record = experiments.Record(
+        name="quick",
+        design=experiments.Design.model_validate(QUICK_DESIGN),
+        arms=[ArmWeight(version="2", weight=33), ArmWeight(version="3", weight=33)],
+    )
+    rel = release.open_release(
+        "churn", "2,3", "1", record.model_dump(mode="json"), airflow_run_id=EXPERIMENT_RUN, actor="airflow"
+    )
+    clock.advance(5)
+    release.transition(rel.release_id, State.signing, actor="airflow")
+    clock.advance(5)
+    _save_record(rel.release_id, record.model_copy(update={"started_at": clock.now}))
+    return release.transition(rel.release_id, State.experimenting, actor="airflow")
+
+
+def _save_record(experiment_id: str, record) -> None:
+    with storage.engine().begin() as conn:
+        conn.execute(
+            sa.update(storage.releases)
+            .where(storage.releases.c.release_id == experiment_id)
+            .values(policy=json.dumps(record.model_dump(mode="json")))
+        )
+
+
+def log_experiment_traffic(experiment_id: str, start: float, per_arm: int = 600, prefix: str = "r") -> None:
+    """Requests as the gateway logs them in an experiment: v1 (control) converts 10 %, v2 a third, v3 10 % but
+    half its calls fail (the control answers those: a fallback, still v3's request). Conversions are feedback
+    with a business value."""
+    predictions, feedback = [], []
+    for i in range(per_arm):
+        for version, converts, fails in (
+            ("1", i % 10 == 0, False),
+            ("2", i % 3 == 0, False),
+            ("3", i % 10 == 0, i % 2 == 0),
+        ):
+            request_id = f"{prefix}-{version}-{i}"
+            at = start + i * 0.01
+            base = {
+                "request_id": request_id,
+                "time": at,
+                "model": "churn",
+                "mode": Mode.experiment.value,
+                "release_id": experiment_id,
+                "routing_key_hash": f"{i:016x}",
+                "sample_bucket": i % 1000,
+                "latency_ms": 10.0,
+                "cpu_ms": 2.0 + (i % 5) * 0.1,
+            }
+            arm = "champion" if version == "1" else "candidate"
+            status = "error" if fails else "ok"
+            predictions.append(
+                base | {"version": version, "arm": arm, "served": not fails, "fallback": False, "status": status}
+            )
+            if fails:
+                predictions.append(
+                    base | {"version": "1", "arm": "champion", "served": True, "fallback": True, "status": "ok"}
+                )
+            if converts and not fails:
+                feedback.append({"request_id": request_id, "time": at + 1, "ground_truth": "1", "business_value": 50.0})
+    with storage.engine().begin() as conn:
+        conn.execute(storage.predictions.insert(), predictions)
+        conn.execute(storage.feedback.insert(), feedback)
+
+
+def _arm_rows(html: str) -> dict[str, tuple[str, str]]:
+    """The arms table: version -> (status, requests)."""
+    rows = re.findall(
+        r'<tr class="arm[^"]*" data-version="([^"]+)" data-status="([^"]+)">.*?<td class="num exposures">([^<]+)</td>',
+        html,
+        re.S,
+    )
+    return {version: (status, requests) for version, status, requests in rows}
+
+
+def _bounds(html: str, metric: str) -> dict[str, list[str]]:
+    """One metric's table: arm -> [control, arm, difference, lower, upper] as shown."""
+    card = html.split(f'class="card metric" data-name="{metric}"')[1].split("</table>")[0]
+    rows = re.findall(r'<tr class="bound" data-arm="([^"]+)">(.*?)</tr>', card, re.S)
+    return {
+        arm: [_text(c).strip() for c in re.findall(r'<td class="num mono[^"]*">(.*?)</td>', row, re.S)]
+        for arm, row in rows
+    }
+
+
+def _shown(bound) -> list[str]:
+    return [
+        f"{bound.control:.4g}",
+        f"{bound.arm:.4g}",
+        *(f"{x:+.4g}" for x in (bound.difference, bound.lower, bound.upper)),
+    ]
+
+
+def test_a_running_experiment_page_shows_each_arms_status_exposures_and_live_intervals(client, airflow_auth, clock):
+    from releasegate import experiments
+
+    rel = open_experiment_row(clock)
+    log_experiment_traffic(rel.release_id, clock.now)
+    html = client.get(f"/experiments/{rel.release_id}", cookies={"_token": token_for(airflow_auth)}).text
+    # v2 converts a third of its requests against the control's 10 %: it wins; half of v3's calls fail: a guard
+    # stops it. Each arm got its 600 requests (v3's failed calls, answered by the control, are still v3's).
+    assert _arm_rows(html) == {"1": ("control", "600"), "2": ("winner", "600"), "3": ("stopped", "600")}
+    assert 'data-evidence="live"' in html and '<meta http-equiv="refresh" content="15">' in html
+    # The page shows what experiments.assess computes now, which changes nothing.
+    expected = experiments.assess(rel, experiments.Record.of(rel), time.time())
+    assert release.get(rel.release_id).state is State.experimenting and not audit.events(
+        release_id=rel.release_id, action=AuditAction.experiment_arm_stopped
+    )
+    for name in ("conversion", "error_rate", "cpu_ms_per_row"):
+        shown = _bounds(html, name)
+        assert shown == {a.arm: _shown(next(b for b in a.metrics if b.name == name)) for a in expected.arms}
+    assert _bounds(html, "conversion")["2"][:3] == ["0.1", "0.3333", "+0.2333"]
+    assert _bounds(html, "error_rate")["3"][:3] == ["0", "0.5", "+0.5"]
+    assert "clearly worse on error_rate" in html
+    # The chart: per metric, each arm's interval, labelled with its status.
+    chart = html.split('id="experiment-chart"')[1].split("</div>")[0]
+    assert "<svg" in chart and "conversion [decide, higher is better]" in chart
+    assert "v2 (winner)" in chart and "v3 (stopped)" in chart and "error_rate [guard, lower is better]" in chart
+    assert 'href="/dags/model_experiment/runs/manual__experiment"' in html
+    assert "its report goes to MLflow when it concludes" in html
+    # The JSON twin carries the same evidence.
+    api = client.get(f"/api/experiments/{rel.release_id}", cookies={"_token": token_for(airflow_auth)}).json()
+    assert {a["version"]: (a["status"], a["exposures"]) for a in api["arm_results"]} == {
+        "2": ("winner", 600),
+        "3": ("stopped", 600),
+    }
+    assert api["control"] == {"version": "1", "weight": 34, "exposures": 600} and api["winner"] == "2"
+
+
+def conclude_experiment_row(rel: release.Release, clock: Clock):
+    """The look that stops v3 and the conclusion that names v2, audited as experiments.look and conclude write
+    them; returns the two results audited (v3's at its stop, the final one)."""
+    from releasegate import experiments
+    from releasegate.analysis.experiment import ArmStatus
+
+    record = experiments.Record.of(rel)
+    first = experiments.assess(rel, record, time.time())
+    [bad] = [a for a in first.arms if a.status is ArmStatus.stopped]
+    arms = [a.model_copy(update={"stopped": a.version == bad.arm}) for a in record.arms]
+    _save_record(rel.release_id, record.model_copy(update={"arms": arms, "shares_since": clock.advance(10)}))
+    audit.append(
+        "airflow",
+        AuditAction.experiment_arm_stopped,
+        model="churn",
+        version=bad.arm,
+        release_id=rel.release_id,
+        details=bad.model_dump(mode="json"),
+    )
+    rel = release.get(rel.release_id)
+    final = experiments.assess(rel, experiments.Record.of(rel), time.time())
+    clock.advance(10)
+    audit.append(
+        "airflow",
+        AuditAction.experiment_decided,
+        model="churn",
+        version=final.winner,
+        release_id=rel.release_id,
+        details={"winner": final.winner, "invalid": False, "result": final.model_dump(mode="json")},
+    )
+    release.transition(rel.release_id, State.concluded, actor="airflow", reason=final.reason, decision=Outcome.conclude)
+    return bad, final
+
+
+def test_an_ended_experiment_page_shows_the_audited_result_and_the_stopped_arms_last_bounds(
+    client, airflow_auth, clock
+):
+    rel = open_experiment_row(clock)
+    log_experiment_traffic(rel.release_id, clock.now)
+    bad, final = conclude_experiment_row(rel, clock)
+    assert final.winner == "2" and [a.arm for a in final.arms] == ["2"]
+    # Rows logged after the decision (a late flush of the gateway's log; none converts) would change what a
+    # recomputation shows, not the audited result.
+    log_experiment_traffic(rel.release_id, clock.now + 100, per_arm=300, prefix="late")
+    with storage.engine().begin() as conn:
+        conn.execute(sa.delete(storage.feedback).where(storage.feedback.c.request_id.like("late-%")))
+    cookies = {"_token": token_for(airflow_auth)}
+    html = client.get(f"/experiments/{rel.release_id}", cookies=cookies).text
+    assert 'data-evidence="audited"' in html and 'http-equiv="refresh"' not in html
+    assert _arm_rows(html) == {"1": ("control", "900"), "2": ("winner", "900"), "3": ("stopped", "900")}
+    conversion = _bounds(html, "conversion")
+    assert conversion["2"] == _shown(next(b for b in final.arms[0].metrics if b.name == "conversion"))
+    assert conversion["2"][:3] == ["0.1", "0.3333", "+0.2333"]
+    assert _bounds(html, "error_rate")["3"] == _shown(next(b for b in bad.metrics if b.name == "error_rate"))
+    assert "<s>33%</s>" in html  # v3's share went back to the control
+    assert re.search(r'id="verdict"><span class="pill good">winner v2</span> 2 wins on conversion', html)
+    assert f'href="{rel.release_id}/mlflow"' in html
+    timeline = html.split('id="timeline"')[1]
+    assert "arm v3 stopped" in timeline and "winner v2" in timeline and "→ concluded" in timeline
+    chart = html.split('id="experiment-chart"')[1].split("</div>")[0]
+    assert "v3 (stopped)" in chart and "v2 (winner)" in chart
+
+
+def test_the_releases_list_shows_an_experiment_row_beside_releases(client, airflow_auth, clock):
+    good = promoted_release(clock)
+    clock.advance(600)
+    exp = open_experiment_row(clock)
+    cookies = {"_token": token_for(airflow_auth)}
+    page = client.get("/", cookies=cookies)
+    assert page.status_code == 200, page.text
+    rows = re.findall(r'<tr class="(release|experiment)" data-release-id="([^"]+)" data-state="([^"]+)"', page.text)
+    assert rows == [("experiment", exp.release_id, "experimenting"), ("release", good.release_id, "promoted")]
+    row = page.text.split(f'data-release-id="{exp.release_id}"')[1].split("</tr>")[0]
+    assert f'href="experiments/{exp.release_id}"' in row and "arms v2, v3" in row
+    assert 'href="/dags/model_experiment/runs/manual__experiment"' in row
+    assert client.get("/api/releases", cookies=cookies).json()["releases"][0]["arms"] == ["2", "3"]
+    # The release page's address of an experiment leads to its experiment page, as does its Airflow run's tab.
+    moved = client.get(f"/releases/{exp.release_id}", cookies=cookies, follow_redirects=False)
+    assert moved.status_code == 307 and moved.headers["location"] == f"../experiments/{exp.release_id}"
+    tab = client.get(f"/runs/model_experiment/{EXPERIMENT_RUN}", cookies=cookies, follow_redirects=False)
+    assert tab.status_code == 307 and tab.headers["location"] == f"../../experiments/{exp.release_id}"
+    # No request logged yet: the arms are running, with no interval to draw.
+    html = client.get(f"/experiments/{exp.release_id}", cookies=cookies).text
+    assert _arm_rows(html) == {"1": ("control", "0"), "2": ("running", "0"), "3": ("running", "0")}
+    assert "no interval yet" in html and "collecting: 100 requests per arm" in html
+
+
+def test_a_missing_experiment_or_a_release_is_no_experiment_page(client, airflow_auth, clock):
+    rel = rolled_back_release(clock)
+    cookies = {"_token": token_for(airflow_auth)}
+    missing = client.get("/experiments/rel-doesnotexist", cookies=cookies, headers={"Accept": "text/html"})
+    assert missing.status_code == 404 and "release rel-doesnotexist does not exist" in missing.text
+    assert client.get("/api/experiments/rel-doesnotexist", cookies=cookies).status_code == 404
+    not_one = client.get(f"/api/experiments/{rel.release_id}", cookies=cookies)
+    assert not_one.status_code == 404 and "is a release, not an experiment" in not_one.json()["detail"]
+
+
+def test_an_experiments_mlflow_link_names_its_report_on_the_controls_run(client, airflow_auth, clock, settings):
+    """A real MLflow store on SQLite, one run per version: the report is on the control's (v1's) run."""
+    from releasegate import registry
+
+    mlflow_client = registry.client(settings)
+    experiment = mlflow_client.create_experiment("dash", artifact_location=settings.mlflow_artifact_root.as_uri())
+    mlflow_client.create_registered_model("churn")
+    runs = []
+    for _ in range(3):
+        run = mlflow_client.create_run(experiment)
+        mlflow_client.create_model_version("churn", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+        runs.append(run.info.run_id)
+    rel = open_experiment_row(clock)
+    log_experiment_traffic(rel.release_id, clock.now, per_arm=200)
+    conclude_experiment_row(rel, clock)
+    page = client.get(f"/experiments/{rel.release_id}/mlflow", cookies={"_token": token_for(airflow_auth)})
+    assert f"runs:/{runs[0]}/releasegate/experiments/{rel.release_id}" in page.text

@@ -129,6 +129,34 @@ def _draw(key: str) -> _Charts:
 _drawn = functools.lru_cache(maxsize=64)(_draw)
 
 
+def _experiment_chart(page: dict[str, Any]) -> str | None:
+    """The experiment page's SVG; an ended experiment's is drawn once."""
+    key = json.dumps(page["metrics"], sort_keys=True)
+    return _drawn_experiment(key) if page["terminal"] else _draw_experiment(key)
+
+
+def _draw_experiment(key: str) -> str | None:
+    from releasegate_airflow.dashboard import charts
+
+    return charts.experiment_svg(json.loads(key))
+
+
+_drawn_experiment = functools.lru_cache(maxsize=64)(_draw_experiment)
+
+
+def _artifacts(request: Request, release_id: str, user: BaseUser) -> Response:
+    """Where a release's or an experiment's artifacts are in MLflow: its UI when it has one, else the runs:/ URI."""
+    from releasegate import dashboard
+
+    try:
+        location = dashboard.report_location(release_id)
+    except dashboard.NotFound as err:
+        raise HTTPException(status_code=404, detail=str(err)) from err
+    if location["ui"]:
+        return RedirectResponse(location["ui"], status_code=307)
+    return _page(request, "artifacts.html", user=user.get_name(), release_id=release_id, location=location)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(title="releasegate dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -167,13 +195,15 @@ def create_app() -> FastAPI:
         )
 
     @app.get("/releases/{release_id}", response_class=HTMLResponse)
-    def release_detail(request: Request, release_id: str, user: BaseUser = Depends(airflow_user)) -> HTMLResponse:
+    def release_detail(request: Request, release_id: str, user: BaseUser = Depends(airflow_user)) -> Response:
         from releasegate import dashboard
 
         try:
             page = dashboard.release_page(release_id)
         except dashboard.NotFound as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
+        if page["experiment"]:
+            return RedirectResponse(f"../experiments/{quote(release_id, safe='')}", status_code=307)
         return _page(
             request,
             "release.html",
@@ -201,27 +231,46 @@ def create_app() -> FastAPI:
     @app.get("/releases/{release_id}/mlflow", response_class=HTMLResponse)
     def artifacts(request: Request, release_id: str, user: BaseUser = Depends(airflow_user)) -> Response:
         """Where the release's artifacts are in MLflow: its UI when it has one, else the runs:/ URI to fetch them."""
+        return _artifacts(request, release_id, user)
+
+    @app.get("/experiments/{experiment_id}", response_class=HTMLResponse)
+    def experiment_detail(request: Request, experiment_id: str, user: BaseUser = Depends(airflow_user)) -> HTMLResponse:
+        """An experiment: its arms, their exposures and status, each metric's interval per arm against control."""
         from releasegate import dashboard
 
         try:
-            location = dashboard.report_location(release_id)
+            page = dashboard.experiment_page(experiment_id)
         except dashboard.NotFound as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
-        if location["ui"]:
-            return RedirectResponse(location["ui"], status_code=307)
-        return _page(request, "artifacts.html", user=user.get_name(), release_id=release_id, location=location)
+        return _page(
+            request,
+            "experiment.html",
+            user=user.get_name(),
+            section="releases",
+            e=page,
+            chain=dashboard.chain_status(),
+            refresh_seconds=_refresh(not page["terminal"]),
+            quote=quote,
+            experiment_svg=_experiment_chart(page),
+        )
+
+    @app.get("/experiments/{experiment_id}/mlflow", response_class=HTMLResponse)
+    def experiment_artifacts(request: Request, experiment_id: str, user: BaseUser = Depends(airflow_user)) -> Response:
+        """Where the experiment's report is in MLflow (on the control's run)."""
+        return _artifacts(request, experiment_id, user)
 
     @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
     def run_release(
         request: Request, dag_id: str, run_id: str, user: BaseUser = Depends(airflow_user)
     ) -> RedirectResponse:
-        """The "Release" tab of a DAG run in Airflow's UI: that run's release page, if it opened one."""
+        """The "Release" tab of a DAG run in Airflow's UI: that run's release (or experiment) page, if it opened one."""
         from releasegate import dashboard
 
-        release_id = dashboard.release_of_run(run_id) if dag_id == dashboard.DAG_ID else None
+        pages = {dashboard.DAG_ID: "releases", dashboard.EXPERIMENT_DAG_ID: "experiments"}
+        release_id = dashboard.release_of_run(run_id) if dag_id in pages else None
         if release_id is None:
             raise HTTPException(status_code=404, detail=f"run {run_id} of {dag_id} opened no release")
-        return RedirectResponse(f"../../releases/{release_id}", status_code=307)
+        return RedirectResponse(f"../../{pages[dag_id]}/{release_id}", status_code=307)
 
     @app.get("/incidents", response_class=HTMLResponse)
     def incidents_list(
@@ -264,6 +313,15 @@ def create_app() -> FastAPI:
 
         try:
             return dashboard.release_page(release_id)
+        except dashboard.NotFound as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+
+    @app.get("/api/experiments/{experiment_id}", response_model=None)
+    def experiment_json(experiment_id: str, user: BaseUser = Depends(airflow_user)) -> dict[str, Any]:
+        from releasegate import dashboard
+
+        try:
+            return dashboard.experiment_page(experiment_id)
         except dashboard.NotFound as err:
             raise HTTPException(status_code=404, detail=str(err)) from err
 

@@ -1,4 +1,4 @@
-"""Server-side SVG charts for the release page (matplotlib, no browser-side library: the page works offline)."""
+"""Server-side SVG charts for the release and experiment pages (matplotlib, no browser-side library: the page works offline)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 GOOD, BAD, UNDECIDED, GRID = "#2f855a", "#c53030", "#718096", "#e2e8f0"
+RUNNING = "#2b6cb0"
+# An experiment arm's colour by its status (releasegate.analysis.experiment.ArmStatus).
+_ARM_COLOURS = {"winner": GOOD, "better": GOOD, "stopped": BAD, "futile": UNDECIDED}
 _PERCENT_METRICS = {"error_rate", "latency_p99", "agreement", "accuracy"}
 # What each analysis metric's estimate is (releasegate.analysis), as the chart's title says it.
 _MEANING = {
@@ -118,5 +121,49 @@ def metrics_svg(verdicts: list[dict[str, Any]]) -> str | None:
         ax.set_ylim(len(stages) - 0.5, -0.5)
         what = _MEANING.get(name, "candidate − champion")
         ax.set_title(f"{name} [{kind}]: {what}; dashed line: the limit", loc="left", fontsize=9)
+        ax.grid(True, axis="x", color=GRID)
+    return _svg(fig)
+
+
+def experiment_svg(metrics: list[dict[str, Any]]) -> str | None:
+    """Per metric, each arm's always-valid interval of arm − control around 0, and the non-inferiority margin."""
+    drawn = [m for m in metrics if any(a.get("difference") is not None for a in m["arms"])]
+    if not drawn:
+        return None
+    fig = _figure(10, 0.3 + sum(0.75 + 0.3 * len(m["arms"]) for m in drawn))
+    axes = fig.subplots(len(drawn), 1, squeeze=False, height_ratios=[1 + len(m["arms"]) for m in drawn])[:, 0]
+    for ax, metric in zip(axes, drawn):
+        labels = []
+        for row, arm in enumerate(metric["arms"]):
+            labels.append(f"v{arm['version']} ({arm['status']})")
+            if arm.get("difference") is None:
+                continue
+            color = _ARM_COLOURS.get(arm["status"], RUNNING)
+            if arm.get("lower") is not None and arm.get("upper") is not None:
+                ax.hlines(row, arm["lower"], arm["upper"], color=color, linewidth=3)
+            ax.plot([arm["difference"]], [row], "o", color=color, markersize=6)
+        ax.axvline(0, color="#2d3748", linewidth=1)
+        sign = 1 if metric["goal"] == "increase" else -1
+        note = "solid line: no difference"
+        if metric["test"] == "non_inferiority":
+            # Worse than the control by more than the margin: the shaded side.
+            margin = -sign * metric["mde"]
+            ax.axvline(margin, color=BAD, linestyle="--", linewidth=1)
+            lo, hi = ax.get_xlim()
+            span = max(hi - lo, 1e-9)
+            lo, hi = min(lo, margin - 0.1 * span), max(hi, margin + 0.1 * span)
+            if sign > 0:
+                ax.axvspan(lo, margin, color=BAD, alpha=0.07, linewidth=0)
+            else:
+                ax.axvspan(margin, hi, color=BAD, alpha=0.07, linewidth=0)
+            ax.set_xlim(lo, hi)
+            note += "; dashed: the non-inferiority margin"
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        ax.set_title(
+            f"{metric['name']} [{metric['role']}, {'higher' if sign > 0 else 'lower'} is better]: arm − control; {note}",
+            loc="left",
+            fontsize=9,
+        )
         ax.grid(True, axis="x", color=GRID)
     return _svg(fig)
