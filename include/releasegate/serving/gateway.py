@@ -201,7 +201,10 @@ class Gateway:
         if self.siblings is not None:
             # One of several workers: take no connection before the stored routes are loaded (uvicorn listens
             # once this returns), so the others answer meanwhile, rather than this one with 503s.
-            await self.sync_routes()
+            try:
+                await self.sync_routes()
+            except Exception:  # e.g. the database unreachable: the poller tries again, as it would after start
+                log.exception("loading the stored routes at start failed")
             self._announce()
         if self.metrics.shared_dir is not None:
             self._tasks.append(asyncio.create_task(self._refresh_metrics(), name="metrics"))
