@@ -9,6 +9,10 @@ Cases, each on the demo's churn models (champion v1, better candidate v2) with o
     single_pii    the same under a classification: region pseudonymised, plan encrypted, channel dropped
     shadow        the gateway mirroring every request to the candidate, both arms logged
     canary        the gateway splitting 50 % to the candidate
+    single_workers  `single` with one worker, then with `--workers` (default 2) behind the same port, each
+                  with the CPU time the gateway's processes and wrk used per request
+
+Every case but single_workers runs the gateway as one worker (`--workers 1`).
 
     apt-get install -y wrk
     nice -n 10 .venv/bin/python benchmarks/gateway.py --json bench-gateway.json
@@ -38,7 +42,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "churn"
-CASES = ("bare", "mlflow_serve", "single", "single_pii", "shadow", "canary")
+CASES = ("bare", "mlflow_serve", "single", "single_pii", "shadow", "canary", "single_workers")
 # The classifications of the gateway cases (docs/operations.md, "Personal data"): only single_pii protects columns.
 PUBLIC = {"strings": "public"}
 PII = {"columns": {"region": "pseudonymise", "plan": "encrypt", "channel": "drop"}}
@@ -172,9 +176,49 @@ class Bench:
             "requests": s["requests"],
         }
 
+    def load_with_cpu(self, url: str, bodies: Path, key: str | None, seconds: float, server: int) -> dict:
+        """`load`, with the CPU seconds used meanwhile by the server's process tree and by wrk."""
+        before_server, before_wrk, started = tree_cpu(server), os.times(), time.monotonic()
+        result = self.load(url, bodies, key, seconds)
+        after_server, after_wrk, wall = tree_cpu(server), os.times(), time.monotonic() - started
+        wrk = (after_wrk.children_user + after_wrk.children_system) - (
+            before_wrk.children_user + before_wrk.children_system
+        )
+        server_cpu = after_server - before_server
+        return result | {
+            "server_cores": round(server_cpu / wall, 2),
+            "wrk_cores": round(wrk / wall, 2),
+            "server_cpu_us_per_request": round(server_cpu / result["requests"] * 1e6, 1)
+            if result["requests"]
+            else None,
+            "wrk_cpu_us_per_request": round(wrk / result["requests"] * 1e6, 1) if result["requests"] else None,
+        }
+
     def measure(self, url: str, body: Path, key: str | None = None) -> dict:
         self.load(url, body, key, min(3.0, self.seconds))  # warm-up: connections, caches, JIT-free paths
         return self.load(url, body, key, self.seconds)
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its living descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += cpu.get(pid, 0.0)
+        stack.extend(child for child, parent in parents.items() if parent == pid)
+    return total
 
 
 def _calls(metrics_text: str, arm: str, ok_only: bool = True) -> float:
@@ -225,6 +269,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="Measured seconds per case (default 15).")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads.")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="Gateway workers in single_workers, against one (default 2)."
+    )
     parser.add_argument("--cases", default=",".join(CASES), help="Comma-separated subset of " + ", ".join(CASES))
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     parser.add_argument("--workdir", type=Path, default=None, help="Default: a fresh temporary directory.")
@@ -329,7 +376,9 @@ def benchmark(args, cases: list[str]) -> dict:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             proc = bench.start(
-                "gateway", [sys.executable, "-m", "releasegate.serving", "--port", str(port)], env=dict(os.environ)
+                "gateway",
+                [sys.executable, "-m", "releasegate.serving", "--port", str(port), "--workers", "1"],
+                env=dict(os.environ),
             )
             bench.wait_ready(f"{url}/readyz", proc, "gateway")
             admin = httpx.Client(
@@ -375,6 +424,35 @@ def benchmark(args, cases: list[str]) -> dict:
             bench.stop(proc)
             results["log"] = _log_rows(calls)
             bench.say(f"prediction log: {results['log']['written']:,} rows written for {calls:,.0f} model calls")
+
+        if "single_workers" in cases:
+            from releasegate import registry
+            from releasegate.contract import CLASSIFICATION_TAG
+
+            registry.client(settings).set_registered_model_tag(MODEL, CLASSIFICATION_TAG, json.dumps(PUBLIC))
+            by_workers: dict[str, dict] = {}
+            for n in sorted({1, args.workers}):
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                name = f"gateway-{n}-workers"
+                proc = bench.start(
+                    name, [sys.executable, "-m", "releasegate.serving", "--port", str(port), "--workers", str(n)]
+                )
+                bench.wait_ready(f"{url}/readyz", proc, name)
+                with httpx.Client(
+                    base_url=url, timeout=180, headers={"authorization": f"Bearer {env['RELEASEGATE_ADMIN_KEY']}"}
+                ) as admin:
+                    # Answered once every worker serves it (docs/gateway.md, "Workers").
+                    resp = admin.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]})
+                    if resp.status_code != 200:
+                        raise RuntimeError(f"route refused: {resp.status_code} {resp.text}")
+                    bench.say(f"gateway, single, {n} worker(s)")
+                    target = f"{url}/models/{MODEL}/invocations"
+                    bench.load(target, body, predict_key, min(3.0, args.seconds))
+                    time.sleep(1)
+                    by_workers[str(n)] = bench.load_with_cpu(target, body, predict_key, args.seconds, proc.pid)
+                bench.stop(proc)
+            results["single_workers"] = {"workers": by_workers}
     finally:
         bench.stop_all()
         from releasegate import storage
@@ -389,7 +467,7 @@ def print_table(results: dict) -> None:
     print(f"{'case':<14}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}  notes")
     for case in CASES:
         r = results.get(case)
-        if r is None:
+        if r is None or case == "single_workers":
             continue
         notes = f"mirrored {r['mirrored_fraction']:.1%}" if "mirrored_fraction" in r else ""
         print(f"{case:<14}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}  {notes}")
@@ -402,6 +480,13 @@ def print_table(results: dict) -> None:
         print(f"single / bare rps:         {single['rps'] / bare['rps']:.2f}x (target >= 0.5x)")
     if single and pii and single["rps"]:
         print(f"single_pii / single rps:   {pii['rps'] / single['rps']:.2f}x (target >= 0.8x)")
+    for n, r in (results.get("single_workers") or {}).get("workers", {}).items():
+        print(
+            f"single, {n} worker(s): {r['rps']:,.0f} rps, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+            f"{r['errors']} errors; gateway {r['server_cores']:.2f} cores, "
+            f"{r['server_cpu_us_per_request']:.0f} µs CPU/request; wrk {r['wrk_cores']:.2f} cores, "
+            f"{r['wrk_cpu_us_per_request']:.0f} µs CPU/request"
+        )
     if single and shadow and single["p99_ms"]:
         print(
             f"shadow / single p99:       {shadow['p99_ms'] / single['p99_ms']:.2f}x (target <= 1.1x), "

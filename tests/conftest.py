@@ -19,6 +19,9 @@ def _point_env_at(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
     monkeypatch.setenv("RELEASEGATE_MLFLOW_ARTIFACTS", str(home / "mlartifacts"))
     monkeypatch.setenv("RELEASEGATE_ADMIN_KEY", "rg-test-admin-key-0123456789abcdef")
+    # One gateway process: the tests count per-process state (requests in flight, a breaker, a slot's queue);
+    # tests/integration/test_gateway_workers.py starts several.
+    monkeypatch.setenv("RELEASEGATE_GATEWAY_WORKERS", "1")
     for name in (
         "RELEASEGATE_SIGNING_KEY",
         "RELEASEGATE_TRUSTED_KEYS",

@@ -49,14 +49,24 @@ def gateway() -> None:
     help="Mutual TLS: refuse clients without a certificate signed by this CA. "
     "Default: $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.",
 )
-def gateway_serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Gateway processes behind the one port. Default: $RELEASEGATE_GATEWAY_WORKERS, else one per core.",
+)
+def gateway_serve(
+    host: str, port: int, tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None, workers: int | None
+) -> None:
     """Serve the models in the routes table, verifying each signature before it loads."""
     from pydantic import ValidationError
 
     from releasegate import serving
 
     try:
-        serving.run(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
+        serving.run(
+            host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, workers=workers
+        )
     except ValidationError as err:
         raise click.UsageError(str(err)) from None
 

@@ -306,11 +306,16 @@ def home_secret(settings: Settings, value: str | None, name: str) -> bytes:
     path = settings.home / "keys" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside, then linked into place: the file appears with its secret, never empty (a gateway's
+        # workers start together, and one that read an empty file would route and hash with another secret).
+        draft = path.with_name(f".{name}.{os.getpid()}.draft")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.link(draft, path)
         except FileExistsError:
             pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(32))
+        finally:
+            draft.unlink()
     return path.read_text().strip().encode()

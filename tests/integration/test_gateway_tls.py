@@ -78,9 +78,10 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def tls_gateway(pki, tmp_path_factory):
-    """`releasegate gateway serve` with a server certificate and a client CA (no models needed)."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-worker", "two-workers"])
+def tls_gateway(pki, tmp_path_factory, request):
+    """`releasegate gateway serve` with a server certificate and a client CA (no models needed), as one process
+    and as two workers (each loads the certificate and the client CA)."""
     from tests.conftest import _point_env_at
 
     home = tmp_path_factory.mktemp("tls-gateway")
@@ -102,6 +103,8 @@ def tls_gateway(pki, tmp_path_factory):
                     str(pki / "server.key"),
                     "--tls-client-ca",
                     str(pki / "ca.crt"),
+                    "--workers",
+                    str(request.param),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,

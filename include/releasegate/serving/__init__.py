@@ -41,10 +41,12 @@ def run(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_client_ca: str | None = None,
+    workers: int | None = None,
 ) -> None:
-    """Serve the gateway with uvicorn (one worker) until SIGTERM/SIGINT; the prediction log is flushed on the way out.
+    """Serve the gateway with uvicorn until SIGTERM/SIGINT; the prediction log is flushed on the way out.
 
-    The TLS arguments override RELEASEGATE_GATEWAY_TLS_*; a client CA turns on mutual TLS.
+    The TLS arguments override RELEASEGATE_GATEWAY_TLS_*; a client CA turns on mutual TLS. `workers` overrides
+    RELEASEGATE_GATEWAY_WORKERS (default: one per core); several read their settings from the environment.
     """
     threads = one_thread_per_call()  # first: nothing numeric is imported yet (`python -m` and the CLI alike)
     loaded_early = [m for m in _NUMERIC_MODULES if m in sys.modules]
@@ -52,15 +54,22 @@ def run(
 
     import uvicorn
 
-    from releasegate.serving.app import create_app
+    from releasegate.serving import workers as shared
     from releasegate.serving.config import GatewayConfig
 
-    overrides = {k: v for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca)) if v}
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca)) if v
+    }
+    if workers is not None:
+        overrides["workers"] = workers
     config = GatewayConfig.from_env()
     config = GatewayConfig(**config.model_dump() | overrides)
+    processes = config.workers or shared.cores()
+    if processes > 1 and settings is not None:
+        raise ValueError("several workers read their settings from the environment: pass no Settings, or one worker")
     # Progress bars from artifact downloads would drown the gateway's own log lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _tune_process(processes > 1)
     log.info(
         "OpenMP/BLAS threads per predict call: %s",
         ", ".join(
@@ -77,20 +86,11 @@ def run(
         tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
         if config.tls_client_ca:
             tls |= {"ssl_ca_certs": config.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    # The log writer's thread shares the GIL with the event loop: hand it back every 0.5 ms, not 5 ms,
-    # so a log flush cannot hold a request that long.
-    sys.setswitchinterval(0.0005)
-    # Requests allocate many short-lived containers; at the default threshold (700) the collector ran
-    # every few requests and its older generations stalled them (p99 87 ms against a p50 of 3 ms on
-    # this machine; 13 ms at these thresholds, 7 ms with no collector at all). Cycles are still collected.
-    gc.set_threshold(50_000, 50, 1000)
     # httptools + uvloop are uvicorn's fast paths (both installed); no access log on the request path.
     # No proxy-header rewriting (nothing here reads the client's address) and no `server` header.
-    server = uvicorn.Config(
-        create_app(settings, config),
+    options: dict[str, Any] = dict(
         host=host,
         port=port,
-        workers=1,
         lifespan="on",
         loop="uvloop",
         http="httptools",
@@ -101,4 +101,42 @@ def run(
         server_header=False,
         **tls,
     )
-    uvicorn.Server(server).run()
+    if processes == 1:
+        from releasegate.serving.app import create_app
+
+        uvicorn.Server(uvicorn.Config(create_app(settings, config), workers=1, **options)).run()
+        return
+    # uvicorn's supervisor: binds the port once, starts the workers (spawned: each imports the app afresh),
+    # replaces one that dies, and on SIGTERM stops them all, each answering its requests in flight first.
+    log.info("starting %d workers behind %s:%d", processes, host, port)
+    from releasegate import storage
+    from releasegate.settings import get_settings
+
+    storage.engine(get_settings().db_url)  # migrated here once, not by the workers at the same moment
+    storage.dispose_all()
+    with shared.shared_dir():
+        os.environ.update({f"RELEASEGATE_GATEWAY_{k.upper()}": str(v) for k, v in overrides.items()})
+        uvicorn.run(
+            "releasegate.serving:worker_app", factory=True, workers=processes, timeout_worker_healthcheck=30, **options
+        )
+
+
+def worker_app() -> Any:
+    """One worker's gateway (uvicorn's app factory, in a process of its own): the process tuned, then the app."""
+    _tune_process(True)
+    from releasegate.serving.app import create_app
+
+    return create_app()
+
+
+def _tune_process(several: bool) -> None:
+    # In a worker, the log names its process: several write to the same output.
+    form = "%(asctime)s %(levelname)s %(name)s" + (" [%(process)d]" if several else "") + ": %(message)s"
+    logging.basicConfig(level=logging.INFO, format=form)
+    # The log writer's thread shares the GIL with the event loop: hand it back every 0.5 ms, not 5 ms,
+    # so a log flush cannot hold a request that long.
+    sys.setswitchinterval(0.0005)
+    # Requests allocate many short-lived containers; at the default threshold (700) the collector ran
+    # every few requests and its older generations stalled them (p99 87 ms against a p50 of 3 ms on
+    # this machine; 13 ms at these thresholds, 7 ms with no collector at all). Cycles are still collected.
+    gc.set_threshold(50_000, 50, 1000)

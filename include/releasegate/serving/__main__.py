@@ -15,8 +15,27 @@ def main() -> None:
         "--tls-client-ca",
         help="Require client certificates signed by this CA (mutual TLS); default $RELEASEGATE_GATEWAY_TLS_CLIENT_CA.",
     )
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        help="Gateway processes behind the one port; default $RELEASEGATE_GATEWAY_WORKERS, else one per core.",
+    )
     args = parser.parse_args()
-    run(host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+    run(
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        workers=args.workers,
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 if __name__ == "__main__":  # importing the module (e.g. a multiprocessing child) must not serve

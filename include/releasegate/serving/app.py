@@ -455,6 +455,7 @@ async def _put_route(request: Request, gateway: Gateway, caller: Caller) -> Resp
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
         raise PayloadError(f"invalid route for {model}: {problems}", 422) from None
     route = await gateway.put_route(model, spec, caller)
+    await gateway.applied_everywhere(model, route.revision)  # with several workers, each polls for it
     return JSONResponse(route.model_dump())
 
 

@@ -88,6 +88,12 @@ class GatewayConfig(BaseSettings):
         "polling); each route serves as soon as its own versions "
         "are loaded.",
     )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Gateway processes behind the one port, each with its own models and log writer; "
+        "default: one per core the gateway may use.",
+    )
     tls_cert: str | None = Field(
         default=None, description="Server certificate (PEM); with tls_key, the gateway speaks HTTPS."
     )

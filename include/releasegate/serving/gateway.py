@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from releasegate import audit, registry, storage
 from releasegate.contract import MAX_FEEDBACK_ITEMS, AuditAction, CallStatus, Mode
 from releasegate.privacy import Classification, ClassificationError, FeedbackGuard, Protector
-from releasegate.serving import auth, routing
+from releasegate.serving import auth, routing, workers
 from releasegate.serving.alerts import AlertReceiver
 from releasegate.serving.breaker import Breaker
 from releasegate.serving.config import GatewayConfig
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from releasegate.settings import Settings
 
 log = logging.getLogger(__name__)
+_METRICS_REFRESH = 0.5  # seconds between copies of the followed gauges into the workers' shared files
 
 
 class NotFound(LookupError):
@@ -160,6 +161,7 @@ class Gateway:
             _key_file(config.metrics_key_file, "metrics"),
             _key_file(config.alerts_key_file, "alerts"),
         )
+        self.siblings = workers.Siblings.of_environment()  # the other workers of this start, if any
         self.in_flight = 0  # inference and feedback requests being handled (app.py admits at most max_in_flight)
         self.routes: dict[str, Active] = {}
         self.synced = False  # the routes stored at start have been tried once
@@ -203,14 +205,32 @@ class Gateway:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.keys.refresh, self.engine)
+        if self.siblings is not None:
+            await asyncio.to_thread(self.siblings.start)
         self.predictions.start()
         self.feedback_log.start()
         self._shadow_wake = asyncio.Event()
-        self.metrics.shadow_queue.set_function(lambda: len(self._shadow))
+        self.metrics.follow(self.metrics.shadow_queue, lambda: len(self._shadow))
         self._mirror_slots = asyncio.Semaphore(self.config.shadow_workers)
         self._tasks = [asyncio.create_task(self._shadow_worker(), name="mirror")]
-        self._tasks.append(asyncio.create_task(self._poll(), name="poller"))
+        if self.siblings is not None:
+            # One of several workers: take no connection before the stored routes are loaded (uvicorn listens
+            # once this returns), so the others answer meanwhile, rather than this one with 503s.
+            try:
+                await self.sync_routes()
+            except Exception:  # e.g. the database unreachable: the poller tries again, as it would after start
+                log.exception("loading the stored routes at start failed")
+            self._announce()
+        if self.metrics.shared_dir is not None:
+            self._tasks.append(asyncio.create_task(self._refresh_metrics(), name="metrics"))
+        self._tasks.append(asyncio.create_task(self._poll(), name="poller"))  # last: stop() takes it first
         self._measure_cache()
+
+    async def _refresh_metrics(self) -> None:
+        """With several workers: copy the gauges that follow this process's state into the shared files."""
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(_METRICS_REFRESH)
 
     def _measure_cache(self) -> None:
         """Measure the model cache's disk use in a thread, for the gauge: after each load and unload, not per scrape."""
@@ -343,7 +363,38 @@ class Gateway:
             active.route.model_dump(exclude={"model", "revision", "updated_at"}),
         )
         self._unload_unused(active.route.model, keep=_standby(current, active))
+        self._announce()
         return True
+
+    def _announce(self) -> None:
+        """Tell the other workers which route revisions this one serves, and which it could not load."""
+        if self.siblings is not None:
+            self.siblings.announce(
+                {model: a.route.revision for model, a in self.routes.items()},
+                {model: failed[0] for model, failed in self.failures.items()},
+            )
+
+    async def applied_everywhere(self, model: str, revision: int, timeout: float = 120.0) -> None:
+        """Return once every worker serves the model's route at `revision` or newer (or failed to load it),
+        so that an admin PUT's answer means the whole gateway follows it; a warning after `timeout` s."""
+        if self.siblings is None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            settled, live = await asyncio.to_thread(self.siblings.settled, model, revision)
+            if settled >= live:
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "route %s revision %d: %d of %d workers serve it after %.0f s; the others follow when loaded",
+                    model,
+                    revision,
+                    settled,
+                    live,
+                    timeout,
+                )
+                return
+            await asyncio.sleep(0.05)
 
     def _unload_unused(self, model: str, keep: str | None = None) -> None:
         """Close `model`'s slots its route does not use (but `keep`). Only under the model's lock: other models
@@ -354,7 +405,7 @@ class Gateway:
         for key in [k for k in self._slots if k[0] == model and k[1] not in used]:
             self._slots.pop(key).close()
             try:
-                self.metrics.circuit_open.remove(*key)
+                self.metrics.forget(self.metrics.circuit_open, *key)
             except KeyError:
                 pass
 
@@ -464,6 +515,7 @@ class Gateway:
         while True:
             try:
                 await self.sync_routes()
+                self._announce()  # a failed load, for an admin PUT waiting on every worker
                 await asyncio.to_thread(self.keys.refresh, self.engine)
             except Exception:  # a database hiccup must not stop the poller
                 log.exception("polling routes and keys failed")

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 
+from releasegate.serving import workers
+
 if TYPE_CHECKING:
     from releasegate.serving.logwriter import PredictionEntry, Row
     from releasegate.serving.metrics import Metrics
@@ -105,8 +107,8 @@ class ProcessLogWriter:
         self._dropped_here = 0
         self._last_start = 0.0
         self._readers: list[threading.Thread] = []
-        metrics.log_queue.labels(table).set_function(lambda: len(self._buffer) + self._child_queued)
-        metrics.log_lag.labels(table).set_function(self.lag)
+        metrics.follow(metrics.log_queue, lambda: len(self._buffer) + self._child_queued, table)
+        metrics.follow(metrics.log_lag, self.lag, table)
         self._shipper = threading.Thread(target=self._ship_loop, name=f"logship-{table}", daemon=True)
 
     # --- request path ---------------------------------------------------------------------------
@@ -175,7 +177,8 @@ class ProcessLogWriter:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._last_start = time.monotonic()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", RELEASEGATE_LOG_DB_URL=self._db_url)  # not in `ps`
+        # The URL not in `ps`; no workers' shared metrics: the child's counts reach them through this process.
+        env = workers.child_environment(dict(os.environ, PYTHONUNBUFFERED="1", RELEASEGATE_LOG_DB_URL=self._db_url))
         args = [
             sys.executable,
             "-m",

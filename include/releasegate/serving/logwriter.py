@@ -129,8 +129,8 @@ class LogWriter(Generic[Entry]):
         self._dropped_children: dict[str, Counter] = {}
         self._written = metrics.log_written.labels(table.name)
         self._pending_since: float | None = None  # monotonic time of the oldest unwritten entry
-        metrics.log_queue.labels(table.name).set_function(self._queue.qsize)
-        metrics.log_lag.labels(table.name).set_function(self.lag)
+        metrics.follow(metrics.log_queue, self._queue.qsize, table.name)
+        metrics.follow(metrics.log_lag, self.lag, table.name)
         # Every column but an autoincrement key: rows that give them all can skip SQLAlchemy (see _insert).
         self._order = [c.name for c in table.columns if not (c.primary_key and c.autoincrement)]
         self._names = set(self._order)

@@ -1,6 +1,14 @@
-"""The gateway's Prometheus metrics, in a registry of its own (so tests and replicas don't collide)."""
+"""The gateway's Prometheus metrics, in a registry of its own (so tests and replicas don't collide).
+
+With several workers (docs/gateway.md, "Workers") prometheus_client's multiprocess mode keeps every value in
+files shared by the workers: `/metrics` from any of them adds up counters and histograms over all, and each
+gauge combines the workers' values as its `multiprocess_mode` says.
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -16,6 +24,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Set by the supervisor before the workers start (prometheus_client reads it when it is imported).
+        self.shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         arm = ("model", "version", "arm")
         r = self.registry
         self.requests = Counter(
@@ -32,6 +42,7 @@ class Metrics:
             "releasegate_gateway_circuit_open",
             "1 while a candidate's circuit breaker is open (its calls skipped, the champion answering), else 0.",
             ("model", "version"),
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.circuit_opened = Counter(
@@ -44,6 +55,7 @@ class Metrics:
             "releasegate_gateway_slot_queue_rows",
             "Rows waiting for a predict call of a served version (bounded by RELEASEGATE_GATEWAY_SLOT_QUEUE_ROWS).",
             ("model", "version"),
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.model_cpu = Counter(
@@ -63,6 +75,7 @@ class Metrics:
         self.model_cache_bytes = Gauge(
             "releasegate_gateway_model_cache_bytes",
             "Disk space of the model cache (RELEASEGATE_MODEL_CACHE), measured after each load and unload.",
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.latency = Histogram(
@@ -99,7 +112,12 @@ class Metrics:
             ("model",),
             registry=r,
         )
-        self.shadow_queue = Gauge("releasegate_gateway_shadow_queue_depth", "Mirrored requests waiting.", registry=r)
+        self.shadow_queue = Gauge(
+            "releasegate_gateway_shadow_queue_depth",
+            "Mirrored requests waiting.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.http = Counter(
             "releasegate_gateway_http_responses",
             "HTTP responses by endpoint and status.",
@@ -107,7 +125,11 @@ class Metrics:
             registry=r,
         )
         self.log_queue = Gauge(
-            "releasegate_gateway_log_queue_depth", "Log entries waiting to be written.", ("table",), registry=r
+            "releasegate_gateway_log_queue_depth",
+            "Log entries waiting to be written.",
+            ("table",),
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.log_dropped = Counter(
             "releasegate_gateway_log_dropped_rows",
@@ -119,7 +141,11 @@ class Metrics:
         )
         self.log_written = Counter("releasegate_gateway_log_written_rows", "Log rows written.", ("table",), registry=r)
         self.route_revision = Gauge(
-            "releasegate_gateway_route_revision", "Applied route revision.", ("model",), registry=r
+            "releasegate_gateway_route_revision",
+            "Applied route revision (with several workers: the lowest one a worker serves).",
+            ("model",),
+            multiprocess_mode="livemin",
+            registry=r,
         )
         self.route_load_failures = Counter(
             "releasegate_gateway_route_load_failures",
@@ -132,12 +158,14 @@ class Metrics:
             "releasegate_gateway_log_lag_seconds",
             "Age of the oldest log entry not yet written (0 when the writer is caught up).",
             ("table",),
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.in_flight = Gauge(
             "releasegate_gateway_requests_in_flight",
             "Requests received and not yet answered.",
             ("endpoint",),
+            multiprocess_mode="livesum",
             registry=r,
         )
         # Label children, cached by their label values (labels() takes a lock and builds a key per call).
@@ -145,6 +173,30 @@ class Metrics:
         self._http: dict[tuple[str, int], Counter] = {}
         self._calls: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._ignored: dict[str, Counter] = {}
+        # Gauges read from the gateway's state (see follow); with workers, copied into the shared files.
+        self._followed: dict[tuple[int, tuple[str, ...]], tuple[Gauge, Callable[[], float]]] = {}
+
+    def follow(self, gauge: Gauge, value: Callable[[], float], *labels: str) -> None:
+        """Make the gauge (the child of `labels`) report `value()`: at each scrape in one process; with workers,
+        as of the last `refresh()` (a scrape reads the shared files, not this process's state)."""
+        child = gauge.labels(*labels) if labels else gauge
+        if self.shared_dir is None:
+            child.set_function(value)
+        else:
+            self._followed[(id(gauge), labels)] = (child, value)
+
+    def forget(self, gauge: Gauge, *labels: str) -> None:
+        """Drop a gauge's child (KeyError if it has none); with workers, set it to 0: shared files keep every child."""
+        if self.shared_dir is None:
+            gauge.remove(*labels)
+        else:
+            self._followed.pop((id(gauge), labels), None)
+            gauge.labels(*labels).set(0)
+
+    def refresh(self) -> None:
+        """Copy the followed gauges' values into the shared files (with workers; a no-op otherwise)."""
+        for child, value in list(self._followed.values()):
+            child.set(value())
 
     def in_flight_of(self, endpoint: str) -> Gauge:
         child = self._in_flight.get(endpoint)
@@ -180,4 +232,10 @@ class Metrics:
         child.inc(columns)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, self.shared_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -325,7 +325,7 @@ class Slot:
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher {self.label}")
-        self._metrics.slot_queue_rows.labels(self.model, self.version).set_function(lambda: self._pending_rows)
+        self._metrics.follow(self._metrics.slot_queue_rows, lambda: self._pending_rows, self.model, self.version)
 
     def close(self) -> None:
         """Stop after the queued requests are answered (requests that hold the slot still get answers)."""
@@ -333,7 +333,7 @@ class Slot:
         if self._wake is not None:
             self._wake.set()
         try:
-            self._metrics.slot_queue_rows.remove(self.model, self.version)
+            self._metrics.forget(self._metrics.slot_queue_rows, self.model, self.version)
         except KeyError:  # never started
             pass
         if self._directory is not None:
