@@ -67,9 +67,10 @@ class Metrics:
         )
         self.model_memory = Gauge(
             "releasegate_gateway_model_memory_bytes",
-            "Resident memory the process grew by while loading and warming a version (its peak cost, approximate "
-            "when versions load at once).",
+            "Resident memory a gateway process grew by while loading and warming a version (its peak cost, "
+            "approximate when versions load at once); with several workers, the largest worker's.",
             ["model", "version"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.model_cache_bytes = Gauge(
