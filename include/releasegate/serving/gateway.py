@@ -23,6 +23,7 @@ from releasegate.serving import auth, routing
 from releasegate.serving.alerts import AlertReceiver
 from releasegate.serving.breaker import Breaker
 from releasegate.serving.config import GatewayConfig
+from releasegate.serving.features import Features
 from releasegate.serving.logprocess import ProcessLogWriter
 from releasegate.serving.logwriter import LogWriter, Row
 from releasegate.serving.payloads import PayloadError, Rows, finite_double, select
@@ -138,6 +139,7 @@ class Gateway:
         self.feedback_guard = FeedbackGuard()  # which model's feedback classes a feedback item's request falls under
         self.alerts = AlertReceiver(settings)  # Alertmanager's notifications: incidents, emergency rollbacks
         self.metrics = metrics
+        self.features = Features(settings, config, metrics)  # looked up in Feast for models that declare them
         self.engine = storage.engine(settings.db_url)
         self.keys = auth.KeyStore(
             auth.pepper(settings),
@@ -233,6 +235,7 @@ class Gateway:
         await asyncio.to_thread(self.predictions.close)
         await asyncio.to_thread(self.feedback_log.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.features.close()
 
     # --- routes ---------------------------------------------------------------------------------
 
@@ -484,6 +487,7 @@ class Gateway:
         Each version gets the columns its own signature declares; the champion's are checked first, so a
         request it cannot take is a 422 whichever arm it is routed to.
         """
+        sent = await self.features.merge(active, sent)
         champion = active.champion
         rows = select(sent, champion.schema, champion.label)
         logged = self.protector.rows(rows if rows is sent else self._logged(active, sent), active.classification)
@@ -532,6 +536,7 @@ class Gateway:
                 f"version {version!r} of {model!r} is not served (served: {', '.join(s.version for s, _ in arms)})"
             )
         slot, arm = found
+        sent = await self.features.merge(active, sent)
         rows = select(sent, slot.schema, slot.label)
         logged = self.protector.rows(rows if rows is sent else self._logged(active, sent), active.classification)
         self.feedback_guard.served(request_id, active.classification)
