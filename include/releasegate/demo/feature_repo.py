@@ -84,8 +84,11 @@ def definitions(source_path: Path) -> list[Any]:
     return [customer, source, view, FeatureService(name=FEATURE_SERVICE, features=[view])]
 
 
-def feature_store_yaml(repo: Path, online: str | None = None) -> str:
-    """The repository's feature_store.yaml: SQLite online store in `repo`, or Redis at `online` ("host:port,db=N")."""
+def feature_store_yaml(repo: Path, online: str | None = None, project: str = PROJECT) -> str:
+    """The repository's feature_store.yaml: SQLite online store in `repo`, or Redis at `online` ("host:port,db=N").
+
+    Feast's Redis keys start with the project's name: a project of its own keeps a test's keys apart.
+    """
     import yaml
 
     online_store: dict[str, Any] = (
@@ -94,7 +97,7 @@ def feature_store_yaml(repo: Path, online: str | None = None) -> str:
         else {"type": "redis", "connection_string": online}
     )
     config = {
-        "project": PROJECT,
+        "project": project,
         "provider": "local",
         "registry": str(repo / "registry.db"),
         "online_store": online_store,
@@ -105,7 +108,7 @@ def feature_store_yaml(repo: Path, online: str | None = None) -> str:
     return text
 
 
-def build(repo: Path, n: int = 2_000, seed: int = 0, online: str | None = None) -> FeatureStore:
+def build(repo: Path, n: int = 2_000, seed: int = 0, online: str | None = None, project: str = PROJECT) -> FeatureStore:
     """Write the repository under `repo` (source file, feature_store.yaml, registry) and materialize it online."""
     from feast import FeatureStore
 
@@ -114,7 +117,7 @@ def build(repo: Path, n: int = 2_000, seed: int = 0, online: str | None = None) 
     source = repo / SOURCE_FILE
     made.snapshots.to_parquet(source)
     made.labelled.to_parquet(repo / "labelled.parquet")
-    (repo / "feature_store.yaml").write_text(feature_store_yaml(repo, online))
+    (repo / "feature_store.yaml").write_text(feature_store_yaml(repo, online, project))
     store = FeatureStore(repo_path=str(repo))
     store.apply(definitions(source))
     store.materialize(start_date=_BEFORE - timedelta(days=1), end_date=_AFTER + timedelta(days=1))

@@ -135,6 +135,14 @@ class Lookup:
         values = self._store.get_online_features(features=self._service, entity_rows=keys).to_dict()
         return {name: values[name] for name in self.features}
 
+    def warm(self) -> None:
+        """A lookup of no rows, answered or refused: Feast's first lookup loads what it needs for seconds, which
+        is paid here, once, and not within a request's `feature_timeout`."""
+        try:
+            self.read({name: [] for name in self.declared.entities})
+        except Exception:  # Feast refuses an empty lookup, after loading what a real one needs
+            pass
+
     async def merge(self, sent: Rows) -> Rows:
         """`sent` with the model's features added (the store's values replace any the caller sent)."""
         declared = self.declared
@@ -146,12 +154,26 @@ class Lookup:
                     f"model {self.model!r} looks its features up by {name!r}: the request has no such column", 422
                 )
             keys[name] = values
+        # A row without a key is a missing entity, not asked for: Feast would fail the whole lookup on it.
+        keyed = [i for i in range(sent.n) if all(keys[name][i] is not None for name in declared.entities)]
+        everyone = len(keyed) == sent.n
+        asked = keys if everyone else {name: [values[i] for i in keyed] for name, values in keys.items()}
         try:
-            found = await asyncio.wait_for(self._fetch(keys, sent.n), self._config.feature_timeout)
+            found = (
+                await asyncio.wait_for(self._fetch(asked, len(keyed)), self._config.feature_timeout)
+                if keyed
+                else {name: [] for name in self.features}
+            )
         except TimeoutError:
             return self._without(sent, FeatureMiss.timeout, f"did not answer within {self._config.feature_timeout:g}s")
         except Exception as err:  # the store failed: what it means for the request is the model's to say
             return self._without(sent, FeatureMiss.error, f"failed: {type(err).__name__}: {err}")
+        if not everyone:  # one value per request row again, None for the rows without a key
+            spread: dict[str, list[Any]] = {name: [None] * sent.n for name in found}
+            for name, values in found.items():
+                for at, i in enumerate(keyed):
+                    spread[name][i] = values[at]
+            found = spread
         missing = [i for i in range(sent.n) if all(found[name][i] is None for name in self.features)]
         if missing:
             self._misses.labels(self.model, FeatureMiss.missing_entity, declared.on_missing).inc()
@@ -301,7 +323,9 @@ class Features:
                 + ", ".join(offline)
             )
         log.info("%s: looks up %s from Feast feature service %s", model, ", ".join(online), declared.feature_service)
-        return Lookup(model, declared, self._store, service, online, self.metrics, self.config, self._executor)
+        lookup = Lookup(model, declared, self._store, service, online, self.metrics, self.config, self._executor)
+        lookup.warm()
+        return lookup
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
