@@ -27,8 +27,12 @@ def train_and_register(
     kind: str = "logistic_regression",
     on_missing: MissingFeatures = MissingFeatures.reject,
     defaults: dict | None = None,
+    extra_column: str | None = None,
 ) -> str:
-    """Train on the repository's labelled customers with their point-in-time features; returns the new version."""
+    """Train on the repository's labelled customers with their point-in-time features; returns the new version.
+
+    `extra_column` adds a numeric input of that name that neither the store nor callers have (for tests).
+    """
     import mlflow
     import pandas as pd
     from feast import FeatureStore
@@ -41,11 +45,15 @@ def train_and_register(
     store = FeatureStore(repo_path=str(repo))
     labelled = pd.read_parquet(repo / "labelled.parquet")
     frame = training.historical_features(store, labelled, feature_repo.FEATURE_SERVICE)
+    columns = list(data.FEATURES)
+    if extra_column:
+        frame[extra_column] = range(len(frame))
+        columns.append(extra_column)
     split = int(len(frame) * 0.8)
     train, holdout = frame.iloc[:split], frame.iloc[split:]
-    x = train[data.FEATURES]
+    x = train[columns]
     pipeline = build_pipeline(kind).fit(x, train[data.LABEL])
-    accuracy = float((pipeline.predict(holdout[data.FEATURES]) == holdout[data.LABEL]).mean())
+    accuracy = float((pipeline.predict(holdout[columns]) == holdout[data.LABEL]).mean())
     example = x.head(5)
     with mlflow.start_run(run_name=f"{model}-feast"):
         mlflow.log_metric("holdout_accuracy", accuracy)
@@ -61,7 +69,7 @@ def train_and_register(
                 f"{dist}=={metadata.version(dist)}" for dist in ("scikit-learn", "pandas", "numpy", "mlflow", "skops")
             ],
         )
-        training.log_release_data(x.sample(min(len(x), 5000), random_state=0), holdout[[*data.FEATURES, data.LABEL]])
+        training.log_release_data(x.sample(min(len(x), 5000), random_state=0), holdout[[*columns, data.LABEL]])
     training.tag_model(model, suite="churn", label=data.LABEL)
     training.declare_features(
         model,

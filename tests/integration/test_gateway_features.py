@@ -200,3 +200,48 @@ def test_the_declaration_is_refused_loudly_when_it_names_no_known_service(served
     resp = served.invoke(_request([3]), "features-unknown-service")
     assert resp.status_code == 503 and "no feature service 'nope'" in resp.json()["error"], resp.text
     served.declare(MissingFeatures.reject)
+
+
+def test_validation_refuses_a_candidate_that_needs_a_feature_the_online_store_does_not_serve(served):
+    """Two ways to need one: a column neither callers send nor the service serves, and a service whose view
+    is kept offline only. The real validate step on the real Feast registry."""
+    if served.store.config.online_store.type != "sqlite":
+        pytest.skip("the registry checks are the same whatever the online store: run once")
+    from feast import FeatureService, FeatureView, Field
+    from feast.types import Int64
+
+    from examples.train_with_feast import train_and_register
+    from releasegate import validation
+    from releasegate.demo import feature_repo
+
+    served.declare(MissingFeatures.reject)
+    repo = served.settings.feast_repo
+    # A candidate trained on one more column than the champion, which nobody supplies.
+    candidate = train_and_register(MODEL, repo, extra_column="loyalty_points")
+    report = validation.validate_candidate(MODEL, candidate, served.version, "default", settings=served.settings)
+    assert not report.passed
+    assert any(
+        "'loyalty_points'" in r and "does not serve it in feature service 'churn_account'" for r in report.reasons
+    ), report.reasons
+
+    # The same service, but one of its views is kept offline only.
+    view = served.store.get_feature_view(feature_repo.FEATURE_VIEW)
+    offline = FeatureView(
+        name="customer_calls_offline",
+        entities=[served.store.get_entity("customer")],
+        ttl=view.ttl,
+        schema=[Field(name="support_calls", dtype=Int64)],
+        source=view.batch_source,
+        online=False,
+    )
+    service = FeatureService(name="churn_with_offline", features=[view, offline])
+    served.store.apply([offline, service])
+    from releasegate import training
+
+    training.declare_features(MODEL, feature_service="churn_with_offline", entities=[feature_repo.ENTITY])
+    try:
+        report = validation.validate_candidate(MODEL, served.version, None, "default", settings=served.settings)
+        assert not report.passed
+        assert any("online store does not serve: support_calls" in r for r in report.reasons), report.reasons
+    finally:
+        served.declare(MissingFeatures.reject)
