@@ -275,6 +275,12 @@ class Features:
         self._resolving: dict[tuple[str, int], asyncio.Task[Lookup | None]] = {}
         self._store: FeatureStore | None = None
 
+    def prepare(self, model: str, revision: int) -> None:
+        """Start reading the model's declaration for a route just applied, so its first request need not wait
+        for Feast to load; that request waits for the same read if it is not done yet."""
+        task = asyncio.ensure_future(self._resolve(model, revision))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure is logged by _resolve
+
     async def merge(self, active: Active, sent: Rows) -> Rows:
         """The request's rows with the model's declared features added; `sent` itself if it declares none."""
         route = active.route

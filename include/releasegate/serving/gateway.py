@@ -322,6 +322,7 @@ class Gateway:
             return False
         self.routes[active.route.model] = active
         self.failures.pop(active.route.model, None)
+        self.features.prepare(active.route.model, active.route.revision)
         self.metrics.route_revision.labels(active.route.model).set(active.route.revision)
         log.info(
             "route %s revision %d applied: %s",
