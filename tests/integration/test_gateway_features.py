@@ -103,6 +103,8 @@ def served(request, tmp_path_factory):
         project = f"rg_test_{secrets.token_hex(4)}"  # Redis keys of this test's own
         store = feature_repo.build(repo, n=400, online=online, project=project)
         mp.setenv("RELEASEGATE_FEAST_REPO", str(repo))
+        # Timeouts are not under test here: a lookup delayed by a busy machine must not turn into a 503.
+        mp.setenv("RELEASEGATE_GATEWAY_FEATURE_TIMEOUT", "10")
         settings = get_settings()
         signing.ensure_keys(settings)
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
