@@ -11,8 +11,14 @@ Cases, each on the demo's churn models (champion v1, better candidate v2) with o
     canary        the gateway splitting 50 % to the candidate
     single_workers  `single` with one worker, then with `--workers` (default 2) behind the same port, each
                   with the CPU time the gateway's processes and wrk used per request
+    single_features    the gateway, champion only, a version of the demo model that takes 5 of its features
+                       from Feast's Redis online store: a request carries customer_id and its 4 own fields
+    feast_per_request  the usual way, the baseline: a Starlette app calling get_online_features once per
+                       request, then the same model's predict on a DataFrame
 
-Every case but single_workers runs the gateway as one worker (`--workers 1`).
+Every case but single_workers runs the gateway as one worker (`--workers 1`). The two feature cases need a
+Redis at --redis (default 127.0.0.1:6379, database 9; the case's keys are under a Feast project of its own,
+torn down after).
 
     apt-get install -y wrk
     nice -n 10 .venv/bin/python benchmarks/gateway.py --json bench-gateway.json
@@ -42,7 +48,18 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "churn"
-CASES = ("bare", "mlflow_serve", "single", "single_pii", "shadow", "canary", "single_workers")
+CASES = (
+    "bare",
+    "mlflow_serve",
+    "single",
+    "single_pii",
+    "shadow",
+    "canary",
+    "single_features",
+    "feast_per_request",
+    "single_workers",
+)
+FEAST_MODEL = "churn-feast"
 # The classifications of the gateway cases (docs/operations.md, "Personal data"): only single_pii protects columns.
 PUBLIC = {"strings": "public"}
 PII = {"columns": {"region": "pseudonymise", "plan": "encrypt", "channel": "drop"}}
@@ -88,6 +105,42 @@ def echo_app():
     return Starlette(
         routes=[
             Route("/invocations", echo, methods=["POST"]),
+            Route("/healthz", lambda r: Response(b"ok"), methods=["GET"]),
+        ]
+    )
+
+
+def feast_per_request_app(repo: str, model_dir: str):
+    """The baseline for features: one `get_online_features` per request, then the model's predict on a DataFrame."""
+    import mlflow.pyfunc
+    import orjson
+    import pandas as pd
+    from feast import FeatureStore
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from releasegate.demo import data, feature_repo
+
+    store = FeatureStore(repo_path=repo)
+    service = store.get_feature_service(feature_repo.FEATURE_SERVICE)
+    model = mlflow.pyfunc.load_model(model_dir)
+
+    def predict(frame: pd.DataFrame) -> list:
+        ids = {feature_repo.ENTITY: frame[feature_repo.ENTITY].tolist()}
+        found = store.get_online_features(features=service, entity_rows=ids).to_dict()
+        merged = frame.assign(**{name: found[name] for name in feature_repo.FEATURES})
+        return model.predict(merged[data.FEATURES]).tolist()
+
+    async def invocations(request):
+        split = orjson.loads(await request.body())["dataframe_split"]
+        frame = pd.DataFrame(split["data"], columns=split["columns"])
+        return Response(orjson.dumps({"predictions": await run_in_threadpool(predict, frame)}))
+
+    return Starlette(
+        routes=[
+            Route("/invocations", invocations, methods=["POST"]),
             Route("/healthz", lambda r: Response(b"ok"), methods=["GET"]),
         ]
     )
@@ -234,6 +287,50 @@ def _calls(metrics_text: str, arm: str, ok_only: bool = True) -> float:
     return calls - total("releasegate_gateway_model_errors_total") if ok_only else calls
 
 
+def _feast_setup(bench: Bench, workdir: Path, settings, redis: str) -> tuple[Path, str, Path]:
+    """The demo's feature repository on Redis (a project of its own), the Feast-trained demo model registered
+    and signed, and 1,000 one-row payloads of a customer_id and the request's own fields."""
+    import orjson
+    import pandas as pd
+
+    from releasegate import signing
+    from releasegate.demo import feature_repo
+
+    sys.path.insert(0, str(REPO))
+    from examples.train_with_feast import train_and_register
+
+    bench.say(f"building the demo's feature repository on Redis {redis} and training on it")
+    repo = workdir / "feature_repo"
+    feature_repo.build(repo, n=5_000, online=redis, project=f"rg_bench_{secrets.token_hex(4)}")
+    import mlflow
+
+    mlflow.create_experiment("bench-feast", artifact_location=settings.mlflow_artifact_root.resolve().as_uri())
+    mlflow.set_experiment("bench-feast")
+    version = train_and_register(FEAST_MODEL, repo)
+    signing.sign_version(FEAST_MODEL, version, settings)
+    labelled = pd.read_parquet(repo / "labelled.parquet").sample(1000, random_state=99)
+    columns = [feature_repo.ENTITY, *feature_repo.REQUEST_FIELDS]
+    body = workdir / "feast-bodies.jsonl"
+    body.write_bytes(
+        b"".join(
+            orjson.dumps({"dataframe_split": {"columns": columns, "data": [row]}}) + b"\n"
+            for row in labelled[columns].astype(object).values.tolist()
+        )
+    )
+    return repo, version, body
+
+
+def _rows_per_lookup(before: str, after: str) -> float:
+    """Mean entity rows per feature-store lookup between two /metrics pages."""
+
+    def total(text: str, name: str) -> float:
+        return sum(float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
+
+    name = "releasegate_gateway_feature_lookup_rows"
+    lookups = total(after, name + "_count") - total(before, name + "_count")
+    return round((total(after, name + "_sum") - total(before, name + "_sum")) / lookups, 2) if lookups else 0.0
+
+
 def _log_rows(calls: float) -> dict:
     """Prediction-log rows in the database after the gateway stopped, and how many of its model calls have none."""
     import sqlalchemy as sa
@@ -275,8 +372,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help="Comma-separated subset of " + ", ".join(CASES))
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     parser.add_argument("--workdir", type=Path, default=None, help="Default: a fresh temporary directory.")
+    parser.add_argument("--redis", default="127.0.0.1:6379,db=9", help="Redis for the feature cases (Feast's form).")
     parser.add_argument("--serve-echo", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-feast", nargs=3, default=None, help=argparse.SUPPRESS)  # port, repo, model dir
     args = parser.parse_args(argv)
+    if args.serve_feast is not None:
+        import uvicorn
+
+        port, repo, model_dir = args.serve_feast
+        app = feast_per_request_app(repo, model_dir)
+        uvicorn.run(app, host="127.0.0.1", port=int(port), access_log=False, log_level="warning")
+        return 0
     if args.serve_echo is not None:
         import uvicorn
 
@@ -311,6 +417,8 @@ def benchmark(args, cases: list[str]) -> dict:
     env = environment(workdir)
     bench = Bench(workdir, args.seconds, args.connections, args.threads)
     results: dict[str, dict] = {}
+    feast_cases = [c for c in ("single_features", "feast_per_request") if c in cases]
+    feast_repo: Path | None = None
     try:
         from releasegate import signing, storage
         from releasegate.demo import data, models
@@ -371,7 +479,26 @@ def benchmark(args, cases: list[str]) -> dict:
             results["mlflow_serve"] = bench.measure(f"http://127.0.0.1:{port}/invocations", body)
             bench.stop(proc)
 
-        gateway_cases = [c for c in ("single", "single_pii", "shadow", "canary") if c in cases]
+        if feast_cases:
+            feast_repo, feast_version, feast_body = _feast_setup(bench, workdir, settings, args.redis)
+            os.environ["RELEASEGATE_FEAST_REPO"] = str(feast_repo)  # read by the gateway started below
+
+        if "feast_per_request" in cases:
+            from releasegate import signing
+
+            model_dir = workdir / "feast-model"
+            shutil.copytree(signing.fetch_verified(FEAST_MODEL, feast_version, settings).path, model_dir)
+            port = free_port()
+            proc = bench.start(
+                "feast_per_request",
+                [sys.executable, __file__, "--serve-feast", str(port), str(feast_repo), str(model_dir)],
+            )
+            bench.wait_ready(f"http://127.0.0.1:{port}/healthz", proc, "feast_per_request")
+            bench.say("feast_per_request: get_online_features once per request")
+            results["feast_per_request"] = bench.measure(f"http://127.0.0.1:{port}/invocations", feast_body)
+            bench.stop(proc)
+
+        gateway_cases = [c for c in ("single", "single_pii", "shadow", "canary", "single_features") if c in cases]
         if gateway_cases:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -396,21 +523,32 @@ def benchmark(args, cases: list[str]) -> dict:
                     "candidate_weight": 50,
                 },
             }
+            if "single_features" in cases:
+                specs["single_features"] = {"champion_version": feast_version, "mode": "single"}
             from releasegate import registry
             from releasegate.contract import CLASSIFICATION_TAG
 
             for case in gateway_cases:
+                model, payloads = (FEAST_MODEL, feast_body) if case == "single_features" else (MODEL, body)
                 classes = PII if case == "single_pii" else PUBLIC  # read by the gateway when the route is put
-                registry.client(settings).set_registered_model_tag(MODEL, CLASSIFICATION_TAG, json.dumps(classes))
-                resp = admin.put(f"/admin/routes/{MODEL}", json=specs[case])
+                registry.client(settings).set_registered_model_tag(model, CLASSIFICATION_TAG, json.dumps(classes))
+                resp = admin.put(f"/admin/routes/{model}", json=specs[case], timeout=300)
                 if resp.status_code != 200:
                     raise RuntimeError(f"route {specs[case]} refused: {resp.status_code} {resp.text}")
                 bench.say(f"gateway, {case}")
-                target = f"{url}/models/{MODEL}/invocations"
-                bench.load(target, body, predict_key, min(3.0, args.seconds))
+                target = f"{url}/models/{model}/invocations"
+                if case == "single_features":  # the first lookup waits for Feast to load: not the steady state
+                    first = orjson.loads(feast_body.read_bytes().splitlines()[0])
+                    headers = {"authorization": f"Bearer {predict_key}"}
+                    answered = httpx.post(target, json=first, headers=headers, timeout=300)
+                    if answered.status_code != 200:
+                        raise RuntimeError(f"{case}: {answered.status_code} {answered.text}")
+                bench.load(target, payloads, predict_key, min(3.0, args.seconds))
                 time.sleep(1)  # let the warm-up's mirrored calls and log rows drain before counting
                 before = admin.get("/metrics").text
-                results[case] = bench.load(target, body, predict_key, args.seconds)
+                results[case] = bench.load(target, payloads, predict_key, args.seconds)
+                if case == "single_features":
+                    results[case]["feature_rows_per_lookup"] = _rows_per_lookup(before, admin.get("/metrics").text)
                 if case == "shadow":
                     time.sleep(1)  # mirrored calls still queued at the end are answered, not dropped
                     after = admin.get("/metrics").text
@@ -458,19 +596,25 @@ def benchmark(args, cases: list[str]) -> dict:
         from releasegate import storage
 
         storage.dispose_all()
+        if feast_repo is not None:
+            from feast import FeatureStore
+
+            FeatureStore(repo_path=str(feast_repo)).teardown()  # the case's Redis keys
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 
 def print_table(results: dict) -> None:
-    print(f"{'case':<14}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}  notes")
+    print(f"{'case':<18}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}  notes")
     for case in CASES:
         r = results.get(case)
         if r is None or case == "single_workers":
             continue
         notes = f"mirrored {r['mirrored_fraction']:.1%}" if "mirrored_fraction" in r else ""
-        print(f"{case:<14}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}  {notes}")
+        if "feature_rows_per_lookup" in r:
+            notes = f"{r['feature_rows_per_lookup']:g} rows per feature lookup"
+        print(f"{case:<18}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}  {notes}")
     single, bare, mlf, shadow, pii = (
         results.get(c) for c in ("single", "bare", "mlflow_serve", "shadow", "single_pii")
     )
@@ -487,6 +631,11 @@ def print_table(results: dict) -> None:
             f"{r['server_cpu_us_per_request']:.0f} µs CPU/request; wrk {r['wrk_cores']:.2f} cores, "
             f"{r['wrk_cpu_us_per_request']:.0f} µs CPU/request"
         )
+    features, per_request = results.get("single_features"), results.get("feast_per_request")
+    if single and features and single["rps"]:
+        print(f"single_features / single rps: {features['rps'] / single['rps']:.2f}x (target >= 0.5x)")
+    if features and per_request and per_request["rps"]:
+        print(f"single_features / feast_per_request rps: {features['rps'] / per_request['rps']:.1f}x (target >= 10x)")
     if single and shadow and single["p99_ms"]:
         print(
             f"shadow / single p99:       {shadow['p99_ms'] / single['p99_ms']:.2f}x (target <= 1.1x), "

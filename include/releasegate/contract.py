@@ -22,6 +22,8 @@ REGIONS_TAG = "releasegate.regions"
 CLASSIFICATION_TAG = "releasegate.classification"
 # How long the model's predictions, feedback and nightly reports are kept (releasegate.retention).
 RETENTION_TAG = "releasegate.retention"
+# The features the gateway looks up in Feast for the model's requests (releasegate.serving.features).
+FEAST_TAG = "releasegate.feast"
 
 # Where the nightly evaluation stores a champion version's reports (under the version's source run).
 NIGHTLY_REPORTS = "releasegate/reports/nightly"
@@ -148,6 +150,22 @@ class ErrorCode(StrEnum):
     """Machine-readable reasons in the gateway's error answers (`{"error": ..., "code": ...}`)."""
 
     signature_refused = "signature_refused"  # the version's signature does not verify with a trusted key
+
+
+class MissingFeatures(StrEnum):
+    """What the gateway does when a request's entity is not in the feature store, or the store does not answer."""
+
+    defaults = "defaults"  # serve with the declared default of each feature (missing where none is declared)
+    reject = "reject"  # refuse the request: 422 naming the entity, 503 when the store does not answer
+    serve_without = "serve_without"  # serve with the features missing: each version's signature decides
+
+
+class FeatureMiss(StrEnum):
+    """Why a request's features were not looked up (the gateway's `feature_misses` metric)."""
+
+    missing_entity = "missing_entity"  # the store holds no values for the entity
+    timeout = "timeout"  # the store did not answer within RELEASEGATE_GATEWAY_FEATURE_TIMEOUT
+    error = "error"  # the store answered with an error
 
 
 class Outcome(StrEnum):

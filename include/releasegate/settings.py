@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("RELEASEGATE_MODEL_CACHE"),
         description="Verified model downloads; default `models` in the home.",
     )
+    feast_repo: Path | None = Field(
+        default=None,
+        description="Feast feature repository (the folder of its `feature_store.yaml`) the gateway looks features up "
+        "in, and validation checks, for models that declare them (docs/features.md).",
+    )
     apikey_pepper: str | None = Field(
         default=None,
         description="Server pepper of the API key digests; default a file "

@@ -2,7 +2,9 @@
 
 A releasable version has, beside the model (with its signature and input example), two data
 artifacts in its run, `releasegate/reference.parquet` and `releasegate/holdout.parquet`, and its
-registered model the tags `releasegate.expectation_suite` and `releasegate.label`.
+registered model the tags `releasegate.expectation_suite` and `releasegate.label`. A model whose
+features live in Feast builds its training set with `historical_features` and declares them with
+`declare_features`, so the gateway looks them up at inference (docs/features.md).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from releasegate.contract import LABEL_TAG, SUITE_TAG
+from releasegate.contract import FEAST_TAG, LABEL_TAG, SUITE_TAG, MissingFeatures
 
 if TYPE_CHECKING:
     import pandas as pd
+    from feast import FeatureStore
 
 
 def skops_trusted_types(estimator: Any) -> list[str]:
@@ -58,3 +61,32 @@ def tag_model(model: str, *, suite: str, label: str) -> None:
     client = mlflow.MlflowClient()
     client.set_registered_model_tag(model, SUITE_TAG, suite)
     client.set_registered_model_tag(model, LABEL_TAG, label)
+
+
+def historical_features(store: FeatureStore, entity_rows: pd.DataFrame, feature_service: str) -> pd.DataFrame:
+    """The training set: each of `entity_rows` (entity keys, `event_timestamp`, label, the request's own fields)
+    with the service's features as they were at its timestamp (Feast's point-in-time join), in its order."""
+    service = store.get_feature_service(feature_service)
+    # Feast returns the rows in an order of its own and passes extra columns through: a row number restores it.
+    numbered = entity_rows.reset_index(drop=True).assign(_releasegate_row=range(len(entity_rows)))
+    frame = store.get_historical_features(entity_df=numbered, features=service).to_df()
+    return frame.sort_values("_releasegate_row").drop(columns="_releasegate_row").reset_index(drop=True)
+
+
+def declare_features(
+    model: str,
+    *,
+    feature_service: str,
+    entities: list[str],
+    on_missing: MissingFeatures = MissingFeatures.reject,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """Tag the registered model with the Feast features the gateway looks up for its requests (releasegate.feast)."""
+    import mlflow
+
+    from releasegate.serving.features import FeastDeclaration
+
+    declared = FeastDeclaration(
+        feature_service=feature_service, entities=entities, on_missing=on_missing, defaults=defaults or {}
+    )
+    mlflow.MlflowClient().set_registered_model_tag(model, FEAST_TAG, declared.model_dump_json())

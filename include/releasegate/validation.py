@@ -45,6 +45,15 @@ class SchemaResult(BaseModel):
     problems: list[str]
 
 
+class FeatureSupply(BaseModel):
+    """What the gateway looks up for a model's requests: its feature service's features the online store serves."""
+
+    feature_service: str
+    entities: list[str]
+    online: list[str]
+    offline: list[str]  # features of the service's views kept offline only: no request could get them
+
+
 class ValidationReport(BaseModel):
     """Everything the validate step decided on, with the reasons for a rejection."""
 
@@ -57,6 +66,7 @@ class ValidationReport(BaseModel):
     # `schema` would shadow a BaseModel attribute: stored as schema_, read and written as "schema".
     schema_: SchemaResult | None = Field(default=None, alias="schema")
     evaluation: EvaluationResult | None
+    features: FeatureSupply | None = None  # the model's Feast features, when it declares them
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
@@ -216,13 +226,50 @@ def _describe_failure(r: ExpectationValidationResult) -> str:
     return f"{head}: failed"
 
 
+# --- features from a feature store -------------------------------------------------------------
+
+
+def feature_supply(model: str, settings: Settings | None = None) -> tuple[FeatureSupply | None, list[str]]:
+    """The features the gateway would look up for `model` (None: it declares none), and the problems that keep
+    it from serving them: a malformed declaration, no repository, an unknown service, offline-only features."""
+    from releasegate import registry
+    from releasegate.serving import features
+
+    settings = settings or get_settings()
+    try:
+        declared = features.declaration(model, registry.get_model_tags(model, settings=settings))
+        if declared is None:
+            return None, []
+        store = features.open_store(settings)
+        _, online, offline = features.service_features(store, declared.feature_service)
+    except features.FeatureDeclarationError as exc:
+        return None, [f"features: {exc}"]
+    supply = FeatureSupply(
+        feature_service=declared.feature_service, entities=declared.entities, online=online, offline=offline
+    )
+    problems = (
+        [
+            f"features: feature service {declared.feature_service!r} has features the online store does not serve: "
+            + ", ".join(offline)
+        ]
+        if offline
+        else []
+    )
+    return supply, problems
+
+
 # --- schema compatibility ----------------------------------------------------------------------
 
 
 def check_schema_compatibility(
-    model: str, candidate_version: str, champion_version: str, settings: Settings | None = None
+    model: str,
+    candidate_version: str,
+    champion_version: str,
+    settings: Settings | None = None,
+    features: FeatureSupply | None = None,
 ) -> SchemaResult:
-    """Compare the two versions' MLflow signatures: the candidate may not need more or retype anything."""
+    """Compare the two versions' MLflow signatures: the candidate may not need more than callers send and the
+    gateway looks up (`features`), or retype anything."""
     from mlflow.models import Model
 
     from releasegate import registry
@@ -233,10 +280,10 @@ def check_schema_compatibility(
         for role, version in (("candidate", candidate_version), ("champion", champion_version)):
             model_dir = registry.download_model(model, version, Path(tmp) / role, settings=settings)
             signatures[role] = Model.load(str(Path(model_dir) / "MLmodel")).signature
-    return compare_signatures(signatures["candidate"], signatures["champion"])
+    return compare_signatures(signatures["candidate"], signatures["champion"], features)
 
 
-def compare_signatures(candidate: Any, champion: Any) -> SchemaResult:
+def compare_signatures(candidate: Any, champion: Any, features: FeatureSupply | None = None) -> SchemaResult:
     """The pure core of `check_schema_compatibility`, on two `mlflow.models.ModelSignature`s (or None)."""
     problems: list[str] = []
     if candidate is None or candidate.inputs is None:
@@ -255,11 +302,18 @@ def compare_signatures(candidate: Any, champion: Any) -> SchemaResult:
         for spec in cand_in.inputs:
             old = sent.get(spec.name)
             required = getattr(spec, "required", True)
+            if old is None and features is not None and spec.name in features.online:
+                continue  # the gateway looks it up
             if old is None:
                 if required:
                     problems.append(
                         f"input {spec.name!r} is required by the candidate but not part of the "
                         f"champion's inputs, so callers do not send it"
+                        + (
+                            f", and the online store does not serve it in feature service {features.feature_service!r}"
+                            if features is not None
+                            else ""
+                        )
                     )
                 continue
             if _type(spec) != _type(old):
@@ -325,6 +379,9 @@ def validate_candidate(
         except (ValueError, LookupError, OSError) as exc:
             reasons.append(f"data contract {suite!r} could not run: {describe(exc)}")
 
+    supply, problems = feature_supply(model, settings)
+    reasons.extend(problems)
+
     schema, result = None, None
     if champion_version is None:
         return ValidationReport(
@@ -336,8 +393,9 @@ def validate_candidate(
             contract=contract,
             schema=None,
             evaluation=None,
+            features=supply,
         )
-    schema = check_schema_compatibility(model, candidate_version, champion_version, settings=settings)
+    schema = check_schema_compatibility(model, candidate_version, champion_version, settings=settings, features=supply)
     if not schema.compatible:
         reasons.append("schema incompatible with the champion: " + "; ".join(schema.problems))
 
@@ -362,6 +420,7 @@ def validate_candidate(
         contract=contract,
         schema=schema,
         evaluation=result,
+        features=supply,
     )
 
 

@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from releasegate.serving import payloads, routing
 from releasegate.serving.auth import AuthError, Caller, Role
 from releasegate.serving.config import GatewayConfig
+from releasegate.serving.features import FeaturesUnavailable
 from releasegate.serving.gateway import Active, Answer, Gateway, NotFound, Unavailable
 from releasegate.serving.metrics import Metrics
 from releasegate.serving.payloads import PayloadError, Rows, Schema
@@ -102,7 +103,7 @@ def _failure(err: Exception) -> tuple[int, str]:
         return err.status, str(err)
     if isinstance(err, NotFound):
         return 404, str(err)
-    if isinstance(err, (Unavailable, QueueFull)):
+    if isinstance(err, (Unavailable, QueueFull, FeaturesUnavailable)):
         return 503, str(err)
     if isinstance(err, OverLimit):
         return 503, "too many requests in flight; retry shortly"

@@ -61,6 +61,15 @@ class GatewayConfig(BaseSettings):
     )
     batch_max_rows: int = Field(default=64, ge=1, description="Most rows one predict call answers.")
     batch_max_wait_ms: float = Field(default=2.0, ge=0, description="Milliseconds a micro-batch collects requests.")
+    feature_timeout: float = Field(
+        default=0.1,
+        gt=0,
+        description="Seconds a request waits for its features from the feature store; then the model's "
+        "`on_missing` applies (docs/features.md).",
+    )
+    feature_batch_rows: int = Field(
+        default=256, ge=1, description="Most entity rows one feature-store lookup reads (requests waiting share one)."
+    )
     shadow_queue: int = Field(
         default=1000, ge=1, description="Mirrored requests waiting for the candidate; more are dropped."
     )

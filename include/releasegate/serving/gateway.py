@@ -23,6 +23,7 @@ from releasegate.serving import auth, routing, workers
 from releasegate.serving.alerts import AlertReceiver
 from releasegate.serving.breaker import Breaker
 from releasegate.serving.config import GatewayConfig
+from releasegate.serving.features import Features
 from releasegate.serving.logprocess import ProcessLogWriter
 from releasegate.serving.logwriter import LogWriter, Row
 from releasegate.serving.payloads import PayloadError, Rows, finite_double, select
@@ -154,6 +155,7 @@ class Gateway:
         self.feedback_guard = FeedbackGuard()  # which model's feedback classes a feedback item's request falls under
         self.alerts = AlertReceiver(settings)  # Alertmanager's notifications: incidents, emergency rollbacks
         self.metrics = metrics
+        self.features = Features(settings, config, metrics)  # looked up in Feast for models that declare them
         self.engine = storage.engine(settings.db_url)
         self.keys = auth.KeyStore(
             auth.pepper(settings),
@@ -268,6 +270,7 @@ class Gateway:
         await asyncio.to_thread(self.predictions.close)
         await asyncio.to_thread(self.feedback_log.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.features.close()
 
     # --- routes ---------------------------------------------------------------------------------
 
@@ -355,6 +358,7 @@ class Gateway:
             return False
         self.routes[active.route.model] = active
         self.failures.pop(active.route.model, None)
+        self.features.prepare(active.route.model, active.route.revision)
         self.metrics.route_revision.labels(active.route.model).set(active.route.revision)
         log.info(
             "route %s revision %d applied: %s",
@@ -553,6 +557,7 @@ class Gateway:
         Each version gets the columns its own signature declares; the champion's are checked first, so a
         request it cannot take is a 422 whichever arm it is routed to.
         """
+        sent = await self.features.merge(active, sent)
         champion = active.champion
         rows = select(sent, champion.schema, champion.label)
         logged = self.protector.rows(rows if rows is sent else self._logged(active, sent), active.classification)
@@ -611,6 +616,7 @@ class Gateway:
                 f"version {version!r} of {model!r} is not served (served: {', '.join(s.version for s, _ in arms)})"
             )
         slot, arm = found
+        sent = await self.features.merge(active, sent)
         rows = select(sent, slot.schema, slot.label)
         logged = self.protector.rows(rows if rows is sent else self._logged(active, sent), active.classification)
         self.feedback_guard.served(request_id, active.classification)

@@ -107,6 +107,27 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.feature_lookup = Histogram(
+            "releasegate_gateway_feature_lookup_seconds",
+            "Time of one feature-store lookup (one per batch of requests waiting, whatever their rows).",
+            ("model",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.feature_lookup_rows = Histogram(
+            "releasegate_gateway_feature_lookup_rows",
+            "Entity rows per feature-store lookup.",
+            ("model",),
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.feature_misses = Counter(
+            "releasegate_gateway_feature_misses",
+            "Requests whose features were not all found, by reason (missing_entity | timeout | error) and "
+            "what the model declares for it (defaults | reject | serve_without).",
+            ("model", "reason", "action"),
+            registry=r,
+        )
         self.shadow_dropped = Counter(
             "releasegate_gateway_shadow_dropped",
             "Mirrored requests dropped because the shadow queue was full.",

@@ -1,0 +1,249 @@
+"""A model whose features live in Feast, served by the real gateway on loopback.
+
+The demo's feature repository is built for real (parquet offline source, materialized into Feast's SQLite
+online store, or into the Redis at 127.0.0.1:6379 under a project name of the test's own, torn down after);
+the model is trained on Feast's point-in-time join and declares its feature service. A request carries only
+the entity key and its own fields.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from releasegate import storage
+from releasegate.contract import FEAST_TAG, MissingFeatures
+from tests.integration.conftest import free_port, gateway_process
+from tests.require import require
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+MODEL = "churn-feast"
+ADMIN = "rg-test-admin-key-0123456789abcdef"
+REDIS = ("127.0.0.1", 6379)
+REDIS_DB = 7
+
+
+def _redis_missing() -> str | None:
+    try:
+        with socket.create_connection(REDIS, timeout=2):
+            return None
+    except OSError:
+        return (
+            "the Redis online store test needs a Redis server at 127.0.0.1:6379 (e.g. `apt-get install redis-server`)"
+        )
+
+
+class Served:
+    def __init__(self, url: str, store, settings, log, version: str):
+        self.url, self.store, self.settings, self.log_path, self.version = url, store, settings, log, version
+        self.client = httpx.Client(base_url=url, timeout=60, headers={"authorization": f"Bearer {ADMIN}"})
+
+    def invoke(self, records: list[dict], request_id: str) -> httpx.Response:
+        return self.client.post(
+            f"/models/{MODEL}/invocations", json={"dataframe_records": records}, headers={"x-request-id": request_id}
+        )
+
+    def logged_inputs(self, request_id: str) -> list[dict]:
+        table = storage.predictions
+        query = sa.select(table.c.inputs).where(table.c.request_id == request_id).order_by(table.c.id)
+
+        def read():
+            with storage.engine(self.settings.db_url).connect() as conn:
+                return [orjson.loads(r.inputs) for r in conn.execute(query)]
+
+        return wait_until(read, timeout=20, what=f"the log rows of {request_id}")
+
+    def declare(self, on_missing: MissingFeatures, defaults: dict | None = None) -> None:
+        """Change the model's declaration; the gateway reads it with the next route change."""
+        from releasegate import training
+        from releasegate.demo import feature_repo
+
+        training.declare_features(
+            MODEL,
+            feature_service=feature_repo.FEATURE_SERVICE,
+            entities=[feature_repo.ENTITY],
+            on_missing=on_missing,
+            defaults=defaults,
+        )
+        resp = self.client.put(f"/admin/routes/{MODEL}", json={"champion_version": self.version}, timeout=180)
+        assert resp.status_code == 200, resp.text
+
+    def misses(self, reason: str, action: str) -> float:
+        text = self.client.get("/metrics").text
+        line = f'releasegate_gateway_feature_misses_total{{action="{action}",model="{MODEL}",reason="{reason}"}} '
+        return next((float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line)), 0.0)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def served(request, tmp_path_factory):
+    """The demo's feature repository on one online store, a model trained on it, the gateway serving it."""
+    from tests.conftest import _point_env_at
+
+    online = None
+    if request.param == "redis":
+        require(_redis_missing())
+        online = f"{REDIS[0]}:{REDIS[1]},db={REDIS_DB}"
+    home = tmp_path_factory.mktemp(f"features-{request.param}")
+    with pytest.MonkeyPatch.context() as mp:
+        _point_env_at(home, mp)
+        import mlflow
+
+        from examples.train_with_feast import train_and_register
+        from releasegate import signing
+        from releasegate.demo import feature_repo
+        from releasegate.settings import get_settings
+
+        repo = home / "feature_repo"
+        project = f"rg_test_{secrets.token_hex(4)}"  # Redis keys of this test's own
+        store = feature_repo.build(repo, n=400, online=online, project=project)
+        mp.setenv("RELEASEGATE_FEAST_REPO", str(repo))
+        # Timeouts are not under test here: a lookup delayed by a busy machine must not turn into a 503.
+        mp.setenv("RELEASEGATE_GATEWAY_FEATURE_TIMEOUT", "10")
+        settings = get_settings()
+        signing.ensure_keys(settings)
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+        settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
+        mlflow.create_experiment("feast", artifact_location=settings.mlflow_artifact_root.as_uri())
+        mlflow.set_experiment("feast")
+        version = train_and_register(MODEL, repo)
+        signing.sign_version(MODEL, version, settings)
+        port = free_port()
+        try:
+            with gateway_process(home, port) as (_, log):
+                served = Served(f"http://127.0.0.1:{port}", store, settings, log, version)
+                try:
+                    resp = served.client.put(f"/admin/routes/{MODEL}", json={"champion_version": version}, timeout=180)
+                    assert resp.status_code == 200, resp.text
+                    yield served
+                finally:
+                    served.client.close()
+        finally:
+            store.teardown()  # the online store's rows (Redis keys, SQLite tables) and the registry's objects
+            storage.dispose_all()
+            if online is not None:
+                import redis
+
+                left = redis.Redis(host=REDIS[0], port=REDIS[1], db=REDIS_DB)
+                assert not [k for k in left.scan_iter(count=1000) if project.encode() in k]
+
+
+def _request(customer_ids: list[int]) -> list[dict]:
+    return [
+        {"customer_id": cid, "age": 30 + cid % 40, "region": "east", "plan": "basic", "channel": "phone"}
+        for cid in customer_ids
+    ]
+
+
+def test_a_request_with_only_its_entity_key_is_served_with_the_stores_features_and_they_are_logged(served):
+    from releasegate.demo import feature_repo
+
+    served.declare(MissingFeatures.reject)
+    sent = _request([3, 17, 250])
+    resp = served.invoke(sent, "features-found")
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["predictions"]) == 3
+    online = served.store.get_online_features(
+        features=[f"{feature_repo.FEATURE_VIEW}:{name}" for name in feature_repo.FEATURES],
+        entity_rows=[{"customer_id": r["customer_id"]} for r in sent],
+    ).to_dict()
+    logged = served.logged_inputs("features-found")
+    assert len(logged) == 3
+    for i, row in enumerate(logged):
+        # What the model saw: the store's five values and the request's own fields (text pseudonymised).
+        assert {name: row[name] for name in feature_repo.FEATURES} == {
+            name: online[name][i] for name in feature_repo.FEATURES
+        }
+        assert row["age"] == sent[i]["age"] and "customer_id" not in row
+
+
+def test_a_missing_entity_is_rejected_naming_it_when_the_model_says_reject(served):
+    served.declare(MissingFeatures.reject)
+    before = served.misses("missing_entity", "reject")
+    resp = served.invoke(_request([5, 999_999]), "features-missing")
+    assert resp.status_code == 422, resp.text
+    assert "customer_id=999999" in resp.json()["error"]
+    assert served.misses("missing_entity", "reject") == before + 1
+
+
+def test_a_missing_entity_gets_the_declared_defaults_when_the_model_says_defaults(served):
+    from releasegate.demo import feature_repo
+
+    defaults = {"tenure_months": 0, "monthly_charges": 50.0, "total_charges": 0.0, "support_calls": 0}
+    defaults["data_usage_gb"] = 20.0
+    served.declare(MissingFeatures.defaults, defaults)
+    resp = served.invoke(_request([999_998]), "features-defaults")
+    assert resp.status_code == 200, resp.text
+    (row,) = served.logged_inputs("features-defaults")
+    assert {name: row[name] for name in feature_repo.FEATURES} == defaults
+    assert served.misses("missing_entity", "defaults") >= 1
+
+
+def test_a_request_without_the_entity_key_is_refused_naming_it(served):
+    served.declare(MissingFeatures.reject)
+    resp = served.invoke([{"age": 40, "region": "east", "plan": "basic", "channel": "phone"}], "features-no-key")
+    assert resp.status_code == 422 and "'customer_id'" in resp.json()["error"], resp.text
+
+
+def test_the_declaration_is_refused_loudly_when_it_names_no_known_service(served):
+    from releasegate import registry
+
+    registry.client(served.settings).set_registered_model_tag(
+        MODEL, FEAST_TAG, '{"feature_service": "nope", "entities": ["customer_id"]}'
+    )
+    resp = served.client.put(f"/admin/routes/{MODEL}", json={"champion_version": served.version}, timeout=180)
+    assert resp.status_code == 200, resp.text
+    resp = served.invoke(_request([3]), "features-unknown-service")
+    assert resp.status_code == 503 and "no feature service 'nope'" in resp.json()["error"], resp.text
+    served.declare(MissingFeatures.reject)
+
+
+def test_validation_refuses_a_candidate_that_needs_a_feature_the_online_store_does_not_serve(served):
+    """Two ways to need one: a column neither callers send nor the service serves, and a service whose view
+    is kept offline only. The real validate step on the real Feast registry."""
+    if served.store.config.online_store.type != "sqlite":
+        pytest.skip("the registry checks are the same whatever the online store: run once")
+    from feast import FeatureService, FeatureView, Field
+    from feast.types import Int64
+
+    from examples.train_with_feast import train_and_register
+    from releasegate import validation
+    from releasegate.demo import feature_repo
+
+    served.declare(MissingFeatures.reject)
+    repo = served.settings.feast_repo
+    # A candidate trained on one more column than the champion, which nobody supplies.
+    candidate = train_and_register(MODEL, repo, extra_column="loyalty_points")
+    report = validation.validate_candidate(MODEL, candidate, served.version, "default", settings=served.settings)
+    assert not report.passed
+    assert any(
+        "'loyalty_points'" in r and "does not serve it in feature service 'churn_account'" for r in report.reasons
+    ), report.reasons
+
+    # The same service, but one of its views is kept offline only.
+    view = served.store.get_feature_view(feature_repo.FEATURE_VIEW)
+    offline = FeatureView(
+        name="customer_calls_offline",
+        entities=[served.store.get_entity("customer")],
+        ttl=view.ttl,
+        schema=[Field(name="support_calls", dtype=Int64)],
+        source=view.batch_source,
+        online=False,
+    )
+    service = FeatureService(name="churn_with_offline", features=[view, offline])
+    served.store.apply([offline, service])
+    from releasegate import training
+
+    training.declare_features(MODEL, feature_service="churn_with_offline", entities=[feature_repo.ENTITY])
+    try:
+        report = validation.validate_candidate(MODEL, served.version, None, "default", settings=served.settings)
+        assert not report.passed
+        assert any("online store does not serve: support_calls" in r for r in report.reasons), report.reasons
+    finally:
+        served.declare(MissingFeatures.reject)
