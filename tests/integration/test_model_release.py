@@ -41,12 +41,12 @@ CLASSES = {
 }
 
 
-def run_release(version: str, policy: str = "default", env: dict[str, str] | None = None) -> str:
+def run_release(version: str, policy: str = "default", env: dict[str, str] | None = None, model: str = MODEL) -> str:
     """One model_release run through `airflow dags test` (dag.test()); returns its output's last lines."""
     import json
     import os
 
-    conf = json.dumps({"model_name": MODEL, "version": version, "policy": policy})
+    conf = json.dumps({"model_name": model, "version": version, "policy": policy})
     out = subprocess.run(
         ["airflow", "dags", "test", "model_release", "-c", conf],
         env={**os.environ, **(env or {})},

@@ -5,7 +5,8 @@ Feast, keyed by `customer_id`; a request carries the key and what it knows itsel
 channel). The offline source is a parquet file of snapshots: each customer has one before the label's
 time and one after it, so only a point-in-time join (`get_historical_features`) gives the values the
 label was observed with. `build` writes the file, the feature_store.yaml and the registry, and
-materializes the latest values into the online store (SQLite by default, or Redis). See docs/features.md.
+materializes the latest values (or those as of a time) into the online store (SQLite by default, or
+Redis). See docs/features.md.
 """
 
 from __future__ import annotations
@@ -108,8 +109,20 @@ def feature_store_yaml(repo: Path, online: str | None = None, project: str = PRO
     return text
 
 
-def build(repo: Path, n: int = 2_000, seed: int = 0, online: str | None = None, project: str = PROJECT) -> FeatureStore:
-    """Write the repository under `repo` (source file, feature_store.yaml, registry) and materialize it online."""
+def build(
+    repo: Path,
+    n: int = 2_000,
+    seed: int = 0,
+    online: str | None = None,
+    project: str = PROJECT,
+    as_of: datetime | None = None,
+) -> FeatureStore:
+    """Write the repository under `repo` (source file, feature_store.yaml, registry) and materialize it online.
+
+    The online store holds each customer's latest snapshot, or the last one before `as_of`: with `LABEL_TIME`,
+    the values the labels were observed with, so replaying the labelled rows as traffic judges the answers on
+    the features they were given.
+    """
     from feast import FeatureStore
 
     repo.mkdir(parents=True, exist_ok=True)
@@ -120,5 +133,6 @@ def build(repo: Path, n: int = 2_000, seed: int = 0, online: str | None = None, 
     (repo / "feature_store.yaml").write_text(feature_store_yaml(repo, online, project))
     store = FeatureStore(repo_path=str(repo))
     store.apply(definitions(source))
-    store.materialize(start_date=_BEFORE - timedelta(days=1), end_date=_AFTER + timedelta(days=1))
+    end = _AFTER + timedelta(days=1) if as_of is None else as_of
+    store.materialize(start_date=_BEFORE - timedelta(days=1), end_date=end)
     return store
