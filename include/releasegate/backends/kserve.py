@@ -244,7 +244,8 @@ class KServeBackend:
         )
         stale = [a for a in previous_arms if a.name not in {r.name for r in routes}]
         if not self.wait_ready:
-            # The caller waits on the readiness; until the arms are ready their share waits in Knative's activator.
+            # The caller waits on the readiness; until then a starting arm's share of the requests fails (the
+            # experiments module does not take this path: it waits here).
             self._apply(VS, entry)
             self._remove_shadow(name)
             self._remove_arms(stale)
