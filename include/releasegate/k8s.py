@@ -9,6 +9,7 @@ against the Kubernetes client's models.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from releasegate.contract import StageKind
+from releasegate.contract import Mode, StageKind
 
 if TYPE_CHECKING:
     import jinja2
@@ -43,6 +44,8 @@ _ACCOUNT = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0
 # short enough to take the "-shadow-predictor" suffix.
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _MAX_NAME = 63 - len("-shadow-predictor")
+# An experiment arm's InferenceService is `<model>-arm-<version>`; its Knative revisions add "-predictor-00001".
+_MAX_ARM_NAME = 63 - len("-predictor-00001")
 
 
 class ManifestError(ValueError):
@@ -183,6 +186,22 @@ def k8s_name(model: str) -> str:
     return name
 
 
+def arm_name(model: str, version: str) -> str:
+    """The InferenceService name of an experiment arm: `<model>-arm-<version>`; ManifestError if not a valid one."""
+    name = f"{k8s_name(model)}-arm-{str(version).lower().replace('_', '-').replace('.', '-')}"
+    if not _NAME.match(name) or len(name) > _MAX_ARM_NAME:
+        raise ManifestError(
+            f"{model} v{version} gives the experiment arm name {name!r}, not a valid InferenceService name (a "
+            f"DNS-1035 label of at most {_MAX_ARM_NAME} characters: lower-case letters, digits and '-')"
+        )
+    return name
+
+
+def predictor_host(name: str, settings: K8sSettings) -> str:
+    """The cluster-local host of an InferenceService's predictor, which Knative's local gateway routes by."""
+    return f"{name}-predictor.{settings.namespace}.svc.cluster.local"
+
+
 def storage_uri(download_uri: str, settings: K8sSettings) -> str:
     """The URI KServe's storage initializer fetches: MLflow's artifact URI, its prefix rewritten if configured."""
     if settings.storage_rewrite:
@@ -234,11 +253,13 @@ def inference_service(
     settings: K8sSettings,
     *,
     shadow: bool = False,
+    experiment_arm: bool = False,
     canary_traffic_percent: int | None = None,
     release_id: str | None = None,
     champion_version: str | None = None,
 ) -> dict[str, Any]:
-    """The InferenceService serving `served` (the model's own, or its `-shadow` one in RawDeployment mode).
+    """The InferenceService serving `served`: the model's own, its `-shadow` one in RawDeployment mode, or an
+    experiment arm's `-arm-<version>` one (Knative, like the model's own).
 
     `champion_version`: the version the rest of a canary's traffic stays on (default: `served`'s). The
     predictor's storage initializer is releasegate's: it downloads the files and verifies them against
@@ -251,13 +272,21 @@ def inference_service(
             f"{model} v{served.version} has no signature bundle to verify against (digest {served.digest!r}, "
             f"bundle {served.bundle_uri!r}): refusing a predictor that could not verify what it serves"
         )
+    if shadow and experiment_arm:
+        raise ManifestError("an InferenceService is a shadow or an experiment arm, not both")
     name = k8s_name(model)
+    if shadow:
+        name, role = f"{name}-shadow", StageKind.shadow.value
+    elif experiment_arm:
+        name, role = arm_name(model, served.version), Mode.experiment.value
+    else:
+        role = "serving"
     [doc] = render(
         "inferenceservice.yaml.j2",
-        name=f"{name}-shadow" if shadow else name,
+        name=name,
         model=model,
         namespace=settings.namespace,
-        role=StageKind.shadow.value if shadow else "serving",
+        role=role,
         version=served.version,
         champion_version=champion_version or served.version,
         digest=served.digest,
@@ -280,10 +309,32 @@ def inference_service(
 
 
 def virtual_service(
-    model: str, settings: K8sSettings, *, mirror_percent: float = 0.0, release_id: str | None = None
+    model: str,
+    settings: K8sSettings,
+    *,
+    mirror_percent: float = 0.0,
+    release_id: str | None = None,
+    experiment: list[ArmRoute] | None = None,
 ) -> dict[str, Any]:
-    """The entry VirtualService: all traffic to the model's InferenceService, mirrored to the shadow when asked."""
+    """The entry VirtualService: all traffic to the model's InferenceService, mirrored to the shadow when asked;
+    or, given an `experiment`'s arms, split by weight between the control (the model's InferenceService, with
+    the stopped arms' shares) and the arms' InferenceServices (a stopped arm at weight 0)."""
     name = k8s_name(model)
+    destinations: list[dict[str, Any]] = [{"host": predictor_host(name, settings), "weight": None}]
+    arms: list[dict[str, Any]] = []
+    if experiment is not None:
+        if mirror_percent:
+            raise ManifestError("an experiment's VirtualService splits traffic; it mirrors none")
+        nominal = [a.weight for a in experiment]
+        if not experiment or any(not 1 <= w <= 99 for w in nominal) or sum(nominal) >= 100:
+            raise ManifestError(
+                f"an experiment needs 1 or more arms of 1-99 % each, leaving the control some traffic; got {nominal}"
+            )
+        control = 100 - sum(a.weight for a in experiment if not a.stopped)
+        destinations = [{"host": predictor_host(name, settings), "weight": control}] + [
+            {"host": predictor_host(a.name, settings), "weight": 0 if a.stopped else a.weight} for a in experiment
+        ]
+        arms = [{"version": a.version, "weight": a.weight, "stopped": a.stopped} for a in experiment]
     [doc] = render(
         "virtualservice.yaml.j2",
         name=name,
@@ -291,10 +342,40 @@ def virtual_service(
         host=settings.host.format(model=name),
         gateway=settings.gateway,
         local_gateway=settings.local_gateway,
+        destinations=destinations,
         mirror_percent=float(mirror_percent),
         release_id=release_id,
+        arms_annotation=ARMS_ANNOTATION,
+        arms=json.dumps(arms, separators=(",", ":")) if arms else None,
     )
     return doc
+
+
+@dataclass(frozen=True)
+class ArmRoute:
+    """An experiment arm as the entry VirtualService routes to it: its InferenceService, version and weight."""
+
+    name: str
+    version: str
+    weight: int  # its percent of the traffic while it runs
+    stopped: bool = False  # its traffic goes to the control
+
+    @classmethod
+    def of(cls, model: str, version: str, weight: int, stopped: bool = False) -> ArmRoute:
+        return cls(arm_name(model, version), str(version), int(weight), bool(stopped))
+
+
+ARMS_ANNOTATION = "releasegate.io/arms"
+
+
+def experiment_arms(virtual_service: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The arms (version, weight, stopped) an entry VirtualService was applied with; [] outside an experiment."""
+    annotations = ((virtual_service or {}).get("metadata") or {}).get("annotations") or {}
+    try:
+        arms = json.loads(annotations.get(ARMS_ANNOTATION) or "[]")
+    except ValueError as err:
+        raise ManifestError(f"the VirtualService's {ARMS_ANNOTATION} annotation is not JSON: {err}") from err
+    return arms if isinstance(arms, list) else []
 
 
 def destination_rule(model: str, settings: K8sSettings, *, max_requests: int = 100) -> dict[str, Any]:

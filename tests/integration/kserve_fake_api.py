@@ -4,7 +4,8 @@ No cluster runs on this machine, so this Starlette app on a loopback port implem
 endpoints the backend calls (GET, server-side-apply PATCH and DELETE of namespaced custom
 objects), records every request, and plays KServe's controller in a few lines: a spec change
 makes a new revision, a revision becomes ready after a number of reads, and the traffic follows
-canaryTrafficPercent the way KServe documents it. Knobs make it answer not-ready forever, report
+canaryTrafficPercent the way KServe documents it. Istio is not played: a VirtualService is stored
+as applied (the tests read its weights and mirror from what was applied). Knobs make it answer not-ready forever, report
 a failed revision, or refuse an apply with 409.
 
 With a `Kubelet`, it also plays the kubelet for each new revision's `storage-initializer`: it runs
@@ -323,6 +324,13 @@ def _describe(plural: str, doc: dict) -> tuple:
             spec["predictor"].get("canaryTrafficPercent"),
         )
     if plural == "virtualservices":
+        weights = [
+            f"{d['headers']['request']['set']['Host'].split('.')[0].removesuffix('-predictor')}={d['weight']}"
+            for d in spec["http"][0]["route"]
+            if "weight" in d
+        ]
+        if weights:  # an experiment: each InferenceService (by its predictor's Host) and its weight
+            return ("apply", kind, name, "weights " + " ".join(weights))
         mirror = spec["http"][0].get("mirrorPercentage", {}).get("value")
         return ("apply", kind, name, f"mirror {mirror:g}%" if mirror else "no mirror")
     return ("apply", kind, name)

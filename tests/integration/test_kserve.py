@@ -38,6 +38,7 @@ from tests.factories import SHADOW as SHADOW_STAGE
 from tests.factories import canary, verdict
 from tests.integration.conftest import ROOT, Stack, free_port
 from tests.integration.kserve_fake_api import FakeKubernetes
+from tests.require import require
 
 MODEL = "churn"
 pytestmark = pytest.mark.integration
@@ -329,6 +330,26 @@ def test_an_unsigned_version_is_never_published(kstack):
     assert kstack.fake.calls == []  # nothing reached the cluster
 
 
+def test_an_experiment_with_an_unsigned_arm_is_never_published(kstack):
+    """Every arm is verified before anything is applied (here `bad` is not signed yet: tests run in file order)."""
+    from releasegate.backends import ArmWeight, SignatureRefused
+    from releasegate.backends.kserve import KServeBackend
+
+    kstack.fake.calls.clear()
+    unsigned = kstack.versions["bad"]
+    with pytest.raises(SignatureRefused, match=f"refusing to publish churn v{unsigned}: .*not signed"):
+        KServeBackend().set_route(
+            MODEL,
+            kstack.versions["champion"],
+            None,
+            Mode.experiment,
+            0,
+            "exp-0",
+            [ArmWeight(version=unsigned, weight=20)],
+        )
+    assert kstack.fake.calls == []
+
+
 def test_release_dag_promotes_on_kserve_with_the_exact_applies(kstack):
     from releasegate import audit, registry
     from releasegate.backends.kserve import KServeBackend
@@ -505,6 +526,214 @@ def test_an_emergency_rollback_of_a_kserve_model_goes_to_kserve_not_the_local_ga
     assert kstack.fake.calls == [apply_is(kstack.versions["champion"]), apply_vs()]  # no shadow left to remove
     event = [e for e in audit.events(model=MODEL) if e["action"] == AuditAction.route][-1]
     assert event["details"]["change"] == RouteChange.emergency_rollback
+
+
+# -- experiments (A/B/n) ---------------------------------------------------------------------------------------
+
+
+def arm_is(version: str) -> tuple:
+    return apply_is(version, name=f"churn-arm-{version}")
+
+
+def apply_weights(**weights: int) -> tuple:
+    return ("apply", "VirtualService", "churn-entry", "weights " + " ".join(f"{k}={v}" for k, v in weights.items()))
+
+
+def _experiment_versions() -> tuple[str, str, str]:
+    """The champion now and the two other demo versions (signed) as the arms."""
+    from releasegate import registry, signing
+
+    champion = registry.get_alias(MODEL, "champion")
+    a, b = sorted((v for v in ("1", "2", "3") if v != champion), key=int)
+    for version in (a, b):
+        signing.sign_version(MODEL, version)
+    return champion, a, b
+
+
+def _labelled_by_the_sink(kstack, version: str) -> dict:
+    """Post request/response events of `version` to the real sink until one's row is labelled from the current
+    route (the sink caches a model's route for 2 s); that row."""
+    import sqlalchemy as sa
+
+    from releasegate import storage
+    from tests.waiting import wait_until
+
+    sent: list[str] = []
+    request = {"inputs": [{"name": "tenure", "shape": [1], "datatype": "FP64", "data": [3.0]}]}
+    response = {"model_name": MODEL, "outputs": [{"name": "predict", "shape": [1], "datatype": "INT64", "data": [1]}]}
+
+    def labelled() -> dict | None:
+        request_id = f"exp-{version}-{len(sent)}-{random.getrandbits(32):08x}"
+        url, now = f"{kstack.sink_url}/events?model={MODEL}&version={version}", time.time()
+        for kind, body in (("request", request), ("response", response)):
+            assert httpx.post(url, content=json.dumps(body), headers=_ce(kind, request_id, now)).status_code == 202
+        sent.append(request_id)
+        p = storage.predictions
+        with storage.engine().connect() as conn:
+            rows = conn.execute(sa.select(p).where(p.c.request_id.in_(sent), p.c.mode == Mode.experiment)).all()
+        return dict(rows[0]._mapping) if rows else None
+
+    return wait_until(labelled, timeout=60, every=0.5, what=f"an experiment row of v{version} from the sink")
+
+
+def test_an_experiment_runs_each_arm_in_its_own_inference_service_behind_istio_weights(kstack):
+    """The champion's InferenceService is the control, each arm gets one of its own (verified as a candidate is), and
+    the entry VirtualService splits the host by the arms' weights once they are all ready. What the fake cannot show:
+    that Istio draws each request by those weights (it stores the VirtualService as applied)."""
+    from releasegate import k8s, signing
+    from releasegate.backends import ArmWeight
+    from releasegate.backends.kserve import KServeBackend
+
+    require(None if k8s.schemas_available() else "CRD schemas not found (see ../shared/k8s-schemas/README.md)")
+    champion, a, b = _experiment_versions()
+    kstack.fake.calls.clear()
+    backend = KServeBackend()
+    assert backend.validate  # each manifest was checked against the pinned CRD schemas before its apply
+    applied = backend.set_route(
+        MODEL,
+        champion,
+        None,
+        Mode.experiment,
+        0,
+        "exp-1",
+        [ArmWeight(version=a, weight=30), ArmWeight(version=b, weight=20)],
+    )
+    assert kstack.fake.calls == [
+        apply_is(champion),
+        arm_is(a),
+        arm_is(b),
+        apply_weights(**{"churn": 50, f"churn-arm-{a}": 30, f"churn-arm-{b}": 20}),  # only once all three are ready
+    ]
+    assert applied.mode is Mode.experiment and applied.readiness is None
+    assert {n: st["ready"] for n, st in applied.status.items()} == {
+        "churn": "True",
+        f"churn-arm-{a}": "True",
+        f"churn-arm-{b}": "True",
+    }
+    objects = kstack.fake.objects
+    for key in (("inferenceservices", "models", f"churn-arm-{a}"), ("virtualservices", "models", "churn-entry")):
+        stored = {k: v for k, v in objects[key].items() if k != "status"}
+        stored["metadata"] = {k: v for k, v in stored["metadata"].items() if k not in ("generation", "uid")}
+        k8s.validate(stored)
+    # The arm's pods download and verify its own version against the bundle releasegate verified at publication.
+    arm = objects[("inferenceservices", "models", f"churn-arm-{a}")]
+    [init] = arm["spec"]["predictor"]["initContainers"]
+    args = dict(zip(init["args"][::2], init["args"][1::2], strict=True))
+    assert args["--expect-digest"] == arm["metadata"]["annotations"]["releasegate.io/signature-digest"]
+    assert args["--expect-digest"] == signing.sign_version(MODEL, a)  # the digest of a's bundle
+    assert arm["metadata"]["labels"]["releasegate.io/role"] == "experiment"
+    assert arm["spec"]["predictor"]["logger"]["url"].endswith(f"/events?model=churn&version={a}")
+    route = backend.get_route(MODEL)
+    assert (route.mode, route.champion_version, route.release_id) == (Mode.experiment, champion, "exp-1")
+    assert route.arms == [ArmWeight(version=a, weight=30), ArmWeight(version=b, weight=20)]
+    assert {n: st["weight"] for n, st in route.status.items()} == {
+        "churn": 50,
+        f"churn-arm-{a}": 30,
+        f"churn-arm-{b}": 20,
+    }
+    # The sink labels an arm's logged requests as the gateway does: the experiment's, arm `candidate`.
+    row = _labelled_by_the_sink(kstack, a)
+    assert (row["version"], row["arm"], row["release_id"], row["served"]) == (a, "candidate", "exp-1", True)
+    row = _labelled_by_the_sink(kstack, champion)
+    assert (row["version"], row["arm"], row["release_id"]) == (champion, "champion", "exp-1")
+
+
+def test_a_stopped_arm_sends_its_share_to_the_control_and_keeps_running(kstack):
+    """Stopping arm b: weight 0, its 20 % to the control; no InferenceService changes (no new revision)."""
+    from releasegate.backends import ArmWeight
+    from releasegate.backends.kserve import KServeBackend
+
+    champion, a, b = _experiment_versions()
+    generations = {
+        k: o["metadata"]["generation"] for k, o in kstack.fake.objects.items() if k[0] == "inferenceservices"
+    }
+    kstack.fake.calls.clear()
+    arms = [ArmWeight(version=a, weight=30), ArmWeight(version=b, weight=20, stopped=True)]
+    KServeBackend().set_route(MODEL, champion, None, Mode.experiment, 0, "exp-1", arms)
+    assert kstack.fake.calls == [
+        apply_is(champion),
+        arm_is(a),
+        arm_is(b),
+        apply_weights(**{"churn": 70, f"churn-arm-{a}": 30, f"churn-arm-{b}": 0}),
+    ]
+    assert generations == {
+        k: o["metadata"]["generation"] for k, o in kstack.fake.objects.items() if k[0] == "inferenceservices"
+    }
+    route = KServeBackend().get_route(MODEL)
+    assert route.arms == arms and route.status[f"churn-arm-{b}"]["weight"] == 0
+
+
+def test_ending_an_experiment_returns_the_host_to_the_champion_then_removes_the_arms(kstack):
+    from releasegate.backends.kserve import KServeBackend
+
+    champion, a, b = _experiment_versions()
+    kstack.fake.calls.clear()
+    KServeBackend().set_route(MODEL, champion)
+    assert kstack.fake.calls == [
+        apply_is(champion),
+        apply_vs(),  # all traffic to the champion first
+        ("delete", "InferenceService", f"churn-arm-{a}"),
+        ("delete", "InferenceService", f"churn-arm-{b}"),
+    ]
+    assert not [k for k in kstack.fake.objects if "-arm-" in k[2]]
+    route = KServeBackend().get_route(MODEL)
+    assert (route.mode, route.champion_version, route.arms) == (Mode.single, champion, None)
+
+
+def test_an_experiment_whose_arm_never_gets_ready_leaves_no_arm_behind(kstack, monkeypatch):
+    """The weights are never applied, and the arms started for it are deleted: traffic stays on the champion."""
+    from releasegate.backends import ArmWeight, DeploymentError
+    from releasegate.backends.kserve import KServeBackend
+
+    monkeypatch.setenv("RELEASEGATE_K8S_READY_TIMEOUT", "1.5")
+    champion, a, b = _experiment_versions()
+    kstack.fake.never_ready.add(f"churn-arm-{b}")
+    kstack.fake.calls.clear()
+    try:
+        with pytest.raises(DeploymentError, match=f"not ready after 1.5s: churn-arm-{b}: not Ready"):
+            KServeBackend().set_route(
+                MODEL,
+                champion,
+                None,
+                Mode.experiment,
+                0,
+                "exp-2",
+                [ArmWeight(version=a, weight=10), ArmWeight(version=b, weight=10)],
+            )
+    finally:
+        kstack.fake.never_ready.clear()
+    assert kstack.fake.calls == [
+        apply_is(champion),
+        arm_is(a),
+        arm_is(b),
+        ("delete", "InferenceService", f"churn-arm-{a}"),
+        ("delete", "InferenceService", f"churn-arm-{b}"),
+    ]
+    assert KServeBackend().get_route(MODEL).mode is Mode.single
+
+
+def test_a_bad_experiment_route_is_refused_before_the_cluster_sees_it(kstack):
+    from releasegate.backends import ArmWeight, DeploymentError
+    from releasegate.backends.kserve import KServeBackend
+
+    champion, a, b = _experiment_versions()
+    kstack.fake.calls.clear()
+    backend = KServeBackend()
+    with pytest.raises(DeploymentError, match="the arms' weights add up to 100"):
+        backend.set_route(
+            MODEL,
+            champion,
+            None,
+            Mode.experiment,
+            0,
+            "exp-3",
+            [ArmWeight(version=a, weight=60), ArmWeight(version=b, weight=40)],
+        )
+    with pytest.raises(DeploymentError, match="needs the experiment's id as release_id"):
+        backend.set_route(MODEL, champion, None, Mode.experiment, 0, None, [ArmWeight(version=a, weight=10)])
+    with pytest.raises(DeploymentError, match="arms apply to mode 'experiment' only"):
+        backend.set_route(MODEL, champion, a, Mode.canary, 10, "rel-x", [ArmWeight(version=b, weight=10)])
+    assert kstack.fake.calls == []
 
 
 def test_the_readiness_trigger_answers_ready_failed_or_timeout(monkeypatch):

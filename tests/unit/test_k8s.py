@@ -26,6 +26,8 @@ SETTINGS = k8s.K8sSettings(namespace="models", sink_url="http://releasegate-sink
 CANDIDATE = k8s.Served(
     "3", "s3://mlflow/1/abc/artifacts/model", "sha256:" + "a" * 64, "s3://mlflow/1/abc/artifacts/releasegate/model.sig"
 )
+# An experiment's arms besides the control: v3 at 30 %, v4 stopped (its 10 % back to the control).
+EXPERIMENT = [k8s.ArmRoute.of("churn", "3", 30), k8s.ArmRoute.of("churn", "4", 10, stopped=True)]
 # What the sink's Istio sidecar appends to X-Forwarded-Client-Cert for a predictor's and a feedback caller's mTLS.
 PREDICTOR_PEER = {
     "x-forwarded-client-cert": "By=spiffe://cluster.local/ns/models/sa/releasegate-sink;"
@@ -59,6 +61,8 @@ def every_manifest() -> list[dict]:
         k8s.inference_service("churn", CANDIDATE, SETTINGS, shadow=True, release_id="rel-1"),
         k8s.virtual_service("churn", SETTINGS),
         k8s.virtual_service("churn", SETTINGS, mirror_percent=100, release_id="rel-1"),
+        k8s.virtual_service("churn", SETTINGS, release_id="exp-1", experiment=EXPERIMENT),
+        k8s.inference_service("churn", CANDIDATE, SETTINGS, experiment_arm=True, release_id="exp-1"),
         k8s.destination_rule("churn", SETTINGS),
         *k8s.sink_manifests("models", "registry.example.com/releasegate:1.0"),
     ]
@@ -66,7 +70,7 @@ def every_manifest() -> list[dict]:
 
 def test_every_rendered_manifest_validates_against_the_pinned_schemas(schemas):
     docs = every_manifest()
-    assert [d["kind"] for d in docs] == ["InferenceService"] * 4 + ["VirtualService"] * 2 + [
+    assert [d["kind"] for d in docs] == ["InferenceService"] * 4 + ["VirtualService"] * 3 + ["InferenceService"] + [
         "DestinationRule",
         "Deployment",
         "Service",
@@ -111,6 +115,33 @@ def test_manifests_carry_the_release(schemas):
     assert mirrored["mirror"]["host"] == "churn-shadow-predictor.models.svc.cluster.local"
     assert mirrored["mirrorPercentage"] == {"value": 100.0}
     assert "mirror" not in k8s.virtual_service("churn", SETTINGS)["spec"]["http"][0]
+
+
+def test_an_experiments_virtual_service_splits_the_host_by_the_arms_weights(schemas):
+    vs = k8s.virtual_service("churn", SETTINGS, release_id="exp-1", experiment=EXPERIMENT)
+    split = [
+        (d["headers"]["request"]["set"]["Host"], d["weight"], d["destination"]["host"])
+        for d in vs["spec"]["http"][0]["route"]
+    ]
+    gateway = SETTINGS.local_gateway
+    assert split == [
+        ("churn-predictor.models.svc.cluster.local", 70, gateway),  # the control, with the stopped arm's 10 %
+        ("churn-arm-3-predictor.models.svc.cluster.local", 30, gateway),
+        ("churn-arm-4-predictor.models.svc.cluster.local", 0, gateway),
+    ]
+    assert k8s.experiment_arms(vs) == [
+        {"version": "3", "weight": 30, "stopped": False},
+        {"version": "4", "weight": 10, "stopped": True},
+    ]
+    assert k8s.experiment_arms(k8s.virtual_service("churn", SETTINGS)) == []
+    arm = k8s.inference_service("churn", CANDIDATE, SETTINGS, experiment_arm=True)
+    assert arm["metadata"]["name"] == "churn-arm-3" and "canaryTrafficPercent" not in arm["spec"]["predictor"]
+    with pytest.raises(k8s.ManifestError, match="leaving the control some traffic"):
+        k8s.virtual_service(
+            "churn", SETTINGS, experiment=[k8s.ArmRoute.of("churn", "3", 60), k8s.ArmRoute.of("churn", "4", 40)]
+        )
+    with pytest.raises(k8s.ManifestError, match="at most 47 characters"):
+        k8s.arm_name("c" * 46, "12")
 
 
 def test_a_misspelled_or_mistyped_field_is_refused(schemas):

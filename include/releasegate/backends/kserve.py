@@ -12,11 +12,15 @@ provider's KubernetesHook, see plugins/releasegate_airflow/kubernetes.py) with s
 | promote | InferenceService `<m>` at the candidate without canaryTrafficPercent: the new revision takes the default |
 | rollback | canaryTrafficPercent 0 (traffic back on the previous revision at once), then the champion's spec at 0 % until
 its revision is ready, then without canaryTrafficPercent |
+| experiment | + InferenceService `<m>-arm-<version>` per arm; once all are ready, VS weights: control `<m>` (with stopped arms'
+shares), each arm its weight (a stopped arm 0) |
+| back to single | VS to `<m>` alone, then the arms' InferenceServices deleted |
 
 A version is verified (signature, trusted key) before its storage URI is published in a manifest, and
 again in every pod: the predictor's storage initializer is releasegate's (`serving.verify_dir`), which
 serves nothing that does not verify against the bundle published here.
-Knative splits traffic per request, so `assignment` is "request": the analysis counts SRM in requests.
+Knative and Istio split traffic per request, so `assignment` is "request": the analysis counts SRM in requests,
+and an experiment's customer is not kept on one arm (docs/kubernetes.md, "What KServe can and cannot promise").
 """
 
 from __future__ import annotations
@@ -103,11 +107,10 @@ class KServeBackend:
     ) -> Applied:
         """Apply the split; with wait_ready, return once the InferenceServices are ready, else a `readiness` to wait on."""
         mode = Mode(mode)
-        if mode is Mode.experiment or arms:
-            # Not built yet: per-arm InferenceServices behind an Istio VirtualService's weights (docs/experiments.md).
-            raise DeploymentError(
-                f"the kserve backend does not run experiments yet: serve {model} from the local gateway to run one"
-            )
+        if mode is Mode.experiment:
+            return self._set_experiment(model, str(champion_version), release_id, arms)
+        if arms:
+            raise DeploymentError(f"arms apply to mode {Mode.experiment.value!r} only, got them with {mode.value!r}")
         if mode is not Mode.single and candidate_version is None:
             raise DeploymentError(f"a {mode.value} route needs a candidate version")
         if mode is Mode.canary and not 0 < int(candidate_weight) < 100:
@@ -119,6 +122,7 @@ class KServeBackend:
         name = k8s.k8s_name(model)
         s = self.settings
         current = self._get(ISVC, name)
+        previous_arms = self._arms(model)
         waits: list[dict[str, Any]] = []
         if mode is Mode.single:
             champion = self._served(model, champion_version, current)
@@ -147,6 +151,7 @@ class KServeBackend:
             waits.append({"name": name, "generation": gen, "canary_percent": None})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
+            self._remove_arms(previous_arms)
         elif mode is Mode.shadow:
             assert candidate_version is not None  # a shadow or canary route without one was refused above
             champion = self._served(model, champion_version, current)
@@ -157,6 +162,7 @@ class KServeBackend:
             waits.append({"name": f"{name}-shadow", "generation": gen, "canary_percent": None})
             self._apply(DR, k8s.destination_rule(model, s))
             self._apply(VS, k8s.virtual_service(model, s, mirror_percent=100, release_id=release_id))
+            self._remove_arms(previous_arms)
         else:
             assert candidate_version is not None  # a shadow or canary route without one was refused above
             candidate = self._served(model, candidate_version, current)
@@ -174,6 +180,7 @@ class KServeBackend:
             waits.append({"name": name, "generation": gen, "canary_percent": int(candidate_weight)})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
+            self._remove_arms(previous_arms)
         route = Applied(
             model=model,
             champion_version=champion_version,
@@ -190,13 +197,106 @@ class KServeBackend:
             update={"revision": ready.status[name].get("latestReadyRevision"), "status": ready.status}
         )
 
+    def _set_experiment(
+        self, model: str, champion_version: str, release_id: str | None, arms: list[ArmWeight] | None
+    ) -> Applied:
+        """The champion's InferenceService as the control, one per arm, then the entry VirtualService's weights."""
+        from pydantic import ValidationError
+
+        from releasegate.serving.routing import ArmSpec, RouteSpec
+
+        try:  # the gateway's own rules for an experiment route: arms, weights, distinct versions, an id
+            spec = RouteSpec(
+                champion_version=champion_version,
+                candidate_version=None,
+                mode=Mode.experiment,
+                candidate_weight=0,
+                release_id=release_id,
+                arms=[ArmSpec.model_validate(a.model_dump()) for a in arms or ()],
+            )
+            routes = [k8s.ArmRoute.of(model, a.version, a.weight, a.stopped) for a in spec.arms or ()]
+        except (ValidationError, k8s.ManifestError) as err:
+            raise DeploymentError(f"refusing the experiment route of {model}: {err}") from err
+        name, s = k8s.k8s_name(model), self.settings
+        previous_arms = self._arms(model)
+        # Every version verified before anything is applied: one refused arm leaves the cluster as it was.
+        control = self._served(model, champion_version, self._get(ISVC, name))
+        served = [self._served(model, arm.version, self._get(ISVC, arm.name)) for arm in routes]
+        waits = [
+            {
+                "name": name,
+                "generation": self._apply(ISVC, k8s.inference_service(model, control, s, release_id=release_id)),
+                "canary_percent": None,
+            }
+        ]
+        for arm, version in zip(routes, served, strict=True):
+            doc = k8s.inference_service(model, version, s, experiment_arm=True, release_id=release_id)
+            waits.append({"name": arm.name, "generation": self._apply(ISVC, doc), "canary_percent": None})
+        entry = k8s.virtual_service(model, s, release_id=release_id, experiment=routes)
+        route = Applied(
+            model=model,
+            champion_version=champion_version,
+            candidate_version=None,
+            mode=Mode.experiment,
+            candidate_weight=0,
+            release_id=release_id,
+            arms=[ArmWeight(version=a.version, weight=a.weight, stopped=a.stopped) for a in routes],
+        )
+        stale = [a for a in previous_arms if a.name not in {r.name for r in routes}]
+        if not self.wait_ready:
+            # The caller waits on the readiness; until then a starting arm's share of the requests fails (the
+            # experiments module does not take this path: it waits here).
+            self._apply(VS, entry)
+            self._remove_shadow(name)
+            self._remove_arms(stale)
+            _record_route(route)
+            return route.model_copy(update={"readiness": ReadinessWait(namespace=s.namespace, targets=waits)})
+        # Weights only once every arm is ready, so no share of the traffic goes to an arm still starting.
+        try:
+            ready = self._wait(waits)
+        except DeploymentError:
+            # The VirtualService does not name the new arms yet, so a later route change could not find them.
+            self._remove_arms([r for r in routes if r.name not in {a.name for a in previous_arms}])
+            raise
+        self._apply(VS, entry)
+        self._remove_shadow(name)
+        self._remove_arms(stale)
+        _record_route(route)
+        return route.model_copy(
+            update={"revision": ready.status[name].get("latestReadyRevision"), "status": ready.status}
+        )
+
     def get_route(self, model: str) -> Applied | None:
-        """The split the InferenceService's status reports, with the versions from its annotations."""
+        """The split the InferenceServices' status reports, with the versions from their annotations (an
+        experiment's arms from the entry VirtualService's)."""
         name = k8s.k8s_name(model)
         current = self._get(ISVC, name)
         if current is None:
             return None
         on, percent = _serving(current)
+        arms = self._arms(model)
+        if arms:
+            entry = self._get(VS, f"{name}-entry") or {}
+            status = {name: _summary(current)}
+            for arm in arms:
+                obj = self._get(ISVC, arm.name)
+                status[arm.name] = _summary(obj) if obj is not None else {"missing": True}
+            for destination in (entry.get("spec", {}).get("http") or [{}])[0].get("route") or []:
+                host = ((destination.get("headers") or {}).get("request") or {}).get("set", {}).get("Host", "")
+                target = host.split(".", 1)[0].removesuffix("-predictor")
+                if target in status:
+                    status[target]["weight"] = destination.get("weight")
+            annotations = entry.get("metadata", {}).get("annotations") or {}
+            return Applied(
+                model=model,
+                champion_version=on or "",
+                candidate_version=None,
+                mode=Mode.experiment,
+                candidate_weight=0,
+                release_id=annotations.get("releasegate.io/release-id") or None,
+                arms=[ArmWeight(version=a.version, weight=a.weight, stopped=a.stopped) for a in arms],
+                status=status,
+            )
         shadow = self._get(ISVC, f"{name}-shadow")
         previous = (current.get("metadata", {}).get("annotations") or {}).get("releasegate.io/champion-version")
         release_id = (current.get("metadata", {}).get("annotations") or {}).get("releasegate.io/release-id") or None
@@ -330,6 +430,24 @@ class KServeBackend:
         if self._get(DR, f"{name}-shadow") is not None:
             self._delete(DR, f"{name}-shadow")
 
+    def _arms(self, model: str) -> list[k8s.ArmRoute]:
+        """The experiment arms the model's entry VirtualService was last applied with ([] outside an experiment)."""
+        entry = self._get(VS, f"{k8s.k8s_name(model)}-entry")
+        try:
+            return [
+                k8s.ArmRoute.of(model, a["version"], a["weight"], a.get("stopped", False))
+                for a in k8s.experiment_arms(entry)
+            ]
+        except (k8s.ManifestError, KeyError, TypeError) as err:
+            raise DeploymentError(
+                f"the entry VirtualService of {model} names unreadable experiment arms: {err}"
+            ) from err
+
+    def _remove_arms(self, arms: list[k8s.ArmRoute]) -> None:
+        """Delete arms' InferenceServices; called after the VirtualService sends them no traffic."""
+        for arm in arms:
+            self._delete(ISVC, arm.name)
+
     def _served(self, model: str, version: str, current: dict[str, Any] | None) -> k8s.Served:
         """The version as a manifest names it; verified first unless `current` already serves it (verified then).
 
@@ -460,6 +578,7 @@ def _record_route(route: Applied) -> None:
         "mode": route.mode.value,
         "candidate_weight": route.candidate_weight,
         "release_id": route.release_id,
+        "arms": [a.model_dump() for a in route.arms] if route.arms else None,
     }
     with storage.engine().begin() as conn:
         current = conn.execute(

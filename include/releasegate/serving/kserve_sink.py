@@ -518,7 +518,9 @@ class Sink:
             except (EventError, orjson.JSONDecodeError) as err:
                 error = f"the logged response is unusable: {err}"
         route = self.route(model) or {}
-        arm = Arm.candidate if version == route.get("candidate_version") else Arm.champion
+        # As the gateway labels them: the candidate, or an experiment's arm besides the control, is `candidate`.
+        arm_versions = {route.get("candidate_version"), *(a.get("version") for a in route.get("arms") or ())}
+        arm = Arm.candidate if version in arm_versions - {None} else Arm.champion
         mode = Mode(route.get("mode") or Mode.single)
         answered = pair["response_time"] if outputs is not None else None
         base = {
