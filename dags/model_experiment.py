@@ -105,7 +105,7 @@ def model_experiment():
     @task(task_id=OPEN)
     def open_experiment() -> dict[str, Any]:
         """Resolve arms and champion, take the model's release lock, store the design."""
-        from releasegate import experiments
+        from releasegate import experiments, pipeline
         from releasegate_airflow.run_state import run_alive
 
         ctx = get_current_context()
@@ -117,7 +117,7 @@ def model_experiment():
             airflow_run_id=ctx["run_id"],
             actor=actor(),
             is_run_alive=run_alive,
-            close_stale=experiments.close_stale,
+            close_stale=pipeline.close_stale,
             sample_size=int(params["sample_size"] or 0) or None,
             max_seconds=float(params["max_seconds"] or 0) or None,
         )

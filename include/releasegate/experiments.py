@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import pandas as pd
 import sqlalchemy as sa
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from releasegate import audit, release, storage
@@ -130,11 +129,9 @@ def load_design(name: str, policy_dirs: list[Path] | None = None) -> Design:
             f"experiment design {name!r} not found in {', '.join(str(d) for d in _dirs(policy_dirs))} "
             f"(known: {', '.join(design_names(policy_dirs)) or 'none'})"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DesignError(f"experiment design {path.name}: not valid YAML: {err}") from err
-    data.setdefault("name", path.stem)
+    from releasegate import policy
+
+    data = policy.read_named(path, "experiment design", DesignError)
     try:
         return Design.model_validate(data)
     except ValidationError as err:
@@ -287,16 +284,6 @@ def open_experiment(
     )
 
 
-def close_stale(stale: release.Release) -> None:
-    """A lock left by a run that is gone (a release or an experiment): its champion alone on the route again."""
-    from releasegate import pipeline
-
-    if stale.state is State.watching:
-        pipeline._undo_promotion(stale, "airflow")
-    elif stale.champion_version:
-        pipeline._restore_champion(stale)
-
-
 def sign_arms(experiment_id: str, actor: str = "airflow") -> list[str]:
     """Sign every arm (or verify its signature) before anything loads it; a bad one rejects the experiment."""
     from releasegate import signing
@@ -336,6 +323,14 @@ def _backend(model: str) -> Any:
     from releasegate.pipeline import _backend as backend
 
     return backend(model)
+
+
+def _champion_alone(rel: release.Release, actor: str) -> None:
+    """The experiment's traffic back to its champion alone, audited as the experiment's end."""
+    from releasegate.pipeline import _serve_alone
+
+    assert rel.champion_version is not None  # an experiment opens with its champion
+    _serve_alone(rel.model, rel.champion_version, RouteChange.experiment_ended, actor, rel.release_id)
 
 
 def _set_route(rel: release.Release, record: Record, actor: str) -> None:
@@ -566,20 +561,7 @@ def conclude(experiment_id: str, last: Look, actor: str = "airflow") -> Conclude
     assert rel.champion_version is not None
     result = last.decision
     if not rel.terminal:
-        _backend(rel.model).set_route(rel.model, rel.champion_version, None, Mode.single, 0, release_id=None)
-        audit.append(
-            actor,
-            AuditAction.route,
-            model=rel.model,
-            version=rel.champion_version,
-            release_id=experiment_id,
-            details={
-                "change": RouteChange.experiment_ended.value,
-                "mode": Mode.single.value,
-                "candidate_weight": 0,
-                "champion_version": rel.champion_version,
-            },
-        )
+        _champion_alone(rel, actor)
     winner = None if last.invalid else result.winner
     audit.append(
         actor,
@@ -613,7 +595,7 @@ def fail(experiment_id: str, reason: str, actor: str = "airflow") -> None:
     if rel.terminal:
         return
     if rel.champion_version:
-        _backend(rel.model).set_route(rel.model, rel.champion_version, None, Mode.single, 0, release_id=None)
+        _champion_alone(rel, actor)
     release.transition(experiment_id, State.failed, actor=actor, reason=reason, decision=Outcome.fail)
 
 

@@ -7,6 +7,7 @@ step is idempotent: run again, it finds the work done and returns the same answe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -117,12 +118,6 @@ def start(
         raise release.ReleaseError(f"{model} v{candidate} is already the champion: nothing to release")
     _check_residency(model, candidate, actor)
 
-    def close_stale(stale: release.Release) -> None:
-        if stale.state is State.watching:
-            _undo_promotion(stale, actor)
-        elif stale.champion_version:
-            _restore_champion(stale)
-
     rel = release.open_release(
         model,
         candidate,
@@ -131,7 +126,7 @@ def start(
         airflow_run_id=airflow_run_id,
         actor=actor,
         is_run_alive=is_run_alive,
-        close_stale=close_stale,
+        close_stale=functools.partial(close_stale, actor=actor),
     )
     _tag(rel, release_id=rel.release_id, state=rel.state.value)
     return Opened(
@@ -142,6 +137,15 @@ def start(
         policy=pol.name,
         policy_digest=pol.digest,
     )
+
+
+def close_stale(stale: release.Release, actor: str = "airflow") -> None:
+    """A model's lock left by a run that is gone (a release's or an experiment's): the traffic it moved goes back,
+    the previous champion if it was being watched after promotion, else its champion alone."""
+    if stale.state is State.watching:
+        _undo_promotion(stale, actor)
+    elif stale.champion_version:
+        _restore_champion(stale)
 
 
 def sign(release_id: str, actor: str = "airflow") -> Signed | Rejected | Skipped:

@@ -257,12 +257,19 @@ def load(name_or_path: str | Path, policy_dirs: Path | list[Path] | None = None)
             f"(known: {', '.join(available(policy_dirs)) or 'none'}; RELEASEGATE_POLICIES_DIR adds "
             f"folders of your own)"
         )
+    return parse(read_named(path, "policy", PolicyError), source=path.name)
+
+
+def read_named(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """A policy-like YAML file's mapping, its `name` defaulting to the file's stem; `error` names a bad one."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise PolicyError(f"policy {path.name}: not valid YAML: {exc}") from exc
+        raise error(f"{what} {path.name}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{what} {path.name}: a mapping of fields expected, got {type(data).__name__}")
     data.setdefault("name", path.stem)
-    return parse(data, source=path.name)
+    return data
 
 
 def parse(data: dict[str, Any], source: str = "policy") -> Policy:
