@@ -355,6 +355,40 @@ def follow(
     return Outcome(code, message, run["state"], summary, steps)
 
 
+EXPERIMENT_SUMMARY_TASK = "conclude"  # model_experiment's task whose XCom is experiments.Concluded
+
+
+def experiment_conf(
+    model: str, arms: str, weights: str, design: str | None, release_winner: bool, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The `model_experiment` conf: its form's params, plus any extra keys the caller adds."""
+    if not model or not model.strip():
+        raise AirflowError("a model name is required")
+    if not arms or not arms.strip():
+        raise AirflowError("at least one arm (a version besides the champion) is required")
+    conf = dict(extra or {})
+    conf.update({"model_name": model.strip(), "arms": arms.strip(), "weights": (weights or "").strip()})
+    conf["release_winner"] = release_winner
+    if design:
+        conf["design"] = design
+    return conf
+
+
+def experiment_outcome(outcome: Outcome) -> tuple[int, str]:
+    """Exit code and a sentence for a followed model_experiment run: 0 with a winner, 1 concluded without one (or
+    invalid), 2 when the run failed before its result."""
+    concluded = next(
+        (s["value"] for s in outcome.steps if s["task_id"] == EXPERIMENT_SUMMARY_TASK and isinstance(s["value"], dict)),
+        None,
+    )
+    if concluded is None:
+        return EXIT_ERROR, f"the experiment's run ended {outcome.run_state or 'unfollowed'} without its result"
+    experiment = concluded.get("experiment_id", "?")
+    if concluded.get("winner"):
+        return 0, f"{experiment} {concluded.get('state')}: v{concluded['winner']} won ({concluded.get('reason')})"
+    return 1, f"{experiment} {concluded.get('state')}: {concluded.get('reason')}"
+
+
 # The answers a release's approval offers (pipeline's decide task), then Airflow's ApprovalOperator's.
 _YES, _NO = ("Promote", "Approve"), ("Roll back", "Reject")
 

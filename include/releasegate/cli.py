@@ -577,12 +577,17 @@ def subject_erase(key: str, reference: str, actor: str, yes: bool) -> None:
 
 
 def _airflow_options(command: _Command) -> _Command:
+    """Which DAG, where Airflow's API server is and who calls it: options, or the RELEASEGATE_* variables in CI."""
+    command = _airflow_connection(command)
+    return click.option(
+        "--dag-id", default="model_release", show_default=True, envvar="RELEASEGATE_DAG_ID", show_envvar=True
+    )(command)
+
+
+def _airflow_connection(command: _Command) -> _Command:
     """Where Airflow's API server is and who calls it: options, or the RELEASEGATE_AIRFLOW_* variables in CI."""
     for option in reversed(
         [
-            click.option(
-                "--dag-id", default="model_release", show_default=True, envvar="RELEASEGATE_DAG_ID", show_envvar=True
-            ),
             click.option(
                 "--airflow-url",
                 envvar="RELEASEGATE_AIRFLOW_URL",
@@ -668,6 +673,75 @@ def trigger(
         sys.exit(af.EXIT_ERROR)
     click.echo(f"outcome: {outcome.message} (exit {outcome.exit_code})")
     sys.exit(outcome.exit_code)
+
+
+@main.command()
+@click.option("--model", required=True, help="Registered model name in MLflow; its champion is the control.")
+@click.option("--arms", required=True, help="Versions or aliases besides the champion, comma separated (1-5).")
+@click.option("--weights", default="", help="Each arm's percent, comma separated; empty: equal shares.")
+@click.option("--design", default=None, help="Experiment design (policies' experiments/); default: the DAG's.")
+@click.option(
+    "--release-winner/--no-release-winner", default=True, show_default=True, help="Trigger model_release for it."
+)
+@click.option(
+    "--wait/--no-wait", default=False, show_default=True, help="Follow the run; exit 0 with a winner, 1 without."
+)
+@click.option("--dag-id", default="model_experiment", show_default=True)
+@_airflow_connection
+@click.option("--unpause", is_flag=True, help="Unpause the DAG first if it is paused.")
+@click.option("--poll-seconds", default=5.0, show_default=True)
+@click.option("--timeout", default=None, type=float, help="Give up waiting after this many seconds (exit 2).")
+def experiment(
+    model: str,
+    arms: str,
+    weights: str,
+    design: str | None,
+    release_winner: bool,
+    wait: bool,
+    dag_id: str,
+    airflow_url: str,
+    user: str | None,
+    password: str | None,
+    token: str | None,
+    unpause: bool,
+    poll_seconds: float,
+    timeout: float | None,
+) -> None:
+    """Start an A/B/n experiment (model_experiment) through Airflow's REST API (docs/experiments.md); with --wait
+    exit 0 when an arm won, 1 when none did, 2 when the run failed or on any error."""
+    from releasegate import airflow_client as af
+
+    try:
+        with af.AirflowClient(airflow_url, token=token, username=user, password=password) as client:
+            if client.dag(dag_id).get("is_paused"):
+                if not unpause:
+                    raise af.AirflowError(
+                        f"DAG {dag_id} is paused, so the run would never start: unpause it in the UI or pass --unpause"
+                    )
+                client.unpause(dag_id)
+            run = client.trigger(
+                dag_id,
+                af.experiment_conf(model, arms, weights, design, release_winner),
+                note=f"releasegate experiment --model {model} --arms {arms}",
+            )
+            click.echo(f"triggered {dag_id} run {run['dag_run_id']}: {client.ui_url(dag_id, run['dag_run_id'])}")
+            if not wait:
+                return
+            followed = af.follow(
+                client,
+                dag_id,
+                run["dag_run_id"],
+                echo=click.echo,
+                poll_seconds=poll_seconds,
+                timeout=timeout,
+                summary_task=af.EXPERIMENT_SUMMARY_TASK,
+            )
+    except af.AirflowError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(af.EXIT_ERROR)
+    code, message = af.experiment_outcome(followed)
+    click.echo(f"outcome: {message} (exit {code})")
+    sys.exit(code)
 
 
 @main.command()

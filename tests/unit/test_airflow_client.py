@@ -287,3 +287,76 @@ def test_a_short_api_outage_during_the_wait_is_ridden_out_and_a_long_one_is_an_e
     fake.outages = 10**6
     with client_for(fake) as client, pytest.raises(af.AirflowUnavailable, match="503"):
         af.follow(client, "model_release", RUN, echo=lambda line: None, sleep=lambda s: None, outage_grace=-1)
+
+
+class FakeExperimentAirflow:
+    """Airflow's API for one model_experiment run whose `conclude` task returns `concluded` (None: it failed)."""
+
+    def __init__(self, concluded: dict | None):
+        self.concluded = concluded
+        self.triggered: dict | None = None
+        self.polls = 0
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path, base = request.url.path, f"/api/v2/dags/model_experiment/dagRuns/{RUN}"
+        if path == "/auth/token":
+            return httpx.Response(201, json={"access_token": "jwt"})
+        if path == "/api/v2/dags/model_experiment":
+            return httpx.Response(200, json={"dag_id": "model_experiment", "is_paused": False})
+        if request.method == "POST" and path == "/api/v2/dags/model_experiment/dagRuns":
+            self.triggered = json.loads(request.content)
+            return httpx.Response(200, json={"dag_run_id": RUN, "state": "queued"})
+        if path == base:
+            self.polls += 1
+            state = "running" if self.polls < 2 else ("success" if self.concluded else "failed")
+            return httpx.Response(200, json={"dag_run_id": RUN, "state": state})
+        if path == f"{base}/taskInstances":
+            ti = {"task_id": "conclude", "map_index": -1, "duration": 1.0, "end_date": "2026-12-02T10:00:00Z"}
+            ti["state"] = "success" if self.concluded else "failed"
+            return httpx.Response(200, json={"task_instances": [ti] if self.polls >= 2 else [], "total_entries": 1})
+        if path == f"{base}/hitlDetails":
+            return httpx.Response(200, json={"hitl_details": [], "total_entries": 0})
+        if path == f"{base}/taskInstances/conclude/xcomEntries/return_value" and self.concluded:
+            return httpx.Response(200, json={"key": "return_value", "value": self.concluded})
+        return httpx.Response(404, json={"detail": f"not found ({path})"})
+
+
+@pytest.mark.parametrize(
+    "concluded, code, says",
+    [
+        (
+            {"experiment_id": "rel-e", "state": "concluded", "winner": "2", "reason": "2 wins on conversion"},
+            0,
+            "v2 won",
+        ),
+        (
+            {"experiment_id": "rel-e", "state": "concluded", "winner": None, "reason": "no winner: futile"},
+            1,
+            "no winner",
+        ),
+        (None, 2, "without its result"),
+    ],
+)
+def test_releasegate_experiment_exits_with_the_experiments_outcome(monkeypatch, concluded, code, says):
+    """`releasegate experiment --wait` from CI: 0 when an arm won, 1 when none did, 2 when the run failed."""
+    from click.testing import CliRunner
+
+    from releasegate import cli
+
+    fake = FakeExperimentAirflow(concluded)
+    real = af.AirflowClient
+    monkeypatch.setattr(
+        af, "AirflowClient", lambda url, **kw: real(url, transport=httpx.MockTransport(fake.handler), **kw)
+    )
+    args = ["experiment", "--model", "churn", "--arms", "2,3", "--weights", "30,30", "--design", "quick"]
+    args += ["--wait", "--poll-seconds", "0", "--user", "ci", "--password", "secret", "--airflow-url", "http://af.test"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == code, result.output
+    assert says in result.output
+    assert fake.triggered["conf"] == {
+        "model_name": "churn",
+        "arms": "2,3",
+        "weights": "30,30",
+        "release_winner": True,
+        "design": "quick",
+    }
