@@ -84,6 +84,15 @@ class MetricSpec(_Strict):
         return engine.Metric(name=self.name, kind=kind, goal=self.goal, mde=self.mde, role=self.role, test=self.test)
 
 
+class Cuped(_Strict):
+    """CUPED: each per-request metric less θ·(x − x̄), x a numeric request feature fixed before the request was
+    assigned an arm (a customer's tenure, last month's spend), θ = cov(y, x) / var(x) pooled over all arms. The
+    arm − control difference keeps its expectation (x does not depend on the arm) and loses the part of its
+    variance x explains (docs/experiments.md, "CUPED")."""
+
+    covariate: str = Field(min_length=1, description="The request feature (an input column) to adjust by.")
+
+
 class Design(_Strict):
     """An experiment's design file (include/policies/experiments/<name>.yaml or RELEASEGATE_POLICIES_DIR's)."""
 
@@ -97,6 +106,7 @@ class Design(_Strict):
     min_requests_per_arm: int = Field(100, ge=1)
     release_policy: str = "default"
     metrics: list[MetricSpec] = Field(min_length=1)
+    cuped: Cuped | None = None
 
     @model_validator(mode="after")
     def _valid(self) -> Design:
@@ -383,10 +393,23 @@ def _save(experiment_id: str, record: Record) -> None:
 # --- the evidence --------------------------------------------------------------------------------------------
 
 
-def read_requests(model: str, experiment_id: str, since: float, until: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The experiment's model calls and the feedback on its requests, as logged."""
+def read_requests(
+    model: str, experiment_id: str, since: float, until: float, with_inputs: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The experiment's model calls (their inputs too, for CUPED) and the feedback on its requests, as logged."""
     p, f = storage.predictions, storage.feedback
-    names = ("request_id", "time", "version", "arm", "served", "status", "latency_ms", "cpu_ms", "outputs")
+    names: tuple[str, ...] = (
+        "request_id",
+        "time",
+        "version",
+        "arm",
+        "served",
+        "status",
+        "latency_ms",
+        "cpu_ms",
+        "outputs",
+    )
+    names += ("inputs",) if with_inputs else ()
     columns = [p.c.id, *(p.c[n] for n in names)]
     where = sa.and_(
         p.c.release_id == experiment_id,
@@ -457,6 +480,44 @@ def _labels(feedback: pd.DataFrame) -> dict[tuple[str, int], Any]:
     return dict(labels(feedback)) if len(feedback) else {}
 
 
+def covariates(preds: pd.DataFrame, feature: str) -> pd.Series:
+    """Per request id, the numeric value of `feature` in its first logged row (NaN where absent or not a number:
+    a column the model's classification encrypts or pseudonymises is no covariate)."""
+    import orjson
+
+    first = preds.drop_duplicates("request_id")
+
+    def value(inputs: object) -> float:
+        try:
+            x = orjson.loads(inputs)[feature] if isinstance(inputs, str) else None
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return float("nan")
+        return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else float("nan")
+
+    return pd.Series([value(i) for i in first["inputs"]], index=first["request_id"].astype(str), dtype=float)
+
+
+def cuped_adjust(requests: pd.DataFrame, x: pd.Series, design: Design) -> pd.DataFrame:
+    """Each proportion and mean metric's values less θ·(x − x̄) (θ pooled over the arms); a request without the
+    covariate keeps its value. Ratio metrics are left as they are (their delta-method variance has no such term)."""
+    out = requests.copy()
+    cov = out["request_id"].astype(str).map(x).astype(float)
+    known = cov.notna()
+    if known.sum() < 3 or float(cov[known].var()) == 0.0:
+        return out
+    centred = (cov - cov[known].mean()).where(known, 0.0)
+    for spec in design.metrics:
+        if spec.source is Source.revenue_per_conversion:
+            continue
+        y = pd.to_numeric(out[spec.source.value], errors="coerce")
+        both = known & y.notna()
+        if both.sum() < 3:
+            continue
+        theta = float(((y[both] - y[both].mean()) * centred[both]).sum() / (centred[both] ** 2).sum())
+        out[spec.source.value] = y - theta * centred
+    return out
+
+
 def arm_stats(requests: pd.DataFrame, version: str, share: float, design: Design) -> engine.ArmStats:
     mine = requests[requests["version"] == version]
     stats: dict[str, engine.Stats] = {}
@@ -474,9 +535,11 @@ def assess(rel: release.Release, record: Record, until: float) -> engine.Experim
     design = record.design
     assert rel.champion_version is not None  # an experiment opens with its champion
     since = float(record.started_at or rel.started_at)
-    preds, feedback = read_requests(rel.model, rel.release_id, since, until)
+    preds, feedback = read_requests(rel.model, rel.release_id, since, until, with_inputs=design.cuped is not None)
     sources = {m.source for m in design.metrics}
     requests = per_request(preds, feedback, rel.champion_version, sources)
+    if design.cuped is not None and len(requests):
+        requests = cuped_adjust(requests, covariates(preds, design.cuped.covariate), design)
     running = [a for a in record.arms if not a.stopped]
     control_share = 100 - sum(a.weight for a in running)
     control = arm_stats(requests, rel.champion_version, control_share, design)
