@@ -121,6 +121,10 @@ def feast_per_request_app(repo: str, model_dir: str):
     import mlflow.pyfunc
     import orjson
     import pandas as pd
+
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast import FeatureStore
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -616,6 +620,9 @@ def benchmark(args, cases: list[str]) -> dict:
 
         storage.dispose_all()
         if feast_repo is not None:
+            from releasegate import feast_import
+
+            feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
             from feast import FeatureStore
 
             FeatureStore(repo_path=str(feast_repo)).teardown()  # the case's Redis keys

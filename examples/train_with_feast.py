@@ -35,6 +35,10 @@ def train_and_register(
     """
     import mlflow
     import pandas as pd
+
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast import FeatureStore
     from mlflow.models import infer_signature
 

@@ -17,6 +17,10 @@ from releasegate.contract import FEAST_TAG, LABEL_TAG, SUITE_TAG, MissingFeature
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast import FeatureStore
 
 

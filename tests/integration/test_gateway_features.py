@@ -209,6 +209,9 @@ def test_validation_refuses_a_candidate_that_needs_a_feature_the_online_store_do
     is kept offline only. The real validate step on the real Feast registry."""
     if served.store.config.online_store.type != "sqlite":
         pytest.skip("the registry checks are the same whatever the online store: run once")
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast import FeatureService, FeatureView, Field
     from feast.types import Int64
 

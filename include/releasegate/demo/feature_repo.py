@@ -20,6 +20,10 @@ from releasegate.demo import data
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast import FeatureStore
 
 PROJECT = "releasegate_demo"
@@ -67,6 +71,9 @@ def customers(n: int, seed: int = 0, first_id: int = 1) -> Customers:
 
 def definitions(source_path: Path) -> list[Any]:
     """The entity, feature view and feature service over the parquet file at `source_path`."""
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast import Entity, FeatureService, FeatureView, Field, FileSource
     from feast.types import Float64, Int64
     from feast.value_type import ValueType
@@ -123,6 +130,9 @@ def build(
     the values the labels were observed with, so replaying the labelled rows as traffic judges the answers on
     the features they were given.
     """
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast import FeatureStore
 
     repo.mkdir(parents=True, exist_ok=True)

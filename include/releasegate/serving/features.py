@@ -71,6 +71,9 @@ def open_store(settings: Settings) -> FeatureStore:
         raise FeatureDeclarationError(
             f"a model declares Feast features ({FEAST_TAG}), but RELEASEGATE_FEAST_REPO names no feature repository"
         )
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast import FeatureStore
 
     return FeatureStore(repo_path=str(settings.feast_repo))
@@ -78,6 +81,9 @@ def open_store(settings: Settings) -> FeatureStore:
 
 def service_features(store: FeatureStore, name: str) -> tuple[FeatureService, list[str], list[str]]:
     """The feature service, the features it serves from the online store, and those of views kept offline only."""
+    from releasegate import feast_import
+
+    feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py)
     from feast.errors import FeastObjectNotFoundException
 
     try:
