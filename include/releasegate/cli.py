@@ -576,6 +576,18 @@ def subject_erase(key: str, reference: str, actor: str, yes: bool) -> None:
     )
 
 
+def _ensure_unpaused(client: Any, dag_id: str, unpause: bool) -> None:
+    """A paused DAG never starts a triggered run: unpause it when asked, else say so (AirflowError)."""
+    from releasegate import airflow_client as af
+
+    if client.dag(dag_id).get("is_paused"):
+        if not unpause:
+            raise af.AirflowError(
+                f"DAG {dag_id} is paused, so the run would never start: unpause it in the UI or pass --unpause"
+            )
+        client.unpause(dag_id)
+
+
 def _airflow_options(command: _Command) -> _Command:
     """Which DAG, where Airflow's API server is and who calls it: options, or the RELEASEGATE_* variables in CI."""
     command = _airflow_connection(command)
@@ -651,12 +663,7 @@ def trigger(
         raise click.BadParameter(f"{err}", param_hint="--conf-json") from err
     try:
         with af.AirflowClient(airflow_url, token=token, username=user, password=password) as client:
-            if client.dag(dag_id).get("is_paused"):
-                if not unpause:
-                    raise af.AirflowError(
-                        f"DAG {dag_id} is paused, so the run would never start: unpause it in the UI or pass --unpause"
-                    )
-                client.unpause(dag_id)
+            _ensure_unpaused(client, dag_id, unpause)
             run = client.trigger(
                 dag_id,
                 af.release_conf(model, version, policy, extra),
@@ -713,12 +720,7 @@ def experiment(
 
     try:
         with af.AirflowClient(airflow_url, token=token, username=user, password=password) as client:
-            if client.dag(dag_id).get("is_paused"):
-                if not unpause:
-                    raise af.AirflowError(
-                        f"DAG {dag_id} is paused, so the run would never start: unpause it in the UI or pass --unpause"
-                    )
-                client.unpause(dag_id)
+            _ensure_unpaused(client, dag_id, unpause)
             run = client.trigger(
                 dag_id,
                 af.experiment_conf(model, arms, weights, design, release_winner),

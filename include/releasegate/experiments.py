@@ -301,13 +301,12 @@ def sign_arms(experiment_id: str, actor: str = "airflow") -> list[str]:
     rel = release.get(experiment_id)
     record = Record.of(rel)
     release.transition(experiment_id, State.signing, actor=actor)
+    from releasegate.pipeline import sign_audited
+
     digests = []
     for arm in record.arms:
-        earlier = audit.events(model=rel.model, version=arm.version, action=AuditAction.signed)
         try:
-            digest = signing.sign_version(
-                rel.model, arm.version, signed_before=earlier[-1]["details"].get("digest") if earlier else None
-            )
+            digests.append(sign_audited(rel.model, arm.version, experiment_id, actor))
         except signing.SignatureError as err:
             release.transition(
                 experiment_id,
@@ -317,15 +316,6 @@ def sign_arms(experiment_id: str, actor: str = "airflow") -> list[str]:
                 decision=Outcome.reject,
             )
             raise
-        audit.append(
-            actor,
-            AuditAction.signed,
-            model=rel.model,
-            version=arm.version,
-            release_id=experiment_id,
-            details={"digest": digest},
-        )
-        digests.append(digest)
     return digests
 
 

@@ -158,24 +158,29 @@ def sign(release_id: str, actor: str = "airflow") -> Signed | Rejected | Skipped
     if rel.state not in (State.pending, State.signing):
         return _skip(rel, f"is past signing ({rel.state.value})")
     release.transition(release_id, State.signing, actor=actor)
-    # What an earlier release recorded: the audit log is anchored, so deleting the version's bundle and
-    # its digest tag in the registry does not make a signed version signable again.
-    earlier = audit.events(model=rel.model, version=rel.candidate_version, action=AuditAction.signed)
     try:
-        digest = signing.sign_version(
-            rel.model, rel.candidate_version, signed_before=earlier[-1]["details"].get("digest") if earlier else None
-        )
+        digest = sign_audited(rel.model, rel.candidate_version, release_id, actor)
     except signing.SignatureError as err:
         return _reject(rel, f"signature check failed: {err}", actor)
-    audit.append(
-        actor,
-        AuditAction.signed,
-        model=rel.model,
-        version=rel.candidate_version,
-        release_id=release_id,
-        details={"digest": digest},
-    )
     return Signed(digest=digest)
+
+
+def sign_audited(model: str, version: str, release_id: str, actor: str) -> str:
+    """Sign `version` (or verify its signature) and audit it under `release_id`; SignatureError if refused.
+
+    What an earlier release recorded counts: the audit log is anchored, so deleting the version's bundle and
+    its digest tag in the registry does not make a signed version signable again.
+    """
+    from releasegate import signing
+
+    earlier = audit.events(model=model, version=version, action=AuditAction.signed)
+    digest = signing.sign_version(
+        model, version, signed_before=earlier[-1]["details"].get("digest") if earlier else None
+    )
+    audit.append(
+        actor, AuditAction.signed, model=model, version=version, release_id=release_id, details={"digest": digest}
+    )
+    return digest
 
 
 def validate(release_id: str, actor: str = "airflow") -> Validated | Skipped:
