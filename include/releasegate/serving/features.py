@@ -130,6 +130,7 @@ class Lookup:
         self._service = service
         self._config = config
         self._executor = executor
+        self._on_loop = bool(store.provider.async_supported.online.read)
         self._pending: deque[_Job] = deque()
         self._task: asyncio.Task[None] | None = None
         self._seconds = metrics.feature_lookup.labels(model)
@@ -139,6 +140,16 @@ class Lookup:
     def read(self, keys: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """One `get_online_features` for every row of `keys` (blocking): a list of values per feature."""
         values = self._store.get_online_features(features=self._service, entity_rows=keys).to_dict()
+        return {name: values[name] for name in self.features}
+
+    async def lookup(self, keys: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """`read` without blocking the event loop: on the loop itself where the online store has an asyncio
+        client (Redis, PostgreSQL, DynamoDB: no thread hop, and a lookup past the timeout is cancelled, not left
+        running), else in a thread (SQLite)."""
+        if not self._on_loop:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.read, keys)
+        response = await self._store.get_online_features_async(features=self._service, entity_rows=keys)
+        values = response.to_dict()
         return {name: values[name] for name in self.features}
 
     def warm(self) -> None:
@@ -221,9 +232,11 @@ class Lookup:
     async def _run(self) -> None:
         """Take every request waiting (up to `feature_batch_rows` rows) into one lookup, until none waits.
 
-        One lookup at a time per model: the requests that arrive during a lookup share the next one.
+        One lookup at a time per model: the requests that arrive during a lookup share the next one. A lookup
+        is given up after `feature_timeout` (its requests' own wait has ended by then), so a store that hangs
+        holds up no later request for longer.
         """
-        loop = asyncio.get_running_loop()
+        timeout = self._config.feature_timeout
         limit = self._config.feature_batch_rows
         while self._pending:
             jobs: list[_Job] = []
@@ -238,7 +251,7 @@ class Lookup:
             keys = {name: [v for job in jobs for v in job.keys[name]] for name in self.declared.entities}
             start = time.perf_counter()
             try:
-                found = await loop.run_in_executor(self._executor, self.read, keys)
+                found = await asyncio.wait_for(self.lookup(keys), timeout)
             except Exception as err:
                 if len(jobs) == 1:
                     _settle(jobs[0], error=err)
@@ -246,7 +259,7 @@ class Lookup:
                 # One request's bad key must not fail its neighbours: each is read on its own.
                 for job in jobs:
                     try:
-                        _settle(job, await loop.run_in_executor(self._executor, self.read, job.keys))
+                        _settle(job, await asyncio.wait_for(self.lookup(job.keys), timeout))
                     except Exception as one_err:
                         _settle(job, error=one_err)
                 continue
