@@ -322,3 +322,29 @@ def test_grafana_provisions_the_prometheus_datasource_the_dashboard_uses():
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts(compose()["services"]["grafana"])
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "releasegate.yaml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_the_feature_store_the_gateway_reads_is_the_redis_service_the_demo_materializes_into():
+    """Feast in compose: the gateway and the Airflow tasks find one repository, the demo builds it with its online
+    store on the `redis` service, and the gateway starts only once that Redis answers."""
+    from releasegate.demo import feature_repo
+
+    services = compose()["services"]
+    redis = services["redis"]
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ports" not in redis, "redis: probed, not published"
+    assert services["gateway"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    repos = {name: services[name]["environment"]["RELEASEGATE_FEAST_REPO"] for name in ("gateway", "airflow-scheduler")}
+    assert len(set(repos.values())) == 1, f"the gateway and Airflow's tasks read different repositories: {repos}"
+    builder = services["demo-models"]
+    assert builder["environment"]["RELEASEGATE_FEAST_REPO"] == repos["gateway"]
+    code = builder["command"][-1]
+    compile(code, "demo-models", "exec")  # the inline program is valid Python
+    online = re.search(r'feature_repo\.build\(.*?online="([^"]+)"', code)
+    assert online, "demo-models builds no feature repository"
+    host = online.group(1).split(":")[0]
+    assert host in services, f"the online store is at {host!r}, not a compose service"
+    config = yaml.safe_load(feature_repo.feature_store_yaml(Path(repos["gateway"]), online.group(1)))
+    assert config["online_store"] == {"type": "redis", "connection_string": "redis:6379"}
+    assert any(
+        m.startswith("releasegate-home:") and repos["gateway"].startswith(m.split(":")[1]) for m in mounts(builder)
+    )
