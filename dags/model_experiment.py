@@ -163,6 +163,7 @@ def model_experiment():
             "model_name": concluded["model"],
             "version": concluded["winner"],
             "policy": concluded["release_policy"],
+            "experiment_id": concluded["experiment_id"],
         }
 
     opened = open_experiment()

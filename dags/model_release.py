@@ -12,7 +12,8 @@ Takes one registered MLflow model version from the registry to production, or ba
    margins) run on the verified bytes.
 4. **shadow**: the candidate gets a mirror of live traffic; the wait polls the always-valid
    analysis until it decides, without holding a worker slot.
-5. **canary_N**: the policy's steps (e.g. 5 → 25 → 50 %), each with the same wait.
+5. **canary_N**: the policy's steps (e.g. 5 → 25 → 50 %), each with the same wait. The winner of an
+   experiment (`experiment_id`) skips both where the policy says so (`experiment_winner`).
 6. **decide**: branch to **promote** or **rollback**; where the policy requires it (or the
    evidence stays inconclusive under `inconclusive: approve`), first ask a person through
    Airflow's Human-in-the-loop (Required Actions), showing the verdicts: a rejection or no
@@ -109,6 +110,14 @@ def _release_id(release: dict[str, Any]) -> str:
             title="Policy",
             description="Release policy: a file of RELEASEGATE_POLICIES_DIR or include/policies/.",
         ),
+        "experiment_id": Param(
+            "",
+            type="string",
+            title="Experiment",
+            description="The concluded experiment this version won against the champion (model_experiment sets it). "
+            "Under a policy with `experiment_winner.skip_shadow_and_canary`, its result stands for shadow and "
+            "canary. Empty: none.",
+        ),
     },
     default_args={"retries": 0},
     on_success_callback=RunNotifier(NotificationEvent.release_outcome),
@@ -131,6 +140,7 @@ def model_release():
                 airflow_run_id=ctx["run_id"],
                 actor=actor(),
                 is_run_alive=run_alive,
+                experiment_id=params.get("experiment_id") or None,
             )
         )
 

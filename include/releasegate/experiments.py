@@ -642,6 +642,30 @@ def conclude(experiment_id: str, last: Look, actor: str = "airflow") -> Conclude
     )
 
 
+class Won(BaseModel):
+    """A concluded experiment's winner and the control it beat, as its audited decision says."""
+
+    experiment_id: str
+    model: str
+    control: str
+    winner: str
+
+
+def won(experiment_id: str) -> Won:
+    """The winner of a concluded experiment (from its `experiment.decided` event), or DesignError saying why
+    it has none to hand on."""
+    rel = release.get(experiment_id)
+    if not is_experiment(rel):
+        raise DesignError(f"{experiment_id} is a release, not an experiment")
+    if rel.state is not State.concluded:
+        raise DesignError(f"experiment {experiment_id} is {rel.state.value}: only a concluded one has a winner")
+    decided = audit.events(release_id=experiment_id, action=AuditAction.experiment_decided)
+    winner = decided[-1]["details"].get("winner") if decided else None
+    if winner is None or rel.champion_version is None:
+        raise DesignError(f"experiment {experiment_id} concluded without a winner")
+    return Won(experiment_id=experiment_id, model=rel.model, control=rel.champion_version, winner=str(winner))
+
+
 def fail(experiment_id: str, reason: str, actor: str = "airflow") -> None:
     """The run errored: the champion alone again, the experiment `failed`."""
     rel = release.get(experiment_id)

@@ -107,8 +107,14 @@ def start(
     airflow_run_id: str | None = None,
     actor: str = "airflow",
     is_run_alive: Callable[[str | None], bool] = lambda run_id: True,
+    experiment_id: str | None = None,
 ) -> Opened:
-    """Resolve candidate and champion, store the resolved policy, open the release (one per model)."""
+    """Resolve candidate and champion, store the resolved policy, open the release (one per model).
+
+    `experiment_id`: the concluded experiment the candidate won against this champion (model_experiment's
+    release_winner); under a policy with `experiment_winner.skip_shadow_and_canary` its result stands for
+    the shadow and canary. A candidate that did not win it, or a champion it was not compared with, is refused.
+    """
     from releasegate import registry
 
     pol = policies.load(policy_name)
@@ -116,6 +122,8 @@ def start(
     champion = registry.get_alias(model, "champion")
     if champion == candidate:
         raise release.ReleaseError(f"{model} v{candidate} is already the champion: nothing to release")
+    if experiment_id:
+        _check_won(model, candidate, champion, experiment_id)
     _check_residency(model, candidate, actor)
 
     rel = release.open_release(
@@ -127,6 +135,7 @@ def start(
         actor=actor,
         is_run_alive=is_run_alive,
         close_stale=functools.partial(close_stale, actor=actor),
+        experiment_id=experiment_id or None,
     )
     _tag(rel, release_id=rel.release_id, state=rel.state.value)
     return Opened(
@@ -137,6 +146,33 @@ def start(
         policy=pol.name,
         policy_digest=pol.digest,
     )
+
+
+def _check_won(model: str, candidate: str, champion: str | None, experiment_id: str) -> None:
+    from releasegate import experiments
+
+    try:
+        won = experiments.won(experiment_id)
+    except (experiments.DesignError, release.ReleaseError) as err:
+        raise release.ReleaseError(f"no experiment result to release on: {err}") from err
+    if won.model != model or won.winner != candidate:
+        raise release.ReleaseError(
+            f"{model} v{candidate} did not win experiment {experiment_id} ({won.model} v{won.winner} did)"
+        )
+    if won.control != champion:
+        raise release.ReleaseError(
+            f"experiment {experiment_id} compared v{won.winner} with v{won.control}, but the champion is now "
+            f"v{champion}: its result says nothing about this release"
+        )
+
+
+def _won_experiment(rel: release.Release) -> str | None:
+    """The experiment whose result stands for this release's shadow and canary: the one its audited opening
+    names, where its policy skips those stages for an experiment's winner."""
+    if not _policy(rel).experiment_winner.skip_shadow_and_canary:
+        return None
+    opened = audit.events(release_id=rel.release_id, action=AuditAction.release_opened)
+    return opened[0]["details"].get("experiment_id") if opened else None
 
 
 def close_stale(stale: release.Release, actor: str = "airflow") -> None:
@@ -240,6 +276,9 @@ def route(
     last = rel.last_verdict
     if last is not None and last.decision.negative:
         return _skip(rel, f"already has a {last.decision.value} verdict")
+    won = _won_experiment(rel)
+    if won:
+        return _skip(rel, f"is the winner of experiment {won}: policy {pol.name} skips shadow and canary for it")
     if step == 0:
         stage, mode, state = Stage.shadow(), Mode.shadow, State.shadow
     elif step > len(pol.canary.steps):
@@ -381,6 +420,8 @@ def decide(release_id: str) -> Branch:
     if rel.terminal:
         return Branch.finish
     if rel.champion_version is None:
+        return Branch.approve if pol.approval.required else Branch.promote
+    if _won_experiment(rel) and not any(v.decision.negative for v in rel.verdicts):
         return Branch.approve if pol.approval.required else Branch.promote
     last = rel.last_verdict
     final_weight = pol.canary.steps[-1]
@@ -547,7 +588,8 @@ def promote(release_id: str, actor: str = "airflow") -> Ended:
     if rel.state in (State.promoted, State.watching):
         return Ended(state=rel.state, reason=rel.reasons[-1] if rel.reasons else None)
     watch = _policy(rel).watch
-    watched = watch.seconds > 0 and rel.champion_version is not None
+    won = _won_experiment(rel)
+    watched = watch.seconds > 0 and rel.champion_version is not None and not won  # a watch needs a canary
     release.transition(release_id, State.promoting, actor=actor)
     # Under a watch the single route keeps the release's id: its requests are the watch's evidence, and the
     # gateway keeps the previous champion loaded until the route changes again (docs/decisions.md, "After promotion").
@@ -557,7 +599,11 @@ def promote(release_id: str, actor: str = "airflow") -> Ended:
     registry.set_alias(rel.model, "champion", rel.candidate_version)
     if registry.get_alias(rel.model, "challenger") == rel.candidate_version:
         registry.delete_alias(rel.model, "challenger")
-    reason = _last_reason(rel) or "first version of the model: no champion to compare with"
+    reason = (
+        _last_reason(rel)
+        or (won and f"won experiment {won} against v{rel.champion_version}")
+        or "first version of the model: no champion to compare with"
+    )
     answer = _approval(rel) if rel.state is State.awaiting_approval else None
     if answer is not None:
         note = f": {answer['comment']}" if answer.get("comment") else ""

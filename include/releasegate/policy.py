@@ -137,6 +137,18 @@ class Watch(_Strict):
     )
 
 
+class ExperimentWinner(_Strict):
+    """A release of an experiment's winner (docs/experiments.md, "The winner's release")."""
+
+    skip_shadow_and_canary: bool = Field(
+        default=False,
+        description="The winner of a concluded experiment against the same champion goes from validation straight "
+        "to the decision (and approval, where required): the experiment's result on live traffic is its evidence. "
+        "No watch follows its promotion (the watch compares with a canary). Off: shadow and canary as for any "
+        "candidate.",
+    )
+
+
 class DriftWatch(_Strict):
     """The near-real-time drift watch: the nightly's drift tests on each champion's last minutes of traffic."""
 
@@ -201,6 +213,7 @@ class Policy(_Strict):
     max_extensions: int = Field(default=2, ge=0)
     approval: Approval = Approval()
     watch: Watch = Watch()
+    experiment_winner: ExperimentWinner = ExperimentWinner()
     monitoring: Monitoring = Monitoring()
 
     @model_validator(mode="after")

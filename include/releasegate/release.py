@@ -172,8 +172,10 @@ def open_release(
     is_run_alive: Callable[[str | None], bool] = lambda run_id: True,
     close_stale: Callable[[Release], None] | None = None,
     engine: sa.Engine | None = None,
+    experiment_id: str | None = None,
 ) -> Release:
-    """Open a release, or return the one this Airflow run already opened (a retry).
+    """Open a release, or return the one this Airflow run already opened (a retry). `experiment_id`: the
+    experiment whose winner the candidate is, recorded in the audited opening (what skips its stages).
 
     A non-terminal release of the same model whose run is still alive refuses the new one;
     one whose run is gone is closed as `failed` first (after `close_stale` restored its traffic).
@@ -235,7 +237,8 @@ def open_release(
             model=model,
             version=str(candidate_version),
             release_id=release_id,
-            details={"champion": champion_version, "policy": policy.get("name"), "airflow_run_id": airflow_run_id},
+            details={"champion": champion_version, "policy": policy.get("name"), "airflow_run_id": airflow_run_id}
+            | ({"experiment_id": experiment_id} if experiment_id else {}),
         )
 
     audit.retrying(work, eng)

@@ -66,7 +66,7 @@ def test_model_release_has_the_release_steps_and_form_params(airflow_env):
         "finish",
     ):
         assert task_id in tasks
-    assert set(result["params"]["model_release"]) == {"model_name", "version", "policy"}
+    assert set(result["params"]["model_release"]) == {"model_name", "version", "policy", "experiment_id"}
 
 
 def test_nightly_evaluation_maps_over_champions_and_flags_retraining(airflow_env):

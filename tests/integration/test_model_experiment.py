@@ -15,19 +15,21 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import yaml
 
-from releasegate import audit, experiments, registry, release, storage
+from releasegate import audit, experiments, pipeline, registry, release, storage
 from releasegate.analysis.experiment import ArmStatus
 from releasegate.backends.local import LocalBackend
 from releasegate.contract import AuditAction, Mode
 
 MODEL = "churn"
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def run_experiment(conf: dict) -> str:
+def run_dag(dag_id: str, conf: dict) -> str:
     out = subprocess.run(
-        ["airflow", "dags", "test", "model_experiment", "-c", json.dumps(conf)],
+        ["airflow", "dags", "test", dag_id, "-c", json.dumps(conf)],
         env=dict(os.environ),
         capture_output=True,
         text=True,
@@ -38,14 +40,17 @@ def run_experiment(conf: dict) -> str:
     return out.stdout + out.stderr
 
 
-def test_three_arm_experiment_finds_the_best_arm_and_hands_it_to_the_release(stack):
+def test_three_arm_experiment_finds_the_best_arm_and_hands_it_to_the_release(stack, tmp_path, monkeypatch):
     """The good arm wins on conversion, the bad one is stopped by a guard (its traffic back to the control),
     the champion serves alone afterwards, the result is audited and stored in MLflow, and the winner is the
-    `challenger` for a model_release run the experiment triggered."""
+    `challenger` for a model_release run the experiment triggered. That release, run under a policy that lets
+    an experiment's result stand for shadow and canary, promotes the winner with no stage of its own."""
     good, bad, champion = stack.versions["good"], stack.versions["bad"], stack.versions["champion"]
     registry.set_alias(MODEL, "challenger", champion)  # not the winner yet: the experiment must move it
     # The shipped design the demo runs (include/policies/experiments/quick.yaml).
-    log = run_experiment({"model_name": MODEL, "arms": f"{good},{bad}", "weights": "33,33", "design": "quick"})
+    log = run_dag(
+        "model_experiment", {"model_name": MODEL, "arms": f"{good},{bad}", "weights": "33,33", "design": "quick"}
+    )
 
     exp = next(r for r in release.list_releases(MODEL) if experiments.is_experiment(r))
     assert exp.state is release.State.concluded, (exp.reasons, log[-3000:], stack.log("gateway")[-3000:])
@@ -82,11 +87,27 @@ def test_three_arm_experiment_finds_the_best_arm_and_hands_it_to_the_release(sta
     with sa.create_engine(os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]).connect() as conn:
         confs = conn.execute(sa.text("SELECT conf FROM dag_run WHERE dag_id = 'model_release'")).scalars().all()
     confs = [json.loads(c) if isinstance(c, str | bytes) else c for c in confs]
-    assert {"model_name": MODEL, "version": good, "policy": "default"} in confs, confs
+    handed = {"model_name": MODEL, "version": good, "policy": "default", "experiment_id": exp.release_id}
+    assert handed in confs, confs
     report = registry.client().list_artifacts(
         registry.client().get_model_version(MODEL, champion).run_id, f"releasegate/experiments/{exp.release_id}"
     )
     assert {Path(a.path).name for a in report} == {"experiment.json", "experiment.html"}
+
+    # The triggered release, run under the default policy but for `experiment_winner.skip_shadow_and_canary`.
+    policy = yaml.safe_load((REPO / "include" / "policies" / "default.yaml").read_text())
+    policy |= {"name": "winner", "experiment_winner": {"skip_shadow_and_canary": True}}
+    (tmp_path / "winner.yaml").write_text(yaml.safe_dump(policy))
+    monkeypatch.setenv("RELEASEGATE_POLICIES_DIR", str(tmp_path))
+    with pytest.raises(release.ReleaseError, match="did not win"):
+        pipeline.start(MODEL, bad, "winner", experiment_id=exp.release_id, actor="test")
+    log = run_dag("model_release", handed | {"policy": "winner"})
+    rel = next(r for r in release.list_releases(MODEL) if not experiments.is_experiment(r))
+    assert rel.state is release.State.promoted, (rel.reasons, log[-3000:])
+    assert registry.get_alias(MODEL, "champion") == good
+    assert rel.verdicts == [] and f"won experiment {exp.release_id}" in rel.reasons[-1], rel.reasons
+    stages = [e["details"].get("mode") for e in audit.events(release_id=rel.release_id, action=AuditAction.route)]
+    assert Mode.shadow not in stages and Mode.canary not in stages, stages
 
 
 def test_a_second_experiment_is_refused_while_a_release_holds_the_lock(stack):
