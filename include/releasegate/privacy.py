@@ -150,7 +150,7 @@ class Protector:
             raise ClassificationError(f"no data key {current_key!r}")
         self._keys, self._current = keys, current_key
         self._keyed = hmac.new(pepper, digestmod=hashlib.sha256)
-        self.pseudonym = functools.lru_cache(maxsize=65536)(self._pseudonym)  # categories repeat: cached
+        self.pseudonym = functools.lru_cache(maxsize=65536, typed=True)(self._pseudonym)  # categories repeat
 
     @classmethod
     def of(cls, settings: Settings) -> Protector:
@@ -228,14 +228,31 @@ class Protector:
         """The rows as the log may hold them (a new Rows; `rows` itself is what the model gets)."""
         from releasegate.serving.payloads import Rows
 
+        # On every request: `Classification.of` and `value` inlined, and no copy when every column is public.
         logged: dict[str, list[Any]] = {}
+        declared, public, pseudonymise = classification.columns, DataClass.public, DataClass.pseudonymise
+        changed = False
         for name, values in rows.columns.items():
-            cls = classification.of(name, values)
-            if cls is DataClass.public:
+            cls = declared.get(name) if declared else None
+            if cls is None:
+                first = (
+                    values[0] if values and values[0] is not None else next((v for v in values if v is not None), None)
+                )
+                cls = classification.strings if isinstance(first, str) else classification.others
+            if cls is public:
                 logged[name] = values
-            elif cls is not DataClass.drop:
+                continue
+            changed = True
+            if cls is pseudonymise:
+                pseudonym = self.pseudonym
+                try:
+                    logged[name] = [None if v is None else pseudonym(v) for v in values]
+                    continue
+                except TypeError:  # a list or an object in the column: `value` tokenises it uncached
+                    pass
+            if cls is not DataClass.drop:
                 logged[name] = [self.value(cls, v) for v in values]
-        return Rows(logged, rows.n)
+        return Rows(logged, rows.n) if changed else rows
 
     def frame(self, frame: pd.DataFrame, classification: Classification) -> pd.DataFrame:
         """A reference frame in the form the log holds, for comparing with logged traffic: the same tokens for the
