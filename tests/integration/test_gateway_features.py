@@ -9,12 +9,17 @@ the entity key and its own fields.
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from releasegate import storage
 from releasegate.contract import FEAST_TAG, MissingFeatures
@@ -202,6 +207,108 @@ def test_the_declaration_is_refused_loudly_when_it_names_no_known_service(served
     resp = served.invoke(_request([3]), "features-unknown-service")
     assert resp.status_code == 503 and "no feature service 'nope'" in resp.json()["error"], resp.text
     served.declare(MissingFeatures.reject)
+
+
+class _Blackhole:
+    """A TCP front for Redis: the connections it accepts while `silent` are read and never answered (a store
+    that hangs); those accepted afterwards are piped to the real Redis (the store back)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.server.getsockname()[1]
+        self.silent = True
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            if self.silent:
+                self._held.append(conn)  # open, never answered
+                continue
+            upstream = socket.create_connection(REDIS)
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self._held:
+            conn.close()
+
+
+def test_a_store_that_hangs_costs_a_request_its_timeout_and_is_used_again_once_it_answers(
+    served, tmp_path, monkeypatch
+):
+    """Redis behind a front that first holds every connection unanswered: a second gateway on the same registry
+    and routes, its repository pointed at the front, answers each request with the model's declared defaults
+    once `feature_timeout` passes. The hung lookup is given up with its requests (not left waiting forever), so
+    once the store answers again the next lookups reach it and the requests get the store's values."""
+    from releasegate.demo import feature_repo
+
+    if served.store.config.online_store.type != "redis":
+        pytest.skip("the lookup on the event loop (Feast's async API) is Redis's")
+    front = _Blackhole()
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(Path(served.store.repo_path), repo)
+    config = yaml.safe_load((repo / "feature_store.yaml").read_text())
+    config["online_store"]["connection_string"] = config["online_store"]["connection_string"].replace(
+        f"{REDIS[0]}:{REDIS[1]}", f"127.0.0.1:{front.port}"
+    )
+    (repo / "feature_store.yaml").write_text(yaml.safe_dump(config))
+    defaults = dict.fromkeys(feature_repo.FEATURES, -1)
+    served.declare(MissingFeatures.defaults, defaults)
+    monkeypatch.setenv("RELEASEGATE_FEAST_REPO", str(repo))
+    monkeypatch.setenv("RELEASEGATE_GATEWAY_FEATURE_TIMEOUT", "0.5")
+    home = tmp_path / "second"
+    home.mkdir()
+    port = free_port()
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    try:
+        with gateway_process(home, port), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+
+            def features_of(request_id: str) -> dict:
+                resp = client.post(
+                    f"/models/{MODEL}/invocations",
+                    json={"dataframe_records": _request([5])},
+                    headers=headers | {"x-request-id": request_id},
+                )
+                assert resp.status_code == 200, resp.text
+                (row,) = served.logged_inputs(request_id)
+                return {name: row[name] for name in feature_repo.FEATURES}
+
+            assert features_of("features-hung-0") == defaults
+            assert features_of("features-hung-1") == defaults
+            text = client.get("/metrics", headers=headers).text
+            line = f'releasegate_gateway_feature_misses_total{{action="defaults",model="{MODEL}",reason="timeout"}} '
+            assert next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line)) >= 2
+
+            front.silent = False  # the store answers again
+            stored = served.store.get_online_features(
+                features=served.store.get_feature_service(feature_repo.FEATURE_SERVICE),
+                entity_rows=[{feature_repo.ENTITY: 5}],
+            ).to_dict()
+            expected = {name: stored[name][0] for name in feature_repo.FEATURES}
+            wait_until(
+                lambda: features_of(f"features-back-{time.monotonic_ns()}") == expected,
+                timeout=30,
+                what="the store's values once it answers again",
+            )
+    finally:
+        front.close()
 
 
 def test_validation_refuses_a_candidate_that_needs_a_feature_the_online_store_does_not_serve(served):
