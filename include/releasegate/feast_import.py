@@ -11,7 +11,6 @@ chosen at import, from the environment as it was) and puts the two variables bac
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 _VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
@@ -21,18 +20,13 @@ def load() -> ModuleType:
     """The feast module, the environment as it was before."""
     import prometheus_client.values  # noqa: F401  (its value class, chosen now, before feast touches the environment)
 
-    saved = {name: os.environ.get(name) for name in _VARIABLES}
-    try:
+    from releasegate.settings import environ_restored
+
+    with environ_restored(*_VARIABLES):
         import feast
 
         try:
             import feast.metrics
         except ImportError:
             pass
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return feast

@@ -8,8 +8,10 @@ one place. docs/operations.md's configuration table is generated from them (`rel
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -324,3 +326,17 @@ def home_secret(settings: Settings, value: str | None, name: str) -> bytes:
         finally:
             draft.unlink()
     return path.read_text().strip().encode()
+
+
+@contextlib.contextmanager
+def environ_restored(*names: str) -> Iterator[None]:
+    """The environment variables `names` as they were before the block, whatever it set or removed."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

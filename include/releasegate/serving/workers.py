@@ -20,6 +20,8 @@ from pathlib import Path
 
 import orjson
 
+from releasegate.settings import environ_restored
+
 log = logging.getLogger(__name__)
 
 RUN_DIR = "RELEASEGATE_GATEWAY_RUN_DIR"  # set by the supervisor for its workers; not a setting
@@ -44,17 +46,12 @@ def shared_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="releasegate-gateway-"))
     (path / "metrics").mkdir()
     (path / "routes").mkdir()
-    saved = {name: os.environ.get(name) for name in (RUN_DIR, METRICS_DIR)}
-    os.environ[RUN_DIR] = str(path)
-    os.environ[METRICS_DIR] = str(path / "metrics")
     try:
-        yield path
+        with environ_restored(RUN_DIR, METRICS_DIR):
+            os.environ[RUN_DIR] = str(path)
+            os.environ[METRICS_DIR] = str(path / "metrics")
+            yield path
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         shutil.rmtree(path, ignore_errors=True)
 
 
