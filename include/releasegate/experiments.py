@@ -654,6 +654,8 @@ class Won(BaseModel):
 def won(experiment_id: str) -> Won:
     """The winner of a concluded experiment (from its `experiment.decided` event), or DesignError saying why
     it has none to hand on."""
+    if not release.ID_PATTERN.fullmatch(experiment_id):  # an id typed or sent by hand: checked before the database
+        raise DesignError(f"{experiment_id[:40]!r} is not an experiment id (rel- and 12 hex digits)")
     rel = release.get(experiment_id)
     if not is_experiment(rel):
         raise DesignError(f"{experiment_id} is a release, not an experiment")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class State(StrEnum):
     concluded = "concluded"  # the experiment ended with its result (a winner or none); traffic back to the champion
 
 
+ID_PATTERN = re.compile(r"rel-[0-9a-f]{12}")  # a release's or an experiment's id, as open_release makes it
 TERMINAL = frozenset(
     {State.promoted, State.rejected, State.rolled_back, State.invalid, State.aborted, State.failed, State.concluded}
 )
@@ -201,7 +203,7 @@ def open_release(
             details={"closed_by_run": airflow_run_id},
         )
 
-    release_id = f"rel-{uuid.uuid4().hex[:12]}"
+    release_id = f"rel-{uuid.uuid4().hex[:12]}"  # ID_PATTERN
     now = time.time()
 
     def work(conn: sa.Connection) -> None:

@@ -180,3 +180,28 @@ def test_an_experiment_with_cuped_is_assessed_on_its_logged_inputs(rg_home):
     adjusted, plain = revenue(True), revenue(False)
     assert adjusted.difference is not None and abs(adjusted.difference - 5.0) < 0.5
     assert (adjusted.upper - adjusted.lower) < 0.2 * (plain.upper - plain.lower)  # tenure explains most of it
+
+
+@pytest.mark.parametrize("bad", ["\ud800", "x" * 100_000, "rel-ABC", "rel-0123456789ab; DROP TABLE releases"])
+def test_a_malformed_experiment_id_is_refused_before_the_database_naming_it_briefly(rg_home, bad):
+    """model_release's `experiment_id` is typed or sent by hand: a malformed one is a clear error, not a crash."""
+    with pytest.raises(experiments.DesignError, match="is not an experiment id") as refused:
+        experiments.won(bad)
+    assert len(str(refused.value)) < 120
+
+
+def test_only_a_concluded_experiment_has_a_winner_to_hand_on(rg_home):
+    """An unknown id, a release's id and an experiment still running are each refused, saying which."""
+    from releasegate import release
+
+    with pytest.raises(release.ReleaseError, match="does not exist"):
+        experiments.won("rel-0123456789ab")
+    plain = release.open_release("churn", "2", "1", {"name": "default"}, airflow_run_id="r1", actor="t")
+    with pytest.raises(experiments.DesignError, match="is a release, not an experiment"):
+        experiments.won(plain.release_id)
+    release.transition(plain.release_id, release.State.failed, actor="t", reason="test")
+    design = experiments.load_design("quick")
+    record = experiments.Record(name=design.name, design=design, arms=[experiments.ArmWeight(version="2", weight=30)])
+    running = release.open_release("churn", "2", "1", record.model_dump(mode="json"), airflow_run_id="r2", actor="t")
+    with pytest.raises(experiments.DesignError, match="only a concluded one has a winner"):
+        experiments.won(running.release_id)
