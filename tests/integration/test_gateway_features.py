@@ -272,7 +272,7 @@ def test_a_store_that_hangs_costs_a_request_its_timeout_and_is_used_again_once_i
     defaults = dict.fromkeys(feature_repo.FEATURES, -1)
     served.declare(MissingFeatures.defaults, defaults)
     monkeypatch.setenv("RELEASEGATE_FEAST_REPO", str(repo))
-    monkeypatch.setenv("RELEASEGATE_GATEWAY_FEATURE_TIMEOUT", "0.5")
+    monkeypatch.setenv("RELEASEGATE_GATEWAY_FEATURE_TIMEOUT", "1")
     home = tmp_path / "second"
     home.mkdir()
     port = free_port()
@@ -304,7 +304,7 @@ def test_a_store_that_hangs_costs_a_request_its_timeout_and_is_used_again_once_i
             expected = {name: stored[name][0] for name in feature_repo.FEATURES}
             wait_until(
                 lambda: features_of(f"features-back-{time.monotonic_ns()}") == expected,
-                timeout=30,
+                timeout=60,
                 what="the store's values once it answers again",
             )
     finally:
