@@ -34,8 +34,10 @@ check: $(STAMP)
 	$(BIN)/ruff format --check include plugins dags tests benchmarks examples
 	$(BIN)/mypy
 
+# Both cores of the CI machine: one test module (tests/system as a whole) per unit of work, slowest first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: check $(CLIENTS_STAMP)
-	$(BIN)/python -m pytest -ra --durations=25
+	$(BIN)/python -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-fast: check
 	$(BIN)/python -m pytest -ra tests/unit tests/dags
