@@ -37,7 +37,7 @@ check: $(STAMP)
 # Both cores of the CI machine: one test module (tests/system as a whole) per unit of work, slowest first (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: check $(CLIENTS_STAMP)
-	$(BIN)/python -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -ra --durations=25 -n $(TEST_WORKERS)
 
 test-fast: check
 	$(BIN)/python -m pytest -ra tests/unit tests/dags

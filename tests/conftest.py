@@ -13,25 +13,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
 
-# `make test` runs the suite on both cores (pytest-xdist, `-n 2 --dist loadgroup --no-loadscope-reorder`): a test
-# module is one unit of work, since its module-scoped fixture (a fleet, a served model, Airflow) is built once,
-# and tests/system is one, since its modules share one session-scoped stack. The slowest units go first (the
-# fleet alone takes a quarter of the run), so that the two workers finish together rather than one waiting on
-# a unit that started last. Without xdist the marks do nothing but the order still holds.
+# `make test` runs the suite on both cores (pytest-xdist, `-n 2`). A unit of work is a test module, since its
+# module-scoped fixture (a fleet, a served model, Airflow) is built once, and tests/system as a whole, since
+# its modules share one session-scoped stack: built on two workers it would be built twice. xdist's
+# `--dist loadgroup` would say so with marks, but with pytest 9 it no longer renames the tests it groups, so
+# the units are drawn here, with xdist's own scheduler by scope. The slowest units go first (the fleet alone
+# takes a quarter of the run), so that the two workers finish together rather than one waiting on a unit that
+# started last. Without xdist the order still holds.
 SLOWEST_FIRST = ("tests/integration/test_your_model.py", "tests/system")
 
 
-def _unit(item: pytest.Item) -> str:
-    path = item.nodeid.split("::")[0]
+def _unit(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
     return "tests/system" if path.startswith("tests/system/") else path
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which names the units after these marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_unit(item)))
     rank = {unit: i for i, unit in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_unit(item), len(rank)))  # stable: the order within a unit holds
+    items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # stable: the order within a unit holds
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        """xdist's scheduling by scope, with this suite's units as the scopes, in the collection's order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False  # the order above, not the most tests first
+    return ByUnit(config, log)
 
 
 def _point_env_at(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
