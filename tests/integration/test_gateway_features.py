@@ -150,22 +150,51 @@ def test_a_request_with_only_its_entity_key_is_served_with_the_stores_features_a
     from releasegate.demo import feature_repo
 
     served.declare(MissingFeatures.reject)
-    sent = _request([3, 17, 250])
+    sent = _request([3, 17, 250, 3])  # a customer twice: read once, given to both rows
     resp = served.invoke(sent, "features-found")
     assert resp.status_code == 200, resp.text
-    assert len(resp.json()["predictions"]) == 3
+    assert len(resp.json()["predictions"]) == 4
     online = served.store.get_online_features(
         features=[f"{feature_repo.FEATURE_VIEW}:{name}" for name in feature_repo.FEATURES],
         entity_rows=[{"customer_id": r["customer_id"]} for r in sent],
     ).to_dict()
     logged = served.logged_inputs("features-found")
-    assert len(logged) == 3
+    assert len(logged) == 4
     for i, row in enumerate(logged):
         # What the model saw: the store's five values and the request's own fields (text pseudonymised).
         assert {name: row[name] for name in feature_repo.FEATURES} == {
             name: online[name][i] for name in feature_repo.FEATURES
         }
         assert row["age"] == sent[i]["age"] and "customer_id" not in row
+
+
+def test_the_stores_own_read_answers_what_get_online_features_answers(served):
+    """A plain feature service is read with the online store's own `online_read` (serving/features.py,
+    `_Direct`), not through `get_online_features`: for keys repeated, unknown and in any order it answers, value
+    for value, what Feast's own call does, on SQLite (in a thread) and on Redis (on the event loop)."""
+    import asyncio
+
+    from releasegate.demo import feature_repo
+    from releasegate.serving.features import _Direct
+
+    store = served.store
+    service = store.get_feature_service(feature_repo.FEATURE_SERVICE)
+    direct = _Direct.of(store, service, [feature_repo.ENTITY], feature_repo.FEATURES)
+    assert direct is not None
+    keys = {feature_repo.ENTITY: [250, 5, 5, 987_654, 17, 3]}
+    expected = store.get_online_features(features=service, entity_rows=keys).to_dict()
+    expected = {name: expected[name] for name in feature_repo.FEATURES}
+    assert expected[feature_repo.FEATURES[0]][3] is None and expected[feature_repo.FEATURES[0]][0] is not None
+    online = store._get_provider().online_store
+    asked = direct.asked(keys)
+    read = [(a, online.online_read(store.config, a.table, a.keys, list(a.names))) for a in asked]
+    assert direct.values(6, read) == expected
+    if store.provider.async_supported.online.read:
+
+        async def read_async():
+            return [(a, await online.online_read_async(store.config, a.table, a.keys, list(a.names))) for a in asked]
+
+        assert direct.values(6, asyncio.run(read_async())) == expected
 
 
 def test_a_missing_entity_is_rejected_naming_it_when_the_model_says_reject(served):
