@@ -6,7 +6,9 @@ champion (the control) and 1-5 arms share live traffic, judged on the metrics of
 design (include/policies/experiments/, or RELEASEGATE_POLICIES_DIR's `experiments/` folders).
 
 1. **open_experiment**: resolve the arms and the champion; take the model's release lock (no
-   release and no other experiment moves its traffic meanwhile).
+   release and no other experiment moves its traffic meanwhile); plan the deciding metric at the
+   champion's baseline and traffic over the last hour (the task's log and its XCom `plan`: the
+   requests and hours of the fixed-horizon and the sequential designs at the form's weights).
 2. **sign_arms**: OpenSSF model-signing of every arm (or verification of its signature).
 3. **start**: the gateway routes the arms their weights, sticky by routing key, salted by the
    experiment's id; the champion takes the rest.
@@ -24,6 +26,7 @@ design (include/policies/experiments/, or RELEASEGATE_POLICIES_DIR's `experiment
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pendulum
@@ -121,6 +124,8 @@ def model_experiment():
             sample_size=int(params["sample_size"] or 0) or None,
             max_seconds=float(params["max_seconds"] or 0) or None,
         )
+        if opened.plan is not None:
+            logging.getLogger("releasegate.experiments").info("%s; plan: %s", opened.describe(), opened.plan.note)
         return opened.model_dump(mode="json")
 
     @task(task_id=SIGN)

@@ -181,6 +181,20 @@ def is_experiment(rel: release.Release) -> bool:
     return rel.policy.get("kind") == "experiment"
 
 
+class OpeningPlan(BaseModel):
+    """What the deciding metric needs, planned as the experiment opens from the champion's recent traffic: the
+    requests of the fixed-horizon and the sequential designs (planning.py) at the form's weights, and how long
+    the model's current traffic takes to send them. `note` says it in a line, or why there is no plan."""
+
+    metric: str
+    baseline: float | None = None
+    rps: float | None = None
+    fixed_requests: int | None = None
+    sequential_requests: int | None = None
+    sequential_median_requests: int | None = None
+    note: str
+
+
 class ExperimentOpened(BaseModel):
     result: Literal["experiment_opened"] = "experiment_opened"
     experiment_id: str
@@ -188,6 +202,7 @@ class ExperimentOpened(BaseModel):
     control: str
     arms: list[ArmWeight]
     design: str
+    plan: OpeningPlan | None = None  # what the deciding metric needs at the champion's recent traffic
 
     def describe(self) -> str:
         arms = ", ".join(f"v{a.version} {a.weight}%" for a in self.arms)
@@ -290,7 +305,79 @@ def open_experiment(
         close_stale=close_stale,
     )
     return ExperimentOpened(
-        experiment_id=rel.release_id, model=model, control=control, arms=resolved, design=design.name
+        experiment_id=rel.release_id,
+        model=model,
+        control=control,
+        arms=resolved,
+        design=design.name,
+        plan=opening_plan(model, control, resolved, design),
+    )
+
+
+PLAN_WINDOW_SECONDS = 3600  # the champion's recent traffic the plan reads: its baseline and its rate
+_PLANNED = {Source.conversion, Source.accuracy, Source.error}  # proportions; the rest but the ratio are means
+
+
+def opening_plan(
+    model: str, control: str, arms: list[ArmWeight], design: Design, now: float | None = None
+) -> OpeningPlan:
+    """Plan the deciding metric at the champion's baseline and traffic over the last hour (planning.plan)."""
+    from releasegate import planning
+
+    spec = next(m for m in design.metrics if m.role is engine.Role.decide)
+    if spec.source is Source.revenue_per_conversion:
+        return OpeningPlan(metric=spec.name, note=f"no plan for {spec.name}: a ratio metric (plan its parts)")
+    until = time.time() if now is None else now
+    p = storage.predictions
+    where = sa.and_(p.c.model == model, p.c.version == control, p.c.time >= until - PLAN_WINDOW_SECONDS)
+    calls, feedback = _read_calls(where, until)
+    values = per_request(calls, feedback, control, {spec.source})[spec.source.value].dropna().astype(float)
+    if len(values) < sequential.MIN_UNITS:
+        return OpeningPlan(
+            metric=spec.name,
+            note=f"no plan for {spec.name}: the champion v{control} has {len(values)} requests with a value in the "
+            f"last {PLAN_WINDOW_SECONDS // 60} minutes (needs {sequential.MIN_UNITS}); `releasegate plan` takes "
+            "a baseline by hand",
+        )
+    baseline, sd = float(values.mean()), float(values.std())
+    kind = planning.MetricKind.proportion if spec.source in _PLANNED else planning.MetricKind.mean
+    shares = [max(100 - sum(a.weight for a in arms), 0), *(a.weight for a in arms)]
+    try:
+        wanted = planning.Design(
+            kind=kind,
+            baseline=baseline,
+            sd=sd if kind is planning.MetricKind.mean and sd > 0 else None,
+            mde=spec.mde,
+            alpha=design.alpha,
+            weights=[float(w) for w in shares],
+        )
+    except (ValidationError, ValueError) as err:
+        why = "; ".join(e["msg"] for e in err.errors()) if isinstance(err, ValidationError) else str(err)
+        return OpeningPlan(metric=spec.name, baseline=baseline, note=f"no plan for {spec.name}: {why}")
+    rps = planning.traffic_rate(model, PLAN_WINDOW_SECONDS)
+    made = planning.plan(wanted, rps)
+
+    def take(requests: int) -> str:
+        seconds = made.seconds(requests)
+        return f"{requests:,} requests" + (f" (≈ {seconds / 3600:.1f} h)" if seconds is not None else "")
+
+    note = (
+        f"{spec.name} from {baseline:.4g} by {spec.mde:g} at α {design.alpha:g} over {len(arms)} comparison(s), "
+        f"power {wanted.power:g}, weights {'/'.join(str(w) for w in shares)}: fixed horizon {take(made.fixed_requests)}; "
+        f"sequential {take(made.sequential_requests)}, median {take(made.sequential_median_requests)}"
+        + (f", at {rps:.1f} requests/s" if rps else "")
+    )
+    expected = made.seconds(made.sequential_requests)
+    if expected is not None and expected > design.max_seconds:
+        note += f"; longer than the design's {design.max_seconds / 3600:g} h: likely to end undecided"
+    return OpeningPlan(
+        metric=spec.name,
+        baseline=baseline,
+        rps=rps,
+        fixed_requests=made.fixed_requests,
+        sequential_requests=made.sequential_requests,
+        sequential_median_requests=made.sequential_median_requests,
+        note=note,
     )
 
 
@@ -387,6 +474,19 @@ def read_requests(
     model: str, experiment_id: str, since: float, until: float, with_inputs: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The experiment's model calls (their inputs too, for CUPED) and the feedback on its requests, as logged."""
+    p = storage.predictions
+    where = sa.and_(
+        p.c.release_id == experiment_id,
+        p.c.model == model,
+        p.c.mode == Mode.experiment,
+        p.c.time >= since,
+        p.c.time <= until,
+    )
+    return _read_calls(where, until, with_inputs)
+
+
+def _read_calls(where: Any, until: float, with_inputs: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The model calls `where` selects, and the feedback given on their requests by `until`."""
     p, f = storage.predictions, storage.feedback
     names: tuple[str, ...] = (
         "request_id",
@@ -401,13 +501,6 @@ def read_requests(
     )
     names += ("inputs",) if with_inputs else ()
     columns = [p.c.id, *(p.c[n] for n in names)]
-    where = sa.and_(
-        p.c.release_id == experiment_id,
-        p.c.model == model,
-        p.c.mode == Mode.experiment,
-        p.c.time >= since,
-        p.c.time <= until,
-    )
     fb_names = ("request_id", "time", "ground_truth", "business_value")
     feedback_q = (
         sa.select(*(f.c[n] for n in fb_names))

@@ -205,3 +205,45 @@ def test_only_a_concluded_experiment_has_a_winner_to_hand_on(rg_home):
     running = release.open_release("churn", "2", "1", record.model_dump(mode="json"), airflow_run_id="r2", actor="t")
     with pytest.raises(experiments.DesignError, match="only a concluded one has a winner"):
         experiments.won(running.release_id)
+
+
+def test_the_plan_made_as_an_experiment_opens_reads_the_champions_last_hour(rg_home):
+    """The deciding metric (conversion) planned at the champion's logged baseline and rate: the same figures
+    `releasegate plan` gives for them, and a warning when the design's duration cannot hold the sample."""
+    import time
+
+    from releasegate import planning, storage
+    from releasegate.contract import Mode
+
+    design = experiments.load_design("default")
+    arms = [experiments.ArmWeight(version="2", weight=25), experiments.ArmWeight(version="3", weight=25)]
+    quiet = experiments.opening_plan("churn", "1", arms, design)
+    assert quiet.fixed_requests is None and "the champion v1 has 0 requests" in quiet.note
+
+    now = time.time()
+    rows, feedback = [], []
+    for i in range(600):
+        rows.append(
+            {
+                "request_id": f"q{i}", "time": now - 1800 + i, "model": "churn", "version": "1",
+                "arm": "champion", "mode": Mode.single, "release_id": None, "routing_key_hash": f"{i:016x}",
+                "sample_bucket": i % 1000, "served": True, "fallback": False, "inputs": "{}", "outputs": "1",
+                "latency_ms": 2.0, "cpu_ms": 0.05, "status": "ok",
+            }
+        )  # fmt: skip
+        if i % 10 == 0:  # a tenth converts
+            feedback.append(
+                {"request_id": f"q{i}", "time": now - 1700 + i, "ground_truth": "1", "business_value": 30.0}
+            )
+    with storage.engine().begin() as conn:
+        conn.execute(storage.predictions.insert(), rows)
+        conn.execute(storage.feedback.insert(), feedback)
+
+    made = experiments.opening_plan("churn", "1", arms, design, now=now)
+    assert made.metric == "conversion" and made.baseline == pytest.approx(0.1)
+    expected = planning.plan(
+        planning.Design(kind="proportion", baseline=0.1, mde=0.005, alpha=0.05, weights=[50, 25, 25])
+    )
+    assert (made.fixed_requests, made.sequential_requests) == (expected.fixed_requests, expected.sequential_requests)
+    assert made.rps is not None and 0.2 < made.rps < 0.5  # 600 requests over the last half hour
+    assert "fixed horizon" in made.note and "likely to end undecided" in made.note  # ~10⁵ requests at 0.3/s
