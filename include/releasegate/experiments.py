@@ -12,6 +12,7 @@ stored in MLflow, the winner made the `challenger` for model_release). docs/expe
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from releasegate.errors import ReleasegateError
 from releasegate.release import State
 from releasegate.serving.routing import MAX_ARMS
 
+log = logging.getLogger(__name__)
 CHALLENGER_ALIAS = "challenger"  # the alias model_release takes by default: the winner is handed on under it
 
 
@@ -310,8 +312,18 @@ def open_experiment(
         control=control,
         arms=resolved,
         design=design.name,
-        plan=opening_plan(model, control, resolved, design),
+        plan=_plan_or_why(model, control, resolved, design),
     )
+
+
+def _plan_or_why(model: str, control: str, arms: list[ArmWeight], design: Design) -> OpeningPlan:
+    """The opening plan; a plan that cannot be made says why and keeps no experiment from opening."""
+    try:
+        return opening_plan(model, control, arms, design)
+    except Exception as err:  # the log unreadable, a figure out of range: the experiment still opens
+        log.warning("%s: no opening plan: %s", model, err, exc_info=True)
+        spec = next(m for m in design.metrics if m.role is engine.Role.decide)
+        return OpeningPlan(metric=spec.name, note=f"no plan for {spec.name}: {type(err).__name__}: {err}")
 
 
 PLAN_WINDOW_SECONDS = 3600  # the champion's recent traffic the plan reads: its baseline and its rate

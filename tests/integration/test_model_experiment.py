@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def test_three_arm_experiment_finds_the_best_arm_and_hands_it_to_the_release(sta
 
     exp = next(r for r in release.list_releases(MODEL) if experiments.is_experiment(r))
     assert exp.state is release.State.concluded, (exp.reasons, log[-3000:], stack.log("gateway")[-3000:])
+    # The plan made as it opened, in the task's log: conversion at the champion's last hour, or why there is none.
+    assert re.search(
+        r"; plan: (conversion from [0-9.]+ by 0\.\d+ .* fixed horizon [0-9,]+ requests|no plan for conversion)", log
+    ), log[:5000]
     decided = audit.events(release_id=exp.release_id, action=AuditAction.experiment_decided)
     assert decided and decided[-1]["details"]["winner"] == good, decided
     result = decided[-1]["details"]["result"]
