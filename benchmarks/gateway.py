@@ -10,7 +10,8 @@ Cases, each on the demo's churn models (champion v1, better candidate v2) with o
     shadow        the gateway mirroring every request to the candidate, both arms logged
     canary        the gateway splitting 50 % to the candidate
     single_workers  `single` with one worker, then with `--workers` (default 2) behind the same port, each
-                  with the CPU time the gateway's processes and wrk used per request
+                  with the CPU time the gateway's processes and wrk used per request; with --callgrind,
+                  under valgrind, the instructions per request of all the gateway's processes instead
     single_features    the gateway, champion only, a version of the demo model that takes 5 of its features
                        from Feast's Redis online store: a request carries customer_id and its 4 own fields
     feast_per_request  the usual way, the baseline: a Starlette app calling get_online_features once per
@@ -180,11 +181,11 @@ class Bench:
         self.procs.append(proc)
         return proc
 
-    def stop(self, proc: subprocess.Popen) -> None:
+    def stop(self, proc: subprocess.Popen, timeout: float = 30) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -262,6 +263,61 @@ class Bench:
     def measure(self, url: str, body: Path, key: str | None = None) -> dict:
         self.load(url, body, key, min(3.0, self.seconds))  # warm-up: connections, caches, JIT-free paths
         return self.load(url, body, key, self.seconds)
+
+
+def callgrind(out_dir: Path) -> list[str]:
+    """valgrind's callgrind before a command: every process it starts counted too, nothing counted until
+    `callgrind_control --instr=on`, each process's totals written to `out_dir` as it exits."""
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (Debian/Ubuntu: apt-get install -y valgrind)")
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--trace-children=yes",
+        "--quiet",
+        f"--callgrind-out-file={out_dir}/cg.%p",
+    ]
+
+
+def count_instructions(
+    bench: Bench, url: str, body: Path, key: str, seconds: float, server: int, out_dir: Path, idle_seconds: float = 10
+) -> dict:
+    """`load_with_cpu` under callgrind (`callgrind` before the gateway): the instructions all the gateway's
+    processes execute per request. Counted twice: first `idle_seconds` with no load (route polls, the log
+    writers' timers: a cost per second, not per request), then the load; the idle rate over the load's
+    duration is taken off the load's count before dividing by its requests."""
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=600)
+
+    control("--instr=on")
+    started = time.monotonic()
+    time.sleep(idle_seconds)  # the idle window is a measurement, not a wait for a condition
+    control("--dump=idle")
+    idle_wall, started = time.monotonic() - started, time.monotonic()
+    result = bench.load_with_cpu(url, body, key, seconds, server)
+    control("--dump=load")
+    load_wall = time.monotonic() - started
+    control("--instr=off")
+    idle, loaded = _callgrind_dumps(out_dir, 1), _callgrind_dumps(out_dir, 2)
+    per_second = idle / idle_wall
+    per_request = (loaded - per_second * load_wall) / result["requests"] if result["requests"] else None
+    return result | {
+        "idle_instructions_per_second": round(per_second),
+        "load_instructions": loaded,
+        "instructions_per_request": round(per_request) if per_request is not None else None,
+    }
+
+
+def _callgrind_dumps(out_dir: Path, number: int) -> int:
+    """Instructions executed (Ir) in every process's `number`-th dump: the sum of their `totals:` lines."""
+    total = 0
+    for path in out_dir.glob(f"cg.*.{number}"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+    return total
 
 
 def tree_cpu(root: int) -> float:
@@ -380,6 +436,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads.")
     parser.add_argument(
         "--workers", type=int, default=2, help="Gateway workers in single_workers, against one (default 2)."
+    )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="single_workers under valgrind's callgrind: instructions per request (every gateway process) with 1 "
+        "and --workers workers, counted only while the load runs; for where `perf stat` has no counters (a VM).",
     )
     parser.add_argument(
         "--paced-rps",
@@ -596,12 +658,17 @@ def benchmark(args, cases: list[str]) -> dict:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 name = f"gateway-{n}-workers"
-                proc = bench.start(
-                    name, [sys.executable, "-m", "releasegate.serving", "--port", str(port), "--workers", str(n)]
-                )
-                bench.wait_ready(f"{url}/readyz", proc, name)
+                counted = workdir / f"callgrind-{n}"
+                gateway = [sys.executable, "-m", "releasegate.serving", "--port", str(port), "--workers", str(n)]
+                if args.callgrind:
+                    counted.mkdir()
+                    gateway = [*callgrind(counted), *gateway]
+                proc = bench.start(name, gateway)
+                bench.wait_ready(f"{url}/readyz", proc, name, timeout=1800 if args.callgrind else 180)
                 with httpx.Client(
-                    base_url=url, timeout=180, headers={"authorization": f"Bearer {env['RELEASEGATE_ADMIN_KEY']}"}
+                    base_url=url,
+                    timeout=1800 if args.callgrind else 180,  # loading a model under valgrind takes minutes
+                    headers={"authorization": f"Bearer {env['RELEASEGATE_ADMIN_KEY']}"},
                 ) as admin:
                     # Answered once every worker serves it (docs/gateway.md, "Workers").
                     resp = admin.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]})
@@ -611,8 +678,13 @@ def benchmark(args, cases: list[str]) -> dict:
                     target = f"{url}/models/{MODEL}/invocations"
                     bench.load(target, body, predict_key, min(3.0, args.seconds))
                     time.sleep(1)
-                    by_workers[str(n)] = bench.load_with_cpu(target, body, predict_key, args.seconds, proc.pid)
-                bench.stop(proc)
+                    if args.callgrind:
+                        by_workers[str(n)] = count_instructions(
+                            bench, target, body, predict_key, args.seconds, proc.pid, counted
+                        )
+                    else:
+                        by_workers[str(n)] = bench.load_with_cpu(target, body, predict_key, args.seconds, proc.pid)
+                bench.stop(proc, timeout=600 if args.callgrind else 30)
             results["single_workers"] = {"workers": by_workers}
     finally:
         bench.stop_all()
@@ -656,6 +728,12 @@ def print_table(results: dict) -> None:
             f"{r['errors']} errors; gateway {r['server_cores']:.2f} cores, "
             f"{r['server_cpu_us_per_request']:.0f} µs CPU/request; wrk {r['wrk_cores']:.2f} cores, "
             f"{r['wrk_cpu_us_per_request']:.0f} µs CPU/request"
+            + (
+                f"; {r['instructions_per_request']:,} instructions/request (callgrind; the idle "
+                f"{r['idle_instructions_per_second']:,}/s taken off)"
+                if r.get("instructions_per_request")
+                else ""
+            )
         )
     features, per_request = results.get("single_features"), results.get("feast_per_request")
     if single and features and single["rps"]:

@@ -46,7 +46,7 @@ def _rows(path) -> list[tuple]:
         return db.execute("SELECT request_id, inputs, outputs, served FROM predictions ORDER BY id").fetchall()
 
 
-def _wait(condition, timeout: float = 15) -> None:
+def _wait(condition, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while not condition():
         assert time.time() < deadline, "timed out"

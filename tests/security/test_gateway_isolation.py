@@ -139,7 +139,8 @@ def test_timed_out_requests_leave_a_hanging_versions_queue_and_a_full_queue_fail
             assert set(statuses) <= {503, 504} and statuses.count(504) >= 4, (wave, statuses)
             refusals += statuses.count(503)
             refused = [(resp, took) for resp, took in outcomes if resp.status_code == 503]
-            assert all(took < 0.5 and resp.headers["retry-after"] == "1" for resp, took in refused), refused
+            # Refused without waiting: before the champion's 1 s timeout, which a queued request waits out.
+            assert all(took < 1.0 and resp.headers["retry-after"] == "1" for resp, took in refused), refused
             assert all("rows waiting (at most 4)" in resp.json()["error"] for resp, _ in refused)
             queued.append(gw.metric("releasegate_gateway_slot_queue_rows", model=MODEL, version=version))
         assert stuck.result()[0].status_code == 504

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from releasegate import storage
 from releasegate.serving.logwriter import LogWriter
 from releasegate.serving.metrics import Metrics
+from tests.waiting import wait_until
 
 
 def _row(i: int) -> dict:
@@ -51,13 +52,17 @@ def test_outage_is_buffered_up_to_the_bound_and_every_lost_row_is_counted_and_re
     started = time.perf_counter()
     accepted = [writer.put(_row(i)) for i in range(40)]
     assert time.perf_counter() - started < 0.05, "put() must never wait for the database"
-    time.sleep(0.5)  # the writer has taken its first batch and is retrying it
+    # The writer has taken its first batch and is retrying it: the oldest row held waits on.
+    wait_until(
+        lambda: _sample(metrics, "releasegate_gateway_log_lag_seconds", table="feedback") > 0.3,
+        timeout=30,
+        what="the log's lag past 0.3 s",
+    )
     accepted += [writer.put(_row(40 + i)) for i in range(10)]
     kept = sum(accepted)
     assert 10 <= kept <= 20  # the queue's bound plus at most the one batch the writer holds
     dropped = _sample(metrics, "releasegate_gateway_log_dropped_rows_total", table="feedback", reason="buffer_full")
     assert dropped == 50 - kept
-    assert _sample(metrics, "releasegate_gateway_log_lag_seconds", table="feedback") > 0.3
     assert "refuses writes" in caplog.text
 
     holder.execute("COMMIT")  # the database is back: everything held is written

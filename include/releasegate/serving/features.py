@@ -142,6 +142,7 @@ class _Direct:
         cls, store: FeatureStore, service: FeatureService, entities: list[str], features: list[str]
     ) -> _Direct | None:
         from feast import utils
+        from feast.feature_view import DUMMY_ENTITY_ID
 
         try:
             (_, on_demand, join_keys, types, key_set, grouped, _, request_data, entityless) = (
@@ -149,7 +150,8 @@ class _Direct:
             )
         except Exception:  # Feast's own call will say what is wrong, at the lookup
             return None
-        if on_demand or request_data or entityless or not set(key_set) <= set(entities):
+        # Feast's join keys always hold its placeholder for entityless views, asked for or not.
+        if on_demand or request_data or entityless or not set(key_set) - {DUMMY_ENTITY_ID} <= set(entities):
             return None
         tables = [(table, list(names)) for table, names in grouped]
         if sorted(name for _, names in tables for name in names) != sorted(features):
