@@ -264,8 +264,7 @@ def _log_settled(gw, table: str) -> bool:
 
 def _caught_up(gw, counters: Counters, expected: float, what: str) -> dict[str, float]:
     """The counters' changes once the log's writer has taken every entry and counts (written or dropped) the
-    `expected` rows. (Not its lag gauge: that stays above 0 after a batch of one row is refused, until the next
-    write, and a drop must fail the assertions that name it, not this wait.)"""
+    `expected` rows. (Not its lag gauge: a drop must fail the assertions that name it, not this wait.)"""
 
     def caught_up() -> dict[str, float] | None:
         if gw.metric("releasegate_gateway_log_queue_depth", table=counters.table.name):

@@ -95,3 +95,31 @@ def test_shutdown_during_an_outage_counts_what_it_could_not_write(locked_db, cap
     assert _sample(metrics, "releasegate_gateway_log_dropped_rows_total", table="feedback", reason="closed") == 1
     holder.execute("COMMIT")
     assert _count(engine) == 0
+
+
+def test_a_row_the_database_refuses_is_counted_as_dropped_and_leaves_no_lag(tmp_path):
+    """Nothing waits once a refused row is counted as dropped: the lag gauge is back to 0 (it kept growing until
+    the next write, which alerts on the log's lag would have read as a stuck writer)."""
+    path = tmp_path / "log.db"
+    engine = storage.engine(f"sqlite:///{path}")
+    metrics = Metrics()
+    writer = LogWriter(engine, storage.feedback, metrics, flush_interval=0.05).start()
+    try:
+        assert writer.put(_row(1) | {"request_id": None})  # NOT NULL: refused by the database itself
+        wait_until(
+            lambda: _sample(metrics, "releasegate_gateway_log_dropped_rows_total", table="feedback", reason="db_error"),
+            timeout=30,
+            what="the refused row counted as dropped",
+        )
+        wait_until(
+            lambda: (
+                _sample(metrics, "releasegate_gateway_log_lag_seconds", table="feedback") == 0 and writer.queued() == 0
+            ),
+            timeout=30,
+            what="no lag once nothing waits",
+        )
+        time.sleep(0.3)  # a gauge that grew again would show it by now
+        assert _sample(metrics, "releasegate_gateway_log_lag_seconds", table="feedback") == 0
+    finally:
+        writer.close()
+        storage.dispose_all()

@@ -193,6 +193,8 @@ class LogWriter(Generic[Entry]):
                 self._write(rows)
             elif self._stopping.is_set() and self._queue.empty():
                 return
+            if self._queue.empty():  # every entry taken is written or counted as dropped: none waits
+                self._pending_since = None
             self._report()
 
     def _collect(self) -> list[Row]:
