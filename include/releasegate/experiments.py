@@ -115,6 +115,11 @@ class Design(_Strict):
         self.experiment()  # one deciding metric, unique names
         return self
 
+    @property
+    def deciding(self) -> MetricSpec:
+        """The one metric that picks the winner (the engine's `Experiment.deciding`, with its source)."""
+        return next(m for m in self.metrics if m.role is engine.Role.decide)
+
     def experiment(self) -> engine.Experiment:
         try:
             return engine.Experiment(
@@ -322,12 +327,11 @@ def _plan_or_why(model: str, control: str, arms: list[ArmWeight], design: Design
         return opening_plan(model, control, arms, design)
     except Exception as err:  # the log unreadable, a figure out of range: the experiment still opens
         log.warning("%s: no opening plan: %s", model, err, exc_info=True)
-        spec = next(m for m in design.metrics if m.role is engine.Role.decide)
-        return OpeningPlan(metric=spec.name, note=f"no plan for {spec.name}: {type(err).__name__}: {err}")
+        name = design.deciding.name
+        return OpeningPlan(metric=name, note=f"no plan for {name}: {type(err).__name__}: {err}")
 
 
 PLAN_WINDOW_SECONDS = 3600  # the champion's recent traffic the plan reads: its baseline and its rate
-_PLANNED = {Source.conversion, Source.accuracy, Source.error}  # proportions; the rest but the ratio are means
 
 
 def opening_plan(
@@ -336,8 +340,8 @@ def opening_plan(
     """Plan the deciding metric at the champion's baseline and traffic over the last hour (planning.plan)."""
     from releasegate import planning
 
-    spec = next(m for m in design.metrics if m.role is engine.Role.decide)
-    if spec.source is Source.revenue_per_conversion:
+    spec = design.deciding
+    if spec.metric.kind is engine.MetricKind.ratio:
         return OpeningPlan(metric=spec.name, note=f"no plan for {spec.name}: a ratio metric (plan its parts)")
     until = time.time() if now is None else now
     p = storage.predictions
@@ -352,7 +356,7 @@ def opening_plan(
             "a baseline by hand",
         )
     baseline, sd = float(values.mean()), float(values.std())
-    kind = planning.MetricKind.proportion if spec.source in _PLANNED else planning.MetricKind.mean
+    kind = planning.MetricKind(spec.metric.kind.value)  # a proportion or a mean, as the engine judges it
     shares = [max(100 - sum(a.weight for a in arms), 0), *(a.weight for a in arms)]
     try:
         wanted = planning.Design(

@@ -25,8 +25,10 @@ from releasegate.serving.payloads import PayloadError, Rows
 
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore, FeatureView
+    from feast.infra.online_stores.online_store import OnlineStore
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    from feast.repo_config import RepoConfig
     from feast.value_type import ValueType
 
     from releasegate.serving.config import GatewayConfig
@@ -136,6 +138,8 @@ class _Direct:
     tables: list[tuple[FeatureView, list[str]]]
     entity_types: dict[str, ValueType]
     join_keys: dict[str, str]
+    config: RepoConfig
+    online: OnlineStore
 
     @classmethod
     def of(
@@ -156,7 +160,22 @@ class _Direct:
         tables = [(table, list(names)) for table, names in grouped]
         if sorted(name for _, names in tables for name in names) != sorted(features):
             return None
-        return cls(tables, dict(types), dict(join_keys))
+        return cls(tables, dict(types), dict(join_keys), store.config, store._get_provider().online_store)
+
+    def read(self, keys: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """The values of every row of `keys` (blocking)."""
+        n, asked = len(next(iter(keys.values()))), self.asked(keys)
+        return self.values(
+            n, [(a, self.online.online_read(self.config, a.table, a.keys, list(a.names))) for a in asked]
+        )
+
+    async def read_async(self, keys: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """`read` through the online store's asyncio client."""
+        n, asked = len(next(iter(keys.values()))), self.asked(keys)
+        read = await asyncio.gather(
+            *(self.online.online_read_async(self.config, a.table, a.keys, list(a.names)) for a in asked)
+        )
+        return self.values(n, list(zip(asked, read)))
 
     def asked(self, keys: dict[str, list[Any]]) -> list[_Asked]:
         """Each feature view's distinct entity keys, as Feast's own lookup makes them."""
@@ -218,7 +237,6 @@ class Lookup:
         self._config = config
         self._executor = executor
         self._on_loop = bool(store.provider.async_supported.online.read)
-        self._online = store._get_provider().online_store
         self._direct = _Direct.of(store, service, declared.entities, features)
         self._pending: deque[_Job] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -228,16 +246,10 @@ class Lookup:
 
     def read(self, keys: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """One lookup of every row of `keys` (blocking): a list of values per feature, None where none is held."""
-        direct = self._direct
-        if direct is None:
-            values = self._store.get_online_features(features=self._service, entity_rows=keys).to_dict()
-            return {name: values[name] for name in self.features}
-        config, online = self._store.config, self._online
-        asked = direct.asked(keys)
-        return direct.values(
-            len(next(iter(keys.values()))),
-            [(a, online.online_read(config, a.table, a.keys, list(a.names))) for a in asked],
-        )
+        if self._direct is not None:
+            return self._direct.read(keys)
+        values = self._store.get_online_features(features=self._service, entity_rows=keys).to_dict()
+        return {name: values[name] for name in self.features}
 
     async def lookup(self, keys: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """`read` without blocking the event loop: on the loop itself where the online store has an asyncio
@@ -245,15 +257,11 @@ class Lookup:
         running), else in a thread (SQLite)."""
         if not self._on_loop:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self.read, keys)
-        direct = self._direct
-        if direct is None:
-            response = await self._store.get_online_features_async(features=self._service, entity_rows=keys)
-            values = response.to_dict()
-            return {name: values[name] for name in self.features}
-        config, online = self._store.config, self._online
-        asked = direct.asked(keys)
-        read = await asyncio.gather(*(online.online_read_async(config, a.table, a.keys, list(a.names)) for a in asked))
-        return direct.values(len(next(iter(keys.values()))), list(zip(asked, read)))
+        if self._direct is not None:
+            return await self._direct.read_async(keys)
+        response = await self._store.get_online_features_async(features=self._service, entity_rows=keys)
+        values = response.to_dict()
+        return {name: values[name] for name in self.features}
 
     def warm(self) -> None:
         """A lookup of no rows, answered or refused: Feast's first lookup loads what it needs for seconds, which
