@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -342,6 +343,19 @@ def tree_cpu(root: int) -> float:
     return total
 
 
+def _wait_for_log(admin: httpx.Client, say: Callable[[str], None], timeout: float = 120.0) -> None:
+    """Until the gateway's log queues are empty (their depth gauge at 0), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        depths = re.findall(
+            r"^releasegate_gateway_log_queue_depth{[^}]*} ([0-9.e+]+)$", admin.get("/metrics").text, re.M
+        )
+        if depths and all(float(d) == 0 for d in depths):
+            return
+        time.sleep(0.2)
+    say(f"the log queue was not empty after {timeout:g} s; measuring anyway")
+
+
 def _calls(metrics_text: str, arm: str, ok_only: bool = True) -> float:
     """Model calls of one arm in a /metrics page (minus its failed calls with ok_only)."""
 
@@ -637,8 +651,10 @@ def benchmark(args, cases: list[str]) -> dict:
                     results[case]["mirrored_fraction"] = round(mirrored / served, 4) if served else 0.0
                 if case in ("single", "shadow", "canary") and args.paced_rps > 0:
                     # The latency a caller sees at a steady load below saturation: at saturation a p99 is mostly
-                    # the queue behind the extra work a shadow brings, which any added work lengthens.
-                    time.sleep(1)
+                    # the queue behind the extra work a shadow brings, which any added work lengthens. Measured
+                    # once the saturated run's log backlog is written (a shadow's is twice single's), so that
+                    # each case's steady load pays for its own log rows, not for the run before it.
+                    _wait_for_log(admin, bench.say)
                     results[case]["paced"] = bench.load(target, payloads, predict_key, args.seconds, args.paced_rps)
             # Every model call (one-row payloads: one row each) should have its row once the gateway has
             # flushed its log on SIGTERM.

@@ -2,7 +2,7 @@
 
 Manifests are Jinja2 templates rendered from the release (never string concatenation) and parsed
 back into dicts; `validate` checks them against the CRDs' openAPIV3Schema (KServe InferenceService,
-Istio VirtualService / DestinationRule / PeerAuthentication / AuthorizationPolicy) and core kinds
+Istio VirtualService / DestinationRule / EnvoyFilter / PeerAuthentication / AuthorizationPolicy) and core kinds
 against the Kubernetes client's models.
 """
 
@@ -32,6 +32,7 @@ CRD_FILES = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "kserve.serving.kserve.io_inferenceservices.yaml",
     ("networking.istio.io/v1", "VirtualService"): "istio.crd-all.gen.yaml",
     ("networking.istio.io/v1", "DestinationRule"): "istio.crd-all.gen.yaml",
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"): "istio.crd-all.gen.yaml",
     ("security.istio.io/v1", "PeerAuthentication"): "istio.crd-all.gen.yaml",
     ("security.istio.io/v1", "AuthorizationPolicy"): "istio.crd-all.gen.yaml",
 }
@@ -68,6 +69,16 @@ class K8sSettings(BaseSettings):
     gateway: str = Field(
         default="knative-serving/knative-ingress-gateway",
         description="The Istio gateway the entry VirtualService binds to.",
+    )
+    ingress_namespace: str = Field(
+        default="istio-system",
+        description="Namespace of the Istio ingress gateway's pods (an experiment's sticky-assignment EnvoyFilter "
+        "goes there).",
+    )
+    ingress_selector: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"istio": "ingressgateway"},
+        description="Labels of the Istio ingress gateway's pods, `key=value,...` (the EnvoyFilter's workloadSelector); "
+        "default `istio=ingressgateway`.",
     )
     local_gateway: str = Field(
         default="knative-local-gateway.istio-system.svc.cluster.local",
@@ -139,6 +150,16 @@ class K8sSettings(BaseSettings):
             if "=" not in value:
                 raise ValueError(f"RELEASEGATE_K8S_STORAGE_REWRITE must be FROM=TO, got {value!r}")
             return tuple(value.split("=", 1))
+        return value
+
+    @field_validator("ingress_selector", mode="before")
+    @classmethod
+    def _labels(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [part.strip() for part in value.split(",") if part.strip()]
+            if not pairs or any("=" not in pair for pair in pairs):
+                raise ValueError(f"RELEASEGATE_K8S_INGRESS_SELECTOR must be key=value[,key=value], got {value!r}")
+            return dict(pair.split("=", 1) for pair in pairs)
         return value
 
     @field_validator("sink_event_accounts", "sink_feedback_accounts", mode="before")
@@ -322,6 +343,7 @@ def virtual_service(
     name = k8s_name(model)
     destinations: list[dict[str, Any]] = [{"host": predictor_host(name, settings), "weight": None}]
     arms: list[dict[str, Any]] = []
+    sticky: list[dict[str, str]] = []
     if experiment is not None:
         if mirror_percent:
             raise ManifestError("an experiment's VirtualService splits traffic; it mirrors none")
@@ -335,6 +357,12 @@ def virtual_service(
             {"host": predictor_host(a.name, settings), "weight": 0 if a.stopped else a.weight} for a in experiment
         ]
         arms = [{"version": a.version, "weight": a.weight, "stopped": a.stopped} for a in experiment]
+        # The sticky routes: the arm the ingress gateway's Lua filter (arms_filter) named for the request.
+        sticky = [{"name": "control", "value": CONTROL, "host": predictor_host(name, settings)}] + [
+            {"name": a.name, "value": a.version, "host": predictor_host(a.name, settings)}
+            for a in experiment
+            if not a.stopped
+        ]
     [doc] = render(
         "virtualservice.yaml.j2",
         name=name,
@@ -347,8 +375,59 @@ def virtual_service(
         release_id=release_id,
         arms_annotation=ARMS_ANNOTATION,
         arms=json.dumps(arms, separators=(",", ":")) if arms else None,
+        sticky=sticky,
+        arm_header=ARM_HEADER,
     )
     return doc
+
+
+ARM_HEADER = "x-releasegate-arm"  # the arm the ingress gateway's Lua filter chose (Envoy's header names: lower case)
+CONTROL = "control"  # its value for the control
+
+
+def arms_filter(model: str, settings: K8sSettings, release_id: str, experiment: list[ArmRoute]) -> dict[str, Any]:
+    """The EnvoyFilter that keeps an experiment's customer on one arm: a Lua filter on the ingress gateway
+    (include/k8s/arms.lua) hashes the experiment's salt and the routing key (`routing_key_header`) to a
+    bucket and names the arm in ARM_HEADER, which the entry VirtualService's sticky routes match. Salted
+    with the model and the experiment's id, as the gateway's assignment is (routing.salted)."""
+    name = k8s_name(model)
+    config = {
+        "host": settings.host.format(model=name).lower(),
+        "salt": f"{model}#{release_id}",
+        "header": ARM_HEADER,
+        "key_header": settings.routing_key_header.lower(),
+        "arms": [{"version": a.version, "weight": a.weight, "stopped": a.stopped} for a in experiment],
+    }
+    source = f"CONFIG = {_lua(config)}\n" + (TEMPLATES / "arms.lua").read_text()
+    [doc] = render(
+        "envoyfilter.yaml.j2",
+        name=name,
+        namespace=settings.ingress_namespace,
+        selector=settings.ingress_selector,
+        release_id=release_id,
+        source=source,
+    )
+    return doc
+
+
+def _lua(value: object) -> str:
+    """A Lua literal of a JSON-like value (bytes outside printable ASCII, quotes and backslashes as Lua's
+    three-digit decimal escapes, so no text can end the literal early)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return (
+            '"'
+            + "".join(f"\\{b:03d}" if b < 32 or b > 126 or chr(b) in '"\\' else chr(b) for b in value.encode())
+            + '"'
+        )
+    if isinstance(value, list):
+        return "{" + ", ".join(_lua(v) for v in value) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_lua(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no Lua literal for {value!r}")
 
 
 @dataclass(frozen=True)

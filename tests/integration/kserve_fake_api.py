@@ -35,6 +35,7 @@ KINDS = {
     "inferenceservices": "InferenceService",
     "virtualservices": "VirtualService",
     "destinationrules": "DestinationRule",
+    "envoyfilters": "EnvoyFilter",
 }
 
 
@@ -326,7 +327,7 @@ def _describe(plural: str, doc: dict) -> tuple:
     if plural == "virtualservices":
         weights = [
             f"{d['headers']['request']['set']['Host'].split('.')[0].removesuffix('-predictor')}={d['weight']}"
-            for d in spec["http"][0]["route"]
+            for d in next(r for r in spec["http"] if r.get("name") == "predict")["route"]
             if "weight" in d
         ]
         if weights:  # an experiment: each InferenceService (by its predictor's Host) and its weight

@@ -578,11 +578,14 @@ def _labelled_by_the_sink(kstack, version: str) -> dict:
 
 def test_an_experiment_runs_each_arm_in_its_own_inference_service_behind_istio_weights(kstack):
     """The champion's InferenceService is the control, each arm gets one of its own (verified as a candidate is), and
-    the entry VirtualService splits the host by the arms' weights once they are all ready. What the fake cannot show:
-    that Istio draws each request by those weights (it stores the VirtualService as applied)."""
+    once they are all ready the ingress gateway's Lua filter keeps each customer on one arm, which the entry
+    VirtualService routes on (its weights for requests the filter did not see). What the fake cannot show: Istio
+    and Envoy themselves (it stores the objects as applied; tests/envoy_lua.py runs the filter's Lua in LuaJIT and
+    picks the route as Istio documents it)."""
     from releasegate import k8s, signing
     from releasegate.backends import ArmWeight
     from releasegate.backends.kserve import KServeBackend
+    from tests.envoy_lua import LuaFilter, routed_host
 
     require(None if k8s.schemas_available() else "CRD schemas not found (see ../shared/k8s-schemas/README.md)")
     champion, a, b = _experiment_versions()
@@ -602,7 +605,9 @@ def test_an_experiment_runs_each_arm_in_its_own_inference_service_behind_istio_w
         apply_is(champion),
         arm_is(a),
         arm_is(b),
-        apply_weights(**{"churn": 50, f"churn-arm-{a}": 30, f"churn-arm-{b}": 20}),  # only once all three are ready
+        # only once all three are ready: the sticky assignment, then the routes that follow it
+        ("apply", "EnvoyFilter", "churn-arms"),
+        apply_weights(**{"churn": 50, f"churn-arm-{a}": 30, f"churn-arm-{b}": 20}),
     ]
     assert applied.mode is Mode.experiment and applied.readiness is None
     assert {n: st["ready"] for n, st in applied.status.items()} == {
@@ -611,10 +616,23 @@ def test_an_experiment_runs_each_arm_in_its_own_inference_service_behind_istio_w
         f"churn-arm-{b}": "True",
     }
     objects = kstack.fake.objects
-    for key in (("inferenceservices", "models", f"churn-arm-{a}"), ("virtualservices", "models", "churn-entry")):
+    stored_docs = {}
+    for key in (
+        ("inferenceservices", "models", f"churn-arm-{a}"),
+        ("virtualservices", "models", "churn-entry"),
+        ("envoyfilters", "istio-system", "churn-arms"),  # in the ingress gateway's namespace
+    ):
         stored = {k: v for k, v in objects[key].items() if k != "status"}
         stored["metadata"] = {k: v for k, v in stored["metadata"].items() if k not in ("generation", "uid")}
         k8s.validate(stored)
+        stored_docs[key[0]] = stored
+    # Through the filter and the routes as applied: each customer on one arm, in the weights' shares.
+    lua, entry = LuaFilter(stored_docs["envoyfilters"]), stored_docs["virtualservices"]
+    host, keys = entry["spec"]["hosts"][0], [f"customer-{i}" for i in range(3000)]
+    reached = [routed_host(entry, lua.request({":authority": host, "X-Routing-Key": k})) for k in keys]
+    assert reached == [routed_host(entry, lua.request({":authority": host, "X-Routing-Key": k})) for k in keys]
+    shares = {h.split("-predictor")[0]: reached.count(h) / len(keys) for h in set(reached)}
+    assert shares == pytest.approx({"churn": 0.5, f"churn-arm-{a}": 0.3, f"churn-arm-{b}": 0.2}, abs=0.04)
     # The arm's pods download and verify its own version against the bundle releasegate verified at publication.
     arm = objects[("inferenceservices", "models", f"churn-arm-{a}")]
     [init] = arm["spec"]["predictor"]["initContainers"]
@@ -654,6 +672,7 @@ def test_a_stopped_arm_sends_its_share_to_the_control_and_keeps_running(kstack):
         apply_is(champion),
         arm_is(a),
         arm_is(b),
+        ("apply", "EnvoyFilter", "churn-arms"),  # b's buckets now name the control
         apply_weights(**{"churn": 70, f"churn-arm-{a}": 30, f"churn-arm-{b}": 0}),
     ]
     assert generations == {
@@ -672,10 +691,11 @@ def test_ending_an_experiment_returns_the_host_to_the_champion_then_removes_the_
     assert kstack.fake.calls == [
         apply_is(champion),
         apply_vs(),  # all traffic to the champion first
+        ("delete", "EnvoyFilter", "churn-arms"),
         ("delete", "InferenceService", f"churn-arm-{a}"),
         ("delete", "InferenceService", f"churn-arm-{b}"),
     ]
-    assert not [k for k in kstack.fake.objects if "-arm-" in k[2]]
+    assert not [k for k in kstack.fake.objects if "-arm" in k[2]]
     route = KServeBackend().get_route(MODEL)
     assert (route.mode, route.champion_version, route.arms) == (Mode.single, champion, None)
 

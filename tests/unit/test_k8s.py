@@ -64,6 +64,7 @@ def every_manifest() -> list[dict]:
         k8s.virtual_service("churn", SETTINGS, release_id="exp-1", experiment=EXPERIMENT),
         k8s.inference_service("churn", CANDIDATE, SETTINGS, experiment_arm=True, release_id="exp-1"),
         k8s.destination_rule("churn", SETTINGS),
+        k8s.arms_filter("churn", SETTINGS, "exp-1", EXPERIMENT),
         *k8s.sink_manifests("models", "registry.example.com/releasegate:1.0"),
     ]
 
@@ -72,6 +73,7 @@ def test_every_rendered_manifest_validates_against_the_pinned_schemas(schemas):
     docs = every_manifest()
     assert [d["kind"] for d in docs] == ["InferenceService"] * 4 + ["VirtualService"] * 3 + ["InferenceService"] + [
         "DestinationRule",
+        "EnvoyFilter",
         "Deployment",
         "Service",
         "PeerAuthentication",
@@ -119,10 +121,8 @@ def test_manifests_carry_the_release(schemas):
 
 def test_an_experiments_virtual_service_splits_the_host_by_the_arms_weights(schemas):
     vs = k8s.virtual_service("churn", SETTINGS, release_id="exp-1", experiment=EXPERIMENT)
-    split = [
-        (d["headers"]["request"]["set"]["Host"], d["weight"], d["destination"]["host"])
-        for d in vs["spec"]["http"][0]["route"]
-    ]
+    [weighted] = [r for r in vs["spec"]["http"] if r["name"] == "predict"]
+    split = [(d["headers"]["request"]["set"]["Host"], d["weight"], d["destination"]["host"]) for d in weighted["route"]]
     gateway = SETTINGS.local_gateway
     assert split == [
         ("churn-predictor.models.svc.cluster.local", 70, gateway),  # the control, with the stopped arm's 10 %
@@ -142,6 +142,111 @@ def test_an_experiments_virtual_service_splits_the_host_by_the_arms_weights(sche
         )
     with pytest.raises(k8s.ManifestError, match="at most 47 characters"):
         k8s.arm_name("c" * 46, "12")
+
+
+# -- an experiment's sticky assignment on KServe: the ingress gateway's Lua filter (tests/envoy_lua.py) -------
+
+
+def _arm_of_every_key(filter_doc: dict, vs: dict, keys: list[str]) -> list[str | None]:
+    """The predictor Host each routing key's request reaches through the filter and the VirtualService."""
+    from tests.envoy_lua import LuaFilter, routed_host
+
+    lua = LuaFilter(filter_doc)
+    host = SETTINGS.host.format(model="churn")
+    return [routed_host(vs, lua.request({":authority": host, "X-Routing-Key": key})) for key in keys]
+
+
+def _fnv_fmix(text: str) -> int:
+    """What arms.lua computes, in Python's exact integers: FNV-1a, then MurmurHash3's 32-bit finalizer."""
+    h = 2166136261
+    for byte in text.encode():
+        h = ((h ^ byte) * 16777619) % 2**32
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) % 2**32
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) % 2**32
+    return h ^ (h >> 16)
+
+
+def test_an_experiment_keeps_each_customer_on_one_arm_at_the_ingress_gateway():
+    """Istio's weights draw each request; the EnvoyFilter's Lua names the arm from the routing key's bucket, and
+    the VirtualService routes on it: the same customer reaches the same arm every time, in the weights' shares."""
+    arms = [k8s.ArmRoute.of("churn", "3", 30), k8s.ArmRoute.of("churn", "4", 20)]
+    vs = k8s.virtual_service("churn", SETTINGS, release_id="exp-1", experiment=arms)
+    sticky = k8s.arms_filter("churn", SETTINGS, "exp-1", arms)
+    keys = [f"customer-{i}" for i in range(6000)]
+    first = _arm_of_every_key(sticky, vs, keys)
+    assert first == _arm_of_every_key(sticky, vs, keys)  # sticky: again, each key lands where it did
+    control, three, four = (f"{n}-predictor.models.svc.cluster.local" for n in ("churn", "churn-arm-3", "churn-arm-4"))
+    shares = {host: first.count(host) / len(keys) for host in (control, three, four)}
+    assert sum(shares.values()) == 1.0  # no request falls to the weighted draw
+    # 6,000 keys: a share's standard error is under 0.7 points; 3 points is over 4 of them.
+    assert shares == pytest.approx({control: 0.5, three: 0.3, four: 0.2}, abs=0.03)
+    # The bucket is the same hash in LuaJIT's doubles as in exact integers (arm 3: buckets 0-29, arm 4: 30-49).
+    expected = [
+        three if b < 30 else four if b < 50 else control for b in (_fnv_fmix(f"churn#exp-1:{k}") % 100 for k in keys)
+    ]
+    assert first == expected
+
+
+def test_the_assignment_is_salted_per_experiment_and_stopping_an_arm_moves_only_its_customers():
+    arms = [k8s.ArmRoute.of("churn", "3", 50)]
+    keys = [f"customer-{i}" for i in range(4000)]
+    vs = k8s.virtual_service("churn", SETTINGS, release_id="exp-1", experiment=arms)
+    one = _arm_of_every_key(k8s.arms_filter("churn", SETTINGS, "exp-1", arms), vs, keys)
+    two = _arm_of_every_key(k8s.arms_filter("churn", SETTINGS, "exp-2", arms), vs, keys)
+    treated = "churn-arm-3-predictor.models.svc.cluster.local"
+    in_one = {k for k, host in zip(keys, one, strict=True) if host == treated}
+    again = sum(1 for k, host in zip(keys, two, strict=True) if host == treated and k in in_one) / len(in_one)
+    # Independent experiments: half of one's treated customers are treated again, not all of them.
+    assert again == pytest.approx(0.5, abs=0.05)
+
+    three_four = [k8s.ArmRoute.of("churn", "3", 30), k8s.ArmRoute.of("churn", "4", 20)]
+    stopped = [k8s.ArmRoute.of("churn", "3", 30), k8s.ArmRoute.of("churn", "4", 20, stopped=True)]
+    before = _arm_of_every_key(
+        k8s.arms_filter("churn", SETTINGS, "exp-1", three_four),
+        k8s.virtual_service("churn", SETTINGS, release_id="exp-1", experiment=three_four),
+        keys,
+    )
+    after = _arm_of_every_key(
+        k8s.arms_filter("churn", SETTINGS, "exp-1", stopped),
+        k8s.virtual_service("churn", SETTINGS, release_id="exp-1", experiment=stopped),
+        keys,
+    )
+    control, four = "churn-predictor.models.svc.cluster.local", "churn-arm-4-predictor.models.svc.cluster.local"
+    moved = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
+    assert moved and all((b, a) == (four, control) for b, a in moved)  # only arm 4's customers, to the control
+    assert four not in after
+
+
+def test_a_caller_cannot_choose_its_arm_and_other_hosts_pass_untouched():
+    from tests.envoy_lua import LuaFilter
+
+    lua = LuaFilter(k8s.arms_filter("churn", SETTINGS, "exp-1", [k8s.ArmRoute.of("churn", "3", 1)]))
+    host = SETTINGS.host.format(model="churn")
+    forged = [lua.request({":authority": host, "x-routing-key": f"c{i}", k8s.ARM_HEADER: "3"}) for i in range(200)]
+    assert {h[k8s.ARM_HEADER] for h in forged} == {"3", k8s.CONTROL}
+    assert sum(h[k8s.ARM_HEADER] == "3" for h in forged) < 20  # its 1 %, not the 100 % the callers asked for
+    # The entry host with a port and in capitals is the model's; another model's host is left as it came.
+    assert lua.request({":authority": host.upper() + ":443", "x-routing-key": "c1"})[k8s.ARM_HEADER]
+    other = lua.request({":authority": "fraud.models.example.com", k8s.ARM_HEADER: "3"})
+    assert other[k8s.ARM_HEADER] == "3"
+    # Without a routing key, Envoy's request id: each request drawn on its own.
+    drawn = {lua.request({":authority": host, "x-request-id": f"r{i}"})[k8s.ARM_HEADER] for i in range(2000)}
+    assert drawn == {"3", k8s.CONTROL}
+
+
+def test_the_filters_settings_reach_the_lua_as_literals_that_cannot_break_out():
+    from lupa import luajit21
+
+    odd = 'a"b\\c\n]]--\u00e9 end'
+    runtime = luajit21.LuaRuntime(encoding=None)
+    assert runtime.eval(k8s._lua(odd)) == odd.encode()
+    assert runtime.eval(k8s._lua({"arms": [{"weight": 12, "stopped": True}]}))[b"arms"][1][b"stopped"] is True
+    settings = k8s.K8sSettings(ingress_selector="istio=ingressgateway,app=edge", ingress_namespace="edge")
+    doc = k8s.arms_filter("churn", settings, "exp-1", EXPERIMENT)
+    assert doc["metadata"]["namespace"] == "edge"
+    assert doc["spec"]["workloadSelector"]["labels"] == {"istio": "ingressgateway", "app": "edge"}
+    with pytest.raises(ValueError, match="key=value"):
+        k8s.K8sSettings(ingress_selector="ingressgateway")
 
 
 def test_a_misspelled_or_mistyped_field_is_refused(schemas):

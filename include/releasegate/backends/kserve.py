@@ -12,15 +12,17 @@ provider's KubernetesHook, see plugins/releasegate_airflow/kubernetes.py) with s
 | promote | InferenceService `<m>` at the candidate without canaryTrafficPercent: the new revision takes the default |
 | rollback | canaryTrafficPercent 0 (traffic back on the previous revision at once), then the champion's spec at 0 % until
 its revision is ready, then without canaryTrafficPercent |
-| experiment | + InferenceService `<m>-arm-<version>` per arm; once all are ready, VS weights: control `<m>` (with stopped arms'
-shares), each arm its weight (a stopped arm 0) |
-| back to single | VS to `<m>` alone, then the arms' InferenceServices deleted |
+| experiment | + InferenceService `<m>-arm-<version>` per arm; once all are ready, EnvoyFilter `<m>-arms` on the ingress
+gateway (sticky arm by routing key, in a header), then the VS: a route per running arm and the control on that header,
+and weights for requests without it: control `<m>` (with stopped arms' shares), each arm its weight (a stopped arm 0) |
+| back to single | VS to `<m>` alone, then the EnvoyFilter and the arms' InferenceServices deleted |
 
 A version is verified (signature, trusted key) before its storage URI is published in a manifest, and
 again in every pod: the predictor's storage initializer is releasegate's (`serving.verify_dir`), which
 serves nothing that does not verify against the bundle published here.
-Knative and Istio split traffic per request, so `assignment` is "request": the analysis counts SRM in requests,
-and an experiment's customer is not kept on one arm (docs/kubernetes.md, "What KServe can and cannot promise").
+Knative splits a canary per request, so `assignment` is "request": the analysis counts SRM in requests. An
+experiment's customer is kept on one arm by the ingress gateway's Lua filter, which hashes the routing key as the
+gateway does (docs/kubernetes.md, "What KServe can and cannot promise").
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ FIELD_MANAGER = "releasegate"
 ISVC: Kind = ("serving.kserve.io", "v1beta1", "inferenceservices")
 VS: Kind = ("networking.istio.io", "v1", "virtualservices")
 DR: Kind = ("networking.istio.io", "v1", "destinationrules")
+EF: Kind = ("networking.istio.io", "v1alpha3", "envoyfilters")
 _FAILED_TRANSITIONS = {"BlockedByFailedLoad", "InvalidSpec"}
 
 
@@ -74,7 +77,7 @@ class Readiness:
 class KServeBackend:
     """Sets a model's split by applying KServe and Istio objects; reads the split back from their status."""
 
-    assignment = "request"  # Knative picks a revision per request: there is no sticky routing key
+    assignment = "request"  # Knative picks a canary's revision per request (an experiment's arm is sticky)
 
     def __init__(
         self,
@@ -151,7 +154,7 @@ class KServeBackend:
             waits.append({"name": name, "generation": gen, "canary_percent": None})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
-            self._remove_arms(previous_arms)
+            self._end_experiment(model, previous_arms)
         elif mode is Mode.shadow:
             assert candidate_version is not None  # a shadow or canary route without one was refused above
             champion = self._served(model, champion_version, current)
@@ -162,7 +165,7 @@ class KServeBackend:
             waits.append({"name": f"{name}-shadow", "generation": gen, "canary_percent": None})
             self._apply(DR, k8s.destination_rule(model, s))
             self._apply(VS, k8s.virtual_service(model, s, mirror_percent=100, release_id=release_id))
-            self._remove_arms(previous_arms)
+            self._end_experiment(model, previous_arms)
         else:
             assert candidate_version is not None  # a shadow or canary route without one was refused above
             candidate = self._served(model, candidate_version, current)
@@ -180,7 +183,7 @@ class KServeBackend:
             waits.append({"name": name, "generation": gen, "canary_percent": int(candidate_weight)})
             self._apply(VS, k8s.virtual_service(model, s, release_id=release_id))
             self._remove_shadow(name)
-            self._remove_arms(previous_arms)
+            self._end_experiment(model, previous_arms)
         route = Applied(
             model=model,
             champion_version=champion_version,
@@ -233,6 +236,8 @@ class KServeBackend:
             doc = k8s.inference_service(model, version, s, experiment_arm=True, release_id=release_id)
             waits.append({"name": arm.name, "generation": self._apply(ISVC, doc), "canary_percent": None})
         entry = k8s.virtual_service(model, s, release_id=release_id, experiment=routes)
+        assert spec.release_id is not None  # an experiment route without its id was refused above
+        sticky = k8s.arms_filter(model, s, spec.release_id, routes)
         route = Applied(
             model=model,
             champion_version=champion_version,
@@ -246,6 +251,7 @@ class KServeBackend:
         if not self.wait_ready:
             # The caller waits on the readiness; until then a starting arm's share of the requests fails (the
             # experiments module does not take this path: it waits here).
+            self._apply(EF, sticky)  # before the routes that match its header: a caller cannot pick an arm
             self._apply(VS, entry)
             self._remove_shadow(name)
             self._remove_arms(stale)
@@ -258,6 +264,7 @@ class KServeBackend:
             # The VirtualService does not name the new arms yet, so a later route change could not find them.
             self._remove_arms([r for r in routes if r.name not in {a.name for a in previous_arms}])
             raise
+        self._apply(EF, sticky)
         self._apply(VS, entry)
         self._remove_shadow(name)
         self._remove_arms(stale)
@@ -281,7 +288,8 @@ class KServeBackend:
             for arm in arms:
                 obj = self._get(ISVC, arm.name)
                 status[arm.name] = _summary(obj) if obj is not None else {"missing": True}
-            for destination in (entry.get("spec", {}).get("http") or [{}])[0].get("route") or []:
+            weighted = [r for r in entry.get("spec", {}).get("http") or [] if r.get("name") == "predict"]
+            for destination in (weighted or [{}])[0].get("route") or []:
                 host = ((destination.get("headers") or {}).get("request") or {}).get("set", {}).get("Host", "")
                 target = host.split(".", 1)[0].removesuffix("-predictor")
                 if target in status:
@@ -375,12 +383,14 @@ class KServeBackend:
 
     # -- the API ----------------------------------------------------------------------------------------------
 
-    def _get(self, kind: Kind, name: str) -> dict[str, Any] | None:
+    def _get(self, kind: Kind, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         group, version, plural = kind
         try:
-            obj = self.custom.get_namespaced_custom_object(group, version, self.settings.namespace, plural, name)
+            obj = self.custom.get_namespaced_custom_object(
+                group, version, namespace or self.settings.namespace, plural, name
+            )
             return cast("dict[str, Any]", obj)
         except ApiException as err:
             if err.status == 404:
@@ -402,7 +412,7 @@ class KServeBackend:
             out = self.custom.patch_namespaced_custom_object(
                 group,
                 version,
-                self.settings.namespace,
+                doc["metadata"].get("namespace") or self.settings.namespace,
                 plural,
                 name,
                 doc,
@@ -414,12 +424,14 @@ class KServeBackend:
             raise _error(f"applying {plural}/{name}", err) from err
         return int((out.get("metadata") or {}).get("generation") or 0)
 
-    def _delete(self, kind: Kind, name: str) -> None:
+    def _delete(self, kind: Kind, name: str, namespace: str | None = None) -> None:
         from kubernetes.client.exceptions import ApiException
 
         group, version, plural = kind
         try:
-            self.custom.delete_namespaced_custom_object(group, version, self.settings.namespace, plural, name)
+            self.custom.delete_namespaced_custom_object(
+                group, version, namespace or self.settings.namespace, plural, name
+            )
         except ApiException as err:
             if err.status != 404:
                 raise _error(f"deleting {plural}/{name}", err) from err
@@ -447,6 +459,12 @@ class KServeBackend:
         """Delete arms' InferenceServices; called after the VirtualService sends them no traffic."""
         for arm in arms:
             self._delete(ISVC, arm.name)
+
+    def _end_experiment(self, model: str, arms: list[k8s.ArmRoute]) -> None:
+        """After the entry VirtualService left an experiment: its sticky-assignment filter, then its arms."""
+        if arms:
+            self._delete(EF, f"{k8s.k8s_name(model)}-arms", self.settings.ingress_namespace)
+        self._remove_arms(arms)
 
     def _served(self, model: str, version: str, current: dict[str, Any] | None) -> k8s.Served:
         """The version as a manifest names it; verified first unless `current` already serves it (verified then).
