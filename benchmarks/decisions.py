@@ -479,6 +479,7 @@ EXP_REVENUE_SIGMA = 1.0
 EXP_CPU_MEDIAN = 0.05  # CPU seconds per model call, lognormal
 EXP_CPU_SIGMA = 0.5
 EXP_ERROR = 0.01
+EXP_MDE = 0.05  # conversion's mde, relative (--mde): the +5 % arm's effect is this by default
 EXP_LOOKS_PER_DESIGN = 25  # releasegate looks every 1/25 of the fixed design's size …
 EXP_MAX_DESIGNS = 3  # … up to 3 times it (planning: 90 % power needs 2.1 times)
 EXP_GBSTATS_EVERY = 5  # gbstats looks at every 5th of those (a fifth of the fixed design apart)
@@ -508,7 +509,7 @@ def _lognormal_mean(median: float, sigma: float) -> float:
 
 
 def experiment_metrics() -> list[experiment.Metric]:
-    """Conversion decides (superiority, mde 5 % relative); the rest guard (non-inferiority, margin 10 % / 0.5 pt)."""
+    """Conversion decides (superiority, mde EXP_MDE relative); the rest guard (non-inferiority, margin 10 % / 0.5 pt)."""
     revenue = EXP_CONVERSION * _lognormal_mean(EXP_REVENUE_MEDIAN, EXP_REVENUE_SIGMA)
     per_conversion = _lognormal_mean(EXP_REVENUE_MEDIAN, EXP_REVENUE_SIGMA)
     latency = _lognormal_mean(LATENCY_MEDIAN_MS, LATENCY_SIGMA)
@@ -519,7 +520,7 @@ def experiment_metrics() -> list[experiment.Metric]:
             name="conversion",
             kind=K.proportion,
             goal=G.increase,
-            mde=0.05 * EXP_CONVERSION,
+            mde=EXP_MDE * EXP_CONVERSION,
             role=R.decide,
             test=D.superiority,
         ),
@@ -550,7 +551,7 @@ def experiment_design() -> planning.Design:
     return planning.Design(
         kind=planning.MetricKind.proportion,
         baseline=EXP_CONVERSION,
-        mde=0.05 * EXP_CONVERSION,
+        mde=EXP_MDE * EXP_CONVERSION,
         weights=[1.0] * EXP_ARMS,
     )
 
@@ -831,6 +832,7 @@ def experiments_setup(experiments: int) -> dict:
     plan = planning.plan(design)
     return {
         "experiments_per_scenario": experiments,
+        "conversion_mde_relative": EXP_MDE,
         "arms": EXP_ARMS,
         "fixed_horizon_samples": plan.fixed_requests,
         "planned_sequential_median_samples": plan.sequential_median_requests,
@@ -869,6 +871,7 @@ def experiments_targets(figures: dict, fixed: int) -> list[tuple[str, bool]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global EXP_MDE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--releases", type=int, default=500, help="simulated releases per scenario")
     parser.add_argument("--rate", type=float, default=RATE, help="requests per second to the model")
@@ -879,7 +882,14 @@ def main(argv: list[str] | None = None) -> int:
         "--experiments", type=int, default=0, metavar="N", help="also run the A/B/n section, N experiments per scenario"
     )
     parser.add_argument("--only-experiments", action="store_true", help="skip the canary releases")
+    parser.add_argument(
+        "--mde",
+        type=float,
+        default=EXP_MDE,
+        help="the experiments' mde of conversion, relative (default 0.05: the +5%% arm's effect is the mde)",
+    )
     args = parser.parse_args(argv)
+    EXP_MDE = args.mde  # read by experiment_metrics / experiment_design, in the forked workers too
     result: dict = {}
     met: list[tuple[str, bool]] = []
     if not args.only_experiments:

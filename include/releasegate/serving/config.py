@@ -73,6 +73,13 @@ class GatewayConfig(BaseSettings):
     shadow_queue: int = Field(
         default=1000, ge=1, description="Mirrored requests waiting for the candidate; more are dropped."
     )
+    shadow_max_wait_ms: float = Field(
+        default=20.0,
+        ge=0,
+        description="Milliseconds mirrored requests collect before the candidate's call (fewer than "
+        "`batch_max_rows` waiting): nobody waits for a mirrored answer, and fewer, larger calls interrupt the "
+        "callers' requests less often.",
+    )
     shadow_workers: int = Field(
         default=64,
         ge=1,
