@@ -21,8 +21,8 @@ A version is verified (signature, trusted key) before its storage URI is publish
 again in every pod: the predictor's storage initializer is releasegate's (`serving.verify_dir`), which
 serves nothing that does not verify against the bundle published here.
 Knative splits a canary per request, so `assignment` is "request": the analysis counts SRM in requests. An
-experiment's customer is kept on one arm by the ingress gateway's Lua filter, which hashes the routing key as the
-gateway does (docs/kubernetes.md, "What KServe can and cannot promise").
+experiment's customer is kept on one arm by the ingress gateway's Lua filter, which hashes the routing key into the
+gateway's bucket layout, with a hash of its own (docs/kubernetes.md, "What KServe can and cannot promise").
 """
 
 from __future__ import annotations
