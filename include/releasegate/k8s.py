@@ -390,10 +390,12 @@ def arms_filter(model: str, settings: K8sSettings, release_id: str, experiment: 
     (include/k8s/arms.lua) hashes the experiment's salt and the routing key (`routing_key_header`) to a
     bucket and names the arm in ARM_HEADER, which the entry VirtualService's sticky routes match. Salted
     with the model and the experiment's id, as the gateway's assignment is (routing.salted)."""
+    from releasegate.serving.routing import experiment_salt
+
     name = k8s_name(model)
     config = {
         "host": settings.host.format(model=name).lower(),
-        "salt": f"{model}#{release_id}",
+        "salt": experiment_salt(model, release_id),
         "header": ARM_HEADER,
         "key_header": settings.routing_key_header.lower(),
         "arms": [{"version": a.version, "weight": a.weight, "stopped": a.stopped} for a in experiment],

@@ -383,14 +383,12 @@ class KServeBackend:
 
     # -- the API ----------------------------------------------------------------------------------------------
 
-    def _get(self, kind: Kind, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+    def _get(self, kind: Kind, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         group, version, plural = kind
         try:
-            obj = self.custom.get_namespaced_custom_object(
-                group, version, namespace or self.settings.namespace, plural, name
-            )
+            obj = self.custom.get_namespaced_custom_object(group, version, self.settings.namespace, plural, name)
             return cast("dict[str, Any]", obj)
         except ApiException as err:
             if err.status == 404:

@@ -153,7 +153,12 @@ def key_digest(model: str, routing_key: str, secret: bytes) -> str:
 def salted(route: RouteSpec, model: str) -> str:
     """What the assignment hash is salted with: the model, and in an experiment also the experiment's id, so that
     the customers of one experiment's candidate arm are not again the candidate arm of the next one."""
-    return f"{model}#{route.release_id}" if route.mode is Mode.experiment else model
+    return experiment_salt(model, route.release_id) if route.mode is Mode.experiment else model
+
+
+def experiment_salt(model: str, experiment_id: str | None) -> str:
+    """An experiment's salt (also the KServe ingress filter's, k8s.arms_filter)."""
+    return f"{model}#{experiment_id}"
 
 
 def bucket(model: str, routing_key: str, secret: bytes) -> int:
