@@ -285,29 +285,39 @@ def count_instructions(
     bench: Bench, url: str, body: Path, key: str, seconds: float, server: int, out_dir: Path, idle_seconds: float = 10
 ) -> dict:
     """`load_with_cpu` under callgrind (`callgrind` before the gateway): the instructions all the gateway's
-    processes execute per request. Counted twice: first `idle_seconds` with no load (route polls, the log
-    writers' timers: a cost per second, not per request), then the load; the idle rate over the load's
-    duration is taken off the load's count before dividing by its requests."""
+    processes execute per request. Counted three times: `idle_seconds` with no load (route polls, the log
+    writers' timers: a cost per second, not per request), the load, and `idle_seconds` idle again; the mean
+    idle rate over the load's duration is taken off the load's count before dividing by its requests, and the
+    figures with the idle rate before and after alone bound how much that correction can move it."""
 
     def control(*args: str) -> None:
         subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=600)
 
+    def idle(name: str) -> float:
+        started = time.monotonic()
+        time.sleep(idle_seconds)  # the idle window is a measurement, not a wait for a condition
+        control(f"--dump={name}")
+        return time.monotonic() - started
+
     control("--instr=on")
+    before_wall = idle("idle-before")
     started = time.monotonic()
-    time.sleep(idle_seconds)  # the idle window is a measurement, not a wait for a condition
-    control("--dump=idle")
-    idle_wall, started = time.monotonic() - started, time.monotonic()
     result = bench.load_with_cpu(url, body, key, seconds, server)
     control("--dump=load")
     load_wall = time.monotonic() - started
+    after_wall = idle("idle-after")
     control("--instr=off")
-    idle, loaded = _callgrind_dumps(out_dir, 1), _callgrind_dumps(out_dir, 2)
-    per_second = idle / idle_wall
-    per_request = (loaded - per_second * load_wall) / result["requests"] if result["requests"] else None
+    rates = (_callgrind_dumps(out_dir, 1) / before_wall, _callgrind_dumps(out_dir, 3) / after_wall)
+    loaded, requests = _callgrind_dumps(out_dir, 2), result["requests"]
+
+    def per_request(per_second: float) -> int | None:
+        return round((loaded - per_second * load_wall) / requests) if requests else None
+
     return result | {
-        "idle_instructions_per_second": round(per_second),
+        "idle_instructions_per_second": round(sum(rates) / 2),
         "load_instructions": loaded,
-        "instructions_per_request": round(per_request) if per_request is not None else None,
+        "instructions_per_request": per_request(sum(rates) / 2),
+        "instructions_per_request_range": sorted(per_request(rate) or 0 for rate in rates),
     }
 
 
@@ -459,6 +469,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="single_workers under valgrind's callgrind: instructions per request (every gateway process) with 1 "
         "and --workers workers, counted only while the load runs; for where `perf stat` has no counters (a VM).",
+    )
+    parser.add_argument(
+        "--connections-per-worker",
+        action="store_true",
+        help="single_workers: --connections per worker (N workers get N times the connections), so each worker "
+        "sees the load one worker sees, as when every worker has a core of its own; default: --connections in all.",
     )
     parser.add_argument(
         "--paced-rps",
@@ -707,16 +723,17 @@ def benchmark(args, cases: list[str]) -> dict:
                     resp = admin.put(f"/admin/routes/{MODEL}", json={"champion_version": versions["champion"]})
                     if resp.status_code != 200:
                         raise RuntimeError(f"route refused: {resp.status_code} {resp.text}")
-                    bench.say(f"gateway, single, {n} worker(s)")
+                    bench.connections = args.connections * (n if args.connections_per_worker else 1)
+                    bench.say(f"gateway, single, {n} worker(s), {bench.connections} connections")
                     target = f"{url}/models/{MODEL}/invocations"
                     bench.load(target, body, predict_key, min(3.0, args.seconds))
                     time.sleep(1)
                     if args.callgrind:
-                        by_workers[str(n)] = count_instructions(
-                            bench, target, body, predict_key, args.seconds, proc.pid, counted
-                        )
+                        measured = count_instructions(bench, target, body, predict_key, args.seconds, proc.pid, counted)
                     else:
-                        by_workers[str(n)] = bench.load_with_cpu(target, body, predict_key, args.seconds, proc.pid)
+                        measured = bench.load_with_cpu(target, body, predict_key, args.seconds, proc.pid)
+                    by_workers[str(n)] = measured | {"connections": bench.connections}
+                    bench.connections = args.connections
                 bench.stop(proc, timeout=600 if args.callgrind else 30)
             results["single_workers"] = {"workers": by_workers}
     finally:
@@ -763,7 +780,8 @@ def print_table(results: dict) -> None:
             f"{r['wrk_cpu_us_per_request']:.0f} µs CPU/request"
             + (
                 f"; {r['instructions_per_request']:,} instructions/request (callgrind; the idle "
-                f"{r['idle_instructions_per_second']:,}/s taken off)"
+                f"{r['idle_instructions_per_second']:,}/s taken off; "
+                f"{' to '.join(f'{x:,}' for x in r['instructions_per_request_range'])} with the rate before or after)"
                 if r.get("instructions_per_request")
                 else ""
             )
