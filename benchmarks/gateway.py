@@ -317,7 +317,9 @@ def count_instructions(
         "idle_instructions_per_second": round(sum(rates) / 2),
         "load_instructions": loaded,
         "instructions_per_request": per_request(sum(rates) / 2),
-        "instructions_per_request_range": sorted(per_request(rate) or 0 for rate in rates),
+        "instructions_per_request_range": sorted(round((loaded - rate * load_wall) / requests) for rate in rates)
+        if requests
+        else None,
     }
 
 
