@@ -434,13 +434,55 @@ def self_approval(request_info: dict[str, Any] | None, me: str | None) -> str | 
     )
 
 
+# How long a request must have waited before releasegate answers it. Airflow 3.3 races an early
+# answer: the worker that parked the task reports its exit to the scheduler after the answer has
+# already re-queued the task, and the scheduler, seeing a queued or running task "finish", fails it
+# as killed externally (SchedulerJobRunner._process_executor_events only forgives that for a task
+# still `scheduled`). A person in the UI is slower than that; a CI job answering on the spot is not.
+SETTLE_SECONDS = 10.0
+
+
+def settle(
+    request: dict[str, Any],
+    seconds: float = SETTLE_SECONDS,
+    *,
+    now: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Wait until the request is `seconds` old (by its `created_at`); return how long it waited.
+
+    Never waits more than `seconds`, whatever the clocks' skew.
+    """
+    from datetime import datetime
+
+    created = request.get("created_at")
+    if created is None:  # Airflow before 3.1 (no created_at) parks no task, so has no such race
+        return 0.0
+    try:
+        age = now() - datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        age = 0.0  # no readable time: wait the whole period
+    wait = min(seconds, max(0.0, seconds - age))
+    if wait > 0:
+        sleep(wait)
+    return wait
+
+
 def answer(
-    client: AirflowClient, dag_id: str, request: dict[str, Any], *, approve: bool, comment: str | None = None
+    client: AirflowClient,
+    dag_id: str,
+    request: dict[str, Any],
+    *,
+    approve: bool,
+    comment: str | None = None,
+    settle_seconds: float = SETTLE_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Approve or reject one pending request, with the comment where the request takes one.
 
     An approval by the release's own triggerer, where its policy separates the duties, is refused
     here with ApprovalRefused (the decide task refuses it too, should it arrive another way).
+    A request younger than `settle_seconds` is answered once it is that old (SETTLE_SECONDS says why).
     """
     options = request.get("options") or []
     chosen = next((o for o in (_YES if approve else _NO) if o in options), None)
@@ -454,4 +496,5 @@ def answer(
             if refused is not None:
                 raise ApprovalRefused(refused)
     params = {"comment": comment} if comment and "comment" in (request.get("params") or {}) else {}
+    settle(request, settle_seconds, sleep=sleep)
     return client.respond(dag_id, ti["dag_run_id"], ti["task_id"], [chosen], params, ti.get("map_index", -1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -746,6 +747,16 @@ def experiment(
     sys.exit(code)
 
 
+def _settling(seconds: float) -> None:
+    from releasegate import airflow_client as af
+
+    click.echo(
+        f"waiting {seconds:.1f} s: Airflow takes an answer safely once its request is {af.SETTLE_SECONDS:.0f} s old",
+        err=True,
+    )
+    time.sleep(seconds)
+
+
 @main.command()
 @click.argument("release_or_run")
 @click.option("--model", default=None, help="Only a request about this model (a guard against a wrong id).")
@@ -772,7 +783,7 @@ def approve(
     try:
         with af.AirflowClient(airflow_url, token=token, username=user, password=password) as client:
             request = af.find_approval(client, dag_id, release_or_run, model)
-            answered = af.answer(client, dag_id, request, approve=not reject, comment=comment)
+            answered = af.answer(client, dag_id, request, approve=not reject, comment=comment, sleep=_settling)
     except af.ApprovalRefused as err:
         click.echo(f"REFUSED: {err}", err=True)
         sys.exit(1)

@@ -360,3 +360,22 @@ def test_releasegate_experiment_exits_with_the_experiments_outcome(monkeypatch, 
         "release_winner": True,
         "design": "quick",
     }
+
+
+def test_an_answer_waits_until_the_request_is_old_enough_for_airflow_to_take_it():
+    """Airflow 3.3 fails a task answered before the scheduler has seen it park (af.SETTLE_SECONDS)."""
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 12, 2, 12, 0, 0, tzinfo=UTC).timestamp()
+    waits: list[float] = []
+
+    def waited(created_at: str | None) -> float:
+        request = {} if created_at is None else {"created_at": created_at}
+        return af.settle(request, 10.0, now=lambda: now, sleep=waits.append)
+
+    assert waited("2026-12-02T11:59:57Z") == pytest.approx(7.0)  # asked 3 s ago
+    assert waited("2026-12-02T11:50:00.123456Z") == 0.0  # waiting for minutes: answer at once
+    assert waited("2026-12-02T12:05:00+00:00") == 10.0  # the server's clock ahead: never more than the period
+    assert waited("not a time") == 10.0
+    assert waited(None) == 0.0
+    assert waits == pytest.approx([7.0, 10.0, 10.0])
