@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -18,6 +17,7 @@ import pytest
 from releasegate import audit, pipeline, registry, release, signing, storage
 from releasegate.backends.local import LocalBackend
 from releasegate.contract import AuditAction, Mode
+from tests import forkserver
 from tests.integration.conftest import Stack, free_port
 from tests.webhook_sink import webhook_sink
 
@@ -124,11 +124,9 @@ def test_dag_puts_the_previous_champion_back_aborts_the_open_release_and_tells_t
     assert answered_by(promoted_with_canary, 40) == {v2, promoted_with_canary["v3"]}  # the canary is live
     conf = {"model_name": MODEL, "reason": REASON, "category": "wrong predictions", "release_id": rel_id}
     with webhook_sink() as sink:
-        out = subprocess.run(
+        out = forkserver.run(
             ["airflow", "dags", "test", "emergency_rollback", "-c", json.dumps(conf)],
             env={**os.environ, "RELEASEGATE_NOTIFY_WEBHOOK": sink.url, "RELEASEGATE_NOTIFY_WEBHOOK_TOKEN": "n0tify"},
-            capture_output=True,
-            text=True,
             timeout=600,
         )
     assert "state=success" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]

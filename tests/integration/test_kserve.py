@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ from releasegate.backends.kserve import ReadinessState
 from releasegate.contract import AuditAction, Mode, RouteChange, Stage
 from releasegate.release import State
 from releasegate.verdict import Decision
+from tests import forkserver
 from tests.factories import SHADOW as SHADOW_STAGE
 from tests.factories import canary, verdict
 from tests.integration.conftest import ROOT, Stack, free_port
@@ -301,13 +301,7 @@ def kstack(tmp_path_factory, airflow_env):
 
 def run_release(version: str, policy: str = "kserve-test") -> str:
     conf = json.dumps({"model_name": MODEL, "version": version, "policy": policy})
-    out = subprocess.run(
-        ["airflow", "dags", "test", "model_release", "-c", conf],
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out = forkserver.run(["airflow", "dags", "test", "model_release", "-c", conf], env=dict(os.environ), timeout=900)
     finished = [line for line in out.stdout.splitlines() + out.stderr.splitlines() if "DagRun Finished" in line]
     assert finished, out.stdout[-3000:] + out.stderr[-3000:]
     return finished[-1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from releasegate import audit, experiments, pipeline, registry, release, storage
 from releasegate.analysis.experiment import ArmStatus
 from releasegate.backends.local import LocalBackend
 from releasegate.contract import AuditAction, Mode
+from tests import forkserver
 
 MODEL = "churn"
 REPO = Path(__file__).resolve().parents[2]
@@ -29,12 +29,8 @@ pytestmark = pytest.mark.integration
 
 
 def run_dag(dag_id: str, conf: dict) -> str:
-    out = subprocess.run(
-        ["airflow", "dags", "test", dag_id, "-c", json.dumps(conf)],
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    out = forkserver.run(
+        ["airflow", "dags", "test", dag_id, "-c", json.dumps(conf)], env=dict(os.environ), timeout=1200
     )
     finished = [line for line in out.stdout.splitlines() + out.stderr.splitlines() if "DagRun Finished" in line]
     assert finished, out.stdout[-4000:] + out.stderr[-4000:]

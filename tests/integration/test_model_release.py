@@ -20,6 +20,7 @@ from releasegate.backends import SignatureRefused
 from releasegate.backends.local import LocalBackend
 from releasegate.contract import Arm, AuditAction, Mode, Stage
 from releasegate.verdict import Decision
+from tests import forkserver
 from tests.unit.test_dashboard import airflow_auth  # noqa: F401  (fixture)
 from tests.webhook_sink import webhook_sink
 
@@ -47,12 +48,8 @@ def run_release(version: str, policy: str = "default", env: dict[str, str] | Non
     import os
 
     conf = json.dumps({"model_name": model, "version": version, "policy": policy})
-    out = subprocess.run(
-        ["airflow", "dags", "test", "model_release", "-c", conf],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    out = forkserver.run(
+        ["airflow", "dags", "test", "model_release", "-c", conf], env={**os.environ, **(env or {})}, timeout=1200
     )
     finished = [line for line in out.stdout.splitlines() + out.stderr.splitlines() if "DagRun Finished" in line]
     assert finished, out.stdout[-3000:] + out.stderr[-3000:]

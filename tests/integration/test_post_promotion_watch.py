@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from releasegate import incidents, registry, release
 from releasegate.backends.local import LocalBackend
 from releasegate.contract import StageKind
 from releasegate.verdict import Decision
+from tests import forkserver
 from tests.models import fault_switch
 from tests.waiting import wait_until
 
@@ -63,11 +63,8 @@ def test_errors_that_start_after_promotion_roll_the_release_back(stack, watched_
     faulty = fault_switch.register(MODEL, stack.versions["good"], switch, error_rate=0.2, workdir=tmp_path)
     signing.sign_version(MODEL, faulty)
     conf = json.dumps({"model_name": MODEL, "version": faulty, "policy": watched_policy})
-    run = subprocess.Popen(
-        ["airflow", "dags", "test", "model_release", "-c", conf],
-        env=dict(os.environ),
-        stdout=(tmp_path / "run.log").open("w"),
-        stderr=subprocess.STDOUT,
+    run = forkserver.start(
+        ["airflow", "dags", "test", "model_release", "-c", conf], env=dict(os.environ), output=tmp_path / "run.log"
     )
     try:
 

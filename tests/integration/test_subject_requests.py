@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from releasegate import audit, retention, storage
 from releasegate.contract import CLASSIFICATION_TAG, RETENTION_TAG, AuditAction
 from releasegate.serving import routing
+from tests import forkserver
 from tests.integration.conftest import free_port, gateway_process
 from tests.require import require
 from tests.waiting import wait_until
@@ -296,12 +297,8 @@ def test_the_dag_erases_every_row_of_the_subject_and_nothing_else(served):
     others_before = _count(settings, storage.predictions, storage.predictions.c.request_id.like("other-%"))
     assert _subject_rows(settings) == 10
     conf = {"subject_key": SUBJECT, "request_type": "erase", "reference": "DSR-2026-002"}
-    out = subprocess.run(
-        ["airflow", "dags", "test", "data_subject_request", "-c", json.dumps(conf)],
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = forkserver.run(
+        ["airflow", "dags", "test", "data_subject_request", "-c", json.dumps(conf)], env=dict(os.environ), timeout=600
     )
     assert "state=success" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
 

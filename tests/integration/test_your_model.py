@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +61,7 @@ from releasegate import registry, release
 from releasegate.contract import Arm, Stage
 from releasegate.release import State
 from releasegate.verdict import Decision, MetricResult, Verdict
+from tests import forkserver
 from tests.integration import own_models as om
 from tests.integration.conftest import Stack, free_port
 
@@ -265,7 +265,7 @@ class Runner:
             ],
         )
 
-    def _launch(self, planned: Planned, airflow_home: Path) -> subprocess.Popen:
+    def _launch(self, planned: Planned, airflow_home: Path) -> forkserver.Process:
         env = dict(
             self.fleet.stack.env,
             AIRFLOW_HOME=str(airflow_home),
@@ -274,18 +274,13 @@ class Runner:
         conf = json.dumps({"model_name": planned.model, "version": planned.version, "policy": planned.policy})
         planned.log = self.fleet.stack.home / f"release-{planned.model}-v{planned.version}.log"
         planned.started = time.time()
-        with open(planned.log, "w") as log:
-            # Niced: a release is batch work beside the gateway it measures (on a shared two-core machine the
-            # latency check would otherwise time the releases' imports, not the models).
-            return subprocess.Popen(
-                ["nice", "-n", "10", "airflow", "dags", "test", "model_release", "-c", conf],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+        # Niced: a release is batch work beside the gateway it measures (on a shared two-core machine the
+        # latency check would otherwise time the releases' imports, not the models).
+        return forkserver.start(
+            ["airflow", "dags", "test", "model_release", "-c", conf], env=env, output=planned.log, nice=10
+        )
 
-    def _collect(self, planned: Planned, proc: subprocess.Popen) -> None:
+    def _collect(self, planned: Planned, proc: forkserver.Process) -> None:
         planned.ended, planned.returncode = time.time(), proc.returncode
         lines = [line for line in planned.log.read_text().splitlines() if "DagRun Finished" in line]
         planned.finished_line = lines[-1].strip() if lines else ""
@@ -299,7 +294,7 @@ class Runner:
     def run(self, deadline_seconds: float) -> None:
         queue = sorted(self.fleet.chains, key=lambda m: -len(self.fleet.chains[m]))  # longest chains first
         free = list(self.homes)
-        running: dict[str, tuple[Path, int, subprocess.Popen]] = {}  # model -> (home, index, process)
+        running: dict[str, tuple[Path, int, forkserver.Process]] = {}  # model -> (home, index, process)
         deadline = time.time() + deadline_seconds
         while queue or running:
             while free and queue:
