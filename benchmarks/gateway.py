@@ -32,6 +32,7 @@ gateway's own /metrics before and after the case.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -42,6 +43,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,13 +284,22 @@ def callgrind(out_dir: Path) -> list[str]:
 
 
 def count_instructions(
-    bench: Bench, url: str, body: Path, key: str, seconds: float, server: int, out_dir: Path, idle_seconds: float = 10
+    bench: Bench,
+    url: str,
+    body: Path,
+    key: str,
+    seconds: float,
+    server: int,
+    out_dir: Path,
+    spread: threading.Thread | None = None,
+    idle_seconds: float = 10,
 ) -> dict:
     """`load_with_cpu` under callgrind (`callgrind` before the gateway): the instructions all the gateway's
     processes execute per request. Counted three times: `idle_seconds` with no load (route polls, the log
     writers' timers: a cost per second, not per request), the load, and `idle_seconds` idle again; the mean
     idle rate over the load's duration is taken off the load's count before dividing by its requests, and the
-    figures with the idle rate before and after alone bound how much that correction can move it."""
+    figures with the idle rate before and after alone bound how much that correction can move it. `spread`, if
+    given, is started with the load."""
 
     def control(*args: str) -> None:
         subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=600)
@@ -302,6 +313,8 @@ def count_instructions(
     control("--instr=on")
     before_wall = idle("idle-before")
     started = time.monotonic()
+    if spread is not None:
+        spread.start()
     result = bench.load_with_cpu(url, body, key, seconds, server)
     control("--dump=load")
     load_wall = time.monotonic() - started
@@ -313,7 +326,13 @@ def count_instructions(
     def per_request(per_second: float) -> int | None:
         return round((loaded - per_second * load_wall) / requests) if requests else None
 
+    by_kind = {}
+    for kind in ("workers", "log_writers", "supervisor"):
+        rate = (_callgrind_dumps(out_dir, 1, kind) / before_wall + _callgrind_dumps(out_dir, 3, kind) / after_wall) / 2
+        if requests:
+            by_kind[kind] = round((_callgrind_dumps(out_dir, 2, kind) - rate * load_wall) / requests)
     return result | {
+        "instructions_per_request_by_process": by_kind,
         "idle_instructions_per_second": round(sum(rates) / 2),
         "load_instructions": loaded,
         "instructions_per_request": per_request(sum(rates) / 2),
@@ -323,14 +342,31 @@ def count_instructions(
     }
 
 
-def _callgrind_dumps(out_dir: Path, number: int) -> int:
-    """Instructions executed (Ir) in every process's `number`-th dump: the sum of their `totals:` lines."""
+def _callgrind_dumps(out_dir: Path, number: int, kind: str | None = None) -> int:
+    """Instructions executed (Ir) in every process's `number`-th dump (of the processes of one `kind` only, see
+    `_process_kind`): the sum of their `totals:` lines."""
     total = 0
     for path in out_dir.glob(f"cg.*.{number}"):
-        for line in path.read_text(errors="replace").splitlines():
+        text = path.read_text(errors="replace")
+        if kind is not None and _process_kind(text) != kind:
+            continue
+        for line in text.splitlines():
             if line.startswith("totals:"):
                 total += int(line.split()[1])
     return total
+
+
+def _process_kind(dump: str) -> str:
+    """What a gateway process is, from the command line in its callgrind dump: a log writer, a worker spawned by
+    the supervisor, or the gateway's first process (the worker itself when it runs one, else the supervisor)."""
+    command = next((line for line in dump.splitlines() if line.startswith("cmd:")), "")
+    if "releasegate.serving.logprocess" in command:
+        return "log_writers"
+    if "spawn_main" in command:
+        return "workers"
+    if "--workers 1" in command:
+        return "workers"
+    return "supervisor"
 
 
 def tree_cpu(root: int) -> float:
@@ -382,6 +418,50 @@ def _calls(metrics_text: str, arm: str, ok_only: bool = True) -> float:
 
     calls = total("releasegate_gateway_model_calls_total")
     return calls - total("releasegate_gateway_model_errors_total") if ok_only else calls
+
+
+def _batches(metrics_text: str) -> tuple[float, float]:
+    """(rows, predict calls) of every served version so far, from the batch_rows histogram of a /metrics page."""
+
+    def total(name: str) -> float:
+        return sum(float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.e+]+)$", metrics_text, re.M))
+
+    return total("releasegate_gateway_batch_rows_sum"), total("releasegate_gateway_batch_rows_count")
+
+
+class ConnectionCount(threading.Thread):
+    """The established connections each of a server's processes holds on `port`, sampled once `expected`
+    connections are up (wrk opens them as it starts), within `timeout` seconds: how a load spread over the
+    workers (they accept from one shared socket, so whichever is waiting takes the next connection)."""
+
+    def __init__(self, server: int, port: int, expected: int, timeout: float):
+        super().__init__(daemon=True)
+        self.server, self.port, self.expected, self.timeout = server, port, expected, timeout
+        self.counts: list[int] = []
+
+    def run(self) -> None:
+        import psutil
+
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            counts = []
+            try:
+                server = psutil.Process(self.server)  # one worker: the server itself; several: its workers
+                for child in (server, *server.children(recursive=True)):
+                    with contextlib.suppress(psutil.Error):
+                        mine = [
+                            c
+                            for c in child.net_connections(kind="tcp")
+                            if c.laddr and c.laddr.port == self.port and c.status == psutil.CONN_ESTABLISHED
+                        ]
+                        if mine:
+                            counts.append(len(mine))
+            except psutil.Error:
+                return
+            if sum(counts) >= self.expected:
+                self.counts = sorted(counts, reverse=True)
+                return
+            time.sleep(0.05)
 
 
 def _feast_setup(bench: Bench, workdir: Path, settings, redis: str) -> tuple[Path, str, Path]:
@@ -730,11 +810,25 @@ def benchmark(args, cases: list[str]) -> dict:
                     target = f"{url}/models/{MODEL}/invocations"
                     bench.load(target, body, predict_key, min(3.0, args.seconds))
                     time.sleep(1)
+                    rows, calls = _batches(admin.get("/metrics").text)
+                    spread = ConnectionCount(proc.pid, port, bench.connections, timeout=args.seconds / 2)
                     if args.callgrind:
-                        measured = count_instructions(bench, target, body, predict_key, args.seconds, proc.pid, counted)
+                        measured = count_instructions(
+                            bench, target, body, predict_key, args.seconds, proc.pid, counted, spread
+                        )
                     else:
+                        spread.start()
                         measured = bench.load_with_cpu(target, body, predict_key, args.seconds, proc.pid)
-                    by_workers[str(n)] = measured | {"connections": bench.connections}
+                    spread.join()
+                    rows_after, calls_after = _batches(admin.get("/metrics").text)
+                    by_workers[str(n)] = measured | {
+                        "connections": bench.connections,
+                        # Idle windows serve nothing, so these are the load's own batches.
+                        "rows_per_batch": round((rows_after - rows) / (calls_after - calls), 2)
+                        if calls_after > calls
+                        else None,
+                        "connections_by_worker": spread.counts,
+                    }
                     bench.connections = args.connections
                 bench.stop(proc, timeout=600 if args.callgrind else 30)
             results["single_workers"] = {"workers": by_workers}
@@ -779,11 +873,14 @@ def print_table(results: dict) -> None:
             f"single, {n} worker(s): {r['rps']:,.0f} rps, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
             f"{r['errors']} errors; gateway {r['server_cores']:.2f} cores, "
             f"{r['server_cpu_us_per_request']:.0f} µs CPU/request; wrk {r['wrk_cores']:.2f} cores, "
-            f"{r['wrk_cpu_us_per_request']:.0f} µs CPU/request"
+            f"{r['wrk_cpu_us_per_request']:.0f} µs CPU/request; {r.get('rows_per_batch')} rows per predict call, "
+            f"connections by worker {r.get('connections_by_worker')}"
             + (
                 f"; {r['instructions_per_request']:,} instructions/request (callgrind; the idle "
                 f"{r['idle_instructions_per_second']:,}/s taken off; "
-                f"{' to '.join(f'{x:,}' for x in r['instructions_per_request_range'])} with the rate before or after)"
+                f"{' to '.join(f'{x:,}' for x in r['instructions_per_request_range'])} with the rate before or after; "
+                + ", ".join(f"{kind} {x:,}" for kind, x in r["instructions_per_request_by_process"].items())
+                + ")"
                 if r.get("instructions_per_request")
                 else ""
             )

@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from releasegate import storage
+from releasegate.serving import gateway as gateway_module
 from tests.integration.conftest import free_port
 from tests.waiting import gateway_ready, wait_until
 
@@ -29,6 +30,7 @@ MODEL = "wk"
 ADMIN = "rg-test-admin-key-0123456789abcdef"
 WORKERS = 2
 POLL = 0.2
+METRICS_REFRESH = gateway_module._METRICS_REFRESH  # how often a worker adds its tallies to the shared files
 SLOW_AGE = 78  # the slow champion sleeps on this age
 
 
@@ -116,6 +118,18 @@ class Workers:
             found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
         return float(found.group(1)) if found else 0.0
 
+    def settled(self, name: str, **labels: str) -> float:
+        """A sample once it has not changed for longer than the workers' metrics refresh interval."""
+        last, since = self.metric(name, **labels), time.monotonic()
+        deadline = since + 30
+        while time.monotonic() - since <= 2 * METRICS_REFRESH:
+            assert time.monotonic() < deadline, f"{name} still changing after 30 s"
+            value = self.metric(name, **labels)
+            if value != last:
+                last, since = value, time.monotonic()
+            time.sleep(0.05)
+        return last
+
     def logged(self, request_ids: list[str]) -> list:
         table = storage.predictions
         with storage.engine(self.settings.db_url).connect() as conn:
@@ -178,15 +192,25 @@ def workers(tmp_path_factory):
 def test_requests_spread_over_the_workers_and_metrics_add_up_across_them(workers):
     champion = workers.versions["champion"]
     calls = dict(arm="champion", model=MODEL, version=champion)
-    before = workers.metric("releasegate_gateway_http_responses_total", endpoint="invocations", status="200")
-    calls_before = workers.metric("releasegate_gateway_model_calls_total", **calls)
+    # The fixture's requests counted by every worker first (each adds its tally at the next refresh).
+    before = workers.settled("releasegate_gateway_http_responses_total", endpoint="invocations", status="200")
+    calls_before = workers.settled("releasegate_gateway_model_calls_total", **calls)
     n = 60
     responses = [workers.invoke() for _ in range(n)]
     assert [r.status_code for r in responses] == [200] * n
     ids = [r.json()["request_id"] for r in responses]
     per_worker = Counter(worker_of(rid) for rid in ids)
     assert len(per_worker) == WORKERS, per_worker  # every worker answered some
-    # Each scrape is answered by one worker, and counts every worker's requests.
+    # Each scrape is answered by one worker, and counts every worker's requests: the others' within the
+    # metrics refresh interval (each worker tallies its requests between refreshes).
+    wait_until(
+        lambda: (
+            workers.metric("releasegate_gateway_http_responses_total", endpoint="invocations", status="200")
+            == before + n
+        ),
+        timeout=10,
+        what="every worker's responses counted",
+    )
     for _ in range(6):
         total = workers.metric("releasegate_gateway_http_responses_total", endpoint="invocations", status="200")
         assert total == before + n

@@ -125,7 +125,7 @@ def _endpoint(name: str, role: Role | None, *, limited: bool = False) -> Callabl
         async def endpoint(request: Request) -> Response:
             gateway = _gateway(request)
             in_flight = gateway.metrics.in_flight_of(name)
-            in_flight.inc()
+            in_flight.n += 1
             admitted = False
             try:
                 caller = None if role is None else gateway.keys.require(request.headers.get("authorization"), role)
@@ -140,7 +140,7 @@ def _endpoint(name: str, role: Role | None, *, limited: bool = False) -> Callabl
             except Exception as err:
                 response = _error(*_failure(err), code=getattr(err, "code", None))
             finally:
-                in_flight.dec()
+                in_flight.n -= 1
                 if admitted:
                     gateway.in_flight -= 1
             gateway.metrics.http_response(name, response.status_code)
@@ -365,7 +365,7 @@ class InferenceApp:
         gateway = self.gateway
         config = gateway.config
         in_flight = gateway.metrics.in_flight_of(name)
-        in_flight.inc()
+        in_flight.n += 1
         admitted = False
         tail = b""
         try:
@@ -396,7 +396,7 @@ class InferenceApp:
             status, message = _failure(err)
             content = {"error": message}
         finally:
-            in_flight.dec()
+            in_flight.n -= 1
             if admitted:
                 gateway.in_flight -= 1
         gateway.metrics.http_response(name, status)

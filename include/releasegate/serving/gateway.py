@@ -271,6 +271,7 @@ class Gateway:
         await asyncio.to_thread(self.feedback_log.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.features.close()
+        self.metrics.flush()  # with workers, this one's last counts into the shared files
 
     # --- routes ---------------------------------------------------------------------------------
 

@@ -3,18 +3,50 @@
 With several workers (docs/gateway.md, "Workers") prometheus_client's multiprocess mode keeps every value in
 files shared by the workers: `/metrics` from any of them adds up counters and histograms over all, and each
 gauge combines the workers' values as its `multiprocess_mode` says.
+
+The updates every request makes (its response, its model calls and their latency, the requests in flight) are
+tallied in plain Python numbers and added to the metrics in one step per label set by `flush()`: at each scrape
+of this process and, with workers, every refresh of the gateway (a scrape then sees another worker's requests
+within that interval). In multiprocess mode each prometheus_client update is a locked write to a memory-mapped
+file (about 0.4-0.9 µs more than in one process, five to eight of them a request); tallied, a request's updates
+cost the same whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class InFlight:
+    """Requests of one endpoint received and not yet answered (the gauge follows it)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class _Calls:
+    """Model calls of one arm since the last flush: their count, and their latencies as histogram increments."""
+
+    __slots__ = ("buckets", "calls", "seconds")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(_LATENCY_BOUNDS))
+
+
+_LATENCY_BOUNDS = (*_LATENCY_BUCKETS, float("inf"))  # prometheus_client's buckets: the declared bounds and +Inf
 
 
 class Metrics:
@@ -191,10 +223,13 @@ class Metrics:
             registry=r,
         )
         # Label children, cached by their label values (labels() takes a lock and builds a key per call).
-        self._in_flight: dict[str, Gauge] = {}
+        self._in_flight: dict[str, InFlight] = {}
         self._http: dict[tuple[str, int], Counter] = {}
         self._calls: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._ignored: dict[str, Counter] = {}
+        # The per-request updates since the last flush (see the module's docstring).
+        self._http_tally: dict[tuple[str, int], int] = {}
+        self._calls_tally: dict[tuple[str, str, str], _Calls] = {}
         # Gauges read from the gateway's state (see follow); with workers, copied into the shared files.
         self._followed: dict[tuple[int, tuple[str, ...]], tuple[Gauge, Callable[[], float]]] = {}
 
@@ -216,36 +251,65 @@ class Metrics:
             gauge.labels(*labels).set(0)
 
     def refresh(self) -> None:
-        """Copy the followed gauges' values into the shared files (with workers; a no-op otherwise)."""
+        """With workers: the tallies flushed and the followed gauges' values copied into the shared files (a
+        no-op otherwise: one process's scrape reads its own state)."""
+        self.flush()
         for child, value in list(self._followed.values()):
             child.set(value())
 
-    def in_flight_of(self, endpoint: str) -> Gauge:
-        child = self._in_flight.get(endpoint)
-        if child is None:
-            child = self._in_flight[endpoint] = self.in_flight.labels(endpoint)
-        return child
+    def in_flight_of(self, endpoint: str) -> InFlight:
+        """The endpoint's count of requests in flight, for the caller to raise and lower."""
+        count = self._in_flight.get(endpoint)
+        if count is None:
+            count = self._in_flight[endpoint] = InFlight()
+            self.follow(self.in_flight, lambda: count.n, endpoint)
+        return count
 
     def http_response(self, endpoint: str, status: int) -> None:
-        """Count one response; label children are cached (labels() takes a lock and builds a key per call)."""
+        """Count one response (tallied until the next flush)."""
         key = (endpoint, status)
-        child = self._http.get(key)
-        if child is None:
-            child = self._http[key] = self.http.labels(endpoint, str(status))
-        child.inc()
+        self._http_tally[key] = self._http_tally.get(key, 0) + 1
 
     def model_call(self, model: str, version: str, arm: str, seconds: float | None) -> None:
-        """Count a model call and observe its latency (None: a call skipped, which took no time of the model's)."""
+        """Count a model call and observe its latency (None: a call skipped, which took no time of the model's);
+        tallied until the next flush."""
         key = (model, version, arm)
-        children = self._calls.get(key)
-        if children is None:
-            children = self._calls[key] = (
-                self.requests.labels(model, version, arm),
-                self.latency.labels(model, version, arm),
-            )
-        children[0].inc()
+        tally = self._calls_tally.get(key)
+        if tally is None:
+            tally = self._calls_tally[key] = _Calls()
+        tally.calls += 1
         if seconds is not None:
-            children[1].observe(seconds)
+            tally.seconds += seconds
+            tally.buckets[bisect_left(_LATENCY_BOUNDS, seconds)] += 1  # the first bound >= seconds, as observe()
+
+    def flush(self) -> None:
+        """Add the tallied updates to the metrics, one update per label set and bucket.
+
+        Called on the event loop that tallies (a scrape, the refresh task, the gateway's stop), so no tally is
+        read while it is updated. A histogram has no public way to add several observations at once: its child's
+        `_sum` and `_buckets` values take them (prometheus_client's own `observe()` updates the same; a unit test
+        compares the two).
+        """
+        if self._http_tally:
+            tallies, self._http_tally = self._http_tally, {}
+            for key, n in tallies.items():
+                child = self._http.get(key)
+                if child is None:
+                    child = self._http[key] = self.http.labels(key[0], str(key[1]))
+                child.inc(n)
+        if self._calls_tally:
+            calls, self._calls_tally = self._calls_tally, {}
+            for arm, tally in calls.items():
+                children = self._calls.get(arm)
+                if children is None:
+                    children = self._calls[arm] = (self.requests.labels(*arm), self.latency.labels(*arm))
+                children[0].inc(tally.calls)
+                if any(tally.buckets):
+                    histogram: Any = children[1]
+                    histogram._sum.inc(tally.seconds)
+                    for bucket, count in zip(histogram._buckets, tally.buckets, strict=True):
+                        if count:
+                            bucket.inc(count)
 
     def ignored(self, model: str, columns: int) -> None:
         child = self._ignored.get(model)
@@ -254,6 +318,7 @@ class Metrics:
         child.inc(columns)
 
     def render(self) -> bytes:
+        self.flush()
         if self.shared_dir is None:
             return generate_latest(self.registry)
         from prometheus_client import multiprocess
