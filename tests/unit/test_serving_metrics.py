@@ -74,3 +74,14 @@ def test_requests_in_flight_are_read_at_the_scrape():
     assert _samples(metrics, "releasegate_gateway_requests_in_flight")[key] == 2
     invocations.n -= 2
     assert _samples(metrics, "releasegate_gateway_requests_in_flight")[key] == 0
+
+
+def test_tallied_batches_and_cpu_render_as_prometheus_clients_own_updates():
+    tallied, direct = Metrics(), Metrics()
+    for rows in (1, 1, 2, 3, 64, 65, 1024, 5000):
+        tallied.observe(tallied.batch_rows.labels("churn", "3"), rows)
+        direct.batch_rows.labels("churn", "3").observe(rows)
+        tallied.add(tallied.model_cpu.labels("churn", "3"), rows / 1e5)
+        direct.model_cpu.labels("churn", "3").inc(rows / 1e5)
+    names = ("releasegate_gateway_batch_rows", "releasegate_gateway_model_cpu_seconds")
+    assert _samples(tallied, *names) == _samples(direct, *names)

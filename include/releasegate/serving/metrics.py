@@ -35,18 +35,15 @@ class InFlight:
         self.n = 0
 
 
-class _Calls:
-    """Model calls of one arm since the last flush: their count, and their latencies as histogram increments."""
+class _Observed:
+    """Observations of one histogram child since the last flush: their sum and their count per bucket."""
 
-    __slots__ = ("buckets", "calls", "seconds")
+    __slots__ = ("bounds", "buckets", "total")
 
-    def __init__(self) -> None:
-        self.calls = 0
-        self.seconds = 0.0
-        self.buckets = [0] * (len(_LATENCY_BOUNDS))
-
-
-_LATENCY_BOUNDS = (*_LATENCY_BUCKETS, float("inf"))  # prometheus_client's buckets: the declared bounds and +Inf
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * len(bounds)
+        self.total = 0.0
 
 
 class Metrics:
@@ -227,9 +224,9 @@ class Metrics:
         self._http: dict[tuple[str, int], Counter] = {}
         self._calls: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._ignored: dict[str, Counter] = {}
-        # The per-request updates since the last flush (see the module's docstring).
-        self._http_tally: dict[tuple[str, int], int] = {}
-        self._calls_tally: dict[tuple[str, str, str], _Calls] = {}
+        # The per-request updates since the last flush (see the module's docstring), by label child.
+        self._added: dict[Counter, float] = {}
+        self._observed: dict[Histogram, _Observed] = {}
         # Gauges read from the gateway's state (see follow); with workers, copied into the shared files.
         self._followed: dict[tuple[int, tuple[str, ...]], tuple[Gauge, Callable[[], float]]] = {}
 
@@ -265,51 +262,59 @@ class Metrics:
             self.follow(self.in_flight, lambda: count.n, endpoint)
         return count
 
+    def add(self, child: Counter, amount: float = 1) -> None:
+        """`child.inc(amount)`, tallied until the next flush. On the event loop only (see `flush`)."""
+        self._added[child] = self._added.get(child, 0) + amount
+
+    def observe(self, child: Histogram, value: float) -> None:
+        """`child.observe(value)`, tallied until the next flush. On the event loop only (see `flush`)."""
+        tally = self._observed.get(child)
+        if tally is None:
+            tally = self._observed[child] = _Observed(child._upper_bounds)
+        tally.total += value
+        tally.buckets[bisect_left(tally.bounds, value)] += 1  # the first bound >= value, as observe() counts it
+
     def http_response(self, endpoint: str, status: int) -> None:
-        """Count one response (tallied until the next flush)."""
+        """Count one response; label children are cached (labels() takes a lock and builds a key per call)."""
         key = (endpoint, status)
-        self._http_tally[key] = self._http_tally.get(key, 0) + 1
+        child = self._http.get(key)
+        if child is None:
+            child = self._http[key] = self.http.labels(endpoint, str(status))
+        self.add(child)
 
     def model_call(self, model: str, version: str, arm: str, seconds: float | None) -> None:
-        """Count a model call and observe its latency (None: a call skipped, which took no time of the model's);
-        tallied until the next flush."""
+        """Count a model call and observe its latency (None: a call skipped, which took no time of the model's)."""
         key = (model, version, arm)
-        tally = self._calls_tally.get(key)
-        if tally is None:
-            tally = self._calls_tally[key] = _Calls()
-        tally.calls += 1
+        children = self._calls.get(key)
+        if children is None:
+            children = self._calls[key] = (
+                self.requests.labels(model, version, arm),
+                self.latency.labels(model, version, arm),
+            )
+        self.add(children[0])
         if seconds is not None:
-            tally.seconds += seconds
-            tally.buckets[bisect_left(_LATENCY_BOUNDS, seconds)] += 1  # the first bound >= seconds, as observe()
+            self.observe(children[1], seconds)
 
     def flush(self) -> None:
-        """Add the tallied updates to the metrics, one update per label set and bucket.
+        """Add the tallied updates to the metrics, one update per label child and bucket.
 
         Called on the event loop that tallies (a scrape, the refresh task, the gateway's stop), so no tally is
-        read while it is updated. A histogram has no public way to add several observations at once: its child's
-        `_sum` and `_buckets` values take them (prometheus_client's own `observe()` updates the same; a unit test
-        compares the two).
+        read while it is updated. A histogram has no public way to add several observations at once: its
+        child's `_sum` and `_buckets` values take them (prometheus_client's own `observe()` updates the same;
+        a unit test compares the two).
         """
-        if self._http_tally:
-            tallies, self._http_tally = self._http_tally, {}
-            for key, n in tallies.items():
-                child = self._http.get(key)
-                if child is None:
-                    child = self._http[key] = self.http.labels(key[0], str(key[1]))
-                child.inc(n)
-        if self._calls_tally:
-            calls, self._calls_tally = self._calls_tally, {}
-            for arm, tally in calls.items():
-                children = self._calls.get(arm)
-                if children is None:
-                    children = self._calls[arm] = (self.requests.labels(*arm), self.latency.labels(*arm))
-                children[0].inc(tally.calls)
-                if any(tally.buckets):
-                    histogram: Any = children[1]
-                    histogram._sum.inc(tally.seconds)
-                    for bucket, count in zip(histogram._buckets, tally.buckets, strict=True):
-                        if count:
-                            bucket.inc(count)
+        if self._added:
+            added, self._added = self._added, {}
+            for counter, amount in added.items():
+                counter.inc(amount)
+        if self._observed:
+            observed, self._observed = self._observed, {}
+            for histogram, tally in observed.items():
+                child: Any = histogram
+                child._sum.inc(tally.total)
+                for bucket, count in zip(child._buckets, tally.buckets, strict=True):
+                    if count:
+                        bucket.inc(count)
 
     def ignored(self, model: str, columns: int) -> None:
         child = self._ignored.get(model)

@@ -229,10 +229,14 @@ class Slot:
             return None
         except Exception as err:
             raise ModelCallError(f"{self.label} predict failed: {type(err).__name__}: {err}") from err
-        return self._measured(_outputs(result, n, self.label), time.thread_time() - cpu, n)
+        return self._measured(_outputs(result, n, self.label), time.thread_time() - cpu, n, on_loop=True)
 
-    def _measured(self, values: list[Any], cpu_seconds: float, rows: int) -> Measured:
-        self._cpu_seconds.inc(cpu_seconds)
+    def _measured(self, values: list[Any], cpu_seconds: float, rows: int, on_loop: bool = False) -> Measured:
+        """The answers with their CPU per row; the CPU counted (tallied when on the event loop: metrics.py)."""
+        if on_loop:
+            self._metrics.add(self._cpu_seconds, cpu_seconds)
+        else:
+            self._cpu_seconds.inc(cpu_seconds)
         return Measured(values, cpu_seconds * 1000 / rows if rows else None)
 
     def call(self, jobs: list[Rows]) -> list[Any]:
@@ -463,7 +467,7 @@ class Slot:
                 self._running = []
 
     async def _answer(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], rows: int) -> None:
-        self._batch_rows.observe(rows)
+        self._metrics.observe(self._batch_rows, rows)
         try:
             # The compiled graph answers in microseconds: a thread hop would cost more than the call.
             values = self.call_fast([j.rows for j in jobs])
