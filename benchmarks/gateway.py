@@ -218,7 +218,7 @@ class Bench:
         out = subprocess.run(
             [
                 "wrk",
-                f"-t{self.threads}",
+                f"-t{min(self.threads, self.connections)}",  # wrk refuses more threads than connections
                 f"-c{self.connections}",
                 f"-d{max(1, round(seconds))}s",
                 "--timeout",
