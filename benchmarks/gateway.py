@@ -446,13 +446,18 @@ class ConnectionCount(threading.Thread):
         while time.monotonic() < deadline:
             counts = []
             try:
+                # The benchmark's own connections (its admin client's) are not the load's.
+                ours = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp") if c.laddr}
                 server = psutil.Process(self.server)  # one worker: the server itself; several: its workers
                 for child in (server, *server.children(recursive=True)):
                     with contextlib.suppress(psutil.Error):
                         mine = [
                             c
                             for c in child.net_connections(kind="tcp")
-                            if c.laddr and c.laddr.port == self.port and c.status == psutil.CONN_ESTABLISHED
+                            if c.laddr
+                            and c.laddr.port == self.port
+                            and c.status == psutil.CONN_ESTABLISHED
+                            and not (c.raddr and c.raddr.port in ours)
                         ]
                         if mine:
                             counts.append(len(mine))
