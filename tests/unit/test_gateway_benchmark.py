@@ -1,0 +1,46 @@
+"""The gateway benchmark's throughput ratios come from rounds measured side by side, not from one run of each case."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gateway_benchmark", ROOT / "benchmarks" / "gateway.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gateway_benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(rps: float, seconds: float = 5.0, p99: float = 4.0, errors: int = 0) -> dict:
+    return {"rps": rps, "p50_ms": p99 / 2, "p99_ms": p99, "errors": errors, "requests": round(rps * seconds)}
+
+
+def test_a_slow_spell_in_one_round_moves_both_cases_and_leaves_the_ratio(bench):
+    # Round 2 fell in a slow spell of the machine, on both cases, since they take turns: each round still reads 0.5.
+    # Measured one case after the other, a spell that fell on one of them alone moved the ratio by half.
+    bare = [_run(20_000), _run(10_000), _run(20_000)]
+    single = [_run(10_000), _run(5_000), _run(10_000)]
+    ratio = bench._median_ratio(single, bare)
+    assert ratio == {"median": 0.5, "rounds": [0.5, 0.5, 0.5]}
+
+
+def test_the_median_round_decides_not_the_best_one(bench):
+    ratio = bench._median_ratio([_run(9_000), _run(6_000), _run(12_000)], [_run(20_000), _run(20_000), _run(20_000)])
+    assert ratio["median"] == 0.45 and ratio["rounds"] == [0.45, 0.3, 0.6]
+
+
+def test_pooled_rounds_weigh_each_by_its_requests_and_keep_every_error(bench):
+    pooled = bench._pooled([_run(1_000, p99=3.0), _run(3_000, p99=9.0, errors=2), _run(2_000, p99=5.0)])
+    assert pooled["rps"] == 2_000.0  # 30,000 requests in 15 s
+    assert pooled["requests"] == 30_000 and pooled["errors"] == 2
+    assert pooled["p99_ms"] == 5.0  # the median round's, not the worst
+    assert pooled["rps_rounds"] == [1_000, 3_000, 2_000]
