@@ -6,7 +6,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from releasegate import storage
 from releasegate.serving import auth, routing
 from tests.integration.conftest import gateway_process
+from tests.ports import free_port
 from tests.waiting import gateway_ready, wait_until
 
 pytestmark = pytest.mark.integration
@@ -203,12 +203,6 @@ def _register(settings) -> dict[str, str]:
     return versions
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Gateway:
     def __init__(self, url: str, proc: subprocess.Popen, log: Path, versions: dict, settings):
         self.url, self.proc, self.log_path, self.versions, self.settings = url, proc, log, versions, settings
@@ -242,7 +236,7 @@ def gateway(tmp_path_factory):
     from tests.conftest import _point_env_at
 
     home = tmp_path_factory.mktemp("gateway")
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         _point_env_at(home, mp)
         mp.setenv("RELEASEGATE_GATEWAY_POLL_INTERVAL", "0.2")
@@ -912,7 +906,7 @@ def test_twenty_route_changes_under_load_lose_no_request(gateway):
 def test_a_second_replica_follows_the_database_and_serves_the_old_split_until_ready(gateway, tmp_path):
     v = gateway.versions
     assert gateway.put_route(champion_version=v["champion"], mode="single").status_code == 200
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "replica.log"
     with open(log, "w") as out:
         replica = subprocess.Popen(
@@ -1077,7 +1071,7 @@ def test_a_restarted_gateway_serves_each_model_as_soon_as_its_own_route_is_loade
                 )
             )
     gate = tmp_path / "gate"  # the slow model's warm-up waits until this file exists
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "restarted.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from releasegate import airflow_client as af
+from tests.ports import free_port
 from tests.require import require
 
 pytestmark = pytest.mark.integration
@@ -86,14 +87,6 @@ approval_like()
 """ % {"release": RELEASE_DAG, "approval": APPROVAL_DAG}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class MiniAirflow:
     """Airflow's API server, scheduler and dag-processor (LocalExecutor) on a fresh PostgreSQL database."""
 
@@ -104,7 +97,7 @@ class MiniAirflow:
         self.db = f"rg_trigger_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'CREATE DATABASE "{self.db}"')
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.password = secrets.token_urlsafe(12)
         dags = home / "dags"

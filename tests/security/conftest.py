@@ -127,11 +127,12 @@ def security_gateway(tmp_path_factory):
     from releasegate import storage
     from tests.conftest import _point_env_at
     from tests.integration.conftest import gateway_process
-    from tests.integration.test_gateway import MODEL, _free_port, _register
+    from tests.integration.test_gateway import MODEL, _register
+    from tests.ports import free_port
 
     home = tmp_path_factory.mktemp("security-gateway")
     hang = home / "hang"
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         _point_env_at(home, mp)
         for name, value in LIMITS.items():

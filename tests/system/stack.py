@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.ports import free_port
 from tests.webhook_sink import webhook_sink
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,14 +181,6 @@ def extract(template: str, value: str) -> dict[str, str] | None:
             pattern += f"(?P<{name}>.+?)"
     found = re.fullmatch(pattern, str(value), flags=re.DOTALL)
     return found.groupdict() if found else None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class StackError(RuntimeError):
