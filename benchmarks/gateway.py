@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median_high
 
 import httpx
 
@@ -403,21 +404,21 @@ def _pooled(runs: list[dict]) -> dict:
     seconds = sum(r["requests"] / r["rps"] for r in runs if r["rps"])
     pooled = {
         "rps": round(sum(r["requests"] for r in runs) / seconds, 1) if seconds else 0.0,
-        "p50_ms": sorted(r["p50_ms"] for r in runs)[len(runs) // 2],
-        "p99_ms": sorted(r["p99_ms"] for r in runs)[len(runs) // 2],
+        "p50_ms": median_high(r["p50_ms"] for r in runs),
+        "p99_ms": median_high(r["p99_ms"] for r in runs),
         "errors": sum(r["errors"] for r in runs),
         "requests": sum(r["requests"] for r in runs),
         "rps_rounds": [r["rps"] for r in runs],
     }
     if all("feature_rows_per_lookup" in r for r in runs):
-        pooled["feature_rows_per_lookup"] = sorted(r["feature_rows_per_lookup"] for r in runs)[len(runs) // 2]
+        pooled["feature_rows_per_lookup"] = median_high(r["feature_rows_per_lookup"] for r in runs)
     return pooled
 
 
 def _median_ratio(a: list[dict], b: list[dict]) -> dict:
     """requests/s of `a` ÷ those of `b`, round by round (measured minutes apart at most), and their median."""
     rounds = [round(x["rps"] / y["rps"], 3) if y["rps"] else 0.0 for x, y in zip(a, b, strict=True)]
-    return {"median": sorted(rounds)[len(rounds) // 2], "rounds": rounds}
+    return {"median": median_high(rounds), "rounds": rounds}
 
 
 def _wait_for_log(admin: httpx.Client, say: Callable[[str], None], timeout: float = 120.0) -> None:
@@ -775,6 +776,10 @@ def benchmark(args, cases: list[str]) -> dict:
                     raise RuntimeError(f"route {specs[case]} refused: {resp.status_code} {resp.text}")
                 return f"{url}/models/{model}/invocations", payloads
 
+            def turn(case: str) -> tuple[str, Path, str | None]:
+                """A throughput case's URL, payloads and key: bare echo's, or the gateway's with `case`'s route."""
+                return (bare_url, body, None) if case == "bare" else (*route(case), predict_key)
+
             turns = [c for c in TURNS if c in cases]
             if any(c != "bare" for c in turns):
                 # Throughput targets are ratios between these cases (single/bare, single_pii/single,
@@ -784,36 +789,30 @@ def benchmark(args, cases: list[str]) -> dict:
                 # is written, so that it pays for its own log rows and bare echo for none.
                 bench.say(f"throughput in turns: {', '.join(turns)}; {ROUNDS} rounds")
                 for case in turns:  # warm-up, each once
-                    if case == "bare":
-                        bench.load(bare_url, body, None, min(3.0, args.seconds))
-                        continue
-                    target, payloads = route(case)
+                    target, payloads, key = turn(case)
                     if case == "single_features":  # the first lookup waits for Feast to load: not the steady state
                         first = orjson.loads(feast_body.read_bytes().splitlines()[0])
                         headers = {"authorization": f"Bearer {predict_key}"}
                         answered = httpx.post(target, json=first, headers=headers, timeout=300)
                         if answered.status_code != 200:
                             raise RuntimeError(f"{case}: {answered.status_code} {answered.text}")
-                    bench.load(target, payloads, predict_key, min(3.0, args.seconds))
-                runs: dict[str, list[dict]] = {case: [] for case in turns}
-                for turn in range(ROUNDS):
-                    for case in turns[turn % len(turns) :] + turns[: turn % len(turns)]:
-                        if case == "bare":
-                            target, payloads, key = bare_url, body, None
-                        else:
-                            (target, payloads), key = route(case), predict_key
+                    bench.load(target, payloads, key, min(3.0, args.seconds))
+                taken: dict[str, list[dict]] = {case: [] for case in turns}
+                for round_ in range(ROUNDS):
+                    for case in turns[round_ % len(turns) :] + turns[: round_ % len(turns)]:
+                        target, payloads, key = turn(case)
                         _wait_for_log(admin, bench.say)
-                        bench.say(f"{case}, round {turn + 1}")
+                        bench.say(f"{case}, round {round_ + 1}")
                         before = admin.get("/metrics").text
-                        runs[case].append(bench.load(target, payloads, key, args.seconds / ROUNDS))
+                        taken[case].append(bench.load(target, payloads, key, args.seconds / ROUNDS))
                         if case == "single_features":
-                            runs[case][-1]["feature_rows_per_lookup"] = _rows_per_lookup(
+                            taken[case][-1]["feature_rows_per_lookup"] = _rows_per_lookup(
                                 before, admin.get("/metrics").text
                             )
-                for case, measured in runs.items():
+                for case, measured in taken.items():
                     results[case] = _pooled(measured)
                 results["ratios"] = {
-                    f"{a}/{b}": _median_ratio(runs[a], runs[b]) for a, b in RATIOS if a in runs and b in runs
+                    f"{a}/{b}": _median_ratio(taken[a], taken[b]) for a, b in RATIOS if a in taken and b in taken
                 }
                 if "bare" in turns:
                     bench.stop(bare_proc)
