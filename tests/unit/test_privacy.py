@@ -154,3 +154,14 @@ def test_a_data_contract_checks_logged_traffic_in_the_form_it_was_logged(setting
     in_set = set(kept[1]["kwargs"]["value_set"])
     assert set(logged["region"][:4]) <= in_set and logged["region"][4] not in in_set
     assert skipped == ["region: expect_column_value_lengths_to_be_between (its values are logged pseudonymised)"]
+
+
+def test_rows_of_a_model_with_every_column_public_are_logged_as_sent_and_one_protected_column_changes_that():
+    protector = Protector(b"p" * 32, {"k1": b"k" * 32}, "k1")
+    rows = Rows({"region": ["eu"], "age": [41]}, 1)
+    public = Classification.model_validate({"strings": "public"})
+    assert public.all_public and protector.rows(rows, public) is rows
+    for declared in ({"columns": {"age": "drop"}}, {"strings": "public", "others": "encrypt"}, {}):
+        classification = Classification.model_validate(declared)
+        assert not classification.all_public
+        assert protector.rows(rows, classification).columns != rows.columns, declared

@@ -198,3 +198,37 @@ def test_an_optional_column_left_out_takes_the_graph_only_where_sklearn_answers_
     assert answers == with_imputer.call([Rows(rows, 50)])  # the graph answers the missing value as sklearn does
     without = _slot_of(bare, train[numeric].head(5), tmp_path, "bare", signature)
     assert without.call_fast([Rows(rows, 50)]) is None  # sklearn refuses NaN here: the slot goes its way
+
+
+def test_a_request_that_arrives_while_the_batcher_wakes_shares_its_graph_call(frames, tmp_path):
+    """At saturation the event loop reads several connections a turn: a request queued in the turn the batcher is
+    woken for the one before it joins that call instead of paying one of its own."""
+    train, live = frames
+    slot = _slot_of(_fit("logistic_regression", train), train[data.FEATURES].head(5), tmp_path, "turns")
+    assert slot.engine == "onnxruntime (skl2onnx)"
+    graph, calls = slot._fast, []
+
+    def counted(columns):
+        calls.append(len(next(iter(columns.values()))))
+        return graph(columns)
+
+    slot._fast = counted
+    first, second = (
+        Rows({k: [v] for k, v in row.items()}, 1) for row in live[data.FEATURES].head(2).to_dict("records")
+    )
+
+    async def serve():
+        slot.start()
+        asked: list[asyncio.Task] = [asyncio.ensure_future(slot.predict(first, 30))]
+        # Queued after the first request's task: it runs in the turn the first request's wake-up of the batcher
+        # is answered in, as a second connection read in the same turn would.
+        asyncio.get_running_loop().call_soon(lambda: asked.append(asyncio.ensure_future(slot.predict(second, 30))))
+        while len(asked) < 2:
+            await asyncio.sleep(0)
+        answers = await asyncio.gather(*asked)
+        slot.close()
+        return answers
+
+    answers = asyncio.run(serve())
+    assert calls == [2]
+    assert [a[0] for a in answers] == slot.call([Rows(live[data.FEATURES].head(2).to_dict(orient="list"), 2)])

@@ -439,11 +439,11 @@ class Slot:
                 wake.clear()
                 await wake.wait()
                 continue
-            if self._pending_rows < self._max_rows and self._max_wait > 0 and self._fast is None:
-                # Let requests already on their way join this batch. Not for the compiled graph: its call
-                # costs microseconds, so waiting would only add latency; the rows that arrived while the
-                # event loop was busy still share one call.
-                await asyncio.sleep(self._max_wait)
+            if self._pending_rows < self._max_rows and self._max_wait > 0:
+                # Let requests already on their way join this batch. For the compiled graph only one turn of the
+                # event loop: its call costs microseconds, so waiting longer would only add latency, while the
+                # requests whose bytes are already read join this call rather than each paying one.
+                await asyncio.sleep(self._max_wait if self._fast is None else 0)
             jobs: list[_Job] = []
             rows = 0
             while self._pending and (not jobs or rows + self._pending[0].rows.n <= self._max_rows):
