@@ -284,11 +284,14 @@ class Lookup:
                 )
             keys[name] = values
         # A row without a key is a missing entity, not asked for: Feast would fail the whole lookup on it.
-        keyed = [i for i in range(sent.n) if all(keys[name][i] is not None for name in declared.entities)]
-        everyone = len(keyed) == sent.n
-        asked = keys if everyone else {name: [values[i] for i in keyed] for name, values in keys.items()}
+        everyone = all(None not in values for values in keys.values())
+        if everyone:
+            asked, n = keys, sent.n
+        else:
+            keyed = [i for i in range(sent.n) if all(keys[name][i] is not None for name in declared.entities)]
+            asked, n = {name: [values[i] for i in keyed] for name, values in keys.items()}, len(keyed)
         try:
-            found = await self._fetch(asked, len(keyed)) if keyed else {name: [] for name in self.features}
+            found = await self._fetch(asked, n) if n else {name: [] for name in self.features}
         except TimeoutError:
             return self._without(sent, FeatureMiss.timeout, f"did not answer within {self._config.feature_timeout:g}s")
         except Exception as err:  # the store failed: what it means for the request is the model's to say
@@ -299,7 +302,10 @@ class Lookup:
                 for at, i in enumerate(keyed):
                     spread[name][i] = values[at]
             found = spread
-        missing = [i for i in range(sent.n) if all(found[name][i] is None for name in self.features)]
+        if any(None in column for column in found.values()):
+            missing = [i for i in range(sent.n) if all(found[name][i] is None for name in self.features)]
+        else:
+            missing = []
         if missing:
             self._misses.labels(self.model, FeatureMiss.missing_entity, declared.on_missing).inc()
             if declared.on_missing is MissingFeatures.reject:
@@ -329,14 +335,15 @@ class Lookup:
 
     # --- the shared lookups, on the event loop --------------------------------------------------
 
-    async def _fetch(self, keys: dict[str, list[Any]], n: int) -> dict[str, list[Any]]:
-        """The features of `keys`' rows from the next shared lookup; TimeoutError once `feature_timeout` has passed."""
+    def _fetch(self, keys: dict[str, list[Any]], n: int) -> asyncio.Future[dict[str, list[Any]]]:
+        """The features of `keys`' rows from the next shared lookup; TimeoutError once `feature_timeout` has passed.
+        A future, not a coroutine: one frame less for every request to pass through when it resumes."""
         loop = asyncio.get_running_loop()
         job = _Job(keys, n, loop.create_future(), loop.time() + self._config.feature_timeout)
         self._pending.append(job)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run(), name=f"features {self.model}")
-        return await job.future
+        return job.future
 
     async def _run(self) -> None:
         """Take every request waiting (up to `feature_batch_rows` rows) into one lookup, until none waits.
