@@ -95,21 +95,22 @@ def compile_sklearn(estimator: Any, schema: Schema, parity: Callable[[Predict], 
 
     def predict(columns: dict[str, list[Any]]) -> list[Any]:
         feed = {}
-        for name, num in zip(names, numeric):
-            values = columns[name]
-            if num:
-                if None in values:
-                    values = [np.nan if v is None else v for v in values]
-                try:
-                    with np.errstate(over="raise"):
+        name = ""
+        try:
+            with np.errstate(over="raise"):  # once a call: entering it costs a column's conversion
+                for name, num in zip(names, numeric):
+                    values = columns[name]
+                    if num:
+                        if None in values:
+                            values = [np.nan if v is None else v for v in values]
                         feed[name] = np.asarray(values, dtype=np.float32).reshape(-1, 1)
-                except (FloatingPointError, OverflowError):
-                    # The graph computes in float32; sklearn, in float64, decides what such a value means.
-                    raise BeyondFloat32(name) from None
-            else:
-                column = np.empty((len(values), 1), dtype=object)
-                column[:, 0] = values
-                feed[name] = column
+                    else:
+                        column = np.empty((len(values), 1), dtype=object)
+                        column[:, 0] = values
+                        feed[name] = column
+        except (FloatingPointError, OverflowError):
+            # The graph computes in float32; sklearn, in float64, decides what such a value means.
+            raise BeyondFloat32(name) from None
         labels: list[Any] = session.run([label], feed)[0].ravel().tolist()
         return labels
 
