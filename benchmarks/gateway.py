@@ -834,14 +834,15 @@ def benchmark(args, cases: list[str]) -> dict:
             if steady and args.paced_rps > 0:
                 # The latency a caller sees at a steady load below saturation: at saturation a p99 is mostly
                 # the queue behind the extra work a shadow brings, which any added work lengthens. The cases
-                # take turns for STEADY_ROUNDS rounds, so that a busy spell of the machine falls on all of them
-                # rather than on one, and each case's p99 is the median of its rounds'. Each round starts once
-                # the log backlog is written, so that it pays for its own log rows, not for the run before it.
+                # take turns for STEADY_ROUNDS rounds, in an order that rotates by round (as the throughput
+                # turns do), so that a busy spell of the machine falls on all of them rather than on one, and
+                # each case's p99 is the median of its rounds'. Each turn starts once the log backlog is
+                # written, so that it pays for its own log rows, not for the run before it.
                 registry.client(settings).set_registered_model_tag(MODEL, CLASSIFICATION_TAG, json.dumps(PUBLIC))
                 target = f"{url}/models/{MODEL}/invocations"
                 rounds: dict[str, list[dict]] = {case: [] for case in steady}
                 for turn in range(STEADY_ROUNDS):
-                    for case in steady:
+                    for case in steady[turn % len(steady) :] + steady[: turn % len(steady)]:
                         resp = admin.put(f"/admin/routes/{MODEL}", json=specs[case], timeout=300)
                         if resp.status_code != 200:
                             raise RuntimeError(f"route {specs[case]} refused: {resp.status_code} {resp.text}")
