@@ -340,6 +340,78 @@ def test_a_store_that_hangs_costs_a_request_its_timeout_and_is_used_again_once_i
         front.close()
 
 
+def test_requests_behind_a_lookup_that_hangs_wait_at_most_their_timeout_and_a_broken_lookup_fails_them_at_once(
+    served,
+):
+    """In process, on the gateway's own `Lookup` over the test's store, its read replaced: by one that hangs
+    (two requests share it, a third is queued behind it) and by one whose answer cannot be split between its
+    requests. Each request gets the declared defaults: at its own timeout (1 s; the third waits less, since
+    its lookup is given up at its deadline, not a whole timeout after it starts), or at once. Before each
+    request had its own timer; now one timer per lookup and the requests' deadlines must give the same bounds."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from releasegate.demo import feature_repo
+    from releasegate.serving.config import GatewayConfig
+    from releasegate.serving.features import FeastDeclaration, Lookup
+    from releasegate.serving.metrics import Metrics
+    from releasegate.serving.payloads import Rows
+
+    if served.store.config.online_store.type != "sqlite":
+        pytest.skip("the store's read is replaced: the same whatever the online store, run once")
+    defaults = dict.fromkeys(feature_repo.FEATURES, -1)
+    declared = FeastDeclaration(
+        feature_service=feature_repo.FEATURE_SERVICE,
+        entities=[feature_repo.ENTITY],
+        on_missing=MissingFeatures.defaults,
+        defaults=defaults,
+    )
+    service = served.store.get_feature_service(feature_repo.FEATURE_SERVICE)
+    metrics = Metrics()
+    lookup = Lookup(
+        MODEL,
+        declared,
+        served.store,
+        service,
+        list(feature_repo.FEATURES),
+        metrics,
+        GatewayConfig(feature_timeout=1.0),
+        ThreadPoolExecutor(1),
+    )
+
+    async def ask(after: float, customer: int) -> tuple[float, dict]:
+        await asyncio.sleep(after)
+        start = time.monotonic()
+        rows = await lookup.merge(Rows({feature_repo.ENTITY: [customer], "age": [30]}, 1))
+        return time.monotonic() - start, {name: rows.columns[name][0] for name in feature_repo.FEATURES}
+
+    async def three() -> list[tuple[float, dict]]:
+        return await asyncio.wait_for(asyncio.gather(ask(0, 5), ask(0, 6), ask(0.5, 7)), 30)
+
+    async def hangs(keys):
+        await asyncio.sleep(3600)
+
+    lookup.lookup = hangs
+    waits = asyncio.run(three())
+    assert all(got == defaults for _, got in waits), waits
+    # Without deadlines the third would wait for the hung lookup (0.5 s) and then a whole timeout of its own.
+    assert all(waited < 1.0 + 0.4 for waited, _ in waits), waits
+
+    async def broken(keys):
+        return None  # no values to share out
+
+    lookup.lookup = broken
+    waits = asyncio.run(three())
+    assert all(got == defaults and waited < 1.0 for waited, got in waits), waits
+    counted = {
+        reason: metrics.registry.get_sample_value(
+            "releasegate_gateway_feature_misses_total", {"model": MODEL, "reason": reason, "action": "defaults"}
+        )
+        for reason in ("timeout", "error")
+    }
+    assert counted == {"timeout": 3.0, "error": 3.0}, counted
+
+
 def test_validation_refuses_a_candidate_that_needs_a_feature_the_online_store_does_not_serve(served):
     """Two ways to need one: a column neither callers send nor the service serves, and a service whose view
     is kept offline only. The real validate step on the real Feast registry."""

@@ -372,34 +372,43 @@ class Lookup:
                 rows += job.n
             if not jobs:
                 continue
-            keys = {name: [v for job in jobs for v in job.keys[name]] for name in self.declared.entities}
-            start = time.perf_counter()
             try:
-                async with asyncio.timeout_at(min(job.deadline for job in jobs)):
-                    found = await self.lookup(keys)
-            except TimeoutError as err:
+                await self._serve(jobs, rows)
+            except Exception as err:  # never leave a request waiting: no timer of its own would end its wait
+                log.exception("feature lookup of %s", self.model)
                 for job in jobs:
                     _settle(job, error=err)
-                continue
-            except Exception as err:
-                if len(jobs) == 1:
-                    _settle(jobs[0], error=err)
-                    continue
-                # One request's bad key must not fail its neighbours: each is read on its own, within its own time.
-                for job in jobs:
-                    try:
-                        async with asyncio.timeout_at(job.deadline):
-                            _settle(job, await self.lookup(job.keys))
-                    except Exception as one_err:
-                        _settle(job, error=one_err)
-                continue
-            finally:
-                self._seconds.observe(time.perf_counter() - start)
-                self._rows.observe(rows)
-            at = 0
+
+    async def _serve(self, jobs: list[_Job], rows: int) -> None:
+        """One lookup for `jobs` (`rows` rows in all), given up at their earliest deadline; each job settled."""
+        keys = {name: [v for job in jobs for v in job.keys[name]] for name in self.declared.entities}
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout_at(min(job.deadline for job in jobs)):
+                found = await self.lookup(keys)
+        except TimeoutError as err:
             for job in jobs:
-                _settle(job, {name: values[at : at + job.n] for name, values in found.items()})
-                at += job.n
+                _settle(job, error=err)
+            return
+        except Exception as err:
+            if len(jobs) == 1:
+                _settle(jobs[0], error=err)
+                return
+            # One request's bad key must not fail its neighbours: each is read on its own, within its own time.
+            for job in jobs:
+                try:
+                    async with asyncio.timeout_at(job.deadline):
+                        _settle(job, await self.lookup(job.keys))
+                except Exception as one_err:
+                    _settle(job, error=one_err)
+            return
+        finally:
+            self._seconds.observe(time.perf_counter() - start)
+            self._rows.observe(rows)
+        at = 0
+        for job in jobs:
+            _settle(job, {name: values[at : at + job.n] for name, values in found.items()})
+            at += job.n
 
 
 def _settle(job: _Job, value: dict[str, list[Any]] | None = None, error: Exception | None = None) -> None:
