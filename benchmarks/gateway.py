@@ -415,6 +415,12 @@ def _pooled(runs: list[dict]) -> dict:
     return pooled
 
 
+def _rotated(cases: list[str], round_: int) -> list[str]:
+    """The order `cases` take their turns in round `round_`: each round starts one case later."""
+    at = round_ % len(cases)
+    return cases[at:] + cases[:at]
+
+
 def _median_ratio(a: list[dict], b: list[dict]) -> dict:
     """requests/s of `a` ÷ those of `b`, round by round (measured minutes apart at most), and their median."""
     rounds = [round(x["rps"] / y["rps"], 3) if y["rps"] else 0.0 for x, y in zip(a, b, strict=True)]
@@ -799,7 +805,7 @@ def benchmark(args, cases: list[str]) -> dict:
                     bench.load(target, payloads, key, min(3.0, args.seconds))
                 taken: dict[str, list[dict]] = {case: [] for case in turns}
                 for round_ in range(ROUNDS):
-                    for case in turns[round_ % len(turns) :] + turns[: round_ % len(turns)]:
+                    for case in _rotated(turns, round_):
                         target, payloads, key = turn(case)
                         _wait_for_log(admin, bench.say)
                         bench.say(f"{case}, round {round_ + 1}")
@@ -842,7 +848,7 @@ def benchmark(args, cases: list[str]) -> dict:
                 target = f"{url}/models/{MODEL}/invocations"
                 rounds: dict[str, list[dict]] = {case: [] for case in steady}
                 for turn in range(STEADY_ROUNDS):
-                    for case in steady[turn % len(steady) :] + steady[: turn % len(steady)]:
+                    for case in _rotated(steady, turn):
                         resp = admin.put(f"/admin/routes/{MODEL}", json=specs[case], timeout=300)
                         if resp.status_code != 200:
                             raise RuntimeError(f"route {specs[case]} refused: {resp.status_code} {resp.text}")

@@ -44,3 +44,10 @@ def test_pooled_rounds_weigh_each_by_its_requests_and_keep_every_error(bench):
     assert pooled["requests"] == 30_000 and pooled["errors"] == 2
     assert pooled["p99_ms"] == 5.0  # the median round's, not the worst
     assert pooled["rps_rounds"] == [1_000, 3_000, 2_000]
+
+
+def test_each_round_starts_one_case_later_so_every_case_leads_once(bench):
+    cases = ["bare", "single", "single_pii"]
+    orders = [bench._rotated(cases, r) for r in range(3)]
+    assert orders == [cases, ["single", "single_pii", "bare"], ["single_pii", "bare", "single"]]
+    assert bench._rotated(cases, 3) == cases
