@@ -51,3 +51,40 @@ def test_each_round_starts_one_case_later_so_every_case_leads_once(bench):
     orders = [bench._rotated(cases, r) for r in range(3)]
     assert orders == [cases, ["single", "single_pii", "bare"], ["single_pii", "bare", "single"]]
     assert bench._rotated(cases, 3) == cases
+
+
+@pytest.fixture(scope="module")
+def ab(bench):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gateway_ab_benchmark", ROOT / "benchmarks" / "gateway_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_versions_are_compared_within_each_round_so_a_slow_spell_leaves_their_ratio(ab):
+    # B is 10 % faster than A in every round; round 2 fell in a slow spell (every turn at half speed).
+    rounds = {"bare": [20_000, 10_000, 20_000], "A": [9_000, 4_500, 9_000], "B": [9_900, 4_950, 9_900]}
+    result = ab.summary(rounds)
+    assert result["b_over_a"] == pytest.approx(1.1)
+    assert (result["b_over_a_min"], result["b_over_a_max"]) == (pytest.approx(1.1), pytest.approx(1.1))
+    assert result["a_over_bare"] == pytest.approx(0.45) and result["b_over_bare"] == pytest.approx(0.495)
+    # The rounds' spread is reported: one round that disagrees shows in the range, not in the median.
+    rounds["B"][1] = 4_000
+    result = ab.summary(rounds)
+    assert result["b_over_a"] == pytest.approx(1.1) and result["b_over_a_min"] == pytest.approx(4_000 / 4_500)
+
+
+def test_the_two_versions_and_bare_echo_take_each_place_in_turn(ab):
+    orders = [ab.orders(r) for r in range(3)]
+    assert [order[0] for order in orders] == ["bare", "A", "B"]
+    assert all(sorted(order) == ["A", "B", "bare"] for order in orders)
+
+
+def test_a_setting_for_b_alone_must_name_its_variable(ab):
+    assert ab._settings_pairs(["RELEASEGATE_GATEWAY_BATCH_MAX_ROWS=8", "X=a=b"]) == {
+        "RELEASEGATE_GATEWAY_BATCH_MAX_ROWS": "8",
+        "X": "a=b",
+    }
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        ab._settings_pairs(["RELEASEGATE_GATEWAY_BATCH_MAX_ROWS"])
