@@ -502,10 +502,23 @@ class ConnectionCount(threading.Thread):
             time.sleep(0.05)
 
 
+def write_bodies(frame, path: Path) -> Path:
+    """One `dataframe_split` payload of one row per line, a line per row of `frame` (wrk sends them in turn)."""
+    import orjson
+
+    columns = list(frame.columns)
+    path.write_bytes(
+        b"".join(
+            orjson.dumps({"dataframe_split": {"columns": columns, "data": [row]}}) + b"\n"
+            for row in frame.astype(object).values.tolist()
+        )
+    )
+    return path
+
+
 def _feast_setup(bench: Bench, workdir: Path, settings, redis: str) -> tuple[Path, str, Path]:
     """The demo's feature repository on Redis (a project of its own), the Feast-trained demo model registered
     and signed, and 1,000 one-row payloads of a customer_id and the request's own fields."""
-    import orjson
     import pandas as pd
 
     from releasegate import signing
@@ -525,14 +538,7 @@ def _feast_setup(bench: Bench, workdir: Path, settings, redis: str) -> tuple[Pat
     signing.sign_version(FEAST_MODEL, version, settings)
     labelled = pd.read_parquet(repo / "labelled.parquet").sample(1000, random_state=99)
     columns = [feature_repo.ENTITY, *feature_repo.REQUEST_FIELDS]
-    body = workdir / "feast-bodies.jsonl"
-    body.write_bytes(
-        b"".join(
-            orjson.dumps({"dataframe_split": {"columns": columns, "data": [row]}}) + b"\n"
-            for row in labelled[columns].astype(object).values.tolist()
-        )
-    )
-    return repo, version, body
+    return repo, version, write_bodies(labelled[columns], workdir / "feast-bodies.jsonl")
 
 
 def _rows_per_lookup(before: str, after: str) -> float:
@@ -677,13 +683,7 @@ def benchmark(args, cases: list[str]) -> dict:
         import orjson
 
         frame = data.generate(1000, seed=99).drop(columns=[data.LABEL])
-        body = workdir / "bodies.jsonl"  # 1,000 different one-row payloads, sent in turn
-        body.write_bytes(
-            b"".join(
-                orjson.dumps({"dataframe_split": {"columns": list(frame.columns), "data": [row]}}) + b"\n"
-                for row in frame.astype(object).values.tolist()
-            )
-        )
+        body = write_bodies(frame, workdir / "bodies.jsonl")  # 1,000 different one-row payloads, sent in turn
 
         bare_url = None
         if "bare" in cases:  # measured in turns with the gateway's throughput cases below, or alone

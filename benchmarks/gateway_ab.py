@@ -94,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, env: dict, env_b: dict[str, str], workdir: Path, bench) -> int:
-    import orjson
-
     from releasegate import registry, signing, storage
     from releasegate.contract import CLASSIFICATION_TAG
     from releasegate.demo import data, models
@@ -110,13 +108,7 @@ def _run(args, env: dict, env_b: dict[str, str], workdir: Path, bench) -> int:
     signing.sign_version(bench_gateway.MODEL, versions["champion"], settings)
     model, version = bench_gateway.MODEL, versions["champion"]
     frame = data.generate(1000, seed=99).drop(columns=[data.LABEL])
-    body = workdir / "bodies.jsonl"
-    body.write_bytes(
-        b"".join(
-            orjson.dumps({"dataframe_split": {"columns": list(frame.columns), "data": [row]}}) + b"\n"
-            for row in frame.astype(object).values.tolist()
-        )
-    )
+    body = bench_gateway.write_bodies(frame, workdir / "bodies.jsonl")
     if args.features:
         repo, version, body = bench_gateway._feast_setup(bench, workdir, settings, args.redis)
         os.environ["RELEASEGATE_FEAST_REPO"] = str(repo)

@@ -54,8 +54,7 @@ def test_each_round_starts_one_case_later_so_every_case_leads_once(bench):
 
 
 @pytest.fixture(scope="module")
-def ab(bench):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def ab():
     spec = importlib.util.spec_from_file_location("gateway_ab_benchmark", ROOT / "benchmarks" / "gateway_ab.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
