@@ -64,6 +64,26 @@ def _settings_pairs(values: list[str]) -> dict[str, str]:
     return pairs
 
 
+# Run by each side's own code: a change to the schema (a migration) must not leave the other side with a
+# database its code does not know.
+_SETUP = """
+from releasegate import storage
+from releasegate.serving import auth
+from releasegate.settings import get_settings
+storage.engine()
+print(auth.create_key("predict", get_settings())[1])
+"""
+
+
+def _own_database(env: dict[str, str]) -> str:
+    """The database of `env` (RELEASEGATE_DB_URL, PYTHONPATH: a side's tree) migrated by that tree's code, and a
+    predict key made in it."""
+    done = subprocess.run([sys.executable, "-c", _SETUP], env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise RuntimeError(f"setting up {env['RELEASEGATE_DB_URL']} failed:\n{done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path, help="A's include directory (the code before)")
@@ -97,7 +117,6 @@ def _run(args, env: dict, env_b: dict[str, str], workdir: Path, bench) -> int:
     from releasegate import registry, signing, storage
     from releasegate.contract import CLASSIFICATION_TAG
     from releasegate.demo import data, models
-    from releasegate.serving import auth
     from releasegate.settings import get_settings
 
     settings = get_settings()
@@ -126,9 +145,8 @@ def _run(args, env: dict, env_b: dict[str, str], workdir: Path, bench) -> int:
         # A database of its own: its routes, its key, its log (one log writer's rows never slow the other's turn).
         db_url = shared_db.replace("releasegate.db", f"releasegate-{name}.db")
         os.environ["RELEASEGATE_DB_URL"] = db_url
-        storage.engine(db_url)
-        keys[name] = auth.create_key("predict", get_settings())[1]
         own = dict(os.environ, PYTHONPATH=str(tree.resolve()), **(env_b if name == "B" else {}))
+        keys[name] = _own_database(own)
         port = bench_gateway.free_port()
         proc = bench.start(
             f"gateway-{name}",

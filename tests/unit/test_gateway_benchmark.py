@@ -87,3 +87,36 @@ def test_a_setting_for_b_alone_must_name_its_variable(ab):
     }
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         ab._settings_pairs(["RELEASEGATE_GATEWAY_BATCH_MAX_ROWS"])
+
+
+def _tree(root: Path, storage: str) -> Path:
+    """An include directory whose releasegate answers the benchmark's database setup with code of its own."""
+    package = root / "releasegate"
+    (package / "serving").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "serving" / "__init__.py").write_text("")
+    (package / "storage.py").write_text(storage)
+    (package / "serving" / "auth.py").write_text(
+        "def create_key(role, settings):\n    return 'id', f'{role}-key-of-' + __file__\n"
+    )
+    (package / "settings.py").write_text("def get_settings():\n    return None\n")
+    return root
+
+
+def test_each_side_migrates_its_database_with_its_own_code(ab, tmp_path):
+    # A migration in B alone must not reach A's database: A's code could not open it (alembic: unknown revision).
+    mark = tmp_path / "migrated-by"
+    tree = _tree(
+        tmp_path / "a", f"import pathlib\ndef engine():\n    pathlib.Path({str(mark)!r}).write_text(__file__)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree), "RELEASEGATE_DB_URL": "sqlite:///unused.db"}
+    key = ab._own_database(env)
+    assert key == f"predict-key-of-{tree / 'releasegate' / 'serving' / 'auth.py'}"
+    assert mark.read_text() == str(tree / "releasegate" / "storage.py")
+
+
+def test_a_side_whose_setup_fails_says_why(ab, tmp_path):
+    tree = _tree(tmp_path / "b", "def engine():\n    raise RuntimeError('no such revision 0099')\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree), "RELEASEGATE_DB_URL": "sqlite:///b.db"}
+    with pytest.raises(RuntimeError, match="(?s)sqlite:///b.db failed.*no such revision 0099"):
+        ab._own_database(env)
