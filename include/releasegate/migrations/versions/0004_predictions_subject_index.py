@@ -14,7 +14,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # 0001 creates the tables from storage.py as it is now, which already has the index on a new database.
+    # 0001 creates the tables from storage.py as it is now, which had the index until 0007 dropped it: on a new
+    # database this makes it on an empty table, and 0007 drops it again.
     indexes = {index["name"] for index in sa.inspect(op.get_bind()).get_indexes("predictions")}
     if "ix_predictions_routing_key_hash" not in indexes:
         op.create_index("ix_predictions_routing_key_hash", "predictions", ["routing_key_hash"])
