@@ -3,7 +3,7 @@ them, every other kind through Feast's own conversion."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from feast.protos.feast.types.Value_pb2 import DoubleList, Value
 from feast.type_map import feast_value_type_to_python_type
@@ -28,6 +28,6 @@ def test_each_kind_of_value_is_what_feasts_own_conversion_makes_of_it():
     for name in names:
         expected = feast_value_type_to_python_type(held[name])
         assert found[name] == [expected, None, expected], name
-    assert found["seen"][0] == datetime.fromtimestamp(1_700_000_000, tz=timezone.utc)
+    assert found["seen"][0] == datetime.fromtimestamp(1_700_000_000, tz=UTC)
     assert found["history"][0] == [1.0, 2.5] and found["unset"] == [None, None, None]
     assert type(found["tenure"][0]) is int and type(found["active"][0]) is bool
