@@ -440,6 +440,23 @@ def _wait_for_log(admin: httpx.Client, say: Callable[[str], None], timeout: floa
     say(f"the log queue was not empty after {timeout:g} s; measuring anyway")
 
 
+def _settled_calls(admin: httpx.Client, say: Callable[[str], None], timeout: float = 60.0) -> float:
+    """Every model call so far (both arms), once no mirrored request waits and two reads 0.3 s apart agree: a
+    shadow's mirrored calls are made up to `shadow_max_wait_ms` after the load ends, and each is logged."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        text = admin.get("/metrics").text
+        waiting = re.findall(r"^releasegate_gateway_shadow_queue_depth ([0-9.e+]+)$", text, re.M)
+        calls = sum(_calls(text, arm, ok_only=False) for arm in ("champion", "candidate"))
+        if all(float(w) == 0 for w in waiting) and calls == last:
+            return calls
+        last = calls
+        time.sleep(0.3)
+    say(f"model calls still being made after {timeout:g} s; counting anyway")
+    return last or 0.0
+
+
 def _calls(metrics_text: str, arm: str, ok_only: bool = True) -> float:
     """Model calls of one arm in a /metrics page (minus its failed calls with ok_only)."""
 
@@ -859,8 +876,9 @@ def benchmark(args, cases: list[str]) -> dict:
                     middle = sorted(runs, key=lambda r: r["p99_ms"])[len(runs) // 2]
                     results[case]["paced"] = middle | {"p99_ms_rounds": [r["p99_ms"] for r in runs]}
             # Every model call (one-row payloads: one row each) should have its row once the gateway has
-            # flushed its log on SIGTERM.
-            calls = sum(_calls(admin.get("/metrics").text, arm, ok_only=False) for arm in ("champion", "candidate"))
+            # flushed its log on SIGTERM. Counted once the calls have stopped: a shadow turn's last mirrored
+            # calls come after its load (counted before them, one run read a row more than the calls).
+            calls = _settled_calls(admin, bench.say)
             admin.close()
             bench.stop(proc)
             results["log"] = _log_rows(calls)

@@ -120,3 +120,25 @@ def test_a_side_whose_setup_fails_says_why(ab, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree), "RELEASEGATE_DB_URL": "sqlite:///b.db"}
     with pytest.raises(RuntimeError, match="(?s)sqlite:///b.db failed.*no such revision 0099"):
         ab._own_database(env)
+
+
+class _Pages:
+    """An admin client whose /metrics pages follow each other: mirrored requests waiting, then calls made."""
+
+    def __init__(self, pages: list[tuple[int, int]]):
+        self.pages = pages
+
+    def get(self, path: str):
+        waiting, calls = self.pages.pop(0) if len(self.pages) > 1 else self.pages[0]
+        text = (
+            f"releasegate_gateway_shadow_queue_depth {waiting}.0\n"
+            f'releasegate_gateway_model_calls_total{{model="churn",version="1",arm="champion"}} {calls}.0\n'
+            f'releasegate_gateway_model_calls_total{{model="churn",version="2",arm="candidate"}} {calls - 10}.0\n'
+        )
+        return type("Page", (), {"text": text})()
+
+
+def test_the_log_is_checked_against_the_calls_once_the_mirrored_ones_are_made(bench):
+    # A shadow's last mirrored request still waits when the load ends; its call (and its log row) comes after.
+    admin = _Pages([(1, 100), (0, 101), (0, 101)])
+    assert bench._settled_calls(admin, print) == 101 + 91
