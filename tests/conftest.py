@@ -28,6 +28,20 @@ def _unit(nodeid: str) -> str:
     return "tests/system" if path.startswith("tests/system/") else path
 
 
+# Importing feast sets PROMETHEUS_MULTIPROC_DIR for the whole process: every gateway a test starts afterwards would
+# put its metrics in feast's directory (one test module importing feast at its top failed 13 tests of a CI run
+# that way). Modules are imported at collection, so the collection is where that is caught.
+_METRICS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != _METRICS_DIR:
+        raise pytest.UsageError(
+            "a test module changed PROMETHEUS_MULTIPROC_DIR while it was imported: import feast through "
+            "releasegate.feast_import.load(), which leaves the environment as it was"
+        )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not getattr(config.option, "numprocesses", None):
         return  # one process: the collection's own order

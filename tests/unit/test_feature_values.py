@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from feast.protos.feast.types.Value_pb2 import DoubleList, Value
-from feast.type_map import feast_value_type_to_python_type
-
+from releasegate import feast_import
 from releasegate.serving.features import _Asked, _Direct
+
+feast_import.load()  # feast without its PROMETHEUS_MULTIPROC_DIR (feast_import.py): later tests' metrics stay theirs
+from feast.protos.feast.types.Value_pb2 import DoubleList, Value  # noqa: E402
+from feast.type_map import feast_value_type_to_python_type  # noqa: E402
 
 
 def test_each_kind_of_value_is_what_feasts_own_conversion_makes_of_it():
