@@ -29,7 +29,7 @@ def _unit(nodeid: str) -> str:
 
 
 # Importing feast sets PROMETHEUS_MULTIPROC_DIR for the whole process: every gateway a test starts afterwards would
-# put its metrics in feast's directory (one test module importing feast at its top failed 13 tests of a CI run
+# put its metrics in feast's directory (one test module importing feast at its top failed 16 tests of a CI run
 # that way). Modules are imported at collection, so the collection is where that is caught.
 _METRICS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 

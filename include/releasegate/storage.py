@@ -204,8 +204,9 @@ def engine(url: str | None = None) -> sa.Engine:
         return _engines[url]
 
 
-def migrate(eng: sa.Engine) -> None:
-    """Bring the schema to the newest migration (Alembic, scripts in releasegate/migrations)."""
+def migrate(eng: sa.Engine, revision: str = "heads") -> None:
+    """Bring the schema to the newest migration, or as far as `revision` (Alembic, scripts in
+    releasegate/migrations)."""
     from alembic import command
     from alembic.config import Config
 
@@ -216,7 +217,7 @@ def migrate(eng: sa.Engine) -> None:
     with eng.begin() as conn:
         cfg.attributes["connection"] = conn
         # Every head: migrations written side by side may each revise the same parent until they are chained.
-        command.upgrade(cfg, "heads")
+        command.upgrade(cfg, revision)
 
 
 def dispose_all() -> None:

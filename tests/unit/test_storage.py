@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 
 from releasegate import storage
-
-
-def _at_revision(eng: sa.Engine, revision: str) -> None:
-    """`eng`'s database migrated as far as `revision` (storage.migrate's setup, stopping early)."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(storage.__file__).parent / "migrations"))
-    with eng.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
 
 
 def _indexes(eng: sa.Engine) -> set[str]:
@@ -43,7 +30,7 @@ def _row(request_id: str) -> dict:
 def test_a_database_logged_before_0007_loses_the_unread_hash_index_and_keeps_its_rows(tmp_path):
     url = f"sqlite:///{tmp_path}/old.db"
     old = sa.create_engine(url)
-    _at_revision(old, "0006")
+    storage.migrate(old, "0006")
     assert "ix_predictions_routing_key_hash" in _indexes(old)
     with old.begin() as conn:
         conn.execute(storage.predictions.insert(), [_row("r-1"), _row("r-2")])

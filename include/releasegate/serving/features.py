@@ -178,14 +178,8 @@ class _Direct:
         """`read` through the online store's asyncio client (one feature view, the usual case: awaited as it is,
         without the task `gather` would make of it)."""
         n, asked = len(next(iter(keys.values()))), self.asked(keys)
-        if len(asked) == 1:
-            one = asked[0]
-            return self.values(
-                n, [(one, await self.online.online_read_async(self.config, one.table, one.keys, list(one.names)))]
-            )
-        read = await asyncio.gather(
-            *(self.online.online_read_async(self.config, a.table, a.keys, list(a.names)) for a in asked)
-        )
+        reads = [self.online.online_read_async(self.config, a.table, a.keys, list(a.names)) for a in asked]
+        read = [await reads[0]] if len(reads) == 1 else await asyncio.gather(*reads)
         return self.values(n, list(zip(asked, read)))
 
     def asked(self, keys: dict[str, list[Any]]) -> list[_Asked]:
