@@ -74,8 +74,9 @@ def test_a_hanging_candidate_trips_its_breaker_and_each_skipped_call_is_logged_a
         answer, took = _post(gw, f"breaker-{i}")
         assert answer.status_code == 200 and answer.json()["arm"] == "champion", answer.text
         timings.append(took)
-    # Three waited for the candidate's 0.3 s timeout; then its circuit opened and the champion answered at once.
-    assert all(t >= 0.3 for t in timings[:3]) and all(t < 0.25 for t in timings[3:]), timings
+    # Three waited for the candidate's 0.3 s timeout; then its circuit opened and the champion answered without
+    # waiting it out (the bound is the timeout itself: any more would be the wait, any less only the machine's speed).
+    assert all(t >= 0.3 for t in timings[:3]) and all(t < 0.3 for t in timings[3:]), timings
     expected = 10 * 2  # a candidate row and the champion's fallback row per request
     logged = wait_until(lambda: len(rows_ := _logged(gw, "breaker-")) == expected and rows_, timeout=20, what="logs")
     candidate = [r.status for r in logged if r.arm == "candidate"]
